@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what orchestrate builds against: libtorch 2.11.0, taken from PyPI's
+# torch==2.11.0 wheel, in a virtualenv kept per machine and keyed by the torch
+# version, so fresh clones (CI's included) reuse it. Idempotent.
+#
+#   scripts/setup.sh            libtorch venv + .libtorch link
+#   scripts/setup.sh --fixtures also diffusers/transformers, to regenerate
+#                               tests/fixtures (never needed to build or test)
+set -euo pipefail
+TORCH_VERSION=2.11.0
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${ORCHESTRATE_CACHE:-$HOME/.cache/orchestrate}"
+VENV="$CACHE/torch-$TORCH_VERSION"
+PY="${PYTHON:-python3}"
+
+mkdir -p "$CACHE"
+# The marker is written only after a complete install, so an interrupted
+# setup never leaves a half-venv that looks done.
+if [[ ! -f "$VENV/.orchestrate-complete" ]]; then
+    echo "setup: creating $VENV with torch==$TORCH_VERSION (about 5 GB with its CUDA libraries)"
+    rm -rf "$VENV"
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --no-input "torch==$TORCH_VERSION"
+    "$VENV/bin/python" -c "import torch; assert torch.__version__.split('+')[0] == '$TORCH_VERSION', torch.__version__"
+    touch "$VENV/.orchestrate-complete"
+fi
+
+TORCH_DIR="$("$VENV/bin/python" -c 'import torch, os; print(os.path.dirname(torch.__file__))')"
+ln -sfn "$VENV" "$ROOT/.venv"
+ln -sfn "$TORCH_DIR" "$ROOT/.libtorch"
+echo "setup: libtorch $TORCH_VERSION at $TORCH_DIR"
+
+if [[ "${1:-}" == "--fixtures" ]]; then
+    "$VENV/bin/pip" install --quiet --no-input -r "$ROOT/tests/fixtures/requirements.txt"
+    echo "setup: fixture requirements installed into $VENV"
+fi

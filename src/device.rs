@@ -1,0 +1,54 @@
+//! Where tensors live and in which precision.
+use crate::error::{Error, Result};
+use tch::{Device, Kind};
+
+/// `--device auto|cpu|cuda|cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    match spec {
+        "auto" => Ok(if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu }),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda_device(0),
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => cuda_device(i),
+            _ => Err(Error::Invalid(format!("--device `{s}`: expected auto, cpu, cuda or cuda:N"))),
+        },
+    }
+}
+
+fn cuda_device(index: usize) -> Result<Device> {
+    let count = tch::Cuda::device_count() as usize;
+    if count == 0 {
+        return Err(Error::Invalid(format!(
+            "--device cuda:{index}: no CUDA device is visible ({})",
+            crate::env_report::cuda_absence_reason()
+        )));
+    }
+    if index >= count {
+        return Err(Error::Invalid(format!("--device cuda:{index}: only {count} CUDA device(s) visible")));
+    }
+    Ok(Device::Cuda(index))
+}
+
+/// `--dtype auto|fp32|fp16|bf16`. Auto is fp32 on CPU (half precision there is
+/// slow and not what diffusers does) and fp16 on CUDA.
+pub fn parse_dtype(spec: &str, device: Device) -> Result<Kind> {
+    let kind = match spec {
+        "auto" => {
+            if device.is_cuda() {
+                Kind::Half
+            } else {
+                Kind::Float
+            }
+        }
+        "fp32" | "float32" => Kind::Float,
+        "fp16" | "float16" => Kind::Half,
+        "bf16" | "bfloat16" => Kind::BFloat16,
+        s => return Err(Error::Invalid(format!("--dtype `{s}`: expected auto, fp32, fp16 or bf16"))),
+    };
+    if !device.is_cuda() && kind != Kind::Float {
+        return Err(Error::Invalid(format!(
+            "--dtype {spec}: half precision is only supported on CUDA; use fp32 on CPU"
+        )));
+    }
+    Ok(kind)
+}

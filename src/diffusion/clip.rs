@@ -1,0 +1,227 @@
+//! The CLIP text encoder (transformers' `CLIPTextModel`) of a diffusers
+//! `text_encoder/` folder: token + position embeddings, pre-norm transformer
+//! layers with causal self-attention, final layer norm.
+use crate::error::{read_json, Error, Result};
+use crate::nn::{activation, Embedding, LayerNorm, Linear};
+use crate::weights::Vb;
+use serde::Deserialize;
+use std::path::Path;
+use tch::Tensor;
+
+/// `text_encoder/config.json`, with transformers' `CLIPTextConfig` defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipTextConfig {
+    #[serde(default = "d_vocab_size")]
+    pub vocab_size: i64,
+    #[serde(default = "d_hidden_size")]
+    pub hidden_size: i64,
+    #[serde(default = "d_intermediate_size")]
+    pub intermediate_size: i64,
+    #[serde(default = "d_num_hidden_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_num_attention_heads")]
+    pub num_attention_heads: i64,
+    #[serde(default = "d_max_position_embeddings")]
+    pub max_position_embeddings: i64,
+    #[serde(default = "d_hidden_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn d_vocab_size() -> i64 {
+    49408
+}
+fn d_hidden_size() -> i64 {
+    512
+}
+fn d_intermediate_size() -> i64 {
+    2048
+}
+fn d_num_hidden_layers() -> usize {
+    12
+}
+fn d_num_attention_heads() -> i64 {
+    8
+}
+fn d_max_position_embeddings() -> i64 {
+    77
+}
+fn d_hidden_act() -> String {
+    "quick_gelu".into()
+}
+fn d_layer_norm_eps() -> f64 {
+    1e-5
+}
+
+impl ClipTextConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let config: Self = read_json(path)?;
+        let file = path.display().to_string();
+        if config.num_attention_heads <= 0 || config.hidden_size % config.num_attention_heads != 0 {
+            return Err(Error::unsupported(
+                file,
+                "num_attention_heads",
+                format!("{} (must divide hidden_size {})", config.num_attention_heads, config.hidden_size),
+            ));
+        }
+        if activation(&config.hidden_act, &Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu))).is_none() {
+            return Err(Error::unsupported(file, "hidden_act", &config.hidden_act));
+        }
+        Ok(config)
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn load(vb: &Vb, c: &ClipTextConfig) -> Result<Self> {
+        let d = c.hidden_size;
+        Ok(Attention {
+            q_proj: Linear::load(&vb.pp("q_proj"), d, d, true)?,
+            k_proj: Linear::load(&vb.pp("k_proj"), d, d, true)?,
+            v_proj: Linear::load(&vb.pp("v_proj"), d, d, true)?,
+            out_proj: Linear::load(&vb.pp("out_proj"), d, d, true)?,
+            heads: c.num_attention_heads,
+            head_dim: c.head_dim(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, t, d) = x.size3().expect("CLIP hidden states are [batch, tokens, dim]");
+        let split = |y: Tensor| y.view([b, t, self.heads, self.head_dim]).transpose(1, 2);
+        let q = split(self.q_proj.forward(x));
+        let k = split(self.k_proj.forward(x));
+        let v = split(self.v_proj.forward(x));
+        // CLIP's text transformer is causal: a token sees only itself and
+        // what precedes it. SD pipelines pass no padding mask (padding is
+        // after the <eos>, so causality already hides it from real tokens).
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, scale, false);
+        self.out_proj.forward(&y.transpose(1, 2).reshape([b, t, d]))
+    }
+}
+
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    self_attn: Attention,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: String,
+}
+
+impl EncoderLayer {
+    fn load(vb: &Vb, c: &ClipTextConfig) -> Result<Self> {
+        Ok(EncoderLayer {
+            layer_norm1: LayerNorm::load(&vb.pp("layer_norm1"), c.hidden_size, c.layer_norm_eps)?,
+            self_attn: Attention::load(&vb.pp("self_attn"), c)?,
+            layer_norm2: LayerNorm::load(&vb.pp("layer_norm2"), c.hidden_size, c.layer_norm_eps)?,
+            fc1: Linear::load(&vb.pp("mlp").pp("fc1"), c.hidden_size, c.intermediate_size, true)?,
+            fc2: Linear::load(&vb.pp("mlp").pp("fc2"), c.intermediate_size, c.hidden_size, true)?,
+            act: c.hidden_act.clone(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let x = x + self.self_attn.forward(&self.layer_norm1.forward(x));
+        let h = self.fc1.forward(&self.layer_norm2.forward(&x));
+        // The name was validated when the config was loaded.
+        let h = activation(&self.act, &h).expect("hidden_act checked at load");
+        x + self.fc2.forward(&h)
+    }
+}
+
+pub struct ClipTextModel {
+    pub config: ClipTextConfig,
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+}
+
+impl ClipTextModel {
+    /// `vb` is the root of `text_encoder/model.safetensors`. transformers
+    /// saves `CLIPTextModel` weights under `text_model.`; files written
+    /// without that prefix are accepted too.
+    pub fn load(vb: Vb, config: ClipTextConfig) -> Result<Self> {
+        let vb = if vb.contains("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
+        let emb = vb.pp("embeddings");
+        let token_embedding = Embedding::load(&emb.pp("token_embedding"), config.vocab_size, config.hidden_size)?;
+        let position_embedding =
+            Embedding::load(&emb.pp("position_embedding"), config.max_position_embeddings, config.hidden_size)?;
+        let layers_vb = vb.pp("encoder").pp("layers");
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| EncoderLayer::load(&layers_vb.pp(i), &config))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = LayerNorm::load(&vb.pp("final_layer_norm"), config.hidden_size, config.layer_norm_eps)?;
+        // `embeddings.position_ids` (a saved arange in older files) is
+        // recomputed, so mark it as read rather than leaving it "unused".
+        let _ = emb.get_any("position_ids");
+        Ok(ClipTextModel { config, token_embedding, position_embedding, layers, final_layer_norm })
+    }
+
+    /// Checks a `clip_skip` value against this model's depth.
+    pub fn check_clip_skip(&self, clip_skip: usize) -> Result<()> {
+        if clip_skip >= self.layers.len() + 1 {
+            return Err(Error::Invalid(format!(
+                "clip_skip {clip_skip}: the text encoder has only {} layers",
+                self.layers.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn embed(&self, input_ids: &Tensor) -> Tensor {
+        let t = input_ids.size().last().copied().expect("input_ids has a token dimension");
+        assert!(
+            t <= self.config.max_position_embeddings,
+            "{t} tokens exceed the text encoder's {} positions",
+            self.config.max_position_embeddings
+        );
+        let positions = Tensor::arange(t, (tch::Kind::Int64, input_ids.device())).unsqueeze(0);
+        self.token_embedding.forward(input_ids) + self.position_embedding.forward(&positions)
+    }
+
+    /// The prompt embeddings the UNet is conditioned on: `last_hidden_state`
+    /// (after `final_layer_norm`), or with `clip_skip = Some(k)` the output of
+    /// the k-th layer from the end, also through `final_layer_norm`, as
+    /// diffusers' `encode_prompt` does (`hidden_states[-(k + 1)]`).
+    ///
+    /// Panics if `k` exceeds the layer count; call [`Self::check_clip_skip`]
+    /// when validating user settings.
+    pub fn encode(&self, input_ids: &Tensor, clip_skip: Option<usize>) -> Tensor {
+        let skip = clip_skip.unwrap_or(0);
+        if let Err(e) = self.check_clip_skip(skip) {
+            panic!("{e}");
+        }
+        let mut x = self.embed(input_ids);
+        for layer in &self.layers[..self.layers.len() - skip] {
+            x = layer.forward(&x);
+        }
+        self.final_layer_norm.forward(&x)
+    }
+
+    /// The embeddings output followed by each layer's output (no final layer
+    /// norm), like transformers' `output_hidden_states=True`.
+    pub fn hidden_states(&self, input_ids: &Tensor) -> Vec<Tensor> {
+        let mut out = Vec::with_capacity(self.layers.len() + 1);
+        out.push(self.embed(input_ids));
+        for layer in &self.layers {
+            let next = layer.forward(out.last().expect("starts with the embeddings"));
+            out.push(next);
+        }
+        out
+    }
+}

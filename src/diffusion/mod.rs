@@ -1,0 +1,9 @@
+//! The latent diffusion generator (Stable Diffusion family), read from
+//! diffusers' folder layout and weight names.
+pub mod clip;
+pub mod model_dir;
+// pub mod pipeline; (enabled once its components land)
+pub mod schedulers;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;

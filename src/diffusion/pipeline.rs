@@ -1,0 +1,169 @@
+//! Text-to-image sampling, step for step what diffusers'
+//! `StableDiffusionPipeline.__call__` does, so the same seed gives the same image.
+use crate::diffusion::clip::{ClipTextConfig, ClipTextModel};
+use crate::diffusion::model_dir::ModelDir;
+use crate::diffusion::schedulers::{self, SchedulerConfig, SchedulerKind};
+use crate::diffusion::tokenizer::ClipTokenizer;
+use crate::diffusion::unet::{UNet2DConditionModel, UNetConfig};
+use crate::diffusion::vae::{AutoencoderKL, VaeConfig};
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+use tch::{Device, Kind, Tensor};
+
+pub struct StableDiffusion {
+    pub dir: ModelDir,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler_config: SchedulerConfig,
+    pub device: Device,
+    pub kind: Kind,
+}
+
+/// One image to make: its prompt, negative prompt and seed. Image `i` of a
+/// prompt is seeded `seed + i` by the callers, as diffusers does when given one
+/// `torch.Generator().manual_seed(seed + i)` per image.
+#[derive(Debug, Clone)]
+pub struct ImageRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SamplingSettings {
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub height: i64,
+    pub width: i64,
+    pub scheduler: SchedulerKind,
+    /// Use the output of the k-th layer from the end of the text encoder
+    /// (`clip_skip` in diffusers; SD 2.x style "penultimate layer" is 1).
+    pub clip_skip: Option<usize>,
+}
+
+impl StableDiffusion {
+    /// Loads every component of a diffusers pipeline folder (or cached repo id).
+    pub fn load(spec: &str, device: Device, kind: Kind) -> Result<Self> {
+        let dir = ModelDir::open(spec)?;
+        let model_index = dir.root.join("model_index.json");
+        if !model_index.is_file() {
+            return Err(Error::Missing {
+                path: model_index,
+                what: "a diffusers pipeline's model_index.json".into(),
+            });
+        }
+        let tokenizer = ClipTokenizer::load(&dir.component("tokenizer")?)?;
+        let load = |component: &str| -> Result<Weights> {
+            Weights::load(&dir.weights(component, None)?, device, kind)
+        };
+        let text_encoder = ClipTextModel::load(
+            load("text_encoder")?.root(),
+            ClipTextConfig::load(&dir.config("text_encoder", "config.json")?)?,
+        )?;
+        let unet = UNet2DConditionModel::load(load("unet")?.root(), UNetConfig::load(&dir.config("unet", "config.json")?)?)?;
+        let vae = AutoencoderKL::load(load("vae")?.root(), VaeConfig::load(&dir.config("vae", "config.json")?)?)?;
+        let scheduler_config = SchedulerConfig::load(&dir.config("scheduler", "scheduler_config.json")?)?;
+        Ok(StableDiffusion { dir, tokenizer, text_encoder, unet, vae, scheduler_config, device, kind })
+    }
+
+    /// Pixel sizes must be multiples of 8 (diffusers' own check) and give a
+    /// latent the UNet can halve at each of its down blocks.
+    pub fn check_size(&self, height: i64, width: i64) -> Result<()> {
+        for (name, v) in [("height", height), ("width", width)] {
+            if v <= 0 || v % 8 != 0 {
+                return Err(Error::Invalid(format!("--{name} {v}: must be a positive multiple of 8")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn latent_channels(&self) -> i64 {
+        self.unet.config.out_channels
+    }
+
+    /// Text embeddings for each prompt, [N, L, D], in the model dtype.
+    pub fn encode_prompts(&self, prompts: &[String], clip_skip: Option<usize>) -> Result<Tensor> {
+        let encoded = self.tokenizer.encode_batch(prompts)?;
+        for (prompt, truncated) in prompts.iter().zip(&encoded.truncated) {
+            if *truncated {
+                tracing::warn!(prompt = %prompt, "prompt is longer than the text encoder's {} tokens; the end was cut off", self.tokenizer.max_length());
+            }
+        }
+        let ids = encoded.ids.to_device(self.device);
+        Ok(tch::no_grad(|| self.text_encoder.encode(&ids, clip_skip)))
+    }
+
+    /// Initial latents (and, for ancestral samplers, every step's noise) of one
+    /// image, drawn on the CPU from that image's own seed in diffusers' order:
+    /// first the latents, then one draw per step. tch has only the global
+    /// generator, so each image reseeds it.
+    fn draw_noise(&self, seed: u64, shape: &[i64], noise_steps: usize) -> (Tensor, Vec<Tensor>) {
+        tch::manual_seed(seed as i64);
+        let opts = (self.kind, Device::Cpu);
+        let latents = Tensor::randn(shape, opts);
+        let steps = (0..noise_steps).map(|_| Tensor::randn(shape, opts)).collect();
+        (latents, steps)
+    }
+
+    /// Samples one batch. Returns images in [0, 1], [B, 3, H, W], float32 on the CPU.
+    pub fn sample(&self, requests: &[ImageRequest], settings: &SamplingSettings) -> Result<Tensor> {
+        self.check_size(settings.height, settings.width)?;
+        if settings.steps == 0 {
+            return Err(Error::Invalid("--steps must be at least 1".into()));
+        }
+        let mut scheduler = schedulers::build(settings.scheduler, &self.scheduler_config, settings.steps)?;
+        let cfg = settings.guidance_scale > 1.0;
+        let prompts: Vec<String> = requests.iter().map(|r| r.prompt.clone()).collect();
+        let mut embeds = self.encode_prompts(&prompts, settings.clip_skip)?;
+        if cfg {
+            let negatives: Vec<String> = requests.iter().map(|r| r.negative_prompt.clone()).collect();
+            let uncond = self.encode_prompts(&negatives, settings.clip_skip)?;
+            embeds = Tensor::cat(&[uncond, embeds], 0);
+        }
+
+        let scale = self.vae.scale_factor();
+        let shape = [1, self.latent_channels(), settings.height / scale, settings.width / scale];
+        let noise_steps = if scheduler.needs_noise() { scheduler.timesteps().len() } else { 0 };
+        let (latents, step_noise): (Vec<Tensor>, Vec<Vec<Tensor>>) =
+            requests.iter().map(|r| self.draw_noise(r.seed, &shape, noise_steps)).unzip();
+        let mut latents = Tensor::cat(&latents, 0).to_device(self.device) * scheduler.init_noise_sigma();
+
+        tch::no_grad(|| -> Result<()> {
+            let timesteps = scheduler.timesteps().to_vec();
+            for (i, &t) in timesteps.iter().enumerate() {
+                let model_in = if cfg { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
+                let model_in = scheduler.scale_model_input(&model_in, i);
+                let out = self.unet.forward(&model_in, t, &embeds);
+                let out = if cfg {
+                    let halves = out.chunk(2, 0);
+                    &halves[0] + (&halves[1] - &halves[0]) * settings.guidance_scale
+                } else {
+                    out
+                };
+                let noise = if noise_steps > 0 {
+                    let per_image: Vec<&Tensor> = step_noise.iter().map(|n| &n[i]).collect();
+                    Some(Tensor::cat(&per_image, 0).to_device(self.device))
+                } else {
+                    None
+                };
+                latents = scheduler.step(&out, i, &latents, noise.as_ref());
+            }
+            Ok(())
+        })?;
+        Ok(self.decode_latents(&latents))
+    }
+
+    /// VAE-decodes latents into images in [0, 1], float32 on the CPU.
+    pub fn decode_latents(&self, latents: &Tensor) -> Tensor {
+        let image = tch::no_grad(|| self.vae.decode(&(latents / self.vae.config.scaling_factor)));
+        (image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0).to_device(Device::Cpu)
+    }
+}
+
+/// [B, 3, H, W] in [0, 1] → [B, H, W, 3] bytes, rounding as diffusers'
+/// `numpy_to_pil` does.
+pub fn to_rgb_bytes(images: &Tensor) -> Tensor {
+    (images.to_kind(Kind::Float) * 255.0).round().to_kind(Kind::Uint8).permute([0, 2, 3, 1]).contiguous()
+}

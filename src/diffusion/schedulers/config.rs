@@ -1,0 +1,179 @@
+//! `scheduler/scheduler_config.json`, read the way diffusers'
+//! `Cls.from_config(json)` reads it: a field present in the file overrides the
+//! scheduler class's own default; an absent (or `null`) field takes that
+//! class's default, and the defaults differ per class (e.g. `timestep_spacing`
+//! is "leading" for DDIM but "linspace" for the Euler and DPM-Solver classes).
+//! So every field is kept optional here and each scheduler resolves what it
+//! reads with its own default. Fields a scheduler class does not have are
+//! ignored, as diffusers ignores them (`_class_name`, `skip_prk_steps`, ...).
+//!
+//! This also matches the usual Python idiom
+//! `Cls.from_config(pipe.scheduler.config)`: diffusers records which fields were
+//! defaulted (`_use_default_values`) and drops them, so the original class's
+//! defaults do not leak into the new class.
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SchedulerConfig {
+    /// Where the config came from, for error messages.
+    #[serde(skip)]
+    pub path: PathBuf,
+    pub num_train_timesteps: Option<usize>,
+    pub beta_start: Option<f64>,
+    pub beta_end: Option<f64>,
+    pub beta_schedule: Option<String>,
+    pub trained_betas: Option<Vec<f64>>,
+    pub timestep_spacing: Option<String>,
+    pub steps_offset: Option<i64>,
+    pub prediction_type: Option<String>,
+    pub set_alpha_to_one: Option<bool>,
+    pub clip_sample: Option<bool>,
+    pub clip_sample_range: Option<f64>,
+    pub thresholding: Option<bool>,
+    pub rescale_betas_zero_snr: Option<bool>,
+    pub interpolation_type: Option<String>,
+    pub timestep_type: Option<String>,
+    pub use_karras_sigmas: Option<bool>,
+    pub use_exponential_sigmas: Option<bool>,
+    pub use_beta_sigmas: Option<bool>,
+    pub use_lu_lambdas: Option<bool>,
+    pub use_flow_sigmas: Option<bool>,
+    pub use_dynamic_shifting: Option<bool>,
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    pub final_sigmas_type: Option<String>,
+    pub solver_order: Option<usize>,
+    pub algorithm_type: Option<String>,
+    pub solver_type: Option<String>,
+    pub lower_order_final: Option<bool>,
+    pub euler_at_final: Option<bool>,
+    pub lambda_min_clipped: Option<f64>,
+    pub variance_type: Option<String>,
+}
+
+impl SchedulerConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let mut config: SchedulerConfig = crate::error::read_json(path)?;
+        config.path = path.to_path_buf();
+        Ok(config)
+    }
+
+    /// Parses a config from JSON text; `origin` names it in error messages.
+    pub fn from_json_str(text: &str, origin: &Path) -> Result<Self> {
+        let mut config: SchedulerConfig =
+            serde_json::from_str(text).map_err(|source| Error::Json { path: origin.to_path_buf(), source })?;
+        config.path = origin.to_path_buf();
+        Ok(config)
+    }
+
+    pub(crate) fn unsupported(&self, field: &str, value: impl std::fmt::Display) -> Error {
+        Error::unsupported(self.path.display().to_string(), field, value)
+    }
+
+    /// Fails naming `field` when a boolean option this code does not implement is on.
+    pub(crate) fn reject_true(&self, field: &str, value: Option<bool>) -> Result<()> {
+        match value {
+            Some(true) => Err(self.unsupported(field, "true")),
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) fn beta_schedule(&self) -> Result<BetaSchedule> {
+        if let Some(betas) = &self.trained_betas {
+            return Ok(BetaSchedule::Trained(betas.clone()));
+        }
+        let start = self.beta_start.unwrap_or(0.0001);
+        let end = self.beta_end.unwrap_or(0.02);
+        match self.beta_schedule.as_deref().unwrap_or("linear") {
+            "linear" => Ok(BetaSchedule::Linear { start, end }),
+            "scaled_linear" => Ok(BetaSchedule::ScaledLinear { start, end }),
+            "squaredcos_cap_v2" => Ok(BetaSchedule::SquaredCosCapV2),
+            other => Err(self.unsupported("beta_schedule", other)),
+        }
+    }
+
+    pub(crate) fn spacing(&self, class_default: TimestepSpacing) -> Result<TimestepSpacing> {
+        match self.timestep_spacing.as_deref() {
+            None => Ok(class_default),
+            Some("leading") => Ok(TimestepSpacing::Leading),
+            Some("linspace") => Ok(TimestepSpacing::Linspace),
+            Some("trailing") => Ok(TimestepSpacing::Trailing),
+            Some(other) => Err(self.unsupported("timestep_spacing", other)),
+        }
+    }
+
+    /// `allowed` lists what the scheduler class implements.
+    pub(crate) fn prediction(&self, allowed: &[PredictionType]) -> Result<PredictionType> {
+        let name = self.prediction_type.as_deref().unwrap_or("epsilon");
+        let p = match name {
+            "epsilon" => PredictionType::Epsilon,
+            "v_prediction" => PredictionType::VPrediction,
+            "sample" => PredictionType::Sample,
+            other => return Err(self.unsupported("prediction_type", other)),
+        };
+        if allowed.contains(&p) {
+            Ok(p)
+        } else {
+            Err(self.unsupported("prediction_type", format!("{name} (not available with this scheduler)")))
+        }
+    }
+
+    pub(crate) fn final_sigmas(&self) -> Result<FinalSigma> {
+        match self.final_sigmas_type.as_deref().unwrap_or("zero") {
+            "zero" => Ok(FinalSigma::Zero),
+            "sigma_min" => Ok(FinalSigma::SigmaMin),
+            other => Err(self.unsupported("final_sigmas_type", other)),
+        }
+    }
+
+    pub(crate) fn train_steps(&self) -> Result<usize> {
+        let n = self.num_train_timesteps.unwrap_or(1000);
+        if n < 2 {
+            return Err(self.unsupported("num_train_timesteps", n));
+        }
+        // diffusers would silently index past or short of a trained_betas list
+        // of another length; refuse instead.
+        if let Some(b) = &self.trained_betas {
+            if b.len() != n {
+                return Err(self.unsupported(
+                    "trained_betas",
+                    format!("{} values, but num_train_timesteps is {n}", b.len()),
+                ));
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BetaSchedule {
+    Linear { start: f64, end: f64 },
+    ScaledLinear { start: f64, end: f64 },
+    SquaredCosCapV2,
+    Trained(Vec<f64>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestepSpacing {
+    Leading,
+    Linspace,
+    Trailing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PredictionType {
+    Epsilon,
+    VPrediction,
+    /// The model predicts x0 directly (diffusers' "sample").
+    Sample,
+}
+
+/// The sigma appended after the last step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalSigma {
+    Zero,
+    /// The smallest training sigma, sqrt((1 - ᾱ_0) / ᾱ_0).
+    SigmaMin,
+}

@@ -1,0 +1,183 @@
+//! `UNet2DConditionModel`: conv_in, time embedding, down blocks, mid block,
+//! up blocks (fed the down path's skip connections), norm/act/conv_out.
+use super::attention::TransformerSettings;
+use super::blocks::{DownBlock, DownBlockSpec, MidBlock, UpBlock, UpBlockSpec};
+use super::config::{block_type_name, UNetConfig};
+use super::embeddings::{timestep_embedding, TimestepEmbedding};
+use super::resnet::ResnetSettings;
+use crate::error::Result;
+use crate::nn::{activation, Conv2d, GroupNorm};
+use crate::weights::Vb;
+use tch::{Kind, Tensor};
+
+pub struct UNet2DConditionModel {
+    pub config: UNetConfig,
+    conv_in: Conv2d,
+    time_embedding: TimestepEmbedding,
+    down_blocks: Vec<DownBlock>,
+    mid_block: Option<MidBlock>,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    kind: Kind,
+}
+
+impl UNet2DConditionModel {
+    /// Builds the model the config describes from the weights under `vb`
+    /// (the root of `unet/diffusion_pytorch_model.safetensors`).
+    pub fn load(vb: Vb, config: UNetConfig) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let n = c.num_blocks();
+        let ch = &c.block_out_channels;
+        let groups = c.groups();
+        let resnet = ResnetSettings { groups, eps: c.norm_eps, temb_channels: c.time_embed_dim(), act: c.act_fn.clone() };
+        let transformer = |i: usize, channels: i64| TransformerSettings {
+            channels,
+            heads: c.heads(i),
+            cross_attention_dim: c.cross_attention_dim.get(i),
+            layers: c.transformer_layers_per_block.get(i),
+            groups,
+            use_linear_projection: c.use_linear_projection,
+        };
+
+        let conv_in =
+            Conv2d::load(&vb.pp("conv_in"), c.in_channels, ch[0], c.conv_in_kernel, 1, (c.conv_in_kernel - 1) / 2, true)?;
+        let time_embedding = TimestepEmbedding::load(
+            &vb.pp("time_embedding"),
+            ch[0],
+            c.time_embed_dim(),
+            &c.act_fn,
+            c.timestep_post_act.as_deref(),
+        )?;
+
+        let mut down_blocks = Vec::with_capacity(n);
+        for (i, kind) in c.down_block_types.iter().enumerate() {
+            let is_final = i == n - 1;
+            let spec = DownBlockSpec {
+                in_channels: if i == 0 { ch[0] } else { ch[i - 1] },
+                out_channels: ch[i],
+                layers: c.layers_per_block.get(i),
+                transformer: is_cross_attn(kind).then(|| transformer(i, ch[i])),
+                downsample_padding: (!is_final).then_some(c.downsample_padding),
+                resnet: &resnet,
+            };
+            down_blocks.push(DownBlock::load(&vb.pp("down_blocks").pp(i), &spec)?);
+        }
+
+        let mid_block = match &c.mid_block_type {
+            Some(_) => Some(MidBlock::load(
+                &vb.pp("mid_block"),
+                ch[n - 1],
+                &transformer(n - 1, ch[n - 1]),
+                &resnet,
+                c.mid_block_scale_factor,
+            )?),
+            None => None,
+        };
+
+        // Up block i mirrors down block n-1-i.
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut prev_output = ch[n - 1];
+        for (i, kind) in c.up_block_types.iter().enumerate() {
+            let mirror = n - 1 - i;
+            let out_channels = ch[mirror];
+            let spec = UpBlockSpec {
+                in_channels: ch[mirror.saturating_sub(1)],
+                out_channels,
+                prev_output_channels: prev_output,
+                layers: c.layers_per_block.get(mirror) + 1,
+                transformer: is_cross_attn(kind).then(|| transformer(mirror, out_channels)),
+                add_upsample: i != n - 1,
+                resnet: &resnet,
+            };
+            up_blocks.push(UpBlock::load(&vb.pp("up_blocks").pp(i), &spec)?);
+            prev_output = out_channels;
+        }
+
+        let conv_norm_out = GroupNorm::load(&vb.pp("conv_norm_out"), groups, ch[0], c.norm_eps)?;
+        let conv_out = Conv2d::load(
+            &vb.pp("conv_out"),
+            ch[0],
+            c.out_channels,
+            c.conv_out_kernel,
+            1,
+            (c.conv_out_kernel - 1) / 2,
+            true,
+        )?;
+        let kind = vb.kind();
+        Ok(UNet2DConditionModel {
+            config,
+            conv_in,
+            time_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out,
+            conv_out,
+            kind,
+        })
+    }
+
+    /// The time embedding every resnet receives, in the model's dtype.
+    fn time_embed(&self, timestep: f64, batch: i64, device: tch::Device) -> Tensor {
+        let c = &self.config;
+        let t = timestep_embedding(timestep, batch, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift, device);
+        // The sinusoids are float32 whatever the weights are; diffusers casts
+        // them to the sample's dtype before the MLP, and so do we.
+        let emb = self.time_embedding.forward(&t.to_kind(self.kind));
+        match &c.time_embedding_act_fn {
+            Some(a) => activation(a, &emb).expect("activation validated with the config"),
+            None => emb,
+        }
+    }
+
+    /// Predicts the noise (or v) for `sample`.
+    ///
+    /// sample: [B, in_channels, h, w]; timestep: one float for the whole
+    /// batch; encoder_hidden_states: [B, L, cross_attention_dim]. Inputs are
+    /// cast to the weights' dtype; the output has that dtype.
+    pub fn forward(&self, sample: &Tensor, timestep: f64, encoder_hidden_states: &Tensor) -> Tensor {
+        let sample = sample.to_kind(self.kind);
+        let context = encoder_hidden_states.to_kind(self.kind);
+        let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample };
+        let (batch, _, h, w) = sample.size4().expect("UNet sample is [B, C, H, W]");
+
+        // Sizes not divisible by the total downscale make the down path round
+        // down; the up path must then upsample to each skip's exact size.
+        let factor = 1i64 << (self.up_blocks.len().saturating_sub(1));
+        let forward_upsample_size = h % factor != 0 || w % factor != 0;
+
+        let temb = self.time_embed(timestep, batch, sample.device());
+        let mut x = self.conv_in.forward(&sample);
+
+        let mut skips = vec![x.shallow_clone()];
+        for block in &self.down_blocks {
+            x = block.forward(&x, &temb, &context, &mut skips);
+        }
+        if let Some(mid) = &self.mid_block {
+            x = mid.forward(&x, &temb, &context);
+        }
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let rest = skips.len() - block.num_skips();
+            let mine = skips.split_off(rest);
+            let is_final = i == self.up_blocks.len() - 1;
+            let upsample_size = match skips.last() {
+                Some(next) if forward_upsample_size && !is_final => {
+                    let s = next.size();
+                    Some((s[2], s[3]))
+                }
+                _ => None,
+            };
+            x = block.forward(&x, &mine, &temb, &context, upsample_size);
+        }
+
+        let x = self.conv_norm_out.forward(&x);
+        let x = activation(&self.config.act_fn, &x).expect("activation validated with the config");
+        self.conv_out.forward(&x)
+    }
+}
+
+fn is_cross_attn(block_type: &str) -> bool {
+    block_type_name(block_type).starts_with("CrossAttn")
+}

@@ -1,0 +1,77 @@
+//! Errors a user sees. Each variant names the file, tensor or setting it is about.
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not found ({what})")]
+    Missing { path: PathBuf, what: String },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: corrupt or unreadable safetensors file: {reason}")]
+    Safetensors { path: PathBuf, reason: String },
+    #[error("{file}: tensor `{name}` is missing")]
+    TensorMissing { file: String, name: String },
+    #[error("{file}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    TensorShape {
+        file: String,
+        name: String,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
+    #[error("{file}: unsupported value for `{field}`: {value}")]
+    Unsupported {
+        file: String,
+        field: String,
+        value: String,
+    },
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("{context}: {source}")]
+    Torch {
+        context: String,
+        #[source]
+        source: tch::TchError,
+    },
+    #[error("{path}: tokenizer error: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("{path}: image error: {reason}")]
+    Image { path: PathBuf, reason: String },
+    #[error("{path}: cannot read PyTorch checkpoint: {reason}")]
+    Pickle { path: PathBuf, reason: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+    pub fn unsupported(file: impl Into<String>, field: &str, value: impl std::fmt::Display) -> Self {
+        Error::Unsupported { file: file.into(), field: field.to_string(), value: value.to_string() }
+    }
+    pub fn torch(context: impl Into<String>, source: tch::TchError) -> Self {
+        Error::Torch { context: context.into(), source }
+    }
+}
+
+/// Reads and parses a JSON config, naming the file on failure.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Missing { path: path.to_path_buf(), what: "config file".into() }
+        } else {
+            Error::io(path, e)
+        }
+    })?;
+    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+}

@@ -1,0 +1,125 @@
+//! `orchestrate generate`: sample images for prompts and write PNGs plus one
+//! JSON line per image holding every setting needed to reproduce it.
+use crate::diffusion::pipeline::{to_rgb_bytes, ImageRequest, SamplingSettings, StableDiffusion};
+use crate::error::{Error, Result};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub model: String,
+    pub prompts: Vec<String>,
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub images_per_prompt: usize,
+    pub batch_size: usize,
+    pub settings: SamplingSettings,
+    pub out: PathBuf,
+    pub device: String,
+    pub dtype: String,
+}
+
+/// One line of `images.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageRecord {
+    pub file: String,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub prompt_index: usize,
+    pub image_index: usize,
+    pub seed: u64,
+    pub model: String,
+    pub scheduler: String,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub height: i64,
+    pub width: i64,
+    pub clip_skip: Option<usize>,
+    pub dtype: String,
+    pub device: String,
+}
+
+/// Writes `bytes` ([H, W, 3] u8) as a PNG, via a temporary file and a rename,
+/// so an interrupted run never leaves a partial image behind.
+pub fn write_png(path: &Path, rgb: &Tensor) -> Result<()> {
+    let size = rgb.size();
+    let (h, w) = (size[0] as u32, size[1] as u32);
+    let data = Vec::<u8>::try_from(rgb.contiguous().view([-1]))
+        .map_err(|e| Error::torch(format!("converting {}", path.display()), e))?;
+    let img = image::RgbImage::from_raw(w, h, data)
+        .ok_or_else(|| Error::Image { path: path.to_path_buf(), reason: "buffer size mismatch".into() })?;
+    let tmp = path.with_extension("png.partial");
+    img.save_with_format(&tmp, image::ImageFormat::Png)
+        .map_err(|e| Error::Image { path: tmp.clone(), reason: e.to_string() })?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
+    if opts.prompts.is_empty() {
+        return Err(Error::Invalid("no prompt given (--prompt)".into()));
+    }
+    if opts.images_per_prompt == 0 || opts.batch_size == 0 {
+        return Err(Error::Invalid("--images-per-prompt and --batch-size must be at least 1".into()));
+    }
+    let device = crate::device::parse_device(&opts.device)?;
+    let kind = crate::device::parse_dtype(&opts.dtype, device)?;
+    // Checked before loading anything, so a bad size costs nothing.
+    for (name, v) in [("height", opts.settings.height), ("width", opts.settings.width)] {
+        if v <= 0 || v % 8 != 0 {
+            return Err(Error::Invalid(format!("--{name} {v}: must be a positive multiple of 8")));
+        }
+    }
+    let pipe = StableDiffusion::load(&opts.model, device, kind)?;
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+
+    let mut jobs = Vec::new();
+    for (pi, prompt) in opts.prompts.iter().enumerate() {
+        for ii in 0..opts.images_per_prompt {
+            jobs.push((pi, ii, ImageRequest {
+                prompt: prompt.clone(),
+                negative_prompt: opts.negative_prompt.clone(),
+                seed: opts.seed + ii as u64,
+            }));
+        }
+    }
+    let jsonl_path = opts.out.join("images.jsonl");
+    let mut jsonl = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&jsonl_path)
+        .map_err(|e| Error::io(&jsonl_path, e))?;
+    let mut records = Vec::new();
+    for batch in jobs.chunks(opts.batch_size) {
+        let requests: Vec<ImageRequest> = batch.iter().map(|(_, _, r)| r.clone()).collect();
+        let images = to_rgb_bytes(&pipe.sample(&requests, &opts.settings)?);
+        for (k, (pi, ii, req)) in batch.iter().enumerate() {
+            let file = format!("p{pi:03}_s{}.png", req.seed);
+            write_png(&opts.out.join(&file), &images.get(k as i64))?;
+            let rec = ImageRecord {
+                file,
+                prompt: req.prompt.clone(),
+                negative_prompt: req.negative_prompt.clone(),
+                prompt_index: *pi,
+                image_index: *ii,
+                seed: req.seed,
+                model: opts.model.clone(),
+                scheduler: opts.settings.scheduler.to_string(),
+                steps: opts.settings.steps,
+                guidance_scale: opts.settings.guidance_scale,
+                height: opts.settings.height,
+                width: opts.settings.width,
+                clip_skip: opts.settings.clip_skip,
+                dtype: format!("{kind:?}"),
+                device: format!("{device:?}"),
+            };
+            let line = serde_json::to_string(&rec).expect("records serialise");
+            writeln!(jsonl, "{line}").map_err(|e| Error::io(&jsonl_path, e))?;
+            jsonl.flush().map_err(|e| Error::io(&jsonl_path, e))?;
+            println!("{line}");
+            records.push(rec);
+        }
+    }
+    Ok(records)
+}

@@ -1,0 +1,10 @@
+//! orchestrate: rich human feedback (RAHF) for text-to-image generation.
+pub mod device;
+pub mod diffusion;
+pub mod env_report;
+pub mod error;
+pub mod nn;
+pub mod rahf;
+pub mod weights;
+
+pub use error::{Error, Result};

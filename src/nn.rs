@@ -1,0 +1,98 @@
+//! The few layer types every model here is built from, loaded by name with
+//! shape checks. Forward passes are plain libtorch ops, the same kernels
+//! PyTorch runs, which is what makes parity with the Python reference exact.
+use crate::error::Result;
+use crate::weights::Vb;
+use tch::Tensor;
+
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(vb: &Vb, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
+        let weight = vb.get("weight", &[out_dim, in_dim])?;
+        let bias = if bias { Some(vb.get("bias", &[out_dim])?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: i64,
+    pub padding: i64,
+}
+
+impl Conv2d {
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(vb: &Vb, in_ch: i64, out_ch: i64, kernel: i64, stride: i64, padding: i64, bias: bool) -> Result<Self> {
+        let weight = vb.get("weight", &[out_ch, in_ch, kernel, kernel])?;
+        let bias = if bias { Some(vb.get("bias", &[out_ch])?) } else { None };
+        Ok(Conv2d { weight, bias, stride, padding })
+    }
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.conv2d(&self.weight, self.bias.as_ref(), [self.stride; 2], [self.padding; 2], [1, 1], 1)
+    }
+}
+
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub groups: i64,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn load(vb: &Vb, groups: i64, channels: i64, eps: f64) -> Result<Self> {
+        Ok(GroupNorm { weight: vb.get("weight", &[channels])?, bias: vb.get("bias", &[channels])?, groups, eps })
+    }
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub dim: i64,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: &Vb, dim: i64, eps: f64) -> Result<Self> {
+        Ok(LayerNorm { weight: vb.get("weight", &[dim])?, bias: Some(vb.get("bias", &[dim])?), dim, eps })
+    }
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm([self.dim], Some(&self.weight), self.bias.as_ref(), self.eps, true)
+    }
+}
+
+pub struct Embedding {
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    pub fn load(vb: &Vb, count: i64, dim: i64) -> Result<Self> {
+        Ok(Embedding { weight: vb.get("weight", &[count, dim])? })
+    }
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.weight, ids, -1, false, false)
+    }
+}
+
+/// Activation functions named as in HF/diffusers configs.
+pub fn activation(name: &str, x: &Tensor) -> Option<Tensor> {
+    Some(match name {
+        "gelu" => x.gelu("none"),
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => x.gelu("tanh"),
+        "quick_gelu" => x * (x * 1.702).sigmoid(),
+        "relu" => x.relu(),
+        "silu" | "swish" => x.silu(),
+        _ => return None,
+    })
+}

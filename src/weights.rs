@@ -1,0 +1,187 @@
+//! Loading checkpoint tensors by name, with the errors a user needs: which
+//! file, which tensor, expected shape versus found.
+//!
+//! `Vb` ("variable builder") walks the weight names the way the checkpoint
+//! nests them: `vb.pp("down_blocks").pp(0).pp("resnets")`, so model code reads
+//! like the checkpoint's keys.
+use crate::error::{Error, Result};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tch::{Device, Kind, Tensor};
+
+pub struct Weights {
+    /// Shown in errors: the file(s) the tensors came from.
+    source: String,
+    tensors: HashMap<String, Tensor>,
+    used: Mutex<BTreeSet<String>>,
+    device: Device,
+    kind: Kind,
+}
+
+fn safetensors_kind(dtype: safetensors::Dtype) -> Option<Kind> {
+    use safetensors::Dtype as D;
+    Some(match dtype {
+        D::F32 => Kind::Float,
+        D::F16 => Kind::Half,
+        D::BF16 => Kind::BFloat16,
+        D::F64 => Kind::Double,
+        D::I64 => Kind::Int64,
+        D::I32 => Kind::Int,
+        D::I16 => Kind::Int16,
+        D::I8 => Kind::Int8,
+        D::U8 => Kind::Uint8,
+        D::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+/// Reads every tensor of a safetensors file onto the CPU, keeping its dtype.
+pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let file = std::fs::File::open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Missing { path: path.to_path_buf(), what: "weights file".into() }
+        } else {
+            Error::io(path, e)
+        }
+    })?;
+    // SAFETY: the mapping is read-only and dropped before we return; a file
+    // truncated underneath us would be a user error we cannot guard against.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap)
+        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+    let mut out = Vec::with_capacity(st.len());
+    for (name, view) in st.tensors() {
+        let kind = safetensors_kind(view.dtype()).ok_or_else(|| Error::Safetensors {
+            path: path.to_path_buf(),
+            reason: format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()),
+        })?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .map_err(|e| Error::torch(format!("{}: tensor `{name}`", path.display()), e))?;
+        out.push((name, t));
+    }
+    Ok(out)
+}
+
+/// Writes tensors as safetensors (contiguous CPU copies), atomically.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let tmp = path.with_extension("safetensors.partial");
+    let owned: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_device(Device::Cpu).contiguous()))
+        .collect();
+    Tensor::write_safetensors(&owned, &tmp)
+        .map_err(|e| Error::torch(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+impl Weights {
+    /// Loads one or more safetensors files; floating-point tensors are cast
+    /// to `kind`, every tensor is moved to `device`.
+    pub fn load(paths: &[PathBuf], device: Device, kind: Kind) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for path in paths {
+            for (name, t) in read_safetensors(path)? {
+                tensors.insert(name, t);
+            }
+        }
+        let source = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        Ok(Self::from_tensors(source, tensors, device, kind))
+    }
+
+    pub fn from_tensors(source: impl Into<String>, tensors: HashMap<String, Tensor>, device: Device, kind: Kind) -> Self {
+        let tensors = tensors
+            .into_iter()
+            .map(|(n, t)| {
+                let t = if t.is_floating_point() { t.to_kind(kind) } else { t };
+                (n, t.to_device(device))
+            })
+            .collect();
+        Weights { source: source.into(), tensors, used: Mutex::new(BTreeSet::new()), device, kind }
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    /// Tensors in the file that no model block asked for.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.lock().unwrap();
+        let mut v: Vec<String> = self.tensors.keys().filter(|k| !used.contains(*k)).cloned().collect();
+        v.sort();
+        v
+    }
+
+    pub fn root(self) -> Vb {
+        Vb { weights: Arc::new(self), prefix: String::new() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Vb {
+    weights: Arc<Weights>,
+    prefix: String,
+}
+
+impl Vb {
+    /// A sub-path: `vb.pp("down_blocks").pp(0)` names `down_blocks.0.*`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Vb {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
+        Vb { weights: self.weights.clone(), prefix }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.weights.tensors.contains_key(&self.path(name))
+    }
+
+    /// The tensor `prefix.name`, checked against the expected shape.
+    pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        let t = self.get_any(name)?;
+        if t.size() != shape {
+            return Err(Error::TensorShape {
+                file: self.weights.source.clone(),
+                name: self.path(name),
+                expected: shape.to_vec(),
+                found: t.size(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// The tensor `prefix.name`, whatever its shape.
+    pub fn get_any(&self, name: &str) -> Result<Tensor> {
+        let full = self.path(name);
+        match self.weights.tensors.get(&full) {
+            Some(t) => {
+                self.weights.used.lock().unwrap().insert(full);
+                Ok(t.shallow_clone())
+            }
+            None => Err(Error::TensorMissing { file: self.weights.source.clone(), name: full }),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.weights.device
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.weights.kind
+    }
+
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+}
