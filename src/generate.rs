@@ -91,6 +91,7 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
         .open(&jsonl_path)
         .map_err(|e| Error::io(&jsonl_path, e))?;
     let mut records = Vec::new();
+    let started = std::time::Instant::now();
     for batch in jobs.chunks(opts.batch_size) {
         let requests: Vec<ImageRequest> = batch.iter().map(|(_, _, r)| r.clone()).collect();
         let images = to_rgb_bytes(&pipe.sample(&requests, &opts.settings)?);
@@ -121,5 +122,11 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
             records.push(rec);
         }
     }
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        "sampled {} images in {secs:.3} s ({:.3} s/image, model loading excluded)",
+        records.len(),
+        secs / records.len() as f64
+    );
     Ok(records)
 }

@@ -62,10 +62,18 @@ impl ClipTextConfig {
             return Err(Error::unsupported(
                 file,
                 "num_attention_heads",
-                format!("{} (must divide hidden_size {})", config.num_attention_heads, config.hidden_size),
+                format!(
+                    "{} (must divide hidden_size {})",
+                    config.num_attention_heads, config.hidden_size
+                ),
             ));
         }
-        if activation(&config.hidden_act, &Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu))).is_none() {
+        if activation(
+            &config.hidden_act,
+            &Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),
+        )
+        .is_none()
+        {
             return Err(Error::unsupported(file, "hidden_act", &config.hidden_act));
         }
         Ok(config)
@@ -99,7 +107,9 @@ impl Attention {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let (b, t, d) = x.size3().expect("CLIP hidden states are [batch, tokens, dim]");
+        let (b, t, d) = x
+            .size3()
+            .expect("CLIP hidden states are [batch, tokens, dim]");
         let split = |y: Tensor| y.view([b, t, self.heads, self.head_dim]).transpose(1, 2);
         let q = split(self.q_proj.forward(x));
         let k = split(self.k_proj.forward(x));
@@ -108,7 +118,16 @@ impl Attention {
         // what precedes it. SD pipelines pass no padding mask (padding is
         // after the <eos>, so causality already hides it from real tokens).
         let scale = (self.head_dim as f64).powf(-0.5);
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, scale, false);
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            true,
+            scale,
+            false,
+        );
         self.out_proj.forward(&y.transpose(1, 2).reshape([b, t, d]))
     }
 }
@@ -128,8 +147,18 @@ impl EncoderLayer {
             layer_norm1: LayerNorm::load(&vb.pp("layer_norm1"), c.hidden_size, c.layer_norm_eps)?,
             self_attn: Attention::load(&vb.pp("self_attn"), c)?,
             layer_norm2: LayerNorm::load(&vb.pp("layer_norm2"), c.hidden_size, c.layer_norm_eps)?,
-            fc1: Linear::load(&vb.pp("mlp").pp("fc1"), c.hidden_size, c.intermediate_size, true)?,
-            fc2: Linear::load(&vb.pp("mlp").pp("fc2"), c.intermediate_size, c.hidden_size, true)?,
+            fc1: Linear::load(
+                &vb.pp("mlp").pp("fc1"),
+                c.hidden_size,
+                c.intermediate_size,
+                true,
+            )?,
+            fc2: Linear::load(
+                &vb.pp("mlp").pp("fc2"),
+                c.intermediate_size,
+                c.hidden_size,
+                true,
+            )?,
             act: c.hidden_act.clone(),
         })
     }
@@ -156,20 +185,41 @@ impl ClipTextModel {
     /// saves `CLIPTextModel` weights under `text_model.`; files written
     /// without that prefix are accepted too.
     pub fn load(vb: Vb, config: ClipTextConfig) -> Result<Self> {
-        let vb = if vb.contains("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
+        let vb = if vb.contains("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
         let emb = vb.pp("embeddings");
-        let token_embedding = Embedding::load(&emb.pp("token_embedding"), config.vocab_size, config.hidden_size)?;
-        let position_embedding =
-            Embedding::load(&emb.pp("position_embedding"), config.max_position_embeddings, config.hidden_size)?;
+        let token_embedding = Embedding::load(
+            &emb.pp("token_embedding"),
+            config.vocab_size,
+            config.hidden_size,
+        )?;
+        let position_embedding = Embedding::load(
+            &emb.pp("position_embedding"),
+            config.max_position_embeddings,
+            config.hidden_size,
+        )?;
         let layers_vb = vb.pp("encoder").pp("layers");
         let layers = (0..config.num_hidden_layers)
             .map(|i| EncoderLayer::load(&layers_vb.pp(i), &config))
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = LayerNorm::load(&vb.pp("final_layer_norm"), config.hidden_size, config.layer_norm_eps)?;
+        let final_layer_norm = LayerNorm::load(
+            &vb.pp("final_layer_norm"),
+            config.hidden_size,
+            config.layer_norm_eps,
+        )?;
         // `embeddings.position_ids` (a saved arange in older files) is
         // recomputed, so mark it as read rather than leaving it "unused".
         let _ = emb.get_any("position_ids");
-        Ok(ClipTextModel { config, token_embedding, position_embedding, layers, final_layer_norm })
+        Ok(ClipTextModel {
+            config,
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+        })
     }
 
     /// Checks a `clip_skip` value against this model's depth.
@@ -184,7 +234,11 @@ impl ClipTextModel {
     }
 
     fn embed(&self, input_ids: &Tensor) -> Tensor {
-        let t = input_ids.size().last().copied().expect("input_ids has a token dimension");
+        let t = input_ids
+            .size()
+            .last()
+            .copied()
+            .expect("input_ids has a token dimension");
         assert!(
             t <= self.config.max_position_embeddings,
             "{t} tokens exceed the text encoder's {} positions",

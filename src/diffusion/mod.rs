@@ -2,7 +2,7 @@
 //! diffusers' folder layout and weight names.
 pub mod clip;
 pub mod model_dir;
-// pub mod pipeline; (enabled once its components land)
+pub mod pipeline;
 pub mod schedulers;
 pub mod tokenizer;
 pub mod unet;

@@ -85,13 +85,16 @@ impl StableDiffusion {
 
     /// Text embeddings for each prompt, [N, L, D], in the model dtype.
     pub fn encode_prompts(&self, prompts: &[String], clip_skip: Option<usize>) -> Result<Tensor> {
+        if let Some(k) = clip_skip {
+            self.text_encoder.check_clip_skip(k)?;
+        }
         let encoded = self.tokenizer.encode_batch(prompts)?;
         for (prompt, truncated) in prompts.iter().zip(&encoded.truncated) {
             if *truncated {
-                tracing::warn!(prompt = %prompt, "prompt is longer than the text encoder's {} tokens; the end was cut off", self.tokenizer.max_length());
+                tracing::warn!(prompt = %prompt, "prompt is longer than the text encoder's {} tokens; the end was cut off", self.tokenizer.max_len);
             }
         }
-        let ids = encoded.ids.to_device(self.device);
+        let ids = encoded.input_ids.to_device(self.device);
         Ok(tch::no_grad(|| self.text_encoder.encode(&ids, clip_skip)))
     }
 
@@ -109,6 +112,18 @@ impl StableDiffusion {
 
     /// Samples one batch. Returns images in [0, 1], [B, 3, H, W], float32 on the CPU.
     pub fn sample(&self, requests: &[ImageRequest], settings: &SamplingSettings) -> Result<Tensor> {
+        let latents = self.sample_latents(requests, settings, &mut |_, _| {})?;
+        Ok(self.decode_latents(&latents))
+    }
+
+    /// The denoising loop alone: final latents (not yet divided by the VAE's
+    /// scaling factor). `on_step(i, latents)` sees the latents after step `i`.
+    pub fn sample_latents(
+        &self,
+        requests: &[ImageRequest],
+        settings: &SamplingSettings,
+        on_step: &mut dyn FnMut(usize, &Tensor),
+    ) -> Result<Tensor> {
         self.check_size(settings.height, settings.width)?;
         if settings.steps == 0 {
             return Err(Error::Invalid("--steps must be at least 1".into()));
@@ -149,10 +164,11 @@ impl StableDiffusion {
                     None
                 };
                 latents = scheduler.step(&out, i, &latents, noise.as_ref());
+                on_step(i, &latents);
             }
             Ok(())
         })?;
-        Ok(self.decode_latents(&latents))
+        Ok(latents)
     }
 
     /// VAE-decodes latents into images in [0, 1], float32 on the CPU.

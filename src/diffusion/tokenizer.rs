@@ -20,8 +20,8 @@ use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::{
-    AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, SplitDelimiterBehavior, Tokenizer,
-    TruncationDirection, TruncationParams, TruncationStrategy,
+    AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, SplitDelimiterBehavior,
+    Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
 /// CLIP's pre-tokenizer regex (openai/CLIP `simple_tokenizer.py`, as
@@ -68,7 +68,13 @@ impl SpecialToken {
     }
 
     fn plain(s: &str) -> Self {
-        SpecialToken { content: s.to_string(), lstrip: false, rstrip: false, single_word: false, normalized: false }
+        SpecialToken {
+            content: s.to_string(),
+            lstrip: false,
+            rstrip: false,
+            single_word: false,
+            normalized: false,
+        }
     }
 
     fn added_token(&self) -> AddedToken {
@@ -90,7 +96,10 @@ pub struct TokenizedBatch {
 }
 
 pub struct ClipTokenizer {
+    /// Neither truncates nor pads.
     tokenizer: Tokenizer,
+    /// Truncates and pads to `max_len`, the common case, built once.
+    fixed: Tokenizer,
     /// The folder, shown in errors.
     path: PathBuf,
     pub max_len: usize,
@@ -107,7 +116,10 @@ impl ClipTokenizer {
         let special_map = read_optional_json(&dir.join("special_tokens_map.json"))?;
         // tokenizer_config.json wins over special_tokens_map.json, as in transformers.
         let special = |key: &str| -> Option<SpecialToken> {
-            config.get(key).and_then(SpecialToken::parse).or_else(|| special_map.get(key).and_then(SpecialToken::parse))
+            config
+                .get(key)
+                .and_then(SpecialToken::parse)
+                .or_else(|| special_map.get(key).and_then(SpecialToken::parse))
         };
         let bos = special("bos_token").unwrap_or_else(|| SpecialToken::plain(DEFAULT_BOS));
         let eos = special("eos_token").unwrap_or_else(|| SpecialToken::plain(DEFAULT_EOS));
@@ -127,10 +139,16 @@ impl ClipTokenizer {
         // special token, not a BPE piece).
         let mut specials: Vec<SpecialToken> = Vec::new();
         if let Some(Value::Object(decoder)) = config.get("added_tokens_decoder") {
-            let mut entries: Vec<(u64, &Value)> =
-                decoder.iter().filter_map(|(id, v)| Some((id.parse::<u64>().ok()?, v))).collect();
+            let mut entries: Vec<(u64, &Value)> = decoder
+                .iter()
+                .filter_map(|(id, v)| Some((id.parse::<u64>().ok()?, v)))
+                .collect();
             entries.sort_by_key(|(id, _)| *id);
-            specials.extend(entries.into_iter().filter_map(|(_, v)| SpecialToken::parse(v)));
+            specials.extend(
+                entries
+                    .into_iter()
+                    .filter_map(|(_, v)| SpecialToken::parse(v)),
+            );
         }
         specials.extend([bos.clone(), eos.clone(), unk.clone(), pad.clone()]);
         for key in ["additional_special_tokens", "extra_special_tokens"] {
@@ -138,18 +156,25 @@ impl ClipTokenizer {
                 specials.extend(list.iter().filter_map(SpecialToken::parse));
             }
         }
+        // A string listed twice keeps its last definition, as in transformers
+        // (SD 1.x: eos is `normalized: true` but the pad, the same string
+        // given plainly, makes it not normalised).
         let mut seen = std::collections::HashSet::new();
+        specials.reverse();
         specials.retain(|t| seen.insert(t.content.clone()));
+        specials.reverse();
         tokenizer
             .add_special_tokens(specials.iter().map(SpecialToken::added_token))
             .map_err(|e| tok_err(dir, e))?;
 
         let config_path = dir.join("tokenizer_config.json");
         let id = |t: &SpecialToken| {
-            tokenizer.token_to_id(&t.content).ok_or_else(|| Error::Tokenizer {
-                path: dir.to_path_buf(),
-                reason: format!("special token `{}` is not in the vocabulary", t.content),
-            })
+            tokenizer
+                .token_to_id(&t.content)
+                .ok_or_else(|| Error::Tokenizer {
+                    path: dir.to_path_buf(),
+                    reason: format!("special token `{}` is not in the vocabulary", t.content),
+                })
         };
         let (bos_id, eos_id, pad_id) = (id(&bos)?, id(&eos)?, id(&pad)?);
 
@@ -158,25 +183,37 @@ impl ClipTokenizer {
         let max_len = match config.get("model_max_length").and_then(Value::as_f64) {
             Some(n) if n >= 1.0 && n <= 1e6 => n as usize,
             Some(n) if n < 1.0 => {
-                return Err(Error::unsupported(config_path.display().to_string(), "model_max_length", n));
+                return Err(Error::unsupported(
+                    config_path.display().to_string(),
+                    "model_max_length",
+                    n,
+                ));
             }
             _ => DEFAULT_MAX_LEN,
         };
 
-        Ok(ClipTokenizer { tokenizer, path: dir.to_path_buf(), max_len, pad_id, pad_token: pad.content, bos_id, eos_id })
+        // A saved tokenizer.json may carry its own truncation/padding; ours
+        // are set per call.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| tok_err(dir, e))?;
+        tokenizer.with_padding(None);
+        let mut this = ClipTokenizer {
+            fixed: tokenizer.clone(),
+            tokenizer,
+            path: dir.to_path_buf(),
+            max_len,
+            pad_id,
+            pad_token: pad.content,
+            bos_id,
+            eos_id,
+        };
+        this.fixed = this.truncating_padding(max_len)?;
+        Ok(this)
     }
 
-    /// Tokenises prompts the way StableDiffusionPipeline does
-    /// (`padding="max_length", max_length=model_max_length, truncation=True`):
-    /// `<bos> tokens <eos>`, cut to `max_len` keeping the `<eos>` last, padded
-    /// with the pad token.
-    pub fn encode_batch<S: AsRef<str>>(&self, prompts: &[S]) -> Result<TokenizedBatch> {
-        self.encode_batch_len(prompts, self.max_len)
-    }
-
-    /// As [`Self::encode_batch`] with an explicit length (the pipeline pads
-    /// negative prompts to the prompt embeddings' length).
-    pub fn encode_batch_len<S: AsRef<str>>(&self, prompts: &[S], max_len: usize) -> Result<TokenizedBatch> {
+    /// A copy of the tokenizer that truncates and pads to `max_len`.
+    fn truncating_padding(&self, max_len: usize) -> Result<Tokenizer> {
         let mut tok = self.tokenizer.clone();
         tok.with_truncation(Some(TruncationParams {
             direction: TruncationDirection::Right,
@@ -193,10 +230,37 @@ impl ClipTokenizer {
             pad_type_id: 0,
             pad_token: self.pad_token.clone(),
         }));
+        Ok(tok)
+    }
+
+    /// Tokenises prompts the way StableDiffusionPipeline does
+    /// (`padding="max_length", max_length=model_max_length, truncation=True`):
+    /// `<bos> tokens <eos>`, cut to `max_len` keeping the `<eos>` last, padded
+    /// with the pad token.
+    pub fn encode_batch<S: AsRef<str>>(&self, prompts: &[S]) -> Result<TokenizedBatch> {
+        self.encode_batch_len(prompts, self.max_len)
+    }
+
+    /// As [`Self::encode_batch`] with an explicit length (the pipeline pads
+    /// negative prompts to the prompt embeddings' length).
+    pub fn encode_batch_len<S: AsRef<str>>(
+        &self,
+        prompts: &[S],
+        max_len: usize,
+    ) -> Result<TokenizedBatch> {
+        let other;
+        let tok = if max_len == self.max_len {
+            &self.fixed
+        } else {
+            other = self.truncating_padding(max_len)?;
+            &other
+        };
         let mut ids = Vec::with_capacity(prompts.len() * max_len);
         let mut truncated = Vec::with_capacity(prompts.len());
         for prompt in prompts {
-            let enc = tok.encode(prompt.as_ref(), true).map_err(|e| tok_err(&self.path, e))?;
+            let enc = tok
+                .encode(prompt.as_ref(), true)
+                .map_err(|e| tok_err(&self.path, e))?;
             if enc.get_ids().len() != max_len {
                 return Err(Error::Tokenizer {
                     path: self.path.clone(),
@@ -207,15 +271,20 @@ impl ClipTokenizer {
             ids.extend(enc.get_ids().iter().map(|&i| i as i64));
         }
         let input_ids = Tensor::from_slice(&ids).view([prompts.len() as i64, max_len as i64]);
-        Ok(TokenizedBatch { input_ids, truncated })
+        Ok(TokenizedBatch {
+            input_ids,
+            truncated,
+        })
     }
 
     /// Token ids of one prompt with `<bos>`/`<eos>`, neither padded nor truncated.
     pub fn encode_full(&self, prompt: &str) -> Result<Vec<u32>> {
-        let mut tok = self.tokenizer.clone();
-        tok.with_truncation(None).map_err(|e| tok_err(&self.path, e))?;
-        tok.with_padding(None);
-        Ok(tok.encode(prompt, true).map_err(|e| tok_err(&self.path, e))?.get_ids().to_vec())
+        Ok(self
+            .tokenizer
+            .encode(prompt, true)
+            .map_err(|e| tok_err(&self.path, e))?
+            .get_ids()
+            .to_vec())
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -225,12 +294,23 @@ impl ClipTokenizer {
 
 /// The pipeline transformers' `CLIPTokenizer.__init__` assembles from
 /// `vocab.json` + `merges.txt`.
-fn build_from_vocab(dir: &Path, bos: &SpecialToken, eos: &SpecialToken, unk: &SpecialToken) -> Result<Tokenizer> {
+fn build_from_vocab(
+    dir: &Path,
+    bos: &SpecialToken,
+    eos: &SpecialToken,
+    unk: &SpecialToken,
+) -> Result<Tokenizer> {
     let vocab = dir.join("vocab.json");
     let merges = dir.join("merges.txt");
-    for (p, what) in [(&vocab, "tokenizer vocabulary"), (&merges, "tokenizer merges")] {
+    for (p, what) in [
+        (&vocab, "tokenizer vocabulary"),
+        (&merges, "tokenizer merges"),
+    ] {
         if !p.is_file() {
-            return Err(Error::Missing { path: p.clone(), what: format!("{what} (and no tokenizer.json)") });
+            return Err(Error::Missing {
+                path: p.clone(),
+                what: format!("{what} (and no tokenizer.json)"),
+            });
         }
     }
     let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
@@ -241,12 +321,24 @@ fn build_from_vocab(dir: &Path, bos: &SpecialToken, eos: &SpecialToken, unk: &Sp
         .build()
         .map_err(|e| tok_err(dir, e))?;
     let mut tok = Tokenizer::new(bpe);
-    let whitespace = Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(|e| tok_err(dir, e))?;
-    tok.with_normalizer(Some(NormSequence::new(vec![NFC.into(), whitespace.into(), Lowercase.into()])))
-        .map_err(|e| tok_err(dir, e))?;
-    let split = Split::new(SplitPattern::Regex(CLIP_SPLIT_REGEX.into()), SplitDelimiterBehavior::Removed, true)
-        .map_err(|e| tok_err(dir, e))?;
-    tok.with_pre_tokenizer(Some(PreSequence::new(vec![split.into(), ByteLevel::new(false, true, true).into()])));
+    let whitespace =
+        Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(|e| tok_err(dir, e))?;
+    tok.with_normalizer(Some(NormSequence::new(vec![
+        NFC.into(),
+        whitespace.into(),
+        Lowercase.into(),
+    ])))
+    .map_err(|e| tok_err(dir, e))?;
+    let split = Split::new(
+        SplitPattern::Regex(CLIP_SPLIT_REGEX.into()),
+        SplitDelimiterBehavior::Removed,
+        true,
+    )
+    .map_err(|e| tok_err(dir, e))?;
+    tok.with_pre_tokenizer(Some(PreSequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, true, true).into(),
+    ])));
     tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
     let bos_id = vocab_id(&tok, bos, &vocab)?;
     let eos_id = vocab_id(&tok, eos, &vocab)?;
@@ -274,5 +366,8 @@ fn read_optional_json(path: &Path) -> Result<Value> {
 }
 
 fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Tokenizer { path: path.to_path_buf(), reason: e.to_string() }
+    Error::Tokenizer {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
 }

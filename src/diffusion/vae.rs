@@ -95,15 +95,30 @@ impl VaeConfig {
     fn validate(&self, file: &str) -> Result<()> {
         let n = self.block_out_channels.len();
         if n == 0 {
-            return Err(Error::unsupported(file, "block_out_channels", "[] (need at least one block)"));
+            return Err(Error::unsupported(
+                file,
+                "block_out_channels",
+                "[] (need at least one block)",
+            ));
         }
-        if let Some(t) = self.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
+        if let Some(t) = self
+            .down_block_types
+            .iter()
+            .find(|t| *t != "DownEncoderBlock2D")
+        {
             return Err(Error::unsupported(file, "down_block_types", t));
         }
-        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != "UpDecoderBlock2D")
+        {
             return Err(Error::unsupported(file, "up_block_types", t));
         }
-        for (field, len) in [("down_block_types", self.down_block_types.len()), ("up_block_types", self.up_block_types.len())] {
+        for (field, len) in [
+            ("down_block_types", self.down_block_types.len()),
+            ("up_block_types", self.up_block_types.len()),
+        ] {
             if len != n {
                 return Err(Error::unsupported(
                     file,
@@ -112,14 +127,26 @@ impl VaeConfig {
                 ));
             }
         }
-        if let Some(c) = self.block_out_channels.iter().find(|&&c| self.norm_num_groups <= 0 || c % self.norm_num_groups != 0) {
+        if let Some(c) = self
+            .block_out_channels
+            .iter()
+            .find(|&&c| self.norm_num_groups <= 0 || c % self.norm_num_groups != 0)
+        {
             return Err(Error::unsupported(
                 file,
                 "norm_num_groups",
-                format!("{} does not divide block channel count {c}", self.norm_num_groups),
+                format!(
+                    "{} does not divide block channel count {c}",
+                    self.norm_num_groups
+                ),
             ));
         }
-        if activation(&self.act_fn, &Tensor::zeros([1], (Kind::Float, tch::Device::Cpu))).is_none() {
+        if activation(
+            &self.act_fn,
+            &Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)),
+        )
+        .is_none()
+        {
             return Err(Error::unsupported(file, "act_fn", &self.act_fn));
         }
         Ok(())
@@ -176,7 +203,15 @@ impl ResnetBlock {
             // A 1x1 projection makes the skip connection match when the
             // channel count changes.
             conv_shortcut: if in_ch != out_ch {
-                Some(Conv2d::load(&vb.pp("conv_shortcut"), in_ch, out_ch, 1, 1, 0, true)?)
+                Some(Conv2d::load(
+                    &vb.pp("conv_shortcut"),
+                    in_ch,
+                    out_ch,
+                    1,
+                    1,
+                    0,
+                    true,
+                )?)
             } else {
                 None
             },
@@ -221,13 +256,28 @@ impl SpatialAttention {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let (b, c, h, w) = x.size4().expect("VAE feature maps are [batch, channels, height, width]");
-        let tokens = self.group_norm.forward(x).view([b, c, h * w]).transpose(1, 2);
+        let (b, c, h, w) = x
+            .size4()
+            .expect("VAE feature maps are [batch, channels, height, width]");
+        let tokens = self
+            .group_norm
+            .forward(x)
+            .view([b, c, h * w])
+            .transpose(1, 2);
         // One head of width `c` (diffusers sets attention_head_dim = channels).
         let head = |p: &Linear| p.forward(&tokens).unsqueeze(1);
         let (q, k, v) = (head(&self.to_q), head(&self.to_k), head(&self.to_v));
         let scale = (c as f64).powf(-0.5);
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, scale, false);
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            scale,
+            false,
+        );
         let y = self.to_out.forward(&y.squeeze_dim(1));
         y.transpose(1, 2).reshape([b, c, h, w]) + x
     }
@@ -236,14 +286,22 @@ impl SpatialAttention {
 /// A `[ch, ch]` projection under its current diffusers name, or under the
 /// name older checkpoints used; those sometimes stored it as a 1x1 conv.
 fn projection(vb: &Vb, name: &str, legacy: &str, ch: i64) -> Result<Linear> {
-    let vb_p = if vb.contains(&format!("{name}.weight")) || !vb.contains(&format!("{legacy}.weight")) {
-        vb.pp(name)
-    } else {
-        vb.pp(legacy)
-    };
+    let vb_p =
+        if vb.contains(&format!("{name}.weight")) || !vb.contains(&format!("{legacy}.weight")) {
+            vb.pp(name)
+        } else {
+            vb.pp(legacy)
+        };
     let weight = vb_p.get_any("weight")?;
-    let weight = if weight.size() == [ch, ch, 1, 1] { weight.view([ch, ch]) } else { vb_p.get("weight", &[ch, ch])? };
-    Ok(Linear { weight, bias: Some(vb_p.get("bias", &[ch])?) })
+    let weight = if weight.size() == [ch, ch, 1, 1] {
+        weight.view([ch, ch])
+    } else {
+        vb_p.get("weight", &[ch, ch])?
+    };
+    Ok(Linear {
+        weight,
+        bias: Some(vb_p.get("bias", &[ch])?),
+    })
 }
 
 /// `UNetMidBlock2D` as the VAE builds it: resnet, (attention, resnet).
@@ -283,22 +341,55 @@ struct Block {
 }
 
 impl Block {
-    fn load(vb: &Vb, c: &VaeConfig, in_ch: i64, out_ch: i64, layers: usize, sampler: Option<&str>) -> Result<Self> {
+    fn load(
+        vb: &Vb,
+        c: &VaeConfig,
+        in_ch: i64,
+        out_ch: i64,
+        layers: usize,
+        sampler: Option<&str>,
+    ) -> Result<Self> {
         let resnets = (0..layers)
-            .map(|i| ResnetBlock::load(&vb.pp("resnets").pp(i), c, if i == 0 { in_ch } else { out_ch }, out_ch))
+            .map(|i| {
+                ResnetBlock::load(
+                    &vb.pp("resnets").pp(i),
+                    c,
+                    if i == 0 { in_ch } else { out_ch },
+                    out_ch,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let resample = match sampler {
             // Downsampling is a stride-2 conv without padding (the input is
             // padded asymmetrically first); upsampling's conv keeps the size.
-            Some("downsamplers") => Some(Conv2d::load(&vb.pp("downsamplers").pp(0).pp("conv"), out_ch, out_ch, 3, 2, 0, true)?),
-            Some(name) => Some(Conv2d::load(&vb.pp(name).pp(0).pp("conv"), out_ch, out_ch, 3, 1, 1, true)?),
+            Some("downsamplers") => Some(Conv2d::load(
+                &vb.pp("downsamplers").pp(0).pp("conv"),
+                out_ch,
+                out_ch,
+                3,
+                2,
+                0,
+                true,
+            )?),
+            Some(name) => Some(Conv2d::load(
+                &vb.pp(name).pp(0).pp("conv"),
+                out_ch,
+                out_ch,
+                3,
+                1,
+                1,
+                true,
+            )?),
             None => None,
         };
         Ok(Block { resnets, resample })
     }
 
     fn forward_down(&self, x: &Tensor) -> Tensor {
-        let mut x = self.resnets.iter().fold(x.shallow_clone(), |x, r| r.forward(&x));
+        let mut x = self
+            .resnets
+            .iter()
+            .fold(x.shallow_clone(), |x, r| r.forward(&x));
         if let Some(conv) = &self.resample {
             // diffusers pads one zero row/column on the bottom/right only.
             x = conv.forward(&x.constant_pad_nd([0, 1, 0, 1]));
@@ -307,7 +398,10 @@ impl Block {
     }
 
     fn forward_up(&self, x: &Tensor) -> Tensor {
-        let mut x = self.resnets.iter().fold(x.shallow_clone(), |x, r| r.forward(&x));
+        let mut x = self
+            .resnets
+            .iter()
+            .fold(x.shallow_clone(), |x, r| r.forward(&x));
         if let Some(conv) = &self.resample {
             let (_, _, h, w) = x.size4().expect("VAE feature maps are 4-D");
             x = conv.forward(&x.upsample_nearest2d([2 * h, 2 * w], 2.0, 2.0));
@@ -332,16 +426,36 @@ impl Encoder {
             .map(|i| {
                 let in_ch = if i == 0 { ch[0] } else { ch[i - 1] };
                 let sampler = (i + 1 < ch.len()).then_some("downsamplers");
-                Block::load(&vb.pp("down_blocks").pp(i), c, in_ch, ch[i], c.layers_per_block, sampler)
+                Block::load(
+                    &vb.pp("down_blocks").pp(i),
+                    c,
+                    in_ch,
+                    ch[i],
+                    c.layers_per_block,
+                    sampler,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Encoder {
             conv_in: Conv2d::load(&vb.pp("conv_in"), c.in_channels, ch[0], 3, 1, 1, true)?,
             down_blocks,
             mid_block: MidBlock::load(&vb.pp("mid_block"), c, last)?,
-            conv_norm_out: GroupNorm::load(&vb.pp("conv_norm_out"), c.norm_num_groups, last, VAE_NORM_EPS)?,
+            conv_norm_out: GroupNorm::load(
+                &vb.pp("conv_norm_out"),
+                c.norm_num_groups,
+                last,
+                VAE_NORM_EPS,
+            )?,
             // Mean and log-variance for each latent channel.
-            conv_out: Conv2d::load(&vb.pp("conv_out"), last, 2 * c.latent_channels, 3, 1, 1, true)?,
+            conv_out: Conv2d::load(
+                &vb.pp("conv_out"),
+                last,
+                2 * c.latent_channels,
+                3,
+                1,
+                1,
+                true,
+            )?,
         })
     }
 
@@ -350,7 +464,8 @@ impl Encoder {
         let x = self.down_blocks.iter().fold(x, |x, b| b.forward_down(&x));
         let x = self.mid_block.forward(&x);
         // diffusers uses SiLU here whatever `act_fn` says.
-        self.conv_out.forward(&self.conv_norm_out.forward(&x).silu())
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&x).silu())
     }
 }
 
@@ -370,7 +485,14 @@ impl Decoder {
                 let in_ch = if i == 0 { rev[0] } else { rev[i - 1] };
                 let sampler = (i + 1 < rev.len()).then_some("upsamplers");
                 // The decoder has one more resnet per block than the encoder.
-                Block::load(&vb.pp("up_blocks").pp(i), c, in_ch, rev[i], c.layers_per_block + 1, sampler)
+                Block::load(
+                    &vb.pp("up_blocks").pp(i),
+                    c,
+                    in_ch,
+                    rev[i],
+                    c.layers_per_block + 1,
+                    sampler,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         let first = c.block_out_channels[0];
@@ -378,7 +500,12 @@ impl Decoder {
             conv_in: Conv2d::load(&vb.pp("conv_in"), c.latent_channels, rev[0], 3, 1, 1, true)?,
             mid_block: MidBlock::load(&vb.pp("mid_block"), c, rev[0])?,
             up_blocks,
-            conv_norm_out: GroupNorm::load(&vb.pp("conv_norm_out"), c.norm_num_groups, first, VAE_NORM_EPS)?,
+            conv_norm_out: GroupNorm::load(
+                &vb.pp("conv_norm_out"),
+                c.norm_num_groups,
+                first,
+                VAE_NORM_EPS,
+            )?,
             conv_out: Conv2d::load(&vb.pp("conv_out"), first, c.out_channels, 3, 1, 1, true)?,
         })
     }
@@ -386,7 +513,8 @@ impl Decoder {
     fn forward(&self, z: &Tensor) -> Tensor {
         let x = self.mid_block.forward(&self.conv_in.forward(z));
         let x = self.up_blocks.iter().fold(x, |x, b| b.forward_up(&x));
-        self.conv_out.forward(&self.conv_norm_out.forward(&x).silu())
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&x).silu())
     }
 }
 
@@ -405,12 +533,28 @@ impl AutoencoderKL {
         config.validate(vb.weights().source())?;
         let lc = config.latent_channels;
         let quant_conv = if config.use_quant_conv {
-            Some(Conv2d::load(&vb.pp("quant_conv"), 2 * lc, 2 * lc, 1, 1, 0, true)?)
+            Some(Conv2d::load(
+                &vb.pp("quant_conv"),
+                2 * lc,
+                2 * lc,
+                1,
+                1,
+                0,
+                true,
+            )?)
         } else {
             None
         };
         let post_quant_conv = if config.use_post_quant_conv {
-            Some(Conv2d::load(&vb.pp("post_quant_conv"), lc, lc, 1, 1, 0, true)?)
+            Some(Conv2d::load(
+                &vb.pp("post_quant_conv"),
+                lc,
+                lc,
+                1,
+                1,
+                0,
+                true,
+            )?)
         } else {
             None
         };

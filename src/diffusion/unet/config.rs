@@ -34,6 +34,14 @@ impl<T: Clone> PerBlock<T> {
     }
 }
 
+/// `sample_size`: one int (square) or `[height, width]`, in latent pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum SampleSize {
+    Square(i64),
+    HeightWidth([i64; 2]),
+}
+
 fn d_true() -> bool {
     true
 }
@@ -98,9 +106,9 @@ pub struct UNetConfig {
     #[serde(skip, default = "default_source")]
     pub source: String,
 
-    /// Latent height/width the model was trained at (int or `[h, w]`).
+    /// Latent size the model was trained at; see `sample_size_hw`.
     #[serde(default)]
-    pub sample_size: Option<PerBlock<i64>>,
+    pub sample_size: Option<SampleSize>,
     #[serde(default = "d_4")]
     pub in_channels: i64,
     #[serde(default = "d_4")]
@@ -213,8 +221,8 @@ impl UNetConfig {
 
     /// Parses a config from JSON text (tests, configs embedded elsewhere).
     pub fn from_json(source: &str, text: &str) -> Result<Self> {
-        let mut config: UNetConfig = serde_json::from_str(text)
-            .map_err(|e| Error::Json { path: source.into(), source: e })?;
+        let mut config: UNetConfig =
+            serde_json::from_str(text).map_err(|e| Error::Json { path: source.into(), source: e })?;
         config.source = source.to_string();
         config.validate()?;
         Ok(config)
@@ -233,6 +241,15 @@ impl UNetConfig {
         match &self.num_attention_heads {
             Some(h) => h.get(i),
             None => self.attention_head_dim.get(i),
+        }
+    }
+
+    /// The training latent size as (height, width); diffusers' pipelines
+    /// default to this times the VAE scale factor for the image size.
+    pub fn sample_size_hw(&self) -> Option<(i64, i64)> {
+        match self.sample_size? {
+            SampleSize::Square(s) => Some((s, s)),
+            SampleSize::HeightWidth([h, w]) => Some((h, w)),
         }
     }
 
@@ -322,7 +339,10 @@ impl UNetConfig {
             ("encoder_hid_dim", self.encoder_hid_dim.map(|v| v.to_string())),
             ("encoder_hid_dim_type", self.encoder_hid_dim_type.clone()),
             ("time_cond_proj_dim", self.time_cond_proj_dim.map(|v| v.to_string())),
-            ("projection_class_embeddings_input_dim", self.projection_class_embeddings_input_dim.map(|v| v.to_string())),
+            (
+                "projection_class_embeddings_input_dim",
+                self.projection_class_embeddings_input_dim.map(|v| v.to_string()),
+            ),
             ("addition_time_embed_dim", self.addition_time_embed_dim.map(|v| v.to_string())),
         ];
         for (field, value) in nulls {
@@ -373,6 +393,15 @@ mod tests {
         assert_eq!(c.heads(0), 8);
         assert_eq!(c.time_embed_dim(), 1280);
         assert_eq!(c.mid_block_type.as_deref(), Some("UNetMidBlock2DCrossAttn"));
+        assert_eq!(c.sample_size_hw(), None);
+    }
+
+    #[test]
+    fn sample_size_int_or_pair() {
+        let c = UNetConfig::from_json("t", r#"{"sample_size": 64}"#).unwrap();
+        assert_eq!(c.sample_size_hw(), Some((64, 64)));
+        let c = UNetConfig::from_json("t", r#"{"sample_size": [96, 64]}"#).unwrap();
+        assert_eq!(c.sample_size_hw(), Some((96, 64)));
     }
 
     #[test]
@@ -394,7 +423,10 @@ mod tests {
     #[test]
     fn rejections_name_the_field() {
         for (json, field) in [
-            (r#"{"down_block_types": ["CrossAttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]}"#, "down_block_types[1]"),
+            (
+                r#"{"down_block_types": ["CrossAttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]}"#,
+                "down_block_types[1]",
+            ),
             (r#"{"addition_embed_type": "text_time"}"#, "addition_embed_type"),
             (r#"{"class_embed_type": "timestep"}"#, "class_embed_type"),
             (r#"{"dual_cross_attention": true}"#, "dual_cross_attention"),

@@ -31,7 +31,8 @@ impl UNet2DConditionModel {
         let n = c.num_blocks();
         let ch = &c.block_out_channels;
         let groups = c.groups();
-        let resnet = ResnetSettings { groups, eps: c.norm_eps, temb_channels: c.time_embed_dim(), act: c.act_fn.clone() };
+        let resnet =
+            ResnetSettings { groups, eps: c.norm_eps, temb_channels: c.time_embed_dim(), act: c.act_fn.clone() };
         let transformer = |i: usize, channels: i64| TransformerSettings {
             channels,
             heads: c.heads(i),
@@ -41,8 +42,15 @@ impl UNet2DConditionModel {
             use_linear_projection: c.use_linear_projection,
         };
 
-        let conv_in =
-            Conv2d::load(&vb.pp("conv_in"), c.in_channels, ch[0], c.conv_in_kernel, 1, (c.conv_in_kernel - 1) / 2, true)?;
+        let conv_in = Conv2d::load(
+            &vb.pp("conv_in"),
+            c.in_channels,
+            ch[0],
+            c.conv_in_kernel,
+            1,
+            (c.conv_in_kernel - 1) / 2,
+            true,
+        )?;
         let time_embedding = TimestepEmbedding::load(
             &vb.pp("time_embedding"),
             ch[0],

@@ -29,8 +29,11 @@ pub struct ResnetBlock2D {
 
 impl ResnetBlock2D {
     pub fn load(vb: &Vb, s: &ResnetSettings, in_ch: i64, out_ch: i64, output_scale_factor: f64) -> Result<Self> {
-        let conv_shortcut =
-            if in_ch != out_ch { Some(Conv2d::load(&vb.pp("conv_shortcut"), in_ch, out_ch, 1, 1, 0, true)?) } else { None };
+        let conv_shortcut = if in_ch != out_ch {
+            Some(Conv2d::load(&vb.pp("conv_shortcut"), in_ch, out_ch, 1, 1, 0, true)?)
+        } else {
+            None
+        };
         Ok(ResnetBlock2D {
             norm1: GroupNorm::load(&vb.pp("norm1"), s.groups, in_ch, s.eps)?,
             conv1: Conv2d::load(&vb.pp("conv1"), in_ch, out_ch, 3, 1, 1, true)?,

@@ -20,7 +20,10 @@ use unpickle::TensorRef;
 type Archive = zip::ZipArchive<BufReader<File>>;
 
 fn pickle_err(path: &Path, reason: impl Into<String>) -> Error {
-    Error::Pickle { path: path.to_path_buf(), reason: reason.into() }
+    Error::Pickle {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
 }
 
 /// Reads a torch.save'd state_dict (zip format) onto the CPU, each tensor
@@ -28,7 +31,10 @@ fn pickle_err(path: &Path, reason: impl Into<String>) -> Error {
 pub fn load_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let file = File::open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            Error::Missing { path: path.to_path_buf(), what: "PyTorch checkpoint".into() }
+            Error::Missing {
+                path: path.to_path_buf(),
+                what: "PyTorch checkpoint".into(),
+            }
         } else {
             Error::io(path, e)
         }
@@ -55,7 +61,8 @@ pub fn load_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
     }
 
     let pickle = read_entry(path, &mut archive, &format!("{dir}/data.pkl"))?;
-    let top = unpickle::unpickle(&pickle).map_err(|e| pickle_err(path, format!("{dir}/data.pkl: {e}")))?;
+    let top = unpickle::unpickle(&pickle)
+        .map_err(|e| pickle_err(path, format!("{dir}/data.pkl: {e}")))?;
     let entries = unpickle::state_dict_entries(&top).map_err(|e| pickle_err(path, e))?;
     drop(top);
 
@@ -63,29 +70,45 @@ pub fn load_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
     // and drop its bytes as soon as its tensors are built.
     let mut by_storage: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, (_, t)) in entries.iter().enumerate() {
-        by_storage.entry(t.storage.key.as_str()).or_default().push(i);
+        by_storage
+            .entry(t.storage.key.as_str())
+            .or_default()
+            .push(i);
     }
     let mut tensors: Vec<Option<Tensor>> = entries.iter().map(|_| None).collect();
     for (key, users) in &by_storage {
         let entry = format!("{dir}/data/{key}");
         let first_user = &entries[users[0]].0;
         if archive.index_for_name(&entry).is_none() {
-            return Err(pickle_err(path, format!("tensor `{first_user}`: storage entry `{entry}` is missing")));
+            return Err(pickle_err(
+                path,
+                format!("tensor `{first_user}`: storage entry `{entry}` is missing"),
+            ));
         }
         let bytes = read_entry(path, &mut archive, &entry)?;
         for &i in users {
             let (name, t) = &entries[i];
-            tensors[i] = Some(build(&bytes, t).map_err(|e| pickle_err(path, format!("tensor `{name}` ({entry}): {e}")))?);
+            tensors[i] = Some(
+                build(&bytes, t)
+                    .map_err(|e| pickle_err(path, format!("tensor `{name}` ({entry}): {e}")))?,
+            );
         }
     }
-    Ok(entries.into_iter().zip(tensors).map(|((name, _), t)| (name, t.expect("every tensor has a storage"))).collect())
+    Ok(entries
+        .into_iter()
+        .zip(tensors)
+        .map(|((name, _), t)| (name, t.expect("every tensor has a storage")))
+        .collect())
 }
 
 /// Why a file is not a zip: most likely torch's pre-1.6 format, a bare
 /// pickle stream (its first byte is the pickle PROTO opcode).
 fn not_a_zip(path: &Path, zip_err: zip::result::ZipError) -> Error {
     let mut first = [0u8; 1];
-    let legacy = File::open(path).and_then(|mut f| f.read_exact(&mut first)).is_ok() && first[0] == 0x80;
+    let legacy = File::open(path)
+        .and_then(|mut f| f.read_exact(&mut first))
+        .is_ok()
+        && first[0] == 0x80;
     if legacy {
         pickle_err(
             path,
@@ -93,7 +116,10 @@ fn not_a_zip(path: &Path, zip_err: zip::result::ZipError) -> Error {
              torch.save(torch.load(old), new)",
         )
     } else {
-        pickle_err(path, format!("not a zip archive, so not a torch.save checkpoint ({zip_err})"))
+        pickle_err(
+            path,
+            format!("not a zip archive, so not a torch.save checkpoint ({zip_err})"),
+        )
     }
 }
 
@@ -102,16 +128,29 @@ fn archive_dir(path: &Path, archive: &Archive) -> Result<String> {
     archive
         .file_names()
         .filter_map(|n| n.ok())
-        .find_map(|n| n.strip_suffix("/data.pkl").filter(|d| !d.contains('/')).map(str::to_string))
-        .ok_or_else(|| pickle_err(path, "no `<dir>/data.pkl` entry: a zip, but not a torch.save checkpoint"))
+        .find_map(|n| {
+            n.strip_suffix("/data.pkl")
+                .filter(|d| !d.contains('/'))
+                .map(str::to_string)
+        })
+        .ok_or_else(|| {
+            pickle_err(
+                path,
+                "no `<dir>/data.pkl` entry: a zip, but not a torch.save checkpoint",
+            )
+        })
 }
 
 fn read_entry(path: &Path, archive: &mut Archive, name: &str) -> Result<Vec<u8>> {
     let zip_err = |e: zip::result::ZipError| pickle_err(path, format!("zip entry `{name}`: {e}"));
     let mut entry = archive.by_name(name).map_err(zip_err)?;
     // The declared size is only a hint: a corrupt header must not make us
-    // allocate more than the file could hold.
-    let mut bytes = Vec::with_capacity(entry.size().min(1 << 30) as usize);
+    // reserve more than the stored bytes could inflate to (deflate tops out
+    // near 1032:1; torch itself writes entries uncompressed).
+    let hint = entry
+        .size()
+        .min(entry.compressed_size().saturating_mul(1032));
+    let mut bytes = Vec::with_capacity(usize::try_from(hint).unwrap_or(0));
     entry
         .read_to_end(&mut bytes)
         .map_err(|e| pickle_err(path, format!("zip entry `{name}`: {e}")))?;
@@ -122,8 +161,16 @@ fn read_entry(path: &Path, archive: &mut Archive, name: &str) -> Result<Vec<u8>>
 fn build(storage: &[u8], t: &TensorRef) -> std::result::Result<Tensor, String> {
     let kind = t.storage.kind;
     let elem = kind.elt_size_in_bytes() as i64;
-    let bad_view = || format!("invalid view: offset {}, size {:?}, stride {:?}", t.offset, t.size, t.stride);
-    if t.size.len() != t.stride.len() || t.offset < 0 || t.size.iter().chain(&t.stride).any(|&d| d < 0) {
+    let bad_view = || {
+        format!(
+            "invalid view: offset {}, size {:?}, stride {:?}",
+            t.offset, t.size, t.stride
+        )
+    };
+    if t.size.len() != t.stride.len()
+        || t.offset < 0
+        || t.size.iter().chain(&t.stride).any(|&d| d < 0)
+    {
         return Err(bad_view());
     }
     let needed = t.storage.numel.checked_mul(elem).ok_or_else(bad_view)?;
@@ -143,11 +190,17 @@ fn build(storage: &[u8], t: &TensorRef) -> std::result::Result<Tensor, String> {
         .size
         .iter()
         .zip(&t.stride)
-        .try_fold(1i64, |acc, (&n, &s)| (n - 1).checked_mul(s).and_then(|x| acc.checked_add(x)))
+        .try_fold(1i64, |acc, (&n, &s)| {
+            (n - 1).checked_mul(s).and_then(|x| acc.checked_add(x))
+        })
         .ok_or_else(bad_view)?;
     let end = t.offset.checked_add(extent).ok_or_else(bad_view)?;
     if end > t.storage.numel {
-        return Err(format!("{} reaches element {end} of a storage of {}", bad_view(), t.storage.numel));
+        return Err(format!(
+            "{} reaches element {end} of a storage of {}",
+            bad_view(),
+            t.storage.numel
+        ));
     }
     let bytes = &storage[(t.offset * elem) as usize..(end * elem) as usize];
     // Only the covered range is copied, so a small view of a big storage
@@ -165,12 +218,22 @@ mod tests {
     use std::io::Read;
 
     fn fixture_pickle(name: &str) -> Vec<u8> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_pickle").join(name);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/torch_pickle")
+            .join(name);
         let mut archive = zip::ZipArchive::new(std::fs::File::open(&path).unwrap()).unwrap();
-        let name = archive.file_names().find(|n| n.as_ref().is_ok_and(|n| n.ends_with("/data.pkl"))).unwrap().unwrap();
+        let name = archive
+            .file_names()
+            .find(|n| n.as_ref().is_ok_and(|n| n.ends_with("/data.pkl")))
+            .unwrap()
+            .unwrap();
         let name = name.to_string();
         let mut bytes = Vec::new();
-        archive.by_name(&name).unwrap().read_to_end(&mut bytes).unwrap();
+        archive
+            .by_name(&name)
+            .unwrap()
+            .read_to_end(&mut bytes)
+            .unwrap();
         bytes
     }
 
@@ -181,7 +244,10 @@ mod tests {
 
     #[test]
     fn fixture_pickles_parse() {
-        assert_eq!(parse(&fixture_pickle("state_dict.pt")), parse(&fixture_pickle("state_dict_proto4.pt")));
+        assert_eq!(
+            parse(&fixture_pickle("state_dict.pt")),
+            parse(&fixture_pickle("state_dict_proto4.pt"))
+        );
         assert!(parse(&fixture_pickle("state_dict.pt")).unwrap() > 10);
     }
 
@@ -227,7 +293,9 @@ mod tests {
     #[test]
     fn mutating_a_stored_container_is_refused() {
         // L0 = []; L1 = [L0]; L0.append(None)
-        let p = [0x80, 2, b']', b'q', 0, b']', b'h', 0, b'a', b'h', 0, b'N', b'a', b'.'];
+        let p = [
+            0x80, 2, b']', b'q', 0, b']', b'h', 0, b'a', b'h', 0, b'N', b'a', b'.',
+        ];
         let err = unpickle(&p).unwrap_err();
         assert!(err.contains("after it was stored"), "{err}");
     }

@@ -150,6 +150,20 @@ impl Value {
         }
     }
 
+    /// The type name with its article, for messages: "an int", "a list".
+    pub fn a_type(&self) -> String {
+        let name = self.type_name();
+        if let Value::None = self {
+            return name.to_string();
+        }
+        let article = if name.starts_with(['a', 'e', 'i', 'o', 'u', 'O']) {
+            "an"
+        } else {
+            "a"
+        };
+        format!("{article} {name}")
+    }
+
     fn depth(&self) -> u32 {
         match self {
             Value::Tuple(t) => t.depth,
@@ -180,7 +194,11 @@ impl Value {
 
     fn new_list(items: Vec<Value>) -> Result<Value, String> {
         let depth = child_depth(&items)?;
-        Ok(Value::List(Rc::new(RefCell::new(List { items, depth, frozen: false }))))
+        Ok(Value::List(Rc::new(RefCell::new(List {
+            items,
+            depth,
+            frozen: false,
+        }))))
     }
 
     fn new_tuple(items: Vec<Value>) -> Result<Value, String> {
@@ -203,7 +221,13 @@ fn child_depth(items: &[Value]) -> Result<u32, String> {
 /// Runs the pickle in `data` to its STOP and returns the object it built.
 /// Errors say what went wrong and at which byte offset.
 pub(super) fn unpickle(data: &[u8]) -> Result<Value, String> {
-    let mut m = Machine { data, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() };
+    let mut m = Machine {
+        data,
+        pos: 0,
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+    };
     loop {
         let at = m.pos;
         let op = m.u8().map_err(|e| format!("{e} (no STOP opcode)"))?;
@@ -235,7 +259,9 @@ impl<'a> Machine<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         let left = self.data.len() - self.pos;
         if n > left {
-            return Err(format!("unexpected end of data: needs {n} more bytes, {left} left"));
+            return Err(format!(
+                "unexpected end of data: needs {n} more bytes, {left} left"
+            ));
         }
         let bytes = &self.data[self.pos..self.pos + n];
         self.pos += n;
@@ -255,13 +281,17 @@ impl<'a> Machine<'a> {
     }
 
     fn len_u64(&mut self) -> Result<usize, String> {
-        usize::try_from(u64::from_le_bytes(self.array()?)).map_err(|_| "length does not fit in memory".to_string())
+        usize::try_from(u64::from_le_bytes(self.array()?))
+            .map_err(|_| "length does not fit in memory".to_string())
     }
 
     /// A newline-terminated line (the text arguments of GLOBAL).
     fn line(&mut self) -> Result<&'a str, String> {
         let rest = &self.data[self.pos..];
-        let end = rest.iter().position(|&b| b == b'\n').ok_or("unexpected end of data: unterminated line")?;
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or("unexpected end of data: unterminated line")?;
         self.pos += end + 1;
         std::str::from_utf8(&rest[..end]).map_err(|_| "line is not UTF-8".to_string())
     }
@@ -281,14 +311,18 @@ impl<'a> Machine<'a> {
         if self.marks.last().is_some_and(|&m| m >= self.stack.len()) {
             return Err("stack underflow (pop past MARK)".into());
         }
-        self.stack.pop().ok_or_else(|| "stack underflow".to_string())
+        self.stack
+            .pop()
+            .ok_or_else(|| "stack underflow".to_string())
     }
 
     fn top(&self) -> Result<&Value, String> {
         if self.marks.last().is_some_and(|&m| m >= self.stack.len()) {
             return Err("stack underflow (top past MARK)".into());
         }
-        self.stack.last().ok_or_else(|| "stack underflow".to_string())
+        self.stack
+            .last()
+            .ok_or_else(|| "stack underflow".to_string())
     }
 
     /// The items pushed since the last MARK.
@@ -298,7 +332,10 @@ impl<'a> Machine<'a> {
     }
 
     fn memo_get(&self, i: u32) -> Result<Value, String> {
-        self.memo.get(&i).cloned().ok_or_else(|| format!("memo entry {i} was never stored"))
+        self.memo
+            .get(&i)
+            .cloned()
+            .ok_or_else(|| format!("memo entry {i} was never stored"))
     }
 
     fn memo_put(&mut self, i: u32) -> Result<(), String> {
@@ -459,7 +496,9 @@ impl<'a> Machine<'a> {
                 let name = self.pop()?;
                 let module = self.pop()?;
                 match (&module, &name) {
-                    (Value::Str(m), Value::Str(n)) => self.push(Value::Global(Global::resolve(m, n)?)),
+                    (Value::Str(m), Value::Str(n)) => {
+                        self.push(Value::Global(Global::resolve(m, n)?))
+                    }
                     _ => return Err("STACK_GLOBAL needs two strings".into()),
                 }
             }
@@ -483,7 +522,12 @@ impl<'a> Machine<'a> {
                 let _state = self.pop()?;
                 match self.top()? {
                     Value::Dict(_) => {}
-                    other => return Err(format!("BUILD on a {} is not part of a state_dict", other.type_name())),
+                    other => {
+                        return Err(format!(
+                            "BUILD on {} is not part of a state_dict",
+                            other.a_type()
+                        ))
+                    }
                 }
             }
             _ => return Err("unsupported opcode".into()),
@@ -493,7 +537,7 @@ impl<'a> Machine<'a> {
 
     fn append(&mut self, items: Vec<Value>) -> Result<(), String> {
         let Value::List(list) = self.top()?.clone() else {
-            return Err(format!("APPEND to a {}", self.top()?.type_name()));
+            return Err(format!("APPEND to {}", self.top()?.a_type()));
         };
         let depth = child_depth(&items)?;
         let mut l = list.borrow_mut();
@@ -511,7 +555,7 @@ impl<'a> Machine<'a> {
             return Err("odd number of items for SETITEMS".into());
         }
         let Value::Dict(dict) = self.top()?.clone() else {
-            return Err(format!("SETITEM on a {}", self.top()?.type_name()));
+            return Err(format!("SETITEM on {}", self.top()?.a_type()));
         };
         // Depth of the dict, counting its new contents.
         let depth = child_depth(&items)?;
@@ -555,7 +599,11 @@ fn long_le(bytes: &[u8]) -> Result<i64, String> {
         }
         return long_le(low);
     }
-    let fill = if bytes[bytes.len() - 1] & 0x80 != 0 { 0xff } else { 0 };
+    let fill = if bytes[bytes.len() - 1] & 0x80 != 0 {
+        0xff
+    } else {
+        0
+    };
     let mut buf = [fill; 8];
     buf[..bytes.len()].copy_from_slice(bytes);
     Ok(i64::from_le_bytes(buf))
@@ -563,10 +611,14 @@ fn long_le(bytes: &[u8]) -> Result<i64, String> {
 
 fn call(callable: Value, args: Value) -> Result<Value, String> {
     let Value::Global(global) = callable else {
-        return Err(format!("calling a {}", callable.type_name()));
+        return Err(format!("calling {}", callable.a_type()));
     };
     let Value::Tuple(args) = args else {
-        return Err(format!("{} called with a {} instead of an argument tuple", global.name(), args.type_name()));
+        return Err(format!(
+            "{} called with {} instead of an argument tuple",
+            global.name(),
+            args.a_type()
+        ));
     };
     let args = &args.items;
     match global {
@@ -576,9 +628,16 @@ fn call(callable: Value, args: Value) -> Result<Value, String> {
             // (data, requires_grad, backward_hooks[, state]): the tensor is
             // all a state_dict needs.
             Some(Value::Tensor(t)) => Ok(Value::Tensor(t.clone())),
-            _ => Err(format!("{} without a tensor as first argument", global.name())),
+            _ => Err(format!(
+                "{} without a tensor as first argument",
+                global.name()
+            )),
         },
-        _ => Err(format!("{} called with {} arguments, unlike a state_dict", global.name(), args.len())),
+        _ => Err(format!(
+            "{} called with {} arguments, unlike a state_dict",
+            global.name(),
+            args.len()
+        )),
     }
 }
 
@@ -586,43 +645,81 @@ fn call(callable: Value, args: Value) -> Result<Value, String> {
 /// backward_hooks[, metadata])`.
 fn rebuild_tensor(args: &[Value]) -> Result<TensorRef, String> {
     if !(6..=7).contains(&args.len()) {
-        return Err(format!("_rebuild_tensor_v2 called with {} arguments, expected 6 or 7", args.len()));
+        return Err(format!(
+            "_rebuild_tensor_v2 called with {} arguments, expected 6 or 7",
+            args.len()
+        ));
     }
     let Value::Storage(storage) = &args[0] else {
-        return Err(format!("_rebuild_tensor_v2: first argument is a {}, not a storage", args[0].type_name()));
+        return Err(format!(
+            "_rebuild_tensor_v2: first argument is {}, not a storage",
+            args[0].a_type()
+        ));
     };
     let Value::Int(offset) = args[1] else {
-        return Err(format!("_rebuild_tensor_v2: storage offset is a {}", args[1].type_name()));
+        return Err(format!(
+            "_rebuild_tensor_v2: storage offset is {}",
+            args[1].a_type()
+        ));
     };
     let ints = |v: &Value, what: &str| -> Result<Vec<i64>, String> {
         let Value::Tuple(t) = v else {
-            return Err(format!("_rebuild_tensor_v2: {what} is a {}, not a tuple", v.type_name()));
+            return Err(format!(
+                "_rebuild_tensor_v2: {what} is {}, not a tuple",
+                v.a_type()
+            ));
         };
         t.items
             .iter()
             .map(|x| match x {
                 Value::Int(i) => Ok(*i),
-                other => Err(format!("_rebuild_tensor_v2: {what} holds a {}", other.type_name())),
+                other => Err(format!(
+                    "_rebuild_tensor_v2: {what} holds {}",
+                    other.a_type()
+                )),
             })
             .collect()
     };
     let Value::Bool(_requires_grad) = args[4] else {
-        return Err(format!("_rebuild_tensor_v2: requires_grad is a {}", args[4].type_name()));
+        return Err(format!(
+            "_rebuild_tensor_v2: requires_grad is {}",
+            args[4].a_type()
+        ));
     };
-    let storage = StorageRef { key: storage.key.clone(), kind: storage.kind, numel: storage.numel };
-    Ok(TensorRef { storage, offset, size: ints(&args[2], "size")?, stride: ints(&args[3], "stride")? })
+    let storage = StorageRef {
+        key: storage.key.clone(),
+        kind: storage.kind,
+        numel: storage.numel,
+    };
+    Ok(TensorRef {
+        storage,
+        offset,
+        size: ints(&args[2], "size")?,
+        stride: ints(&args[3], "stride")?,
+    })
 }
 
 /// torch.save's persistent id for a storage:
 /// `('storage', torch.XStorage, key, location, numel)`.
 fn persistent_load(pid: &Value) -> Result<StorageRef, String> {
-    let bad = || format!("persistent id (a {}) is not ('storage', type, key, location, numel)", pid.type_name());
-    let Value::Tuple(t) = pid else { return Err(bad()) };
+    let bad = || {
+        format!(
+            "persistent id ({}) is not ('storage', type, key, location, numel)",
+            pid.a_type()
+        )
+    };
+    let Value::Tuple(t) = pid else {
+        return Err(bad());
+    };
     match t.items.as_slice() {
         [Value::Str(tag), Value::Global(Global::Storage(kind)), Value::Str(key), Value::Str(_location), Value::Int(numel)]
             if &**tag == "storage" =>
         {
-            Ok(StorageRef { key: key.to_string(), kind: *kind, numel: *numel })
+            Ok(StorageRef {
+                key: key.to_string(),
+                kind: *kind,
+                numel: *numel,
+            })
         }
         _ => Err(bad()),
     }
@@ -631,18 +728,27 @@ fn persistent_load(pid: &Value) -> Result<StorageRef, String> {
 /// The `(name, tensor)` entries of a state_dict, in file order.
 pub(super) fn state_dict_entries(top: &Value) -> Result<Vec<(String, Rc<TensorRef>)>, String> {
     let Value::Dict(dict) = top else {
-        return Err(format!("not a state_dict: top-level object is a {}", top.type_name()));
+        return Err(format!(
+            "not a state_dict: top-level object is {}",
+            top.a_type()
+        ));
     };
     let dict = dict.borrow();
     dict.entries
         .iter()
         .map(|(k, v)| {
             let Value::Str(name) = k else {
-                return Err(format!("not a state_dict: a key is a {}, not a str", k.type_name()));
+                return Err(format!(
+                    "not a state_dict: a key is {}, not a str",
+                    k.a_type()
+                ));
             };
             match v {
                 Value::Tensor(t) => Ok((name.to_string(), t.clone())),
-                other => Err(format!("not a state_dict: entry `{name}` is a {}, not a tensor", other.type_name())),
+                other => Err(format!(
+                    "not a state_dict: entry `{name}` is {}, not a tensor",
+                    other.a_type()
+                )),
             }
         })
         .collect()

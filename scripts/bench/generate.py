@@ -1,0 +1,123 @@
+"""Benchmark: `orchestrate generate` against diffusers' StableDiffusionPipeline,
+same random SD-1.5-sized pipeline, same settings, same machine, one run.
+
+Prints seconds per image for both and the ratio ours/theirs (target <= 1.0:
+the same libtorch kernels run underneath). Not a test: run by hand,
+
+    scripts/setup.sh --fixtures
+    cargo build --release
+    .venv/bin/python scripts/bench/generate.py [--size 256] [--steps 10] [--device cpu]
+
+The pipeline has SD 1.5's UNet/VAE/text-encoder configs with random weights and
+the tiny fixture tokenizer (the vocabulary does not change the cost).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def build_pipeline(folder: Path, vocab_size: int):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(  # SD 1.5's unet/config.json
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8,
+    )
+    vae = AutoencoderKL(  # SD 1.5's vae/config.json
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=512, scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(  # SD 1.5's text_encoder, with the tiny vocabulary
+        vocab_size=vocab_size, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+    ))
+    tokenizer = CLIPTokenizer.from_pretrained(ROOT / "tests/fixtures/diffusion/sd-tiny/tokenizer")
+    scheduler = DDIMScheduler.from_pretrained(ROOT / "tests/fixtures/diffusion/sd-tiny/scheduler")
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    ap.add_argument("--bin", default=str(ROOT / "target/release/orchestrate"))
+    args = ap.parse_args()
+
+    from transformers import CLIPTokenizer
+    vocab = len(CLIPTokenizer.from_pretrained(ROOT / "tests/fixtures/diffusion/sd-tiny/tokenizer"))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "sd15-random"
+        pipe = build_pipeline(folder, vocab)
+        dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+        pipe = pipe.to(args.device, dtype)
+        prompt, seed = "a photo of a cat", 0
+
+        def theirs():
+            gens = [torch.Generator().manual_seed(seed + i) for i in range(args.images)]
+            pipe(prompt, num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
+                 num_images_per_prompt=args.images, generator=gens, output_type="np")
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        cmd = [args.bin, "generate", "--model", str(folder), "--prompt", prompt, "--seed", str(seed),
+               "--steps", str(args.steps), "--guidance-scale", "7.5", "--height", str(args.size),
+               "--width", str(args.size), "--scheduler", "ddim", "--images-per-prompt", str(args.images),
+               "--batch-size", str(args.images), "--device", args.device, "--dtype", args.dtype,
+               "--out", str(Path(tmp) / "ours")]
+
+        def ours():
+            # Sampling time as the binary reports it, so both sides exclude
+            # model loading and process start-up.
+            r = subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "RUST_LOG": "info"})
+            m = re.search(r"sampled \d+ images in ([0-9.]+) s", r.stderr)
+            if not m:
+                raise SystemExit(f"no timing line in orchestrate's output:\n{r.stderr}")
+            return float(m.group(1))
+
+        theirs()  # warm-up (allocator, thread pools)
+        results = {}
+        # A B A B: alternate so drift in machine load hits both sides alike.
+        for name, fn in [("diffusers", theirs), ("orchestrate", ours)] * 2:
+            t0 = time.perf_counter()
+            reported = fn()
+            elapsed = reported if reported is not None else time.perf_counter() - t0
+            results.setdefault(name, []).append(elapsed / args.images)
+        a, b = min(results["orchestrate"]), min(results["diffusers"])
+        print(json.dumps({
+            "config": f"SD 1.5 sizes, random weights, {args.size}x{args.size}, {args.steps} DDIM steps, CFG 7.5, "
+                      f"{args.images} images per batch, {args.device} {args.dtype}, torch threads {torch.get_num_threads()}",
+            "orchestrate_s_per_image": round(a, 3),
+            "diffusers_s_per_image": round(b, 3),
+            "ratio_ours_over_theirs": round(a / b, 3),
+            "note": "both exclude model loading and process start-up; min of 2 runs each, alternated",
+        }, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

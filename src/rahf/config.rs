@@ -1,0 +1,458 @@
+//! RAHF configuration: which variant, the two backbones' HF configs as they are
+//! read from their `config.json`, the preprocessing, and the heads' widths.
+//!
+//! An orchestrate RAHF folder stores all of it in one `config.json`; `rahf
+//! import`/`rahf init` build it with [`RahfConfig::from_backbones`] (plus
+//! [`RahfConfig::infer_heads`] when a checkpoint's head widths differ from the
+//! published model's).
+use crate::error::{read_json, Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Score heads, in the order of [`crate::rahf::feedback::Scores`] and of the model's score tensor.
+pub const SCORE_TYPES: [&str; 4] = ["plausibility", "alignment", "aesthetics", "overall"];
+/// Heatmap heads, in the order of the model's heatmap tensor.
+pub const HEATMAP_TYPES: [&str; 2] = ["implausibility", "misalignment"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Variant {
+    /// One head per score and per heatmap over a single encoder pass.
+    MultiHead,
+    /// One score head and one heatmap head; the encoder reruns per output on a
+    /// prompt prefixed with the output's name.
+    Augmented,
+}
+
+impl std::str::FromStr for Variant {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "multi-head" | "multi_head" => Ok(Variant::MultiHead),
+            "augmented" | "augmented-prompt" => Ok(Variant::Augmented),
+            _ => Err(Error::Invalid(format!("RAHF variant `{s}`: expected multi-head or augmented"))),
+        }
+    }
+}
+
+/// An HF size that may be written as one int or as `[h, w]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Size2 {
+    One(i64),
+    Two([i64; 2]),
+}
+
+impl Size2 {
+    fn square(&self, file: &str, field: &str) -> Result<i64> {
+        match *self {
+            Size2::One(s) => Ok(s),
+            Size2::Two([h, w]) if h == w => Ok(h),
+            Size2::Two(hw) => Err(Error::unsupported(file, field, format!("{hw:?} (only square sizes)"))),
+        }
+    }
+}
+
+/// HF `ViTConfig` fields the model uses, with transformers' defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VitConfig {
+    pub hidden_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub intermediate_size: i64,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+    pub image_size: Size2,
+    pub patch_size: Size2,
+    pub num_channels: i64,
+    pub qkv_bias: bool,
+}
+
+impl Default for VitConfig {
+    fn default() -> Self {
+        VitConfig {
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            hidden_act: "gelu".into(),
+            layer_norm_eps: 1e-12,
+            image_size: Size2::One(224),
+            patch_size: Size2::One(16),
+            num_channels: 3,
+            qkv_bias: true,
+        }
+    }
+}
+
+impl VitConfig {
+    pub fn image_size(&self) -> Result<i64> {
+        self.image_size.square("vit config", "image_size")
+    }
+    pub fn patch_size(&self) -> Result<i64> {
+        self.patch_size.square("vit config", "patch_size")
+    }
+    /// Patches per side.
+    pub fn grid(&self) -> Result<i64> {
+        Ok(self.image_size()? / self.patch_size()?)
+    }
+}
+
+/// `eos_token_id` may be one id or a list; the first one ends decoding.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(i64),
+    Many(Vec<i64>),
+}
+
+/// HF `T5Config` fields the model uses, with transformers' defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct T5Config {
+    pub vocab_size: i64,
+    pub d_model: i64,
+    pub d_kv: i64,
+    pub d_ff: i64,
+    pub num_layers: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_decoder_layers: Option<i64>,
+    pub num_heads: i64,
+    pub relative_attention_num_buckets: i64,
+    pub relative_attention_max_distance: i64,
+    pub layer_norm_epsilon: f64,
+    pub feed_forward_proj: String,
+    /// T5 v1.0 ties `lm_head` to `shared` and rescales the decoder output by
+    /// d_model^-0.5; v1.1 sets this to false (no rescaling).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tie_word_embeddings: Option<bool>,
+    /// transformers 5 writes the rescaling flag explicitly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_decoder_outputs: Option<bool>,
+    pub pad_token_id: i64,
+    pub eos_token_id: TokenIds,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoder_start_token_id: Option<i64>,
+}
+
+impl Default for T5Config {
+    fn default() -> Self {
+        T5Config {
+            vocab_size: 32128,
+            d_model: 512,
+            d_kv: 64,
+            d_ff: 2048,
+            num_layers: 6,
+            num_decoder_layers: None,
+            num_heads: 8,
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            layer_norm_epsilon: 1e-6,
+            feed_forward_proj: "relu".into(),
+            tie_word_embeddings: None,
+            scale_decoder_outputs: None,
+            pad_token_id: 0,
+            eos_token_id: TokenIds::One(1),
+            decoder_start_token_id: None,
+        }
+    }
+}
+
+impl T5Config {
+    pub fn decoder_layers(&self) -> i64 {
+        self.num_decoder_layers.unwrap_or(self.num_layers)
+    }
+    /// Whether the decoder output is multiplied by d_model^-0.5 before `lm_head`.
+    pub fn scales_decoder_output(&self) -> bool {
+        self.scale_decoder_outputs.unwrap_or(self.tie_word_embeddings != Some(false))
+    }
+    pub fn eos_id(&self) -> i64 {
+        match &self.eos_token_id {
+            TokenIds::One(i) => *i,
+            TokenIds::Many(v) => v.first().copied().unwrap_or(1),
+        }
+    }
+    pub fn decoder_start_id(&self) -> i64 {
+        self.decoder_start_token_id.unwrap_or(self.pad_token_id)
+    }
+    /// (gated, activation name) from `feed_forward_proj` ("relu", "gated-gelu", ...).
+    pub fn feed_forward(&self) -> Result<(bool, String)> {
+        let parts: Vec<&str> = self.feed_forward_proj.split('-').collect();
+        match parts.as_slice() {
+            [act] => Ok((false, act.to_string())),
+            // transformers maps "gated-gelu" to the tanh approximation.
+            ["gated", "gelu"] => Ok((true, "gelu_new".into())),
+            ["gated", act] => Ok((true, act.to_string())),
+            _ => Err(Error::unsupported("t5 config", "feed_forward_proj", &self.feed_forward_proj)),
+        }
+    }
+}
+
+/// Heatmap head widths; defaults are the published model's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HeatmapHeadConfig {
+    /// The two 3x3 convs before upsampling (`conv_layers.0`, `conv_layers.3`).
+    pub conv_channels: [i64; 2],
+    /// One 2x upsampling stage per entry (`deconv_layers.i`, `conv_layers2.i`).
+    pub deconv_channels: Vec<i64>,
+    /// `last_conv1` output channels.
+    pub last_channels: i64,
+}
+
+impl Default for HeatmapHeadConfig {
+    fn default() -> Self {
+        HeatmapHeadConfig { conv_channels: [768, 384], deconv_channels: vec![768, 384, 384, 192], last_channels: 192 }
+    }
+}
+
+/// Score head widths; defaults are the published model's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ScoreHeadConfig {
+    /// Output channels of the six 3x3 convs; absent means d, d/2, d/4, d/8, d/16, d/64
+    /// of the T5 width, as published.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conv_channels: Option<Vec<i64>>,
+    /// Hidden widths of `linear_layers` before the final 1-output layer.
+    pub linear_channels: [i64; 2],
+}
+
+impl Default for ScoreHeadConfig {
+    fn default() -> Self {
+        ScoreHeadConfig { conv_channels: None, linear_channels: [512, 128] }
+    }
+}
+
+impl ScoreHeadConfig {
+    pub fn conv_channels(&self, d_model: i64) -> Vec<i64> {
+        self.conv_channels.clone().unwrap_or_else(|| [1, 2, 4, 8, 16, 64].iter().map(|f| d_model / f).collect())
+    }
+}
+
+fn default_mean_std() -> [f64; 3] {
+    [0.5; 3]
+}
+fn default_rescale() -> f64 {
+    1.0 / 255.0
+}
+fn default_max_new_tokens() -> i64 {
+    100
+}
+fn default_max_prompt_tokens() -> usize {
+    512
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RahfConfig {
+    pub variant: Variant,
+    /// Square input size of the ViT, in pixels.
+    pub image_size: i64,
+    #[serde(default = "default_mean_std")]
+    pub image_mean: [f64; 3],
+    #[serde(default = "default_mean_std")]
+    pub image_std: [f64; 3],
+    #[serde(default = "default_rescale")]
+    pub rescale_factor: f64,
+    /// Greedy keyword decoding budget (the reference's `max_new_tokens`).
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: i64,
+    /// Prompt token budget, `</s>` included (t5's tokenizer `model_max_length`);
+    /// longer prompts are truncated with a warning, as the reference's tokenizer does.
+    #[serde(default = "default_max_prompt_tokens")]
+    pub max_prompt_tokens: usize,
+    #[serde(default)]
+    pub heatmap_head: HeatmapHeadConfig,
+    #[serde(default)]
+    pub score_head: ScoreHeadConfig,
+    pub vit: VitConfig,
+    pub t5: T5Config,
+}
+
+/// The fields of an HF `preprocessor_config.json` RAHF needs.
+#[derive(Debug, Deserialize)]
+struct PreprocessorConfig {
+    #[serde(default)]
+    size: Option<serde_json::Value>,
+    #[serde(default)]
+    image_mean: Option<Vec<f64>>,
+    #[serde(default)]
+    image_std: Option<Vec<f64>>,
+    #[serde(default)]
+    rescale_factor: Option<f64>,
+}
+
+fn three(v: Option<Vec<f64>>, path: &Path, field: &str, default: [f64; 3]) -> Result<[f64; 3]> {
+    match v {
+        None => Ok(default),
+        Some(v) if v.len() == 1 => Ok([v[0]; 3]),
+        Some(v) if v.len() == 3 => Ok([v[0], v[1], v[2]]),
+        Some(v) => Err(Error::unsupported(path.display().to_string(), field, format!("{v:?}"))),
+    }
+}
+
+impl RahfConfig {
+    /// A config for a RAHF over the HF backbones in `vit_dir` and `t5_dir`
+    /// (their `config.json`; the ViT's `preprocessor_config.json` when present),
+    /// with the published model's head widths.
+    pub fn from_backbones(vit_dir: &Path, t5_dir: &Path, variant: Variant) -> Result<Self> {
+        let vit: VitConfig = read_json(&vit_dir.join("config.json"))?;
+        let t5: T5Config = read_json(&t5_dir.join("config.json"))?;
+        let mut cfg = RahfConfig {
+            variant,
+            image_size: vit.image_size()?,
+            image_mean: default_mean_std(),
+            image_std: default_mean_std(),
+            rescale_factor: default_rescale(),
+            max_new_tokens: default_max_new_tokens(),
+            max_prompt_tokens: default_max_prompt_tokens(),
+            heatmap_head: HeatmapHeadConfig::default(),
+            score_head: ScoreHeadConfig::default(),
+            vit,
+            t5,
+        };
+        let pp_path = vit_dir.join("preprocessor_config.json");
+        if pp_path.exists() {
+            let pp: PreprocessorConfig = read_json(&pp_path)?;
+            cfg.image_mean = three(pp.image_mean, &pp_path, "image_mean", cfg.image_mean)?;
+            cfg.image_std = three(pp.image_std, &pp_path, "image_std", cfg.image_std)?;
+            if let Some(r) = pp.rescale_factor {
+                cfg.rescale_factor = r;
+            }
+            if let Some(size) = pp.size {
+                let side = match &size {
+                    serde_json::Value::Number(n) => n.as_i64(),
+                    serde_json::Value::Object(m) => match (m.get("height"), m.get("width")) {
+                        (Some(h), Some(w)) if h == w => h.as_i64(),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                cfg.image_size = side.ok_or_else(|| {
+                    Error::unsupported(pp_path.display().to_string(), "size", format!("{size} (need a square height/width)"))
+                })?;
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let cfg: RahfConfig = read_json(&path)?;
+        cfg.validate().map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        Ok(cfg)
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("config.json");
+        let text = serde_json::to_string_pretty(self).expect("config serialises");
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+    }
+
+    /// Checks what the architecture needs to be consistent.
+    pub fn validate(&self) -> Result<()> {
+        let vit_size = self.vit.image_size()?;
+        let patch = self.vit.patch_size()?;
+        if self.image_size != vit_size {
+            // The ViT's position embeddings fix its input size (the reference does not interpolate them).
+            return Err(Error::unsupported(
+                "rahf config",
+                "image_size",
+                format!("{} differs from the ViT's image_size {vit_size}", self.image_size),
+            ));
+        }
+        if vit_size % patch != 0 {
+            return Err(Error::unsupported("vit config", "patch_size", format!("{patch} does not divide {vit_size}")));
+        }
+        if self.vit.hidden_size % self.vit.num_attention_heads != 0 {
+            return Err(Error::unsupported("vit config", "num_attention_heads", self.vit.num_attention_heads));
+        }
+        self.t5.feed_forward()?;
+        if self.score_head.conv_channels(self.t5.d_model).len() != 6 {
+            return Err(Error::unsupported("rahf config", "score_head.conv_channels", "expected 6 widths"));
+        }
+        Ok(())
+    }
+
+    /// Variant of a checkpoint, from its keys.
+    pub fn infer_variant<'a>(names: impl IntoIterator<Item = &'a String>) -> Result<Variant> {
+        let multi = format!("heatmap_predictor.{}.last_conv2.weight", HEATMAP_TYPES[0]);
+        let mut single = false;
+        for n in names {
+            if *n == multi {
+                return Ok(Variant::MultiHead);
+            }
+            single |= n == "heatmap_predictor.last_conv2.weight";
+        }
+        if single {
+            Ok(Variant::Augmented)
+        } else {
+            Err(Error::Invalid(format!(
+                "not a RAHF state_dict: neither `{multi}` (multi-head) nor `heatmap_predictor.last_conv2.weight` (augmented prompt) is present"
+            )))
+        }
+    }
+
+    /// Reads the heads' widths from a checkpoint's tensor shapes (the first
+    /// heatmap and score head; `Rahf::load` then checks every head against them).
+    pub fn infer_heads(&mut self, shapes: &HashMap<String, Vec<i64>>) -> Result<()> {
+        let (hm, sc) = match self.variant {
+            Variant::MultiHead => {
+                (format!("heatmap_predictor.{}.", HEATMAP_TYPES[0]), format!("score_predictor.{}.", SCORE_TYPES[0]))
+            }
+            Variant::Augmented => ("heatmap_predictor.".to_string(), "score_predictor.".to_string()),
+        };
+        let out = |name: String| -> Result<i64> {
+            shapes
+                .get(&name)
+                .and_then(|s| s.first().copied())
+                .ok_or(Error::TensorMissing { file: "checkpoint".into(), name })
+        };
+        let c0 = out(format!("{hm}conv_layers.0.weight"))?;
+        let c1 = out(format!("{hm}conv_layers.3.weight"))?;
+        let mut deconv = Vec::new();
+        // ConvTranspose2d weights are [in, out, k, k].
+        while let Some(s) = shapes.get(&format!("{hm}deconv_layers.{}.0.weight", deconv.len())) {
+            deconv.push(s.get(1).copied().unwrap_or(0));
+        }
+        let last = out(format!("{hm}last_conv1.weight"))?;
+        self.heatmap_head = HeatmapHeadConfig { conv_channels: [c0, c1], deconv_channels: deconv, last_channels: last };
+        let convs = (0..6).map(|i| out(format!("{sc}conv_layers.{}.weight", 3 * i))).collect::<Result<Vec<_>>>()?;
+        let default = ScoreHeadConfig::default().conv_channels(self.t5.d_model);
+        self.score_head = ScoreHeadConfig {
+            conv_channels: if convs == default { None } else { Some(convs) },
+            linear_channels: [out(format!("{sc}linear_layers.0.weight"))?, out(format!("{sc}linear_layers.2.weight"))?],
+        };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_head_widths_follow_d_model() {
+        let s = ScoreHeadConfig::default();
+        assert_eq!(s.conv_channels(768), vec![768, 384, 192, 96, 48, 12]);
+        assert_eq!(s.linear_channels, [512, 128]);
+        let h = HeatmapHeadConfig::default();
+        assert_eq!(h.deconv_channels, vec![768, 384, 384, 192]);
+    }
+
+    #[test]
+    fn t5_feed_forward_and_scaling() {
+        let mut c = T5Config::default();
+        assert_eq!(c.feed_forward().unwrap(), (false, "relu".into()));
+        assert!(c.scales_decoder_output());
+        c.feed_forward_proj = "gated-gelu".into();
+        c.tie_word_embeddings = Some(false);
+        assert_eq!(c.feed_forward().unwrap(), (true, "gelu_new".into()));
+        assert!(!c.scales_decoder_output());
+        c.feed_forward_proj = "a-b-c".into();
+        assert!(c.feed_forward().is_err());
+    }
+}
