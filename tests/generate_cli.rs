@@ -71,7 +71,7 @@ fn bad_input_gives_one_clear_message() {
     let model_s = model.to_str().unwrap();
 
     let mut args = base_args(model_s, out_s);
-    args[9] = "60"; // --height
+    args[10] = "60"; // --height
     assert_fails(&args, "multiple of 8", &out);
 
     assert_fails(&base_args("/no/such/model", out_s), "/no/such/model", &out);

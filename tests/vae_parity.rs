@@ -214,7 +214,7 @@ fn truncated_or_corrupt_file_is_named() {
     let garbage = tmp.path().join("garbage.safetensors");
     std::fs::write(&garbage, b"this is not a safetensors file at all").unwrap();
     for path in [truncated, garbage] {
-        let err = Weights::load(&[path.clone()], Device::Cpu, Kind::Float)
+        let err = Weights::load(std::slice::from_ref(&path), Device::Cpu, Kind::Float)
             .err()
             .expect("must fail")
             .to_string();
@@ -244,7 +244,7 @@ fn config_errors_name_the_field() {
         c[field] = value;
         let path = tmp.path().join("config.json");
         std::fs::write(&path, c.to_string()).unwrap();
-        let err = VaeConfig::load(&path).err().expect("must fail").to_string();
+        let err = VaeConfig::load(&path).expect_err("must fail").to_string();
         assert!(err.contains(field) && err.contains("config.json"), "{err}");
     }
 }

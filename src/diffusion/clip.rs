@@ -224,7 +224,7 @@ impl ClipTextModel {
 
     /// Checks a `clip_skip` value against this model's depth.
     pub fn check_clip_skip(&self, clip_skip: usize) -> Result<()> {
-        if clip_skip >= self.layers.len() + 1 {
+        if clip_skip > self.layers.len() {
             return Err(Error::Invalid(format!(
                 "clip_skip {clip_skip}: the text encoder has only {} layers",
                 self.layers.len()

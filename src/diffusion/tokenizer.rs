@@ -181,7 +181,7 @@ impl ClipTokenizer {
         // Some configs carry a huge sentinel (1e30) for "no limit"; CLIP's
         // context is what the text encoder was trained with, 77.
         let max_len = match config.get("model_max_length").and_then(Value::as_f64) {
-            Some(n) if n >= 1.0 && n <= 1e6 => n as usize,
+            Some(n) if (1.0..=1e6).contains(&n) => n as usize,
             Some(n) if n < 1.0 => {
                 return Err(Error::unsupported(
                     config_path.display().to_string(),

@@ -1,3 +1,16 @@
 //! RAHF, the rich-feedback model: ViT + T5 with score, heatmap and keyword heads,
 //! in the layout of the public PyTorch reimplementation's checkpoint.
+pub mod config;
+pub mod feedback;
+pub mod heads;
+pub mod keywords;
+pub mod model;
+pub mod preprocess;
+pub mod t5;
+pub mod tokenizer;
 pub mod torch_pickle;
+pub mod vit;
+
+pub use config::{RahfConfig, Variant};
+pub use feedback::{Feedback, FeedbackModel, Scores};
+pub use model::{PromptBatch, Rahf, RahfOutput};

@@ -260,3 +260,16 @@ mod tests {
         assert_eq!(np_interp_index(7.0, &fp), 4.0);
     }
 }
+#[cfg(test)]
+mod dbg {
+    #[test]
+    fn dbg_ac() {
+        let cfg = crate::diffusion::schedulers::SchedulerConfig::from_json_str(
+            r#"{"beta_schedule":"scaled_linear","beta_start":0.00085,"beta_end":0.012}"#,
+            std::path::Path::new("x"),
+        )
+        .unwrap();
+        let ac = super::alphas_cumprod(&cfg, 1000, false).unwrap();
+        println!("AC {:?}", [0, 1, 500, 555, 999].map(|i| ac[i] as f64));
+    }
+}

@@ -3,7 +3,11 @@
 //!
 //! Fields that only matter to architectures this crate does not build are
 //! still read, so that `validate` can refuse them by name instead of
-//! silently computing something else.
+//! silently computing something else. Fields that only configure blocks we
+//! refuse anyway (`resnet_skip_time_act`, `resnet_out_scale_factor`,
+//! `cross_attention_norm`, `mid_block_only_cross_attention`,
+//! `class_embeddings_concat`, `addition_embed_type_num_heads`) or do nothing
+//! at inference (`dropout`) are not read.
 use crate::error::{Error, Result};
 use serde::Deserialize;
 use std::path::Path;

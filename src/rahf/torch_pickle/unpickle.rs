@@ -551,7 +551,7 @@ impl<'a> Machine<'a> {
 
     /// SETITEM(S): `items` alternates keys and values.
     fn set_items(&mut self, items: Vec<Value>) -> Result<(), String> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err("odd number of items for SETITEMS".into());
         }
         let Value::Dict(dict) = self.top()?.clone() else {
