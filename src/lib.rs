@@ -4,10 +4,12 @@ pub mod diffusion;
 pub mod env_report;
 pub mod error;
 pub mod generate;
+pub mod heatmap_io;
 pub mod mask;
 pub mod metrics;
 pub mod nn;
 pub mod rahf;
+pub mod score;
 pub mod weights;
 
 pub use error::{Error, Result};

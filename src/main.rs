@@ -13,6 +13,8 @@ struct Cli {
 enum Command {
     /// Sample images from a Stable Diffusion-family model (diffusers folder or cached HF repo id).
     Generate(GenerateArgs),
+    /// RAHF feedback (four scores, two heatmaps, misaligned keywords) for existing images.
+    Score(ScoreArgs),
     /// What this binary sees: libtorch version, CUDA (or why not), devices, dtypes.
     Env {
         /// Print JSON instead of text.
@@ -38,6 +40,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Env { json } => env(json),
         Command::Generate(args) => generate(args),
+        Command::Score(args) => score(args),
     }
 }
 
@@ -104,6 +107,53 @@ fn generate(a: GenerateArgs) -> Result<()> {
         dtype: a.dtype,
     };
     orchestrate::generate::run(&opts)?;
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct ScoreArgs {
+    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    rahf: std::path::PathBuf,
+    /// The prompt the IMAGEs were generated from.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Images to score with --prompt.
+    images: Vec<std::path::PathBuf>,
+    /// JSONL with {"image": PATH, "prompt": TEXT} per line (paths relative to the file).
+    #[arg(long)]
+    manifest: Option<std::path::PathBuf>,
+    /// Where to write heatmap overlays (PNG) and raw heatmaps (.npy).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// auto (fp32 on CPU and CUDA), fp32, fp16 or bf16.
+    #[arg(long, default_value = "fp32")]
+    dtype: String,
+}
+
+fn score(a: ScoreArgs) -> Result<()> {
+    use orchestrate::score::{read_manifest, ScoreItem};
+    let mut items = Vec::new();
+    if !a.images.is_empty() {
+        let prompt = a.prompt.clone().ok_or_else(|| anyhow::anyhow!("IMAGE arguments need --prompt"))?;
+        items.extend(a.images.iter().map(|p| ScoreItem { image: p.clone(), prompt: prompt.clone() }));
+    }
+    if let Some(m) = &a.manifest {
+        items.extend(read_manifest(m)?);
+    }
+    if items.is_empty() {
+        anyhow::bail!("nothing to score: give IMAGE... with --prompt, or --manifest FILE.jsonl");
+    }
+    let device = orchestrate::device::parse_device(&a.device)?;
+    let kind = orchestrate::device::parse_dtype(if a.dtype == "auto" { "fp32" } else { &a.dtype }, device)?;
+    let model = orchestrate::rahf::FeedbackModel::load(&a.rahf, device, kind)?;
+    orchestrate::score::run(&model, &items, a.batch_size, a.out.as_deref(), &mut |rec| {
+        println!("{}", serde_json::to_string(rec).expect("records serialise"));
+    })?;
     Ok(())
 }
 

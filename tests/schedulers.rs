@@ -102,7 +102,9 @@ fn check_schedule(s: &dyn Scheduler, rec: &Value, id: &str, stats: &mut Stats) {
             .fold(0.0, f64::max);
         stats.record("sigmas", d, id);
         assert!(d <= 1e-6, "{id}: sigmas differ by {d}");
-        if d > 0.0 && id == "sd15/euler/10/f32" { println!("{id}: {sigmas:?} vs {exp_sigmas:?}"); }
+        if d > 0.0 && id == "sd15/euler/10/f32" {
+            println!("{id}: {sigmas:?} vs {exp_sigmas:?}");
+        }
     }
     let init = rec["init_noise_sigma"].as_f64().unwrap();
     let d = (s.init_noise_sigma() - init).abs() / init.max(1.0);
