@@ -20,8 +20,7 @@ struct Fixtures {
 
 fn load() -> Fixtures {
     let dir = fixture_dir();
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
     let tensors = Tensor::read_safetensors(dir.join("tensors.safetensors"))
         .unwrap()
         .into_iter()
@@ -35,11 +34,7 @@ fn config(meta: &Value, name: &str) -> SchedulerConfig {
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
 
 /// Largest |a - b| / max(1, |b|) over two tensors, compared in float64.
@@ -102,18 +97,11 @@ fn check_schedule(s: &dyn Scheduler, rec: &Value, id: &str, stats: &mut Stats) {
             .fold(0.0, f64::max);
         stats.record("sigmas", d, id);
         assert!(d <= 1e-6, "{id}: sigmas differ by {d}");
-        if d > 0.0 && id == "sd15/euler/10/f32" {
-            println!("{id}: {sigmas:?} vs {exp_sigmas:?}");
-        }
     }
     let init = rec["init_noise_sigma"].as_f64().unwrap();
     let d = (s.init_noise_sigma() - init).abs() / init.max(1.0);
     stats.record("init_noise_sigma", d, id);
-    assert!(
-        d <= 1e-7,
-        "{id}: init_noise_sigma {} vs {init}",
-        s.init_noise_sigma()
-    );
+    assert!(d <= 1e-7, "{id}: init_noise_sigma {} vs {init}", s.init_noise_sigma());
 }
 
 /// Runs steps start.. feeding recorded model outputs; compares every output.
@@ -128,29 +116,19 @@ fn check_loop(
 ) {
     let t = |k: &str| &fx.tensors[&format!("{prefix}/{k}")];
     let n = s.timesteps().len();
-    assert_eq!(
-        t("prev").size()[0] as usize,
-        n - start,
-        "{prefix}: step count"
-    );
+    assert_eq!(t("prev").size()[0] as usize, n - start, "{prefix}: step count");
     for (j, i) in (start..n).enumerate() {
         let j = j as i64;
         let scaled = s.scale_model_input(&sample, i);
         let d = rel_diff(&scaled, &t("scaled").get(j));
         stats.record("scale_model_input", d, prefix);
-        assert!(
-            d <= tol,
-            "{prefix} step {i}: scale_model_input differs by {d}"
-        );
+        assert!(d <= tol, "{prefix} step {i}: scale_model_input differs by {d}");
 
         let out = t("model_output").get(j);
         let x0 = s.pred_original_sample(&out, i, &sample);
         let d = rel_diff(&x0, &t("pred_x0").get(j));
         stats.record("pred_original_sample", d, prefix);
-        assert!(
-            d <= tol,
-            "{prefix} step {i}: pred_original_sample differs by {d}"
-        );
+        assert!(d <= tol, "{prefix} step {i}: pred_original_sample differs by {d}");
 
         let noise = s.needs_noise().then(|| t("noise").get(j));
         let prev = s.step(&out, i, &sample, noise.as_ref());
@@ -177,15 +155,7 @@ fn schedulers_match_diffusers() {
         let mut s = schedulers::build(kind, &cfg, steps).unwrap();
         check_schedule(s.as_ref(), rec, id, &mut stats);
         let sample0 = fx.tensors[&format!("{id}/full/sample0")].shallow_clone();
-        check_loop(
-            s.as_mut(),
-            &fx,
-            &format!("{id}/full"),
-            sample0,
-            0,
-            tol,
-            &mut stats,
-        );
+        check_loop(s.as_mut(), &fx, &format!("{id}/full"), sample0, 0, tol, &mut stats);
         loops += 1;
 
         if let Some(start) = rec.get("img2img_start").and_then(Value::as_u64) {
@@ -195,15 +165,7 @@ fn schedulers_match_diffusers() {
             let d = rel_diff(&noisy, &fx.tensors[&format!("{id}/img2img/noisy")]);
             stats.record("add_noise", d, id);
             assert!(d <= tol, "{id}: add_noise differs by {d}");
-            check_loop(
-                s.as_mut(),
-                &fx,
-                &format!("{id}/img2img"),
-                noisy,
-                start,
-                tol,
-                &mut stats,
-            );
+            check_loop(s.as_mut(), &fx, &format!("{id}/img2img"), noisy, start, tol, &mut stats);
             loops += 1;
         }
     }
@@ -259,12 +221,7 @@ fn bad_values_name_file_and_field() {
             "prediction_type",
             "sample",
         ),
-        (
-            r#"{"thresholding": true}"#,
-            SchedulerKind::Ddim,
-            "thresholding",
-            "true",
-        ),
+        (r#"{"thresholding": true}"#, SchedulerKind::Ddim, "thresholding", "true"),
         (
             r#"{"algorithm_type": "sde-dpmsolver++"}"#,
             SchedulerKind::DpmPlusPlus2M,

@@ -31,7 +31,9 @@ impl std::str::FromStr for Variant {
         match s {
             "multi-head" | "multi_head" => Ok(Variant::MultiHead),
             "augmented" | "augmented-prompt" => Ok(Variant::Augmented),
-            _ => Err(Error::Invalid(format!("RAHF variant `{s}`: expected multi-head or augmented"))),
+            _ => Err(Error::Invalid(format!(
+                "RAHF variant `{s}`: expected multi-head or augmented"
+            ))),
         }
     }
 }
@@ -166,7 +168,8 @@ impl T5Config {
     }
     /// Whether the decoder output is multiplied by d_model^-0.5 before `lm_head`.
     pub fn scales_decoder_output(&self) -> bool {
-        self.scale_decoder_outputs.unwrap_or(self.tie_word_embeddings != Some(false))
+        self.scale_decoder_outputs
+            .unwrap_or(self.tie_word_embeddings != Some(false))
     }
     pub fn eos_id(&self) -> i64 {
         match &self.eos_token_id {
@@ -185,7 +188,11 @@ impl T5Config {
             // transformers maps "gated-gelu" to the tanh approximation.
             ["gated", "gelu"] => Ok((true, "gelu_new".into())),
             ["gated", act] => Ok((true, act.to_string())),
-            _ => Err(Error::unsupported("t5 config", "feed_forward_proj", &self.feed_forward_proj)),
+            _ => Err(Error::unsupported(
+                "t5 config",
+                "feed_forward_proj",
+                &self.feed_forward_proj,
+            )),
         }
     }
 }
@@ -204,7 +211,11 @@ pub struct HeatmapHeadConfig {
 
 impl Default for HeatmapHeadConfig {
     fn default() -> Self {
-        HeatmapHeadConfig { conv_channels: [768, 384], deconv_channels: vec![768, 384, 384, 192], last_channels: 192 }
+        HeatmapHeadConfig {
+            conv_channels: [768, 384],
+            deconv_channels: vec![768, 384, 384, 192],
+            last_channels: 192,
+        }
     }
 }
 
@@ -222,13 +233,18 @@ pub struct ScoreHeadConfig {
 
 impl Default for ScoreHeadConfig {
     fn default() -> Self {
-        ScoreHeadConfig { conv_channels: None, linear_channels: [512, 128] }
+        ScoreHeadConfig {
+            conv_channels: None,
+            linear_channels: [512, 128],
+        }
     }
 }
 
 impl ScoreHeadConfig {
     pub fn conv_channels(&self, d_model: i64) -> Vec<i64> {
-        self.conv_channels.clone().unwrap_or_else(|| [1, 2, 4, 8, 16, 64].iter().map(|f| d_model / f).collect())
+        self.conv_channels
+            .clone()
+            .unwrap_or_else(|| [1, 2, 4, 8, 16, 64].iter().map(|f| d_model / f).collect())
     }
 }
 
@@ -331,7 +347,11 @@ impl RahfConfig {
                     _ => None,
                 };
                 cfg.image_size = side.ok_or_else(|| {
-                    Error::unsupported(pp_path.display().to_string(), "size", format!("{size} (need a square height/width)"))
+                    Error::unsupported(
+                        pp_path.display().to_string(),
+                        "size",
+                        format!("{size} (need a square height/width)"),
+                    )
                 })?;
             }
         }
@@ -342,7 +362,8 @@ impl RahfConfig {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let cfg: RahfConfig = read_json(&path)?;
-        cfg.validate().map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        cfg.validate()
+            .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
         Ok(cfg)
     }
 
@@ -365,14 +386,26 @@ impl RahfConfig {
             ));
         }
         if vit_size % patch != 0 {
-            return Err(Error::unsupported("vit config", "patch_size", format!("{patch} does not divide {vit_size}")));
+            return Err(Error::unsupported(
+                "vit config",
+                "patch_size",
+                format!("{patch} does not divide {vit_size}"),
+            ));
         }
         if self.vit.hidden_size % self.vit.num_attention_heads != 0 {
-            return Err(Error::unsupported("vit config", "num_attention_heads", self.vit.num_attention_heads));
+            return Err(Error::unsupported(
+                "vit config",
+                "num_attention_heads",
+                self.vit.num_attention_heads,
+            ));
         }
         self.t5.feed_forward()?;
         if self.score_head.conv_channels(self.t5.d_model).len() != 6 {
-            return Err(Error::unsupported("rahf config", "score_head.conv_channels", "expected 6 widths"));
+            return Err(Error::unsupported(
+                "rahf config",
+                "score_head.conv_channels",
+                "expected 6 widths",
+            ));
         }
         Ok(())
     }
@@ -400,16 +433,20 @@ impl RahfConfig {
     /// heatmap and score head; `Rahf::load` then checks every head against them).
     pub fn infer_heads(&mut self, shapes: &HashMap<String, Vec<i64>>) -> Result<()> {
         let (hm, sc) = match self.variant {
-            Variant::MultiHead => {
-                (format!("heatmap_predictor.{}.", HEATMAP_TYPES[0]), format!("score_predictor.{}.", SCORE_TYPES[0]))
-            }
+            Variant::MultiHead => (
+                format!("heatmap_predictor.{}.", HEATMAP_TYPES[0]),
+                format!("score_predictor.{}.", SCORE_TYPES[0]),
+            ),
             Variant::Augmented => ("heatmap_predictor.".to_string(), "score_predictor.".to_string()),
         };
         let out = |name: String| -> Result<i64> {
             shapes
                 .get(&name)
                 .and_then(|s| s.first().copied())
-                .ok_or(Error::TensorMissing { file: "checkpoint".into(), name })
+                .ok_or(Error::TensorMissing {
+                    file: "checkpoint".into(),
+                    name,
+                })
         };
         let c0 = out(format!("{hm}conv_layers.0.weight"))?;
         let c1 = out(format!("{hm}conv_layers.3.weight"))?;
@@ -419,12 +456,21 @@ impl RahfConfig {
             deconv.push(s.get(1).copied().unwrap_or(0));
         }
         let last = out(format!("{hm}last_conv1.weight"))?;
-        self.heatmap_head = HeatmapHeadConfig { conv_channels: [c0, c1], deconv_channels: deconv, last_channels: last };
-        let convs = (0..6).map(|i| out(format!("{sc}conv_layers.{}.weight", 3 * i))).collect::<Result<Vec<_>>>()?;
+        self.heatmap_head = HeatmapHeadConfig {
+            conv_channels: [c0, c1],
+            deconv_channels: deconv,
+            last_channels: last,
+        };
+        let convs = (0..6)
+            .map(|i| out(format!("{sc}conv_layers.{}.weight", 3 * i)))
+            .collect::<Result<Vec<_>>>()?;
         let default = ScoreHeadConfig::default().conv_channels(self.t5.d_model);
         self.score_head = ScoreHeadConfig {
             conv_channels: if convs == default { None } else { Some(convs) },
-            linear_channels: [out(format!("{sc}linear_layers.0.weight"))?, out(format!("{sc}linear_layers.2.weight"))?],
+            linear_channels: [
+                out(format!("{sc}linear_layers.0.weight"))?,
+                out(format!("{sc}linear_layers.2.weight"))?,
+            ],
         };
         Ok(())
     }

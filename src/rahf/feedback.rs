@@ -26,7 +26,12 @@ pub struct Scores {
 
 impl Scores {
     fn from_row(v: &[f64]) -> Self {
-        Scores { plausibility: v[0], alignment: v[1], aesthetics: v[2], overall: v[3] }
+        Scores {
+            plausibility: v[0],
+            alignment: v[1],
+            aesthetics: v[2],
+            overall: v[3],
+        }
     }
 }
 
@@ -46,7 +51,11 @@ impl Feedback {
         let h = match which {
             "implausibility" => &self.implausibility_heatmap,
             "misalignment" => &self.misalignment_heatmap,
-            _ => return Err(Error::Invalid(format!("heatmap `{which}`: expected one of {HEATMAP_TYPES:?}"))),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "heatmap `{which}`: expected one of {HEATMAP_TYPES:?}"
+                )))
+            }
         };
         Ok(resize_heatmap(h, height as i64, width as i64))
     }
@@ -66,11 +75,19 @@ impl FeedbackModel {
         let weights = Weights::load(&[dir.join("model.safetensors")], device, kind)?;
         let model = Rahf::load(&weights.root(), &config)?;
         let tokenizer = RahfTokenizer::load(&dir.join("tokenizer.json"), &config)?;
-        Ok(FeedbackModel { model, tokenizer, device })
+        Ok(FeedbackModel {
+            model,
+            tokenizer,
+            device,
+        })
     }
 
     pub fn new(model: Rahf, tokenizer: RahfTokenizer, device: Device) -> Self {
-        FeedbackModel { model, tokenizer, device }
+        FeedbackModel {
+            model,
+            tokenizer,
+            device,
+        }
     }
 
     pub fn config(&self) -> &RahfConfig {
@@ -82,7 +99,10 @@ impl FeedbackModel {
     }
 
     pub fn tokenize(&self, prompts: &[String]) -> Result<Vec<PromptTokens>> {
-        prompts.iter().map(|p| self.tokenizer.prompt(p, self.model.config.variant)).collect()
+        prompts
+            .iter()
+            .map(|p| self.tokenizer.prompt(p, self.model.config.variant))
+            .collect()
     }
 
     /// Groups item indices by the lengths of their token sequences.
@@ -98,17 +118,24 @@ impl FeedbackModel {
         let stack = |rows: Vec<&Vec<i64>>| {
             let l = rows[0].len() as i64;
             let flat: Vec<i64> = rows.into_iter().flatten().copied().collect();
-            Tensor::from_slice(&flat).view([idx.len() as i64, l]).to_device(self.device)
+            Tensor::from_slice(&flat)
+                .view([idx.len() as i64, l])
+                .to_device(self.device)
         };
         let plain = stack(idx.iter().map(|&i| &tokens[i].plain).collect());
         let n_tasks = tokens[idx[0]].tasks.len();
-        let tasks = (0..n_tasks).map(|t| stack(idx.iter().map(|&i| &tokens[i].tasks[t]).collect())).collect();
+        let tasks = (0..n_tasks)
+            .map(|t| stack(idx.iter().map(|&i| &tokens[i].tasks[t]).collect()))
+            .collect();
         PromptBatch { plain, tasks }
     }
 
     fn check_lengths(n_images: usize, prompts: &[String]) -> Result<()> {
         if n_images != prompts.len() {
-            return Err(Error::Invalid(format!("{n_images} images but {} prompts", prompts.len())));
+            return Err(Error::Invalid(format!(
+                "{n_images} images but {} prompts",
+                prompts.len()
+            )));
         }
         Ok(())
     }
@@ -129,7 +156,11 @@ impl FeedbackModel {
         let px: Vec<Tensor> = pixels
             .iter()
             .map(|p| {
-                let p = if p.dim() == 3 { p.unsqueeze(0) } else { p.shallow_clone() };
+                let p = if p.dim() == 3 {
+                    p.unsqueeze(0)
+                } else {
+                    p.shallow_clone()
+                };
                 normalize_pixels(&p.to_device(self.device).to_kind(self.kind()), &self.model.config)
             })
             .collect();
@@ -142,7 +173,10 @@ impl FeedbackModel {
         let tokens = self.tokenize(prompts)?;
         let mut out: Vec<Option<Feedback>> = (0..prompts.len()).map(|_| None).collect();
         for idx in Self::buckets(&tokens) {
-            let px = Tensor::cat(&idx.iter().map(|&i| pixel_values[i].shallow_clone()).collect::<Vec<_>>(), 0);
+            let px = Tensor::cat(
+                &idx.iter().map(|&i| pixel_values[i].shallow_clone()).collect::<Vec<_>>(),
+                0,
+            );
             let res = self.model.forward(&px, &self.batch(&tokens, &idx))?;
             let seqs = self.model.keyword_ids(&res);
             let scores = res.scores.to_kind(Kind::Double).to_device(Device::Cpu);
@@ -159,7 +193,10 @@ impl FeedbackModel {
                 });
             }
         }
-        Ok(out.into_iter().map(|f| f.expect("every item is in one bucket")).collect())
+        Ok(out
+            .into_iter()
+            .map(|f| f.expect("every item is in one bucket"))
+            .collect())
     }
 
     /// Differentiable scores B x 4 (plausibility, alignment, aesthetics, overall) of
@@ -179,7 +216,10 @@ impl FeedbackModel {
         let mut order = Vec::new();
         for idx in Self::buckets(tokens) {
             let sel = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(px.device());
-            parts.push(self.model.scores(&px.index_select(0, &sel), &self.batch(tokens, &idx))?);
+            parts.push(
+                self.model
+                    .scores(&px.index_select(0, &sel), &self.batch(tokens, &idx))?,
+            );
             order.extend(idx);
         }
         // Put rows back in input order.

@@ -13,7 +13,9 @@ pub struct Norm {
 
 impl Norm {
     pub fn load(vb: &Vb, channels: i64) -> Result<Self> {
-        Ok(Norm { scale: vb.get("scale", &[channels, 1, 1])? })
+        Ok(Norm {
+            scale: vb.get("scale", &[channels, 1, 1])?,
+        })
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let var = x.square().mean_dim(1, true, x.kind());
@@ -33,7 +35,10 @@ struct Upsample {
 
 impl Upsample {
     fn load(vb: &Vb, cin: i64, cout: i64) -> Result<Self> {
-        Ok(Upsample { weight: vb.get("weight", &[cin, cout, 3, 3])?, bias: vb.get("bias", &[cout])? })
+        Ok(Upsample {
+            weight: vb.get("weight", &[cin, cout, 3, 3])?,
+            bias: vb.get("bias", &[cout])?,
+        })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
         x.conv_transpose2d(&self.weight, Some(&self.bias), [2, 2], [1, 1], [1, 1], 1, [1, 1])
@@ -185,7 +190,10 @@ pub fn init_score_head(prefix: &str, d: i64, n_patches: i64, cfg: &ScoreHeadConf
     let [l0, l1] = cfg.linear_channels;
     for (idx, (i, o)) in [(cin * n_patches, l0), (l0, l1), (l1, 1)].into_iter().enumerate() {
         let bound = 1.0 / (i as f64).sqrt();
-        out.push((format!("{prefix}.linear_layers.{}.weight", 2 * idx), uniform(&[o, i], bound)));
+        out.push((
+            format!("{prefix}.linear_layers.{}.weight", 2 * idx),
+            uniform(&[o, i], bound),
+        ));
         out.push((format!("{prefix}.linear_layers.{}.bias", 2 * idx), uniform(&[o], bound)));
     }
     out
@@ -199,11 +207,18 @@ fn conv_init(out: &mut Vec<(String, Tensor)>, name: &str, cin: i64, cout: i64, t
     // PyTorch's fan_in is weight.size(1) * k*k: `out` channels for a transposed conv.
     let fan_in = (if transposed { cout } else { cin } * 9) as f64;
     let bound = 1.0 / fan_in.sqrt(); // kaiming_uniform(a=√5) reduces to this bound
-    let shape = if transposed { [cin, cout, 3, 3] } else { [cout, cin, 3, 3] };
+    let shape = if transposed {
+        [cin, cout, 3, 3]
+    } else {
+        [cout, cin, 3, 3]
+    };
     out.push((format!("{name}.weight"), uniform(&shape, bound)));
     out.push((format!("{name}.bias"), uniform(&[cout], bound)));
 }
 
 fn norm_init(out: &mut Vec<(String, Tensor)>, name: &str, c: i64) {
-    out.push((format!("{name}.scale"), Tensor::ones([c, 1, 1], (Kind::Float, tch::Device::Cpu))));
+    out.push((
+        format!("{name}.scale"),
+        Tensor::ones([c, 1, 1], (Kind::Float, tch::Device::Cpu)),
+    ));
 }

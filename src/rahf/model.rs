@@ -12,8 +12,14 @@ use tch::Tensor;
 
 pub enum Heads {
     /// One head per output, in `SCORE_TYPES` / `HEATMAP_TYPES` order.
-    MultiHead { heatmaps: Vec<HeatmapPredictor>, scores: Vec<ScorePredictor> },
-    Augmented { heatmap: HeatmapPredictor, score: ScorePredictor },
+    MultiHead {
+        heatmaps: Vec<HeatmapPredictor>,
+        scores: Vec<ScorePredictor>,
+    },
+    Augmented {
+        heatmap: Box<HeatmapPredictor>,
+        score: Box<ScorePredictor>,
+    },
 }
 
 /// Token ids of a batch whose rows all have the same lengths (the reference has no
@@ -75,8 +81,8 @@ impl Rahf {
                     .collect::<Result<_>>()?,
             },
             Variant::Augmented => Heads::Augmented {
-                heatmap: HeatmapPredictor::load(&hm, d, &config.heatmap_head)?,
-                score: ScorePredictor::load(&sc, d, n_patches, &config.score_head)?,
+                heatmap: Box::new(HeatmapPredictor::load(&hm, d, &config.heatmap_head)?),
+                score: Box::new(ScorePredictor::load(&sc, d, n_patches, &config.score_head)?),
             },
         };
         Ok(Rahf {
@@ -103,7 +109,10 @@ impl Rahf {
     /// The image tokens of an encoder output without CLS, as B x d x n x n.
     pub fn feature_map(&self, hidden: &Tensor, n_visual: i64) -> Tensor {
         let b = hidden.size()[0];
-        hidden.narrow(1, 1, n_visual - 1).transpose(1, 2).reshape([b, -1, self.grid, self.grid])
+        hidden
+            .narrow(1, 1, n_visual - 1)
+            .transpose(1, 2)
+            .reshape([b, -1, self.grid, self.grid])
     }
 
     fn check(&self, prompts: &PromptBatch) -> Result<()> {
@@ -142,7 +151,12 @@ impl Rahf {
                 (Tensor::stack(&s, 1), Tensor::stack(&m, 1))
             }
         };
-        Ok(RahfOutput { scores, heatmaps, encoder_hidden, n_visual })
+        Ok(RahfOutput {
+            scores,
+            heatmaps,
+            encoder_hidden,
+            n_visual,
+        })
     }
 
     /// Only the four scores, B x 4 (no heatmaps: cheaper, for guidance).

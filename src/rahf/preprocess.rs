@@ -14,7 +14,12 @@ use tch::{Device, Kind, Tensor};
 
 /// Mean and std as [1, 3, 1, 1] tensors.
 fn mean_std(cfg: &RahfConfig, device: Device, kind: Kind) -> (Tensor, Tensor) {
-    let t = |v: [f64; 3]| Tensor::from_slice(&v).to_kind(kind).to_device(device).view([1, 3, 1, 1]);
+    let t = |v: [f64; 3]| {
+        Tensor::from_slice(&v)
+            .to_kind(kind)
+            .to_device(device)
+            .view([1, 3, 1, 1])
+    };
     (t(cfg.image_mean), t(cfg.image_std))
 }
 
@@ -47,14 +52,24 @@ pub fn preprocess_u8(images: &Tensor, cfg: &RahfConfig) -> Tensor {
 /// An RGB image as a 1 x 3 x H x W u8 tensor on `device`.
 pub fn rgb_to_tensor(img: &image::RgbImage, device: Device) -> Tensor {
     let (w, h) = img.dimensions();
-    Tensor::from_slice(img.as_raw()).view([h as i64, w as i64, 3]).permute([2, 0, 1]).unsqueeze(0).to_device(device)
+    Tensor::from_slice(img.as_raw())
+        .view([h as i64, w as i64, 3])
+        .permute([2, 0, 1])
+        .unsqueeze(0)
+        .to_device(device)
 }
 
 /// A model-resolution heatmap (H x W or B x H x W) resized bilinearly to `height` x `width`.
 pub fn resize_heatmap(heatmap: &Tensor, height: i64, width: i64) -> Tensor {
     let dims = heatmap.dim();
-    let x = if dims == 2 { heatmap.unsqueeze(0).unsqueeze(0) } else { heatmap.unsqueeze(1) };
-    let y = x.upsample_bilinear2d([height, width], false, None, None).clamp(0.0, 1.0);
+    let x = if dims == 2 {
+        heatmap.unsqueeze(0).unsqueeze(0)
+    } else {
+        heatmap.unsqueeze(1)
+    };
+    let y = x
+        .upsample_bilinear2d([height, width], false, None, None)
+        .clamp(0.0, 1.0);
     if dims == 2 {
         y.squeeze_dim(0).squeeze_dim(0)
     } else {

@@ -19,7 +19,10 @@ pub struct T5LayerNorm {
 
 impl T5LayerNorm {
     fn load(vb: &Vb, dim: i64, eps: f64) -> Result<Self> {
-        Ok(T5LayerNorm { weight: vb.get("weight", &[dim])?, eps })
+        Ok(T5LayerNorm {
+            weight: vb.get("weight", &[dim])?,
+            eps,
+        })
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         // The variance is accumulated in fp32 even for half inputs, as transformers does.
@@ -64,7 +67,9 @@ impl RelativeBias {
         let ctx = Tensor::arange_start(offset, offset + q_len, (Kind::Int64, dev)).unsqueeze(1);
         let mem = Tensor::arange(k_len, (Kind::Int64, dev)).unsqueeze(0);
         let b = self.bucket(&(mem - ctx));
-        Tensor::embedding(&self.table, &b, -1, false, false).permute([2, 0, 1]).unsqueeze(0)
+        Tensor::embedding(&self.table, &b, -1, false, false)
+            .permute([2, 0, 1])
+            .unsqueeze(0)
     }
 }
 
@@ -106,10 +111,14 @@ impl T5Attention {
         let q = self.split(&self.q.forward(x));
         let mut scores = q.matmul(&k.transpose(-1, -2));
         if let Some(bias) = bias {
-            scores = scores + bias;
+            scores += bias;
         }
         let w = scores.softmax(-1, Kind::Float).to_kind(x.kind());
-        let y = w.matmul(v).transpose(1, 2).contiguous().view([b, n, self.heads * self.d_kv]);
+        let y = w
+            .matmul(v)
+            .transpose(1, 2)
+            .contiguous()
+            .view([b, n, self.heads * self.d_kv]);
         self.o.forward(&y)
     }
 }
@@ -129,7 +138,11 @@ impl T5LayerFF {
     fn load(vb: &Vb, cfg: &T5Config) -> Result<Self> {
         let (gated, act) = cfg.feed_forward()?;
         if activation(&act, &Tensor::zeros([1], (Kind::Float, tch::Device::Cpu))).is_none() {
-            return Err(Error::unsupported("t5 config", "feed_forward_proj", &cfg.feed_forward_proj));
+            return Err(Error::unsupported(
+                "t5 config",
+                "feed_forward_proj",
+                &cfg.feed_forward_proj,
+            ));
         }
         let d = vb.pp("DenseReluDense");
         let (m, f) = (cfg.d_model, cfg.d_ff);
@@ -140,9 +153,16 @@ impl T5LayerFF {
                 wo: Linear::load(&d.pp("wo"), f, m, false)?,
             }
         } else {
-            FeedForward::Dense { wi: Linear::load(&d.pp("wi"), m, f, false)?, wo: Linear::load(&d.pp("wo"), f, m, false)? }
+            FeedForward::Dense {
+                wi: Linear::load(&d.pp("wi"), m, f, false)?,
+                wo: Linear::load(&d.pp("wo"), f, m, false)?,
+            }
         };
-        Ok(T5LayerFF { ff, act, layer_norm: T5LayerNorm::load(&vb.pp("layer_norm"), m, cfg.layer_norm_epsilon)? })
+        Ok(T5LayerFF {
+            ff,
+            act,
+            layer_norm: T5LayerNorm::load(&vb.pp("layer_norm"), m, cfg.layer_norm_epsilon)?,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -179,7 +199,10 @@ impl T5Block {
         let eps = cfg.layer_norm_epsilon;
         let cross = if decoder {
             let c = l.pp(1);
-            Some((T5LayerNorm::load(&c.pp("layer_norm"), cfg.d_model, eps)?, T5Attention::load(&c.pp("EncDecAttention"), cfg)?))
+            Some((
+                T5LayerNorm::load(&c.pp("layer_norm"), cfg.d_model, eps)?,
+                T5Attention::load(&c.pp("EncDecAttention"), cfg)?,
+            ))
         } else {
             None
         };
@@ -202,11 +225,12 @@ pub struct T5Stack {
 impl T5Stack {
     fn load(vb: &Vb, cfg: &T5Config, shared: &Tensor, decoder: bool) -> Result<Self> {
         let layers = if decoder { cfg.decoder_layers() } else { cfg.num_layers };
-        let blocks = (0..layers).map(|i| T5Block::load(&vb.pp("block").pp(i), cfg, decoder)).collect::<Result<Vec<_>>>()?;
-        let table = vb.pp("block.0.layer.0.SelfAttention.relative_attention_bias").get(
-            "weight",
-            &[cfg.relative_attention_num_buckets, cfg.num_heads],
-        )?;
+        let blocks = (0..layers)
+            .map(|i| T5Block::load(&vb.pp("block").pp(i), cfg, decoder))
+            .collect::<Result<Vec<_>>>()?;
+        let table = vb
+            .pp("block.0.layer.0.SelfAttention.relative_attention_bias")
+            .get("weight", &[cfg.relative_attention_num_buckets, cfg.num_heads])?;
         // A checkpoint that stores the tied embedding once keeps only `shared`.
         let embed_tokens = if vb.contains("embed_tokens.weight") {
             vb.get("embed_tokens.weight", &[cfg.vocab_size, cfg.d_model])?
@@ -251,8 +275,11 @@ impl T5 {
     /// `vb` points at the T5's root (`t5` in a RAHF checkpoint, the file root in an HF folder).
     pub fn load(vb: &Vb, cfg: &T5Config) -> Result<Self> {
         let shared = vb.get("shared.weight", &[cfg.vocab_size, cfg.d_model])?;
-        let lm_head =
-            if vb.contains("lm_head.weight") { vb.get("lm_head.weight", &[cfg.vocab_size, cfg.d_model])? } else { shared.shallow_clone() };
+        let lm_head = if vb.contains("lm_head.weight") {
+            vb.get("lm_head.weight", &[cfg.vocab_size, cfg.d_model])?
+        } else {
+            shared.shallow_clone()
+        };
         Ok(T5 {
             encoder: T5Stack::load(&vb.pp("encoder"), cfg, &shared, false)?,
             decoder: T5Stack::load(&vb.pp("decoder"), cfg, &shared, true)?,
@@ -290,7 +317,12 @@ impl T5 {
         let t = decoder_ids.size()[1];
         let mut x = self.decoder.embed(decoder_ids);
         let causal = Tensor::ones([t, t], (Kind::Bool, x.device())).triu(1);
-        let bias = self.decoder.bias.forward(t, t, 0).to_kind(x.kind()).masked_fill(&causal, f64::NEG_INFINITY);
+        let bias = self
+            .decoder
+            .bias
+            .forward(t, t, 0)
+            .to_kind(x.kind())
+            .masked_fill(&causal, f64::NEG_INFINITY);
         for blk in &self.decoder.blocks {
             let h = blk.self_norm.forward(&x);
             let (k, v) = blk.self_attn.kv(&h);
@@ -305,9 +337,17 @@ impl T5 {
     }
 
     fn new_cache(&self, encoder_hidden: &Tensor) -> DecoderCache {
-        let cross_kv =
-            self.decoder.blocks.iter().map(|b| b.cross.as_ref().expect("decoder block").1.kv(encoder_hidden)).collect();
-        DecoderCache { self_kv: (0..self.decoder.blocks.len()).map(|_| None).collect(), cross_kv, len: 0 }
+        let cross_kv = self
+            .decoder
+            .blocks
+            .iter()
+            .map(|b| b.cross.as_ref().expect("decoder block").1.kv(encoder_hidden))
+            .collect();
+        DecoderCache {
+            self_kv: (0..self.decoder.blocks.len()).map(|_| None).collect(),
+            cross_kv,
+            len: 0,
+        }
     }
 
     /// Logits [B, vocab] of the next token after feeding `ids` [B, 1] at the cache's position.
@@ -340,7 +380,11 @@ impl T5 {
         let b = encoder_hidden.size()[0];
         let eos = self.config.eos_id();
         let mut cache = self.new_cache(encoder_hidden);
-        let mut ids = Tensor::full([b, 1], self.config.decoder_start_id(), (Kind::Int64, encoder_hidden.device()));
+        let mut ids = Tensor::full(
+            [b, 1],
+            self.config.decoder_start_id(),
+            (Kind::Int64, encoder_hidden.device()),
+        );
         let mut out: Vec<Vec<i64>> = vec![Vec::new(); b as usize];
         let mut done = vec![false; b as usize];
         for _ in 0..max_new_tokens {
@@ -356,8 +400,11 @@ impl T5 {
                 break;
             }
             // Finished rows keep being fed `pad`, as transformers does; their output is already final.
-            let fed: Vec<i64> =
-                next_v.iter().zip(&done).map(|(&t, &d)| if d { self.config.pad_token_id } else { t }).collect();
+            let fed: Vec<i64> = next_v
+                .iter()
+                .zip(&done)
+                .map(|(&t, &d)| if d { self.config.pad_token_id } else { t })
+                .collect();
             ids = Tensor::from_slice(&fed).view([b, 1]).to_device(encoder_hidden.device());
         }
         out

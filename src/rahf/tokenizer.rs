@@ -24,32 +24,47 @@ pub struct PromptTokens {
 impl PromptTokens {
     /// Items can share a batch (no padding, hence no mask) when every sequence has the same length.
     pub fn shape_key(&self) -> Vec<usize> {
-        std::iter::once(self.plain.len()).chain(self.tasks.iter().map(Vec::len)).collect()
+        std::iter::once(self.plain.len())
+            .chain(self.tasks.iter().map(Vec::len))
+            .collect()
     }
 }
 
 /// The augmented variant's task prompts, in the reference's wording.
 pub fn task_prompts(prompt: &str) -> Vec<String> {
-    let tasks = SCORE_TYPES.iter().map(|s| format!("SCORE: {s}")).chain(HEATMAP_TYPES.iter().map(|h| format!("HEATMAP: {h}")));
+    let tasks = SCORE_TYPES
+        .iter()
+        .map(|s| format!("SCORE: {s}"))
+        .chain(HEATMAP_TYPES.iter().map(|h| format!("HEATMAP: {h}")));
     tasks.map(|t| format!("<output> {t} </output> {prompt}")).collect()
 }
 
 impl RahfTokenizer {
     pub fn load(path: &Path, cfg: &RahfConfig) -> Result<Self> {
         if !path.exists() {
-            return Err(Error::Missing { path: path.to_path_buf(), what: "tokenizer.json".into() });
+            return Err(Error::Missing {
+                path: path.to_path_buf(),
+                what: "tokenizer.json".into(),
+            });
         }
-        let tokenizer = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), reason: e.to_string() })?;
-        Ok(RahfTokenizer { tokenizer, path: path.to_path_buf(), eos_id: cfg.t5.eos_id(), max_tokens: cfg.max_prompt_tokens })
+        let tokenizer = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Ok(RahfTokenizer {
+            tokenizer,
+            path: path.to_path_buf(),
+            eos_id: cfg.t5.eos_id(),
+            max_tokens: cfg.max_prompt_tokens,
+        })
     }
 
     /// Token ids of `text`, ending with `</s>`, at most the token budget.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| Error::Tokenizer { path: self.path.clone(), reason: e.to_string() })?;
+        let enc = self.tokenizer.encode(text, true).map_err(|e| Error::Tokenizer {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
         let mut ids: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
         // tokenizer.json normally appends `</s>` itself; make sure of it.
         if ids.last() != Some(&self.eos_id) {
@@ -72,7 +87,10 @@ impl RahfTokenizer {
         let plain = self.encode(prompt)?;
         let tasks = match variant {
             Variant::MultiHead => Vec::new(),
-            Variant::Augmented => task_prompts(prompt).iter().map(|t| self.encode(t)).collect::<Result<_>>()?,
+            Variant::Augmented => task_prompts(prompt)
+                .iter()
+                .map(|t| self.encode(t))
+                .collect::<Result<_>>()?,
         };
         Ok(PromptTokens { plain, tasks })
     }
@@ -80,8 +98,9 @@ impl RahfTokenizer {
     /// Text of generated ids, special tokens skipped.
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        self.tokenizer
-            .decode(&ids, true)
-            .map_err(|e| Error::Tokenizer { path: self.path.clone(), reason: e.to_string() })
+        self.tokenizer.decode(&ids, true).map_err(|e| Error::Tokenizer {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })
     }
 }

@@ -34,7 +34,9 @@ impl VitAttention {
         let q = split(self.query.forward(x));
         let k = split(self.key.forward(x));
         let v = split(self.value.forward(x));
-        let w = (q.matmul(&k.transpose(-1, -2)) * (hd as f64).powf(-0.5)).softmax(-1, Kind::Float).to_kind(x.kind());
+        let w = (q.matmul(&k.transpose(-1, -2)) * (hd as f64).powf(-0.5))
+            .softmax(-1, Kind::Float)
+            .to_kind(x.kind());
         let y = w.matmul(&v).transpose(1, 2).contiguous().view([b, n, c]);
         self.output.forward(&y)
     }
@@ -88,8 +90,15 @@ impl Vit {
         let patch = cfg.patch_size()?;
         let grid = cfg.grid()?;
         let emb = vb.pp("embeddings");
-        let patch_embeddings =
-            Conv2d::load(&emb.pp("patch_embeddings").pp("projection"), cfg.num_channels, h, patch, patch, 0, true)?;
+        let patch_embeddings = Conv2d::load(
+            &emb.pp("patch_embeddings").pp("projection"),
+            cfg.num_channels,
+            h,
+            patch,
+            patch,
+            0,
+            true,
+        )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| VitLayer::load(&vb.pp("encoder").pp("layer").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -105,7 +114,11 @@ impl Vit {
     /// `pixel_values`: B x 3 x S x S, normalised. Returns B x (1 + grid²) x hidden.
     pub fn forward(&self, pixel_values: &Tensor) -> Tensor {
         let b = pixel_values.size()[0];
-        let patches = self.patch_embeddings.forward(pixel_values).flatten(2, -1).transpose(1, 2);
+        let patches = self
+            .patch_embeddings
+            .forward(pixel_values)
+            .flatten(2, -1)
+            .transpose(1, 2);
         let cls = self.cls_token.expand([b, -1, -1], false);
         let mut x = Tensor::cat(&[cls, patches], 1) + &self.position_embeddings;
         for layer in &self.layers {

@@ -62,11 +62,10 @@ impl SchedulerConfig {
 
     /// Parses a config from JSON text; `origin` names it in error messages.
     pub fn from_json_str(text: &str, origin: &Path) -> Result<Self> {
-        let mut config: SchedulerConfig =
-            serde_json::from_str(text).map_err(|source| Error::Json {
-                path: origin.to_path_buf(),
-                source,
-            })?;
+        let mut config: SchedulerConfig = serde_json::from_str(text).map_err(|source| Error::Json {
+            path: origin.to_path_buf(),
+            source,
+        })?;
         config.path = origin.to_path_buf();
         Ok(config)
     }
@@ -119,10 +118,7 @@ impl SchedulerConfig {
         if allowed.contains(&p) {
             Ok(p)
         } else {
-            Err(self.unsupported(
-                "prediction_type",
-                format!("{name} (not available with this scheduler)"),
-            ))
+            Err(self.unsupported("prediction_type", format!("{name} (not available with this scheduler)")))
         }
     }
 

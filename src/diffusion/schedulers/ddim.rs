@@ -1,7 +1,7 @@
 //! DDIM (Song et al. 2020) with eta = 0: deterministic, no noise per step.
 //! Mirrors diffusers' `DDIMScheduler`.
 use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
-use super::schedule::{self, np_linspace, scalar};
+use super::schedule::{self, np_linspace, scalar, sqrt32};
 use super::{Scheduler, SchedulerKind};
 use crate::error::{Error, Result};
 use tch::Tensor;
@@ -41,16 +41,18 @@ impl Ddim {
                 .rev()
                 .map(f64::round_ties_even)
                 .collect(),
-            TimestepSpacing::Leading => {
-                schedule::leading(steps, train, config.steps_offset.unwrap_or(0))
-            }
+            TimestepSpacing::Leading => schedule::leading(steps, train, config.steps_offset.unwrap_or(0)),
             TimestepSpacing::Trailing => schedule::trailing(train as f64, train as f64, steps),
         };
-        // With steps_offset the first timestep can pass the last trained one.
+        // steps_offset can push the first timestep past the last trained one,
+        // and 999 "trailing" steps reach -1 (diffusers would then silently use
+        // Python's negative indexing).
         if let Some(&t) = timesteps.iter().find(|&&t| t < 0.0 || t >= train as f64) {
-            return Err(
-                config.unsupported("steps_offset", format!("timestep {t} outside 0..{train}"))
-            );
+            return Err(Error::Invalid(format!(
+                "{}: {steps} DDIM steps give timestep {t}, outside the trained 0..{train}; \
+                 choose another step count or timestep_spacing",
+                config.path.display()
+            )));
         }
         let prediction = config.prediction(&[
             PredictionType::Epsilon,
@@ -87,20 +89,11 @@ impl Ddim {
     fn predict(&self, model_output: &Tensor, step: usize, sample: &Tensor) -> (Tensor, Tensor) {
         let (a_t, _) = self.alpha_prod(step);
         let b_t = 1.0 - a_t;
-        let (sa, sb) = (scalar(a_t.sqrt()), scalar(b_t.sqrt()));
+        let (sa, sb) = (scalar(sqrt32(a_t)), scalar(sqrt32(b_t)));
         let (x0, eps) = match self.prediction {
-            PredictionType::Epsilon => (
-                (sample - &sb * model_output) / &sa,
-                model_output.shallow_clone(),
-            ),
-            PredictionType::Sample => (
-                model_output.shallow_clone(),
-                (sample - &sa * model_output) / &sb,
-            ),
-            PredictionType::VPrediction => (
-                &sa * sample - &sb * model_output,
-                &sa * model_output + &sb * sample,
-            ),
+            PredictionType::Epsilon => ((sample - &sb * model_output) / &sa, model_output.shallow_clone()),
+            PredictionType::Sample => (model_output.shallow_clone(), (sample - &sa * model_output) / &sb),
+            PredictionType::VPrediction => (&sa * sample - &sb * model_output, &sa * model_output + &sb * sample),
         };
         let x0 = match self.clip {
             Some(r) => x0.clamp(-r as f64, r as f64),
@@ -123,18 +116,12 @@ impl Scheduler for Ddim {
         sample.shallow_clone()
     }
 
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step: usize,
-        sample: &Tensor,
-        _noise: Option<&Tensor>,
-    ) -> Tensor {
+    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _noise: Option<&Tensor>) -> Tensor {
         let (_, a_prev) = self.alpha_prod(step);
         let (x0, eps) = self.predict(model_output, step, sample);
         // eta = 0: the variance term vanishes, std_dev_t = 0.
-        let direction = scalar((1.0 - a_prev).sqrt()) * eps;
-        scalar(a_prev.sqrt()) * x0 + direction
+        let direction = scalar(sqrt32(1.0 - a_prev)) * eps;
+        scalar(sqrt32(a_prev)) * x0 + direction
     }
 
     fn needs_noise(&self) -> bool {

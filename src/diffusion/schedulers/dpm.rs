@@ -8,7 +8,7 @@
 //! img2img start) is first order.
 use super::config::{FinalSigma, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::schedule::{
-    self, karras_sigmas, log_f32, np_interp_index, np_linspace, scalar, sigma_to_t, train_sigmas,
+    self, exp32, karras_sigmas, ln32, log_f32, np_interp_index, np_linspace, scalar, sigma_to_t, sqrt32, train_sigmas,
 };
 use super::{Scheduler, SchedulerKind};
 use crate::error::Result;
@@ -35,19 +35,9 @@ pub struct DpmSolverPP {
     last_step: Option<usize>,
 }
 
-/// float32 log / exp through libtorch, so the scalars match diffusers' 0-d
-/// float32 tensor arithmetic bit for bit (libm's logf can differ by an ulp,
-/// and the step differences of lambdas amplify that).
-fn ln32(x: f32) -> f32 {
-    Tensor::from(x).log().double_value(&[]) as f32
-}
-fn exp32(x: f32) -> f32 {
-    Tensor::from(x).exp().double_value(&[]) as f32
-}
-
 /// (alpha_t, sigma_t) of the variance-preserving process for a VE sigma.
 fn alpha_sigma(sigma: f32) -> (f32, f32) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    let alpha = 1.0 / sqrt32(sigma * sigma + 1.0);
     (alpha, sigma * alpha)
 }
 
@@ -88,8 +78,7 @@ impl DpmSolverPP {
 
         let train = config.train_steps()?;
         let ac = schedule::alphas_cumprod(config, train, true)?;
-        let last =
-            train - clipped_count(&ac, config.lambda_min_clipped.unwrap_or(f64::NEG_INFINITY));
+        let last = train - clipped_count(&ac, config.lambda_min_clipped.unwrap_or(f64::NEG_INFINITY));
         let mut timesteps: Vec<f64> = match config.spacing(TimestepSpacing::Linspace)? {
             TimestepSpacing::Linspace => {
                 let mut t: Vec<f64> = np_linspace(0.0, last as f64 - 1.0, steps + 1)
@@ -103,10 +92,7 @@ impl DpmSolverPP {
             TimestepSpacing::Leading => {
                 let ratio = last / (steps + 1);
                 let offset = config.steps_offset.unwrap_or(0) as f64;
-                (1..=steps)
-                    .rev()
-                    .map(|i| (i * ratio) as f64 + offset)
-                    .collect()
+                (1..=steps).rev().map(|i| (i * ratio) as f64 + offset).collect()
             }
             TimestepSpacing::Trailing => schedule::trailing(train as f64, last as f64, steps),
         };
@@ -114,9 +100,7 @@ impl DpmSolverPP {
         let sigmas: Vec<f64> = if config.use_karras_sigmas.unwrap_or(false) {
             // Karras over the whole training range (not the spaced timesteps).
             let lo = config.sigma_min.unwrap_or(base[0] as f64);
-            let hi = config
-                .sigma_max
-                .unwrap_or(*base.last().expect("train >= 2") as f64);
+            let hi = config.sigma_max.unwrap_or(*base.last().expect("train >= 2") as f64);
             let s = karras_sigmas(lo, hi, steps);
             let log_sigmas = log_f32(&base);
             let round = config.beta_schedule.as_deref() != Some("squaredcos_cap_v2");
@@ -134,14 +118,11 @@ impl DpmSolverPP {
                 .collect();
             s
         } else {
-            timesteps
-                .iter()
-                .map(|&t| np_interp_index(t, &base))
-                .collect()
+            timesteps.iter().map(|&t| np_interp_index(t, &base)).collect()
         };
         let final_sigma = match config.final_sigmas()? {
             FinalSigma::Zero => 0.0,
-            FinalSigma::SigmaMin => ((1.0 - ac[0]) / ac[0]).sqrt(),
+            FinalSigma::SigmaMin => sqrt32((1.0 - ac[0]) / ac[0]),
         };
         let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
         sigmas.push(final_sigma);
@@ -212,14 +193,7 @@ fn clipped_count(ac: &[f32], lambda_min_clipped: f64) -> usize {
     let ac = Tensor::from_slice(ac);
     let lambdas = ac.sqrt().log() - (ac.ones_like() - &ac).sqrt().log();
     let flipped = lambdas.flip([0]);
-    let idx = Tensor::searchsorted_scalar(
-        &flipped,
-        lambda_min_clipped,
-        false,
-        false,
-        "left",
-        None::<Tensor>,
-    );
+    let idx = Tensor::searchsorted_scalar(&flipped, lambda_min_clipped, false, false, "left", None::<Tensor>);
     idx.int64_value(&[]) as usize
 }
 
@@ -238,13 +212,7 @@ impl Scheduler for DpmSolverPP {
 
     /// Steps must come in order; a step that does not follow the previous one
     /// starts a fresh solver history (first order), as a new diffusers run would.
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step: usize,
-        sample: &Tensor,
-        _noise: Option<&Tensor>,
-    ) -> Tensor {
+    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _noise: Option<&Tensor>) -> Tensor {
         if step == 0 || self.last_step != Some(step - 1) {
             self.prev_x0 = None;
             self.lower_order_nums = 0;
@@ -279,9 +247,7 @@ impl Scheduler for DpmSolverPP {
         let sigma = Tensor::from_slice(&[self.sigmas[step]])
             .to_kind(original.kind())
             .to_device(original.device());
-        let alpha_t = (sigma.pow_tensor_scalar(2) + 1.0)
-            .pow_tensor_scalar(0.5)
-            .reciprocal();
+        let alpha_t = (sigma.pow_tensor_scalar(2) + 1.0).pow_tensor_scalar(0.5).reciprocal();
         let sigma_t = &sigma * &alpha_t;
         alpha_t * original + sigma_t * noise
     }

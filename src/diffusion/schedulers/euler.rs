@@ -7,9 +7,7 @@
 //! dtype (diffusers upcasts the sample), and the result returns to the model
 //! output's dtype.
 use super::config::{FinalSigma, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::schedule::{
-    self, karras_sigmas, log_f32, np_interp_index, scalar, sigma_to_t, train_sigmas,
-};
+use super::schedule::{self, karras_sigmas, log_f32, np_interp_index, scalar, sigma_to_t, sqrt32, train_sigmas};
 use super::{Scheduler, SchedulerKind};
 use crate::error::Result;
 use tch::{Kind, Tensor};
@@ -29,13 +27,9 @@ impl SigmaSchedule {
         let train = config.train_steps()?;
         let ac = schedule::alphas_cumprod(config, train, true)?;
         let spacing = config.spacing(TimestepSpacing::Linspace)?;
-        let mut timesteps =
-            schedule::euler_timesteps(spacing, steps, train, config.steps_offset.unwrap_or(0));
+        let mut timesteps = schedule::euler_timesteps(spacing, steps, train, config.steps_offset.unwrap_or(0));
         let base = train_sigmas(&ac);
-        let mut sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| np_interp_index(t, &base))
-            .collect();
+        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| np_interp_index(t, &base)).collect();
         let mut final_sigma = 0.0f64;
         if karras_and_final {
             match config.interpolation_type.as_deref().unwrap_or("linear") {
@@ -49,9 +43,7 @@ impl SigmaSchedule {
             config.reject_true("use_exponential_sigmas", config.use_exponential_sigmas)?;
             config.reject_true("use_beta_sigmas", config.use_beta_sigmas)?;
             if config.use_karras_sigmas.unwrap_or(false) {
-                let lo = config
-                    .sigma_min
-                    .unwrap_or(*sigmas.last().expect("steps >= 1"));
+                let lo = config.sigma_min.unwrap_or(*sigmas.last().expect("steps >= 1"));
                 let hi = config.sigma_max.unwrap_or(sigmas[0]);
                 sigmas = karras_sigmas(lo, hi, steps);
                 let log_sigmas = log_f32(&base);
@@ -62,7 +54,7 @@ impl SigmaSchedule {
                     .collect();
             }
             if config.final_sigmas()? == FinalSigma::SigmaMin {
-                final_sigma = ((1.0 - ac[0]) / ac[0]).sqrt() as f64;
+                final_sigma = sqrt32((1.0 - ac[0]) / ac[0]) as f64;
             }
         }
         let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
@@ -70,7 +62,7 @@ impl SigmaSchedule {
         let max = sigmas.iter().cloned().fold(f32::MIN, f32::max);
         let init_noise_sigma = match spacing {
             TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
-            TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
+            TimestepSpacing::Leading => sqrt32(max * max + 1.0),
         };
         Ok(SigmaSchedule {
             timesteps,
@@ -81,23 +73,17 @@ impl SigmaSchedule {
 
     fn scale(&self, sample: &Tensor, step: usize) -> Tensor {
         let s = self.sigmas[step];
-        sample / scalar((s * s + 1.0).sqrt())
+        sample / scalar(sqrt32(s * s + 1.0))
     }
 
     /// x0 from the model output; `sample` is already float32.
-    fn pred_x0(
-        &self,
-        prediction: PredictionType,
-        model_output: &Tensor,
-        step: usize,
-        sample: &Tensor,
-    ) -> Tensor {
+    fn pred_x0(&self, prediction: PredictionType, model_output: &Tensor, step: usize, sample: &Tensor) -> Tensor {
         let s = self.sigmas[step];
         match prediction {
             PredictionType::Epsilon => sample - scalar(s) * model_output,
             PredictionType::VPrediction => {
                 let s2p1 = s * s + 1.0;
-                model_output * scalar(-s / s2p1.sqrt()) + sample / scalar(s2p1)
+                model_output * scalar(-s / sqrt32(s2p1)) + sample / scalar(s2p1)
             }
             PredictionType::Sample => model_output.shallow_clone(),
         }
@@ -144,18 +130,10 @@ impl Scheduler for Euler {
         self.schedule.scale(sample, step)
     }
 
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step: usize,
-        sample: &Tensor,
-        _noise: Option<&Tensor>,
-    ) -> Tensor {
+    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _noise: Option<&Tensor>) -> Tensor {
         let sample = sample.to_kind(Kind::Float);
         let sigma = self.schedule.sigmas[step];
-        let x0 = self
-            .schedule
-            .pred_x0(self.prediction, model_output, step, &sample);
+        let x0 = self.schedule.pred_x0(self.prediction, model_output, step, &sample);
         let derivative = (&sample - x0) / scalar(sigma);
         let dt = self.schedule.sigmas[step + 1] - sigma;
         (sample + derivative * scalar(dt)).to_kind(model_output.kind())
@@ -166,12 +144,8 @@ impl Scheduler for Euler {
     }
 
     fn pred_original_sample(&self, model_output: &Tensor, step: usize, sample: &Tensor) -> Tensor {
-        self.schedule.pred_x0(
-            self.prediction,
-            model_output,
-            step,
-            &sample.to_kind(Kind::Float),
-        )
+        self.schedule
+            .pred_x0(self.prediction, model_output, step, &sample.to_kind(Kind::Float))
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Tensor {
@@ -194,8 +168,7 @@ pub struct EulerAncestral {
 
 impl EulerAncestral {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
-        let prediction =
-            config.prediction(&[PredictionType::Epsilon, PredictionType::VPrediction])?;
+        let prediction = config.prediction(&[PredictionType::Epsilon, PredictionType::VPrediction])?;
         Ok(EulerAncestral {
             schedule: SigmaSchedule::new(config, steps, false)?,
             prediction,
@@ -218,24 +191,16 @@ impl Scheduler for EulerAncestral {
 
     /// `noise` must be given (see the module docs of `schedulers` for how the
     /// pipeline draws it); a missing one is a programming error.
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step: usize,
-        sample: &Tensor,
-        noise: Option<&Tensor>,
-    ) -> Tensor {
+    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, noise: Option<&Tensor>) -> Tensor {
         let noise = noise.expect("EulerAncestral::step needs the per-step noise");
         let sample = sample.to_kind(Kind::Float);
         let from = self.schedule.sigmas[step];
         let to = self.schedule.sigmas[step + 1];
-        let x0 = self
-            .schedule
-            .pred_x0(self.prediction, model_output, step, &sample);
+        let x0 = self.schedule.pred_x0(self.prediction, model_output, step, &sample);
         // Split the move to `to` into a deterministic part down to sigma_down
         // and fresh noise of std sigma_up (sigma_down^2 + sigma_up^2 = to^2).
-        let up = ((to * to) * (from * from - to * to) / (from * from)).sqrt();
-        let down = (to * to - up * up).sqrt();
+        let up = sqrt32((to * to) * (from * from - to * to) / (from * from));
+        let down = sqrt32(to * to - up * up);
         let derivative = (&sample - x0) / scalar(from);
         let prev = sample + derivative * scalar(down - from);
         (prev + noise * scalar(up)).to_kind(model_output.kind())
@@ -246,12 +211,8 @@ impl Scheduler for EulerAncestral {
     }
 
     fn pred_original_sample(&self, model_output: &Tensor, step: usize, sample: &Tensor) -> Tensor {
-        self.schedule.pred_x0(
-            self.prediction,
-            model_output,
-            step,
-            &sample.to_kind(Kind::Float),
-        )
+        self.schedule
+            .pred_x0(self.prediction, model_output, step, &sample.to_kind(Kind::Float))
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Tensor {

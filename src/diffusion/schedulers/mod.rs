@@ -100,14 +100,11 @@ impl std::fmt::Display for SchedulerKind {
 impl std::str::FromStr for SchedulerKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        SchedulerKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "unknown scheduler `{s}`: expected one of ddim, euler, euler-a, dpm++2m"
-                ))
-            })
+        SchedulerKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
+            Error::Invalid(format!(
+                "unknown scheduler `{s}`: expected one of ddim, euler, euler-a, dpm++2m"
+            ))
+        })
     }
 }
 
@@ -121,13 +118,7 @@ pub trait Scheduler: Send {
     /// One denoising step. `noise` is required exactly when `needs_noise()`
     /// (ancestral), of sample's shape and the model output's dtype. The result
     /// has the model output's dtype.
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step: usize,
-        sample: &Tensor,
-        noise: Option<&Tensor>,
-    ) -> Tensor;
+    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, noise: Option<&Tensor>) -> Tensor;
     fn needs_noise(&self) -> bool;
     /// Predicted x0 from the model output at this step (used by classifier
     /// guidance); what diffusers' step reports as `pred_original_sample`
@@ -145,11 +136,7 @@ pub trait Scheduler: Send {
 
 /// Builds `kind` for `num_inference_steps` steps; unsupported config values
 /// fail naming the config file and field.
-pub fn build(
-    kind: SchedulerKind,
-    config: &SchedulerConfig,
-    num_inference_steps: usize,
-) -> Result<Box<dyn Scheduler>> {
+pub fn build(kind: SchedulerKind, config: &SchedulerConfig, num_inference_steps: usize) -> Result<Box<dyn Scheduler>> {
     if num_inference_steps == 0 {
         return Err(Error::Invalid(
             "the number of inference steps must be at least 1".into(),
@@ -158,12 +145,8 @@ pub fn build(
     Ok(match kind {
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config, num_inference_steps)?),
         SchedulerKind::Euler => Box::new(euler::Euler::new(config, num_inference_steps)?),
-        SchedulerKind::EulerAncestral => {
-            Box::new(euler::EulerAncestral::new(config, num_inference_steps)?)
-        }
-        SchedulerKind::DpmPlusPlus2M => {
-            Box::new(dpm::DpmSolverPP::new(config, num_inference_steps)?)
-        }
+        SchedulerKind::EulerAncestral => Box::new(euler::EulerAncestral::new(config, num_inference_steps)?),
+        SchedulerKind::DpmPlusPlus2M => Box::new(dpm::DpmSolverPP::new(config, num_inference_steps)?),
     })
 }
 

@@ -18,12 +18,22 @@ pub(crate) fn scalar(x: f32) -> Tensor {
     Tensor::from(x)
 }
 
+/// float32 sqrt / log / exp through libtorch: diffusers computes its step
+/// scalars as 0-d float32 torch tensors, and libtorch's CPU kernels are not
+/// always correctly rounded (its sqrt differs from IEEE sqrt in about one
+/// value in five), so libm would drift by an ulp here and there.
+pub(crate) fn sqrt32(x: f32) -> f32 {
+    Tensor::from(x).sqrt().double_value(&[]) as f32
+}
+pub(crate) fn ln32(x: f32) -> f32 {
+    Tensor::from(x).log().double_value(&[]) as f32
+}
+pub(crate) fn exp32(x: f32) -> f32 {
+    Tensor::from(x).exp().double_value(&[]) as f32
+}
+
 /// ᾱ_t (alphas_cumprod) for t = 0..num_train_timesteps, float32.
-pub(crate) fn alphas_cumprod(
-    config: &SchedulerConfig,
-    n: usize,
-    terminal_snr_floor: bool,
-) -> Result<Vec<f32>> {
+pub(crate) fn alphas_cumprod(config: &SchedulerConfig, n: usize, terminal_snr_floor: bool) -> Result<Vec<f32>> {
     let opts = (Kind::Float, Device::Cpu);
     let mut betas = match config.beta_schedule()? {
         BetaSchedule::Linear { start, end } => Tensor::linspace(start, end, n as i64, opts),
@@ -31,9 +41,7 @@ pub(crate) fn alphas_cumprod(
             Tensor::linspace(start.sqrt(), end.sqrt(), n as i64, opts).pow_tensor_scalar(2)
         }
         BetaSchedule::SquaredCosCapV2 => Tensor::from_slice(&squaredcos_cap_v2(n)),
-        BetaSchedule::Trained(b) => {
-            Tensor::from_slice(&b.iter().map(|&x| x as f32).collect::<Vec<_>>())
-        }
+        BetaSchedule::Trained(b) => Tensor::from_slice(&b.iter().map(|&x| x as f32).collect::<Vec<_>>()),
     };
     let rescale = config.rescale_betas_zero_snr.unwrap_or(false);
     if rescale {
@@ -53,11 +61,7 @@ pub(crate) fn alphas_cumprod(
 /// Betas from the cosine ᾱ(t) of Nichol & Dhariwal, capped at 0.999; float64
 /// math (as Python's `math`), stored as float32.
 fn squaredcos_cap_v2(n: usize) -> Vec<f32> {
-    let alpha_bar = |t: f64| {
-        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
-            .cos()
-            .powi(2)
-    };
+    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
     (0..n)
         .map(|i| {
             let t1 = i as f64 / n as f64;
@@ -84,10 +88,9 @@ fn rescale_zero_terminal_snr(betas: &Tensor) -> Tensor {
 
 /// sqrt((1 - ᾱ) / ᾱ) per training timestep, float32 as torch computes it.
 pub(crate) fn train_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
-    alphas_cumprod
-        .iter()
-        .map(|&a| ((1.0 - a) / a).sqrt())
-        .collect()
+    let ac = Tensor::from_slice(alphas_cumprod);
+    let sigmas = ((ac.ones_like() - &ac) / &ac).sqrt();
+    Vec::<f32>::try_from(&sigmas).expect("float32 vector")
 }
 
 /// `np.linspace(start, stop, num)` in float64 (endpoint included).
@@ -100,9 +103,7 @@ pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     let mut y: Vec<f64> = if div > 0 {
         let step = delta / div as f64;
         if step == 0.0 {
-            (0..num)
-                .map(|i| i as f64 / div as f64 * delta + start)
-                .collect()
+            (0..num).map(|i| i as f64 / div as f64 * delta + start).collect()
         } else {
             (0..num).map(|i| i as f64 * step + start).collect()
         }
@@ -126,13 +127,7 @@ pub(crate) fn np_arange_f64(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let len = len as usize;
     let delta = (start + step) - start;
     (0..len)
-        .map(|i| {
-            if i == 0 {
-                start
-            } else {
-                start + i as f64 * delta
-            }
-        })
+        .map(|i| if i == 0 { start } else { start + i as f64 * delta })
         .collect()
 }
 
@@ -164,10 +159,7 @@ pub(crate) fn np_interp_index(x: f64, fp: &[f32]) -> f64 {
 /// `last` the last usable training timestep + 1 (DPM-Solver's lambda clipping).
 pub(crate) fn leading(count: usize, train: usize, offset: i64) -> Vec<f64> {
     let ratio = train / count;
-    (0..count)
-        .rev()
-        .map(|i| (i * ratio) as f64 + offset as f64)
-        .collect()
+    (0..count).rev().map(|i| (i * ratio) as f64 + offset as f64).collect()
 }
 
 pub(crate) fn trailing(train_f: f64, last: f64, count: usize) -> Vec<f64> {
@@ -217,12 +209,7 @@ pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, count: usize) -> Vec
 
 /// Which spacing a class uses for its raw (pre-sigma) timesteps; shared by
 /// Euler-type schedulers, which keep them as float32.
-pub(crate) fn euler_timesteps(
-    spacing: TimestepSpacing,
-    count: usize,
-    train: usize,
-    offset: i64,
-) -> Vec<f64> {
+pub(crate) fn euler_timesteps(spacing: TimestepSpacing, count: usize, train: usize, offset: i64) -> Vec<f64> {
     match spacing {
         // np.linspace(..., dtype=float32): float64 math, then cast.
         TimestepSpacing::Linspace => np_linspace(0.0, (train - 1) as f64, count)
