@@ -15,6 +15,9 @@ enum Command {
     Generate(GenerateArgs),
     /// RAHF feedback (four scores, two heatmaps, misaligned keywords) for existing images.
     Score(ScoreArgs),
+    /// Make an orchestrate RAHF folder: import the published PyTorch checkpoint, or start fresh from HF backbones.
+    #[command(subcommand)]
+    Rahf(RahfCommand),
     /// What this binary sees: libtorch version, CUDA (or why not), devices, dtypes.
     Env {
         /// Print JSON instead of text.
@@ -41,6 +44,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Env { json } => env(json),
         Command::Generate(args) => generate(args),
         Command::Score(args) => score(args),
+        Command::Rahf(cmd) => rahf(cmd),
     }
 }
 
@@ -154,6 +158,64 @@ fn score(a: ScoreArgs) -> Result<()> {
     orchestrate::score::run(&model, &items, a.batch_size, a.out.as_deref(), &mut |rec| {
         println!("{}", serde_json::to_string(rec).expect("records serialise"));
     })?;
+    Ok(())
+}
+
+#[derive(Subcommand)]
+enum RahfCommand {
+    /// Convert a `torch.save(model.state_dict())` RAHF checkpoint into an orchestrate RAHF folder.
+    Import(RahfImportArgs),
+    /// A fresh (untrained) RAHF from HF ViT and T5 checkpoints; heads initialised like PyTorch's defaults.
+    Init(RahfInitArgs),
+}
+
+#[derive(clap::Args)]
+struct RahfImportArgs {
+    /// The PyTorch checkpoint (zip format, as torch.save writes it); never executed.
+    #[arg(long)]
+    checkpoint: std::path::PathBuf,
+    /// The ViT backbone's HF folder (config.json, preprocessor_config.json), or a cached HF repo id.
+    #[arg(long)]
+    vit: String,
+    /// The T5 backbone's HF folder (config.json, tokenizer.json), or a cached HF repo id.
+    #[arg(long)]
+    t5: String,
+    /// The folder to create (must not exist, or be empty).
+    #[arg(long)]
+    out: std::path::PathBuf,
+}
+
+#[derive(clap::Args)]
+struct RahfInitArgs {
+    /// HF ViTModel or ViTForImageClassification folder, or a cached HF repo id.
+    #[arg(long)]
+    vit: String,
+    /// HF T5ForConditionalGeneration folder (with tokenizer.json), or a cached HF repo id.
+    #[arg(long)]
+    t5: String,
+    /// augmented or multi-head.
+    #[arg(long)]
+    variant: String,
+    /// Seed of the new parameters (projection and heads).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The folder to create (must not exist, or be empty).
+    #[arg(long)]
+    out: std::path::PathBuf,
+}
+
+fn rahf(cmd: RahfCommand) -> Result<()> {
+    match cmd {
+        RahfCommand::Import(a) => {
+            let report = orchestrate::rahf::import::import(&a.checkpoint, &a.vit, &a.t5, &a.out)?;
+            println!("{report}");
+        }
+        RahfCommand::Init(a) => {
+            let variant = a.variant.parse()?;
+            let report = orchestrate::rahf::init::init(&a.vit, &a.t5, variant, a.seed, &a.out)?;
+            print!("{report}");
+        }
+    }
     Ok(())
 }
 

@@ -119,14 +119,21 @@ fn draw_all(
         }
         steps.push((0..noise_steps).map(|_| randn(latent_kind)).collect());
     }
-    Draws { latents, steps, image_eps, masked_eps }
+    Draws {
+        latents,
+        steps,
+        image_eps,
+        masked_eps,
+    }
 }
 
 /// The image as diffusers' `VaeImageProcessor` makes it: [1, 3, H, W] float32
 /// in [-1, 1].
 fn image_tensor(image: &RgbImage) -> Tensor {
     let (w, h) = image.dimensions();
-    let bytes = Tensor::from_slice(image.as_raw()).view([1, h as i64, w as i64, 3]).permute([0, 3, 1, 2]);
+    let bytes = Tensor::from_slice(image.as_raw())
+        .view([1, h as i64, w as i64, 3])
+        .permute([0, 3, 1, 2]);
     (bytes.to_kind(Kind::Float) / 255.0) * 2.0 - 1.0
 }
 
@@ -134,7 +141,10 @@ fn image_tensor(image: &RgbImage) -> Tensor {
 /// where `u8 / 255 >= 0.5`.
 fn mask_tensor(mask: &GrayImage) -> Tensor {
     let (w, h) = mask.dimensions();
-    let values = Tensor::from_slice(mask.as_raw()).view([1, 1, h as i64, w as i64]).to_kind(Kind::Float) / 255.0;
+    let values = Tensor::from_slice(mask.as_raw())
+        .view([1, 1, h as i64, w as i64])
+        .to_kind(Kind::Float)
+        / 255.0;
     values.ge(0.5).to_kind(Kind::Float)
 }
 
@@ -194,10 +204,15 @@ impl StableDiffusion {
             return Err(Error::Invalid("--steps must be at least 1".into()));
         }
         if !(0.0..=1.0).contains(&strength) {
-            return Err(Error::Invalid(format!("--strength {strength}: must be in [0, 1]")));
+            return Err(Error::Invalid(format!(
+                "--strength {strength}: must be in [0, 1]"
+            )));
         }
         let want = (settings.width as u32, settings.height as u32);
-        for (what, size) in [("image", source.image.dimensions()), ("mask", source.mask.dimensions())] {
+        for (what, size) in [
+            ("image", source.image.dimensions()),
+            ("mask", source.mask.dimensions()),
+        ] {
             if size != want {
                 return Err(Error::Invalid(format!(
                     "inpaint {what} is {}x{} (WxH) but the sampling size is {}x{}; resize it first",
@@ -206,7 +221,8 @@ impl StableDiffusion {
             }
         }
 
-        let mut scheduler = schedulers::build(settings.scheduler, &self.scheduler_config, settings.steps)?;
+        let mut scheduler =
+            schedulers::build(settings.scheduler, &self.scheduler_config, settings.steps)?;
         let start = schedulers::start_index_for_strength(settings.steps, strength);
         let n_timesteps = scheduler.timesteps().len();
         if start >= n_timesteps || settings.steps - start < 1 {
@@ -223,16 +239,33 @@ impl StableDiffusion {
         let (h, w) = (settings.height / scale, settings.width / scale);
         let latent_ch = self.vae.config.latent_channels;
         let shape = [1, latent_ch, h, w];
-        let noise_steps = if scheduler.needs_noise() { n_timesteps - start } else { 0 };
-        let draws =
-            draw_all(source.seed, candidates, &shape, self.kind, self.vae.kind(), needs_image, noise_steps);
+        let noise_steps = if scheduler.needs_noise() {
+            n_timesteps - start
+        } else {
+            0
+        };
+        let draws = draw_all(
+            source.seed,
+            candidates,
+            &shape,
+            self.kind,
+            self.vae.kind(),
+            needs_image,
+            noise_steps,
+        );
 
         let cfg = settings.guidance_scale > 1.0;
         let prompts: Vec<String> = candidates.iter().map(|c| c.prompt.clone()).collect();
         let mut embeds = self.encode_prompts(&prompts, settings.clip_skip)?;
         if cfg {
-            let negatives: Vec<String> = candidates.iter().map(|c| c.negative_prompt.clone()).collect();
-            embeds = Tensor::cat(&[self.encode_prompts(&negatives, settings.clip_skip)?, embeds], 0);
+            let negatives: Vec<String> = candidates
+                .iter()
+                .map(|c| c.negative_prompt.clone())
+                .collect();
+            embeds = Tensor::cat(
+                &[self.encode_prompts(&negatives, settings.clip_skip)?, embeds],
+                0,
+            );
         }
 
         let batch = candidates.len() as i64;
@@ -243,9 +276,15 @@ impl StableDiffusion {
         };
         let image = image_tensor(&source.image);
         let mask = mask_tensor(&source.mask);
-        let mask_latent = mask.upsample_nearest2d([h, w], None, None).to_kind(self.kind).to_device(self.device);
+        let mask_latent = mask
+            .upsample_nearest2d([h, w], None, None)
+            .to_kind(self.kind)
+            .to_device(self.device);
 
-        let image_latents = draws.image_eps.as_ref().map(|eps| vae_sample(&image.to_kind(self.kind), eps));
+        let image_latents = draws
+            .image_eps
+            .as_ref()
+            .map(|eps| vae_sample(&image.to_kind(self.kind), eps));
         let noise = Tensor::cat(&draws.latents, 0).to_device(self.device);
         let mut latents = if full_strength {
             &noise * scheduler.init_noise_sigma()
@@ -262,12 +301,18 @@ impl StableDiffusion {
 
         let cfg_copies = if cfg { 2 } else { 1 };
         let cond = masked_image_latents.as_ref().map(|mil| {
-            (mask_latent.repeat([batch * cfg_copies, 1, 1, 1]), mil.repeat([batch * cfg_copies, 1, 1, 1]))
+            (
+                mask_latent.repeat([batch * cfg_copies, 1, 1, 1]),
+                mil.repeat([batch * cfg_copies, 1, 1, 1]),
+            )
         });
         let blend = match mode {
             InpaintMode::Blend => Some((
                 mask_latent.repeat([batch, 1, 1, 1]),
-                image_latents.as_ref().expect("drawn for a plain UNet").repeat([batch, 1, 1, 1]),
+                image_latents
+                    .as_ref()
+                    .expect("drawn for a plain UNet")
+                    .repeat([batch, 1, 1, 1]),
             )),
             InpaintMode::Conditioned => None,
         };
@@ -275,7 +320,11 @@ impl StableDiffusion {
         tch::no_grad(|| {
             let timesteps = scheduler.timesteps().to_vec();
             for (n, i) in (start..n_timesteps).enumerate() {
-                let model_in = if cfg { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
+                let model_in = if cfg {
+                    Tensor::cat(&[&latents, &latents], 0)
+                } else {
+                    latents.shallow_clone()
+                };
                 let mut model_in = scheduler.scale_model_input(&model_in, i);
                 if let Some((m, mil)) = &cond {
                     model_in = Tensor::cat(&[&model_in, m, mil], 1);
@@ -293,12 +342,24 @@ impl StableDiffusion {
                 });
                 latents = scheduler.step(&out, i, &latents, step_noise.as_ref());
                 if let Some((m, image_latents)) = &blend {
-                    latents = blend_step(scheduler.as_ref(), &latents, m, image_latents, &noise, i + 1);
+                    latents = blend_step(
+                        scheduler.as_ref(),
+                        &latents,
+                        m,
+                        image_latents,
+                        &noise,
+                        i + 1,
+                    );
                 }
                 on_step(n, &latents);
             }
         });
-        Ok(InpaintOutput { latents, mask_latent, masked_image_latents, image_latents })
+        Ok(InpaintOutput {
+            latents,
+            mask_latent,
+            masked_image_latents,
+            image_latents,
+        })
     }
 }
 
@@ -330,8 +391,9 @@ pub fn to_rgb_images(images: &Tensor) -> Result<Vec<RgbImage>> {
         .map(|b| {
             let data = Vec::<u8>::try_from(bytes.get(b).contiguous().view([-1]))
                 .map_err(|e| Error::torch(format!("inpainted image {b}"), e))?;
-            RgbImage::from_raw(w, h, data)
-                .ok_or_else(|| Error::Invalid(format!("inpainted image {b}: buffer is not {w}x{h}x3")))
+            RgbImage::from_raw(w, h, data).ok_or_else(|| {
+                Error::Invalid(format!("inpainted image {b}: buffer is not {w}x{h}x3"))
+            })
         })
         .collect()
 }

@@ -102,7 +102,7 @@ impl StableDiffusion {
     /// image, drawn on the CPU from that image's own seed in diffusers' order:
     /// first the latents, then one draw per step. tch has only the global
     /// generator, so each image reseeds it.
-    fn draw_noise(&self, seed: u64, shape: &[i64], noise_steps: usize) -> (Tensor, Vec<Tensor>) {
+    pub(crate) fn draw_noise(&self, seed: u64, shape: &[i64], noise_steps: usize) -> (Tensor, Vec<Tensor>) {
         tch::manual_seed(seed as i64);
         let opts = (self.kind, Device::Cpu);
         let latents = Tensor::randn(shape, opts);

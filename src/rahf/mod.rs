@@ -3,6 +3,8 @@
 pub mod config;
 pub mod feedback;
 pub mod heads;
+pub mod import;
+pub mod init;
 pub mod keywords;
 pub mod model;
 pub mod preprocess;

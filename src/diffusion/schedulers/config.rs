@@ -179,15 +179,3 @@ pub enum FinalSigma {
     /// The smallest training sigma, sqrt((1 - ᾱ_0) / ᾱ_0).
     SigmaMin,
 }
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn json_floats_parse_exactly() {
-        for s in ["0.00085", "0.012", "0.0001", "0.02"] {
-            let a: f64 = serde_json::from_str(s).unwrap();
-            let b: f64 = s.parse().unwrap();
-            println!("{s} {}", a.to_bits() == b.to_bits());
-        }
-    }
-}

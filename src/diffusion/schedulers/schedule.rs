@@ -153,15 +153,16 @@ pub(crate) fn np_interp_index(x: f64, fp: &[f32]) -> f64 {
     }
 }
 
-/// The inference timesteps of the Euler / DPM-Solver / DDIM families before any
-/// sigma conversion, as float64 (callers cast as their class does).
-/// `count` is what the caller asked for; `train` the training steps;
-/// `last` the last usable training timestep + 1 (DPM-Solver's lambda clipping).
+/// "leading" spacing: multiples of train // count, largest first, plus
+/// steps_offset (DDIM, Euler; DPM-Solver has its own count + 1 variant).
 pub(crate) fn leading(count: usize, train: usize, offset: i64) -> Vec<f64> {
     let ratio = train / count;
     (0..count).rev().map(|i| (i * ratio) as f64 + offset as f64).collect()
 }
 
+/// "trailing" spacing: round(np.arange(last, 0, -train / count)) - 1, where
+/// `last` is the number of usable training timesteps (all but DPM-Solver's
+/// lambda-clipped ones).
 pub(crate) fn trailing(train_f: f64, last: f64, count: usize) -> Vec<f64> {
     let ratio = train_f / count as f64;
     np_arange_f64(last, 0.0, -ratio)
@@ -245,18 +246,5 @@ mod tests {
         assert_eq!(np_interp_index(1.0, &fp), 2.0);
         assert_eq!(np_interp_index(1.5, &fp), 3.0);
         assert_eq!(np_interp_index(7.0, &fp), 4.0);
-    }
-}
-#[cfg(test)]
-mod dbg {
-    #[test]
-    fn dbg_ac() {
-        let cfg = crate::diffusion::schedulers::SchedulerConfig::from_json_str(
-            r#"{"beta_schedule":"scaled_linear","beta_start":0.00085,"beta_end":0.012}"#,
-            std::path::Path::new("x"),
-        )
-        .unwrap();
-        let ac = super::alphas_cumprod(&cfg, 1000, false).unwrap();
-        println!("AC {:?}", [0, 1, 500, 555, 999].map(|i| ac[i] as f64));
     }
 }
