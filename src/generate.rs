@@ -1,6 +1,6 @@
 //! `orchestrate generate`: sample images for prompts and write PNGs plus one
 //! JSON line per image holding every setting needed to reproduce it.
-use crate::diffusion::pipeline::{to_rgb_bytes, ImageRequest, SamplingSettings, StableDiffusion};
+use crate::diffusion::pipeline::{check_image_size, to_rgb_bytes, ImageRequest, SamplingSettings, StableDiffusion};
 use crate::error::{Error, Result};
 use serde::Serialize;
 use std::io::Write;
@@ -66,11 +66,7 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
     let device = crate::device::parse_device(&opts.device)?;
     let kind = crate::device::parse_dtype(&opts.dtype, device)?;
     // Checked before loading anything, so a bad size costs nothing.
-    for (name, v) in [("height", opts.settings.height), ("width", opts.settings.width)] {
-        if v <= 0 || v % 8 != 0 {
-            return Err(Error::Invalid(format!("--{name} {v}: must be a positive multiple of 8")));
-        }
-    }
+    check_image_size(opts.settings.height, opts.settings.width)?;
     let pipe = StableDiffusion::load(&opts.model, device, kind)?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
 

@@ -40,7 +40,6 @@ use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion
 use crate::diffusion::schedulers::{self, Scheduler};
 use crate::error::{Error, Result};
 use image::{GrayImage, RgbImage};
-use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
 /// The picture to repaint, where, and the seed of diffusers' generator 0 (the
@@ -76,10 +75,6 @@ pub enum InpaintMode {
     Blend,
 }
 
-/// tch offers only libtorch's global CPU generator, which the draws reseed;
-/// this keeps two inpainting calls in one process from interleaving.
-static RNG: Mutex<()> = Mutex::new(());
-
 /// Every random draw of one batch, in the order diffusers makes it.
 struct Draws {
     /// Initial latent noise per candidate, [1, C, h, w] each.
@@ -99,7 +94,7 @@ fn draw_all(
     needs_image: bool,
     noise_steps: usize,
 ) -> Draws {
-    let _guard = RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _guard = crate::diffusion::noise::lock_generator();
     let randn = |kind: Kind| Tensor::randn(shape, (kind, Device::Cpu));
     // Generator 0's stream up to (and including) the masked image's sample.
     tch::manual_seed(source_seed as i64);
@@ -195,7 +190,7 @@ impl StableDiffusion {
         strength: f64,
         on_step: &mut dyn FnMut(usize, &Tensor),
     ) -> Result<InpaintOutput> {
-        self.check_size(settings.height, settings.width)?;
+        crate::diffusion::pipeline::check_image_size(settings.height, settings.width)?;
         let mode = self.inpaint_mode()?;
         if candidates.is_empty() {
             return Err(Error::Invalid("inpaint: no candidates requested".into()));

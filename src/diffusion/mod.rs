@@ -3,6 +3,7 @@
 pub mod clip;
 pub mod inpaint;
 pub mod model_dir;
+pub mod noise;
 pub mod pipeline;
 pub mod schedulers;
 pub mod tokenizer;

@@ -68,17 +68,6 @@ impl StableDiffusion {
         Ok(StableDiffusion { dir, tokenizer, text_encoder, unet, vae, scheduler_config, device, kind })
     }
 
-    /// Pixel sizes must be multiples of 8 (diffusers' own check) and give a
-    /// latent the UNet can halve at each of its down blocks.
-    pub fn check_size(&self, height: i64, width: i64) -> Result<()> {
-        for (name, v) in [("height", height), ("width", width)] {
-            if v <= 0 || v % 8 != 0 {
-                return Err(Error::Invalid(format!("--{name} {v}: must be a positive multiple of 8")));
-            }
-        }
-        Ok(())
-    }
-
     pub fn latent_channels(&self) -> i64 {
         self.unet.config.out_channels
     }
@@ -124,7 +113,7 @@ impl StableDiffusion {
         settings: &SamplingSettings,
         on_step: &mut dyn FnMut(usize, &Tensor),
     ) -> Result<Tensor> {
-        self.check_size(settings.height, settings.width)?;
+        check_image_size(settings.height, settings.width)?;
         if settings.steps == 0 {
             return Err(Error::Invalid("--steps must be at least 1".into()));
         }
@@ -176,6 +165,17 @@ impl StableDiffusion {
         let image = tch::no_grad(|| self.vae.decode(&(latents / self.vae.config.scaling_factor)));
         (image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0).to_device(Device::Cpu)
     }
+}
+
+/// Pixel sizes must be positive multiples of 8, diffusers' own check (the UNet
+/// itself copes with latents it cannot halve evenly).
+pub fn check_image_size(height: i64, width: i64) -> Result<()> {
+    for (name, v) in [("height", height), ("width", width)] {
+        if v <= 0 || v % 8 != 0 {
+            return Err(Error::Invalid(format!("--{name} {v}: must be a positive multiple of 8")));
+        }
+    }
+    Ok(())
 }
 
 /// [B, 3, H, W] in [0, 1] → [B, H, W, 3] bytes, rounding as diffusers'
