@@ -115,11 +115,15 @@ pub fn run(
     let mut taken = std::collections::HashSet::new();
     let mut records = Vec::new();
     let batch_size = batch_size.max(1);
+    // Model time without process start-up and loading (scripts/bench/rahf.py reads these lines).
+    let started = std::time::Instant::now();
     for (chunk_idx, chunk) in items.chunks(batch_size).enumerate() {
         let start = chunk_idx * batch_size;
         let imgs = &images[start..start + chunk.len()];
         let prompts: Vec<String> = chunk.iter().map(|it| it.prompt.clone()).collect();
+        let batch_started = std::time::Instant::now();
         let feedback = model.predict(imgs, &prompts)?;
+        tracing::debug!("batch of {} images in {:.4} s", chunk.len(), batch_started.elapsed().as_secs_f64());
         for (k, (item, fb)) in chunk.iter().zip(&feedback).enumerate() {
             if let Some(dir) = out {
                 let stem = output_stem(&item.image, start + k, &mut taken);
@@ -136,5 +140,6 @@ pub fn run(
             records.push(rec);
         }
     }
+    tracing::info!("scored {} images in {:.4} s", records.len(), started.elapsed().as_secs_f64());
     Ok(records)
 }

@@ -70,7 +70,10 @@ pub fn check_keys(cfg: &RahfConfig, shapes: &BTreeMap<String, Vec<i64>>) -> Resu
         let source = "checkpoint";
         let vb = Weights::from_tensors(
             source,
-            tensors.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect(),
+            tensors
+                .iter()
+                .map(|(k, t)| (k.clone(), t.shallow_clone()))
+                .collect(),
             Device::Cpu,
             Kind::Float,
         )
@@ -101,7 +104,9 @@ pub fn check_keys(cfg: &RahfConfig, shapes: &BTreeMap<String, Vec<i64>>) -> Resu
                 if pending_missing.remove(&name) {
                     check.missing.push((name.clone(), expected.clone()));
                 } else {
-                    check.wrong_shape.push((name.clone(), expected.clone(), found));
+                    check
+                        .wrong_shape
+                        .push((name.clone(), expected.clone(), found));
                 }
                 tensors.insert(name.clone(), placeholder(&expected));
                 patched.insert(name);
@@ -133,10 +138,15 @@ impl KeyCheck {
         list(&mut s, "missing", &self.missing, |(n, e)| {
             format!("`{n}` (expected shape {e:?})")
         });
-        list(&mut s, "with the wrong shape", &self.wrong_shape, |(n, e, f)| {
-            format!("`{n}`: expected {e:?}, found {f:?}")
+        list(
+            &mut s,
+            "with the wrong shape",
+            &self.wrong_shape,
+            |(n, e, f)| format!("`{n}`: expected {e:?}, found {f:?}"),
+        );
+        list(&mut s, "unexpected", unexpected, |(n, f)| {
+            format!("`{n}` {f:?}")
         });
-        list(&mut s, "unexpected", unexpected, |(n, f)| format!("`{n}` {f:?}"));
         s
     }
 }
@@ -278,10 +288,18 @@ impl fmt::Display for ImportReport {
             self.written
         )?;
         if !self.deduplicated.is_empty() {
-            writeln!(f, "tied to t5.shared.weight, stored once: {}", self.deduplicated.join(", "))?;
+            writeln!(
+                f,
+                "tied to t5.shared.weight, stored once: {}",
+                self.deduplicated.join(", ")
+            )?;
         }
         if !self.dropped_unused.is_empty() {
-            write!(f, "unused by RAHF, not written: {}", self.dropped_unused.join(", "))?;
+            write!(
+                f,
+                "unused by RAHF, not written: {}",
+                self.dropped_unused.join(", ")
+            )?;
         }
         Ok(())
     }

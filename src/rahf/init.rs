@@ -41,7 +41,8 @@ pub fn read_hf_weights(dir: &Path) -> Result<Vec<(String, Tensor)>> {
     }
     Err(Error::Missing {
         path: single,
-        what: "HF weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)".into(),
+        what: "HF weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
+            .into(),
     })
 }
 
@@ -61,7 +62,8 @@ fn vit_tensors(file: &Path, tensors: Vec<(String, Tensor)>) -> Vec<Named> {
         .into_iter()
         .map(|(k, t)| Named {
             name: if prefixed {
-                k.strip_prefix("vit.").map_or_else(|| format!("vit_head.{k}"), |s| format!("vit.{s}"))
+                k.strip_prefix("vit.")
+                    .map_or_else(|| format!("vit_head.{k}"), |s| format!("vit.{s}"))
             } else {
                 format!("vit.{k}")
             },
@@ -86,7 +88,8 @@ fn t5_tensors(file: &Path, tensors: Vec<(String, Tensor)>) -> Vec<Named> {
 /// uniform(±1/√fan_in), and biases uniform(±1/√fan_in).
 fn linear_init(prefix: &str, fan_in: i64, out: i64) -> Vec<(String, Tensor)> {
     let bound = 1.0 / (fan_in as f64).sqrt();
-    let u = |shape: &[i64]| Tensor::empty(shape, (Kind::Float, Device::Cpu)).uniform_(-bound, bound);
+    let u =
+        |shape: &[i64]| Tensor::empty(shape, (Kind::Float, Device::Cpu)).uniform_(-bound, bound);
     vec![
         (format!("{prefix}.weight"), u(&[out, fan_in])),
         (format!("{prefix}.bias"), u(&[out])),
@@ -102,15 +105,29 @@ pub fn init_new_parameters(cfg: &RahfConfig, seed: u64) -> Result<Vec<(String, T
     match cfg.variant {
         Variant::MultiHead => {
             for h in HEATMAP_TYPES {
-                out.extend(init_heatmap_head(&format!("heatmap_predictor.{h}"), d, &cfg.heatmap_head));
+                out.extend(init_heatmap_head(
+                    &format!("heatmap_predictor.{h}"),
+                    d,
+                    &cfg.heatmap_head,
+                ));
             }
             for s in SCORE_TYPES {
-                out.extend(init_score_head(&format!("score_predictor.{s}"), d, grid * grid, &cfg.score_head));
+                out.extend(init_score_head(
+                    &format!("score_predictor.{s}"),
+                    d,
+                    grid * grid,
+                    &cfg.score_head,
+                ));
             }
         }
         Variant::Augmented => {
             out.extend(init_heatmap_head("heatmap_predictor", d, &cfg.heatmap_head));
-            out.extend(init_score_head("score_predictor", d, grid * grid, &cfg.score_head));
+            out.extend(init_score_head(
+                "score_predictor",
+                d,
+                grid * grid,
+                &cfg.score_head,
+            ));
         }
     }
     Ok(out)
@@ -142,7 +159,11 @@ impl fmt::Display for InitReport {
             self.new_tensors
         )?;
         if !self.unused.is_empty() {
-            writeln!(f, "{} backbone tensors unused by RAHF, not written:", self.unused.len())?;
+            writeln!(
+                f,
+                "{} backbone tensors unused by RAHF, not written:",
+                self.unused.len()
+            )?;
             for u in &self.unused {
                 writeln!(f, "  {u}")?;
             }

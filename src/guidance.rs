@@ -1,0 +1,596 @@
+//! Sampling with a RAHF score as classifier guidance: forward universal guidance
+//! (Bansal et al. 2023, "Universal Guidance for Diffusion Models"), which the
+//! RAHF paper uses with its aesthetics score (§5, Fig. 8 c-d).
+//!
+//! # One guided step
+//! At a guided step `i` the loop predicts x̂0 from the model output
+//! ([`Scheduler::pred_original_sample`]), decodes it with the VAE, scores the
+//! decoded image with RAHF ([`FeedbackModel::scores_from_tokens`]) and takes the
+//! gradient g = ∇ score of the chosen score with respect to the scheduler's
+//! sample (the latents the step is applied to). The model output is then moved
+//! along g before the scheduler's own step runs.
+//!
+//! ## The exact rule
+//! Write each scheduler's sample at step `t` as `s_t = a_t·x0 + k_t·ε`, with the
+//! coefficients its own `add_noise` uses at that step: for the
+//! variance-preserving samplers (DDIM, DPM-Solver++) a = √ᾱ, k = √(1−ᾱ); for the
+//! sigma-parameterised Euler samplers (variance exploding) a = 1, k = σ. In both,
+//! σ_t = k_t / a_t. We implement
+//!
+//! ```text
+//! ε̂ = ε − strength · k_t · ∇_{s_t} score
+//! ```
+//!
+//! For DDIM / DPM-Solver++ the sample is UG's z_t and k_t = √(1−ᾱ_t), so this is
+//! UG's ε̂ = ε + s·√(1−ᾱ_t)·∇_{z_t} ℓ with the loss ℓ = −score, verbatim. For the
+//! Euler samplers the sample is x_t = z_t / √ᾱ_t, so ∇_{z_t} = ∇_{x_t} / √ᾱ_t
+//! and √(1−ᾱ_t)/√ᾱ_t = σ_t: UG's ε̂ *is* ε − s·σ_t·∇_{x_t} score, the same
+//! ε̂ as on the VP samplers. So `strength` means the same thing whatever the
+//! scheduler (the samplers still discretise differently).
+//!
+//! ε̂ − ε (sample held fixed) becomes a change of the model output according to
+//! the checkpoint's `prediction_type`: epsilon: Δm = Δε; v_prediction
+//! (v = √ᾱ·ε − √(1−ᾱ)·x0): Δm = Δε·√(1+σ²); sample (x0): Δm = −σ·Δε. The
+//! scheduler's step then runs on the changed output, so its x0 moves by
+//! strength·σ²·∇_{x_t} score: gradient ascent on the score of the predicted image.
+//!
+//! ## Which gradient
+//! UG differentiates through the denoiser (x̂0 depends on s_t directly and
+//! through ε_θ(s_t)); its reference code backpropagates through the UNet, and so
+//! do we by default (`through_unet`, classifier-free guidance included). With
+//! `through_unet = false` the model output is held constant (no UNet backward,
+//! about a third of the cost): g = ∂x̂0/∂s_t · ∇_{x̂0} score.
+//!
+//! # Guided steps and self-recurrence
+//! Steps `i` with `i % every == 0` are guided (step 0 always is). A guided step
+//! runs `recurrence` passes (1: no recurrence). After every pass but the last,
+//! the result, now at the level of step i+1, is noised back to step i's level
+//! with fresh noise ε' (UG's z_t = √(α_t/α_{t−1})·z_{t−1} + √(1−α_t/α_{t−1})·ε',
+//! written in the sample's own parameterisation):
+//!
+//! ```text
+//! s_i = (a_i/a_{i+1})·s_{i+1} + √(k_i² − (a_i/a_{i+1})²·k_{i+1}²)·ε'
+//! ```
+//!
+//! and step i is taken again, guidance included. After the last step the level
+//! is the scheduler's final sigma ([`Scheduler::sigmas`]); DDIM does not report
+//! its final ᾱ and is taken as clean there (exact with `set_alpha_to_one`; with
+//! SD's betas otherwise a noise std of ≈0.03 left out of that last re-noising).
+//! DPM-Solver++ restarts its multistep history on a repeated step, so repeated
+//! passes are first-order steps; the next step uses the last pass's x0.
+//!
+//! # Noise
+//! Each image draws, from a CPU generator seeded with its own seed, first
+//! exactly what [`StableDiffusion::sample`] draws (initial latents, then one
+//! noise per step for ancestral samplers), so `recurrence = 1` uses the same
+//! noise as unguided sampling and `strength = 0` reproduces it bit for bit.
+//! With `recurrence = r > 1` the same generator then continues: for every step
+//! index in order (guided or not, so `every` does not shift noise between
+//! steps), for each of the r−1 extra passes: the re-noising ε', then, for
+//! ancestral samplers, that pass's step noise. All draws are `(1, C, h, w)` in
+//! the pipeline's dtype, like the pipeline's, so an image's result does not
+//! depend on what else is in its batch.
+//!
+//! # Precision and memory
+//! The gradient is taken in float32: the latent leaf is float32, and when the
+//! pipeline runs in half precision a float32 copy of the VAE decodes
+//! (diffusers' `force_upcast` decodes in float32 for the same reason). The UNet
+//! backward (with `through_unet`) runs in the UNet's dtype. All decoding for
+//! the gradient goes through [`Guider::decode_pixels`], the single place where a
+//! checkpointed or tiled decode would be swapped in for large images.
+use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
+use crate::diffusion::schedulers::config::PredictionType;
+use crate::diffusion::schedulers::{self, Scheduler, SchedulerKind};
+use crate::diffusion::vae::{AutoencoderKL, VaeConfig};
+use crate::error::{Error, Result};
+use crate::rahf::config::SCORE_TYPES;
+use crate::rahf::tokenizer::PromptTokens;
+use crate::rahf::FeedbackModel;
+use crate::weights::Weights;
+use tch::{Device, Kind, Tensor};
+
+/// Which of RAHF's four scores to guide on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScoreKind {
+    Plausibility,
+    Alignment,
+    Aesthetics,
+    Overall,
+}
+
+impl ScoreKind {
+    pub const ALL: [ScoreKind; 4] = [
+        ScoreKind::Plausibility,
+        ScoreKind::Alignment,
+        ScoreKind::Aesthetics,
+        ScoreKind::Overall,
+    ];
+
+    /// The column of RAHF's B x 4 scores (`SCORE_TYPES` order).
+    pub fn index(self) -> usize {
+        match self {
+            ScoreKind::Plausibility => 0,
+            ScoreKind::Alignment => 1,
+            ScoreKind::Aesthetics => 2,
+            ScoreKind::Overall => 3,
+        }
+    }
+
+    /// The CLI / recipe name.
+    pub fn name(self) -> &'static str {
+        SCORE_TYPES[self.index()]
+    }
+}
+
+impl std::fmt::Display for ScoreKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ScoreKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        ScoreKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| Error::Invalid(format!("unknown score `{s}`: expected one of {}", SCORE_TYPES.join(", "))))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GuidanceSettings {
+    pub score: ScoreKind,
+    /// `s` in ε̂ = ε − s·k_t·∇ score (see the module docs); 0 turns guidance off.
+    pub strength: f64,
+    /// Guide steps 0, k, 2k, ...
+    pub every: usize,
+    /// Passes per guided step (self-recurrence); 1 = none.
+    pub recurrence: usize,
+    /// Differentiate through the UNet (UG's gradient) or hold its output constant.
+    pub through_unet: bool,
+}
+
+impl GuidanceSettings {
+    /// Guide every step, no recurrence, gradient through the UNet.
+    pub fn new(score: ScoreKind, strength: f64) -> Self {
+        GuidanceSettings {
+            score,
+            strength,
+            every: 1,
+            recurrence: 1,
+            through_unet: true,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !self.strength.is_finite() {
+            return Err(Error::Invalid(format!("--guidance-strength {}: must be finite", self.strength)));
+        }
+        if self.every == 0 {
+            return Err(Error::Invalid("--guide-every 0: must be at least 1".into()));
+        }
+        if self.recurrence == 0 {
+            return Err(Error::Invalid("--recurrence 0: must be at least 1 (1 = no recurrence)".into()));
+        }
+        Ok(())
+    }
+
+    pub fn guides(&self, step: usize) -> bool {
+        step % self.every == 0
+    }
+}
+
+/// What one guided pass saw, for progress reports and tests.
+#[derive(Debug, Clone)]
+pub struct GuidanceStep {
+    pub step: usize,
+    pub pass: usize,
+    /// Per image, the guided score of the decoded x̂0 before the update.
+    pub scores: Vec<f64>,
+    /// Per image, the L2 norm of ∇ score w.r.t. the latents.
+    pub grad_norms: Vec<f64>,
+}
+
+/// A noise level in the scheduler's own parameterisation: sample = a·x0 + k·ε.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Level {
+    a: f64,
+    k: f64,
+}
+
+impl Level {
+    fn sigma(self) -> f64 {
+        self.k / self.a
+    }
+}
+
+fn variance_exploding(kind: SchedulerKind) -> bool {
+    matches!(kind, SchedulerKind::Euler | SchedulerKind::EulerAncestral)
+}
+
+/// The level of step `step` (`timesteps().len()` = after the last step).
+fn level(scheduler: &dyn Scheduler, step: usize) -> Level {
+    let n = scheduler.timesteps().len();
+    if step < n {
+        // add_noise(x0, ε) = a·x0 + k·ε: read a and k off unit inputs.
+        let one = Tensor::ones([1], (Kind::Float, Device::Cpu));
+        let zero = Tensor::zeros([1], (Kind::Float, Device::Cpu));
+        let a = scheduler.add_noise(&one, &zero, step).double_value(&[0]);
+        let k = scheduler.add_noise(&zero, &one, step).double_value(&[0]);
+        return Level { a, k };
+    }
+    let sigma = scheduler.sigmas().map(|s| s[n] as f64).unwrap_or(0.0);
+    if variance_exploding(scheduler.kind()) {
+        Level { a: 1.0, k: sigma }
+    } else {
+        let a = 1.0 / (1.0 + sigma * sigma).sqrt();
+        Level { a, k: sigma * a }
+    }
+}
+
+/// Noises a sample at level `from` back to the noisier level `to` with fresh
+/// noise (see the module docs), in float32, returned in the sample's dtype.
+fn renoise(sample: &Tensor, from: Level, to: Level, noise: &Tensor) -> Tensor {
+    let ratio = to.a / from.a;
+    let std = (to.k * to.k - (ratio * from.k).powi(2)).max(0.0).sqrt();
+    let x = sample.to_kind(Kind::Float) * ratio + noise.to_device(sample.device()).to_kind(Kind::Float) * std;
+    x.to_kind(sample.kind())
+}
+
+/// Δm per unit of ∇ score: −strength·k_t·(Δm/Δε for the prediction type).
+fn output_shift_factor(prediction: PredictionType, level: Level, strength: f64) -> f64 {
+    let sigma = level.sigma();
+    let per_eps = match prediction {
+        PredictionType::Epsilon => 1.0,
+        PredictionType::VPrediction => (1.0 + sigma * sigma).sqrt(),
+        PredictionType::Sample => -sigma,
+    };
+    -strength * level.k * per_eps
+}
+
+/// One image's extra draws for recurrence: `[step][extra pass]` = (ε', step noise).
+type RecurrenceNoise = Vec<Vec<(Tensor, Option<Tensor>)>>;
+
+/// A generator and a scorer held together for guided sampling.
+pub struct Guider<'a> {
+    pipe: &'a StableDiffusion,
+    scorer: &'a FeedbackModel,
+    /// A float32 copy of the VAE when the pipeline's is not float32.
+    vae32: Option<AutoencoderKL>,
+}
+
+impl<'a> Guider<'a> {
+    pub fn new(pipe: &'a StableDiffusion, scorer: &'a FeedbackModel) -> Result<Self> {
+        let vae32 = if pipe.vae.kind() == Kind::Float {
+            None
+        } else {
+            let weights = Weights::load(&pipe.dir.weights("vae", None)?, pipe.device, Kind::Float)?;
+            let config = VaeConfig::load(&pipe.dir.config("vae", "config.json")?)?;
+            Some(AutoencoderKL::load(weights.root(), config)?)
+        };
+        Ok(Guider { pipe, scorer, vae32 })
+    }
+
+    fn vae(&self) -> &AutoencoderKL {
+        self.vae32.as_ref().unwrap_or(&self.pipe.vae)
+    }
+
+    /// Guided images in [0, 1], [B, 3, H, W], float32 on the CPU.
+    /// `on_step` sees every guided pass.
+    pub fn sample(
+        &self,
+        requests: &[ImageRequest],
+        settings: &SamplingSettings,
+        guidance: &GuidanceSettings,
+        on_step: &mut dyn FnMut(&GuidanceStep),
+    ) -> Result<Tensor> {
+        let latents = self.sample_latents(requests, settings, guidance, on_step)?;
+        Ok(self.pipe.decode_latents(&latents))
+    }
+
+    /// The guided denoising loop: final latents, as
+    /// [`StableDiffusion::sample_latents`] returns them.
+    pub fn sample_latents(
+        &self,
+        requests: &[ImageRequest],
+        settings: &SamplingSettings,
+        guidance: &GuidanceSettings,
+        on_step: &mut dyn FnMut(&GuidanceStep),
+    ) -> Result<Tensor> {
+        let pipe = self.pipe;
+        guidance.validate()?;
+        crate::diffusion::pipeline::check_image_size(settings.height, settings.width)?;
+        if settings.steps == 0 {
+            return Err(Error::Invalid("--steps must be at least 1".into()));
+        }
+        if requests.is_empty() {
+            return Err(Error::Invalid("guided sampling needs at least one image request".into()));
+        }
+        let mut scheduler = schedulers::build(settings.scheduler, &pipe.scheduler_config, settings.steps)?;
+        let prediction = pipe.scheduler_config.prediction(&[
+            PredictionType::Epsilon,
+            PredictionType::VPrediction,
+            PredictionType::Sample,
+        ])?;
+
+        // Text conditioning exactly as the pipeline builds it.
+        let cfg = settings.guidance_scale > 1.0;
+        let prompts: Vec<String> = requests.iter().map(|r| r.prompt.clone()).collect();
+        let mut embeds = pipe.encode_prompts(&prompts, settings.clip_skip)?;
+        if cfg {
+            let negatives: Vec<String> = requests.iter().map(|r| r.negative_prompt.clone()).collect();
+            let uncond = pipe.encode_prompts(&negatives, settings.clip_skip)?;
+            embeds = Tensor::cat(&[uncond, embeds], 0);
+        }
+        let tokens = self.scorer.tokenize(&prompts)?;
+
+        let scale = pipe.vae.scale_factor();
+        let shape = [1, pipe.latent_channels(), settings.height / scale, settings.width / scale];
+        let n = scheduler.timesteps().len();
+        let ancestral = scheduler.needs_noise();
+        let noise_steps = if ancestral { n } else { 0 };
+        let mut latents = Vec::with_capacity(requests.len());
+        let mut step_noise = Vec::with_capacity(requests.len());
+        let mut extra_noise: Vec<RecurrenceNoise> = Vec::with_capacity(requests.len());
+        for r in requests {
+            let (l, s) = pipe.draw_noise(r.seed, &shape, noise_steps);
+            // Continues the generator draw_noise just seeded (see the module docs).
+            extra_noise.push(self.draw_recurrence_noise(&shape, n, guidance.recurrence - 1, ancestral));
+            latents.push(l);
+            step_noise.push(s);
+        }
+        let mut latents = Tensor::cat(&latents, 0).to_device(pipe.device) * scheduler.init_noise_sigma();
+        let batch = |per_image: Vec<&Tensor>| Tensor::cat(&per_image, 0).to_device(pipe.device);
+
+        let levels: Vec<Level> = (0..=n).map(|i| level(scheduler.as_ref(), i)).collect();
+        let _no_grad = tch::no_grad_guard();
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let guided = guidance.guides(i);
+            let passes = if guided { guidance.recurrence } else { 1 };
+            for pass in 0..passes {
+                let out = if guided && guidance.strength != 0.0 {
+                    let (out, grad, scores) =
+                        self.score_gradient(scheduler.as_ref(), i, t, &latents, &embeds, cfg, settings, &tokens, guidance)?;
+                    let grad_norms = per_image_norms(&grad);
+                    if let Some(b) = grad_norms.iter().position(|g| !g.is_finite()) {
+                        return Err(Error::Invalid(format!(
+                            "guidance: the {} gradient of image {b} (seed {}) is not finite at step {i}",
+                            guidance.score, requests[b].seed
+                        )));
+                    }
+                    on_step(&GuidanceStep {
+                        step: i,
+                        pass,
+                        scores,
+                        grad_norms,
+                    });
+                    let factor = output_shift_factor(prediction, levels[i], guidance.strength);
+                    (out.to_kind(Kind::Float) + grad.to_device(out.device()) * factor).to_kind(out.kind())
+                } else {
+                    self.model_output(scheduler.as_ref(), i, t, &latents, &embeds, cfg, settings.guidance_scale)
+                };
+                let noise = match (ancestral, pass) {
+                    (false, _) => None,
+                    (true, 0) => Some(batch(step_noise.iter().map(|s| &s[i]).collect())),
+                    (true, p) => Some(batch(
+                        extra_noise.iter().map(|e| e[i][p - 1].1.as_ref().expect("drawn for ancestral")).collect(),
+                    )),
+                };
+                let next = scheduler.step(&out, i, &latents, noise.as_ref());
+                latents = if pass + 1 < passes {
+                    let eps = batch(extra_noise.iter().map(|e| &e[i][pass].0).collect());
+                    renoise(&next, levels[i + 1], levels[i], &eps)
+                } else {
+                    next
+                };
+            }
+        }
+        Ok(latents)
+    }
+
+    /// Recurrence draws continuing the global generator (after `draw_noise`).
+    fn draw_recurrence_noise(&self, shape: &[i64], steps: usize, extra: usize, ancestral: bool) -> RecurrenceNoise {
+        let opts = (self.pipe.kind, Device::Cpu);
+        (0..steps)
+            .map(|_| {
+                (0..extra)
+                    .map(|_| {
+                        let eps = Tensor::randn(shape, opts);
+                        let step = ancestral.then(|| Tensor::randn(shape, opts));
+                        (eps, step)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The (CFG-combined) model output, the same operations as the pipeline's loop.
+    #[allow(clippy::too_many_arguments)]
+    fn model_output(
+        &self,
+        scheduler: &dyn Scheduler,
+        i: usize,
+        t: f64,
+        latents: &Tensor,
+        embeds: &Tensor,
+        cfg: bool,
+        guidance_scale: f64,
+    ) -> Tensor {
+        let model_in = if cfg {
+            Tensor::cat(&[latents, latents], 0)
+        } else {
+            latents.shallow_clone()
+        };
+        let model_in = scheduler.scale_model_input(&model_in, i);
+        let out = self.pipe.unet.forward(&model_in, t, embeds);
+        if cfg {
+            let halves = out.chunk(2, 0);
+            &halves[0] + (&halves[1] - &halves[0]) * guidance_scale
+        } else {
+            out
+        }
+    }
+
+    /// The model output (detached), ∇ score w.r.t. the latents (float32) and the
+    /// per-image scores of the decoded x̂0.
+    #[allow(clippy::too_many_arguments)]
+    fn score_gradient(
+        &self,
+        scheduler: &dyn Scheduler,
+        i: usize,
+        t: f64,
+        latents: &Tensor,
+        embeds: &Tensor,
+        cfg: bool,
+        settings: &SamplingSettings,
+        tokens: &[PromptTokens],
+        guidance: &GuidanceSettings,
+    ) -> Result<(Tensor, Tensor, Vec<f64>)> {
+        tch::with_grad(|| {
+            let leaf = latents.detach().to_kind(Kind::Float).set_requires_grad(true);
+            let out = if guidance.through_unet {
+                let lat = leaf.to_kind(latents.kind());
+                self.model_output(scheduler, i, t, &lat, embeds, cfg, settings.guidance_scale)
+            } else {
+                tch::no_grad(|| self.model_output(scheduler, i, t, latents, embeds, cfg, settings.guidance_scale))
+            };
+            let x0 = scheduler.pred_original_sample(&out, i, &leaf).to_kind(Kind::Float);
+            let pixels = self.decode_pixels(&x0);
+            let weight = &self.scorer.model.visual_token_projection.weight;
+            let scores = self
+                .scorer
+                .scores_from_tokens(&pixels.to_device(weight.device()).to_kind(weight.kind()), tokens)?
+                .select(1, guidance.score.index() as i64)
+                .to_kind(Kind::Float);
+            // Images are independent, so the gradient of the sum is each image's own.
+            let objective = scores.sum(Kind::Float);
+            let mut grads = Tensor::f_run_backward(&[&objective], &[&leaf], false, false)
+                .map_err(|e| Error::torch("guidance: backward through the VAE and RAHF", e))?;
+            let values = Vec::<f64>::try_from(scores.detach().to_kind(Kind::Double).to_device(Device::Cpu))
+                .map_err(|e| Error::torch("guidance scores", e))?;
+            Ok((out.detach(), grads.remove(0), values))
+        })
+    }
+
+    /// x̂0 latents (not yet divided by the scaling factor) to differentiable
+    /// pixels in [0, 1], float32, as the pipeline's `decode_latents` makes them.
+    /// A checkpointed or tiled decode for large images replaces this body.
+    pub fn decode_pixels(&self, x0: &Tensor) -> Tensor {
+        let vae = self.vae();
+        let image = vae.decode(&(x0 / vae.config.scaling_factor)).to_kind(Kind::Float);
+        (image / 2.0 + 0.5).clamp(0.0, 1.0)
+    }
+}
+
+fn per_image_norms(grad: &Tensor) -> Vec<f64> {
+    let n = grad
+        .to_kind(Kind::Double)
+        .flatten(1, -1)
+        .square()
+        .sum_dim_intlist(1, false, Kind::Double)
+        .sqrt()
+        .to_device(Device::Cpu);
+    Vec::<f64>::try_from(n).unwrap_or_default()
+}
+
+/// Guided images in [0, 1], [B, 3, H, W], float32 on the CPU (see the module docs).
+pub fn sample_guided(
+    pipe: &StableDiffusion,
+    scorer: &FeedbackModel,
+    requests: &[ImageRequest],
+    settings: &SamplingSettings,
+    guidance: &GuidanceSettings,
+) -> Result<Tensor> {
+    Guider::new(pipe, scorer)?.sample(requests, settings, guidance, &mut |_| {})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusion::schedulers::SchedulerConfig;
+
+    fn config() -> SchedulerConfig {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/diffusion/sd-tiny/scheduler/scheduler_config.json");
+        SchedulerConfig::load(&path).unwrap()
+    }
+
+    /// Re-noising a sample of level i+1 gives the marginal of level i: for
+    /// x0 fixed, mean a_i·x0 and std k_i, for every scheduler and every step.
+    #[test]
+    fn renoise_reaches_the_previous_level() {
+        for kind in SchedulerKind::ALL {
+            let s = schedulers::build(kind, &config(), 6).unwrap();
+            let n = s.timesteps().len();
+            for i in 0..n {
+                let (from, to) = (level(s.as_ref(), i + 1), level(s.as_ref(), i));
+                assert!(to.sigma() > from.sigma(), "{kind} step {i}: levels must get noisier backwards");
+                tch::manual_seed(i as i64);
+                let x0 = Tensor::full([200_000], 0.7, (Kind::Float, Device::Cpu));
+                let at_next = &x0 * from.a + Tensor::randn([200_000], (Kind::Float, Device::Cpu)) * from.k;
+                let back = renoise(&at_next, from, to, &Tensor::randn([200_000], (Kind::Float, Device::Cpu)));
+                let mean = back.mean(Kind::Double).double_value(&[]);
+                let std = back.std(true).double_value(&[]);
+                assert!((mean - 0.7 * to.a).abs() < 0.01 * (1.0 + to.k), "{kind} step {i}: mean {mean} vs {}", 0.7 * to.a);
+                assert!((std / to.k - 1.0).abs() < 0.01, "{kind} step {i}: std {std} vs {}", to.k);
+            }
+        }
+    }
+
+    /// The levels are the schedulers' own: VE sigma for Euler, √ᾱ/√(1−ᾱ) otherwise.
+    #[test]
+    fn levels_follow_the_parameterisation() {
+        for kind in SchedulerKind::ALL {
+            let s = schedulers::build(kind, &config(), 5).unwrap();
+            let l = level(s.as_ref(), 0);
+            if variance_exploding(kind) {
+                assert_eq!(l.a, 1.0, "{kind}");
+                assert!((l.k - s.sigmas().unwrap()[0] as f64).abs() < 1e-6, "{kind}");
+            } else {
+                assert!((l.a * l.a + l.k * l.k - 1.0).abs() < 1e-5, "{kind}: a²+k² = {}", l.a * l.a + l.k * l.k);
+            }
+            let last = level(s.as_ref(), s.timesteps().len());
+            assert!(last.k < l.k, "{kind}");
+        }
+    }
+
+    /// ε-prediction: Δm = Δε; the three parameterisations move x0 alike.
+    #[test]
+    fn output_shift_moves_x0_the_same_for_every_prediction_type() {
+        let level = Level { a: 0.6, k: 0.8 };
+        let sigma = level.sigma();
+        // x0 as a function of the model output m (sample s fixed) in VP terms:
+        // ε: x0 = (s − k·m)/a; v: x0 = a·s − k·m; sample: x0 = m.
+        let dx0 = |p: PredictionType| {
+            let dm = output_shift_factor(p, level, 2.0);
+            match p {
+                PredictionType::Epsilon => -level.k * dm / level.a,
+                PredictionType::VPrediction => -level.k * dm,
+                PredictionType::Sample => dm,
+            }
+        };
+        let want = 2.0 * level.k * level.k / level.a; // strength·k²/a per unit ∇_s
+        for p in [PredictionType::Epsilon, PredictionType::VPrediction, PredictionType::Sample] {
+            assert!((dx0(p) - want).abs() < 1e-12, "{p:?}: {} vs {want} (σ = {sigma})", dx0(p));
+        }
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let mut g = GuidanceSettings::new(ScoreKind::Aesthetics, 1.0);
+        assert!(g.validate().is_ok());
+        g.every = 0;
+        assert!(g.validate().unwrap_err().to_string().contains("guide-every"));
+        g.every = 2;
+        g.recurrence = 0;
+        assert!(g.validate().unwrap_err().to_string().contains("recurrence"));
+        g.recurrence = 1;
+        g.strength = f64::NAN;
+        assert!(g.validate().is_err());
+        assert_eq!("overall".parse::<ScoreKind>().unwrap(), ScoreKind::Overall);
+        assert!("beauty".parse::<ScoreKind>().unwrap_err().to_string().contains("aesthetics"));
+        assert!(g.guides(0) && !g.guides(1) && g.guides(2));
+    }
+}

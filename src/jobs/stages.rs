@@ -1,0 +1,48 @@
+//! Overlapping the GPU stages with the CPU stage: the producer (generation,
+//! scoring) runs on the calling thread, which owns the models; its results go
+//! through a bounded channel to a CPU thread (PNG encoding, masks, manifest
+//! lines), so the GPU never waits for encoding and memory stays bounded.
+use crate::error::{Error, Result};
+use std::sync::mpsc::sync_channel;
+
+/// Runs `produce` on each work unit in order on this thread, and `consume` on
+/// each product, in the same order, on one CPU thread (which may use rayon
+/// inside). At most `depth` products wait between the two. The first error of
+/// either side stops both and is returned.
+pub fn overlap<W, P, Fp, Fc>(work: Vec<W>, depth: usize, mut produce: Fp, mut consume: Fc) -> Result<()>
+where
+    P: Send,
+    Fp: FnMut(W) -> Result<P>,
+    Fc: FnMut(P) -> Result<()> + Send,
+{
+    let (tx, rx) = sync_channel::<P>(depth.max(1));
+    std::thread::scope(|scope| {
+        let consumer = scope.spawn(move || -> Result<()> {
+            for product in rx {
+                consume(product)?;
+            }
+            Ok(())
+        });
+        let mut produced = Ok(());
+        for unit in work {
+            match produce(unit) {
+                Ok(p) => {
+                    if tx.send(p).is_err() {
+                        // The consumer stopped on an error; it is reported below.
+                        break;
+                    }
+                }
+                Err(e) => {
+                    produced = Err(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let consumed = consumer
+            .join()
+            .unwrap_or_else(|_| Err(Error::Invalid("the CPU stage panicked".into())));
+        // A consumer error is the root cause when both failed.
+        consumed.and(produced)
+    })
+}
