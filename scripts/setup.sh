@@ -30,6 +30,19 @@ ln -sfn "$VENV" "$ROOT/.venv"
 ln -sfn "$TORCH_DIR" "$ROOT/.libtorch"
 echo "setup: libtorch $TORCH_VERSION at $TORCH_DIR"
 
+# tests/report.rs renders report.html in headless Chromium (Debian's package).
+# Only that test needs it, so a failed install warns instead of stopping setup;
+# the test then fails under CI=true and skips with a message elsewhere.
+if [[ ! -x /usr/bin/chromium ]]; then
+    SUDO=""; [[ "$(id -u)" -eq 0 ]] || SUDO="sudo"
+    echo "setup: installing Debian's chromium (headless rendering of report.html in tests)"
+    if ! { $SUDO apt-get update -qq &&
+           $SUDO env DEBIAN_FRONTEND=noninteractive \
+               apt-get install -y -qq --no-install-recommends chromium; }; then
+        echo "setup: WARNING: could not install chromium; tests/report.rs fails under CI=true and skips otherwise" >&2
+    fi
+fi
+
 if [[ "${1:-}" == "--fixtures" ]]; then
     "$VENV/bin/pip" install --quiet --no-input -r "$ROOT/tests/fixtures/requirements.txt"
     echo "setup: fixture requirements installed into $VENV"

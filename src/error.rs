@@ -48,6 +48,11 @@ pub enum Error {
     Image { path: PathBuf, reason: String },
     #[error("{path}: cannot read PyTorch checkpoint: {reason}")]
     Pickle { path: PathBuf, reason: String },
+    /// A recipe problem at `path:line:column`; `field` is the YAML path
+    /// (`filter.threshold`), empty for a syntax error. `message` starts with
+    /// the field when there is one.
+    #[error("{path}:{line}:{column}: {message}")]
+    Recipe { path: PathBuf, line: u64, column: u64, field: String, message: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

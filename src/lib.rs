@@ -11,6 +11,8 @@ pub mod mask;
 pub mod metrics;
 pub mod nn;
 pub mod rahf;
+pub mod recipe;
+pub mod report;
 pub mod score;
 pub mod weights;
 

@@ -18,6 +18,14 @@ enum Command {
     /// Make an orchestrate RAHF folder: import the published PyTorch checkpoint, or start fresh from HF backbones.
     #[command(subcommand)]
     Rahf(RahfCommand),
+    /// Inpaint the implausible regions RAHF finds (heatmap -> mask -> candidates), keep the most plausible.
+    Inpaint(InpaintArgs),
+    /// Sample N images per prompt, score them with RAHF, keep the best that reach --threshold as an HF imagefolder.
+    Filter(FilterArgs),
+    /// Join the output folders of `filter --shard i/n` runs into one dataset.
+    Merge(MergeArgs),
+    /// Run a YAML recipe: its filter, inpaint and guide jobs in that order (see recipes/).
+    Run(RunArgs),
     /// What this binary sees: libtorch version, CUDA (or why not), devices, dtypes.
     Env {
         /// Print JSON instead of text.
@@ -42,9 +50,13 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Env { json } => env(json),
+        Command::Run(args) => run_recipe(args),
         Command::Generate(args) => generate(args),
         Command::Score(args) => score(args),
         Command::Rahf(cmd) => rahf(cmd),
+        Command::Inpaint(args) => inpaint(args),
+        Command::Filter(args) => filter(args),
+        Command::Merge(args) => merge(args),
     }
 }
 
@@ -232,6 +244,312 @@ fn env(json: bool) -> Result<()> {
     println!("cpu threads {}", r.cpu_threads);
     for d in &r.devices {
         println!("device {:8} fp32 {} fp16 {} bf16 {}", d.name, d.fp32, d.fp16, d.bf16);
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct InpaintArgs {
+    /// The generator: a diffusers folder or cached HF repo id; a 9-channel inpainting
+    /// checkpoint is used the diffusers way, a plain one by latent blending.
+    #[arg(long)]
+    model: String,
+    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    rahf: std::path::PathBuf,
+    /// JSONL of {"image": PATH, "prompt": TEXT[, "id": ID]} (paths relative to the file), or a `filter` output folder.
+    #[arg(long)]
+    input: std::path::PathBuf,
+    /// Inpaint where the implausibility heatmap is above this, in [0, 1].
+    #[arg(long, default_value_t = 0.5)]
+    mask_threshold: f64,
+    /// Dilate the thresholded mask by a disk of this radius, in image pixels.
+    #[arg(long, default_value_t = 16)]
+    dilate: u32,
+    /// Candidates per image; candidate k is seeded seed+k.
+    #[arg(long, default_value_t = 4)]
+    candidates: usize,
+    /// How far the masked region is re-noised, in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    strength: f64,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    guidance_scale: f64,
+    /// The size the generator inpaints at; other image sizes are resized to it and back.
+    #[arg(long, default_value_t = 512)]
+    height: i64,
+    #[arg(long, default_value_t = 512)]
+    width: i64,
+    /// ddim, euler, euler-a or dpm++2m.
+    #[arg(long, default_value = "dpm++2m")]
+    scheduler: String,
+    #[arg(long)]
+    clip_skip: Option<usize>,
+    /// Candidates per generator call.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Generator dtype: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16 or bf16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// RAHF dtype (fp32 by default: scores are compared with each other).
+    #[arg(long, default_value = "fp32")]
+    rahf_dtype: String,
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// i/n: take items whose position % n == i (default from SLURM_ARRAY_TASK_ID/COUNT or JOB_COMPLETION_INDEX).
+    #[arg(long)]
+    shard: Option<String>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn inpaint(a: InpaintArgs) -> Result<()> {
+    use orchestrate::jobs::{inpaint, CommonOptions, ModelOptions, RunContext, SamplingOptions, Shard};
+    let opts = inpaint::InpaintOptions {
+        input: a.input,
+        mask_threshold: a.mask_threshold,
+        dilate: a.dilate,
+        candidates: a.candidates,
+        strength: a.strength,
+    };
+    let common = CommonOptions {
+        models: ModelOptions {
+            generator: a.model,
+            inpaint_generator: None,
+            rahf: a.rahf,
+            device: a.device,
+            dtype: a.dtype,
+            rahf_dtype: a.rahf_dtype,
+        },
+        sampling: SamplingOptions {
+            steps: a.steps,
+            guidance_scale: a.guidance_scale,
+            height: a.height,
+            width: a.width,
+            scheduler: a.scheduler,
+            negative_prompt: a.negative_prompt,
+            seed: a.seed,
+            clip_skip: a.clip_skip,
+            batch_size: a.batch_size,
+        },
+    };
+    let shard = match &a.shard {
+        Some(s) => Shard::parse(s)?,
+        None => Shard::from_env()?.unwrap_or_default(),
+    };
+    let ctx = RunContext { out: a.out, shard, json: a.json };
+    let summary = inpaint::run(&opts, &common, &ctx)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        for line in &summary.lines {
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct FilterArgs {
+    /// The generator: a diffusers folder or cached HF repo id.
+    #[arg(long)]
+    model: String,
+    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    rahf: std::path::PathBuf,
+    /// Prompt list: text (one per line, # comments) or JSONL ({"prompt": ..., "id": ...}).
+    #[arg(long)]
+    prompts: std::path::PathBuf,
+    /// Images sampled per prompt; image i is seeded seed+i.
+    #[arg(long, default_value_t = 8)]
+    samples: usize,
+    /// Keep images whose score is >= this, in [0, 1].
+    #[arg(long, default_value_t = 0.8)]
+    threshold: f64,
+    /// plausibility, alignment, aesthetics or overall.
+    #[arg(long, default_value = "plausibility")]
+    score: String,
+    /// best (the prompt's best image, if it reaches the threshold) or all-above (every image that does).
+    #[arg(long, default_value = "best")]
+    keep: String,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    guidance_scale: Option<f64>,
+    #[arg(long)]
+    height: Option<i64>,
+    #[arg(long)]
+    width: Option<i64>,
+    /// ddim, euler, euler-a or dpm++2m (default dpm++2m).
+    #[arg(long)]
+    scheduler: Option<String>,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    clip_skip: Option<usize>,
+    /// Images per generator call (across prompts); results do not depend on it.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Generator dtype: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16 or bf16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// RAHF dtype (fp32 by default: scores are compared with a threshold).
+    #[arg(long, default_value = "fp32")]
+    rahf_dtype: String,
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// i/n: take prompts whose position % n == i (default from SLURM_ARRAY_TASK_ID/COUNT or JOB_COMPLETION_INDEX).
+    #[arg(long)]
+    shard: Option<String>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Benchmark baseline: a plain generate -> score -> save loop per prompt, no overlap.
+    #[arg(long, hide = true)]
+    sequential: bool,
+}
+
+fn filter(a: FilterArgs) -> Result<()> {
+    use orchestrate::jobs::filter::{self, FilterOptions, Mode};
+    use orchestrate::jobs::{CommonOptions, ModelOptions, RunContext, SamplingOptions, Shard};
+    let opts = FilterOptions {
+        prompts: a.prompts,
+        samples: a.samples,
+        score: a.score.parse()?,
+        threshold: a.threshold,
+        keep: a.keep.parse()?,
+    };
+    let d = SamplingOptions::default();
+    let common = CommonOptions {
+        models: ModelOptions {
+            generator: a.model,
+            inpaint_generator: None,
+            rahf: a.rahf,
+            device: a.device,
+            dtype: a.dtype,
+            rahf_dtype: a.rahf_dtype,
+        },
+        sampling: SamplingOptions {
+            steps: a.steps.unwrap_or(d.steps),
+            guidance_scale: a.guidance_scale.unwrap_or(d.guidance_scale),
+            height: a.height.unwrap_or(d.height),
+            width: a.width.unwrap_or(d.width),
+            scheduler: a.scheduler.unwrap_or(d.scheduler),
+            negative_prompt: a.negative_prompt.unwrap_or(d.negative_prompt),
+            seed: a.seed.unwrap_or(d.seed),
+            clip_skip: a.clip_skip.or(d.clip_skip),
+            batch_size: a.batch_size.unwrap_or(d.batch_size),
+        },
+    };
+    let shard = match &a.shard {
+        Some(s) => Shard::parse(s)?,
+        None => Shard::from_env()?.unwrap_or_default(),
+    };
+    let ctx = RunContext { out: a.out, shard, json: a.json };
+    let mode = if a.sequential { Mode::Sequential } else { Mode::Overlapped };
+    let summary = filter::run_with(&opts, &common, &ctx, mode)?;
+    print_job_summary(&summary, a.json)
+}
+
+#[derive(clap::Args)]
+struct MergeArgs {
+    /// The merged dataset's folder (created; an earlier merge there is kept and extended).
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// The `filter --out` folders of the shards.
+    #[arg(required = true)]
+    shards: Vec<std::path::PathBuf>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn merge(a: MergeArgs) -> Result<()> {
+    let summary = orchestrate::jobs::merge::merge(&a.out, &a.shards)?;
+    print_job_summary(&summary, a.json)
+}
+
+fn print_job_summary(summary: &orchestrate::jobs::JobSummary, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(summary)?);
+    } else {
+        for line in &summary.lines {
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The recipe; relative paths in it resolve against its folder.
+    recipe: std::path::PathBuf,
+    /// Check everything that needs no sampling (fields, files, model configs) and print what would run.
+    #[arg(long)]
+    dry_run: bool,
+    /// i/n: take prompts whose position % n == i (default from SLURM_ARRAY_TASK_ID/COUNT or JOB_COMPLETION_INDEX).
+    #[arg(long)]
+    shard: Option<String>,
+    /// Print the summaries as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_recipe(a: RunArgs) -> Result<()> {
+    use orchestrate::jobs::Shard;
+    let mut recipe = orchestrate::recipe::Recipe::load(&a.recipe)?;
+    let note = |r: &orchestrate::recipe::Recipe| {
+        if let Some(n) = &r.note {
+            for line in n.trim_end().lines() {
+                println!("note: {line}");
+            }
+        }
+    };
+    if a.dry_run {
+        let plan = recipe.dry_run()?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"recipe": a.recipe, "dry_run": plan.lines, "note": recipe.note}))?);
+        } else {
+            note(&recipe);
+            for line in &plan.lines {
+                println!("{line}");
+            }
+            println!("dry run: {} checked; nothing was sampled", a.recipe.display());
+        }
+        return Ok(());
+    }
+    let shard = match &a.shard {
+        Some(s) => Shard::parse(s)?,
+        None => Shard::from_env()?.unwrap_or_default(),
+    };
+    if !a.json {
+        note(&recipe);
+    }
+    let summaries = recipe.run(shard, a.json, &mut |s| {
+        if !a.json {
+            for line in &s.lines {
+                println!("{}: {line}", s.job);
+            }
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"recipe": a.recipe, "note": recipe.note, "jobs": summaries}))?);
+    } else {
+        note(&recipe);
     }
     Ok(())
 }

@@ -116,6 +116,8 @@ def main():
     ap.add_argument("--reps", type=int, default=1, help="timed batches per batch size and side")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--warmup", type=int, default=1, choices=[0, 1],
+                    help="untimed batches first on each side (0 saves time at large batches, where set-up costs are small)")
     ap.add_argument("--max-seconds", type=float, default=180.0, help="skip a batch size estimated to take longer (per side)")
     ap.add_argument("--work", type=Path, default=ROOT / "target/bench-rahf", help="where the checkpoint and folders go")
     ap.add_argument("--bin", type=Path, default=None)
@@ -146,7 +148,8 @@ def main():
 
     from PIL import Image
     rng = np.random.default_rng(0)
-    n_max = max(args.batches) * (args.reps + 1)
+    n_batches = args.reps + args.warmup
+    n_max = max(args.batches) * n_batches
     imgs_dir = work / "images"
     imgs_dir.mkdir()
     arrays = [rng.integers(0, 256, size=(384, 384, 3), dtype=np.uint8) for _ in range(n_max)]
@@ -170,16 +173,17 @@ def main():
     per_image = None
     results = []
     for batch in args.batches:
-        if per_image is not None and per_image * batch * (args.reps + 1) > args.max_seconds:
-            print(f"{batch:>5} skipped: about {per_image * batch * (args.reps + 1):.0f} s per side > --max-seconds {args.max_seconds:.0f}")
+        if per_image is not None and per_image * batch * n_batches > args.max_seconds:
+            print(f"{batch:>5} skipped: about {per_image * batch * n_batches:.0f} s per side > --max-seconds {args.max_seconds:.0f}")
             continue
-        # One warm-up batch on each side (one-time kernel set-up), then the timed ones.
-        theirs(batch, 0)
-        py = [theirs(batch, batch * (r + 1))[0] for r in range(args.reps)]
-        times, records = run_orchestrate(binary, ours, paths[: batch * (args.reps + 1)], batch, args.device, args.threads)
-        if len(times) != args.reps + 1:
-            sys.exit(f"expected {args.reps + 1} batch timings from orchestrate, got {times}")
-        rs = times[1:]
+        # Warm-up batches on each side (one-time kernel set-up), then the timed ones.
+        for _ in range(args.warmup):
+            theirs(batch, 0)
+        py = [theirs(batch, batch * (r + args.warmup))[0] for r in range(args.reps)]
+        times, records = run_orchestrate(binary, ours, paths[: batch * n_batches], batch, args.device, args.threads)
+        if len(times) != n_batches:
+            sys.exit(f"expected {n_batches} batch timings from orchestrate, got {times}")
+        rs = times[args.warmup:]
         py_ips, rs_ips = batch / min(py), batch / min(rs)
         per_image = max(min(py), min(rs)) / batch
         print(f"{batch:>5} {py_ips:>14.3f} {rs_ips:>18.3f} {rs_ips / py_ips:>6.2f}", flush=True)

@@ -365,3 +365,56 @@ pub fn import(checkpoint: &Path, vit: &str, t5: &str, out: &Path) -> Result<Impo
         dropped_unused,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tied_copies_dropped_only_when_identical() {
+        let shared = Tensor::randn([5, 3], (Kind::Float, Device::Cpu));
+        let mut tensors = vec![
+            ("t5.shared.weight".to_string(), shared.copy()),
+            ("t5.encoder.embed_tokens.weight".to_string(), shared.copy()),
+            // An untied lm_head (T5 v1.1) is a weight of its own.
+            ("t5.lm_head.weight".to_string(), &shared + 1e-3),
+            // Same values under another name is not a tie.
+            ("t5.decoder.block.0.x".to_string(), shared.copy()),
+        ];
+        let dropped = dedup_tied(&mut tensors);
+        assert_eq!(dropped, vec!["t5.encoder.embed_tokens.weight".to_string()]);
+        let names: Vec<&str> = tensors.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "t5.shared.weight",
+                "t5.lm_head.weight",
+                "t5.decoder.block.0.x"
+            ]
+        );
+    }
+
+    #[test]
+    fn error_listing_is_capped() {
+        let check = KeyCheck {
+            missing: (0..LIST_CAP + 5)
+                .map(|i| (format!("k{i}"), vec![i as i64]))
+                .collect(),
+            wrong_shape: vec![("w".into(), vec![2], vec![3])],
+            unused: vec![],
+        };
+        let text = check.describe(&[("u".into(), vec![1])]);
+        assert!(
+            text.contains(&format!("{} missing", LIST_CAP + 5)),
+            "{text}"
+        );
+        assert!(
+            text.contains("`k0` (expected shape [0])") && !text.contains(&format!("`k{LIST_CAP}`"))
+        );
+        assert!(text.contains("... and 5 more"), "{text}");
+        assert!(
+            text.contains("`w`: expected [2], found [3]") && text.contains("`u` [1]"),
+            "{text}"
+        );
+    }
+}
