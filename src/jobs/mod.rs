@@ -12,7 +12,10 @@
 //!   `run --dry-run`;
 //! * `run(opts: &XOptions, common: &CommonOptions, ctx: &RunContext) -> Result<JobSummary>`.
 pub mod common;
+pub mod filter;
+pub mod inpaint;
 pub mod manifest;
+pub mod merge;
 pub mod prompts;
 pub mod stages;
 

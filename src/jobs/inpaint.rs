@@ -1,0 +1,755 @@
+//! `orchestrate inpaint` (paper §5, "Region inpainting"): for each image,
+//! predict RAHF's implausibility heatmap, threshold and dilate it into a mask,
+//! inpaint `candidates` new versions of the masked region, paste them back so
+//! nothing outside the mask changes, and keep whichever of the original and
+//! the candidates RAHF finds most plausible.
+//!
+//! # Input
+//! Either a JSONL manifest, one `{"image": PATH, "prompt": TEXT[, "id": ID]}`
+//! per line (paths relative to the manifest's folder; `file_name`/`text` are
+//! accepted too), or the output folder of `orchestrate filter`, whose
+//! `train/metadata.jsonl` (an HF imagefolder: `file_name`, `text`,
+//! `prompt_id`) is read the same way. Items are split between shards by their
+//! position in that list.
+//!
+//! # Sizes
+//! The generator inpaints at the sampling size (`sampling.height/width`). An
+//! image of another size is resized to it (Lanczos) for inpainting, together
+//! with its mask (any overlap with the full-size mask counts as inside, so the
+//! repainted area never shrinks), and each candidate is resized back to the
+//! image's own size before the paste-back. The mask itself is always computed
+//! at the image's own size, so `dilate` is in the image's pixels and pixels
+//! outside the mask keep their exact values whatever the resizing did.
+//!
+//! # Outputs (under the run folder, per item `<id>/`)
+//! `heatmap.png` (the heatmap over the image), `heatmap.npy` (the raw map at
+//! the model's resolution), `mask.png` (255 = repainted), `original.png`,
+//! `candidate_<k>.png` (after paste-back; seed `sampling.seed + k`) and
+//! `chosen.png`; then one `manifest.jsonl` line with every score and the choice.
+use crate::diffusion::inpaint::{to_rgb_images, InpaintMode, InpaintSource};
+use crate::diffusion::pipeline::{ImageRequest, StableDiffusion};
+use crate::error::{Error, Result};
+use crate::heatmap_io::{overlay, write_atomic, write_npy};
+use crate::jobs::manifest::Manifest;
+use crate::jobs::stages::overlap;
+use crate::jobs::{CommonOptions, JobSummary, RunContext};
+use crate::rahf::{FeedbackModel, Scores};
+use image::imageops::{self, FilterType};
+use image::{GrayImage, RgbImage};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// The `inpaint` job's own settings (a recipe's `inpaint:` section).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InpaintOptions {
+    /// A JSONL manifest of `{image, prompt[, id]}`, or a `filter` output folder.
+    pub input: PathBuf,
+    /// A pixel is inside the mask where the implausibility heatmap (resized to
+    /// the image) is strictly greater than this, in [0, 1].
+    #[serde(default = "default_mask_threshold")]
+    pub mask_threshold: f64,
+    /// Radius of the disk the thresholded mask is dilated by, in image pixels.
+    #[serde(default = "default_dilate")]
+    pub dilate: u32,
+    /// Candidates inpainted per image (seeds `sampling.seed + k`).
+    #[serde(default = "default_candidates")]
+    pub candidates: usize,
+    /// How far the masked region is re-noised, in (0, 1]; 1 starts from pure
+    /// noise (what diffusers' inpaint pipeline does by default).
+    #[serde(default = "default_strength")]
+    pub strength: f64,
+}
+
+fn default_mask_threshold() -> f64 {
+    0.5
+}
+
+/// 16 px: the generator sees the mask at latent resolution (1/8 of the image,
+/// nearest-neighbour), so a region's border can lose up to 7 px on the way
+/// down; two latent cells of margin keep every thresholded pixel inside a
+/// repainted cell and give the model a band of context to blend the seam.
+/// RAHF's heatmaps are themselves smooth (upsampled from 16 px patches), so
+/// their thresholded edge is only accurate to about that much anyway.
+fn default_dilate() -> u32 {
+    16
+}
+
+fn default_candidates() -> usize {
+    4
+}
+
+fn default_strength() -> f64 {
+    1.0
+}
+
+impl InpaintOptions {
+    /// Options with the defaults for everything but the input.
+    pub fn new(input: PathBuf) -> Self {
+        InpaintOptions {
+            input,
+            mask_threshold: default_mask_threshold(),
+            dilate: default_dilate(),
+            candidates: default_candidates(),
+            strength: default_strength(),
+        }
+    }
+
+    /// Every check that needs no model.
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.mask_threshold) {
+            return Err(Error::Invalid(format!(
+                "inpaint.mask_threshold {}: must be in [0, 1]",
+                self.mask_threshold
+            )));
+        }
+        if self.candidates == 0 {
+            return Err(Error::Invalid(
+                "inpaint.candidates must be at least 1".into(),
+            ));
+        }
+        if !(self.strength > 0.0 && self.strength <= 1.0) {
+            return Err(Error::Invalid(format!(
+                "inpaint.strength {}: must be in (0, 1]",
+                self.strength
+            )));
+        }
+        input_listing(&self.input).map(|_| ())
+    }
+}
+
+/// One image to inpaint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InpaintItem {
+    /// Names the item's output folder; stable across reruns and shards.
+    pub id: String,
+    pub image: PathBuf,
+    pub prompt: String,
+    /// The `filter` prompt this image came from, when the input is a filter run.
+    pub prompt_id: Option<String>,
+    /// Position in the input list; shards split on it.
+    pub index: usize,
+    /// `file:line` of the item, for messages.
+    pub source: String,
+}
+
+/// The JSONL file an input names, and whether it is a filter folder's metadata.
+fn input_listing(input: &Path) -> Result<(PathBuf, bool)> {
+    if input.is_dir() {
+        let meta = input.join("train").join("metadata.jsonl");
+        if !meta.is_file() {
+            return Err(Error::Missing {
+                path: meta,
+                what:
+                    "inpaint input folder: expected a `filter` output folder (train/metadata.jsonl)"
+                        .into(),
+            });
+        }
+        Ok((meta, true))
+    } else if input.is_file() {
+        Ok((input.to_path_buf(), false))
+    } else {
+        Err(Error::Missing {
+            path: input.to_path_buf(),
+            what: "inpaint input (a JSONL manifest or a filter output folder)".into(),
+        })
+    }
+}
+
+/// Reads the items of an input manifest or filter folder (see the module doc).
+/// Ids: the line's `id`, else `i` + the item's position for a manifest, and
+/// the image's file stem for a filter folder (unique there, and readable).
+pub fn read_inputs(input: &Path) -> Result<Vec<InpaintItem>> {
+    let (path, from_filter) = input_listing(input)?;
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut items = Vec::new();
+    let mut seen = HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at = format!("{}:{}", path.display(), n + 1);
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| Error::Invalid(format!("{at}: invalid JSON: {e}")))?;
+        let field = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|k| v.get(*k).and_then(|x| x.as_str()).map(str::to_string))
+        };
+        let image = field(&["image", "file_name"]).ok_or_else(|| {
+            Error::Invalid(format!("{at}: no string `image` (or `file_name`) field"))
+        })?;
+        let prompt = field(&["prompt", "text"])
+            .ok_or_else(|| Error::Invalid(format!("{at}: no string `prompt` (or `text`) field")))?;
+        if prompt.trim().is_empty() {
+            return Err(Error::Invalid(format!("{at}: empty prompt")));
+        }
+        let prompt_id = match v.get("prompt_id") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(other) => Some(other.to_string()),
+        };
+        let index = items.len();
+        let id = match v.get("id") {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Number(x)) => x.to_string(),
+            None | Some(serde_json::Value::Null) if from_filter => Path::new(&image)
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string(),
+            None | Some(serde_json::Value::Null) => format!("i{index:05}"),
+            Some(other) => {
+                return Err(Error::Invalid(format!(
+                    "{at}: `id` must be a string or number, found {other}"
+                )))
+            }
+        };
+        if !is_safe_id(&id) {
+            return Err(Error::Invalid(format!(
+                "{at}: id `{id}` must be letters, digits, '-', '_' or '.' (it names an output folder)"
+            )));
+        }
+        if !seen.insert(id.clone()) {
+            return Err(Error::Invalid(format!("{at}: duplicate id `{id}`")));
+        }
+        items.push(InpaintItem {
+            id,
+            image: base.join(image),
+            prompt,
+            prompt_id,
+            index,
+            source: at,
+        });
+    }
+    if items.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: no images to inpaint",
+            path.display()
+        )));
+    }
+    Ok(items)
+}
+
+fn is_safe_id(id: &str) -> bool {
+    !id.is_empty()
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+/// Which image to keep: `None` for the original, `Some(k)` for candidate `k`.
+/// A candidate must be strictly more plausible than the original and every
+/// earlier candidate (ties keep the original, then the lower seed). A NaN
+/// score never wins; a NaN original loses to any finite candidate.
+pub fn choose(original: f64, candidates: &[f64]) -> Option<usize> {
+    let key = |v: f64| if v.is_nan() { f64::NEG_INFINITY } else { v };
+    let mut best = (None, key(original));
+    for (k, &s) in candidates.iter().enumerate() {
+        if !s.is_nan() && s > best.1 {
+            best = (Some(k), s);
+        }
+    }
+    best.0
+}
+
+/// One scored image in the manifest.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoredFile {
+    pub file: String,
+    pub scores: Scores,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CandidateRecord {
+    pub file: String,
+    pub seed: u64,
+    pub scores: Scores,
+}
+
+/// One `manifest.jsonl` line (its `id` is added by the manifest).
+#[derive(Debug, Clone, Serialize)]
+pub struct InpaintRecord {
+    /// The input image, as resolved from the input listing.
+    pub image: String,
+    pub prompt: String,
+    pub prompt_id: Option<String>,
+    pub width: u32,
+    pub height: u32,
+    pub heatmap: String,
+    pub heatmap_npy: String,
+    pub mask: String,
+    pub mask_pixels: usize,
+    pub mask_fraction: f64,
+    /// No pixel over the threshold: the image is kept and nothing is sampled.
+    pub empty_mask: bool,
+    pub original: ScoredFile,
+    pub candidates: Vec<CandidateRecord>,
+    /// `"original"` or `"candidate_<k>"`.
+    pub chosen: String,
+    pub chosen_file: String,
+    pub candidate_won: bool,
+    pub plausibility_before: f64,
+    pub plausibility_after: f64,
+    pub mask_threshold: f64,
+    pub dilate: u32,
+    pub strength: f64,
+    pub generator: String,
+    /// `conditioned` (9-channel inpainting UNet) or `blend` (plain UNet); null when nothing was sampled.
+    pub inpaint_mode: Option<String>,
+    /// The size the generator inpainted at, when it differs from the image's.
+    pub inpainted_at: Option<[i64; 2]>,
+}
+
+/// What the GPU stage hands the CPU stage for one item.
+struct Product {
+    item: InpaintItem,
+    original: RgbImage,
+    /// Raw implausibility heatmap at the model's resolution.
+    heatmap: Tensor,
+    /// The same, resized to the image (for the overlay).
+    heatmap_at_image: Tensor,
+    mask: GrayImage,
+    original_scores: Scores,
+    /// Pasted-back candidates, their seeds and scores.
+    candidates: Vec<(RgbImage, u64, Scores)>,
+    inpainted_at: Option<[i64; 2]>,
+}
+
+fn png_bytes(
+    width: u32,
+    height: u32,
+    raw: &[u8],
+    color: image::ExtendedColorType,
+    path: &Path,
+) -> Result<Vec<u8>> {
+    use image::ImageEncoder;
+    let mut bytes = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut bytes)
+        .write_image(raw, width, height, color)
+        .map_err(|e| Error::Image {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    Ok(bytes)
+}
+
+/// Writes a PNG through a temporary name and a rename.
+fn save_rgb(path: &Path, img: &RgbImage) -> Result<()> {
+    let bytes = png_bytes(
+        img.width(),
+        img.height(),
+        img.as_raw(),
+        image::ExtendedColorType::Rgb8,
+        path,
+    )?;
+    write_atomic(path, &bytes)
+}
+
+fn save_gray(path: &Path, img: &GrayImage) -> Result<()> {
+    let bytes = png_bytes(
+        img.width(),
+        img.height(),
+        img.as_raw(),
+        image::ExtendedColorType::L8,
+        path,
+    )?;
+    write_atomic(path, &bytes)
+}
+
+/// Runs the job; see the module doc.
+pub fn run(opts: &InpaintOptions, common: &CommonOptions, ctx: &RunContext) -> Result<JobSummary> {
+    opts.validate()?;
+    common.sampling.validate()?;
+    let settings = common.sampling.settings()?;
+    if crate::diffusion::schedulers::start_index_for_strength(settings.steps, opts.strength)
+        >= settings.steps
+    {
+        return Err(Error::Invalid(format!(
+            "inpaint.strength {} with {} steps leaves no denoising step; raise one of them",
+            opts.strength, settings.steps
+        )));
+    }
+    let items = read_inputs(&opts.input)?;
+    let mut manifest = Manifest::open(&ctx.out)?;
+    let in_shard: Vec<&InpaintItem> = items
+        .iter()
+        .filter(|it| ctx.shard.takes(it.index))
+        .collect();
+    let pending: Vec<InpaintItem> = in_shard
+        .iter()
+        .filter(|it| !manifest.is_done(&it.id))
+        .map(|it| (*it).clone())
+        .collect();
+    // A missing image fails the run before any model is loaded.
+    for it in &pending {
+        if !it.image.is_file() {
+            return Err(Error::Missing {
+                path: it.image.clone(),
+                what: format!("image of {}", it.source),
+            });
+        }
+    }
+    let generator = common
+        .models
+        .inpaint_generator
+        .clone()
+        .unwrap_or_else(|| common.models.generator.clone());
+    let skipped = in_shard.len() - pending.len();
+    warn_on_changed_settings(&manifest, opts, &generator);
+    tracing::info!(
+        "inpaint: {} items, {} in this shard, {} already done, {} to do",
+        items.len(),
+        in_shard.len(),
+        skipped,
+        pending.len()
+    );
+
+    let mut mode_name = None;
+    let new = pending.len();
+    if !pending.is_empty() {
+        let device = crate::device::parse_device(&common.models.device)?;
+        let kind = crate::device::parse_dtype(&common.models.dtype, device)?;
+        let rahf_dtype = if common.models.rahf_dtype == "auto" {
+            "fp32"
+        } else {
+            &common.models.rahf_dtype
+        };
+        let rahf_kind = crate::device::parse_dtype(rahf_dtype, device)?;
+        let rahf = FeedbackModel::load(&common.models.rahf, device, rahf_kind)?;
+        let pipe = StableDiffusion::load(&generator, device, kind)?;
+        let mode = pipe.inpaint_mode()?;
+        let mode_str = match mode {
+            InpaintMode::Conditioned => "conditioned",
+            InpaintMode::Blend => "blend",
+        };
+        mode_name = Some(mode_str.to_string());
+        tracing::info!("inpaint generator {generator}: {mode_str} inpainting");
+        let total = pending.len();
+        let mut done = 0usize;
+        let started = std::time::Instant::now();
+        let out = ctx.out.clone();
+        let mode_owned = mode_str.to_string();
+        let generator_name = generator.clone();
+        overlap(
+            pending,
+            2,
+            |item| predict_and_inpaint(item, opts, common, &rahf, &pipe, &settings),
+            |p| {
+                let record = write_item(&out, p, opts, &generator_name, &mode_owned)?;
+                let id = record.0;
+                manifest.append(&id, &record.1)?;
+                done += 1;
+                tracing::info!(
+                    "[{done}/{total}] {id}: {} (plausibility {:.4} -> {:.4}), {:.1} s elapsed",
+                    record.1.chosen,
+                    record.1.plausibility_before,
+                    record.1.plausibility_after,
+                    started.elapsed().as_secs_f64()
+                );
+                Ok(())
+            },
+        )?;
+    }
+    Ok(summarize(
+        &manifest,
+        ctx,
+        &generator,
+        mode_name,
+        new,
+        skipped,
+        items.len(),
+        in_shard.len(),
+    ))
+}
+
+/// A rerun skips done items whatever settings made them; say so once when
+/// the folder holds items made with other settings than this run's.
+fn warn_on_changed_settings(manifest: &Manifest, opts: &InpaintOptions, generator: &str) {
+    let differs = manifest.records().iter().find(|r| {
+        r.get("mask_threshold").and_then(|v| v.as_f64()) != Some(opts.mask_threshold)
+            || r.get("dilate").and_then(|v| v.as_u64()) != Some(opts.dilate as u64)
+            || r.get("strength").and_then(|v| v.as_f64()) != Some(opts.strength)
+            || r.get("generator").and_then(|v| v.as_str()) != Some(generator)
+    });
+    if let Some(r) = differs {
+        tracing::warn!(
+            "{}: item `{}` was made with other settings (mask_threshold, dilate, strength or generator) than this run's; \
+             done items are kept as they are (use a new --out to redo them)",
+            manifest.path().display(),
+            r.get("id").and_then(|v| v.as_str()).unwrap_or("?")
+        );
+    }
+}
+
+/// The GPU stage of one item: heatmap, mask, candidates, scores.
+fn predict_and_inpaint(
+    item: InpaintItem,
+    opts: &InpaintOptions,
+    common: &CommonOptions,
+    rahf: &FeedbackModel,
+    pipe: &StableDiffusion,
+    settings: &crate::diffusion::pipeline::SamplingSettings,
+) -> Result<Product> {
+    let original = crate::score::load_rgb(&item.image)?;
+    let (w, h) = original.dimensions();
+    let fb = rahf
+        .predict(
+            std::slice::from_ref(&original),
+            std::slice::from_ref(&item.prompt),
+        )?
+        .pop()
+        .expect("one feedback per image");
+    let heatmap = fb.implausibility_heatmap.to_kind(Kind::Float).contiguous();
+    let hm_size = heatmap.size();
+    let values = Vec::<f32>::try_from(heatmap.view([-1])).map_err(|e| {
+        Error::torch(
+            format!("implausibility heatmap of {}", item.image.display()),
+            e,
+        )
+    })?;
+    let mask = crate::mask::heatmap_to_mask(
+        &values,
+        hm_size[0] as usize,
+        hm_size[1] as usize,
+        h as usize,
+        w as usize,
+        opts.mask_threshold as f32,
+        opts.dilate,
+    )?;
+    let heatmap_at_image = fb.heatmap_at("implausibility", w, h)?;
+    let mut product = Product {
+        item,
+        heatmap,
+        heatmap_at_image,
+        original_scores: fb.scores,
+        candidates: Vec::new(),
+        inpainted_at: None,
+        mask,
+        original,
+    };
+    if crate::mask::is_empty(&crate::mask::from_gray_image(&product.mask)) {
+        return Ok(product);
+    }
+
+    // The generator works at the sampling size; see the module doc.
+    let (sw, sh) = (settings.width as u32, settings.height as u32);
+    let resized = (sw, sh) != (w, h);
+    let (image_s, mask_s) = if resized {
+        product.inpainted_at = Some([settings.height, settings.width]);
+        let image_s = imageops::resize(&product.original, sw, sh, FilterType::Lanczos3);
+        let mut mask_s = imageops::resize(&product.mask, sw, sh, FilterType::Triangle);
+        for p in mask_s.pixels_mut() {
+            p.0[0] = if p.0[0] > 0 { 255 } else { 0 };
+        }
+        (image_s, mask_s)
+    } else {
+        (product.original.clone(), product.mask.clone())
+    };
+    let source = InpaintSource {
+        image: image_s,
+        mask: mask_s,
+        seed: common.sampling.seed,
+    };
+    let requests: Vec<ImageRequest> = (0..opts.candidates)
+        .map(|k| ImageRequest {
+            prompt: product.item.prompt.clone(),
+            negative_prompt: common.sampling.negative_prompt.clone(),
+            seed: common.sampling.seed + k as u64,
+        })
+        .collect();
+    let mut pasted = Vec::with_capacity(requests.len());
+    for batch in requests.chunks(common.sampling.batch_size.max(1)) {
+        let images = to_rgb_images(&pipe.inpaint(&source, batch, settings, opts.strength)?)?;
+        for (img, req) in images.into_iter().zip(batch) {
+            let img = if resized {
+                imageops::resize(&img, w, h, FilterType::Lanczos3)
+            } else {
+                img
+            };
+            pasted.push((
+                crate::mask::paste_back(&product.original, &img, &product.mask)?,
+                req.seed,
+            ));
+        }
+    }
+    let images: Vec<RgbImage> = pasted.iter().map(|(img, _)| img.clone()).collect();
+    let prompts = vec![product.item.prompt.clone(); images.len()];
+    let feedback = rahf.predict(&images, &prompts)?;
+    product.candidates = pasted
+        .into_iter()
+        .zip(feedback)
+        .map(|((img, seed), fb)| (img, seed, fb.scores))
+        .collect();
+    Ok(product)
+}
+
+/// The CPU stage of one item: every file, then the manifest record.
+fn write_item(
+    out: &Path,
+    p: Product,
+    opts: &InpaintOptions,
+    generator: &str,
+    mode: &str,
+) -> Result<(String, InpaintRecord)> {
+    let id = p.item.id.clone();
+    let dir = out.join(&id);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let rel = |name: &str| format!("{id}/{name}");
+
+    write_npy(&dir.join("heatmap.npy"), &p.heatmap)?;
+    save_rgb(
+        &dir.join("heatmap.png"),
+        &overlay(&p.original, &p.heatmap_at_image, 0.6)?,
+    )?;
+    save_gray(&dir.join("mask.png"), &p.mask)?;
+    save_rgb(&dir.join("original.png"), &p.original)?;
+    let mut candidates = Vec::with_capacity(p.candidates.len());
+    for (k, (img, seed, scores)) in p.candidates.iter().enumerate() {
+        let name = format!("candidate_{k}.png");
+        save_rgb(&dir.join(&name), img)?;
+        candidates.push(CandidateRecord {
+            file: rel(&name),
+            seed: *seed,
+            scores: *scores,
+        });
+    }
+    let plaus: Vec<f64> = p.candidates.iter().map(|c| c.2.plausibility).collect();
+    for (k, s) in plaus.iter().enumerate() {
+        if s.is_nan() {
+            tracing::warn!("{id}: candidate {k} has a NaN plausibility; it cannot be chosen");
+        }
+    }
+    let choice = choose(p.original_scores.plausibility, &plaus);
+    let (chosen, chosen_img, after) = match choice {
+        None => (
+            "original".to_string(),
+            &p.original,
+            p.original_scores.plausibility,
+        ),
+        Some(k) => (format!("candidate_{k}"), &p.candidates[k].0, plaus[k]),
+    };
+    save_rgb(&dir.join("chosen.png"), chosen_img)?;
+
+    let mask_pixels = p.mask.pixels().filter(|px| px.0[0] != 0).count();
+    let (w, h) = p.original.dimensions();
+    let empty = mask_pixels == 0;
+    let record = InpaintRecord {
+        image: p.item.image.display().to_string(),
+        prompt: p.item.prompt.clone(),
+        prompt_id: p.item.prompt_id.clone(),
+        width: w,
+        height: h,
+        heatmap: rel("heatmap.png"),
+        heatmap_npy: rel("heatmap.npy"),
+        mask: rel("mask.png"),
+        mask_pixels,
+        mask_fraction: mask_pixels as f64 / (w as f64 * h as f64),
+        empty_mask: empty,
+        original: ScoredFile {
+            file: rel("original.png"),
+            scores: p.original_scores,
+        },
+        candidates,
+        chosen,
+        chosen_file: rel("chosen.png"),
+        candidate_won: choice.is_some(),
+        plausibility_before: p.original_scores.plausibility,
+        plausibility_after: after,
+        mask_threshold: opts.mask_threshold,
+        dilate: opts.dilate,
+        strength: opts.strength,
+        generator: generator.to_string(),
+        inpaint_mode: (!empty).then(|| mode.to_string()),
+        inpainted_at: p.inpainted_at,
+    };
+    Ok((id, record))
+}
+
+/// Figures over every item of the run folder's manifest (earlier runs included).
+#[allow(clippy::too_many_arguments)]
+fn summarize(
+    manifest: &Manifest,
+    ctx: &RunContext,
+    generator: &str,
+    mode: Option<String>,
+    new: usize,
+    skipped: usize,
+    listed: usize,
+    in_shard: usize,
+) -> JobSummary {
+    let records = manifest.records();
+    let flag = |r: &serde_json::Value, k: &str| r.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+    let num = |r: &serde_json::Value, k: &str| {
+        r.get(k).and_then(|v| v.as_f64()).filter(|v| v.is_finite())
+    };
+    let mean = |k: &str| {
+        let v: Vec<f64> = records.iter().filter_map(|r| num(r, k)).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let items = records.len();
+    let empty = records.iter().filter(|r| flag(r, "empty_mask")).count();
+    let inpainted = items - empty;
+    let won = records.iter().filter(|r| flag(r, "candidate_won")).count();
+    let (before, after) = (mean("plausibility_before"), mean("plausibility_after"));
+    let win_rate = (inpainted > 0).then(|| won as f64 / inpainted as f64);
+    let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
+    let figures = serde_json::json!({
+        "items": items,
+        "new": new,
+        "skipped_done": skipped,
+        "listed": listed,
+        "in_shard": in_shard,
+        "empty_masks": empty,
+        "inpainted": inpainted,
+        "candidate_won": won,
+        "candidate_win_rate": win_rate,
+        "mean_plausibility_before": before,
+        "mean_plausibility_after": after,
+        "generator": generator,
+        "inpaint_mode": mode,
+        "manifest": manifest.path(),
+    });
+    let lines = vec![
+        format!(
+            "inpaint: {items} items in {} ({new} new, {skipped} already done)",
+            ctx.out.display()
+        ),
+        format!("empty masks (kept as they were): {empty}; inpainted: {inpainted}"),
+        format!(
+            "a candidate beat the original in {won} of {inpainted} inpainted items ({})",
+            win_rate.map_or("n/a".into(), |r| format!("{:.0}%", 100.0 * r))
+        ),
+        format!(
+            "mean plausibility: before {} -> after {}",
+            fmt(before),
+            fmt(after)
+        ),
+    ];
+    JobSummary {
+        job: "inpaint".into(),
+        out: ctx.out.clone(),
+        figures,
+        lines,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choice_prefers_the_original_on_ties_and_skips_nan() {
+        assert_eq!(choose(0.5, &[0.4, 0.5]), None);
+        assert_eq!(choose(0.5, &[0.4, 0.6, 0.6]), Some(1));
+        assert_eq!(choose(0.5, &[f64::NAN, 0.7]), Some(1));
+        assert_eq!(choose(f64::NAN, &[0.1]), Some(0));
+        assert_eq!(choose(0.5, &[f64::NAN]), None);
+        assert_eq!(choose(0.5, &[]), None);
+    }
+}

@@ -1,0 +1,832 @@
+//! YAML recipes: one file that says which models, prompts, sampling settings,
+//! thresholds and outputs a run uses, for any of the three jobs:
+//!
+//! ```yaml
+//! note: printed before the run         # optional
+//! models: {generator: ..., inpaint_generator: ..., rahf: ..., device: auto, dtype: auto, rahf_dtype: fp32}
+//! sampling: {steps: 30, guidance_scale: 7.5, height: 512, width: 512, scheduler: dpm++2m,
+//!            seed: 0, batch_size: 4, negative_prompt: "", clip_skip: 1}
+//! output: ../out/quickstart            # job X writes into output/X/
+//! filter: {prompts: ..., samples: 8, threshold: 0.8, score: plausibility, keep: best}
+//! inpaint: {input: filter, mask_threshold: 0.5, dilate: 16, candidates: 4, strength: 1.0}
+//! guide: {prompts: ..., strength: ..., every: 1, recurrence: 1, score: aesthetics, compare_unguided: true}
+//! ```
+//!
+//! * The jobs present run in the order filter → inpaint → guide.
+//! * Relative paths (`output`, prompt lists, `inpaint.input`, `models.rahf`, and
+//!   model folders) resolve against the folder of the recipe file, so a recipe
+//!   means the same thing from whatever directory it is run. A model that is not
+//!   a folder there and reads `ORG/NAME[@REV]` is a Hugging Face repo id, looked
+//!   up offline in the HF cache.
+//! * `inpaint.input: filter` inpaints what this recipe's `filter` keeps.
+//! * `sampling.height`/`width` left out default to the generator's native size
+//!   (UNet `sample_size` × VAE scale factor, as diffusers does), so the same
+//!   recipe suits a tiny test model and SD 1.5 alike.
+//! * With `--shard i/n` (n > 1), job X writes into `output/X/shard-i-of-n/`;
+//!   `orchestrate merge` joins filter shards.
+//!
+//! Every error names `file:line:column` and the field's YAML path. Syntax,
+//! type and unknown-field errors come from the deserializer with a location;
+//! range checks happen after deserialization (each job's `validate()`), so the
+//! recipe keeps a map from field path to location, built from a second,
+//! located parse of the same text, to point those errors at the YAML too.
+use crate::diffusion::clip::ClipTextConfig;
+use crate::diffusion::model_dir::ModelDir;
+use crate::diffusion::schedulers::SchedulerConfig;
+use crate::diffusion::tokenizer::ClipTokenizer;
+use crate::diffusion::unet::UNetConfig;
+use crate::diffusion::vae::VaeConfig;
+use crate::error::{Error, Result};
+use crate::jobs::filter::{self, FilterOptions, ScoreKind};
+use crate::jobs::inpaint::{self, InpaintOptions};
+use crate::jobs::prompts::read_prompts;
+use crate::jobs::{CommonOptions, JobSummary, ModelOptions, RunContext, SamplingOptions, Shard};
+use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_saphyr::Spanned;
+use std::path::{Path, PathBuf};
+
+/// The `inpaint.input` value that means "what this recipe's filter kept".
+pub const FROM_FILTER: &str = "filter";
+
+/// Settings of the `guide` job. PLACEHOLDER until `src/jobs/guide.rs` lands:
+/// the recipe parses and checks the section; running it needs the job.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuideOptions {
+    pub prompts: PathBuf,
+    #[serde(default = "default_guide_strength")]
+    pub strength: f64,
+    #[serde(default = "one")]
+    pub every: usize,
+    #[serde(default = "one")]
+    pub recurrence: usize,
+    #[serde(default = "default_guide_score")]
+    pub score: ScoreKind,
+    #[serde(default = "yes")]
+    pub compare_unguided: bool,
+}
+
+fn default_guide_strength() -> f64 {
+    1.0
+}
+fn one() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_guide_score() -> ScoreKind {
+    ScoreKind::Aesthetics
+}
+
+impl GuideOptions {
+    pub fn validate(&self) -> Result<()> {
+        if !self.strength.is_finite() || self.strength < 0.0 {
+            return Err(Error::Invalid(format!("guide.strength {}: must be >= 0", self.strength)));
+        }
+        if self.every == 0 {
+            return Err(Error::Invalid("guide.every must be at least 1".into()));
+        }
+        if self.recurrence == 0 {
+            return Err(Error::Invalid("guide.recurrence must be at least 1".into()));
+        }
+        read_prompts(&self.prompts)?;
+        Ok(())
+    }
+}
+
+/// The file as written (after YAML, before path resolution).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecipe {
+    #[serde(default)]
+    note: Option<String>,
+    models: ModelOptions,
+    #[serde(default)]
+    sampling: SamplingOptions,
+    output: PathBuf,
+    #[serde(default)]
+    filter: Option<FilterOptions>,
+    #[serde(default)]
+    inpaint: Option<InpaintOptions>,
+    #[serde(default)]
+    guide: Option<GuideOptions>,
+}
+
+/// A 1-based line and column in the recipe file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Loc {
+    pub line: u64,
+    pub column: u64,
+}
+
+impl Loc {
+    fn of(l: &serde_saphyr::Location) -> Loc {
+        Loc { line: l.line(), column: l.column() }
+    }
+}
+
+/// One node of the located parse: its YAML path (`filter.threshold`,
+/// `a.b[2]`; empty for the document), where its key and value start, and the
+/// text of a scalar value.
+#[derive(Debug, Clone)]
+struct Entry {
+    path: String,
+    key: Option<Loc>,
+    value: Loc,
+    scalar: Option<String>,
+    null: bool,
+}
+
+/// Field path → location, for every key and value in the recipe.
+#[derive(Debug, Clone, Default)]
+pub struct Locations {
+    entries: Vec<Entry>,
+}
+
+/// The located parse: enough of the YAML tree to know where everything is.
+#[derive(Debug)]
+enum Node {
+    Null,
+    Scalar(String),
+    Seq(Vec<Spanned<Node>>),
+    Map(Vec<(Spanned<String>, Spanned<Node>)>),
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Node;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any YAML value")
+            }
+            fn visit_bool<E>(self, v: bool) -> std::result::Result<Node, E> {
+                Ok(Node::Scalar(v.to_string()))
+            }
+            fn visit_i64<E>(self, v: i64) -> std::result::Result<Node, E> {
+                Ok(Node::Scalar(v.to_string()))
+            }
+            fn visit_u64<E>(self, v: u64) -> std::result::Result<Node, E> {
+                Ok(Node::Scalar(v.to_string()))
+            }
+            fn visit_i128<E>(self, v: i128) -> std::result::Result<Node, E> {
+                Ok(Node::Scalar(v.to_string()))
+            }
+            fn visit_u128<E>(self, v: u128) -> std::result::Result<Node, E> {
+                Ok(Node::Scalar(v.to_string()))
+            }
+            fn visit_f64<E>(self, v: f64) -> std::result::Result<Node, E> {
+                Ok(Node::Scalar(v.to_string()))
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<Node, E> {
+                Ok(Node::Scalar(v.to_string()))
+            }
+            fn visit_unit<E>(self) -> std::result::Result<Node, E> {
+                Ok(Node::Null)
+            }
+            fn visit_none<E>(self) -> std::result::Result<Node, E> {
+                Ok(Node::Null)
+            }
+            fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> std::result::Result<Node, D2::Error> {
+                Node::deserialize(d)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> std::result::Result<Node, A::Error> {
+                let mut items = Vec::new();
+                while let Some(x) = a.next_element()? {
+                    items.push(x);
+                }
+                Ok(Node::Seq(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> std::result::Result<Node, A::Error> {
+                let mut items = Vec::new();
+                while let Some(k) = a.next_key::<Spanned<String>>()? {
+                    let v = a.next_value()?;
+                    items.push((k, v));
+                }
+                Ok(Node::Map(items))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Locations {
+    fn flatten(&mut self, path: String, key: Option<Loc>, node: &Spanned<Node>) {
+        let value = Loc::of(&node.referenced);
+        let (scalar, null) = match &node.value {
+            Node::Scalar(s) => (Some(s.clone()), false),
+            Node::Null => (None, true),
+            _ => (None, false),
+        };
+        self.entries.push(Entry { path: path.clone(), key, value, scalar, null });
+        match &node.value {
+            Node::Map(items) => {
+                for (k, v) in items {
+                    let p = if path.is_empty() { k.value.clone() } else { format!("{path}.{}", k.value) };
+                    self.flatten(p, Some(Loc::of(&k.referenced)), v);
+                }
+            }
+            Node::Seq(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    self.flatten(format!("{path}[{i}]"), None, v);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn get(&self, path: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.path == path)
+    }
+
+    /// Where `path` is written: its key (where a reader looks for the field),
+    /// else its value (a sequence item).
+    pub fn of(&self, path: &str) -> Option<Loc> {
+        self.get(path).map(|e| e.key.unwrap_or(e.value))
+    }
+
+    /// Where the value of `path` starts.
+    pub fn value_of(&self, path: &str) -> Option<Loc> {
+        self.get(path).map(|e| e.value)
+    }
+
+    /// The field a deserializer error at `at` is about. An unknown field is
+    /// reported at its key; a wrong type or a missing field at the value (a
+    /// missing field at the mapping that lacks it). When nothing starts
+    /// exactly there, the last node that starts before it contains it.
+    fn at(&self, at: Loc, unknown_field: bool) -> Option<&Entry> {
+        let by_key = self.entries.iter().find(|e| e.key == Some(at));
+        // The deepest node whose value starts there (a mapping and its first key share it).
+        let by_value = self.entries.iter().rev().filter(|e| e.value == at).min_by_key(|e| depth(&e.path));
+        let exact = if unknown_field { by_key.or(by_value) } else { by_value.or(by_key) };
+        exact.or_else(|| {
+            self.entries.iter().filter(|e| e.key.unwrap_or(e.value) <= at).max_by_key(|e| e.key.unwrap_or(e.value))
+        })
+    }
+
+    /// The paths written under `section` (e.g. every `filter.*`).
+    fn under<'a>(&'a self, section: &'a str) -> impl Iterator<Item = &'a Entry> + 'a {
+        self.entries.iter().filter(move |e| {
+            e.path.len() > section.len() && e.path.starts_with(section) && e.path.as_bytes()[section.len()] == b'.'
+        })
+    }
+}
+
+fn depth(path: &str) -> usize {
+    path.matches('.').count() + path.matches('[').count()
+}
+
+/// A parsed recipe, paths resolved. Build with [`Recipe::load`] (parse +
+/// every check that needs no model) or [`Recipe::parse`] (parse only).
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    /// The recipe file, as given.
+    pub file: PathBuf,
+    /// Printed before the run (the quickstart says its weights are random).
+    pub note: Option<String>,
+    pub common: CommonOptions,
+    /// Root of the outputs: job X writes into `output/X/`.
+    pub output: PathBuf,
+    pub filter: Option<FilterOptions>,
+    /// `input` resolved; `output/filter` when the recipe says `input: filter`.
+    pub inpaint: Option<InpaintOptions>,
+    /// Whether `inpaint.input` is this recipe's filter output.
+    pub inpaint_from_filter: bool,
+    pub guide: Option<GuideOptions>,
+    /// `sampling.height`/`width` were not given: the generator's native size
+    /// replaces the 512 default once the model is known ([`Recipe::resolve_size`]).
+    pub size_from_model: bool,
+    pub locations: Locations,
+}
+
+/// What `--dry-run` found: one line per check and per job that would run.
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRun {
+    pub lines: Vec<String>,
+}
+
+impl Recipe {
+    /// Parses and checks a recipe: syntax, types, unknown fields, then each
+    /// section's `validate()` (ranges, sizes, files exist). Models are not touched.
+    pub fn load(file: &Path) -> Result<Recipe> {
+        let recipe = Recipe::parse(file)?;
+        recipe.validate()?;
+        Ok(recipe)
+    }
+
+    /// Syntax, types and unknown fields only (plus the sampling settings, which
+    /// need no file); paths are resolved but not checked.
+    pub fn parse(file: &Path) -> Result<Recipe> {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::Missing { path: file.to_path_buf(), what: "recipe file".into() }
+            } else {
+                Error::io(file, e)
+            }
+        })?;
+        Recipe::parse_str(&text, file)
+    }
+
+    /// [`Recipe::parse`] of `text` as if read from `file` (errors name it;
+    /// relative paths resolve against its folder).
+    pub fn parse_str(text: &str, file: &Path) -> Result<Recipe> {
+        let err_at = |at: Loc, field: &str, msg: &str| located(file, at, field, msg);
+        let saphyr_msg = |e: &serde_saphyr::Error| {
+            use serde_saphyr::MessageFormatter;
+            serde_saphyr::DefaultMessageFormatter.format_message(e.without_snippet()).into_owned()
+        };
+        // Pass 1: the located tree. It fails only on YAML syntax.
+        let tree: Spanned<Node> = serde_saphyr::from_str(text).map_err(|e| {
+            let at = e.location().map(|l| Loc::of(&l)).unwrap_or(Loc { line: 1, column: 1 });
+            err_at(at, "", &saphyr_msg(&e))
+        })?;
+        let mut locations = Locations::default();
+        locations.flatten(String::new(), None, &tree);
+        if !matches!(tree.value, Node::Map(_)) {
+            return Err(err_at(
+                Loc::of(&tree.referenced),
+                "",
+                "a recipe is a mapping with `models`, `output` and at least one of `filter`, `inpaint`, `guide`",
+            ));
+        }
+        // A job's key with nothing under it would silently run nothing.
+        for section in ["models", "sampling", "filter", "inpaint", "guide"] {
+            if let Some(e) = locations.get(section).filter(|e| e.null) {
+                return Err(err_at(
+                    e.key.unwrap_or(e.value),
+                    section,
+                    "the section is empty: give its settings (`{}` for all defaults) or leave the key out",
+                ));
+            }
+        }
+
+        // Pass 2: the typed recipe.
+        let raw: RawRecipe = serde_saphyr::from_str(text).map_err(|e| {
+            let msg = saphyr_msg(&e);
+            let Some(at) = e.location().map(|l| Loc::of(&l)) else {
+                return err_at(Loc { line: 1, column: 1 }, "", &msg);
+            };
+            match locations.at(at, msg.starts_with("unknown field")) {
+                Some(entry) => {
+                    let mut msg = msg;
+                    if let Some(s) = entry.scalar.as_ref().filter(|_| entry.value == at) {
+                        if !msg.contains(s.as_str()) {
+                            msg = format!("{msg} (found `{s}`)");
+                        }
+                    }
+                    err_at(at, &entry.path, &msg)
+                }
+                None => err_at(at, "", &msg),
+            }
+        })?;
+        if raw.filter.is_none() && raw.inpaint.is_none() && raw.guide.is_none() {
+            return Err(err_at(Loc { line: 1, column: 1 }, "", "nothing to run: add a `filter`, `inpaint` or `guide` section"));
+        }
+
+        let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let output = resolve(&dir, &raw.output);
+        let mut common = CommonOptions { models: raw.models, sampling: raw.sampling };
+        common.models.generator = resolve_model_spec(&dir, &common.models.generator);
+        common.models.inpaint_generator = common.models.inpaint_generator.map(|g| resolve_model_spec(&dir, &g));
+        common.models.rahf = resolve(&dir, &common.models.rahf);
+
+        let filter = raw.filter.map(|mut f| {
+            f.prompts = resolve(&dir, &f.prompts);
+            f
+        });
+        let mut inpaint_from_filter = false;
+        let inpaint = match raw.inpaint {
+            None => None,
+            Some(mut i) => {
+                if i.input == Path::new(FROM_FILTER) {
+                    if filter.is_none() {
+                        let at = locations.value_of("inpaint.input").unwrap_or(Loc { line: 1, column: 1 });
+                        return Err(err_at(
+                            at,
+                            "inpaint.input",
+                            "`filter` means this recipe's filter output, but the recipe has no `filter` section",
+                        ));
+                    }
+                    inpaint_from_filter = true;
+                    i.input = job_dir(&output, "filter", Shard::default());
+                } else {
+                    i.input = resolve(&dir, &i.input);
+                }
+                Some(i)
+            }
+        };
+        let guide = raw.guide.map(|mut g| {
+            g.prompts = resolve(&dir, &g.prompts);
+            g
+        });
+        let size_from_model = locations.get("sampling.height").is_none() && locations.get("sampling.width").is_none();
+        let recipe = Recipe {
+            file: file.to_path_buf(),
+            note: raw.note,
+            common,
+            output,
+            filter,
+            inpaint,
+            inpaint_from_filter,
+            guide,
+            size_from_model,
+            locations,
+        };
+        recipe.locate("sampling", recipe.common.sampling.validate())?;
+        Ok(recipe)
+    }
+
+    /// The jobs this recipe runs, in order.
+    pub fn jobs(&self) -> Vec<&'static str> {
+        let mut jobs = Vec::new();
+        if self.filter.is_some() {
+            jobs.push("filter");
+        }
+        if self.inpaint.is_some() {
+            jobs.push("inpaint");
+        }
+        if self.guide.is_some() {
+            jobs.push("guide");
+        }
+        jobs
+    }
+
+    /// Every check that needs no model: each section's `validate()`, with the
+    /// error pointed at the field it is about.
+    pub fn validate(&self) -> Result<()> {
+        self.locate("sampling", self.common.sampling.validate())?;
+        if let Some(f) = &self.filter {
+            self.locate("filter", f.validate())?;
+        }
+        if let Some(i) = &self.inpaint {
+            match i.validate() {
+                // The filter step makes that folder; what is checkable now has been.
+                // (validate() checks the input last, after every range.)
+                Err(Error::Missing { path, .. }) if self.inpaint_from_filter && path.starts_with(&i.input) => {}
+                r => self.locate("inpaint", r)?,
+            }
+        }
+        if let Some(g) = &self.guide {
+            self.locate("guide", g.validate())?;
+        }
+        Ok(())
+    }
+
+    /// Points an error from `section`'s checks at the field it names: the
+    /// longest field of the section written in the recipe whose name (or
+    /// `--flag` spelling) the message mentions, else the section itself.
+    fn locate(&self, section: &str, r: Result<()>) -> Result<()> {
+        let Err(e) = r else { return Ok(()) };
+        let text = match &e {
+            Error::Invalid(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let norm = normalize(&text);
+        let found = self
+            .locations
+            .under(section)
+            .filter(|entry| depth(&entry.path) == depth(section) + 1)
+            .filter_map(|entry| {
+                let leaf = entry.path.rsplit('.').next().unwrap_or(&entry.path);
+                find_word(&norm, leaf).map(|pos| (entry, leaf.len(), pos))
+            })
+            .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)));
+        let (field, at) = match found {
+            Some((entry, _, _)) => (entry.path.clone(), entry.key.unwrap_or(entry.value)),
+            None => (section.to_string(), self.locations.of(section).unwrap_or(Loc { line: 1, column: 1 })),
+        };
+        Err(located(&self.file, at, &field, &strip_field(&text, &field)))
+    }
+
+    /// Replaces the 512 default with the generator's native size when the
+    /// recipe gives no `height`/`width` (needs the generator's configs).
+    pub fn resolve_size(&mut self) -> Result<()> {
+        if !self.size_from_model {
+            return Ok(());
+        }
+        let (h, w) = self.at_field("models.generator", native_size(&self.common.models.generator))?;
+        self.common.sampling.height = h;
+        self.common.sampling.width = w;
+        self.size_from_model = false;
+        self.locate("sampling", self.common.sampling.validate())
+    }
+
+    /// Everything `run` would need, short of loading weights: the checks of
+    /// [`Recipe::validate`], then each model folder resolves and its configs,
+    /// tokenizer and weight files are there; returns what would run.
+    pub fn dry_run(&mut self) -> Result<DryRun> {
+        self.validate()?;
+        let mut lines = Vec::new();
+        let m = self.common.models.clone();
+        let gen = self.at_field("models.generator", check_generator(&m.generator))?;
+        lines.push(format!("generator  {}: {}", m.generator, gen.describe()));
+        if self.inpaint.is_some() {
+            if let Some(spec) = &m.inpaint_generator {
+                let ig = self.at_field("models.inpaint_generator", check_generator(spec))?;
+                lines.push(format!("inpaint    {spec}: {}", ig.describe()));
+            }
+        }
+        let rahf = self.at_field("models.rahf", check_rahf(&m.rahf))?;
+        lines.push(format!("rahf       {}: {rahf}", m.rahf.display()));
+        for (field, v) in [("models.device", &m.device)] {
+            self.at_field(field, crate::device::parse_device(v).map(|_| ()))?;
+        }
+        self.resolve_size()?;
+        let device = crate::device::parse_device(&m.device)?;
+        for (field, v) in [("models.dtype", &m.dtype), ("models.rahf_dtype", &m.rahf_dtype)] {
+            self.at_field(field, crate::device::parse_dtype(v, device).map(|_| ()))?;
+        }
+        let s = &self.common.sampling;
+        lines.push(format!(
+            "sampling   {} steps {}, guidance scale {}, {}x{} px{}, seed {}, batch {}",
+            s.steps,
+            s.scheduler,
+            s.guidance_scale,
+            s.width,
+            s.height,
+            if self.locations.get("sampling.height").is_none() { " (the generator's native size)" } else { "" },
+            s.seed,
+            s.batch_size
+        ));
+        lines.extend(self.plan()?);
+        Ok(DryRun { lines })
+    }
+
+    /// One line per job: what it reads, what it does, where it writes.
+    pub fn plan(&self) -> Result<Vec<String>> {
+        let mut lines = Vec::new();
+        if let Some(f) = &self.filter {
+            let n = read_prompts(&f.prompts)?.len();
+            lines.push(format!(
+                "filter     {n} prompts from {} x {} samples (seeds {}..{}); keep {} with {} >= {} -> {}",
+                f.prompts.display(),
+                f.samples,
+                self.common.sampling.seed,
+                self.common.sampling.seed + f.samples as u64 - 1,
+                f.keep,
+                f.score,
+                f.threshold,
+                job_dir(&self.output, "filter", Shard::default()).display()
+            ));
+        }
+        if let Some(i) = &self.inpaint {
+            let from = if self.inpaint_from_filter {
+                "the images filter keeps".to_string()
+            } else {
+                let n = inpaint::read_inputs(&i.input)?.len();
+                format!("{n} images from {}", i.input.display())
+            };
+            lines.push(format!(
+                "inpaint    {from}: mask where implausibility > {}, dilated {} px; {} candidates, strength {} -> {}",
+                i.mask_threshold,
+                i.dilate,
+                i.candidates,
+                i.strength,
+                job_dir(&self.output, "inpaint", Shard::default()).display()
+            ));
+        }
+        if let Some(g) = &self.guide {
+            let n = read_prompts(&g.prompts)?.len();
+            lines.push(format!(
+                "guide      {n} prompts from {}: {} guidance, strength {}, every {} step(s), recurrence {}{} -> {}",
+                g.prompts.display(),
+                g.score,
+                g.strength,
+                g.every,
+                g.recurrence,
+                if g.compare_unguided { ", compared with unguided" } else { "" },
+                job_dir(&self.output, "guide", Shard::default()).display()
+            ));
+        }
+        Ok(lines)
+    }
+
+    /// Runs the jobs in order; `done` sees each job's summary as it finishes.
+    pub fn run(&mut self, shard: Shard, json: bool, done: &mut dyn FnMut(&JobSummary)) -> Result<Vec<JobSummary>> {
+        self.validate()?;
+        self.resolve_size()?;
+        let mut summaries = Vec::new();
+        let ctx = |job: &str| RunContext { out: job_dir(&self.output, job, shard), shard, json };
+        if let Some(f) = &self.filter {
+            let s = filter::run(f, &self.common, &ctx("filter"))?;
+            done(&s);
+            summaries.push(s);
+        }
+        if let Some(i) = &self.inpaint {
+            let mut i = i.clone();
+            if self.inpaint_from_filter {
+                // Each shard inpaints what its own filter shard kept.
+                i.input = job_dir(&self.output, "filter", shard);
+                // The whole set was taken by the filter shard already.
+                let s = inpaint::run(&i, &self.common, &RunContext { shard: Shard::default(), ..ctx("inpaint") })?;
+                done(&s);
+                summaries.push(s);
+            } else {
+                let s = inpaint::run(&i, &self.common, &ctx("inpaint"))?;
+                done(&s);
+                summaries.push(s);
+            }
+        }
+        if let Some(_g) = &self.guide {
+            let at = self.locations.of("guide").unwrap_or(Loc { line: 1, column: 1 });
+            return Err(located(&self.file, at, "guide", "the guide job is not part of this build yet"));
+        }
+        Ok(summaries)
+    }
+
+    /// Attaches the location of `field` to an error about it.
+    fn at_field<T>(&self, field: &str, r: Result<T>) -> Result<T> {
+        r.map_err(|e| {
+            let at = self.locations.of(field).or_else(|| self.locations.of(field.split('.').next().unwrap_or("")));
+            located(&self.file, at.unwrap_or(Loc { line: 1, column: 1 }), field, &e.to_string())
+        })
+    }
+}
+
+/// `output/job`, or `output/job/shard-i-of-n` for one shard of several.
+pub fn job_dir(output: &Path, job: &str, shard: Shard) -> PathBuf {
+    let dir = output.join(job);
+    if shard.count > 1 {
+        dir.join(format!("shard-{}-of-{}", shard.index, shard.count))
+    } else {
+        dir
+    }
+}
+
+fn located(file: &Path, at: Loc, field: &str, msg: &str) -> Error {
+    let message = if field.is_empty() { msg.to_string() } else { format!("{field}: {msg}") };
+    Error::Recipe { path: file.to_path_buf(), line: at.line, column: at.column, field: field.to_string(), message }
+}
+
+fn resolve(dir: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    }
+}
+
+/// A model is a folder (relative to the recipe) when it is one there or does
+/// not read like a repo id; an `ORG/NAME[@REV]` that is no folder there stays
+/// a repo id for the HF cache.
+fn resolve_model_spec(dir: &Path, spec: &str) -> String {
+    let p = Path::new(spec);
+    if p.is_absolute() {
+        return spec.to_string();
+    }
+    let local = dir.join(p);
+    let repo_like = spec.matches('/').count() == 1 && !spec.starts_with('.') && !local.exists();
+    if repo_like {
+        spec.to_string()
+    } else {
+        local.to_string_lossy().into_owned()
+    }
+}
+
+/// Lowercase, `mask-threshold` → `mask_threshold` (hyphens inside words only,
+/// so `--height` keeps its dashes and still reads as the word `height`).
+fn normalize(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    chars
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let word = |j: Option<&char>| j.is_some_and(|c| c.is_alphanumeric());
+            if c == '-' && i > 0 && word(chars.get(i - 1)) && word(chars.get(i + 1)) {
+                '_'
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
+        .collect()
+}
+
+/// Byte position of `word` in `text` as a whole word (not inside `mask_threshold`).
+fn find_word(text: &str, word: &str) -> Option<usize> {
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    let mut from = 0;
+    while let Some(i) = text[from..].find(word) {
+        let start = from + i;
+        let end = start + word.len();
+        let before = text[..start].chars().next_back().is_none_or(|c| !is_word(c));
+        let after = text[end..].chars().next().is_none_or(|c| !is_word(c));
+        if before && after {
+            return Some(start);
+        }
+        from = start + word.len().max(1);
+    }
+    None
+}
+
+/// `filter.threshold 1.5: must be in [0, 1]` → `1.5: must be in [0, 1]` when
+/// the field is `filter.threshold` (the location line already names it);
+/// likewise a leading `--flag `.
+fn strip_field(text: &str, field: &str) -> String {
+    let leaf = field.rsplit('.').next().unwrap_or(field);
+    for prefix in [field.to_string(), format!("--{}", leaf.replace('_', "-")), format!("--{leaf}")] {
+        if let Some(rest) = text.strip_prefix(prefix.as_str()) {
+            let rest = rest.trim_start_matches([' ', ':']);
+            if !rest.is_empty() {
+                return rest.to_string();
+            }
+        }
+    }
+    text.to_string()
+}
+
+/// What a generator folder holds, from its configs.
+#[derive(Debug, Clone)]
+pub struct GeneratorInfo {
+    pub root: PathBuf,
+    pub in_channels: i64,
+    pub native_size: Option<(i64, i64)>,
+}
+
+impl GeneratorInfo {
+    fn describe(&self) -> String {
+        let kind = if self.in_channels == 9 { "9-channel inpainting UNet" } else { "text-to-image UNet" };
+        let size = match self.native_size {
+            Some((h, w)) => format!(", native {w}x{h} px"),
+            None => String::new(),
+        };
+        format!("{} ({kind}{size})", self.root.display())
+    }
+}
+
+/// Resolves a generator and loads every config `StableDiffusion::load`
+/// reads, the tokenizer, and the list of weight files (not the weights).
+pub fn check_generator(spec: &str) -> Result<GeneratorInfo> {
+    let dir = ModelDir::open(spec)?;
+    let model_index = dir.root.join("model_index.json");
+    if !model_index.is_file() {
+        return Err(Error::Missing { path: model_index, what: "a diffusers pipeline's model_index.json".into() });
+    }
+    ClipTokenizer::load(&dir.component("tokenizer")?)?;
+    ClipTextConfig::load(&dir.config("text_encoder", "config.json")?)?;
+    let unet = UNetConfig::load(&dir.config("unet", "config.json")?)?;
+    let vae = VaeConfig::load(&dir.config("vae", "config.json")?)?;
+    SchedulerConfig::load(&dir.config("scheduler", "scheduler_config.json")?)?;
+    for component in ["text_encoder", "unet", "vae"] {
+        for file in dir.weights(component, None)? {
+            if !file.is_file() {
+                return Err(Error::Missing { path: file, what: format!("a `{component}` weights shard") });
+            }
+        }
+    }
+    let scale = 1i64 << vae.block_out_channels.len().saturating_sub(1);
+    let native_size = unet.sample_size_hw().map(|(h, w)| (h * scale, w * scale));
+    Ok(GeneratorInfo { root: dir.root, in_channels: unet.in_channels, native_size })
+}
+
+/// The generator's native image size: UNet `sample_size` times the VAE's
+/// downsampling factor, diffusers' default for `height`/`width`.
+pub fn native_size(spec: &str) -> Result<(i64, i64)> {
+    let info = check_generator(spec)?;
+    info.native_size.ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: the UNet config has no sample_size, so there is no default image size: set sampling.height and sampling.width",
+            info.root.display()
+        ))
+    })
+}
+
+/// Loads a RAHF folder's config and tokenizer and checks its weights file is there.
+pub fn check_rahf(dir: &Path) -> Result<String> {
+    let cfg = crate::rahf::RahfConfig::load(dir)?;
+    let weights = dir.join("model.safetensors");
+    if !weights.is_file() {
+        return Err(Error::Missing { path: weights, what: "RAHF weights".into() });
+    }
+    crate::rahf::tokenizer::RahfTokenizer::load(&dir.join("tokenizer.json"), &cfg)?;
+    Ok(format!(
+        "{:?} RAHF, {} px input, ViT {} layers, T5 d_model {}",
+        cfg.variant, cfg.image_size, cfg.vit.num_hidden_layers, cfg.t5.d_model
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_and_flags_are_found_whole() {
+        let n = normalize("--mask-threshold 1.5: must be in [0, 1]");
+        assert_eq!(find_word(&n, "mask_threshold"), Some(2));
+        assert_eq!(find_word(&n, "threshold"), None);
+        assert_eq!(find_word(&normalize("--height 12: must be"), "height"), Some(2));
+        assert_eq!(strip_field("filter.threshold 1.5: must be in [0, 1]", "filter.threshold"), "1.5: must be in [0, 1]");
+        assert_eq!(strip_field("--height 12: bad", "sampling.height"), "12: bad");
+    }
+
+    #[test]
+    fn model_specs_resolve_against_the_recipe_folder() {
+        let d = Path::new("/r");
+        assert_eq!(resolve_model_spec(d, "org/name"), "org/name");
+        assert_eq!(resolve_model_spec(d, "../models/x"), "/r/../models/x");
+        assert_eq!(resolve_model_spec(d, "a/b/c"), "/r/a/b/c");
+        assert_eq!(resolve_model_spec(d, "/abs/x"), "/abs/x");
+    }
+}
