@@ -522,11 +522,11 @@ impl Recipe {
         let mut lines = Vec::new();
         let m = self.common.models.clone();
         let gen = self.at_field("models.generator", check_generator(&m.generator))?;
-        lines.push(format!("generator  {}: {}", m.generator, gen.describe()));
+        lines.push(format!("generator  {}", gen.describe(&m.generator)));
         if self.inpaint.is_some() {
             if let Some(spec) = &m.inpaint_generator {
                 let ig = self.at_field("models.inpaint_generator", check_generator(spec))?;
-                lines.push(format!("inpaint    {spec}: {}", ig.describe()));
+                lines.push(format!("inpaint    {}", ig.describe(spec)));
             }
         }
         let rahf = self.at_field("models.rahf", check_rahf(&m.rahf))?;
@@ -620,6 +620,18 @@ impl Recipe {
             if self.inpaint_from_filter {
                 // Each shard inpaints what its own filter shard kept.
                 i.input = job_dir(&self.output, "filter", shard);
+                if kept_nothing(&i.input)? {
+                    let out = job_dir(&self.output, "inpaint", shard);
+                    let s = JobSummary {
+                        job: "inpaint".into(),
+                        out,
+                        figures: serde_json::json!({"skipped": "filter kept no image"}),
+                        lines: vec!["skipped: filter kept no image, so there is nothing to inpaint".into()],
+                    };
+                    done(&s);
+                    summaries.push(s);
+                    return self.run_guide(shard, json, done, summaries);
+                }
                 // The whole set was taken by the filter shard already.
                 let s = inpaint::run(&i, &self.common, &RunContext { shard: Shard::default(), ..ctx("inpaint") })?;
                 done(&s);
@@ -630,6 +642,16 @@ impl Recipe {
                 summaries.push(s);
             }
         }
+        self.run_guide(shard, json, done, summaries)
+    }
+
+    fn run_guide(
+        &self,
+        _shard: Shard,
+        _json: bool,
+        _done: &mut dyn FnMut(&JobSummary),
+        summaries: Vec<JobSummary>,
+    ) -> Result<Vec<JobSummary>> {
         if let Some(_g) = &self.guide {
             let at = self.locations.of("guide").unwrap_or(Loc { line: 1, column: 1 });
             return Err(located(&self.file, at, "guide", "the guide job is not part of this build yet"));
@@ -643,6 +665,15 @@ impl Recipe {
             let at = self.locations.of(field).or_else(|| self.locations.of(field.split('.').next().unwrap_or("")));
             located(&self.file, at.unwrap_or(Loc { line: 1, column: 1 }), field, &e.to_string())
         })
+    }
+}
+
+/// Whether a filter output folder's kept set is empty.
+fn kept_nothing(filter_out: &Path) -> Result<bool> {
+    let meta = filter_out.join(filter::TRAIN_DIR).join("metadata.jsonl");
+    match std::fs::read_to_string(&meta) {
+        Ok(text) => Ok(text.lines().all(|l| l.trim().is_empty())),
+        Err(e) => Err(Error::io(&meta, e)),
     }
 }
 
@@ -665,7 +696,28 @@ fn resolve(dir: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {
-        dir.join(p)
+        clean(&dir.join(p))
+    }
+}
+
+/// `recipes/../prompts/x.txt` → `prompts/x.txt`: drops `.` and folds `dir/..`
+/// as written (messages then show the path a user would type).
+fn clean(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    if out.is_empty() {
+        PathBuf::from(".")
+    } else {
+        out.iter().collect()
     }
 }
 
@@ -677,7 +729,7 @@ fn resolve_model_spec(dir: &Path, spec: &str) -> String {
     if p.is_absolute() {
         return spec.to_string();
     }
-    let local = dir.join(p);
+    let local = clean(&dir.join(p));
     let repo_like = spec.matches('/').count() == 1 && !spec.starts_with('.') && !local.exists();
     if repo_like {
         spec.to_string()
@@ -746,13 +798,14 @@ pub struct GeneratorInfo {
 }
 
 impl GeneratorInfo {
-    fn describe(&self) -> String {
+    fn describe(&self, spec: &str) -> String {
         let kind = if self.in_channels == 9 { "9-channel inpainting UNet" } else { "text-to-image UNet" };
         let size = match self.native_size {
             Some((h, w)) => format!(", native {w}x{h} px"),
             None => String::new(),
         };
-        format!("{} ({kind}{size})", self.root.display())
+        let root = if Path::new(spec) == self.root { String::new() } else { format!(" = {}", self.root.display()) };
+        format!("{spec}{root} ({kind}{size})")
     }
 }
 
@@ -825,7 +878,9 @@ mod tests {
     fn model_specs_resolve_against_the_recipe_folder() {
         let d = Path::new("/r");
         assert_eq!(resolve_model_spec(d, "org/name"), "org/name");
-        assert_eq!(resolve_model_spec(d, "../models/x"), "/r/../models/x");
+        assert_eq!(resolve_model_spec(d, "../models/x"), "/models/x");
+        assert_eq!(resolve_model_spec(Path::new("recipes"), "../models/x"), "models/x");
+        assert_eq!(clean(Path::new("a/./b/../../../c")), Path::new("../c"));
         assert_eq!(resolve_model_spec(d, "a/b/c"), "/r/a/b/c");
         assert_eq!(resolve_model_spec(d, "/abs/x"), "/abs/x");
     }

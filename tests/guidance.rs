@@ -139,7 +139,7 @@ fn guidance_raises_the_score() {
     ];
     let mut baselines: HashMap<&str, (Vec<[f64; 4]>, f64)> = HashMap::new();
     for (sched, kind, strength, through_unet) in cases {
-        let s = settings(sched, 6);
+        let s = settings(sched, 4);
         let (base, base_secs) = baselines.entry(sched.name()).or_insert_with(|| {
             let t0 = Instant::now();
             let images = pipe.sample(&reqs, &s).unwrap();
