@@ -134,7 +134,12 @@ impl std::str::FromStr for ScoreKind {
         ScoreKind::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| Error::Invalid(format!("unknown score `{s}`: expected one of {}", SCORE_TYPES.join(", "))))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "unknown score `{s}`: expected one of {}",
+                    SCORE_TYPES.join(", ")
+                ))
+            })
     }
 }
 
@@ -165,13 +170,18 @@ impl GuidanceSettings {
 
     pub fn validate(&self) -> Result<()> {
         if !self.strength.is_finite() {
-            return Err(Error::Invalid(format!("--guidance-strength {}: must be finite", self.strength)));
+            return Err(Error::Invalid(format!(
+                "--guidance-strength {}: must be finite",
+                self.strength
+            )));
         }
         if self.every == 0 {
             return Err(Error::Invalid("--guide-every 0: must be at least 1".into()));
         }
         if self.recurrence == 0 {
-            return Err(Error::Invalid("--recurrence 0: must be at least 1 (1 = no recurrence)".into()));
+            return Err(Error::Invalid(
+                "--recurrence 0: must be at least 1 (1 = no recurrence)".into(),
+            ));
         }
         Ok(())
     }
@@ -234,7 +244,8 @@ fn level(scheduler: &dyn Scheduler, step: usize) -> Level {
 fn renoise(sample: &Tensor, from: Level, to: Level, noise: &Tensor) -> Tensor {
     let ratio = to.a / from.a;
     let std = (to.k * to.k - (ratio * from.k).powi(2)).max(0.0).sqrt();
-    let x = sample.to_kind(Kind::Float) * ratio + noise.to_device(sample.device()).to_kind(Kind::Float) * std;
+    let x = sample.to_kind(Kind::Float) * ratio
+        + noise.to_device(sample.device()).to_kind(Kind::Float) * std;
     x.to_kind(sample.kind())
 }
 
@@ -269,7 +280,11 @@ impl<'a> Guider<'a> {
             let config = VaeConfig::load(&pipe.dir.config("vae", "config.json")?)?;
             Some(AutoencoderKL::load(weights.root(), config)?)
         };
-        Ok(Guider { pipe, scorer, vae32 })
+        Ok(Guider {
+            pipe,
+            scorer,
+            vae32,
+        })
     }
 
     fn vae(&self) -> &AutoencoderKL {
@@ -305,9 +320,12 @@ impl<'a> Guider<'a> {
             return Err(Error::Invalid("--steps must be at least 1".into()));
         }
         if requests.is_empty() {
-            return Err(Error::Invalid("guided sampling needs at least one image request".into()));
+            return Err(Error::Invalid(
+                "guided sampling needs at least one image request".into(),
+            ));
         }
-        let mut scheduler = schedulers::build(settings.scheduler, &pipe.scheduler_config, settings.steps)?;
+        let mut scheduler =
+            schedulers::build(settings.scheduler, &pipe.scheduler_config, settings.steps)?;
         let prediction = pipe.scheduler_config.prediction(&[
             PredictionType::Epsilon,
             PredictionType::VPrediction,
@@ -319,14 +337,20 @@ impl<'a> Guider<'a> {
         let prompts: Vec<String> = requests.iter().map(|r| r.prompt.clone()).collect();
         let mut embeds = pipe.encode_prompts(&prompts, settings.clip_skip)?;
         if cfg {
-            let negatives: Vec<String> = requests.iter().map(|r| r.negative_prompt.clone()).collect();
+            let negatives: Vec<String> =
+                requests.iter().map(|r| r.negative_prompt.clone()).collect();
             let uncond = pipe.encode_prompts(&negatives, settings.clip_skip)?;
             embeds = Tensor::cat(&[uncond, embeds], 0);
         }
         let tokens = self.scorer.tokenize(&prompts)?;
 
         let scale = pipe.vae.scale_factor();
-        let shape = [1, pipe.latent_channels(), settings.height / scale, settings.width / scale];
+        let shape = [
+            1,
+            pipe.latent_channels(),
+            settings.height / scale,
+            settings.width / scale,
+        ];
         let n = scheduler.timesteps().len();
         let ancestral = scheduler.needs_noise();
         let noise_steps = if ancestral { n } else { 0 };
@@ -336,11 +360,17 @@ impl<'a> Guider<'a> {
         for r in requests {
             let (l, s) = pipe.draw_noise(r.seed, &shape, noise_steps);
             // Continues the generator draw_noise just seeded (see the module docs).
-            extra_noise.push(self.draw_recurrence_noise(&shape, n, guidance.recurrence - 1, ancestral));
+            extra_noise.push(self.draw_recurrence_noise(
+                &shape,
+                n,
+                guidance.recurrence - 1,
+                ancestral,
+            ));
             latents.push(l);
             step_noise.push(s);
         }
-        let mut latents = Tensor::cat(&latents, 0).to_device(pipe.device) * scheduler.init_noise_sigma();
+        let mut latents =
+            Tensor::cat(&latents, 0).to_device(pipe.device) * scheduler.init_noise_sigma();
         let batch = |per_image: Vec<&Tensor>| Tensor::cat(&per_image, 0).to_device(pipe.device);
 
         let levels: Vec<Level> = (0..=n).map(|i| level(scheduler.as_ref(), i)).collect();
@@ -351,8 +381,17 @@ impl<'a> Guider<'a> {
             let passes = if guided { guidance.recurrence } else { 1 };
             for pass in 0..passes {
                 let out = if guided && guidance.strength != 0.0 {
-                    let (out, grad, scores) =
-                        self.score_gradient(scheduler.as_ref(), i, t, &latents, &embeds, cfg, settings, &tokens, guidance)?;
+                    let (out, grad, scores) = self.score_gradient(
+                        scheduler.as_ref(),
+                        i,
+                        t,
+                        &latents,
+                        &embeds,
+                        cfg,
+                        settings,
+                        &tokens,
+                        guidance,
+                    )?;
                     let grad_norms = per_image_norms(&grad);
                     if let Some(b) = grad_norms.iter().position(|g| !g.is_finite()) {
                         return Err(Error::Invalid(format!(
@@ -367,15 +406,27 @@ impl<'a> Guider<'a> {
                         grad_norms,
                     });
                     let factor = output_shift_factor(prediction, levels[i], guidance.strength);
-                    (out.to_kind(Kind::Float) + grad.to_device(out.device()) * factor).to_kind(out.kind())
+                    (out.to_kind(Kind::Float) + grad.to_device(out.device()) * factor)
+                        .to_kind(out.kind())
                 } else {
-                    self.model_output(scheduler.as_ref(), i, t, &latents, &embeds, cfg, settings.guidance_scale)
+                    self.model_output(
+                        scheduler.as_ref(),
+                        i,
+                        t,
+                        &latents,
+                        &embeds,
+                        cfg,
+                        settings.guidance_scale,
+                    )
                 };
                 let noise = match (ancestral, pass) {
                     (false, _) => None,
                     (true, 0) => Some(batch(step_noise.iter().map(|s| &s[i]).collect())),
                     (true, p) => Some(batch(
-                        extra_noise.iter().map(|e| e[i][p - 1].1.as_ref().expect("drawn for ancestral")).collect(),
+                        extra_noise
+                            .iter()
+                            .map(|e| e[i][p - 1].1.as_ref().expect("drawn for ancestral"))
+                            .collect(),
                     )),
                 };
                 let next = scheduler.step(&out, i, &latents, noise.as_ref());
@@ -391,7 +442,13 @@ impl<'a> Guider<'a> {
     }
 
     /// Recurrence draws continuing the global generator (after `draw_noise`).
-    fn draw_recurrence_noise(&self, shape: &[i64], steps: usize, extra: usize, ancestral: bool) -> RecurrenceNoise {
+    fn draw_recurrence_noise(
+        &self,
+        shape: &[i64],
+        steps: usize,
+        extra: usize,
+        ancestral: bool,
+    ) -> RecurrenceNoise {
         let opts = (self.pipe.kind, Device::Cpu);
         (0..steps)
             .map(|_| {
@@ -449,27 +506,46 @@ impl<'a> Guider<'a> {
         guidance: &GuidanceSettings,
     ) -> Result<(Tensor, Tensor, Vec<f64>)> {
         tch::with_grad(|| {
-            let leaf = latents.detach().to_kind(Kind::Float).set_requires_grad(true);
+            let leaf = latents
+                .detach()
+                .to_kind(Kind::Float)
+                .set_requires_grad(true);
             let out = if guidance.through_unet {
                 let lat = leaf.to_kind(latents.kind());
                 self.model_output(scheduler, i, t, &lat, embeds, cfg, settings.guidance_scale)
             } else {
-                tch::no_grad(|| self.model_output(scheduler, i, t, latents, embeds, cfg, settings.guidance_scale))
+                tch::no_grad(|| {
+                    self.model_output(
+                        scheduler,
+                        i,
+                        t,
+                        latents,
+                        embeds,
+                        cfg,
+                        settings.guidance_scale,
+                    )
+                })
             };
-            let x0 = scheduler.pred_original_sample(&out, i, &leaf).to_kind(Kind::Float);
+            let x0 = scheduler
+                .pred_original_sample(&out, i, &leaf)
+                .to_kind(Kind::Float);
             let pixels = self.decode_pixels(&x0);
             let weight = &self.scorer.model.visual_token_projection.weight;
             let scores = self
                 .scorer
-                .scores_from_tokens(&pixels.to_device(weight.device()).to_kind(weight.kind()), tokens)?
+                .scores_from_tokens(
+                    &pixels.to_device(weight.device()).to_kind(weight.kind()),
+                    tokens,
+                )?
                 .select(1, guidance.score.index() as i64)
                 .to_kind(Kind::Float);
             // Images are independent, so the gradient of the sum is each image's own.
             let objective = scores.sum(Kind::Float);
             let mut grads = Tensor::f_run_backward(&[&objective], &[&leaf], false, false)
                 .map_err(|e| Error::torch("guidance: backward through the VAE and RAHF", e))?;
-            let values = Vec::<f64>::try_from(scores.detach().to_kind(Kind::Double).to_device(Device::Cpu))
-                .map_err(|e| Error::torch("guidance scores", e))?;
+            let values =
+                Vec::<f64>::try_from(scores.detach().to_kind(Kind::Double).to_device(Device::Cpu))
+                    .map_err(|e| Error::torch("guidance scores", e))?;
             Ok((out.detach(), grads.remove(0), values))
         })
     }
@@ -479,7 +555,9 @@ impl<'a> Guider<'a> {
     /// A checkpointed or tiled decode for large images replaces this body.
     pub fn decode_pixels(&self, x0: &Tensor) -> Tensor {
         let vae = self.vae();
-        let image = vae.decode(&(x0 / vae.config.scaling_factor)).to_kind(Kind::Float);
+        let image = vae
+            .decode(&(x0 / vae.config.scaling_factor))
+            .to_kind(Kind::Float);
         (image / 2.0 + 0.5).clamp(0.0, 1.0)
     }
 }
@@ -526,15 +604,32 @@ mod tests {
             let n = s.timesteps().len();
             for i in 0..n {
                 let (from, to) = (level(s.as_ref(), i + 1), level(s.as_ref(), i));
-                assert!(to.sigma() > from.sigma(), "{kind} step {i}: levels must get noisier backwards");
+                assert!(
+                    to.sigma() > from.sigma(),
+                    "{kind} step {i}: levels must get noisier backwards"
+                );
                 tch::manual_seed(i as i64);
                 let x0 = Tensor::full([200_000], 0.7, (Kind::Float, Device::Cpu));
-                let at_next = &x0 * from.a + Tensor::randn([200_000], (Kind::Float, Device::Cpu)) * from.k;
-                let back = renoise(&at_next, from, to, &Tensor::randn([200_000], (Kind::Float, Device::Cpu)));
+                let at_next =
+                    &x0 * from.a + Tensor::randn([200_000], (Kind::Float, Device::Cpu)) * from.k;
+                let back = renoise(
+                    &at_next,
+                    from,
+                    to,
+                    &Tensor::randn([200_000], (Kind::Float, Device::Cpu)),
+                );
                 let mean = back.mean(Kind::Double).double_value(&[]);
                 let std = back.std(true).double_value(&[]);
-                assert!((mean - 0.7 * to.a).abs() < 0.01 * (1.0 + to.k), "{kind} step {i}: mean {mean} vs {}", 0.7 * to.a);
-                assert!((std / to.k - 1.0).abs() < 0.01, "{kind} step {i}: std {std} vs {}", to.k);
+                assert!(
+                    (mean - 0.7 * to.a).abs() < 0.01 * (1.0 + to.k),
+                    "{kind} step {i}: mean {mean} vs {}",
+                    0.7 * to.a
+                );
+                assert!(
+                    (std / to.k - 1.0).abs() < 0.01,
+                    "{kind} step {i}: std {std} vs {}",
+                    to.k
+                );
             }
         }
     }
@@ -549,7 +644,11 @@ mod tests {
                 assert_eq!(l.a, 1.0, "{kind}");
                 assert!((l.k - s.sigmas().unwrap()[0] as f64).abs() < 1e-6, "{kind}");
             } else {
-                assert!((l.a * l.a + l.k * l.k - 1.0).abs() < 1e-5, "{kind}: a²+k² = {}", l.a * l.a + l.k * l.k);
+                assert!(
+                    (l.a * l.a + l.k * l.k - 1.0).abs() < 1e-5,
+                    "{kind}: a²+k² = {}",
+                    l.a * l.a + l.k * l.k
+                );
             }
             let last = level(s.as_ref(), s.timesteps().len());
             assert!(last.k < l.k, "{kind}");
@@ -572,8 +671,16 @@ mod tests {
             }
         };
         let want = 2.0 * level.k * level.k / level.a; // strength·k²/a per unit ∇_s
-        for p in [PredictionType::Epsilon, PredictionType::VPrediction, PredictionType::Sample] {
-            assert!((dx0(p) - want).abs() < 1e-12, "{p:?}: {} vs {want} (σ = {sigma})", dx0(p));
+        for p in [
+            PredictionType::Epsilon,
+            PredictionType::VPrediction,
+            PredictionType::Sample,
+        ] {
+            assert!(
+                (dx0(p) - want).abs() < 1e-12,
+                "{p:?}: {} vs {want} (σ = {sigma})",
+                dx0(p)
+            );
         }
     }
 
@@ -582,7 +689,11 @@ mod tests {
         let mut g = GuidanceSettings::new(ScoreKind::Aesthetics, 1.0);
         assert!(g.validate().is_ok());
         g.every = 0;
-        assert!(g.validate().unwrap_err().to_string().contains("guide-every"));
+        assert!(g
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("guide-every"));
         g.every = 2;
         g.recurrence = 0;
         assert!(g.validate().unwrap_err().to_string().contains("recurrence"));
@@ -590,7 +701,11 @@ mod tests {
         g.strength = f64::NAN;
         assert!(g.validate().is_err());
         assert_eq!("overall".parse::<ScoreKind>().unwrap(), ScoreKind::Overall);
-        assert!("beauty".parse::<ScoreKind>().unwrap_err().to_string().contains("aesthetics"));
+        assert!("beauty"
+            .parse::<ScoreKind>()
+            .unwrap_err()
+            .to_string()
+            .contains("aesthetics"));
         assert!(g.guides(0) && !g.guides(1) && g.guides(2));
     }
 }

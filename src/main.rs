@@ -507,11 +507,17 @@ struct RunArgs {
     /// Print the summaries as JSON.
     #[arg(long)]
     json: bool,
+    /// Write under this folder instead of the recipe's `output`.
+    #[arg(long)]
+    output: Option<std::path::PathBuf>,
 }
 
 fn run_recipe(a: RunArgs) -> Result<()> {
     use orchestrate::jobs::Shard;
     let mut recipe = orchestrate::recipe::Recipe::load(&a.recipe)?;
+    if let Some(out) = a.output {
+        recipe.set_output(out);
+    }
     let note = |r: &orchestrate::recipe::Recipe| {
         if let Some(n) = &r.note {
             for line in n.trim_end().lines() {
@@ -541,8 +547,9 @@ fn run_recipe(a: RunArgs) -> Result<()> {
     }
     let summaries = recipe.run(shard, a.json, &mut |s| {
         if !a.json {
+            println!("{} -> {}", s.job, s.out.display());
             for line in &s.lines {
-                println!("{}: {line}", s.job);
+                println!("  {line}");
             }
         }
     })?;

@@ -258,7 +258,7 @@ impl Locations {
     /// exactly there, the last node that starts before it contains it.
     fn at(&self, at: Loc, unknown_field: bool) -> Option<&Entry> {
         let by_key = self.entries.iter().find(|e| e.key == Some(at));
-        // The deepest node whose value starts there (a mapping and its first key share it).
+        // The node whose value starts there (a mapping value starts where its first key does).
         let by_value = self.entries.iter().rev().filter(|e| e.value == at).min_by_key(|e| depth(&e.path));
         let exact = if unknown_field { by_key.or(by_value) } else { by_value.or(by_key) };
         exact.or_else(|| {
@@ -295,9 +295,11 @@ pub struct Recipe {
     /// Whether `inpaint.input` is this recipe's filter output.
     pub inpaint_from_filter: bool,
     pub guide: Option<GuideOptions>,
-    /// `sampling.height`/`width` were not given: the generator's native size
-    /// replaces the 512 default once the model is known ([`Recipe::resolve_size`]).
-    pub size_from_model: bool,
+    /// `sampling.height` / `sampling.width` not given: each takes the
+    /// generator's native size instead of the 512 default once the model is
+    /// known ([`Recipe::resolve_size`]), as diffusers defaults each on its own.
+    pub height_from_model: bool,
+    pub width_from_model: bool,
     pub locations: Locations,
 }
 
@@ -382,7 +384,11 @@ impl Recipe {
             }
         })?;
         if raw.filter.is_none() && raw.inpaint.is_none() && raw.guide.is_none() {
-            return Err(err_at(Loc { line: 1, column: 1 }, "", "nothing to run: add a `filter`, `inpaint` or `guide` section"));
+            return Err(err_at(
+                Loc { line: 1, column: 1 },
+                "",
+                "nothing to run: add a `filter`, `inpaint` or `guide` section",
+            ));
         }
 
         let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -422,7 +428,8 @@ impl Recipe {
             g.prompts = resolve(&dir, &g.prompts);
             g
         });
-        let size_from_model = locations.get("sampling.height").is_none() && locations.get("sampling.width").is_none();
+        let height_from_model = locations.get("sampling.height").is_none();
+        let width_from_model = locations.get("sampling.width").is_none();
         let recipe = Recipe {
             file: file.to_path_buf(),
             note: raw.note,
@@ -432,11 +439,23 @@ impl Recipe {
             inpaint,
             inpaint_from_filter,
             guide,
-            size_from_model,
+            height_from_model,
+            width_from_model,
             locations,
         };
         recipe.locate("sampling", recipe.common.sampling.validate())?;
         Ok(recipe)
+    }
+
+    /// Moves every output under `output` (`--output`), the chained
+    /// `inpaint.input: filter` included.
+    pub fn set_output(&mut self, output: PathBuf) {
+        self.output = output;
+        if self.inpaint_from_filter {
+            if let Some(i) = &mut self.inpaint {
+                i.input = job_dir(&self.output, "filter", Shard::default());
+            }
+        }
     }
 
     /// The jobs this recipe runs, in order.
@@ -480,10 +499,7 @@ impl Recipe {
     /// `--flag` spelling) the message mentions, else the section itself.
     fn locate(&self, section: &str, r: Result<()>) -> Result<()> {
         let Err(e) = r else { return Ok(()) };
-        let text = match &e {
-            Error::Invalid(s) => s.clone(),
-            other => other.to_string(),
-        };
+        let text = error_text(&e);
         let norm = normalize(&text);
         let found = self
             .locations
@@ -495,7 +511,8 @@ impl Recipe {
             })
             .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)));
         let (field, at) = match found {
-            Some((entry, _, _)) => (entry.path.clone(), entry.key.unwrap_or(entry.value)),
+            // At the value: that is what is out of range (or names a missing file).
+            Some((entry, _, _)) => (entry.path.clone(), entry.value),
             None => (section.to_string(), self.locations.of(section).unwrap_or(Loc { line: 1, column: 1 })),
         };
         Err(located(&self.file, at, &field, &strip_field(&text, &field)))
@@ -504,13 +521,17 @@ impl Recipe {
     /// Replaces the 512 default with the generator's native size when the
     /// recipe gives no `height`/`width` (needs the generator's configs).
     pub fn resolve_size(&mut self) -> Result<()> {
-        if !self.size_from_model {
+        if !self.height_from_model && !self.width_from_model {
             return Ok(());
         }
         let (h, w) = self.at_field("models.generator", native_size(&self.common.models.generator))?;
-        self.common.sampling.height = h;
-        self.common.sampling.width = w;
-        self.size_from_model = false;
+        if self.height_from_model {
+            self.common.sampling.height = h;
+        }
+        if self.width_from_model {
+            self.common.sampling.width = w;
+        }
+        (self.height_from_model, self.width_from_model) = (false, false);
         self.locate("sampling", self.common.sampling.validate())
     }
 
@@ -547,7 +568,11 @@ impl Recipe {
             s.guidance_scale,
             s.width,
             s.height,
-            if self.locations.get("sampling.height").is_none() { " (the generator's native size)" } else { "" },
+            if self.locations.get("sampling.height").is_none() || self.locations.get("sampling.width").is_none() {
+                " (what the recipe leaves out: the generator's native size)"
+            } else {
+                ""
+            },
             s.seed,
             s.batch_size
         ));
@@ -662,9 +687,19 @@ impl Recipe {
     /// Attaches the location of `field` to an error about it.
     fn at_field<T>(&self, field: &str, r: Result<T>) -> Result<T> {
         r.map_err(|e| {
-            let at = self.locations.of(field).or_else(|| self.locations.of(field.split('.').next().unwrap_or("")));
-            located(&self.file, at.unwrap_or(Loc { line: 1, column: 1 }), field, &e.to_string())
+            let at =
+                self.locations.value_of(field).or_else(|| self.locations.of(field.split('.').next().unwrap_or("")));
+            located(&self.file, at.unwrap_or(Loc { line: 1, column: 1 }), field, &strip_field(&error_text(&e), field))
         })
+    }
+}
+
+/// An error's message without the `invalid argument: ` its Display adds (the
+/// location line already says it is about the recipe).
+fn error_text(e: &Error) -> String {
+    match e {
+        Error::Invalid(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -870,7 +905,10 @@ mod tests {
         assert_eq!(find_word(&n, "mask_threshold"), Some(2));
         assert_eq!(find_word(&n, "threshold"), None);
         assert_eq!(find_word(&normalize("--height 12: must be"), "height"), Some(2));
-        assert_eq!(strip_field("filter.threshold 1.5: must be in [0, 1]", "filter.threshold"), "1.5: must be in [0, 1]");
+        assert_eq!(
+            strip_field("filter.threshold 1.5: must be in [0, 1]", "filter.threshold"),
+            "1.5: must be in [0, 1]"
+        );
         assert_eq!(strip_field("--height 12: bad", "sampling.height"), "12: bad");
     }
 

@@ -1,7 +1,9 @@
 //! RAHF-score classifier guidance (`orchestrate::guidance`) on the tiny fixture
 //! generator (`tests/fixtures/diffusion/sd-tiny`, 32x32 images) and the tiny
 //! multi-head RAHF model (`tests/fixtures/rahf`).
-use orchestrate::diffusion::pipeline::{to_rgb_bytes, ImageRequest, SamplingSettings, StableDiffusion};
+use orchestrate::diffusion::pipeline::{
+    to_rgb_bytes, ImageRequest, SamplingSettings, StableDiffusion,
+};
 use orchestrate::diffusion::schedulers::SchedulerKind;
 use orchestrate::guidance::{sample_guided, GuidanceSettings, GuidanceStep, Guider, ScoreKind};
 use orchestrate::rahf::config::{RahfConfig, Variant};
@@ -25,12 +27,18 @@ fn pipe() -> StableDiffusion {
 
 fn scorer() -> FeedbackModel {
     let dir = fixtures().join("rahf");
-    let mut cfg = RahfConfig::from_backbones(&dir.join("vit"), &dir.join("t5"), Variant::MultiHead).unwrap();
+    let mut cfg =
+        RahfConfig::from_backbones(&dir.join("vit"), &dir.join("t5"), Variant::MultiHead).unwrap();
     let weights = dir.join("multi_head.safetensors");
-    let shapes: HashMap<String, Vec<i64>> =
-        read_safetensors(&weights).unwrap().into_iter().map(|(k, t)| (k, t.size())).collect();
+    let shapes: HashMap<String, Vec<i64>> = read_safetensors(&weights)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.size()))
+        .collect();
     cfg.infer_heads(&shapes).unwrap();
-    let vb = Weights::load(&[weights], Device::Cpu, Kind::Float).unwrap().root();
+    let vb = Weights::load(&[weights], Device::Cpu, Kind::Float)
+        .unwrap()
+        .root();
     let model = Rahf::load(&vb, &cfg).unwrap();
     let tokenizer = RahfTokenizer::load(&dir.join("t5/tokenizer.json"), &cfg).unwrap();
     FeedbackModel::new(model, tokenizer, Device::Cpu)
@@ -65,23 +73,23 @@ fn settings(scheduler: SchedulerKind, steps: usize) -> SamplingSettings {
     }
 }
 
-/// RAHF scores B x 4 of images as they are saved: rounded to 8-bit RGB, scored
-/// through the u8 preprocessing the `score` command uses.
-fn saved_scores(scorer: &FeedbackModel, images: &Tensor, requests: &[ImageRequest]) -> Vec<[f64; 4]> {
-    let bytes = to_rgb_bytes(images);
-    let (b, h, w) = (bytes.size()[0], bytes.size()[1], bytes.size()[2]);
-    let rgb: Vec<image::RgbImage> = (0..b)
-        .map(|i| {
-            let data = Vec::<u8>::try_from(bytes.get(i).flatten(0, -1)).unwrap();
-            image::RgbImage::from_raw(w as u32, h as u32, data).unwrap()
-        })
-        .collect();
+/// RAHF scores B x 4 of images as they are saved: rounded to 8-bit RGB, then
+/// scored (scores only: `predict` would also decode keywords, slowly).
+fn saved_scores(
+    scorer: &FeedbackModel,
+    images: &Tensor,
+    requests: &[ImageRequest],
+) -> Vec<[f64; 4]> {
+    let saved = to_rgb_bytes(images)
+        .permute([0, 3, 1, 2])
+        .to_kind(Kind::Float)
+        / 255.0;
     let prompts: Vec<String> = requests.iter().map(|r| r.prompt.clone()).collect();
-    scorer
-        .predict(&rgb, &prompts)
+    let scores = tch::no_grad(|| scorer.scores_from_pixels(&saved, &prompts)).unwrap();
+    Vec::<Vec<f64>>::try_from(scores.to_kind(Kind::Double))
         .unwrap()
-        .iter()
-        .map(|f| [f.scores.plausibility, f.scores.alignment, f.scores.aesthetics, f.scores.overall])
+        .into_iter()
+        .map(|r| [r[0], r[1], r[2], r[3]])
         .collect()
 }
 
@@ -93,9 +101,18 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
 
-fn guided(pipe: &StableDiffusion, scorer: &FeedbackModel, reqs: &[ImageRequest], s: &SamplingSettings, g: &GuidanceSettings) -> (Tensor, Vec<GuidanceStep>) {
+fn guided(
+    pipe: &StableDiffusion,
+    scorer: &FeedbackModel,
+    reqs: &[ImageRequest],
+    s: &SamplingSettings,
+    g: &GuidanceSettings,
+) -> (Tensor, Vec<GuidanceStep>) {
     let mut seen = Vec::new();
-    let images = Guider::new(pipe, scorer).unwrap().sample(reqs, s, g, &mut |st| seen.push(st.clone())).unwrap();
+    let images = Guider::new(pipe, scorer)
+        .unwrap()
+        .sample(reqs, s, g, &mut |st| seen.push(st.clone()))
+        .unwrap();
     (images, seen)
 }
 
@@ -106,15 +123,26 @@ fn guided(pipe: &StableDiffusion, scorer: &FeedbackModel, reqs: &[ImageRequest],
 fn strength_zero_is_plain_sampling() {
     let (pipe, scorer) = (pipe(), scorer());
     let reqs = requests(3);
-    for sched in [SchedulerKind::Ddim, SchedulerKind::EulerAncestral, SchedulerKind::DpmPlusPlus2M] {
+    for sched in [
+        SchedulerKind::Ddim,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::DpmPlusPlus2M,
+    ] {
         for cfg in [7.5, 1.0] {
-            let s = SamplingSettings { guidance_scale: cfg, ..settings(sched, 4) };
+            let s = SamplingSettings {
+                guidance_scale: cfg,
+                ..settings(sched, 4)
+            };
             let plain = pipe.sample(&reqs, &s).unwrap();
             let mut g = GuidanceSettings::new(ScoreKind::Aesthetics, 0.0);
             g.every = 2;
             let (img, seen) = guided(&pipe, &scorer, &reqs, &s, &g);
             assert!(seen.is_empty(), "strength 0 computes no gradient");
-            assert_eq!(max_abs(&img, &plain), 0.0, "{sched} cfg {cfg}: strength 0 differs from sample");
+            assert_eq!(
+                max_abs(&img, &plain),
+                0.0,
+                "{sched} cfg {cfg}: strength 0 differs from sample"
+            );
         }
     }
 }
@@ -122,7 +150,7 @@ fn strength_zero_is_plain_sampling() {
 /// The point of it all: on the same 16 seeds, guided images score higher with
 /// the same RAHF than unguided ones, scored as saved 8-bit images. Checked for
 /// the default score (aesthetics) on DDIM and Euler ancestral (the sigma
-/// parameterisation), for plausibility, without the UNet backward, and a
+/// parameterisation) and for plausibility (without the UNet backward); a
 /// negative strength must lower the score (the direction matters, not any
 /// perturbation).
 #[test]
@@ -132,10 +160,14 @@ fn guidance_raises_the_score() {
     let n = reqs.len() as f64;
     let cases = [
         (SchedulerKind::Ddim, ScoreKind::Aesthetics, 10.0, true),
-        (SchedulerKind::Ddim, ScoreKind::Aesthetics, -10.0, true),
-        (SchedulerKind::Ddim, ScoreKind::Plausibility, 10.0, true),
-        (SchedulerKind::Ddim, ScoreKind::Aesthetics, 10.0, false),
-        (SchedulerKind::EulerAncestral, ScoreKind::Aesthetics, 10.0, true),
+        (SchedulerKind::Ddim, ScoreKind::Aesthetics, -10.0, false),
+        (SchedulerKind::Ddim, ScoreKind::Plausibility, 10.0, false),
+        (
+            SchedulerKind::EulerAncestral,
+            ScoreKind::Aesthetics,
+            10.0,
+            true,
+        ),
     ];
     let mut baselines: HashMap<&str, (Vec<[f64; 4]>, f64)> = HashMap::new();
     for (sched, kind, strength, through_unet) in cases {
@@ -146,13 +178,20 @@ fn guidance_raises_the_score() {
             let secs = t0.elapsed().as_secs_f64();
             (saved_scores(&scorer, &images, &reqs), secs)
         });
-        let g = GuidanceSettings { through_unet, ..GuidanceSettings::new(kind, strength) };
+        let g = GuidanceSettings {
+            through_unet,
+            ..GuidanceSettings::new(kind, strength)
+        };
         let t0 = Instant::now();
         let images = sample_guided(&pipe, &scorer, &reqs, &s, &g).unwrap();
         let secs = t0.elapsed().as_secs_f64();
         let scores = saved_scores(&scorer, &images, &reqs);
         let (before, after) = (mean(base, kind), mean(&scores, kind));
-        let up = scores.iter().zip(base.iter()).filter(|(a, b)| a[kind.index()] > b[kind.index()]).count();
+        let up = scores
+            .iter()
+            .zip(base.iter())
+            .filter(|(a, b)| a[kind.index()] > b[kind.index()])
+            .count();
         println!(
             "{sched} {kind} strength {strength} through_unet {through_unet}: mean {before:.4} -> {after:.4} \
              (gain {:+.4}, {up}/16 images up); s/image unguided {:.3}, guided {:.3}",
@@ -161,10 +200,16 @@ fn guidance_raises_the_score() {
             secs / n
         );
         if strength > 0.0 {
-            assert!(after - before > 0.03, "{sched} {kind}: guided mean {after} not above unguided {before}");
+            assert!(
+                after - before > 0.03,
+                "{sched} {kind}: guided mean {after} not above unguided {before}"
+            );
             assert!(up >= 12, "{sched} {kind}: only {up}/16 images improved");
         } else {
-            assert!(after - before < -0.03, "{sched} {kind}: negative strength did not lower the score ({before} -> {after})");
+            assert!(
+                after - before < -0.03,
+                "{sched} {kind}: negative strength did not lower the score ({before} -> {after})"
+            );
         }
     }
 }
@@ -175,20 +220,40 @@ fn guidance_raises_the_score() {
 fn gradients_are_finite() {
     let (pipe, scorer) = (pipe(), scorer());
     let reqs = requests(4);
-    for sched in [SchedulerKind::Ddim, SchedulerKind::Euler, SchedulerKind::DpmPlusPlus2M] {
-        for through_unet in [true, false] {
-            let g = GuidanceSettings { through_unet, ..GuidanceSettings::new(ScoreKind::Overall, 10.0) };
-            let (img, seen) = guided(&pipe, &scorer, &reqs, &settings(sched, 4), &g);
-            assert_eq!(seen.iter().map(|s| s.step).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
-            for st in &seen {
-                assert_eq!(st.grad_norms.len(), 4);
-                for (&gn, &sc) in st.grad_norms.iter().zip(&st.scores) {
-                    assert!(gn.is_finite() && gn > 0.0, "{sched} step {}: gradient norm {gn}", st.step);
-                    assert!((0.0..=1.0).contains(&sc), "{sched} step {}: score {sc}", st.step);
-                }
+    let cases = [
+        (SchedulerKind::Ddim, true),
+        (SchedulerKind::Euler, false),
+        (SchedulerKind::DpmPlusPlus2M, true),
+    ];
+    for (sched, through_unet) in cases {
+        let g = GuidanceSettings {
+            through_unet,
+            ..GuidanceSettings::new(ScoreKind::Overall, 10.0)
+        };
+        let (img, seen) = guided(&pipe, &scorer, &reqs, &settings(sched, 4), &g);
+        assert_eq!(
+            seen.iter().map(|s| s.step).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
+        for st in &seen {
+            assert_eq!(st.grad_norms.len(), 4);
+            for (&gn, &sc) in st.grad_norms.iter().zip(&st.scores) {
+                assert!(
+                    gn.is_finite() && gn > 0.0,
+                    "{sched} step {}: gradient norm {gn}",
+                    st.step
+                );
+                assert!(
+                    (0.0..=1.0).contains(&sc),
+                    "{sched} step {}: score {sc}",
+                    st.step
+                );
             }
-            assert!(img.isfinite().all().int64_value(&[]) == 1, "{sched}: non-finite image");
         }
+        assert!(
+            img.isfinite().all().int64_value(&[]) == 1,
+            "{sched}: non-finite image"
+        );
     }
 }
 
@@ -204,16 +269,37 @@ fn every_and_recurrence() {
     let base = GuidanceSettings::new(ScoreKind::Aesthetics, 10.0);
     let (every1, _) = guided(&pipe, &scorer, &reqs, &s, &base);
 
-    let (every2, seen) = guided(&pipe, &scorer, &reqs, &s, &GuidanceSettings { every: 2, ..base.clone() });
-    assert_eq!(seen.iter().map(|st| st.step).collect::<Vec<_>>(), vec![0, 2, 4]);
-    assert!(max_abs(&every1, &every2) > 1e-3, "every 2 gave the every-1 images");
+    let (every2, seen) = guided(
+        &pipe,
+        &scorer,
+        &reqs,
+        &s,
+        &GuidanceSettings {
+            every: 2,
+            ..base.clone()
+        },
+    );
+    assert_eq!(
+        seen.iter().map(|st| st.step).collect::<Vec<_>>(),
+        vec![0, 2, 4]
+    );
+    assert!(
+        max_abs(&every1, &every2) > 1e-3,
+        "every 2 gave the every-1 images"
+    );
 
-    let r2 = GuidanceSettings { recurrence: 2, ..base.clone() };
+    let r2 = GuidanceSettings {
+        recurrence: 2,
+        ..base.clone()
+    };
     let (rec, seen) = guided(&pipe, &scorer, &reqs, &s, &r2);
     let passes: Vec<(usize, usize)> = seen.iter().map(|st| (st.step, st.pass)).collect();
     let want: Vec<(usize, usize)> = (0..5).flat_map(|i| [(i, 0), (i, 1)]).collect();
     assert_eq!(passes, want);
-    assert!(max_abs(&rec, &every1) > 1e-3, "recurrence 2 gave the recurrence-1 images");
+    assert!(
+        max_abs(&rec, &every1) > 1e-3,
+        "recurrence 2 gave the recurrence-1 images"
+    );
     let (again, _) = guided(&pipe, &scorer, &reqs, &s, &r2);
     assert_eq!(max_abs(&rec, &again), 0.0, "recurrence is not reproducible");
     let (alone, _) = guided(&pipe, &scorer, &reqs[1..], &s, &r2);
@@ -221,9 +307,16 @@ fn every_and_recurrence() {
     assert!(d < 1e-4, "image 1 depends on its batch: {d}");
 
     // Recurrence is part of the sampler, not of the gradient: at strength 0 it
-    // still re-noises (so it changes the images) and only guided steps repeat.
+    // still re-noises and repeats the guided steps (here step 0 only).
     let plain = pipe.sample(&reqs, &s).unwrap();
-    let r2_off = GuidanceSettings { strength: 0.0, every: 5, ..r2.clone() };
+    let r2_off = GuidanceSettings {
+        strength: 0.0,
+        every: 5,
+        ..r2.clone()
+    };
     let (img, _) = guided(&pipe, &scorer, &reqs, &s, &r2_off);
-    assert!(max_abs(&img, &plain) > 1e-3, "recurrence at strength 0 changed nothing");
+    assert!(
+        max_abs(&img, &plain) > 1e-3,
+        "recurrence at strength 0 changed nothing"
+    );
 }

@@ -9,9 +9,13 @@
 //! * `manifest.jsonl`: one line per finished prompt (all scores, kept files);
 //! * `settings.json`: what the results depend on, checked when a run resumes.
 //!
-//! Image `i` of a prompt is seeded `sampling.seed + i`, and each prompt's
-//! images are scored together in one RAHF call, so neither the batch size nor
-//! where a killed run resumes changes a single byte of the outputs.
+//! Image `i` of a prompt is seeded `sampling.seed + i`, always sits in the same
+//! row of a `batch_size`-row generator call ([`plan_batches`]), and each
+//! prompt's images are scored together in one RAHF call, so where a killed
+//! run resumes, or how prompts are split into shards, changes no byte of the
+//! outputs. Another batch size gives the
+//! same images up to float rounding (batched kernels round differently for
+//! other shapes: about 1e-6 in [0, 1], now and then one 8-bit level).
 use crate::diffusion::pipeline::{to_rgb_bytes, ImageRequest, SamplingSettings, StableDiffusion};
 use crate::error::{Error, Result};
 use crate::heatmap_io::write_atomic;
@@ -349,20 +353,21 @@ struct Producer<'a> {
 }
 
 impl Producer<'_> {
-    /// `batch`: (position in `items`, image index) pairs.
-    fn run_batch(&mut self, items: &[PromptItem], batch: &[(usize, usize)]) -> Result<Vec<Scored>> {
-        let requests: Vec<ImageRequest> = batch
-            .iter()
-            .map(|&(p, i)| ImageRequest {
-                prompt: items[p].prompt.clone(),
-                negative_prompt: self.negative_prompt.clone(),
-                seed: self.seed + i as u64,
-            })
-            .collect();
+    /// `slots`: one batch from [`plan_batches`]: (position in `items`, image index) or empty.
+    fn run_batch(&mut self, items: &[PromptItem], slots: &[Option<(usize, usize)>]) -> Result<Vec<Scored>> {
+        let request = |&(p, i): &(usize, usize)| ImageRequest {
+            prompt: items[p].prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            seed: self.seed + i as u64,
+        };
+        let filler = slots.iter().flatten().next().expect("a batch holds at least one image");
+        // An empty slot gets a copy of some request; its image is dropped.
+        let requests: Vec<ImageRequest> = slots.iter().map(|s| request(s.as_ref().unwrap_or(filler))).collect();
         let rgb = to_rgb_bytes(&self.pipe.sample(&requests, &self.settings)?);
+        let batch: Vec<(usize, (usize, usize))> = slots.iter().enumerate().filter_map(|(k, s)| s.map(|s| (k, s))).collect();
         let (h, w) = (self.settings.height as u32, self.settings.width as u32);
         let mut completed = Vec::new();
-        for (k, &(p, i)) in batch.iter().enumerate() {
+        for &(k, (p, i)) in &batch {
             let data = Vec::<u8>::try_from(rgb.get(k as i64).contiguous().view([-1]))
                 .map_err(|e| Error::torch(format!("image {i} of prompt `{}`", items[p].id), e))?;
             let img = image::RgbImage::from_raw(w, h, data).expect("sampled images are height x width x 3");
@@ -485,6 +490,33 @@ pub enum Mode {
     Sequential,
 }
 
+/// Lays the images of `items` out in generator batches of `batch_size` rows.
+/// Image `i` of the prompt at list position `index` always sits in row
+/// `(index * samples + i) % batch_size`: batched kernels round a row
+/// differently by its row (not by what the other rows hold), so fixing the row
+/// makes an image's bytes independent of where a resumed run or a shard
+/// starts. An uninterrupted unsharded run fills every row; elsewhere a row
+/// may stay empty. Entries are (position in `items` + `offset`, image index).
+pub fn plan_batches(items: &[PromptItem], offset: usize, samples: usize, batch_size: usize) -> Vec<Vec<Option<(usize, usize)>>> {
+    let mut batches = Vec::new();
+    let mut current: Vec<Option<(usize, usize)>> = vec![None; batch_size];
+    let mut last: Option<usize> = None;
+    for (p, item) in items.iter().enumerate() {
+        for i in 0..samples {
+            let row = (item.index * samples + i) % batch_size;
+            if last.is_some_and(|l| row <= l) {
+                batches.push(std::mem::replace(&mut current, vec![None; batch_size]));
+            }
+            current[row] = Some((p + offset, i));
+            last = Some(row);
+        }
+    }
+    if last.is_some() {
+        batches.push(current);
+    }
+    batches
+}
+
 pub fn run(opts: &FilterOptions, common: &CommonOptions, ctx: &RunContext) -> Result<JobSummary> {
     run_with(opts, common, ctx, Mode::Overlapped)
 }
@@ -530,21 +562,18 @@ pub fn run_with(opts: &FilterOptions, common: &CommonOptions, ctx: &RunContext, 
             pending: HashMap::new(),
         };
         let mut consumer = Consumer { out, opts, manifest: &mut manifest, progress: Progress::new(todo.len()) };
-        let pairs = |p: usize| (0..opts.samples).map(move |i| (p, i));
         let batch_size = common.sampling.batch_size;
         match mode {
             Mode::Overlapped => {
-                let all: Vec<(usize, usize)> = (0..todo.len()).flat_map(pairs).collect();
-                let work: Vec<Vec<(usize, usize)>> = all.chunks(batch_size).map(<[_]>::to_vec).collect();
-                overlap(work, 2, |batch| producer.run_batch(&todo, &batch), |done| {
+                let work = plan_batches(&todo, 0, opts.samples, batch_size);
+                overlap(work, 2, |slots| producer.run_batch(&todo, &slots), |done| {
                     done.into_iter().try_for_each(|s| consumer.finish(s))
                 })?;
             }
             Mode::Sequential => {
                 for p in 0..todo.len() {
-                    let mine: Vec<(usize, usize)> = pairs(p).collect();
-                    for batch in mine.chunks(batch_size) {
-                        for s in producer.run_batch(&todo, batch)? {
+                    for slots in plan_batches(&todo[p..p + 1], p, opts.samples, batch_size) {
+                        for s in producer.run_batch(&todo, &slots)? {
                             consumer.finish(s)?;
                         }
                     }

@@ -456,7 +456,7 @@ pub fn run(opts: &InpaintOptions, common: &CommonOptions, ctx: &RunContext) -> R
             },
         )?;
     }
-    Ok(summarize(
+    let summary = summarize(
         &manifest,
         ctx,
         &generator,
@@ -465,7 +465,56 @@ pub fn run(opts: &InpaintOptions, common: &CommonOptions, ctx: &RunContext) -> R
         skipped,
         items.len(),
         in_shard.len(),
-    ))
+    );
+    write_inpaint_report(&manifest, opts, common, ctx, &summary)?;
+    Ok(summary)
+}
+
+/// `report.html`, rebuilt from the whole manifest so a resumed run shows every item.
+fn write_inpaint_report(
+    manifest: &Manifest,
+    opts: &InpaintOptions,
+    common: &CommonOptions,
+    ctx: &RunContext,
+    summary: &JobSummary,
+) -> Result<()> {
+    use crate::report::{write_report, Report, ReportImage, ReportRow};
+    let scores = |v: &serde_json::Value| serde_json::from_value::<crate::rahf::Scores>(v.clone()).ok();
+    let text = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+    let rows = manifest
+        .records()
+        .iter()
+        .map(|r| {
+            let chosen = text(r, "chosen");
+            let mut original = ReportImage::new(text(&r["original"], "file"), "original")
+                .marked(chosen == "original")
+                .with_overlay("implausibility", text(r, "heatmap"))
+                .with_overlay("mask", text(r, "mask"));
+            if let Some(s) = scores(&r["original"]["scores"]) {
+                original = original.with_scores(s);
+            }
+            let mut images = vec![original];
+            for (k, c) in r["candidates"].as_array().into_iter().flatten().enumerate() {
+                let caption = format!("candidate {k} (seed {})", c["seed"]);
+                let mut img = ReportImage::new(text(c, "file"), caption).marked(chosen == format!("candidate_{k}"));
+                if let Some(s) = scores(&c["scores"]) {
+                    img = img.with_scores(s);
+                }
+                images.push(img);
+            }
+            let note = r["empty_mask"].as_bool().unwrap_or(false).then(|| "empty mask: kept as it was".to_string());
+            ReportRow { prompt: text(r, "prompt"), id: text(r, "id"), images, note }
+        })
+        .collect();
+    let report = Report {
+        title: format!("inpaint — {}", ctx.out.display()),
+        job: "inpaint".into(),
+        settings: serde_json::json!({ "inpaint": opts, "models": common.models, "sampling": common.sampling }),
+        summary: summary.lines.clone(),
+        rows,
+    };
+    write_report(&ctx.out, &report)?;
+    Ok(())
 }
 
 /// A rerun skips done items whatever settings made them; say so once when

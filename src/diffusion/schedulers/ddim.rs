@@ -108,14 +108,6 @@ impl Scheduler for Ddim {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> Tensor {
-        sample.shallow_clone()
-    }
-
     fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _noise: Option<&Tensor>) -> Tensor {
         let (_, a_prev) = self.alpha_prod(step);
         let (x0, eps) = self.predict(model_output, step, sample);

@@ -202,14 +202,6 @@ impl Scheduler for DpmSolverPP {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> Tensor {
-        sample.shallow_clone()
-    }
-
     /// Steps must come in order; a step that does not follow the previous one
     /// starts a fresh solver history (first order), as a new diffusers run would.
     fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _noise: Option<&Tensor>) -> Tensor {

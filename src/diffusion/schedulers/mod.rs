@@ -111,10 +111,16 @@ impl std::str::FromStr for SchedulerKind {
 pub trait Scheduler: Send {
     /// The model's timestep per step (float; Euler's may be fractional).
     fn timesteps(&self) -> &[f64];
-    /// Multiplies unit-variance initial noise.
-    fn init_noise_sigma(&self) -> f64;
-    /// The UNet input for step `step` (an index into `timesteps()`).
-    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Tensor;
+    /// Multiplies unit-variance initial noise. Schedulers that step in ᾱ
+    /// (DDIM, DPM-Solver) start from unit noise; sigma-parameterised ones override.
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// The UNet input for step `step` (an index into `timesteps()`); the
+    /// sample itself unless the scheduler works in sigma space.
+    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> Tensor {
+        sample.shallow_clone()
+    }
     /// One denoising step. `noise` is required exactly when `needs_noise()`
     /// (ancestral), of sample's shape and the model output's dtype. The result
     /// has the model output's dtype.
