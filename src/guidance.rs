@@ -187,7 +187,7 @@ impl GuidanceSettings {
     }
 
     pub fn guides(&self, step: usize) -> bool {
-        step % self.every == 0
+        step.is_multiple_of(self.every)
     }
 }
 

@@ -22,6 +22,8 @@ enum Command {
     Inpaint(InpaintArgs),
     /// Sample N images per prompt, score them with RAHF, keep the best that reach --threshold as an HF imagefolder.
     Filter(FilterArgs),
+    /// Sample with a RAHF score (aesthetics by default) as classifier guidance; compare with unguided.
+    Guide(GuideArgs),
     /// Join the output folders of `filter --shard i/n` runs into one dataset.
     Merge(MergeArgs),
     /// Run a YAML recipe: its filter, inpaint and guide jobs in that order (see recipes/).
@@ -57,6 +59,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inpaint(args) => inpaint(args),
         Command::Filter(args) => filter(args),
         Command::Merge(args) => merge(args),
+        Command::Guide(args) => guide(args),
     }
 }
 
@@ -559,4 +562,134 @@ fn run_recipe(a: RunArgs) -> Result<()> {
         note(&recipe);
     }
     Ok(())
+}
+
+/// Models, sampling and output flags every job shares.
+#[derive(clap::Args)]
+struct JobArgs {
+    /// The generator: a diffusers folder or cached HF repo id.
+    #[arg(long)]
+    model: String,
+    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    rahf: std::path::PathBuf,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    guidance_scale: Option<f64>,
+    #[arg(long)]
+    height: Option<i64>,
+    #[arg(long)]
+    width: Option<i64>,
+    /// ddim, euler, euler-a or dpm++2m (default dpm++2m).
+    #[arg(long)]
+    scheduler: Option<String>,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Image i of a prompt is seeded seed+i.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    clip_skip: Option<usize>,
+    /// Images per generator call; results do not depend on it.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Generator dtype: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16 or bf16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// RAHF dtype (fp32 by default: scores are compared with each other).
+    #[arg(long, default_value = "fp32")]
+    rahf_dtype: String,
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// i/n: take prompts whose position % n == i (default from SLURM_ARRAY_TASK_ID/COUNT or JOB_COMPLETION_INDEX).
+    #[arg(long)]
+    shard: Option<String>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl JobArgs {
+    fn into_options(self) -> Result<(orchestrate::jobs::CommonOptions, orchestrate::jobs::RunContext)> {
+        use orchestrate::jobs::{CommonOptions, ModelOptions, RunContext, SamplingOptions, Shard};
+        let d = SamplingOptions::default();
+        let common = CommonOptions {
+            models: ModelOptions {
+                generator: self.model,
+                inpaint_generator: None,
+                rahf: self.rahf,
+                device: self.device,
+                dtype: self.dtype,
+                rahf_dtype: self.rahf_dtype,
+            },
+            sampling: SamplingOptions {
+                steps: self.steps.unwrap_or(d.steps),
+                guidance_scale: self.guidance_scale.unwrap_or(d.guidance_scale),
+                height: self.height.unwrap_or(d.height),
+                width: self.width.unwrap_or(d.width),
+                scheduler: self.scheduler.unwrap_or(d.scheduler),
+                negative_prompt: self.negative_prompt.unwrap_or(d.negative_prompt),
+                seed: self.seed.unwrap_or(d.seed),
+                clip_skip: self.clip_skip.or(d.clip_skip),
+                batch_size: self.batch_size.unwrap_or(d.batch_size),
+            },
+        };
+        let shard = match &self.shard {
+            Some(s) => Shard::parse(s)?,
+            None => Shard::from_env()?.unwrap_or_default(),
+        };
+        Ok((common, RunContext { out: self.out, shard, json: self.json }))
+    }
+}
+
+#[derive(clap::Args)]
+struct GuideArgs {
+    /// Prompt list: text (one per line, # comments) or JSONL ({"prompt": ..., "id": ...}).
+    #[arg(long)]
+    prompts: std::path::PathBuf,
+    /// Guidance strength s (see src/guidance.rs); 0 samples unguided.
+    #[arg(long, default_value_t = 1.0)]
+    guidance_strength: f64,
+    /// Guide every k-th step.
+    #[arg(long, default_value_t = 1)]
+    guide_every: usize,
+    /// Passes per guided step (self-recurrence); 1 = none.
+    #[arg(long, default_value_t = 1)]
+    recurrence: usize,
+    /// The score to guide on: plausibility, alignment, aesthetics or overall.
+    #[arg(long, default_value = "aesthetics")]
+    score: String,
+    /// Images per prompt (seeds seed, seed+1, ...).
+    #[arg(long, default_value_t = 1)]
+    images_per_prompt: usize,
+    /// Do not also sample each seed unguided for comparison.
+    #[arg(long)]
+    no_compare: bool,
+    /// Hold the UNet output constant in the gradient (cheaper; not Universal Guidance's exact gradient).
+    #[arg(long)]
+    no_unet_gradient: bool,
+    #[command(flatten)]
+    job: JobArgs,
+}
+
+fn guide(a: GuideArgs) -> Result<()> {
+    use orchestrate::jobs::guide::{self, GuideOptions};
+    let opts = GuideOptions {
+        prompts: a.prompts,
+        strength: a.guidance_strength,
+        every: a.guide_every,
+        recurrence: a.recurrence,
+        score: a.score,
+        images_per_prompt: a.images_per_prompt,
+        compare_unguided: !a.no_compare,
+        through_unet: !a.no_unet_gradient,
+    };
+    let (common, ctx) = a.job.into_options()?;
+    let json = ctx.json;
+    let summary = guide::run(&opts, &common, &ctx)?;
+    print_job_summary(&summary, json)
 }

@@ -9,7 +9,8 @@
 //! output: ../out/quickstart            # job X writes into output/X/
 //! filter: {prompts: ..., samples: 8, threshold: 0.8, score: plausibility, keep: best}
 //! inpaint: {input: filter, mask_threshold: 0.5, dilate: 16, candidates: 4, strength: 1.0}
-//! guide: {prompts: ..., strength: ..., every: 1, recurrence: 1, score: aesthetics, compare_unguided: true}
+//! guide: {prompts: ..., strength: 1.0, every: 1, recurrence: 1, score: aesthetics, images_per_prompt: 1,
+//!         compare_unguided: true, through_unet: true}
 //! ```
 //!
 //! * The jobs present run in the order filter → inpaint → guide.
@@ -37,7 +38,8 @@ use crate::diffusion::tokenizer::ClipTokenizer;
 use crate::diffusion::unet::UNetConfig;
 use crate::diffusion::vae::VaeConfig;
 use crate::error::{Error, Result};
-use crate::jobs::filter::{self, FilterOptions, ScoreKind};
+use crate::jobs::filter::{self, FilterOptions};
+use crate::jobs::guide::{self, GuideOptions};
 use crate::jobs::inpaint::{self, InpaintOptions};
 use crate::jobs::prompts::read_prompts;
 use crate::jobs::{CommonOptions, JobSummary, ModelOptions, RunContext, SamplingOptions, Shard};
@@ -48,53 +50,6 @@ use std::path::{Path, PathBuf};
 
 /// The `inpaint.input` value that means "what this recipe's filter kept".
 pub const FROM_FILTER: &str = "filter";
-
-/// Settings of the `guide` job. PLACEHOLDER until `src/jobs/guide.rs` lands:
-/// the recipe parses and checks the section; running it needs the job.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct GuideOptions {
-    pub prompts: PathBuf,
-    #[serde(default = "default_guide_strength")]
-    pub strength: f64,
-    #[serde(default = "one")]
-    pub every: usize,
-    #[serde(default = "one")]
-    pub recurrence: usize,
-    #[serde(default = "default_guide_score")]
-    pub score: ScoreKind,
-    #[serde(default = "yes")]
-    pub compare_unguided: bool,
-}
-
-fn default_guide_strength() -> f64 {
-    1.0
-}
-fn one() -> usize {
-    1
-}
-fn yes() -> bool {
-    true
-}
-fn default_guide_score() -> ScoreKind {
-    ScoreKind::Aesthetics
-}
-
-impl GuideOptions {
-    pub fn validate(&self) -> Result<()> {
-        if !self.strength.is_finite() || self.strength < 0.0 {
-            return Err(Error::Invalid(format!("guide.strength {}: must be >= 0", self.strength)));
-        }
-        if self.every == 0 {
-            return Err(Error::Invalid("guide.every must be at least 1".into()));
-        }
-        if self.recurrence == 0 {
-            return Err(Error::Invalid("guide.recurrence must be at least 1".into()));
-        }
-        read_prompts(&self.prompts)?;
-        Ok(())
-    }
-}
 
 /// The file as written (after YAML, before path resolution).
 #[derive(Debug, Deserialize)]
@@ -507,12 +462,12 @@ impl Recipe {
             .filter(|entry| depth(&entry.path) == depth(section) + 1)
             .filter_map(|entry| {
                 let leaf = entry.path.rsplit('.').next().unwrap_or(&entry.path);
-                find_word(&norm, leaf).map(|pos| (entry, leaf.len(), pos))
+                find_word(&norm, leaf).map(|(pos, exact)| (entry, exact, leaf.len(), pos))
             })
-            .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)));
+            .max_by(|a, b| a.1.cmp(&b.1).then(a.2.cmp(&b.2)).then(b.3.cmp(&a.3)));
         let (field, at) = match found {
             // At the value: that is what is out of range (or names a missing file).
-            Some((entry, _, _)) => (entry.path.clone(), entry.value),
+            Some((entry, ..)) => (entry.path.clone(), entry.value),
             None => (section.to_string(), self.locations.of(section).unwrap_or(Loc { line: 1, column: 1 })),
         };
         Err(located(&self.file, at, &field, &strip_field(&text, &field)))
@@ -616,8 +571,9 @@ impl Recipe {
         if let Some(g) = &self.guide {
             let n = read_prompts(&g.prompts)?.len();
             lines.push(format!(
-                "guide      {n} prompts from {}: {} guidance, strength {}, every {} step(s), recurrence {}{} -> {}",
+                "guide      {n} prompts from {} x {} image(s): {} guidance, strength {}, every {} step(s), recurrence {}{} -> {}",
                 g.prompts.display(),
+                g.images_per_prompt,
                 g.score,
                 g.strength,
                 g.every,
@@ -672,14 +628,16 @@ impl Recipe {
 
     fn run_guide(
         &self,
-        _shard: Shard,
-        _json: bool,
-        _done: &mut dyn FnMut(&JobSummary),
-        summaries: Vec<JobSummary>,
+        shard: Shard,
+        json: bool,
+        done: &mut dyn FnMut(&JobSummary),
+        mut summaries: Vec<JobSummary>,
     ) -> Result<Vec<JobSummary>> {
-        if let Some(_g) = &self.guide {
-            let at = self.locations.of("guide").unwrap_or(Loc { line: 1, column: 1 });
-            return Err(located(&self.file, at, "guide", "the guide job is not part of this build yet"));
+        if let Some(g) = &self.guide {
+            let ctx = RunContext { out: job_dir(&self.output, "guide", shard), shard, json };
+            let s = guide::run(g, &self.common, &ctx)?;
+            done(&s);
+            summaries.push(s);
         }
         Ok(summaries)
     }
@@ -791,21 +749,27 @@ fn normalize(text: &str) -> String {
         .collect()
 }
 
-/// Byte position of `word` in `text` as a whole word (not inside `mask_threshold`).
-fn find_word(text: &str, word: &str) -> Option<usize> {
+/// Byte position of `word` in `text` as a whole word (`true`), else as the
+/// last part of an `_`-joined one (`false`: `every` in `--guide_every`); never
+/// inside a word (`threshold` is not in `thresholds`).
+fn find_word(text: &str, word: &str) -> Option<(usize, bool)> {
     let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    let mut suffix = None;
     let mut from = 0;
     while let Some(i) = text[from..].find(word) {
         let start = from + i;
         let end = start + word.len();
-        let before = text[..start].chars().next_back().is_none_or(|c| !is_word(c));
+        let before = text[..start].chars().next_back();
         let after = text[end..].chars().next().is_none_or(|c| !is_word(c));
-        if before && after {
-            return Some(start);
+        if after && before.is_none_or(|c| !is_word(c)) {
+            return Some((start, true));
+        }
+        if after && before == Some('_') && suffix.is_none() {
+            suffix = Some((start, false));
         }
         from = start + word.len().max(1);
     }
-    None
+    suffix
 }
 
 /// `filter.threshold 1.5: must be in [0, 1]` → `1.5: must be in [0, 1]` when
@@ -902,9 +866,12 @@ mod tests {
     #[test]
     fn words_and_flags_are_found_whole() {
         let n = normalize("--mask-threshold 1.5: must be in [0, 1]");
-        assert_eq!(find_word(&n, "mask_threshold"), Some(2));
-        assert_eq!(find_word(&n, "threshold"), None);
-        assert_eq!(find_word(&normalize("--height 12: must be"), "height"), Some(2));
+        assert_eq!(find_word(&n, "mask_threshold"), Some((2, true)));
+        assert_eq!(find_word(&n, "threshold"), Some((7, false)));
+        assert_eq!(find_word(&n, "mask"), None);
+        assert_eq!(find_word(&normalize("--height 12: must be"), "height"), Some((2, true)));
+        assert_eq!(find_word(&normalize("--guide-every 0: must be"), "every"), Some((8, false)));
+        assert_eq!(find_word("thresholds", "threshold"), None);
         assert_eq!(
             strip_field("filter.threshold 1.5: must be in [0, 1]", "filter.threshold"),
             "1.5: must be in [0, 1]"

@@ -127,6 +127,12 @@ fn out_of_range_value_is_located_after_deserialisation() {
     let (_t, path) = recipe_in_tempdir("r.yaml", &text);
     let (line, col, field, _) = recipe_error(Recipe::load(&path).unwrap_err());
     assert_eq!((line, col, field.as_str()), (13, 19, "inpaint.mask_threshold"));
+
+    // guide's check names the flag `--guide-every`; the recipe field is `every`.
+    let text = format!("{}guide:\n  prompts: prompts.txt\n  every: 0\n", tiny_recipe(""));
+    let (_t, path) = recipe_in_tempdir("r.yaml", &text);
+    let (line, col, field, msg) = recipe_error(Recipe::load(&path).unwrap_err());
+    assert_eq!((line, col, field.as_str()), (12, 10, "guide.every"), "{msg}");
 }
 
 #[test]

@@ -547,6 +547,16 @@ pub fn run_with(opts: &FilterOptions, common: &CommonOptions, ctx: &RunContext, 
         let device = crate::device::parse_device(&common.models.device)?;
         let kind = crate::device::parse_dtype(&common.models.dtype, device)?;
         let rahf_kind = crate::device::parse_dtype(&common.models.rahf_dtype, device)?;
+        if device == tch::Device::Cpu {
+            // Leave one core to the CPU stage: libtorch's OpenMP workers spin
+            // between kernels, and a PNG thread competing with them for the
+            // last core stalls every parallel region (measured: 4x slower on
+            // 2 cores). Both modes use the same count, as it can change rounding.
+            let n = tch::get_num_threads();
+            if n > 1 {
+                tch::set_num_threads(n - 1);
+            }
+        }
         let pipe = StableDiffusion::load(&common.models.generator, device, kind)?;
         let rahf = FeedbackModel::load(&common.models.rahf, device, rahf_kind)?;
         load_secs = load_started.elapsed().as_secs_f64();

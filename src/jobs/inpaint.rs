@@ -340,7 +340,7 @@ fn png_bytes(
 }
 
 /// Writes a PNG through a temporary name and a rename.
-fn save_rgb(path: &Path, img: &RgbImage) -> Result<()> {
+pub(crate) fn save_rgb(path: &Path, img: &RgbImage) -> Result<()> {
     let bytes = png_bytes(
         img.width(),
         img.height(),

@@ -12,6 +12,7 @@
 //!   `run --dry-run`;
 //! * `run(opts: &XOptions, common: &CommonOptions, ctx: &RunContext) -> Result<JobSummary>`.
 pub mod common;
+pub mod guide;
 pub mod filter;
 pub mod inpaint;
 pub mod manifest;
