@@ -253,13 +253,6 @@ fn env(json: bool) -> Result<()> {
 
 #[derive(clap::Args)]
 struct InpaintArgs {
-    /// The generator: a diffusers folder or cached HF repo id; a 9-channel inpainting
-    /// checkpoint is used the diffusers way, a plain one by latent blending.
-    #[arg(long)]
-    model: String,
-    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json).
-    #[arg(long)]
-    rahf: std::path::PathBuf,
     /// JSONL of {"image": PATH, "prompt": TEXT[, "id": ID]} (paths relative to the file), or a `filter` output folder.
     #[arg(long)]
     input: std::path::PathBuf,
@@ -275,48 +268,15 @@ struct InpaintArgs {
     /// How far the masked region is re-noised, in (0, 1].
     #[arg(long, default_value_t = 1.0)]
     strength: f64,
-    #[arg(long, default_value = "")]
-    negative_prompt: String,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value_t = 30)]
-    steps: usize,
-    #[arg(long, default_value_t = 7.5)]
-    guidance_scale: f64,
-    /// The size the generator inpaints at; other image sizes are resized to it and back.
-    #[arg(long, default_value_t = 512)]
-    height: i64,
-    #[arg(long, default_value_t = 512)]
-    width: i64,
-    /// ddim, euler, euler-a or dpm++2m.
-    #[arg(long, default_value = "dpm++2m")]
-    scheduler: String,
-    #[arg(long)]
-    clip_skip: Option<usize>,
-    /// Candidates per generator call.
-    #[arg(long, default_value_t = 4)]
-    batch_size: usize,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// Generator dtype: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16 or bf16.
-    #[arg(long, default_value = "auto")]
-    dtype: String,
-    /// RAHF dtype (fp32 by default: scores are compared with each other).
-    #[arg(long, default_value = "fp32")]
-    rahf_dtype: String,
-    #[arg(long)]
-    out: std::path::PathBuf,
-    /// i/n: take items whose position % n == i (default from SLURM_ARRAY_TASK_ID/COUNT or JOB_COMPLETION_INDEX).
-    #[arg(long)]
-    shard: Option<String>,
-    /// Print the summary as JSON.
-    #[arg(long)]
-    json: bool,
+    /// --model: a 9-channel inpainting checkpoint is used the diffusers way, a
+    /// plain one by latent blending. --height/--width: the size the generator
+    /// inpaints at; other image sizes are resized to it and back.
+    #[command(flatten)]
+    job: JobArgs,
 }
 
 fn inpaint(a: InpaintArgs) -> Result<()> {
-    use orchestrate::jobs::{inpaint, CommonOptions, ModelOptions, RunContext, SamplingOptions, Shard};
+    use orchestrate::jobs::inpaint;
     let opts = inpaint::InpaintOptions {
         input: a.input,
         mask_threshold: a.mask_threshold,
@@ -324,41 +284,10 @@ fn inpaint(a: InpaintArgs) -> Result<()> {
         candidates: a.candidates,
         strength: a.strength,
     };
-    let common = CommonOptions {
-        models: ModelOptions {
-            generator: a.model,
-            inpaint_generator: None,
-            rahf: a.rahf,
-            device: a.device,
-            dtype: a.dtype,
-            rahf_dtype: a.rahf_dtype,
-        },
-        sampling: SamplingOptions {
-            steps: a.steps,
-            guidance_scale: a.guidance_scale,
-            height: a.height,
-            width: a.width,
-            scheduler: a.scheduler,
-            negative_prompt: a.negative_prompt,
-            seed: a.seed,
-            clip_skip: a.clip_skip,
-            batch_size: a.batch_size,
-        },
-    };
-    let shard = match &a.shard {
-        Some(s) => Shard::parse(s)?,
-        None => Shard::from_env()?.unwrap_or_default(),
-    };
-    let ctx = RunContext { out: a.out, shard, json: a.json };
+    let (common, ctx) = a.job.into_options()?;
+    let json = ctx.json;
     let summary = inpaint::run(&opts, &common, &ctx)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        for line in &summary.lines {
-            println!("{line}");
-        }
-    }
-    Ok(())
+    print_job_summary(&summary, json)
 }
 
 #[derive(clap::Args)]
@@ -652,7 +581,7 @@ struct GuideArgs {
     #[arg(long)]
     prompts: std::path::PathBuf,
     /// Guidance strength s (see src/guidance.rs); 0 samples unguided.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 10.0)]
     guidance_strength: f64,
     /// Guide every k-th step.
     #[arg(long, default_value_t = 1)]

@@ -34,7 +34,10 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
 /// Runs `f` with the log captured; returns its result and the log text.
 fn with_log<T>(f: impl FnOnce() -> T) -> (T, String) {
     let buf = Captured::default();
-    let sub = tracing_subscriber::fmt().with_writer(buf.clone()).with_ansi(false).finish();
+    let sub = tracing_subscriber::fmt()
+        .with_writer(buf.clone())
+        .with_ansi(false)
+        .finish();
     let out = tracing::subscriber::with_default(sub, f);
     let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     (out, text)
@@ -43,35 +46,70 @@ fn with_log<T>(f: impl FnOnce() -> T) -> (T, String) {
 #[test]
 fn best_keeps_the_best_image_when_it_reaches_the_threshold() {
     let seeds = [10, 11, 12, 13];
-    assert_eq!(select("p", &seeds, &[0.2, 0.9, 0.85, 0.1], 0.8, KeepMode::Best).kept, vec![1]);
+    assert_eq!(
+        select("p", &seeds, &[0.2, 0.9, 0.85, 0.1], 0.8, KeepMode::Best).kept,
+        vec![1]
+    );
     // Exactly at the threshold counts (>=).
-    assert_eq!(select("p", &seeds, &[0.2, 0.8, 0.5, 0.1], 0.8, KeepMode::Best).kept, vec![1]);
+    assert_eq!(
+        select("p", &seeds, &[0.2, 0.8, 0.5, 0.1], 0.8, KeepMode::Best).kept,
+        vec![1]
+    );
     // Just below: nothing.
-    assert!(select("p", &seeds, &[0.2, 0.7999999, 0.5, 0.1], 0.8, KeepMode::Best).kept.is_empty());
+    assert!(select(
+        "p",
+        &seeds,
+        &[0.2, 0.7999999, 0.5, 0.1],
+        0.8,
+        KeepMode::Best
+    )
+    .kept
+    .is_empty());
     // Threshold 0 keeps every prompt, threshold 1 only perfect scores.
-    assert_eq!(select("p", &seeds, &[0.0, 0.0, 0.0, 0.0], 0.0, KeepMode::Best).kept, vec![0]);
-    assert!(select("p", &seeds, &[0.99, 0.2, 0.3, 0.4], 1.0, KeepMode::Best).kept.is_empty());
+    assert_eq!(
+        select("p", &seeds, &[0.0, 0.0, 0.0, 0.0], 0.0, KeepMode::Best).kept,
+        vec![0]
+    );
+    assert!(
+        select("p", &seeds, &[0.99, 0.2, 0.3, 0.4], 1.0, KeepMode::Best)
+            .kept
+            .is_empty()
+    );
 }
 
 #[test]
 fn best_breaks_ties_by_the_lowest_image_index() {
     let seeds = [0, 1, 2, 3, 4];
-    assert_eq!(select("p", &seeds, &[0.5, 0.9, 0.3, 0.9, 0.9], 0.8, KeepMode::Best).kept, vec![1]);
-    assert_eq!(select("p", &seeds, &[0.9, 0.9, 0.9, 0.9, 0.9], 0.8, KeepMode::Best).kept, vec![0]);
+    assert_eq!(
+        select("p", &seeds, &[0.5, 0.9, 0.3, 0.9, 0.9], 0.8, KeepMode::Best).kept,
+        vec![1]
+    );
+    assert_eq!(
+        select("p", &seeds, &[0.9, 0.9, 0.9, 0.9, 0.9], 0.8, KeepMode::Best).kept,
+        vec![0]
+    );
 }
 
 #[test]
 fn nan_rejects_that_image_with_a_warning_naming_prompt_and_seed() {
     let seeds = [40, 41, 42];
-    let (sel, log) = with_log(|| select("cat-7", &seeds, &[f64::NAN, 0.85, 0.9], 0.8, KeepMode::Best));
+    let (sel, log) =
+        with_log(|| select("cat-7", &seeds, &[f64::NAN, 0.85, 0.9], 0.8, KeepMode::Best));
     assert_eq!(sel.kept, vec![2]);
     assert_eq!(sel.rejected_nan, vec![0]);
     assert!(log.contains("WARN"), "{log}");
-    assert!(log.contains("cat-7") && log.contains("40"), "the warning names prompt and seed: {log}");
-    assert!(!log.contains("41") && !log.contains("42"), "only the NaN image is warned about: {log}");
+    assert!(
+        log.contains("cat-7") && log.contains("40"),
+        "the warning names prompt and seed: {log}"
+    );
+    assert!(
+        !log.contains("41") && !log.contains("42"),
+        "only the NaN image is warned about: {log}"
+    );
 
     // A NaN is never "best", even where it comes first or everything else is low.
-    let (sel, _) = with_log(|| select("q", &seeds, &[f64::NAN, f64::NAN, 0.3], 0.8, KeepMode::Best));
+    let (sel, _) =
+        with_log(|| select("q", &seeds, &[f64::NAN, f64::NAN, 0.3], 0.8, KeepMode::Best));
     assert!(sel.kept.is_empty());
     assert_eq!(sel.rejected_nan, vec![0, 1]);
     let (sel, log) = with_log(|| select("q", &seeds, &[f64::NAN; 3], 0.0, KeepMode::AllAbove));
@@ -82,15 +120,36 @@ fn nan_rejects_that_image_with_a_warning_naming_prompt_and_seed() {
 #[test]
 fn all_above_keeps_every_image_at_or_over_the_threshold() {
     let seeds = [0, 1, 2, 3, 4];
-    let (sel, _) = with_log(|| select("p", &seeds, &[0.8, 0.79, 0.95, f64::NAN, 0.81], 0.8, KeepMode::AllAbove));
+    let (sel, _) = with_log(|| {
+        select(
+            "p",
+            &seeds,
+            &[0.8, 0.79, 0.95, f64::NAN, 0.81],
+            0.8,
+            KeepMode::AllAbove,
+        )
+    });
     assert_eq!(sel.kept, vec![0, 2, 4]);
     assert_eq!(sel.rejected_nan, vec![3]);
-    assert!(select("p", &seeds, &[0.1; 5], 0.8, KeepMode::AllAbove).kept.is_empty());
+    assert!(select("p", &seeds, &[0.1; 5], 0.8, KeepMode::AllAbove)
+        .kept
+        .is_empty());
 }
 
 #[test]
 fn histogram_has_ten_bins_over_the_unit_interval() {
-    let (bins, nan) = histogram([Some(0.0), Some(0.05), Some(0.1), Some(0.55), Some(0.999), Some(1.0), Some(1.3), Some(-0.2), None, Some(f64::NAN)]);
+    let (bins, nan) = histogram([
+        Some(0.0),
+        Some(0.05),
+        Some(0.1),
+        Some(0.55),
+        Some(0.999),
+        Some(1.0),
+        Some(1.3),
+        Some(-0.2),
+        None,
+        Some(f64::NAN),
+    ]);
     assert_eq!(bins, [3, 1, 0, 0, 0, 1, 0, 0, 0, 3]);
     assert_eq!(nan, 2);
 }
@@ -101,18 +160,44 @@ fn options_parse_and_validate() {
     let tmp = tempfile::tempdir().unwrap();
     let prompts = tmp.path().join("p.txt");
     std::fs::write(&prompts, "a cat\n").unwrap();
-    let yaml = format!("{{\"prompts\": {:?}, \"score\": \"aesthetics\", \"keep\": \"all-above\"}}", prompts);
+    let yaml = format!(
+        "{{\"prompts\": {:?}, \"score\": \"aesthetics\", \"keep\": \"all-above\"}}",
+        prompts
+    );
     let o: FilterOptions = serde_json::from_str(&yaml).unwrap();
-    assert_eq!((o.samples, o.threshold, o.score, o.keep), (8, 0.8, ScoreKind::Aesthetics, KeepMode::AllAbove));
+    assert_eq!(
+        (o.samples, o.threshold, o.score, o.keep),
+        (8, 0.8, ScoreKind::Aesthetics, KeepMode::AllAbove)
+    );
     o.validate().unwrap();
     let unknown = format!("{{\"prompts\": {:?}, \"treshold\": 0.5}}", prompts);
-    assert!(serde_json::from_str::<FilterOptions>(&unknown).unwrap_err().to_string().contains("treshold"));
-    let bad = FilterOptions { threshold: 1.5, ..o.clone() };
-    assert!(bad.validate().unwrap_err().to_string().contains("threshold"));
-    let bad = FilterOptions { samples: 0, ..o.clone() };
+    assert!(serde_json::from_str::<FilterOptions>(&unknown)
+        .unwrap_err()
+        .to_string()
+        .contains("treshold"));
+    let bad = FilterOptions {
+        threshold: 1.5,
+        ..o.clone()
+    };
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("threshold"));
+    let bad = FilterOptions {
+        samples: 0,
+        ..o.clone()
+    };
     assert!(bad.validate().unwrap_err().to_string().contains("samples"));
-    let bad = FilterOptions { prompts: tmp.path().join("missing.txt"), ..o };
-    assert!(bad.validate().unwrap_err().to_string().contains("missing.txt"));
+    let bad = FilterOptions {
+        prompts: tmp.path().join("missing.txt"),
+        ..o
+    };
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("missing.txt"));
     assert!("beauty".parse::<ScoreKind>().is_err());
     assert!("top".parse::<KeepMode>().is_err());
 }
@@ -143,24 +228,54 @@ fn rahf() -> &'static Path {
     .leak()
 }
 
-const PROMPTS: &str = "a red cube\n# a comment line\na blue ball on grass\na cat\na dog sitting\nthe sun\n";
+const PROMPTS: &str =
+    "a red cube\n# a comment line\na blue ball on grass\na cat\na dog sitting\nthe sun\n";
 
 fn filter(prompts: &Path, out: &Path, extra: &[&str]) -> Output {
     let model = fixtures().join("diffusion/sd-tiny");
     let mut args: Vec<String> = [
-        "filter", "--model", model.to_str().unwrap(), "--rahf", rahf().to_str().unwrap(), "--prompts",
-        prompts.to_str().unwrap(), "--samples", "2", "--steps", "2", "--height", "32", "--width", "32",
-        "--scheduler", "euler-a", "--seed", "5", "--device", "cpu", "--out", out.to_str().unwrap(), "--json",
+        "filter",
+        "--model",
+        model.to_str().unwrap(),
+        "--rahf",
+        rahf().to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--samples",
+        "2",
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--scheduler",
+        "euler-a",
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
-    Command::new(env!("CARGO_BIN_EXE_orchestrate")).args(&args).env("RUST_LOG", "warn").output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_orchestrate"))
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
 }
 
 fn ok(o: &Output) -> serde_json::Value {
-    assert!(o.status.success(), "filter failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "filter failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     serde_json::from_slice(&o.stdout).expect("--json prints one JSON summary")
 }
 
@@ -172,7 +287,10 @@ fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             if p.is_dir() {
                 walk(root, &p, out);
             } else {
-                out.insert(p.strip_prefix(root).unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap());
+                out.insert(
+                    p.strip_prefix(root).unwrap().to_string_lossy().into_owned(),
+                    std::fs::read(&p).unwrap(),
+                );
             }
         }
     }
@@ -184,9 +302,24 @@ fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 /// Byte-identical output folders; names the files that differ.
 fn assert_same_tree(a: &Path, b: &Path) {
     let (ta, tb) = (tree(a), tree(b));
-    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>(), "{} and {} hold other files", a.display(), b.display());
-    let differ: Vec<&String> = ta.iter().filter(|(k, v)| tb[*k] != **v).map(|(k, _)| k).collect();
-    assert!(differ.is_empty(), "{} and {} differ in {differ:?}", a.display(), b.display());
+    assert_eq!(
+        ta.keys().collect::<Vec<_>>(),
+        tb.keys().collect::<Vec<_>>(),
+        "{} and {} hold other files",
+        a.display(),
+        b.display()
+    );
+    let differ: Vec<&String> = ta
+        .iter()
+        .filter(|(k, v)| tb[*k] != **v)
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{} and {} differ in {differ:?}",
+        a.display(),
+        b.display()
+    );
 }
 
 /// Same files, prompts, kept sets; pixels within 2 levels, scores within 2e-3.
@@ -205,7 +338,13 @@ fn assert_close_runs(a: &Path, b: &Path) {
             }
             let pa = image::open(a.join(&ix.file)).unwrap().to_rgb8().into_raw();
             let pb = image::open(b.join(&iy.file)).unwrap().to_rgb8().into_raw();
-            max_px = max_px.max(pa.iter().zip(&pb).map(|(p, q)| (*p as i32 - *q as i32).abs()).max().unwrap());
+            max_px = max_px.max(
+                pa.iter()
+                    .zip(&pb)
+                    .map(|(p, q)| (*p as i32 - *q as i32).abs())
+                    .max()
+                    .unwrap(),
+            );
         }
     }
     assert!(max_px <= 2, "pixels differ by {max_px} levels");
@@ -228,20 +367,42 @@ fn filter_writes_an_imagefolder_that_agrees_with_the_manifest() {
     let threshold = 0.12;
     let t = threshold.to_string();
     let out = tmp.path().join("b1");
-    let summary = ok(&filter(&prompts, &out, &["--threshold", &t, "--keep", "all-above", "--batch-size", "1"]));
+    let summary = ok(&filter(
+        &prompts,
+        &out,
+        &[
+            "--threshold",
+            &t,
+            "--keep",
+            "all-above",
+            "--batch-size",
+            "1",
+        ],
+    ));
 
     let recs = records(&out);
-    assert_eq!(recs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["p00000", "p00001", "p00002", "p00003", "p00004"]);
+    assert_eq!(
+        recs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["p00000", "p00001", "p00002", "p00003", "p00004"]
+    );
     let mut expected_meta = Vec::new();
     let mut all_scores = Vec::new();
     for r in &recs {
         assert_eq!(r.images.len(), 2);
-        let values: Vec<f64> = r.images.iter().map(|im| im.scores.plausibility.unwrap()).collect();
+        let values: Vec<f64> = r
+            .images
+            .iter()
+            .map(|im| im.scores.plausibility.unwrap())
+            .collect();
         all_scores.extend(values.iter().copied());
         let seeds: Vec<u64> = r.images.iter().map(|im| im.seed).collect();
         assert_eq!(seeds, [5, 6]);
         let sel = select(&r.id, &seeds, &values, threshold, KeepMode::AllAbove);
-        let kept: Vec<String> = sel.kept.iter().map(|i| format!("train/{}_{i}.png", r.id)).collect();
+        let kept: Vec<String> = sel
+            .kept
+            .iter()
+            .map(|i| format!("train/{}_{i}.png", r.id))
+            .collect();
         assert_eq!(r.kept, kept, "{}", r.id);
         for (i, im) in r.images.iter().enumerate() {
             assert_eq!(im.file, format!("samples/{}_{i}.png", r.id));
@@ -250,14 +411,32 @@ fn filter_writes_an_imagefolder_that_agrees_with_the_manifest() {
             assert_eq!(png.dimensions(), (32, 32));
             if im.kept {
                 // The kept image is the sampled one, byte for byte.
-                assert_eq!(std::fs::read(out.join(&im.file)).unwrap(), std::fs::read(out.join(&r.kept[sel.kept.iter().position(|&k| k == i).unwrap()])).unwrap());
-                expected_meta.push((format!("{}_{i}.png", r.id), r.prompt.clone(), im.scores, im.seed, r.id.clone()));
+                assert_eq!(
+                    std::fs::read(out.join(&im.file)).unwrap(),
+                    std::fs::read(
+                        out.join(&r.kept[sel.kept.iter().position(|&k| k == i).unwrap()])
+                    )
+                    .unwrap()
+                );
+                expected_meta.push((
+                    format!("{}_{i}.png", r.id),
+                    r.prompt.clone(),
+                    im.scores,
+                    im.seed,
+                    r.id.clone(),
+                ));
             }
         }
     }
     // The threshold really splits the tiny model's scores, so the test can fail both ways.
-    assert!(all_scores.iter().any(|&s| s >= threshold) && all_scores.iter().any(|&s| s < threshold), "{all_scores:?}");
-    assert_eq!(recs[1].prompt, "a blue ball on grass", "comment lines are not prompts");
+    assert!(
+        all_scores.iter().any(|&s| s >= threshold) && all_scores.iter().any(|&s| s < threshold),
+        "{all_scores:?}"
+    );
+    assert_eq!(
+        recs[1].prompt, "a blue ball on grass",
+        "comment lines are not prompts"
+    );
 
     let meta: Vec<serde_json::Value> = std::fs::read_to_string(out.join("train/metadata.jsonl"))
         .unwrap()
@@ -267,7 +446,10 @@ fn filter_writes_an_imagefolder_that_agrees_with_the_manifest() {
     assert_eq!(meta.len(), expected_meta.len());
     for (m, (file, text, scores, seed, id)) in meta.iter().zip(&expected_meta) {
         assert_eq!(m["file_name"], file.as_str());
-        assert!(out.join("train").join(file).is_file(), "file_name is relative to metadata.jsonl's folder");
+        assert!(
+            out.join("train").join(file).is_file(),
+            "file_name is relative to metadata.jsonl's folder"
+        );
         assert_eq!(m["text"], text.as_str());
         assert_eq!(m["plausibility"].as_f64(), scores.plausibility);
         assert_eq!(m["alignment"].as_f64(), scores.alignment);
@@ -276,53 +458,138 @@ fn filter_writes_an_imagefolder_that_agrees_with_the_manifest() {
         assert_eq!(m["seed"], *seed);
         assert_eq!(m["prompt_id"], id.as_str());
     }
-    let train_pngs = std::fs::read_dir(out.join("train")).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png")).count();
-    assert_eq!(train_pngs, meta.len(), "train/ holds exactly the kept images");
+    let train_pngs = std::fs::read_dir(out.join("train"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "png")
+        })
+        .count();
+    assert_eq!(
+        train_pngs,
+        meta.len(),
+        "train/ holds exactly the kept images"
+    );
 
     let f = &summary["figures"];
     assert_eq!(f["prompts_in"], 5);
     assert_eq!(f["done_now"], 5);
     assert_eq!(f["kept_images"], meta.len());
-    assert_eq!(f["kept_prompts"], recs.iter().filter(|r| !r.kept.is_empty()).count());
-    let counts: Vec<u64> = f["histogram"]["counts"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).collect();
-    assert_eq!(counts, histogram(all_scores.iter().map(|&s| Some(s))).0.map(|c| c as u64));
+    assert_eq!(
+        f["kept_prompts"],
+        recs.iter().filter(|r| !r.kept.is_empty()).count()
+    );
+    let counts: Vec<u64> = f["histogram"]["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        counts,
+        histogram(all_scores.iter().map(|&s| Some(s)))
+            .0
+            .map(|c| c as u64)
+    );
     assert!(f["images_per_second"].as_f64().unwrap() > 0.0);
 
     // The plain sequential loop gives the same bytes everywhere.
     let seq = tmp.path().join("seq");
-    ok(&filter(&prompts, &seq, &["--threshold", &t, "--keep", "all-above", "--batch-size", "1", "--sequential"]));
+    ok(&filter(
+        &prompts,
+        &seq,
+        &[
+            "--threshold",
+            &t,
+            "--keep",
+            "all-above",
+            "--batch-size",
+            "1",
+            "--sequential",
+        ],
+    ));
     assert_same_tree(&out, &seq);
     // Batch size 3 (batches straddle prompts): the same images up to float
     // rounding of other batch shapes, so the same kept set.
     let b3 = tmp.path().join("b3");
-    ok(&filter(&prompts, &b3, &["--threshold", &t, "--keep", "all-above", "--batch-size", "3"]));
+    ok(&filter(
+        &prompts,
+        &b3,
+        &[
+            "--threshold",
+            &t,
+            "--keep",
+            "all-above",
+            "--batch-size",
+            "3",
+        ],
+    ));
     assert_close_runs(&out, &b3);
 
     // A rerun finds everything done and changes nothing.
     let before = tree(&out);
-    let again = ok(&filter(&prompts, &out, &["--threshold", &t, "--keep", "all-above", "--batch-size", "1"]));
+    let again = ok(&filter(
+        &prompts,
+        &out,
+        &[
+            "--threshold",
+            &t,
+            "--keep",
+            "all-above",
+            "--batch-size",
+            "1",
+        ],
+    ));
     assert_eq!(again["figures"]["skipped_from_manifest"], 5);
     assert_eq!(again["figures"]["done_now"], 0);
-    assert!(tree(&out) == before, "a rerun with nothing to do changed the folder");
+    assert!(
+        tree(&out) == before,
+        "a rerun with nothing to do changed the folder"
+    );
 
     // Resuming with other settings is refused, naming what changed.
-    let o = filter(&prompts, &out, &["--threshold", "0.5", "--keep", "all-above"]);
+    let o = filter(
+        &prompts,
+        &out,
+        &["--threshold", "0.5", "--keep", "all-above"],
+    );
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("settings.json") && err.contains("threshold"), "{err}");
+    assert!(
+        err.contains("settings.json") && err.contains("threshold"),
+        "{err}"
+    );
 }
 
 #[test]
 fn best_keeps_at_most_one_image_per_prompt() {
     let tmp = tempfile::tempdir().unwrap();
     let prompts = tmp.path().join("prompts.jsonl");
-    std::fs::write(&prompts, "{\"prompt\": \"a cat\", \"id\": \"cat\"}\n{\"prompt\": \"the sun\", \"id\": 7}\n").unwrap();
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"a cat\", \"id\": \"cat\"}\n{\"prompt\": \"the sun\", \"id\": 7}\n",
+    )
+    .unwrap();
     let out = tmp.path().join("o");
-    let summary = ok(&filter(&prompts, &out, &["--threshold", "0", "--score", "overall"]));
+    let summary = ok(&filter(
+        &prompts,
+        &out,
+        &["--threshold", "0", "--score", "overall"],
+    ));
     let recs = records(&out);
-    assert_eq!(recs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["cat", "7"]);
+    assert_eq!(
+        recs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["cat", "7"]
+    );
     for r in &recs {
-        let values: Vec<f64> = r.images.iter().map(|im| im.scores.overall.unwrap()).collect();
+        let values: Vec<f64> = r
+            .images
+            .iter()
+            .map(|im| im.scores.overall.unwrap())
+            .collect();
         let best = if values[1] > values[0] { 1 } else { 0 };
         assert_eq!(r.kept, vec![format!("train/{}_{best}.png", r.id)]);
     }
@@ -347,7 +614,13 @@ fn bad_options_stop_before_any_sampling() {
         assert!(!o.status.success(), "{extra:?} accepted");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(needle), "{extra:?}: {err}");
-        assert!(!out.join("samples").exists() || std::fs::read_dir(out.join("samples")).unwrap().next().is_none());
+        assert!(
+            !out.join("samples").exists()
+                || std::fs::read_dir(out.join("samples"))
+                    .unwrap()
+                    .next()
+                    .is_none()
+        );
     }
     let o = filter(&tmp.path().join("nope.txt"), &tmp.path().join("o2"), &[]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("nope.txt"));

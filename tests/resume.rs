@@ -34,9 +34,18 @@ fn setup() -> &'static Setup {
             &root.join("rahf"),
         )
         .unwrap();
-        let prompts: String = (0..N_PROMPTS).map(|i| format!("prompt number {i} about a {}\n", ["cat", "dog", "red cube", "tree"][i % 4])).collect();
+        let prompts: String = (0..N_PROMPTS)
+            .map(|i| {
+                format!(
+                    "prompt number {i} about a {}\n",
+                    ["cat", "dog", "red cube", "tree"][i % 4]
+                )
+            })
+            .collect();
         std::fs::write(root.join("prompts.txt"), prompts).unwrap();
-        let o = filter_cmd(&root, &root.join("reference"), &[]).output().unwrap();
+        let o = filter_cmd(&root, &root.join("reference"), &[])
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         Setup { _tmp: tmp, root }
     })
@@ -46,10 +55,34 @@ fn filter_cmd(root: &Path, out: &Path, extra: &[&str]) -> Command {
     let model = fixtures().join("diffusion/sd-tiny");
     let mut c = Command::new(env!("CARGO_BIN_EXE_orchestrate"));
     c.args([
-        "filter", "--model", model.to_str().unwrap(), "--rahf", root.join("rahf").to_str().unwrap(), "--prompts",
-        root.join("prompts.txt").to_str().unwrap(), "--samples", "2", "--steps", "2", "--height", "32", "--width", "32",
-        "--scheduler", "euler-a", "--threshold", "0.15", "--keep", "all-above", "--batch-size", "3", "--device", "cpu",
-        "--out", out.to_str().unwrap(), "--json",
+        "filter",
+        "--model",
+        model.to_str().unwrap(),
+        "--rahf",
+        root.join("rahf").to_str().unwrap(),
+        "--prompts",
+        root.join("prompts.txt").to_str().unwrap(),
+        "--samples",
+        "2",
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--scheduler",
+        "euler-a",
+        "--threshold",
+        "0.15",
+        "--keep",
+        "all-above",
+        "--batch-size",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
     ])
     .args(extra)
     .env("RUST_LOG", "warn")
@@ -62,7 +95,11 @@ fn filter_cmd(root: &Path, out: &Path, extra: &[&str]) -> Command {
 }
 
 fn ok(o: Output) -> serde_json::Value {
-    assert!(o.status.success(), "failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
@@ -73,7 +110,10 @@ fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             if p.is_dir() {
                 walk(root, &p, out);
             } else {
-                out.insert(p.strip_prefix(root).unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap());
+                out.insert(
+                    p.strip_prefix(root).unwrap().to_string_lossy().into_owned(),
+                    std::fs::read(&p).unwrap(),
+                );
             }
         }
     }
@@ -84,9 +124,24 @@ fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 fn assert_same_tree(a: &Path, b: &Path) {
     let (ta, tb) = (tree(a), tree(b));
-    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>(), "{} and {} hold other files", a.display(), b.display());
-    let differ: Vec<&String> = ta.iter().filter(|(k, v)| tb[*k] != **v).map(|(k, _)| k).collect();
-    assert!(differ.is_empty(), "{} and {} differ in {differ:?}", a.display(), b.display());
+    assert_eq!(
+        ta.keys().collect::<Vec<_>>(),
+        tb.keys().collect::<Vec<_>>(),
+        "{} and {} hold other files",
+        a.display(),
+        b.display()
+    );
+    let differ: Vec<&String> = ta
+        .iter()
+        .filter(|(k, v)| tb[*k] != **v)
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{} and {} differ in {differ:?}",
+        a.display(),
+        b.display()
+    );
 }
 
 fn manifest_ids(dir: &Path) -> Vec<String> {
@@ -94,12 +149,19 @@ fn manifest_ids(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
         .lines()
         .filter(|l| l.ends_with('}'))
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect()
 }
 
 fn complete_lines(dir: &Path) -> usize {
-    std::fs::read_to_string(dir.join("manifest.jsonl")).map(|t| t.matches('\n').count()).unwrap_or(0)
+    std::fs::read_to_string(dir.join("manifest.jsonl"))
+        .map(|t| t.matches('\n').count())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -108,39 +170,72 @@ fn killed_run_resumes_to_the_uninterrupted_outputs() {
     let reference = s.root.join("reference");
     let all: Vec<String> = (0..N_PROMPTS).map(|i| format!("p{i:05}")).collect();
     assert_eq!(manifest_ids(&reference), all);
-    let kept: usize = tree(&reference).keys().filter(|k| k.starts_with("train/") && k.ends_with(".png")).count();
-    assert!(kept > 0 && kept < 2 * N_PROMPTS, "the threshold keeps some images and rejects some ({kept})");
+    let kept: usize = tree(&reference)
+        .keys()
+        .filter(|k| k.starts_with("train/") && k.ends_with(".png"))
+        .count();
+    assert!(
+        kept > 0 && kept < 2 * N_PROMPTS,
+        "the threshold keeps some images and rejects some ({kept})"
+    );
 
     let out = s.root.join("killed");
-    let mut child = filter_cmd(&s.root, &out, &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = filter_cmd(&s.root, &out, &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     // Kill as soon as the first prompt is recorded: the run is mid-way.
     let started = Instant::now();
     loop {
         if complete_lines(&out) >= 1 {
             break;
         }
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it recorded a prompt");
-        assert!(started.elapsed() < Duration::from_secs(300), "no prompt finished in 5 minutes");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it recorded a prompt"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no prompt finished in 5 minutes"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let done = manifest_ids(&out);
-    assert!(!done.is_empty() && done.len() < N_PROMPTS, "killed mid-run, not after the end: {done:?}");
+    assert!(
+        !done.is_empty() && done.len() < N_PROMPTS,
+        "killed mid-run, not after the end: {done:?}"
+    );
 
     // What a kill at a worse moment leaves too: a manifest line cut short and
     // a half-written image.
     use std::io::Write;
-    std::fs::OpenOptions::new().append(true).open(out.join("manifest.jsonl")).unwrap().write_all(b"{\"id\":\"p0000").unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(out.join("manifest.jsonl"))
+        .unwrap()
+        .write_all(b"{\"id\":\"p0000")
+        .unwrap();
     std::fs::write(out.join("samples/p00007_0.png.partial"), b"\x89PNG half").unwrap();
     std::fs::write(out.join("train/p00007_1.png.partial"), b"\x89PNG half").unwrap();
 
     let summary = ok(filter_cmd(&s.root, &out, &[]).output().unwrap());
-    let skipped = summary["figures"]["skipped_from_manifest"].as_u64().unwrap() as usize;
+    let skipped = summary["figures"]["skipped_from_manifest"]
+        .as_u64()
+        .unwrap() as usize;
     assert_eq!(skipped, done.len());
-    assert_eq!(summary["figures"]["done_now"].as_u64().unwrap() as usize, N_PROMPTS - done.len());
+    assert_eq!(
+        summary["figures"]["done_now"].as_u64().unwrap() as usize,
+        N_PROMPTS - done.len()
+    );
     let ids = manifest_ids(&out);
-    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), ids.len(), "an id is doubled: {ids:?}");
+    assert_eq!(
+        ids.iter().collect::<BTreeSet<_>>().len(),
+        ids.len(),
+        "an id is doubled: {ids:?}"
+    );
     assert_eq!(ids, all, "none lost, in order");
     assert!(tree(&out).keys().all(|k| !k.ends_with(".partial")));
     // Byte for byte: images, manifest, metadata.jsonl, settings.
@@ -158,15 +253,22 @@ fn shards_cover_every_prompt_once_and_merge_into_the_unsharded_dataset() {
         let mut cmd = filter_cmd(&s.root, &out, &[]);
         if i == 1 {
             // The shard from a SLURM array's environment.
-            cmd.env("SLURM_ARRAY_TASK_ID", "1").env("SLURM_ARRAY_TASK_COUNT", "3");
+            cmd.env("SLURM_ARRAY_TASK_ID", "1")
+                .env("SLURM_ARRAY_TASK_COUNT", "3");
         } else {
             cmd.args(["--shard", &spec]);
         }
         let summary = ok(cmd.output().unwrap());
         let ids = manifest_ids(&out);
-        let expect: Vec<String> = (0..N_PROMPTS).filter(|p| p % 3 == i).map(|p| format!("p{p:05}")).collect();
+        let expect: Vec<String> = (0..N_PROMPTS)
+            .filter(|p| p % 3 == i)
+            .map(|p| format!("p{p:05}"))
+            .collect();
         assert_eq!(ids, expect, "shard {spec}");
-        assert_eq!(summary["figures"]["prompts_in"].as_u64().unwrap() as usize, expect.len());
+        assert_eq!(
+            summary["figures"]["prompts_in"].as_u64().unwrap() as usize,
+            expect.len()
+        );
         seen.extend(ids);
         dirs.push(out);
     }
@@ -177,7 +279,9 @@ fn shards_cover_every_prompt_once_and_merge_into_the_unsharded_dataset() {
     let merged = s.root.join("merged");
     let merge = |extra: &[&Path]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_orchestrate"));
-        c.args(["merge", "--json", "--out", merged.to_str().unwrap()]).args(dirs.iter()).args(extra);
+        c.args(["merge", "--json", "--out", merged.to_str().unwrap()])
+            .args(dirs.iter())
+            .args(extra);
         c.output().unwrap()
     };
     let summary = ok(merge(&[]));
@@ -190,8 +294,17 @@ fn shards_cover_every_prompt_once_and_merge_into_the_unsharded_dataset() {
     // A shard whose record for the same prompt differs is a conflict.
     let bad = s.root.join("bad");
     std::fs::create_dir_all(&bad).unwrap();
-    std::fs::write(bad.join("settings.json"), std::fs::read(dirs[0].join("settings.json")).unwrap()).unwrap();
-    let line = std::fs::read_to_string(dirs[0].join("manifest.jsonl")).unwrap().lines().next().unwrap().replace("\"prompt\":\"", "\"prompt\":\"changed ");
+    std::fs::write(
+        bad.join("settings.json"),
+        std::fs::read(dirs[0].join("settings.json")).unwrap(),
+    )
+    .unwrap();
+    let line = std::fs::read_to_string(dirs[0].join("manifest.jsonl"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .replace("\"prompt\":\"", "\"prompt\":\"changed ");
     std::fs::write(bad.join("manifest.jsonl"), format!("{line}\n")).unwrap();
     let o = merge(&[&bad]);
     assert!(!o.status.success());
@@ -200,8 +313,14 @@ fn shards_cover_every_prompt_once_and_merge_into_the_unsharded_dataset() {
     // And shards made with other settings are refused.
     let other = s.root.join("other");
     std::fs::create_dir_all(&other).unwrap();
-    std::fs::write(other.join("settings.json"), "{\"job\": \"filter\", \"threshold\": 0.5}").unwrap();
+    std::fs::write(
+        other.join("settings.json"),
+        "{\"job\": \"filter\", \"threshold\": 0.5}",
+    )
+    .unwrap();
     std::fs::write(other.join("manifest.jsonl"), "").unwrap();
     let o = merge(&[&other]);
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("different settings"));
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("different settings")
+    );
 }

@@ -41,7 +41,12 @@ pub enum ScoreKind {
 }
 
 impl ScoreKind {
-    pub const ALL: [ScoreKind; 4] = [ScoreKind::Plausibility, ScoreKind::Alignment, ScoreKind::Aesthetics, ScoreKind::Overall];
+    pub const ALL: [ScoreKind; 4] = [
+        ScoreKind::Plausibility,
+        ScoreKind::Alignment,
+        ScoreKind::Aesthetics,
+        ScoreKind::Overall,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -68,7 +73,11 @@ impl std::str::FromStr for ScoreKind {
         ScoreKind::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| Error::Invalid(format!("--score `{s}`: expected plausibility, alignment, aesthetics or overall")))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "--score `{s}`: expected plausibility, alignment, aesthetics or overall"
+                ))
+            })
     }
 }
 
@@ -94,7 +103,9 @@ impl std::str::FromStr for KeepMode {
         match s {
             "best" => Ok(KeepMode::Best),
             "all-above" => Ok(KeepMode::AllAbove),
-            _ => Err(Error::Invalid(format!("--keep `{s}`: expected best or all-above"))),
+            _ => Err(Error::Invalid(format!(
+                "--keep `{s}`: expected best or all-above"
+            ))),
         }
     }
 }
@@ -134,7 +145,13 @@ fn default_threshold() -> f64 {
 
 impl FilterOptions {
     pub fn new(prompts: PathBuf) -> Self {
-        FilterOptions { prompts, samples: default_samples(), score: ScoreKind::default(), threshold: default_threshold(), keep: KeepMode::default() }
+        FilterOptions {
+            prompts,
+            samples: default_samples(),
+            score: ScoreKind::default(),
+            threshold: default_threshold(),
+            keep: KeepMode::default(),
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -142,7 +159,10 @@ impl FilterOptions {
             return Err(Error::Invalid("filter.samples must be at least 1".into()));
         }
         if !(0.0..=1.0).contains(&self.threshold) {
-            return Err(Error::Invalid(format!("filter.threshold {}: must be in [0, 1]", self.threshold)));
+            return Err(Error::Invalid(format!(
+                "filter.threshold {}: must be in [0, 1]",
+                self.threshold
+            )));
         }
         // Parsing the list checks that it exists and names the bad line.
         read_prompts(&self.prompts)?;
@@ -162,12 +182,21 @@ pub struct Selection {
 /// The keep rule, apart from any model so it can be tested on its own.
 /// `values[i]` is image i's chosen score, `seeds[i]` its seed (named in the
 /// warning a NaN score raises). Ties for the best go to the lowest index.
-pub fn select(prompt_id: &str, seeds: &[u64], values: &[f64], threshold: f64, keep: KeepMode) -> Selection {
+pub fn select(
+    prompt_id: &str,
+    seeds: &[u64],
+    values: &[f64],
+    threshold: f64,
+    keep: KeepMode,
+) -> Selection {
     let mut sel = Selection::default();
     let mut best: Option<usize> = None;
     for (i, &v) in values.iter().enumerate() {
         if v.is_nan() {
-            let seed = seeds.get(i).map(|s| s.to_string()).unwrap_or_else(|| "?".into());
+            let seed = seeds
+                .get(i)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "?".into());
             tracing::warn!(prompt_id, seed = %seed, "image {i} of prompt `{prompt_id}` (seed {seed}) scored NaN; rejected");
             sel.rejected_nan.push(i);
             continue;
@@ -204,7 +233,12 @@ pub struct ScoreRow {
 impl From<&Scores> for ScoreRow {
     fn from(s: &Scores) -> Self {
         let f = |v: f64| if v.is_nan() { None } else { Some(v) };
-        ScoreRow { plausibility: f(s.plausibility), alignment: f(s.alignment), aesthetics: f(s.aesthetics), overall: f(s.overall) }
+        ScoreRow {
+            plausibility: f(s.plausibility),
+            alignment: f(s.alignment),
+            aesthetics: f(s.aesthetics),
+            overall: f(s.overall),
+        }
     }
 }
 
@@ -299,7 +333,13 @@ fn check_settings(out: &Path, settings: &serde_json::Value) -> Result<()> {
                 .into_iter()
                 .flatten()
                 .filter(|(k, v)| before.get(k.as_str()) != Some(v))
-                .map(|(k, v)| format!("{k}: {} now, {} before", v, before.get(k.as_str()).unwrap_or(&serde_json::Value::Null)))
+                .map(|(k, v)| {
+                    format!(
+                        "{k}: {} now, {} before",
+                        v,
+                        before.get(k.as_str()).unwrap_or(&serde_json::Value::Null)
+                    )
+                })
                 .collect();
             return Err(Error::Invalid(format!(
                 "{}: this folder holds a run with other settings ({}); resume with the same settings or choose another --out",
@@ -309,13 +349,20 @@ fn check_settings(out: &Path, settings: &serde_json::Value) -> Result<()> {
         }
         return Ok(());
     }
-    write_atomic(&path, serde_json::to_string_pretty(settings).expect("JSON serialises").as_bytes())
+    write_atomic(
+        &path,
+        serde_json::to_string_pretty(settings)
+            .expect("JSON serialises")
+            .as_bytes(),
+    )
 }
 
 /// Removes what a killed run left half-written (`*.partial`), so no reader
 /// ever sees one; the items they belonged to are not in the manifest and are redone.
 fn remove_partials(dir: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
     for e in entries.flatten() {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "partial") {
@@ -328,7 +375,10 @@ fn remove_partials(dir: &Path) -> Result<()> {
 fn png_bytes(img: &image::RgbImage, what: &str) -> Result<Vec<u8>> {
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, image::ImageFormat::Png)
-        .map_err(|e| Error::Image { path: PathBuf::from(what), reason: e.to_string() })?;
+        .map_err(|e| Error::Image {
+            path: PathBuf::from(what),
+            reason: e.to_string(),
+        })?;
     Ok(buf.into_inner())
 }
 
@@ -354,24 +404,43 @@ struct Producer<'a> {
 
 impl Producer<'_> {
     /// `slots`: one batch from [`plan_batches`]: (position in `items`, image index) or empty.
-    fn run_batch(&mut self, items: &[PromptItem], slots: &[Option<(usize, usize)>]) -> Result<Vec<Scored>> {
+    fn run_batch(
+        &mut self,
+        items: &[PromptItem],
+        slots: &[Option<(usize, usize)>],
+    ) -> Result<Vec<Scored>> {
         let request = |&(p, i): &(usize, usize)| ImageRequest {
             prompt: items[p].prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             seed: self.seed + i as u64,
         };
-        let filler = slots.iter().flatten().next().expect("a batch holds at least one image");
+        let filler = slots
+            .iter()
+            .flatten()
+            .next()
+            .expect("a batch holds at least one image");
         // An empty slot gets a copy of some request; its image is dropped.
-        let requests: Vec<ImageRequest> = slots.iter().map(|s| request(s.as_ref().unwrap_or(filler))).collect();
+        let requests: Vec<ImageRequest> = slots
+            .iter()
+            .map(|s| request(s.as_ref().unwrap_or(filler)))
+            .collect();
         let rgb = to_rgb_bytes(&self.pipe.sample(&requests, &self.settings)?);
-        let batch: Vec<(usize, (usize, usize))> = slots.iter().enumerate().filter_map(|(k, s)| s.map(|s| (k, s))).collect();
+        let batch: Vec<(usize, (usize, usize))> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(k, s)| s.map(|s| (k, s)))
+            .collect();
         let (h, w) = (self.settings.height as u32, self.settings.width as u32);
         let mut completed = Vec::new();
         for &(k, (p, i)) in &batch {
             let data = Vec::<u8>::try_from(rgb.get(k as i64).contiguous().view([-1]))
                 .map_err(|e| Error::torch(format!("image {i} of prompt `{}`", items[p].id), e))?;
-            let img = image::RgbImage::from_raw(w, h, data).expect("sampled images are height x width x 3");
-            let slots = self.pending.entry(p).or_insert_with(|| vec![None; self.samples]);
+            let img = image::RgbImage::from_raw(w, h, data)
+                .expect("sampled images are height x width x 3");
+            let slots = self
+                .pending
+                .entry(p)
+                .or_insert_with(|| vec![None; self.samples]);
             slots[i] = Some(img);
             if slots.iter().all(Option::is_some) {
                 completed.push(p);
@@ -379,7 +448,13 @@ impl Producer<'_> {
         }
         let mut out = Vec::new();
         for p in completed {
-            let images: Vec<image::RgbImage> = self.pending.remove(&p).expect("pending").into_iter().flatten().collect();
+            let images: Vec<image::RgbImage> = self
+                .pending
+                .remove(&p)
+                .expect("pending")
+                .into_iter()
+                .flatten()
+                .collect();
             // One RAHF call per prompt: the same batch whatever the sampling
             // batch size, so the scores are bit for bit reproducible.
             let prompts = vec![items[p].prompt.clone(); images.len()];
@@ -421,13 +496,29 @@ impl Consumer<'_> {
                 write_atomic(&self.out.join(&train), &bytes)?;
                 kept.push(train);
             }
-            images.push(SampleRecord { file, seed: s.seeds[i], scores: ScoreRow::from(&s.scores[i]), kept: is_kept });
+            images.push(SampleRecord {
+                file,
+                seed: s.seeds[i],
+                scores: ScoreRow::from(&s.scores[i]),
+                kept: is_kept,
+            });
         }
-        let record = PromptRecord { id: id.clone(), index: s.item.index, prompt: s.item.prompt.clone(), images, kept };
+        let record = PromptRecord {
+            id: id.clone(),
+            index: s.item.index,
+            prompt: s.item.prompt.clone(),
+            images,
+            kept,
+        };
         // Files first, then the line: a kill in between only redoes this prompt.
         self.manifest.append(id, &record)?;
-        let best = values.iter().copied().filter(|v| !v.is_nan()).fold(f64::NAN, f64::max);
-        self.progress.done(id, s.images.len(), record.kept.len(), best);
+        let best = values
+            .iter()
+            .copied()
+            .filter(|v| !v.is_nan())
+            .fold(f64::NAN, f64::max);
+        self.progress
+            .done(id, s.images.len(), record.kept.len(), best);
         Ok(())
     }
 }
@@ -446,13 +537,20 @@ impl Progress {
         let bar = (std::io::stderr().is_terminal() && total > 0).then(|| {
             let bar = indicatif::ProgressBar::new(total as u64);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} prompts, ETA {eta} {msg}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30}] {pos}/{len} prompts, ETA {eta} {msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             bar
         });
-        Progress { bar, total, finished: 0, started: Instant::now() }
+        Progress {
+            bar,
+            total,
+            finished: 0,
+            started: Instant::now(),
+        }
     }
 
     fn done(&mut self, id: &str, images: usize, kept: usize, best: f64) {
@@ -497,7 +595,12 @@ pub enum Mode {
 /// makes an image's bytes independent of where a resumed run or a shard
 /// starts. An uninterrupted unsharded run fills every row; elsewhere a row
 /// may stay empty. Entries are (position in `items` + `offset`, image index).
-pub fn plan_batches(items: &[PromptItem], offset: usize, samples: usize, batch_size: usize) -> Vec<Vec<Option<(usize, usize)>>> {
+pub fn plan_batches(
+    items: &[PromptItem],
+    offset: usize,
+    samples: usize,
+    batch_size: usize,
+) -> Vec<Vec<Option<(usize, usize)>>> {
     let mut batches = Vec::new();
     let mut current: Vec<Option<(usize, usize)>> = vec![None; batch_size];
     let mut last: Option<usize> = None;
@@ -521,11 +624,19 @@ pub fn run(opts: &FilterOptions, common: &CommonOptions, ctx: &RunContext) -> Re
     run_with(opts, common, ctx, Mode::Overlapped)
 }
 
-pub fn run_with(opts: &FilterOptions, common: &CommonOptions, ctx: &RunContext, mode: Mode) -> Result<JobSummary> {
+pub fn run_with(
+    opts: &FilterOptions,
+    common: &CommonOptions,
+    ctx: &RunContext,
+    mode: Mode,
+) -> Result<JobSummary> {
     opts.validate()?;
     common.sampling.validate()?;
     let items = read_prompts(&opts.prompts)?;
-    let shard_items: Vec<PromptItem> = items.into_iter().filter(|it| ctx.shard.takes(it.index)).collect();
+    let shard_items: Vec<PromptItem> = items
+        .into_iter()
+        .filter(|it| ctx.shard.takes(it.index))
+        .collect();
 
     let out = &ctx.out;
     for dir in [out.clone(), out.join(SAMPLES_DIR), out.join(TRAIN_DIR)] {
@@ -534,10 +645,18 @@ pub fn run_with(opts: &FilterOptions, common: &CommonOptions, ctx: &RunContext, 
     }
     check_settings(out, &settings_fingerprint(opts, common))?;
     let mut manifest = Manifest::open(out)?;
-    let todo: Vec<PromptItem> = shard_items.iter().filter(|it| !manifest.is_done(&it.id)).cloned().collect();
+    let todo: Vec<PromptItem> = shard_items
+        .iter()
+        .filter(|it| !manifest.is_done(&it.id))
+        .cloned()
+        .collect();
     let skipped = shard_items.len() - todo.len();
     if skipped > 0 {
-        tracing::info!("{}: {skipped} of {} prompts already done; resuming", manifest.path().display(), shard_items.len());
+        tracing::info!(
+            "{}: {skipped} of {} prompts already done; resuming",
+            manifest.path().display(),
+            shard_items.len()
+        );
     }
 
     let mut load_secs = 0.0;
@@ -547,16 +666,8 @@ pub fn run_with(opts: &FilterOptions, common: &CommonOptions, ctx: &RunContext, 
         let device = crate::device::parse_device(&common.models.device)?;
         let kind = crate::device::parse_dtype(&common.models.dtype, device)?;
         let rahf_kind = crate::device::parse_dtype(&common.models.rahf_dtype, device)?;
-        if device == tch::Device::Cpu {
-            // Leave one core to the CPU stage: libtorch's OpenMP workers spin
-            // between kernels, and a PNG thread competing with them for the
-            // last core stalls every parallel region (measured: 4x slower on
-            // 2 cores). Both modes use the same count, as it can change rounding.
-            let n = tch::get_num_threads();
-            if n > 1 {
-                tch::set_num_threads(n - 1);
-            }
-        }
+        // Both modes use the same thread count, as it can change rounding.
+        crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
         let pipe = StableDiffusion::load(&common.models.generator, device, kind)?;
         let rahf = FeedbackModel::load(&common.models.rahf, device, rahf_kind)?;
         load_secs = load_started.elapsed().as_secs_f64();
@@ -571,14 +682,22 @@ pub fn run_with(opts: &FilterOptions, common: &CommonOptions, ctx: &RunContext, 
             samples: opts.samples,
             pending: HashMap::new(),
         };
-        let mut consumer = Consumer { out, opts, manifest: &mut manifest, progress: Progress::new(todo.len()) };
+        let mut consumer = Consumer {
+            out,
+            opts,
+            manifest: &mut manifest,
+            progress: Progress::new(todo.len()),
+        };
         let batch_size = common.sampling.batch_size;
         match mode {
             Mode::Overlapped => {
                 let work = plan_batches(&todo, 0, opts.samples, batch_size);
-                overlap(work, 2, |slots| producer.run_batch(&todo, &slots), |done| {
-                    done.into_iter().try_for_each(|s| consumer.finish(s))
-                })?;
+                overlap(
+                    work,
+                    2,
+                    |slots| producer.run_batch(&todo, &slots),
+                    |done| done.into_iter().try_for_each(|s| consumer.finish(s)),
+                )?;
             }
             Mode::Sequential => {
                 for p in 0..todo.len() {
@@ -597,7 +716,18 @@ pub fn run_with(opts: &FilterOptions, common: &CommonOptions, ctx: &RunContext, 
     let records = read_records(&manifest)?;
     write_dataset(out, &records)?;
     let sampled = todo.len() * opts.samples;
-    Ok(summary(opts, ctx, &shard_items, skipped, todo.len(), &records, sampled, load_secs, run_secs, mode))
+    Ok(summary(
+        opts,
+        ctx,
+        &shard_items,
+        skipped,
+        todo.len(),
+        &records,
+        sampled,
+        load_secs,
+        run_secs,
+        mode,
+    ))
 }
 
 /// The manifest's records, typed.
@@ -606,8 +736,13 @@ pub fn read_records(manifest: &Manifest) -> Result<Vec<PromptRecord>> {
         .records()
         .iter()
         .map(|v| {
-            serde_json::from_value(v.clone())
-                .map_err(|e| Error::Invalid(format!("{}: record `{}` is not a filter record: {e}", manifest.path().display(), v["id"])))
+            serde_json::from_value(v.clone()).map_err(|e| {
+                Error::Invalid(format!(
+                    "{}: record `{}` is not a filter record: {e}",
+                    manifest.path().display(),
+                    v["id"]
+                ))
+            })
         })
         .collect()
 }
@@ -624,7 +759,10 @@ pub fn write_dataset(out: &Path, records: &[PromptRecord]) -> Result<()> {
     let mut named = BTreeSet::new();
     for r in sorted {
         for img in r.images.iter().filter(|im| im.kept) {
-            let file_name = Path::new(&img.file).file_name().and_then(|n| n.to_str()).expect("sample names are UTF-8");
+            let file_name = Path::new(&img.file)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .expect("sample names are UTF-8");
             let line = MetadataLine {
                 file_name,
                 text: &r.prompt,
@@ -641,10 +779,16 @@ pub fn write_dataset(out: &Path, records: &[PromptRecord]) -> Result<()> {
         }
     }
     write_atomic(&train.join("metadata.jsonl"), text.as_bytes())?;
-    for e in std::fs::read_dir(&train).map_err(|e| Error::io(&train, e))?.flatten() {
+    for e in std::fs::read_dir(&train)
+        .map_err(|e| Error::io(&train, e))?
+        .flatten()
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.ends_with(".png") && !named.contains(&name) {
-            tracing::warn!("{}: not in the manifest (left by an interrupted run); removed", e.path().display());
+            tracing::warn!(
+                "{}: not in the manifest (left by an interrupted run); removed",
+                e.path().display()
+            );
             std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
         }
     }
@@ -680,8 +824,16 @@ fn summary(
 ) -> JobSummary {
     let kept_prompts = records.iter().filter(|r| !r.kept.is_empty()).count();
     let kept_images: usize = records.iter().map(|r| r.kept.len()).sum();
-    let (bins, nan) = histogram(records.iter().flat_map(|r| r.images.iter().map(|im| im.scores.get(opts.score))));
-    let per_sec = if run_secs > 0.0 { sampled as f64 / run_secs } else { 0.0 };
+    let (bins, nan) = histogram(
+        records
+            .iter()
+            .flat_map(|r| r.images.iter().map(|im| im.scores.get(opts.score))),
+    );
+    let per_sec = if run_secs > 0.0 {
+        sampled as f64 / run_secs
+    } else {
+        0.0
+    };
     let figures = serde_json::json!({
         "prompts_in": shard_items.len(),
         "done_now": done_now,
@@ -700,9 +852,25 @@ fn summary(
         "images_per_second": per_sec,
         "mode": if mode == Mode::Overlapped { "overlapped" } else { "sequential" },
     });
-    let hist: Vec<String> = bins.iter().enumerate().map(|(i, c)| format!("[{:.1},{:.1}{}: {c}", i as f64 / 10.0, (i + 1) as f64 / 10.0, if i == 9 { "]" } else { ")" })).collect();
+    let hist: Vec<String> = bins
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            format!(
+                "[{:.1},{:.1}{}: {c}",
+                i as f64 / 10.0,
+                (i + 1) as f64 / 10.0,
+                if i == 9 { "]" } else { ")" }
+            )
+        })
+        .collect();
     let mut lines = vec![
-        format!("prompts in: {} (shard {}/{})", shard_items.len(), ctx.shard.index, ctx.shard.count),
+        format!(
+            "prompts in: {} (shard {}/{})",
+            shard_items.len(),
+            ctx.shard.index,
+            ctx.shard.count
+        ),
         format!("done now: {done_now}, already done (manifest): {skipped}"),
         format!(
             "kept: {kept_prompts} prompts, {kept_images} images ({} >= {}, keep {})",
@@ -717,5 +885,10 @@ fn summary(
         lines.push(format!("{sampled} images in {run_secs:.2} s: {per_sec:.2} images/s (models loaded in {load_secs:.2} s)"));
     }
     lines.push(format!("dataset: {}", ctx.out.join(TRAIN_DIR).display()));
-    JobSummary { job: "filter".into(), out: ctx.out.clone(), figures, lines }
+    JobSummary {
+        job: "filter".into(),
+        out: ctx.out.clone(),
+        figures,
+        lines,
+    }
 }

@@ -421,6 +421,7 @@ pub fn run(opts: &InpaintOptions, common: &CommonOptions, ctx: &RunContext) -> R
             &common.models.rahf_dtype
         };
         let rahf_kind = crate::device::parse_dtype(rahf_dtype, device)?;
+        crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
         let rahf = FeedbackModel::load(&common.models.rahf, device, rahf_kind)?;
         let pipe = StableDiffusion::load(&generator, device, kind)?;
         let mode = pipe.inpaint_mode()?;

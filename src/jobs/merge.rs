@@ -17,20 +17,31 @@ use std::path::{Path, PathBuf};
 fn read_shard(dir: &Path) -> Result<Vec<PromptRecord>> {
     let path = dir.join("manifest.jsonl");
     if !path.is_file() {
-        return Err(Error::Missing { path, what: "a filter output's manifest (is this a filter --out folder?)".into() });
+        return Err(Error::Missing {
+            path,
+            what: "a filter output's manifest (is this a filter --out folder?)".into(),
+        });
     }
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let complete = text.rfind('\n').map(|i| i + 1).unwrap_or(0);
     if complete < text.len() {
-        tracing::warn!("{}: ignoring an unfinished last line (a run still going, or killed)", path.display());
+        tracing::warn!(
+            "{}: ignoring an unfinished last line (a run still going, or killed)",
+            path.display()
+        );
     }
     text[..complete]
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(n, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| Error::Invalid(format!("{}:{}: not a filter manifest record: {e}", path.display(), n + 1)))
+            serde_json::from_str(l).map_err(|e| {
+                Error::Invalid(format!(
+                    "{}:{}: not a filter manifest record: {e}",
+                    path.display(),
+                    n + 1
+                ))
+            })
         })
         .collect()
 }
@@ -61,7 +72,10 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<JobSummary> {
     for dir in shards {
         let path = dir.join(SETTINGS_FILE);
         if !path.is_file() {
-            return Err(Error::Missing { path, what: "the settings of a filter run".into() });
+            return Err(Error::Missing {
+                path,
+                what: "the settings of a filter run".into(),
+            });
         }
         let s: serde_json::Value = crate::error::read_json(&path)?;
         match &settings {
@@ -100,7 +114,11 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<JobSummary> {
                 continue;
             }
             if !same_dir(dir, out) {
-                let files = rec.images.iter().map(|im| im.file.as_str()).chain(rec.kept.iter().map(String::as_str));
+                let files = rec
+                    .images
+                    .iter()
+                    .map(|im| im.file.as_str())
+                    .chain(rec.kept.iter().map(String::as_str));
                 for f in files {
                     copy_atomic(&dir.join(f), &out.join(f))?;
                     copied += 1;
@@ -137,9 +155,21 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<JobSummary> {
         "files_copied": copied,
     });
     let lines = vec![
-        format!("merged {} shard folders: {} prompts", shards.len(), merged.len()),
+        format!(
+            "merged {} shard folders: {} prompts",
+            shards.len(),
+            merged.len()
+        ),
         format!("kept: {kept_prompts} prompts, {kept_images} images"),
-        format!("dataset: {}", out.join(crate::jobs::filter::TRAIN_DIR).display()),
+        format!(
+            "dataset: {}",
+            out.join(crate::jobs::filter::TRAIN_DIR).display()
+        ),
     ];
-    Ok(JobSummary { job: "merge".into(), out: out.to_path_buf(), figures, lines })
+    Ok(JobSummary {
+        job: "merge".into(),
+        out: out.to_path_buf(),
+        figures,
+        lines,
+    })
 }
