@@ -83,65 +83,13 @@ use crate::diffusion::schedulers::config::PredictionType;
 use crate::diffusion::schedulers::{self, Scheduler, SchedulerKind};
 use crate::diffusion::vae::{AutoencoderKL, VaeConfig};
 use crate::error::{Error, Result};
-use crate::rahf::config::SCORE_TYPES;
 use crate::rahf::tokenizer::PromptTokens;
 use crate::rahf::FeedbackModel;
 use crate::weights::Weights;
 use tch::{Device, Kind, Tensor};
 
 /// Which of RAHF's four scores to guide on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ScoreKind {
-    Plausibility,
-    Alignment,
-    Aesthetics,
-    Overall,
-}
-
-impl ScoreKind {
-    pub const ALL: [ScoreKind; 4] = [
-        ScoreKind::Plausibility,
-        ScoreKind::Alignment,
-        ScoreKind::Aesthetics,
-        ScoreKind::Overall,
-    ];
-
-    /// The column of RAHF's B x 4 scores (`SCORE_TYPES` order).
-    pub fn index(self) -> usize {
-        match self {
-            ScoreKind::Plausibility => 0,
-            ScoreKind::Alignment => 1,
-            ScoreKind::Aesthetics => 2,
-            ScoreKind::Overall => 3,
-        }
-    }
-
-    /// The CLI / recipe name.
-    pub fn name(self) -> &'static str {
-        SCORE_TYPES[self.index()]
-    }
-}
-
-impl std::fmt::Display for ScoreKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for ScoreKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        ScoreKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "unknown score `{s}`: expected one of {}",
-                    SCORE_TYPES.join(", ")
-                ))
-            })
-    }
-}
+pub use crate::rahf::ScoreKind;
 
 #[derive(Debug, Clone)]
 pub struct GuidanceSettings {

@@ -612,7 +612,7 @@ fn guide(a: GuideArgs) -> Result<()> {
         strength: a.guidance_strength,
         every: a.guide_every,
         recurrence: a.recurrence,
-        score: a.score,
+        score: a.score.parse()?,
         images_per_prompt: a.images_per_prompt,
         compare_unguided: !a.no_compare,
         through_unet: !a.no_unet_gradient,

@@ -30,62 +30,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Which RAHF score decides what is kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ScoreKind {
-    #[default]
-    Plausibility,
-    Alignment,
-    Aesthetics,
-    Overall,
-}
-
-impl ScoreKind {
-    pub const ALL: [ScoreKind; 4] = [
-        ScoreKind::Plausibility,
-        ScoreKind::Alignment,
-        ScoreKind::Aesthetics,
-        ScoreKind::Overall,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ScoreKind::Plausibility => "plausibility",
-            ScoreKind::Alignment => "alignment",
-            ScoreKind::Aesthetics => "aesthetics",
-            ScoreKind::Overall => "overall",
-        }
-    }
-
-    pub fn of(self, s: &Scores) -> f64 {
-        match self {
-            ScoreKind::Plausibility => s.plausibility,
-            ScoreKind::Alignment => s.alignment,
-            ScoreKind::Aesthetics => s.aesthetics,
-            ScoreKind::Overall => s.overall,
-        }
-    }
-}
-
-impl std::str::FromStr for ScoreKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        ScoreKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "--score `{s}`: expected plausibility, alignment, aesthetics or overall"
-                ))
-            })
-    }
-}
-
-impl std::fmt::Display for ScoreKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use crate::rahf::ScoreKind;
 
 /// `best`: a prompt contributes its best image if that reaches the threshold;
 /// `all-above`: every image that reaches it.

@@ -37,7 +37,7 @@ pub struct GuideOptions {
     pub recurrence: usize,
     /// The score to guide on.
     #[serde(default = "default_score")]
-    pub score: String,
+    pub score: ScoreKind,
     /// Images (seeds seed, seed+1, ...) per prompt.
     #[serde(default = "one")]
     pub images_per_prompt: usize,
@@ -61,8 +61,8 @@ fn one() -> usize {
 fn yes() -> bool {
     true
 }
-fn default_score() -> String {
-    "aesthetics".into()
+fn default_score() -> ScoreKind {
+    ScoreKind::Aesthetics
 }
 
 impl GuideOptions {
@@ -79,13 +79,9 @@ impl GuideOptions {
         }
     }
 
-    pub fn score_kind(&self) -> Result<ScoreKind> {
-        self.score.parse().map_err(|e| Error::Invalid(format!("guide.score: {e}")))
-    }
-
     pub fn guidance(&self) -> Result<GuidanceSettings> {
         Ok(GuidanceSettings {
-            score: self.score_kind()?,
+            score: self.score,
             strength: self.strength,
             every: self.every,
             recurrence: self.recurrence,
@@ -135,15 +131,6 @@ struct Product {
     unguided: Option<(Vec<RgbImage>, Vec<Scores>)>,
     guided_seconds: f64,
     unguided_seconds: Option<f64>,
-}
-
-fn pick(s: &Scores, kind: ScoreKind) -> f64 {
-    match kind {
-        ScoreKind::Plausibility => s.plausibility,
-        ScoreKind::Alignment => s.alignment,
-        ScoreKind::Aesthetics => s.aesthetics,
-        ScoreKind::Overall => s.overall,
-    }
 }
 
 pub fn run(opts: &GuideOptions, common: &CommonOptions, ctx: &RunContext) -> Result<JobSummary> {
@@ -293,9 +280,9 @@ fn summarize(manifest: &Manifest, ctx: &RunContext, new: usize, skipped: usize) 
             n_unguided_imgs += r.images.len();
         }
         for im in &r.images {
-            let g = pick(&im.guided_scores, kind);
+            let g = kind.of(&im.guided_scores);
             guided.push(g);
-            if let Some(u) = im.unguided_scores.as_ref().map(|s| pick(s, kind)) {
+            if let Some(u) = im.unguided_scores.as_ref().map(|s| kind.of(s)) {
                 unguided.push(u);
                 gains.push(g - u);
             }
@@ -351,8 +338,8 @@ fn write_guide_report(
         let kind: ScoreKind = r.score.parse()?;
         let mut images = Vec::new();
         for im in &r.images {
-            let g = pick(&im.guided_scores, kind);
-            let better = im.unguided_scores.as_ref().is_none_or(|u| g > pick(u, kind));
+            let g = kind.of(&im.guided_scores);
+            let better = im.unguided_scores.as_ref().is_none_or(|u| g > kind.of(u));
             if let (Some(f), Some(s)) = (&im.unguided_file, im.unguided_scores) {
                 images.push(ReportImage::new(f.clone(), format!("unguided, seed {}", im.seed)).with_scores(s).marked(!better));
             }
