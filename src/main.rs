@@ -292,12 +292,6 @@ fn inpaint(a: InpaintArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 struct FilterArgs {
-    /// The generator: a diffusers folder or cached HF repo id.
-    #[arg(long)]
-    model: String,
-    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json).
-    #[arg(long)]
-    rahf: std::path::PathBuf,
     /// Prompt list: text (one per line, # comments) or JSONL ({"prompt": ..., "id": ...}).
     #[arg(long)]
     prompts: std::path::PathBuf,
@@ -313,51 +307,15 @@ struct FilterArgs {
     /// best (the prompt's best image, if it reaches the threshold) or all-above (every image that does).
     #[arg(long, default_value = "best")]
     keep: String,
-    #[arg(long)]
-    steps: Option<usize>,
-    #[arg(long)]
-    guidance_scale: Option<f64>,
-    #[arg(long)]
-    height: Option<i64>,
-    #[arg(long)]
-    width: Option<i64>,
-    /// ddim, euler, euler-a or dpm++2m (default dpm++2m).
-    #[arg(long)]
-    scheduler: Option<String>,
-    #[arg(long)]
-    negative_prompt: Option<String>,
-    #[arg(long)]
-    seed: Option<u64>,
-    #[arg(long)]
-    clip_skip: Option<usize>,
-    /// Images per generator call (across prompts); results do not depend on it.
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// Generator dtype: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16 or bf16.
-    #[arg(long, default_value = "auto")]
-    dtype: String,
-    /// RAHF dtype (fp32 by default: scores are compared with a threshold).
-    #[arg(long, default_value = "fp32")]
-    rahf_dtype: String,
-    #[arg(long)]
-    out: std::path::PathBuf,
-    /// i/n: take prompts whose position % n == i (default from SLURM_ARRAY_TASK_ID/COUNT or JOB_COMPLETION_INDEX).
-    #[arg(long)]
-    shard: Option<String>,
-    /// Print the summary as JSON.
-    #[arg(long)]
-    json: bool,
     /// Benchmark baseline: a plain generate -> score -> save loop per prompt, no overlap.
     #[arg(long, hide = true)]
     sequential: bool,
+    #[command(flatten)]
+    job: JobArgs,
 }
 
 fn filter(a: FilterArgs) -> Result<()> {
     use orchestrate::jobs::filter::{self, FilterOptions, Mode};
-    use orchestrate::jobs::{CommonOptions, ModelOptions, RunContext, SamplingOptions, Shard};
     let opts = FilterOptions {
         prompts: a.prompts,
         samples: a.samples,
@@ -365,36 +323,11 @@ fn filter(a: FilterArgs) -> Result<()> {
         threshold: a.threshold,
         keep: a.keep.parse()?,
     };
-    let d = SamplingOptions::default();
-    let common = CommonOptions {
-        models: ModelOptions {
-            generator: a.model,
-            inpaint_generator: None,
-            rahf: a.rahf,
-            device: a.device,
-            dtype: a.dtype,
-            rahf_dtype: a.rahf_dtype,
-        },
-        sampling: SamplingOptions {
-            steps: a.steps.unwrap_or(d.steps),
-            guidance_scale: a.guidance_scale.unwrap_or(d.guidance_scale),
-            height: a.height.unwrap_or(d.height),
-            width: a.width.unwrap_or(d.width),
-            scheduler: a.scheduler.unwrap_or(d.scheduler),
-            negative_prompt: a.negative_prompt.unwrap_or(d.negative_prompt),
-            seed: a.seed.unwrap_or(d.seed),
-            clip_skip: a.clip_skip.or(d.clip_skip),
-            batch_size: a.batch_size.unwrap_or(d.batch_size),
-        },
-    };
-    let shard = match &a.shard {
-        Some(s) => Shard::parse(s)?,
-        None => Shard::from_env()?.unwrap_or_default(),
-    };
-    let ctx = RunContext { out: a.out, shard, json: a.json };
+    let (common, ctx) = a.job.into_options()?;
+    let json = ctx.json;
     let mode = if a.sequential { Mode::Sequential } else { Mode::Overlapped };
     let summary = filter::run_with(&opts, &common, &ctx, mode)?;
-    print_job_summary(&summary, a.json)
+    print_job_summary(&summary, json)
 }
 
 #[derive(clap::Args)]
