@@ -102,12 +102,13 @@ fn check_pipeline(name: &str) {
     }
 }
 
+/// Both pipelines in one test, one after the other: in one CI rehearsal under
+/// heavy machine load the two running concurrently in one process gave
+/// sd-tiny-unseen wholly different latents once (not reproduced in 33 reruns;
+/// every seeded draw holds `noise::lock_generator`). Run serially until the
+/// cause is found.
 #[test]
-fn sd_tiny_matches_diffusers_for_every_scheduler() {
+fn sd_tiny_and_an_unseen_layout_match_diffusers_for_every_scheduler() {
     check_pipeline("sd-tiny");
-}
-
-#[test]
-fn unseen_layout_matches_diffusers() {
     check_pipeline("sd-tiny-unseen");
 }
