@@ -66,6 +66,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     ap.add_argument("--bin", default=str(ROOT / "target/release/orchestrate"))
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per side, alternated")
     args = ap.parse_args()
 
     from transformers import CLIPTokenizer
@@ -103,7 +104,7 @@ def main():
         theirs()  # warm-up (allocator, thread pools)
         results = {}
         # A B A B: alternate so drift in machine load hits both sides alike.
-        for name, fn in [("diffusers", theirs), ("orchestrate", ours)] * 2:
+        for name, fn in [("diffusers", theirs), ("orchestrate", ours)] * args.repeats:
             t0 = time.perf_counter()
             reported = fn()
             elapsed = reported if reported is not None else time.perf_counter() - t0
@@ -115,7 +116,7 @@ def main():
             "orchestrate_s_per_image": round(a, 3),
             "diffusers_s_per_image": round(b, 3),
             "ratio_ours_over_theirs": round(a / b, 3),
-            "note": "both exclude model loading and process start-up; min of 2 runs each, alternated",
+            "note": "both exclude model loading and process start-up; min over the runs, alternated",
         }, indent=2))
 
 

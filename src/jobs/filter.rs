@@ -661,7 +661,7 @@ pub fn run_with(
     let records = read_records(&manifest)?;
     write_dataset(out, &records)?;
     let sampled = todo.len() * opts.samples;
-    Ok(summary(
+    let summary = summary(
         opts,
         ctx,
         &shard_items,
@@ -672,7 +672,54 @@ pub fn run_with(
         load_secs,
         run_secs,
         mode,
-    ))
+    );
+    write_filter_report(out, opts, common, &records, &summary)?;
+    Ok(summary)
+}
+
+/// `report.html`: every prompt's samples with their scores, the kept ones
+/// marked; rebuilt from the manifest, so a resumed run shows everything.
+fn write_filter_report(
+    out: &Path,
+    opts: &FilterOptions,
+    common: &CommonOptions,
+    records: &[PromptRecord],
+    summary: &JobSummary,
+) -> Result<()> {
+    use crate::report::{write_report, Report, ReportImage, ReportRow};
+    let nan = f64::NAN;
+    let rows = records
+        .iter()
+        .map(|r| ReportRow {
+            prompt: r.prompt.clone(),
+            id: r.id.clone(),
+            images: r
+                .images
+                .iter()
+                .map(|im| {
+                    let s = &im.scores;
+                    ReportImage::new(im.file.clone(), format!("seed {}", im.seed))
+                        .with_scores(Scores {
+                            plausibility: s.plausibility.unwrap_or(nan),
+                            alignment: s.alignment.unwrap_or(nan),
+                            aesthetics: s.aesthetics.unwrap_or(nan),
+                            overall: s.overall.unwrap_or(nan),
+                        })
+                        .marked(im.kept)
+                })
+                .collect(),
+            note: r.kept.is_empty().then(|| format!("nothing reached {} {}", opts.score, opts.threshold)),
+        })
+        .collect();
+    let report = Report {
+        title: format!("filter — {}", out.display()),
+        job: "filter".into(),
+        settings: serde_json::json!({ "filter": opts, "models": common.models, "sampling": common.sampling }),
+        summary: summary.lines.clone(),
+        rows,
+    };
+    write_report(out, &report)?;
+    Ok(())
 }
 
 /// The manifest's records, typed.
