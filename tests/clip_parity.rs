@@ -2,6 +2,8 @@
 //! the tiny random pipelines of `tests/fixtures/diffusion/` (made by its
 //! `make_fixtures.py`) and the extra tokenizer / clip_skip cases of
 //! `tests/fixtures/tokenizer/` (made by its `make_fixtures.py`).
+mod common;
+use common::max_abs_diff;
 use orchestrate::diffusion::clip::{ClipTextConfig, ClipTextModel};
 use orchestrate::diffusion::tokenizer::ClipTokenizer;
 use orchestrate::weights::{read_safetensors, Weights};
@@ -36,14 +38,6 @@ fn strings(v: &serde_json::Value) -> Vec<String> {
         .iter()
         .map(|s| s.as_str().unwrap().to_string())
         .collect()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
 }
 
 fn load_clip(name: &str) -> ClipTextModel {

@@ -2,8 +2,10 @@
 //! NaN, all-above), and the job end to end on the tiny generator and tiny RAHF:
 //! an imagefolder whose metadata agrees with the manifest and the rule, the same
 //! bytes whatever the batch size or stage arrangement, and bad options refused.
+mod common;
+use common::{assert_same_tree, tree};
 use orchestrate::jobs::filter::{histogram, select, KeepMode, PromptRecord, ScoreKind};
-use std::collections::BTreeMap;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -278,52 +280,6 @@ fn ok(o: &Output) -> serde_json::Value {
         String::from_utf8_lossy(&o.stderr)
     );
     serde_json::from_slice(&o.stdout).expect("--json prints one JSON summary")
-}
-
-/// Every file under `dir`, by relative path.
-fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else if p.file_name().is_some_and(|n| n == "report.html") {
-                // The report shows each run's own timings and folder; the
-                // data it shows is compared through the files themselves.
-            } else {
-                out.insert(
-                    p.strip_prefix(root).unwrap().to_string_lossy().into_owned(),
-                    std::fs::read(&p).unwrap(),
-                );
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
-
-/// Byte-identical output folders; names the files that differ.
-fn assert_same_tree(a: &Path, b: &Path) {
-    let (ta, tb) = (tree(a), tree(b));
-    assert_eq!(
-        ta.keys().collect::<Vec<_>>(),
-        tb.keys().collect::<Vec<_>>(),
-        "{} and {} hold other files",
-        a.display(),
-        b.display()
-    );
-    let differ: Vec<&String> = ta
-        .iter()
-        .filter(|(k, v)| tb[*k] != **v)
-        .map(|(k, _)| k)
-        .collect();
-    assert!(
-        differ.is_empty(),
-        "{} and {} differ in {differ:?}",
-        a.display(),
-        b.display()
-    );
 }
 
 /// Same files, prompts, kept sets; pixels within 2 levels, scores within 2e-3.

@@ -1,6 +1,8 @@
 //! RAHF-score classifier guidance (`orchestrate::guidance`) on the tiny fixture
 //! generator (`tests/fixtures/diffusion/sd-tiny`, 32x32 images) and the tiny
 //! multi-head RAHF model (`tests/fixtures/rahf`).
+mod common;
+use common::max_abs_diff;
 use orchestrate::diffusion::pipeline::{
     to_rgb_bytes, ImageRequest, SamplingSettings, StableDiffusion,
 };
@@ -97,10 +99,6 @@ fn mean(scores: &[[f64; 4]], kind: ScoreKind) -> f64 {
     scores.iter().map(|s| s[kind.index()]).sum::<f64>() / scores.len() as f64
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
-}
-
 fn guided(
     pipe: &StableDiffusion,
     scorer: &FeedbackModel,
@@ -139,7 +137,7 @@ fn strength_zero_is_plain_sampling() {
             let (img, seen) = guided(&pipe, &scorer, &reqs, &s, &g);
             assert!(seen.is_empty(), "strength 0 computes no gradient");
             assert_eq!(
-                max_abs(&img, &plain),
+                max_abs_diff(&img, &plain),
                 0.0,
                 "{sched} cfg {cfg}: strength 0 differs from sample"
             );
@@ -284,7 +282,7 @@ fn every_and_recurrence() {
         vec![0, 2, 4]
     );
     assert!(
-        max_abs(&every1, &every2) > 1e-3,
+        max_abs_diff(&every1, &every2) > 1e-3,
         "every 2 gave the every-1 images"
     );
 
@@ -297,13 +295,13 @@ fn every_and_recurrence() {
     let want: Vec<(usize, usize)> = (0..5).flat_map(|i| [(i, 0), (i, 1)]).collect();
     assert_eq!(passes, want);
     assert!(
-        max_abs(&rec, &every1) > 1e-3,
+        max_abs_diff(&rec, &every1) > 1e-3,
         "recurrence 2 gave the recurrence-1 images"
     );
     let (again, _) = guided(&pipe, &scorer, &reqs, &s, &r2);
-    assert_eq!(max_abs(&rec, &again), 0.0, "recurrence is not reproducible");
+    assert_eq!(max_abs_diff(&rec, &again), 0.0, "recurrence is not reproducible");
     let (alone, _) = guided(&pipe, &scorer, &reqs[1..], &s, &r2);
-    let d = max_abs(&rec.narrow(0, 1, 1), &alone);
+    let d = max_abs_diff(&rec.narrow(0, 1, 1), &alone);
     assert!(d < 1e-4, "image 1 depends on its batch: {d}");
 
     // Recurrence is part of the sampler, not of the gradient: at strength 0 it
@@ -316,7 +314,7 @@ fn every_and_recurrence() {
     };
     let (img, _) = guided(&pipe, &scorer, &reqs, &s, &r2_off);
     assert!(
-        max_abs(&img, &plain) > 1e-3,
+        max_abs_diff(&img, &plain) > 1e-3,
         "recurrence at strength 0 changed nothing"
     );
 }

@@ -3,6 +3,8 @@
 //! with Euler ancestral) and latent blending with a plain UNet (`sd-tiny`,
 //! DDIM at strength 1 and Euler at 0.6). Fixtures: tests/fixtures/diffusion
 //! (`make_fixtures.py`, see its README).
+mod common;
+use common::max_abs_diff;
 use image::{GrayImage, RgbImage};
 use orchestrate::diffusion::inpaint::{to_rgb_images, InpaintMode, InpaintSource};
 use orchestrate::diffusion::pipeline::{
@@ -78,17 +80,10 @@ fn load_model(folder: &str) -> StableDiffusion {
     .unwrap()
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
-}
-
 /// Max difference relative to the reference's largest magnitude (random tiny
 /// UNets do not denoise, so latents grow large under CFG 7.5).
 fn rel_diff(got: &Tensor, want: &Tensor) -> f64 {
-    max_abs(got, want) / want.abs().max().double_value(&[]).max(1.0)
+    max_abs_diff(got, want) / want.abs().max().double_value(&[]).max(1.0)
 }
 
 fn settings(run: &serde_json::Value, scheduler: &str) -> SamplingSettings {
@@ -170,19 +165,19 @@ fn check_run(
         "{run_key}: latent mask differs"
     );
     if let Some(mil) = &out.masked_image_latents {
-        let d = max_abs(mil, fx.get(&key_shared("masked_image_latents")));
+        let d = max_abs_diff(mil, fx.get(&key_shared("masked_image_latents")));
         eprintln!("{run_key}: masked_image_latents {d:.2e}");
         assert!(d < 1e-5, "{run_key}: masked image latents differ by {d}");
     }
     if let Some(il) = &out.image_latents {
-        let d = max_abs(il, fx.get(&key("image_latents")));
+        let d = max_abs_diff(il, fx.get(&key("image_latents")));
         eprintln!("{run_key}: image_latents {d:.2e}");
         assert!(d < 1e-5, "{run_key}: image latents differ by {d}");
     }
     let step1_rel = rel_diff(step1.as_ref().unwrap(), fx.get(&key("latents_step1")));
     let final_rel = rel_diff(&out.latents, fx.get(&key("latents_final")));
     let images = to_rgb_bytes(&pipe.decode_latents(&out.latents));
-    let image = max_abs(&images, fx.get(&key("image")));
+    let image = max_abs_diff(&images, fx.get(&key("image")));
     eprintln!("{run_key}: step-1 latents rel {step1_rel:.2e}, final latents rel {final_rel:.2e}, image {image}/255");
     assert!(
         step1_rel < 1e-5,

@@ -1,6 +1,8 @@
 //! The whole sampler against diffusers' StableDiffusionPipeline: same seeds,
 //! same images (within 2/255), for every scheduler and for a pipeline whose
 //! layout the code was not written against (`sd-tiny-unseen`).
+mod common;
+use common::max_abs_diff;
 use orchestrate::diffusion::pipeline::{to_rgb_bytes, ImageRequest, SamplingSettings, StableDiffusion};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,10 +26,6 @@ fn load_fixture(name: &str) -> Fixture {
         .into_iter()
         .collect();
     Fixture { runs: json["runs"].clone(), tensors }
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
 }
 
 fn scheduler_name(run: &str) -> &'static str {
@@ -87,11 +85,11 @@ fn check_pipeline(name: &str) {
             })
             .unwrap();
         let want_step1 = &fx.tensors[&format!("latents_step1.{run_name}")];
-        let d_step1 = max_abs(step1.as_ref().unwrap(), want_step1);
-        let d_final = max_abs(&latents, &fx.tensors[&format!("latents_final.{run_name}")]);
+        let d_step1 = max_abs_diff(step1.as_ref().unwrap(), want_step1);
+        let d_final = max_abs_diff(&latents, &fx.tensors[&format!("latents_final.{run_name}")]);
         let images = to_rgb_bytes(&pipe.decode_latents(&latents));
         let want = &fx.tensors[&format!("image.{run_name}")];
-        let d_image = max_abs(&images, want);
+        let d_image = max_abs_diff(&images, want);
         // Euler-type latents start at sigma_max (~14.6), and random tiny UNets
         // do not denoise, so latents are large: compare relative to their size.
         let scale = want_step1.abs().max().double_value(&[]).max(1.0);

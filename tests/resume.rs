@@ -2,7 +2,9 @@
 //! SIGKILLed mid-way and rerun ends with exactly the outputs of an uninterrupted
 //! run (no prompt lost or doubled, same bytes, no `.partial` file left), and
 //! shards `0/3, 1/3, 2/3` cover every prompt once and merge into the same dataset.
-use std::collections::{BTreeMap, BTreeSet};
+mod common;
+use common::{assert_same_tree, tree};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -101,50 +103,6 @@ fn ok(o: Output) -> serde_json::Value {
         String::from_utf8_lossy(&o.stderr)
     );
     serde_json::from_slice(&o.stdout).unwrap()
-}
-
-fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else if p.file_name().is_some_and(|n| n == "report.html") {
-                // The report shows each run's own timings and folder; the
-                // data it shows is compared through the files themselves.
-            } else {
-                out.insert(
-                    p.strip_prefix(root).unwrap().to_string_lossy().into_owned(),
-                    std::fs::read(&p).unwrap(),
-                );
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
-
-fn assert_same_tree(a: &Path, b: &Path) {
-    let (ta, tb) = (tree(a), tree(b));
-    assert_eq!(
-        ta.keys().collect::<Vec<_>>(),
-        tb.keys().collect::<Vec<_>>(),
-        "{} and {} hold other files",
-        a.display(),
-        b.display()
-    );
-    let differ: Vec<&String> = ta
-        .iter()
-        .filter(|(k, v)| tb[*k] != **v)
-        .map(|(k, _)| k)
-        .collect();
-    assert!(
-        differ.is_empty(),
-        "{} and {} differ in {differ:?}",
-        a.display(),
-        b.display()
-    );
 }
 
 fn manifest_ids(dir: &Path) -> Vec<String> {

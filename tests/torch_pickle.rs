@@ -1,6 +1,8 @@
 //! The native torch.save reader against files written by torch 2.11
 //! (tests/fixtures/torch_pickle/make_fixtures.py), compared bit for bit with
 //! safetensors copies of the same tensors.
+mod common;
+use common::max_abs_diff;
 use orchestrate::rahf::torch_pickle::load_state_dict;
 use orchestrate::weights::read_safetensors;
 use orchestrate::Error;
@@ -36,16 +38,6 @@ fn bits(t: &Tensor) -> Tensor {
         Kind::Double => t.view_dtype(Kind::Int64),
         _ => t.shallow_clone(),
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    if a.numel() == 0 {
-        return 0.0;
-    }
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
 }
 
 /// Loads `pt` and checks every tensor against `expected_name`: same keys in

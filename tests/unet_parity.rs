@@ -1,6 +1,8 @@
 //! UNet2DConditionModel against Python diffusers 0.42.1 on the tiny random
 //! pipelines of tests/fixtures/diffusion (made by make_fixtures.py), and the
 //! errors a user gets for broken unet folders.
+mod common;
+use common::max_abs_diff;
 use orchestrate::diffusion::unet::{UNet2DConditionModel, UNetConfig};
 use orchestrate::weights::{read_safetensors, write_safetensors, Weights};
 use std::collections::HashMap;
@@ -25,11 +27,6 @@ fn load(unet_dir: &Path, device: Device, kind: Kind) -> orchestrate::Result<UNet
     let unused = vb.weights().unused();
     assert!(unused.is_empty(), "{}: tensors the model never asked for: {unused:?}", unet_dir.display());
     Ok(model)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a.to_kind(Kind::Float).to_device(Device::Cpu) - b.to_kind(Kind::Float)).abs().max().double_value(&[])
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! AutoencoderKL against diffusers on the tiny random VAEs of
 //! `tests/fixtures/diffusion/` (made by its `make_fixtures.py`), plus the
 //! errors a user sees for missing tensors and damaged files.
+mod common;
+use common::max_abs_diff;
 use orchestrate::diffusion::vae::{AutoencoderKL, VaeConfig};
 use orchestrate::weights::{read_safetensors, write_safetensors, Weights};
 use std::collections::HashMap;
@@ -20,14 +22,6 @@ fn outputs(name: &str) -> HashMap<String, Tensor> {
         .unwrap()
         .into_iter()
         .collect()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
 }
 
 fn weights_file(name: &str) -> PathBuf {
