@@ -117,7 +117,10 @@ impl Euler {
     }
 }
 
-impl Scheduler for Euler {
+/// The `Scheduler` methods Euler and Euler ancestral share: both walk the same
+/// sigma schedule and differ only in `step`.
+macro_rules! sigma_schedule_methods {
+    () => {
     fn timesteps(&self) -> &[f64] {
         &self.schedule.timesteps
     }
@@ -128,19 +131,6 @@ impl Scheduler for Euler {
 
     fn scale_model_input(&self, sample: &Tensor, step: usize) -> Tensor {
         self.schedule.scale(sample, step)
-    }
-
-    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _noise: Option<&Tensor>) -> Tensor {
-        let sample = sample.to_kind(Kind::Float);
-        let sigma = self.schedule.sigmas[step];
-        let x0 = self.schedule.pred_x0(self.prediction, model_output, step, &sample);
-        let derivative = (&sample - x0) / scalar(sigma);
-        let dt = self.schedule.sigmas[step + 1] - sigma;
-        (sample + derivative * scalar(dt)).to_kind(model_output.kind())
-    }
-
-    fn needs_noise(&self) -> bool {
-        false
     }
 
     fn pred_original_sample(&self, model_output: &Tensor, step: usize, sample: &Tensor) -> Tensor {
@@ -155,6 +145,25 @@ impl Scheduler for Euler {
     fn sigmas(&self) -> Option<&[f32]> {
         Some(&self.schedule.sigmas)
     }
+    };
+}
+
+impl Scheduler for Euler {
+    sigma_schedule_methods!();
+
+    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _noise: Option<&Tensor>) -> Tensor {
+        let sample = sample.to_kind(Kind::Float);
+        let sigma = self.schedule.sigmas[step];
+        let x0 = self.schedule.pred_x0(self.prediction, model_output, step, &sample);
+        let derivative = (&sample - x0) / scalar(sigma);
+        let dt = self.schedule.sigmas[step + 1] - sigma;
+        (sample + derivative * scalar(dt)).to_kind(model_output.kind())
+    }
+
+    fn needs_noise(&self) -> bool {
+        false
+    }
+
 
     fn kind(&self) -> SchedulerKind {
         SchedulerKind::Euler
@@ -177,17 +186,7 @@ impl EulerAncestral {
 }
 
 impl Scheduler for EulerAncestral {
-    fn timesteps(&self) -> &[f64] {
-        &self.schedule.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.schedule.init_noise_sigma as f64
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Tensor {
-        self.schedule.scale(sample, step)
-    }
+    sigma_schedule_methods!();
 
     /// `noise` must be given (see the module docs of `schedulers` for how the
     /// pipeline draws it); a missing one is a programming error.
@@ -210,18 +209,6 @@ impl Scheduler for EulerAncestral {
         true
     }
 
-    fn pred_original_sample(&self, model_output: &Tensor, step: usize, sample: &Tensor) -> Tensor {
-        self.schedule
-            .pred_x0(self.prediction, model_output, step, &sample.to_kind(Kind::Float))
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Tensor {
-        self.schedule.add_noise(original, noise, step)
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.schedule.sigmas)
-    }
 
     fn kind(&self) -> SchedulerKind {
         SchedulerKind::EulerAncestral
