@@ -209,7 +209,7 @@ pub fn read_inputs(input: &Path) -> Result<Vec<InpaintItem>> {
                 )))
             }
         };
-        if !is_safe_id(&id) {
+        if !crate::jobs::prompts::is_safe_id(&id) {
             return Err(Error::Invalid(format!(
                 "{at}: id `{id}` must be letters, digits, '-', '_' or '.' (it names an output folder)"
             )));
@@ -233,14 +233,6 @@ pub fn read_inputs(input: &Path) -> Result<Vec<InpaintItem>> {
         )));
     }
     Ok(items)
-}
-
-fn is_safe_id(id: &str) -> bool {
-    !id.is_empty()
-        && !id.starts_with('.')
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
 /// Which image to keep: `None` for the original, `Some(k)` for candidate `k`.

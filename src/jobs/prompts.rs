@@ -70,7 +70,8 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptItem>> {
     Ok(items)
 }
 
-fn is_safe_id(id: &str) -> bool {
+/// Ids name output files: letters, digits, '-', '_', '.', not starting with '.'.
+pub fn is_safe_id(id: &str) -> bool {
     !id.is_empty()
         && !id.starts_with('.')
         && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
