@@ -27,6 +27,17 @@ pub struct ModelOptions {
     pub rahf_dtype: String,
 }
 
+impl ModelOptions {
+    /// The device, the generator's dtype and RAHF's dtype. RAHF's `auto` is
+    /// fp32 everywhere: its scores are compared with thresholds and each other.
+    pub fn placement(&self) -> Result<(tch::Device, tch::Kind, tch::Kind)> {
+        let device = crate::device::parse_device(&self.device)?;
+        let kind = crate::device::parse_dtype(&self.dtype, device)?;
+        let rahf_dtype = if self.rahf_dtype == "auto" { "fp32" } else { &self.rahf_dtype };
+        Ok((device, kind, crate::device::parse_dtype(rahf_dtype, device)?))
+    }
+}
+
 fn default_auto() -> String {
     "auto".into()
 }

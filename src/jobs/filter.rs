@@ -608,9 +608,7 @@ pub fn run_with(
     let mut run_secs = 0.0;
     if !todo.is_empty() {
         let load_started = Instant::now();
-        let device = crate::device::parse_device(&common.models.device)?;
-        let kind = crate::device::parse_dtype(&common.models.dtype, device)?;
-        let rahf_kind = crate::device::parse_dtype(&common.models.rahf_dtype, device)?;
+        let (device, kind, rahf_kind) = common.models.placement()?;
         // Both modes use the same thread count, as it can change rounding.
         crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
         let pipe = StableDiffusion::load(&common.models.generator, device, kind)?;

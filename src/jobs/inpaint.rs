@@ -405,14 +405,7 @@ pub fn run(opts: &InpaintOptions, common: &CommonOptions, ctx: &RunContext) -> R
     let mut mode_name = None;
     let new = pending.len();
     if !pending.is_empty() {
-        let device = crate::device::parse_device(&common.models.device)?;
-        let kind = crate::device::parse_dtype(&common.models.dtype, device)?;
-        let rahf_dtype = if common.models.rahf_dtype == "auto" {
-            "fp32"
-        } else {
-            &common.models.rahf_dtype
-        };
-        let rahf_kind = crate::device::parse_dtype(rahf_dtype, device)?;
+        let (device, kind, rahf_kind) = common.models.placement()?;
         crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
         let rahf = FeedbackModel::load(&common.models.rahf, device, rahf_kind)?;
         let pipe = StableDiffusion::load(&generator, device, kind)?;
