@@ -53,6 +53,16 @@ pub enum Error {
     /// the field when there is one.
     #[error("{path}:{line}:{column}: {message}")]
     Recipe { path: PathBuf, line: u64, column: u64, field: String, message: String },
+    /// A data set problem: the file, and the 0-based record in it when there is one.
+    #[error("{}: {reason}", data_location(path, *record))]
+    Data { path: PathBuf, record: Option<u64>, reason: String },
+}
+
+fn data_location(path: &std::path::Path, record: Option<u64>) -> String {
+    match record {
+        Some(r) => format!("{} record {r}", path.display()),
+        None => path.display().to_string(),
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -63,6 +73,9 @@ impl Error {
     }
     pub fn unsupported(file: impl Into<String>, field: &str, value: impl std::fmt::Display) -> Self {
         Error::Unsupported { file: file.into(), field: field.to_string(), value: value.to_string() }
+    }
+    pub fn data(path: impl Into<PathBuf>, record: Option<u64>, reason: impl Into<String>) -> Self {
+        Error::Data { path: path.into(), record, reason: reason.into() }
     }
     pub fn torch(context: impl Into<String>, source: tch::TchError) -> Self {
         Error::Torch { context: context.into(), source }

@@ -13,6 +13,8 @@ pub mod nn;
 pub mod rahf;
 pub mod recipe;
 pub mod report;
+pub mod richhf;
+pub mod rng;
 pub mod score;
 pub mod weights;
 

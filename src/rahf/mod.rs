@@ -1,6 +1,8 @@
 //! RAHF, the rich-feedback model: ViT + T5 with score, heatmap and keyword heads,
 //! in the layout of the public PyTorch reimplementation's checkpoint.
+pub mod augment;
 pub mod config;
+pub mod eval;
 pub mod feedback;
 pub mod heads;
 pub mod import;
