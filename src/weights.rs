@@ -109,6 +109,15 @@ impl Weights {
         self.tensors.keys()
     }
 
+    /// Every tensor by name, sorted (shallow copies: they share storage and
+    /// autograd state with what the model holds, so a trainer can mark them
+    /// `requires_grad` and update them in place).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     /// Tensors in the file that no model block asked for.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.lock().unwrap();

@@ -61,6 +61,31 @@ impl Feedback {
     }
 }
 
+/// Groups item indices by the lengths of their token sequences: items of one
+/// group can share a batch without padding.
+pub fn group_by_lengths(tokens: &[PromptTokens]) -> Vec<Vec<usize>> {
+    let mut map: BTreeMap<Vec<usize>, Vec<usize>> = BTreeMap::new();
+    for (i, t) in tokens.iter().enumerate() {
+        map.entry(t.shape_key()).or_default().push(i);
+    }
+    map.into_values().collect()
+}
+
+/// The token ids of items `idx` (one group of [`group_by_lengths`]) as tensors on `device`.
+pub fn prompt_batch(tokens: &[PromptTokens], idx: &[usize], device: Device) -> PromptBatch {
+    let stack = |rows: Vec<&Vec<i64>>| {
+        let l = rows[0].len() as i64;
+        let flat: Vec<i64> = rows.into_iter().flatten().copied().collect();
+        Tensor::from_slice(&flat).view([idx.len() as i64, l]).to_device(device)
+    };
+    let plain = stack(idx.iter().map(|&i| &tokens[i].plain).collect());
+    let n_tasks = tokens[idx[0]].tasks.len();
+    let tasks = (0..n_tasks)
+        .map(|t| stack(idx.iter().map(|&i| &tokens[i].tasks[t]).collect()))
+        .collect();
+    PromptBatch { plain, tasks }
+}
+
 /// A loaded RAHF folder: network, tokenizer, preprocessing.
 pub struct FeedbackModel {
     pub model: Rahf,
@@ -105,31 +130,6 @@ impl FeedbackModel {
             .collect()
     }
 
-    /// Groups item indices by the lengths of their token sequences.
-    fn buckets(tokens: &[PromptTokens]) -> Vec<Vec<usize>> {
-        let mut map: BTreeMap<Vec<usize>, Vec<usize>> = BTreeMap::new();
-        for (i, t) in tokens.iter().enumerate() {
-            map.entry(t.shape_key()).or_default().push(i);
-        }
-        map.into_values().collect()
-    }
-
-    fn batch(&self, tokens: &[PromptTokens], idx: &[usize]) -> PromptBatch {
-        let stack = |rows: Vec<&Vec<i64>>| {
-            let l = rows[0].len() as i64;
-            let flat: Vec<i64> = rows.into_iter().flatten().copied().collect();
-            Tensor::from_slice(&flat)
-                .view([idx.len() as i64, l])
-                .to_device(self.device)
-        };
-        let plain = stack(idx.iter().map(|&i| &tokens[i].plain).collect());
-        let n_tasks = tokens[idx[0]].tasks.len();
-        let tasks = (0..n_tasks)
-            .map(|t| stack(idx.iter().map(|&i| &tokens[i].tasks[t]).collect()))
-            .collect();
-        PromptBatch { plain, tasks }
-    }
-
     fn check_lengths(n_images: usize, prompts: &[String]) -> Result<()> {
         if n_images != prompts.len() {
             return Err(Error::Invalid(format!(
@@ -172,12 +172,12 @@ impl FeedbackModel {
         let _guard = tch::no_grad_guard();
         let tokens = self.tokenize(prompts)?;
         let mut out: Vec<Option<Feedback>> = (0..prompts.len()).map(|_| None).collect();
-        for idx in Self::buckets(&tokens) {
+        for idx in group_by_lengths(&tokens) {
             let px = Tensor::cat(
                 &idx.iter().map(|&i| pixel_values[i].shallow_clone()).collect::<Vec<_>>(),
                 0,
             );
-            let res = self.model.forward(&px, &self.batch(&tokens, &idx))?;
+            let res = self.model.forward(&px, &prompt_batch(&tokens, &idx, self.device))?;
             let seqs = self.model.keyword_ids(&res);
             let scores = res.scores.to_kind(Kind::Double).to_device(Device::Cpu);
             let heatmaps = res.heatmaps.to_kind(Kind::Float).to_device(Device::Cpu);
@@ -214,11 +214,11 @@ impl FeedbackModel {
         let px = normalize_pixels(pixels, &self.model.config);
         let mut parts = Vec::new();
         let mut order = Vec::new();
-        for idx in Self::buckets(tokens) {
+        for idx in group_by_lengths(tokens) {
             let sel = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(px.device());
             parts.push(
                 self.model
-                    .scores(&px.index_select(0, &sel), &self.batch(tokens, &idx))?,
+                    .scores(&px.index_select(0, &sel), &prompt_batch(tokens, &idx, self.device))?,
             );
             order.extend(idx);
         }

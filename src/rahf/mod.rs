@@ -14,6 +14,7 @@ pub mod score_kind;
 pub mod t5;
 pub mod tokenizer;
 pub mod torch_pickle;
+pub mod train;
 pub mod vit;
 
 pub use config::{RahfConfig, Variant};

@@ -132,8 +132,14 @@ impl Rahf {
 
     /// Scores, heatmaps and the encoder output for normalised `pixel_values` B x 3 x S x S.
     pub fn forward(&self, pixel_values: &Tensor, prompts: &PromptBatch) -> Result<RahfOutput> {
+        self.forward_visual(&self.visual_tokens(pixel_values), prompts)
+    }
+
+    /// As [`Self::forward`], from [`Self::visual_tokens`] already computed (training runs
+    /// the ViT once per batch, then the T5 per group of equal prompt lengths).
+    pub fn forward_visual(&self, visual: &Tensor, prompts: &PromptBatch) -> Result<RahfOutput> {
         self.check(prompts)?;
-        let visual = self.visual_tokens(pixel_values);
+        let visual = visual.shallow_clone();
         let n_visual = visual.size()[1];
         let encoder_hidden = self.encode(&visual, &prompts.plain);
         let (scores, heatmaps) = match &self.heads {

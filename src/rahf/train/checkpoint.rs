@@ -1,0 +1,114 @@
+//! Run-folder checkpoints: `checkpoints/step-NNNNNNNN/` is a complete RAHF
+//! folder (config.json, model.safetensors, tokenizer.json: the jobs load it as is)
+//! plus `optimizer.safetensors` and `trainer_state.json`. `latest.json` names the
+//! newest complete checkpoint and is replaced only once that one is fully written,
+//! so a run killed mid-save resumes from the previous one.
+use crate::error::{read_json, Error, Result};
+use crate::heatmap_io::write_atomic;
+use crate::rahf::config::RahfConfig;
+use crate::rahf::import::write_rahf_folder;
+use crate::weights::{read_safetensors, write_safetensors};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimisation steps done.
+    pub step: u64,
+    /// The step's learning rate and losses, for the log's continuity.
+    pub last_loss: Option<f64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Latest {
+    step: u64,
+    /// Relative to the run folder.
+    path: PathBuf,
+}
+
+pub fn checkpoints_dir(run: &Path) -> PathBuf {
+    run.join("checkpoints")
+}
+
+pub fn step_dir(run: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run).join(format!("step-{step:08}"))
+}
+
+/// Writes the checkpoint of `step`, points `latest.json` at it, and removes all
+/// but the newest `keep` checkpoints (`keep` 0 keeps all).
+pub fn save(
+    run: &Path,
+    cfg: &RahfConfig,
+    tokenizer_json: &Path,
+    model: &[(String, Tensor)],
+    optimizer: &[(String, Tensor)],
+    state: &TrainerState,
+    keep: usize,
+) -> Result<PathBuf> {
+    let dir = step_dir(run, state.step);
+    if dir.exists() {
+        // A save of this step that was interrupted (latest.json never named it).
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    let detached: Vec<(String, Tensor)> = model.iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+    write_rahf_folder(&dir, cfg, &detached, tokenizer_json)?;
+    write_safetensors(&dir.join("optimizer.safetensors"), optimizer)?;
+    let json = serde_json::to_vec_pretty(state).expect("state serialises");
+    write_atomic(&dir.join("trainer_state.json"), &json)?;
+    let rel = dir.strip_prefix(run).unwrap_or(&dir).to_path_buf();
+    let latest = serde_json::to_vec_pretty(&Latest { step: state.step, path: rel }).expect("serialises");
+    write_atomic(&run.join("latest.json"), &latest)?;
+    prune(run, keep)?;
+    Ok(dir)
+}
+
+fn prune(run: &Path, keep: usize) -> Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let dir = checkpoints_dir(run);
+    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+        .map_err(|e| Error::io(&dir, e))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.strip_prefix("step-").and_then(|s| s.parse().ok()).map(|s| (s, e.path()))
+        })
+        .collect();
+    steps.sort();
+    let n = steps.len();
+    for (_, path) in steps.into_iter().take(n.saturating_sub(keep)) {
+        std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint of a run, if any.
+pub fn latest(run: &Path) -> Result<Option<(u64, PathBuf)>> {
+    let path = run.join("latest.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let l: Latest = read_json(&path)?;
+    let dir = run.join(&l.path);
+    if !dir.join("trainer_state.json").exists() {
+        return Err(Error::Missing { path: dir, what: format!("checkpoint of step {} named by {}", l.step, path.display()) });
+    }
+    Ok(Some((l.step, dir)))
+}
+
+pub struct Loaded {
+    pub model: HashMap<String, Tensor>,
+    pub optimizer: HashMap<String, Tensor>,
+    pub state: TrainerState,
+}
+
+pub fn load(dir: &Path) -> Result<Loaded> {
+    Ok(Loaded {
+        model: read_safetensors(&dir.join("model.safetensors"))?.into_iter().collect(),
+        optimizer: read_safetensors(&dir.join("optimizer.safetensors"))?.into_iter().collect(),
+        state: read_json(&dir.join("trainer_state.json"))?,
+    })
+}

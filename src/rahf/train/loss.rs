@@ -1,0 +1,129 @@
+//! The training objective of §4.1.3: pixel-wise MSE on the heatmaps, MSE on the
+//! scores, teacher-forced cross-entropy on the keyword sequence, weighted.
+use crate::error::Result;
+use crate::rahf::feedback::{group_by_lengths, prompt_batch};
+use crate::rahf::model::Rahf;
+use crate::rahf::train::batch::TrainBatch;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Reduction, Tensor};
+
+/// The paper weighs the three losses without giving the weights; 1 each by default.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LossWeights {
+    pub heatmap: f64,
+    pub score: f64,
+    pub keyword: f64,
+}
+
+impl Default for LossWeights {
+    fn default() -> Self {
+        LossWeights { heatmap: 1.0, score: 1.0, keyword: 1.0 }
+    }
+}
+
+/// Loss of part of a batch. `total` carries the graph; the components are sums
+/// over items of per-item means (divide by the item count to report them).
+pub struct LossParts {
+    pub total: Tensor,
+    pub heatmap_sum: f64,
+    pub score_sum: f64,
+    pub keyword_sum: f64,
+    /// Items that had a keyword target.
+    pub keyword_items: usize,
+    /// The predicted scores per item, in batch order (for validation metrics).
+    pub predicted_scores: Vec<[f32; 4]>,
+}
+
+const IGNORE: i64 = -100;
+
+/// Teacher forcing: decoder input `[start] + target[..-1]`, labels `target`; rows
+/// padded to the longest with `pad` (input) and `IGNORE` (labels). The decoder is
+/// causal, so right padding leaves the real positions' logits unchanged.
+fn decoder_tensors(targets: &[&Vec<i64>], start: i64, pad: i64, device: tch::Device) -> (Tensor, Tensor) {
+    let t = targets.iter().map(|v| v.len()).max().unwrap_or(1).max(1);
+    let mut input = Vec::with_capacity(targets.len() * t);
+    let mut labels = Vec::with_capacity(targets.len() * t);
+    for target in targets {
+        for j in 0..t {
+            input.push(if j == 0 { start } else { target.get(j - 1).copied().unwrap_or(pad) });
+            labels.push(target.get(j).copied().unwrap_or(IGNORE));
+        }
+    }
+    let shape = [targets.len() as i64, t as i64];
+    (
+        Tensor::from_slice(&input).view(shape).to_device(device),
+        Tensor::from_slice(&labels).view(shape).to_device(device),
+    )
+}
+
+/// Loss of `batch`, each item weighted `1 / denominator` (the number of items of
+/// the whole optimisation step, so gradient accumulation sums to the step's mean).
+pub fn batch_loss(model: &Rahf, batch: &TrainBatch, weights: &LossWeights, denominator: f64) -> Result<LossParts> {
+    let device = batch.pixels.device();
+    let kind = model.visual_token_projection.weight.kind();
+    let visual = model.visual_tokens(&batch.pixels.to_kind(kind));
+    let mut total = Tensor::zeros([], (Kind::Float, device));
+    let (mut heatmap_sum, mut score_sum, mut keyword_sum, mut keyword_items) = (0.0, 0.0, 0.0, 0usize);
+    let t5 = &model.config.t5;
+    let mut predicted_scores = vec![[0f32; 4]; batch.len()];
+    for idx in group_by_lengths(&batch.tokens) {
+        let sel = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device);
+        let out = model.forward_visual(&visual.index_select(0, &sel), &prompt_batch(&batch.tokens, &idx, device))?;
+        let hm = (out.heatmaps.to_kind(Kind::Float) - batch.heatmaps.index_select(0, &sel))
+            .square()
+            .mean_dim([1, 2, 3].as_slice(), false, Kind::Float)
+            .sum(Kind::Float);
+        let sc = (out.scores.to_kind(Kind::Float) - batch.scores.index_select(0, &sel))
+            .square()
+            .mean_dim([1].as_slice(), false, Kind::Float)
+            .sum(Kind::Float);
+        let pred = Vec::<f32>::try_from(out.scores.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).view([-1]))
+            .map_err(|e| crate::error::Error::torch("RAHF scores", e))?;
+        for (r, &i) in idx.iter().enumerate() {
+            predicted_scores[i].copy_from_slice(&pred[4 * r..4 * r + 4]);
+        }
+        let mut part = hm.shallow_clone() * weights.heatmap + sc.shallow_clone() * weights.score;
+        heatmap_sum += hm.double_value(&[]);
+        score_sum += sc.double_value(&[]);
+
+        let kw_rows: Vec<usize> = idx.iter().copied().filter(|&i| batch.keyword_valid[i]).collect();
+        if !kw_rows.is_empty() && weights.keyword != 0.0 {
+            let pos: Vec<i64> = idx
+                .iter()
+                .enumerate()
+                .filter(|(_, i)| batch.keyword_valid[**i])
+                .map(|(p, _)| p as i64)
+                .collect();
+            let hidden = out.prompt_hidden().index_select(0, &Tensor::from_slice(&pos).to_device(device));
+            let targets: Vec<&Vec<i64>> = kw_rows.iter().map(|&i| &batch.keyword_ids[i]).collect();
+            let (input, labels) = decoder_tensors(&targets, t5.decoder_start_id(), t5.pad_token_id, device);
+            let logits = model.t5.decoder_logits(&input, &hidden).to_kind(Kind::Float);
+            let v = logits.size()[2];
+            let per_token = logits
+                .view([-1, v])
+                .cross_entropy_loss::<Tensor>(&labels.view([-1]), None, Reduction::None, IGNORE, 0.0)
+                .view([kw_rows.len() as i64, -1]);
+            let counts = labels.ne(IGNORE).sum_dim_intlist([1].as_slice(), false, Kind::Float).clamp_min(1.0);
+            let kw = (per_token.sum_dim_intlist([1].as_slice(), false, Kind::Float) / counts).sum(Kind::Float);
+            keyword_sum += kw.double_value(&[]);
+            keyword_items += kw_rows.len();
+            part = part + kw * weights.keyword;
+        }
+        total = total + part / denominator;
+    }
+    Ok(LossParts { total, heatmap_sum, score_sum, keyword_sum, keyword_items, predicted_scores })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn teacher_forcing_shifts_and_pads() {
+        let a = vec![5, 6, 1];
+        let b = vec![7, 1];
+        let (input, labels) = decoder_tensors(&[&a, &b], 0, 0, tch::Device::Cpu);
+        assert_eq!(Vec::<i64>::try_from(input.view([-1])).unwrap(), vec![0, 5, 6, 0, 7, 0]);
+        assert_eq!(Vec::<i64>::try_from(labels.view([-1])).unwrap(), vec![5, 6, 1, 7, 1, IGNORE]);
+    }
+}

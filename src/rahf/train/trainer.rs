@@ -1,0 +1,534 @@
+//! The training loop: a loader thread prepares each step's augmented samples
+//! while the model trains on the previous one; every step is a function of
+//! (seed, step) alone, so `--resume` continues exactly where a checkpoint left off.
+//!
+//! Run folder:
+//! - `train.json`: the hyperparameters (a resume must match them) and data sources;
+//! - `init/config.json`, `tokenizer.json`: what every checkpoint is written with;
+//! - `checkpoints/step-NNNNNNNN/`, `latest.json` (see [`super::checkpoint`]);
+//! - `log.jsonl`: one line per step, one per validation; `curves.html`: their plot;
+//! - `final/`: the trained RAHF folder, which the jobs and `rahf eval` load.
+use crate::error::{Error, Result};
+use crate::rahf::augment::{augment, AugmentConfig};
+use crate::rahf::config::RahfConfig;
+use crate::rahf::model::Rahf;
+use crate::rahf::tokenizer::RahfTokenizer;
+use crate::rahf::train::batch::collate;
+use crate::rahf::train::checkpoint::{self, TrainerState};
+use crate::rahf::train::loss::{batch_loss, LossWeights};
+use crate::rahf::train::optim::{learning_rate, AdamW, AdamWConfig};
+use crate::rahf::train::plot::{write_loss_plot, Series};
+use crate::rahf::train::validate::{validate, Validation};
+use crate::richhf::dataset::SampleSource;
+use crate::richhf::sample::Sample;
+use crate::rng::Rng;
+use crate::weights::{Vb, Weights};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Everything that decides the numbers a run produces. A resumed run must use
+/// the same values (only `steps` may grow: the schedule does not depend on it).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Hyperparameters {
+    pub steps: u64,
+    /// Samples per optimisation step (Supp. §9: 256).
+    pub batch_size: usize,
+    /// Samples per forward/backward pass; gradients are accumulated over
+    /// `batch_size / micro_batch_size` passes.
+    pub micro_batch_size: usize,
+    /// Supp. §9: 0.015, warm-up 2000 steps, then reciprocal square root.
+    pub learning_rate: f64,
+    pub warmup_steps: u64,
+    pub adamw: AdamWConfig,
+    pub loss: LossWeights,
+    pub augment: AugmentConfig,
+    pub seed: u64,
+    /// `fp32`, or `bf16`: forward and backward in bfloat16 on bf16 copies of
+    /// fp32 master weights (what autocast does for matmuls), updates in fp32.
+    pub precision: String,
+}
+
+impl Hyperparameters {
+    /// The paper's schedule (Supp. §9).
+    pub fn paper() -> Self {
+        Hyperparameters {
+            steps: 20_000,
+            batch_size: 256,
+            micro_batch_size: 32,
+            learning_rate: 0.015,
+            warmup_steps: 2000,
+            adamw: AdamWConfig::default(),
+            loss: LossWeights::default(),
+            augment: AugmentConfig::default(),
+            seed: 0,
+            precision: "auto".into(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        if self.batch_size == 0 || self.micro_batch_size == 0 {
+            return bad("--batch-size and --micro-batch-size must be at least 1".into());
+        }
+        if self.micro_batch_size > self.batch_size {
+            return bad(format!(
+                "--micro-batch-size {} is larger than --batch-size {}",
+                self.micro_batch_size, self.batch_size
+            ));
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return bad(format!("--lr {}: must be a positive number", self.learning_rate));
+        }
+        if !matches!(self.precision.as_str(), "fp32" | "bf16") {
+            return bad(format!("precision `{}`: expected fp32 or bf16", self.precision));
+        }
+        self.augment.validate()
+    }
+
+    fn kind(&self) -> Kind {
+        if self.precision == "bf16" {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        }
+    }
+}
+
+pub struct TrainOptions {
+    /// A RAHF folder to start from (`rahf init` or `rahf import` makes one).
+    pub init: PathBuf,
+    pub out: PathBuf,
+    pub resume: bool,
+    pub hyper: Hyperparameters,
+    /// Validate on dev every N steps (0: only at the end).
+    pub eval_every: u64,
+    /// Checkpoint every N steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (0: all).
+    pub keep_checkpoints: usize,
+    pub device: Device,
+    /// Draw a progress bar (on a terminal).
+    pub progress: bool,
+    /// Data sources, recorded in `train.json`.
+    pub data_description: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrainSummary {
+    pub run: PathBuf,
+    pub final_model: PathBuf,
+    pub started_at_step: u64,
+    pub steps: u64,
+    pub samples_per_second: f64,
+    pub last_loss: Option<f64>,
+    pub last_validation: Option<Validation>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RunFile {
+    hyperparameters: Hyperparameters,
+    init: PathBuf,
+    data: String,
+}
+
+/// One step's losses, as logged.
+#[derive(Clone, Debug, Serialize)]
+struct StepLog {
+    step: u64,
+    lr: f64,
+    loss: f64,
+    heatmap: f64,
+    score: f64,
+    keyword: Option<f64>,
+    grad_norm: f64,
+    samples_per_second: f64,
+}
+
+/// Which sample fills position `p` of the endless stream of training samples:
+/// epoch `p / n`, in that epoch's own shuffled order.
+struct Order {
+    seed: u64,
+    n: usize,
+    cache: Option<(u64, Vec<usize>)>,
+}
+
+impl Order {
+    fn index(&mut self, p: u64) -> usize {
+        let epoch = p / self.n as u64;
+        if self.cache.as_ref().map(|c| c.0) != Some(epoch) {
+            let mut perm: Vec<usize> = (0..self.n).collect();
+            Rng::derive(self.seed, 0x0da7a, epoch).shuffle(&mut perm);
+            self.cache = Some((epoch, perm));
+        }
+        self.cache.as_ref().expect("just set").1[(p % self.n as u64) as usize]
+    }
+}
+
+/// The augmented samples of 0-based step `step`, loaded on `threads` threads.
+fn load_step(data: &dyn SampleSource, order: &mut Order, hyper: &Hyperparameters, step: u64, threads: usize) -> Result<Vec<Sample>> {
+    let b = hyper.batch_size as u64;
+    let positions: Vec<(u64, usize)> = (step * b..(step + 1) * b).map(|p| (p, order.index(p))).collect();
+    let load = |&(p, i): &(u64, usize)| -> Result<Sample> {
+        let mut s = data.get(i)?;
+        let mut rng = Rng::derive(hyper.seed, 0xa06, p);
+        let (image, heatmaps) = augment(&s.image, &s.heatmaps, &hyper.augment, &mut rng);
+        s.image = image;
+        s.heatmaps = heatmaps;
+        Ok(s)
+    };
+    let chunk = positions.len().div_ceil(threads.max(1));
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = positions
+            .chunks(chunk.max(1))
+            .map(|part| scope.spawn(move || part.iter().map(load).collect::<Result<Vec<_>>>()))
+            .collect();
+        let mut out = Vec::with_capacity(positions.len());
+        for h in handles {
+            out.extend(h.join().expect("sample loader thread panicked")?);
+        }
+        Ok(out)
+    })
+}
+
+/// The model whose forward pass a step runs: the fp32 master weights themselves,
+/// or (bf16) a fresh bf16 copy whose graph leads back to them.
+struct ModelSource {
+    root: Vb,
+    config: RahfConfig,
+    kind: Kind,
+    device: Device,
+    master: Option<Rahf>,
+}
+
+impl ModelSource {
+    fn model(&mut self) -> Result<Rahf> {
+        if self.kind == Kind::Float {
+            return Rahf::load(&self.root, &self.config);
+        }
+        let tensors: HashMap<String, Tensor> = self.root.weights().named_tensors().into_iter().collect();
+        let cast = Weights::from_tensors(self.root.weights().source(), tensors, self.device, self.kind);
+        Rahf::load(&cast.root(), &self.config)
+    }
+
+    /// The fp32 model, for validation.
+    fn master(&mut self) -> Result<&Rahf> {
+        if self.master.is_none() {
+            self.master = Some(Rahf::load(&self.root, &self.config)?);
+        }
+        Ok(self.master.as_ref().expect("just set"))
+    }
+}
+
+fn resolve_precision(spec: &str, device: Device) -> Result<String> {
+    match spec {
+        "auto" => Ok(if device.is_cuda() { "bf16" } else { "fp32" }.into()),
+        "fp32" | "bf16" => Ok(spec.into()),
+        s => Err(Error::Invalid(format!("--precision `{s}`: expected auto, fp32 or bf16"))),
+    }
+}
+
+fn check_run_folder(opts: &TrainOptions, hyper: &Hyperparameters) -> Result<Option<(u64, PathBuf)>> {
+    let run_file = opts.out.join("train.json");
+    if opts.resume {
+        let prev: RunFile = crate::error::read_json(&run_file)?;
+        let mut a = serde_json::to_value(&prev.hyperparameters).expect("serialises");
+        let mut b = serde_json::to_value(hyper).expect("serialises");
+        a["steps"] = 0.into();
+        b["steps"] = 0.into();
+        if a != b {
+            let diff: Vec<String> = a
+                .as_object()
+                .expect("object")
+                .iter()
+                .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+                .map(|(k, v)| format!("{k}: run has {v}, now {}", b[k.as_str()]))
+                .collect();
+            return Err(Error::Invalid(format!(
+                "--resume {}: hyperparameters differ from the run's ({}); a resumed run must use the same ones",
+                opts.out.display(),
+                diff.join("; ")
+            )));
+        }
+        return checkpoint::latest(&opts.out);
+    }
+    if opts.out.join("latest.json").exists() || run_file.exists() {
+        return Err(Error::Invalid(format!(
+            "--out {}: already holds a training run; pass --resume to continue it, or choose another folder",
+            opts.out.display()
+        )));
+    }
+    if opts.out.is_dir() && std::fs::read_dir(&opts.out).map_err(|e| Error::io(&opts.out, e))?.next().is_some() {
+        return Err(Error::Invalid(format!("--out {}: folder exists and is not empty", opts.out.display())));
+    }
+    Ok(None)
+}
+
+/// Keeps `log.jsonl` consistent with a resumed run: lines after the checkpoint go.
+fn truncate_log(path: &Path, step: u64) -> Result<Vec<serde_json::Value>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let kept: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["step"].as_u64().is_some_and(|s| s <= step))
+        .collect();
+    let mut out = String::new();
+    for v in &kept {
+        out.push_str(&v.to_string());
+        out.push('\n');
+    }
+    crate::heatmap_io::write_atomic(path, out.as_bytes())?;
+    Ok(kept)
+}
+
+struct Log {
+    file: std::fs::File,
+    path: PathBuf,
+    entries: Vec<serde_json::Value>,
+}
+
+impl Log {
+    fn append(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}").map_err(|e| Error::io(&self.path, e))?;
+        self.file.flush().map_err(|e| Error::io(&self.path, e))?;
+        self.entries.push(v);
+        Ok(())
+    }
+
+    fn plot(&self, run: &Path) -> Result<()> {
+        let mut series: Vec<Series> = Vec::new();
+        let mut push = |name: &str, step: u64, v: f64| {
+            match series.iter_mut().find(|s| s.name == name) {
+                Some(s) => s.points.push((step, v)),
+                None => series.push(Series { name: name.to_string(), points: vec![(step, v)] }),
+            }
+        };
+        for e in &self.entries {
+            let Some(step) = e["step"].as_u64() else { continue };
+            for key in ["loss", "heatmap", "score", "keyword"] {
+                if let Some(v) = e[key].as_f64() {
+                    push(&format!("train {key}"), step, v);
+                }
+            }
+            if let Some(dev) = e.get("dev") {
+                for key in ["loss", "heatmap", "score", "keyword"] {
+                    if let Some(v) = dev[key].as_f64() {
+                        push(&format!("dev {key}"), step, v);
+                    }
+                }
+            }
+        }
+        write_loss_plot(&run.join("curves.html"), "RAHF training", &series)
+    }
+}
+
+fn progress_bar(show: bool, total: u64, start: u64) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    (show && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len}, ETA {eta} {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_position(start);
+        bar
+    })
+}
+
+pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn SampleSource>) -> Result<TrainSummary> {
+    let mut hyper = opts.hyper.clone();
+    hyper.precision = resolve_precision(&hyper.precision, opts.device)?;
+    hyper.validate()?;
+    if data.is_empty() {
+        return Err(Error::Invalid(format!("no training samples in {}", data.describe())));
+    }
+    let resume_from = check_run_folder(opts, &hyper)?;
+    let run = &opts.out;
+    std::fs::create_dir_all(run).map_err(|e| Error::io(run, e))?;
+
+    // The run keeps its own copies of config and tokenizer: checkpoints are written
+    // from them, and the --init folder may be gone by the time the run resumes.
+    let (config, tokenizer_json) = if opts.resume {
+        (RahfConfig::load(&run.join("init"))?, run.join("tokenizer.json"))
+    } else {
+        let config = RahfConfig::load(&opts.init)?;
+        let init_dir = run.join("init");
+        std::fs::create_dir_all(&init_dir).map_err(|e| Error::io(&init_dir, e))?;
+        config.save(&init_dir)?;
+        let tok = run.join("tokenizer.json");
+        std::fs::copy(opts.init.join("tokenizer.json"), &tok).map_err(|e| Error::io(opts.init.join("tokenizer.json"), e))?;
+        let rf = RunFile { hyperparameters: hyper.clone(), init: opts.init.clone(), data: opts.data_description.clone() };
+        crate::heatmap_io::write_atomic(&run.join("train.json"), &serde_json::to_vec_pretty(&rf).expect("serialises"))?;
+        (config, tok)
+    };
+    if opts.resume {
+        // Only `steps` may have changed; record the new target.
+        let mut rf: RunFile = crate::error::read_json(&run.join("train.json"))?;
+        rf.hyperparameters.steps = hyper.steps;
+        crate::heatmap_io::write_atomic(&run.join("train.json"), &serde_json::to_vec_pretty(&rf).expect("serialises"))?;
+    }
+    let tokenizer = RahfTokenizer::load(&tokenizer_json, &config)?;
+
+    // Master weights: fp32 leaves that require grad.
+    let (weights, start_step, opt_state) = match &resume_from {
+        Some((step, dir)) => {
+            let loaded = checkpoint::load(dir)?;
+            tracing::info!("resuming {} from step {step} ({})", run.display(), dir.display());
+            let source = dir.join("model.safetensors").display().to_string();
+            (Weights::from_tensors(source.clone(), loaded.model, opts.device, Kind::Float), *step, Some((source, loaded.optimizer)))
+        }
+        None => {
+            if opts.resume {
+                tracing::warn!("--resume {}: no checkpoint yet, starting from --init", run.display());
+            }
+            (Weights::load(&[opts.init.join("model.safetensors")], opts.device, Kind::Float)?, 0, None)
+        }
+    };
+    let params: Vec<(String, Tensor)> = weights
+        .named_tensors()
+        .into_iter()
+        .filter(|(_, t)| t.is_floating_point())
+        .map(|(n, t)| {
+            let t = t.set_requires_grad(true);
+            (n, t)
+        })
+        .collect();
+    let mut opt = AdamW::new(params, hyper.adamw.clone());
+    if let Some((source, state)) = &opt_state {
+        let optimizer_file = source.replace("model.safetensors", "optimizer.safetensors");
+        opt.load_state(&optimizer_file, state, start_step)?;
+    }
+    let mut models = ModelSource { root: weights.root(), config: config.clone(), kind: hyper.kind(), device: opts.device, master: None };
+    // Fail before the first step, not after an hour, if the folder cannot make a model.
+    models.model()?;
+
+    let log_path = run.join("log.jsonl");
+    let entries = truncate_log(&log_path, start_step)?;
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| Error::io(&log_path, e))?;
+    let mut log = Log { file, path: log_path, entries };
+
+    let total = hyper.steps;
+    let bar = progress_bar(opts.progress, total, start_step);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8);
+    let mut last_loss = None;
+    let mut last_validation = None;
+    let mut samples_done = 0usize;
+    let train_start = Instant::now();
+    let every = |k: u64, step: u64| (k > 0 && step % k == 0) || step == total;
+
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Sample>>>(2);
+        let hyper_ref = &hyper;
+        scope.spawn(move || {
+            let mut order = Order { seed: hyper_ref.seed, n: data.len(), cache: None };
+            for step in start_step..total {
+                let r = load_step(data, &mut order, hyper_ref, step, threads);
+                let failed = r.is_err();
+                if tx.send(r).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        for step in start_step + 1..=total {
+            let t0 = Instant::now();
+            let samples = rx.recv().map_err(|_| Error::Invalid("the sample loader stopped".into()))??;
+            opt.zero_grad();
+            let n = samples.len() as f64;
+            let (mut hm, mut sc, mut kw, mut kw_items, mut loss) = (0.0, 0.0, 0.0, 0usize, 0.0);
+            for chunk in samples.chunks(hyper.micro_batch_size) {
+                let batch = collate(chunk, &tokenizer, &config, opts.device)?;
+                let model = models.model()?;
+                let parts = batch_loss(&model, &batch, &hyper.loss, n)?;
+                loss += parts.total.double_value(&[]);
+                parts.total.backward();
+                hm += parts.heatmap_sum;
+                sc += parts.score_sum;
+                kw += parts.keyword_sum;
+                kw_items += parts.keyword_items;
+            }
+            if !loss.is_finite() {
+                return Err(Error::Invalid(format!(
+                    "training diverged: loss is {loss} at step {step} (lr {:.3e}); resume from the last checkpoint \
+                     in a new run with a lower --lr or --max-grad-norm",
+                    learning_rate(hyper.learning_rate, hyper.warmup_steps, step)
+                )));
+            }
+            let lr = learning_rate(hyper.learning_rate, hyper.warmup_steps, step);
+            let grad_norm = opt.step(lr);
+            samples_done += samples.len();
+            let entry = StepLog {
+                step,
+                lr,
+                loss,
+                heatmap: hm / n,
+                score: sc / n,
+                keyword: (kw_items > 0).then(|| kw / kw_items as f64),
+                grad_norm,
+                samples_per_second: n / t0.elapsed().as_secs_f64(),
+            };
+            last_loss = Some(loss);
+            log.append(serde_json::to_value(&entry).expect("serialises"))?;
+            match &bar {
+                Some(b) => {
+                    b.set_message(format!("loss {loss:.4} ({:.1} samples/s)", entry.samples_per_second));
+                    b.set_position(step);
+                }
+                None => {
+                    if step == start_step + 1 || step % 10 == 0 || step == total {
+                        tracing::info!(
+                            "step {step}/{total}: loss {loss:.5} (heatmap {:.5}, score {:.5}, keyword {}), lr {lr:.3e}, {:.1} samples/s",
+                            entry.heatmap,
+                            entry.score,
+                            entry.keyword.map_or("-".into(), |k| format!("{k:.4}")),
+                            entry.samples_per_second
+                        );
+                    }
+                }
+            }
+            if let Some(dev) = dev.filter(|_| every(opts.eval_every, step)) {
+                models.master = None;
+                let v = validate(models.master()?, &tokenizer, dev, hyper.micro_batch_size, &hyper.loss, opts.device)?;
+                tracing::info!("step {step}: dev {}", v.one_line());
+                log.append(serde_json::json!({ "step": step, "dev": v }))?;
+                log.plot(run)?;
+                last_validation = Some(v);
+            }
+            if every(opts.checkpoint_every, step) {
+                let state = TrainerState { step, last_loss };
+                let dir = checkpoint::save(run, &config, &tokenizer_json, opt.params(), &opt.state_tensors(), &state, opts.keep_checkpoints)?;
+                tracing::info!("step {step}: checkpoint {}", dir.display());
+                log.plot(run)?;
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    log.plot(run)?;
+    let final_model = run.join("final");
+    if total > start_step || !final_model.exists() {
+        if final_model.exists() {
+            std::fs::remove_dir_all(&final_model).map_err(|e| Error::io(&final_model, e))?;
+        }
+        let detached: Vec<(String, Tensor)> = opt.params().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+        crate::rahf::import::write_rahf_folder(&final_model, &config, &detached, &tokenizer_json)?;
+    }
+    let secs = train_start.elapsed().as_secs_f64();
+    Ok(TrainSummary {
+        run: run.clone(),
+        final_model,
+        started_at_step: start_step,
+        steps: total,
+        samples_per_second: if secs > 0.0 { samples_done as f64 / secs } else { 0.0 },
+        last_loss,
+        last_validation,
+    })
+}
