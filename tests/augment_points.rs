@@ -14,13 +14,27 @@ fn cases() -> Value {
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn fixture_image(c: &Value) -> RgbImage {
     let im = &c["image"];
-    let px: Vec<u8> = im["pixels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect();
-    RgbImage::from_raw(im["width"].as_u64().unwrap() as u32, im["height"].as_u64().unwrap() as u32, px).unwrap()
+    let px: Vec<u8> = im["pixels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u8)
+        .collect();
+    RgbImage::from_raw(
+        im["width"].as_u64().unwrap() as u32,
+        im["height"].as_u64().unwrap() as u32,
+        px,
+    )
+    .unwrap()
 }
 
 /// Each u8 output is the rounding of the reference's float: within half a level
@@ -28,7 +42,11 @@ fn fixture_image(c: &Value) -> RgbImage {
 fn assert_rounds(out: &RgbImage, expected: &[f64], what: &str) {
     assert_eq!(out.as_raw().len(), expected.len(), "{what}");
     for (k, (&o, &e)) in out.as_raw().iter().zip(expected).enumerate() {
-        assert!((o as f64 - e * 255.0).abs() <= 0.5 + 1e-3, "{what}: value {k} is {o}, expected {}", e * 255.0);
+        assert!(
+            (o as f64 - e * 255.0).abs() <= 0.5 + 1e-3,
+            "{what}: value {k} is {o}, expected {}",
+            e * 255.0
+        );
     }
 }
 
@@ -40,7 +58,11 @@ fn textured(w: u32, h: u32, seed: u64) -> RgbImage {
     let mut r = Rng::new(seed);
     RgbImage::from_fn(w, h, |x, y| {
         let n = r.below(40) as u32;
-        image::Rgb([((x * 7 + n) % 256) as u8, ((y * 5 + 2 * n) % 256) as u8, ((x * y + 90) % 256) as u8])
+        image::Rgb([
+            ((x * 7 + n) % 256) as u8,
+            ((y * 5 + 2 * n) % 256) as u8,
+            ((x * y + 90) % 256) as u8,
+        ])
     })
 }
 
@@ -55,11 +77,28 @@ fn hsv_matches_colorsys() {
         let got = augment::rgb_to_hsv(rgb);
         let want = floats(hsv);
         let dh = (got[0] as f64 - want[0]).abs();
-        assert!(dh.min(1.0 - dh) < 1e-5, "pixel {k}: hue {} vs {}", got[0], want[0]);
-        assert!((0.0..1.0).contains(&got[0]), "pixel {k}: hue {} outside [0, 1)", got[0]);
-        assert!((got[1] as f64 - want[1]).abs() < 1e-5 && (got[2] as f64 - want[2]).abs() < 1e-6, "pixel {k}");
+        assert!(
+            dh.min(1.0 - dh) < 1e-5,
+            "pixel {k}: hue {} vs {}",
+            got[0],
+            want[0]
+        );
+        assert!(
+            (0.0..1.0).contains(&got[0]),
+            "pixel {k}: hue {} outside [0, 1)",
+            got[0]
+        );
+        assert!(
+            (got[1] as f64 - want[1]).abs() < 1e-5 && (got[2] as f64 - want[2]).abs() < 1e-6,
+            "pixel {k}"
+        );
         let back = augment::hsv_to_rgb([want[0] as f32, want[1] as f32, want[2] as f32]);
-        (0..3).for_each(|ch| assert!((back[ch] - rgb[ch]).abs() < 1e-5, "pixel {k}: {back:?} vs {rgb:?}"));
+        (0..3).for_each(|ch| {
+            assert!(
+                (back[ch] - rgb[ch]).abs() < 1e-5,
+                "pixel {k}: {back:?} vs {rgb:?}"
+            )
+        });
     }
 }
 
@@ -69,11 +108,19 @@ fn hue_and_saturation_match_colorsys() {
     let img = fixture_image(&c);
     for case in c["hue"].as_array().unwrap() {
         let d = case["delta"].as_f64().unwrap() as f32;
-        assert_rounds(&augment::adjust_hue(&img, d), &floats(&case["expected"]), &format!("hue {d}"));
+        assert_rounds(
+            &augment::adjust_hue(&img, d),
+            &floats(&case["expected"]),
+            &format!("hue {d}"),
+        );
     }
     for case in c["saturation"].as_array().unwrap() {
         let f = case["factor"].as_f64().unwrap() as f32;
-        assert_rounds(&augment::adjust_saturation(&img, f), &floats(&case["expected"]), &format!("saturation {f}"));
+        assert_rounds(
+            &augment::adjust_saturation(&img, f),
+            &floats(&case["expected"]),
+            &format!("saturation {f}"),
+        );
     }
 }
 
@@ -83,11 +130,19 @@ fn brightness_contrast_grayscale_match_tf_arithmetic() {
     let img = fixture_image(&c);
     for case in c["brightness"].as_array().unwrap() {
         let d = case["delta"].as_f64().unwrap() as f32;
-        assert_rounds(&augment::adjust_brightness(&img, d), &floats(&case["expected"]), &format!("brightness {d}"));
+        assert_rounds(
+            &augment::adjust_brightness(&img, d),
+            &floats(&case["expected"]),
+            &format!("brightness {d}"),
+        );
     }
     for case in c["contrast"].as_array().unwrap() {
         let f = case["factor"].as_f64().unwrap() as f32;
-        assert_rounds(&augment::adjust_contrast(&img, f), &floats(&case["expected"]), &format!("contrast {f}"));
+        assert_rounds(
+            &augment::adjust_contrast(&img, f),
+            &floats(&case["expected"]),
+            &format!("contrast {f}"),
+        );
     }
     let gray = augment::to_grayscale(&img);
     assert_rounds(&gray, &floats(&c["grayscale"]), "grayscale");
@@ -103,10 +158,19 @@ fn jpeg_roundtrip_is_mild_noise() {
     let img = RgbImage::from_fn(96, 64, |x, y| {
         let inside = (x as i32 - 40).pow(2) + (y as i32 - 30).pow(2) < 400;
         let base = if inside { 200 } else { 40 };
-        image::Rgb([(base + x / 2) as u8, (base / 2 + y) as u8, (120 + (x + y) / 4) as u8])
+        image::Rgb([
+            (base + x / 2) as u8,
+            (base / 2 + y) as u8,
+            (120 + (x + y) / 4) as u8,
+        ])
     });
     let psnr = |a: &RgbImage, b: &RgbImage| {
-        let mse = a.as_raw().iter().zip(b.as_raw()).map(|(&p, &q)| (p as f64 - q as f64).powi(2)).sum::<f64>()
+        let mse = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(&p, &q)| (p as f64 - q as f64).powi(2))
+            .sum::<f64>()
             / a.as_raw().len() as f64;
         10.0 * (255.0f64 * 255.0 / mse).log10()
     };
@@ -116,7 +180,10 @@ fn jpeg_roundtrip_is_mild_noise() {
     assert_ne!(q70, img, "JPEG at quality 70 left the image untouched");
     let (p70, p100) = (psnr(&img, &q70), psnr(&img, &q100));
     assert!(p70 > 25.0, "PSNR at q70 = {p70:.1} dB");
-    assert!(p100 > p70, "q100 ({p100:.1} dB) is not closer than q70 ({p70:.1} dB)");
+    assert!(
+        p100 > p70,
+        "q100 ({p100:.1} dB) is not closer than q70 ({p70:.1} dB)"
+    );
 }
 
 // ------------------------------------------------------------------ crop
@@ -126,16 +193,30 @@ fn crop_keeps_image_and_heatmaps_aligned() {
     // Image 768 x 600, heatmaps 512 x 480: other resolutions, other aspect ratios.
     // A block at relative columns [0.25, 0.375), rows [0.25, 0.5) in all three.
     let (iw, ih, hw, hh) = (768usize, 600usize, 512usize, 480usize);
-    let in_block = |x: usize, y: usize, w: usize, h: usize| 4 * x >= w && 8 * x < 3 * w && 4 * y >= h && 2 * y < h;
+    let in_block =
+        |x: usize, y: usize, w: usize, h: usize| 4 * x >= w && 8 * x < 3 * w && 4 * y >= h && 2 * y < h;
     let img = RgbImage::from_fn(iw as u32, ih as u32, |x, y| {
-        if in_block(x as usize, y as usize, iw, ih) { image::Rgb([250, 250, 250]) } else { image::Rgb([5, 5, 5]) }
+        if in_block(x as usize, y as usize, iw, ih) {
+            image::Rgb([250, 250, 250])
+        } else {
+            image::Rgb([5, 5, 5])
+        }
     });
     let map = |v: f32| {
-        let data = (0..hh * hw).map(|k| if in_block(k % hw, k / hw, hw, hh) { v } else { 0.0 }).collect();
-        Heatmap { height: hh, width: hw, data }
+        let data = (0..hh * hw)
+            .map(|k| if in_block(k % hw, k / hw, hw, hh) { v } else { 0.0 })
+            .collect();
+        Heatmap {
+            height: hh,
+            width: hw,
+            data,
+        }
     };
     let maps = [map(1.0), map(0.5)];
-    let cfg = AugmentConfig { crop_prob: 1.0, ..AugmentConfig::none() };
+    let cfg = AugmentConfig {
+        crop_prob: 1.0,
+        ..AugmentConfig::none()
+    };
     // The block's first and one-past-last column and row, and the grid's size.
     fn bbox(w: usize, h: usize, on: impl Fn(usize, usize) -> bool) -> [f64; 6] {
         let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
@@ -155,14 +236,19 @@ fn crop_keeps_image_and_heatmaps_aligned() {
         assert_eq!((m0.height, m0.width), (m1.height, m1.width));
         assert_eq!(m0.data.iter().map(|v| v * 0.5).collect::<Vec<_>>(), m1.data);
         sizes.insert(ci.dimensions());
-        let a = bbox(ci.width() as usize, ci.height() as usize, |x, y| ci.get_pixel(x as u32, y as u32)[0] > 128);
+        let a = bbox(ci.width() as usize, ci.height() as usize, |x, y| {
+            ci.get_pixel(x as u32, y as u32)[0] > 128
+        });
         let b = bbox(m0.width, m0.height, |x, y| m0.data[y * m0.width + x] > 0.5);
         // Both crops must be the same relative window: every block edge, taken to
         // the heatmap's grid, agrees to within a heatmap pixel.
         for k in 0..4 {
             let (ga, gb) = (a[4 + k % 2], b[4 + k % 2]);
             let edge_a = a[k] / ga * gb;
-            assert!((edge_a - b[k]).abs() <= 1.0, "edge {k}: image {a:?} vs heatmap {b:?}");
+            assert!(
+                (edge_a - b[k]).abs() <= 1.0,
+                "edge {k}: image {a:?} vs heatmap {b:?}"
+            );
         }
         // The relative crop size is the same too.
         assert!((a[4] / iw as f64 - b[4] / hw as f64).abs() <= 1.0 / hw as f64 + 1.0 / iw as f64);
@@ -177,7 +263,10 @@ fn crop_fractions_stay_in_bounds() {
     let boxes: Vec<CropBox> = (0..5000).map(|_| augment::crop_box(0.8, 1.0, &mut rng)).collect();
     for b in &boxes {
         assert!((0.8..=1.0).contains(&b.w) && (0.8..=1.0).contains(&b.h), "{b:?}");
-        assert!(b.x >= 0.0 && b.y >= 0.0 && b.x + b.w <= 1.0 + 1e-12 && b.y + b.h <= 1.0 + 1e-12, "{b:?}");
+        assert!(
+            b.x >= 0.0 && b.y >= 0.0 && b.x + b.w <= 1.0 + 1e-12 && b.y + b.h <= 1.0 + 1e-12,
+            "{b:?}"
+        );
     }
     let ws: Vec<f64> = boxes.iter().map(|b| b.w).collect();
     let hs: Vec<f64> = boxes.iter().map(|b| b.h).collect();
@@ -187,13 +276,19 @@ fn crop_fractions_stay_in_bounds() {
     assert!(ws.iter().cloned().fold(1.0, f64::min) < 0.801 && ws.iter().cloned().fold(0.0, f64::max) > 0.999);
     // Width and height are drawn independently.
     let cov = ws.iter().zip(&hs).map(|(w, h)| (w - mw) * (h - mh)).sum::<f64>() / ws.len() as f64;
-    assert!(cov.abs() / (0.2f64.powi(2) / 12.0) < 0.05, "width and height correlate: {cov}");
+    assert!(
+        cov.abs() / (0.2f64.powi(2) / 12.0) < 0.05,
+        "width and height correlate: {cov}"
+    );
     // The placement covers the whole slack, not one corner.
     let slack: Vec<f64> = boxes.iter().map(|b| b.x / (1.0 - b.w)).collect();
     assert!((mean(&slack) - 0.5).abs() < 0.02);
 
     // Through `augment`: a 100 x 50 image comes out 80..=100 x 40..=50.
-    let cfg = AugmentConfig { crop_prob: 1.0, ..AugmentConfig::none() };
+    let cfg = AugmentConfig {
+        crop_prob: 1.0,
+        ..AugmentConfig::none()
+    };
     let img = textured(100, 50, 1);
     let mut rng = Rng::new(6);
     for _ in 0..500 {
@@ -210,8 +305,16 @@ fn crop_fractions_stay_in_bounds() {
 fn none_config_is_the_identity() {
     let img = textured(33, 17, 2);
     let maps = [
-        Heatmap { height: 5, width: 7, data: (0..35).map(|k| k as f32 / 35.0).collect() },
-        Heatmap { height: 5, width: 7, data: (0..35).map(|k| 1.0 - k as f32 / 35.0).collect() },
+        Heatmap {
+            height: 5,
+            width: 7,
+            data: (0..35).map(|k| k as f32 / 35.0).collect(),
+        },
+        Heatmap {
+            height: 5,
+            width: 7,
+            data: (0..35).map(|k| 1.0 - k as f32 / 35.0).collect(),
+        },
     ];
     let mut rng = Rng::new(3);
     for _ in 0..20 {
@@ -228,17 +331,31 @@ fn probabilities_are_respected() {
     let n = 3000;
     let rate = |cfg: AugmentConfig, hit: &dyn Fn(&RgbImage) -> bool| {
         let mut rng = Rng::new(9);
-        (0..n).filter(|_| hit(&augment::augment(&img, &maps, &cfg, &mut rng).0)).count() as f64 / n as f64
+        (0..n)
+            .filter(|_| hit(&augment::augment(&img, &maps, &cfg, &mut rng).0))
+            .count() as f64
+            / n as f64
     };
     // A half-size crop always changes the size.
-    let crop = AugmentConfig { crop_prob: 0.5, crop_min: 0.5, crop_max: 0.5, ..AugmentConfig::none() };
+    let crop = AugmentConfig {
+        crop_prob: 0.5,
+        crop_min: 0.5,
+        crop_max: 0.5,
+        ..AugmentConfig::none()
+    };
     let r = rate(crop, &|o| o.dimensions() != (16, 16));
     assert!((r - 0.5).abs() < 0.03, "crop rate {r}");
     // The colour version (with its JPEG noise) always differs from this texture.
-    let color = AugmentConfig { color_prob: 0.1, ..AugmentConfig::none() };
+    let color = AugmentConfig {
+        color_prob: 0.1,
+        ..AugmentConfig::none()
+    };
     let r = rate(color, &|o| o != &img);
     assert!((r - 0.1).abs() < 0.02, "colour rate {r}");
-    let gray = AugmentConfig { grayscale_prob: 0.1, ..AugmentConfig::none() };
+    let gray = AugmentConfig {
+        grayscale_prob: 0.1,
+        ..AugmentConfig::none()
+    };
     let r = rate(gray, &|o| o.pixels().all(|p| p[0] == p[1] && p[1] == p[2]));
     assert!((r - 0.1).abs() < 0.02, "grayscale rate {r}");
     // With the paper's settings all three happen, and about as often.
@@ -261,10 +378,16 @@ fn probabilities_are_respected() {
 fn draws_come_only_from_rng_and_are_fixed_in_number() {
     let img = textured(24, 20, 7);
     let maps = zeros2(12, 10);
-    let cfg = AugmentConfig { color_prob: 0.5, grayscale_prob: 0.3, ..Default::default() };
+    let cfg = AugmentConfig {
+        color_prob: 0.5,
+        grayscale_prob: 0.3,
+        ..Default::default()
+    };
     let run = |seed| {
         let mut rng = Rng::new(seed);
-        (0..30).map(|_| augment::augment(&img, &maps, &cfg, &mut rng)).collect::<Vec<_>>()
+        (0..30)
+            .map(|_| augment::augment(&img, &maps, &cfg, &mut rng))
+            .collect::<Vec<_>>()
     };
     let (a, b) = (run(42), run(42));
     assert!(a.iter().zip(&b).all(|(x, y)| x.0 == y.0 && x.1 == y.1));
@@ -284,7 +407,11 @@ fn draws_come_only_from_rng_and_are_fixed_in_number() {
 
 #[test]
 fn disk_area_is_pi_r_squared() {
-    for (r, x, y) in [(20.0f32, 100.3f32, 99.7f32), (35.5, 120.0, 80.25), (7.25, 50.5, 60.0)] {
+    for (r, x, y) in [
+        (20.0f32, 100.3f32, 99.7f32),
+        (35.5, 120.0, 80.25),
+        (7.25, 50.5, 60.0),
+    ] {
         let m = disk_map(&[(x, y)], 200, 240, r);
         let area = m.data.iter().sum::<f32>() as f64;
         let want = std::f64::consts::PI * (r as f64).powi(2);
@@ -297,7 +424,11 @@ fn disk_area_is_pi_r_squared() {
 fn three_annotators_average_to_thirds() {
     let mut rng = Rng::new(12);
     let annotators: Vec<Vec<(f32, f32)>> = (0..3)
-        .map(|_| (0..6).map(|_| (rng.range(0.0, 90.0) as f32, rng.range(0.0, 60.0) as f32)).collect())
+        .map(|_| {
+            (0..6)
+                .map(|_| (rng.range(0.0, 90.0) as f32, rng.range(0.0, 60.0) as f32))
+                .collect()
+        })
         .collect();
     let m = average_annotators(&annotators, 60, 90);
     let mut seen = [false; 4];
@@ -317,26 +448,52 @@ fn digits(rows: &Value) -> Vec<u32> {
     rows.as_array()
         .unwrap()
         .iter()
-        .flat_map(|r| r.as_str().unwrap().chars().map(|c| c.to_digit(10).unwrap()).collect::<Vec<_>>())
+        .flat_map(|r| {
+            r.as_str()
+                .unwrap()
+                .chars()
+                .map(|c| c.to_digit(10).unwrap())
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 
 fn points_of(v: &Value) -> Vec<(f32, f32)> {
-    v.as_array().unwrap().iter().map(|p| (p[0].as_f64().unwrap() as f32, p[1].as_f64().unwrap() as f32)).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_f64().unwrap() as f32, p[1].as_f64().unwrap() as f32))
+        .collect()
 }
 
 #[test]
 fn disks_match_numpy() {
     let c = cases();
     let d = &c["disk"];
-    let (h, w) = (d["height"].as_u64().unwrap() as usize, d["width"].as_u64().unwrap() as usize);
-    let m = disk_map(&points_of(&d["points"]), h, w, d["radius"].as_f64().unwrap() as f32);
+    let (h, w) = (
+        d["height"].as_u64().unwrap() as usize,
+        d["width"].as_u64().unwrap() as usize,
+    );
+    let m = disk_map(
+        &points_of(&d["points"]),
+        h,
+        w,
+        d["radius"].as_f64().unwrap() as f32,
+    );
     let want: Vec<f32> = digits(&d["inside"]).into_iter().map(|v| v as f32).collect();
     assert_eq!(m.data, want);
 
     let a = &c["average"];
-    let (h, w) = (a["height"].as_u64().unwrap() as usize, a["width"].as_u64().unwrap() as usize);
-    let annotators: Vec<Vec<(f32, f32)>> = a["annotators"].as_array().unwrap().iter().map(points_of).collect();
+    let (h, w) = (
+        a["height"].as_u64().unwrap() as usize,
+        a["width"].as_u64().unwrap() as usize,
+    );
+    let annotators: Vec<Vec<(f32, f32)>> = a["annotators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(points_of)
+        .collect();
     let n = annotators.len() as f32;
     let m = average_annotators(&annotators, h, w);
     let want: Vec<f32> = digits(&a["counts"]).into_iter().map(|v| v as f32 / n).collect();
@@ -360,26 +517,69 @@ fn points_file_converts_to_pngs() {
     let out = dir.path().join("maps");
     let report = convert_points_file(&jsonl, &out).unwrap();
     assert_eq!(report.images, 2);
-    let n_points: usize = a["annotators"].as_array().unwrap().iter().map(|v| v.as_array().unwrap().len()).sum();
+    let n_points: usize = a["annotators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_array().unwrap().len())
+        .sum();
     assert_eq!(report.points, n_points + 1 + 1);
-    let names: Vec<String> =
-        report.written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = report
+        .written
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(
         names,
-        ["sample_one_artifact_map.png", "sample_one_misalignment_map.png", "two_artifact_map.png", "two_misalignment_map.png"]
+        [
+            "sample_one_artifact_map.png",
+            "sample_one_misalignment_map.png",
+            "two_artifact_map.png",
+            "two_misalignment_map.png"
+        ]
     );
-    let art = image::open(out.join("sample_one_artifact_map.png")).unwrap().to_luma8();
-    assert_eq!(art.dimensions(), (a["width"].as_u64().unwrap() as u32, a["height"].as_u64().unwrap() as u32));
+    let art = image::open(out.join("sample_one_artifact_map.png"))
+        .unwrap()
+        .to_luma8();
+    assert_eq!(
+        art.dimensions(),
+        (
+            a["width"].as_u64().unwrap() as u32,
+            a["height"].as_u64().unwrap() as u32
+        )
+    );
     let n = a["annotators"].as_array().unwrap().len() as f64;
-    let want: Vec<u8> = digits(&a["counts"]).into_iter().map(|k| (k as f64 / n * 255.0).round() as u8).collect();
+    let want: Vec<u8> = digits(&a["counts"])
+        .into_iter()
+        .map(|k| (k as f64 / n * 255.0).round() as u8)
+        .collect();
     assert_eq!(art.as_raw(), &want);
-    let mis = image::open(out.join("sample_one_misalignment_map.png")).unwrap().to_luma8();
-    assert_eq!(mis.get_pixel(3, 3)[0], 85, "one of three annotators -> round(255 / 3)");
+    let mis = image::open(out.join("sample_one_misalignment_map.png"))
+        .unwrap()
+        .to_luma8();
+    assert_eq!(
+        mis.get_pixel(3, 3)[0],
+        85,
+        "one of three annotators -> round(255 / 3)"
+    );
     assert_eq!(mis.get_pixel(40, 40)[0], 0);
-    let two = image::open(out.join("two_misalignment_map.png")).unwrap().to_luma8();
+    let two = image::open(out.join("two_misalignment_map.png"))
+        .unwrap()
+        .to_luma8();
     // A point on the corner (20, 40) covers the corner pixel: radius 40 / 20 = 2.
-    assert_eq!((two.dimensions(), two.get_pixel(19, 39)[0], two.get_pixel(0, 0)[0]), ((20, 40), 255, 0));
-    assert_eq!(points::heatmap_to_gray(&Heatmap { height: 1, width: 2, data: vec![0.5, 2.0] }).as_raw(), &[128, 255]);
+    assert_eq!(
+        (two.dimensions(), two.get_pixel(19, 39)[0], two.get_pixel(0, 0)[0]),
+        ((20, 40), 255, 0)
+    );
+    assert_eq!(
+        points::heatmap_to_gray(&Heatmap {
+            height: 1,
+            width: 2,
+            data: vec![0.5, 2.0]
+        })
+        .as_raw(),
+        &[128, 255]
+    );
 }
 
 #[test]
@@ -408,14 +608,20 @@ fn points_file_errors_name_the_line() {
             r#"{"filename": "x/a.jpg", "height": 10, "width": 20, "artifact_points": [[]], "misalignment_points": [[]]}"#,
             "line 2: filename stem \"a\" was already used on line 1",
         ),
-        (r#"{"filename": "b.png", "height": 10, "width": 20, "artifact_points": [[]]}"#, "line 2: invalid JSON"),
+        (
+            r#"{"filename": "b.png", "height": 10, "width": 20, "artifact_points": [[]]}"#,
+            "line 2: invalid JSON",
+        ),
     ];
     for (k, (bad, want)) in cases.iter().enumerate() {
         let jsonl = dir.path().join(format!("p{k}.jsonl"));
         std::fs::write(&jsonl, format!("{good}\n{bad}\n")).unwrap();
         let out = dir.path().join(format!("out{k}"));
         let e = convert_points_file(&jsonl, &out).unwrap_err().to_string();
-        assert!(e.contains(&jsonl.display().to_string()) && e.contains(want), "{e}\n  wanted {want}");
+        assert!(
+            e.contains(&jsonl.display().to_string()) && e.contains(want),
+            "{e}\n  wanted {want}"
+        );
         assert!(!out.exists(), "a bad file wrote output");
     }
 }

@@ -92,7 +92,7 @@ fn sha256(data: &[u8]) -> String {
 #[test]
 fn sha256_matches_known_digests() {
     assert_eq!(sha256(b""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
-    assert_eq!(sha256(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9c410ff61a96f20015");
+    assert_eq!(sha256(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
 }
 
 /// Every image listed in `dir` is the fixture's, byte for byte, with its caption.
@@ -137,8 +137,10 @@ fn extracts_wanted_images_byte_for_byte_and_reports_missing() {
     assert_eq!(calls, vec![(1, 2), (2, 2)]);
     assert_extracted(out.path(), &found);
     // Only the images and the list: the temporary files were renamed.
-    let mut names: Vec<String> =
-        std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     let exp = expected();
     let mut want: Vec<String> = found.iter().map(|u| format!("{u}.{}", exp[u].ext)).collect();
@@ -169,7 +171,7 @@ fn decodes_extracted_images() {
     // WebP is extracted (by its magic number) but this build cannot decode it:
     // the error names the file.
     let webp = uid(5);
-    extract_from_parquet(&shards(), &set(&[webp.clone()]), out.path(), |_, _| {}).unwrap();
+    extract_from_parquet(&shards(), &set(std::slice::from_ref(&webp)), out.path(), |_, _| {}).unwrap();
     let folder = ImageFolder::open(out.path()).unwrap();
     let err = folder.load_image(&webp).unwrap_err();
     assert!(matches!(err, Error::Image { .. }), "{err}");
@@ -234,10 +236,8 @@ fn torn_last_line_is_dropped_and_redone() {
     std::fs::write(&jsonl, torn).unwrap();
     let folder = ImageFolder::open(out.path()).unwrap();
     assert_eq!(folder.len(), 1);
-    let kept = uid_of(&serde_json::from_str::<serde_json::Value>(&text[..first_end]).unwrap()["filename"]
-        .as_str()
-        .unwrap())
-    .to_string();
+    let first: serde_json::Value = serde_json::from_str(&text[..first_end]).unwrap();
+    let kept = uid_of(first["filename"].as_str().unwrap()).to_string();
     assert!(folder.get(&kept).is_some());
 
     let r = extract_from_parquet(&shards(), &set(&uids), out.path(), |_, _| {}).unwrap();
@@ -356,13 +356,14 @@ fn bad_shards_are_named() {
     std::fs::write(&fake, b"this is not parquet at all, just some text").unwrap();
     let out = tempfile::tempdir().unwrap();
     let wanted = set(&[uid(0)]);
-    let err = extract_from_parquet(&[fake.clone()], &wanted, out.path(), |_, _| {}).unwrap_err();
+    let err = extract_from_parquet(std::slice::from_ref(&fake), &wanted, out.path(), |_, _| {}).unwrap_err();
     let Error::Data { path, .. } = &err else { panic!("{err}") };
     assert_eq!(path, &fake);
     assert!(err.to_string().contains("parquet"), "{err}");
 
     let no_jpg_1 = fixtures().join("bad/no_jpg_1.parquet");
-    let err = extract_from_parquet(&[no_jpg_1.clone()], &wanted, out.path(), |_, _| {}).unwrap_err();
+    let err =
+        extract_from_parquet(std::slice::from_ref(&no_jpg_1), &wanted, out.path(), |_, _| {}).unwrap_err();
     let Error::Data { path, reason, .. } = &err else { panic!("{err}") };
     assert_eq!(path, &no_jpg_1);
     assert!(reason.contains("`jpg_1`"), "{err}");
@@ -370,4 +371,33 @@ fn bad_shards_are_named() {
     // A uid that would name a file elsewhere is refused before anything is read.
     let err = extract_from_parquet(&shards(), &set(&["../x".into()]), out.path(), |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("../x"), "{err}");
+}
+
+#[test]
+fn fixture_exercises_page_skipping() {
+    // The second shard stores one image per data page, so skipping unwanted
+    // rows goes through whole-page skips, not only skips within a page.
+    use parquet::column::page::PageReader;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let file = std::fs::File::open(fixtures().join("shards/data/train-00001-of-00002.parquet")).unwrap();
+    let reader = SerializedFileReader::new(file).unwrap();
+    let schema = reader.metadata().file_metadata().schema_descr_ptr();
+    let jpg_0 = (0..schema.num_columns()).find(|&i| schema.column(i).name() == "jpg_0").unwrap();
+    let mut pages: Box<dyn PageReader> =
+        reader.get_row_group(1).unwrap().get_column_page_reader(jpg_0).unwrap();
+    let mut n = 0;
+    while pages.get_next_page().unwrap().is_some() {
+        n += 1;
+    }
+    assert_eq!(n, 3);
+}
+
+#[test]
+fn reads_images_typed_as_hub_image_structs() {
+    let uids: Vec<String> = [2, 3].map(uid).to_vec();
+    let out = tempfile::tempdir().unwrap();
+    let shards = find_parquet_shards(&fixtures().join("image_struct")).unwrap();
+    let report = extract_from_parquet(&shards, &set(&uids), out.path(), |_, _| {}).unwrap();
+    assert_eq!(report, ExtractReport { found: 2, already_present: 0, missing: vec![] });
+    assert_extracted(out.path(), &uids);
 }

@@ -65,7 +65,12 @@ impl Default for AugmentConfig {
 impl AugmentConfig {
     /// No augmentation at all: `augment` returns its input unchanged.
     pub fn none() -> Self {
-        AugmentConfig { crop_prob: 0.0, color_prob: 0.0, grayscale_prob: 0.0, ..Default::default() }
+        AugmentConfig {
+            crop_prob: 0.0,
+            color_prob: 0.0,
+            grayscale_prob: 0.0,
+            ..Default::default()
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -83,25 +88,35 @@ impl AugmentConfig {
             return bad("crop_min", format!("{} is not in (0, 1]", self.crop_min));
         }
         if !(self.crop_max >= self.crop_min && self.crop_max <= 1.0) {
-            return bad("crop_max", format!("{} is not in [crop_min = {}, 1]", self.crop_max, self.crop_min));
+            return bad(
+                "crop_max",
+                format!("{} is not in [crop_min = {}, 1]", self.crop_max, self.crop_min),
+            );
         }
         if !(0.0..=1.0).contains(&self.brightness_delta) {
-            return bad("brightness_delta", format!("{} is not in [0, 1]", self.brightness_delta));
+            return bad(
+                "brightness_delta",
+                format!("{} is not in [0, 1]", self.brightness_delta),
+            );
         }
         // Hue wraps around after one turn: ±0.5 already reaches every hue.
         if !(0.0..=0.5).contains(&self.hue_delta) {
             return bad("hue_delta", format!("{} is not in [0, 0.5]", self.hue_delta));
         }
-        for (field, (lo, hi)) in
-            [("contrast_range", self.contrast_range), ("saturation_range", self.saturation_range)]
-        {
+        for (field, (lo, hi)) in [
+            ("contrast_range", self.contrast_range),
+            ("saturation_range", self.saturation_range),
+        ] {
             if !(lo >= 0.0 && lo <= hi && hi.is_finite()) {
                 return bad(field, format!("({lo}, {hi}) is not a range 0 <= low <= high"));
             }
         }
         let (qlo, qhi) = self.jpeg_quality;
         if !(1 <= qlo && qlo <= qhi && qhi <= 100) {
-            return bad("jpeg_quality", format!("({qlo}, {qhi}) is not a range 1 <= low <= high <= 100"));
+            return bad(
+                "jpeg_quality",
+                format!("({qlo}, {qhi}) is not a range 1 <= low <= high <= 100"),
+            );
         }
         Ok(())
     }
@@ -117,7 +132,12 @@ pub struct CropBox {
 }
 
 impl CropBox {
-    pub const FULL: CropBox = CropBox { x: 0.0, y: 0.0, w: 1.0, h: 1.0 };
+    pub const FULL: CropBox = CropBox {
+        x: 0.0,
+        y: 0.0,
+        w: 1.0,
+        h: 1.0,
+    };
 
     /// The box on a `width` x `height` pixel grid, as (left, top, width, height):
     /// each edge rounded to the nearest grid line, so every grid cuts at the same
@@ -159,7 +179,11 @@ pub fn crop_heatmap(map: &Heatmap, b: &CropBox) -> Heatmap {
     for row in top..top + h {
         data.extend_from_slice(&map.data[row * map.width + left..row * map.width + left + w]);
     }
-    Heatmap { height: h, width: w, data }
+    Heatmap {
+        height: h,
+        width: w,
+        data,
+    }
 }
 
 /// Pixels as f32 in [0, 1], interleaved RGB like the image.
@@ -168,7 +192,10 @@ fn to_f32(image: &RgbImage) -> Vec<f32> {
 }
 
 fn to_u8(width: u32, height: u32, px: &[f32]) -> RgbImage {
-    let raw = px.iter().map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+    let raw = px
+        .iter()
+        .map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
     RgbImage::from_raw(width, height, raw).expect("buffer has width * height * 3 values")
 }
 
@@ -289,7 +316,8 @@ pub fn jpeg_roundtrip(image: &RgbImage, quality: u8) -> RgbImage {
 pub fn to_grayscale(image: &RgbImage) -> RgbImage {
     map_f32(image, |px| {
         for p in px.chunks_exact_mut(3) {
-            let y = (GRAY_WEIGHTS[0] * p[0] + GRAY_WEIGHTS[1] * p[1] + GRAY_WEIGHTS[2] * p[2]).clamp(0.0, 1.0);
+            let y =
+                (GRAY_WEIGHTS[0] * p[0] + GRAY_WEIGHTS[1] * p[1] + GRAY_WEIGHTS[2] * p[2]).clamp(0.0, 1.0);
             p.fill(y);
         }
     })
@@ -323,7 +351,10 @@ pub fn augment(
     let gray = rng.chance(cfg.grayscale_prob);
 
     let (mut out, maps) = if crop {
-        (crop_image(image, &b), [crop_heatmap(&heatmaps[0], &b), crop_heatmap(&heatmaps[1], &b)])
+        (
+            crop_image(image, &b),
+            [crop_heatmap(&heatmaps[0], &b), crop_heatmap(&heatmaps[1], &b)],
+        )
     } else {
         (image.clone(), heatmaps.clone())
     };
@@ -349,27 +380,97 @@ mod tests {
     #[test]
     fn defaults_are_the_papers_and_validate() {
         let c = AugmentConfig::default();
-        assert_eq!((c.crop_prob, c.crop_min, c.crop_max, c.color_prob), (0.5, 0.8, 1.0, 0.1));
-        assert_eq!((c.brightness_delta, c.hue_delta, c.grayscale_prob), (0.05, 0.025, 0.1));
-        assert_eq!((c.contrast_range, c.saturation_range, c.jpeg_quality), ((0.8, 1.0), (0.8, 1.0), (70, 100)));
+        assert_eq!(
+            (c.crop_prob, c.crop_min, c.crop_max, c.color_prob),
+            (0.5, 0.8, 1.0, 0.1)
+        );
+        assert_eq!(
+            (c.brightness_delta, c.hue_delta, c.grayscale_prob),
+            (0.05, 0.025, 0.1)
+        );
+        assert_eq!(
+            (c.contrast_range, c.saturation_range, c.jpeg_quality),
+            ((0.8, 1.0), (0.8, 1.0), (70, 100))
+        );
         c.validate().unwrap();
         AugmentConfig::none().validate().unwrap();
         let parsed: AugmentConfig = serde_json::from_str(r#"{"crop_prob": 0.25}"#).unwrap();
-        assert_eq!(parsed, AugmentConfig { crop_prob: 0.25, ..Default::default() });
+        assert_eq!(
+            parsed,
+            AugmentConfig {
+                crop_prob: 0.25,
+                ..Default::default()
+            }
+        );
     }
 
     #[test]
     fn validation_names_the_field() {
         let cases: [(AugmentConfig, &str); 9] = [
-            (AugmentConfig { crop_prob: 1.5, ..Default::default() }, "crop_prob"),
-            (AugmentConfig { color_prob: -0.1, ..Default::default() }, "color_prob"),
-            (AugmentConfig { grayscale_prob: f64::NAN, ..Default::default() }, "grayscale_prob"),
-            (AugmentConfig { crop_min: 0.0, ..Default::default() }, "crop_min"),
-            (AugmentConfig { crop_min: 0.9, crop_max: 0.85, ..Default::default() }, "crop_max"),
-            (AugmentConfig { hue_delta: 0.7, ..Default::default() }, "hue_delta"),
-            (AugmentConfig { contrast_range: (1.0, 0.8), ..Default::default() }, "contrast_range"),
-            (AugmentConfig { saturation_range: (-0.1, 1.0), ..Default::default() }, "saturation_range"),
-            (AugmentConfig { jpeg_quality: (0, 100), ..Default::default() }, "jpeg_quality"),
+            (
+                AugmentConfig {
+                    crop_prob: 1.5,
+                    ..Default::default()
+                },
+                "crop_prob",
+            ),
+            (
+                AugmentConfig {
+                    color_prob: -0.1,
+                    ..Default::default()
+                },
+                "color_prob",
+            ),
+            (
+                AugmentConfig {
+                    grayscale_prob: f64::NAN,
+                    ..Default::default()
+                },
+                "grayscale_prob",
+            ),
+            (
+                AugmentConfig {
+                    crop_min: 0.0,
+                    ..Default::default()
+                },
+                "crop_min",
+            ),
+            (
+                AugmentConfig {
+                    crop_min: 0.9,
+                    crop_max: 0.85,
+                    ..Default::default()
+                },
+                "crop_max",
+            ),
+            (
+                AugmentConfig {
+                    hue_delta: 0.7,
+                    ..Default::default()
+                },
+                "hue_delta",
+            ),
+            (
+                AugmentConfig {
+                    contrast_range: (1.0, 0.8),
+                    ..Default::default()
+                },
+                "contrast_range",
+            ),
+            (
+                AugmentConfig {
+                    saturation_range: (-0.1, 1.0),
+                    ..Default::default()
+                },
+                "saturation_range",
+            ),
+            (
+                AugmentConfig {
+                    jpeg_quality: (0, 100),
+                    ..Default::default()
+                },
+                "jpeg_quality",
+            ),
         ];
         for (c, field) in cases {
             let e = c.validate().unwrap_err().to_string();
@@ -379,17 +480,36 @@ mod tests {
 
     #[test]
     fn pixel_box_rounds_edges_and_keeps_a_pixel() {
-        let b = CropBox { x: 0.1, y: 0.25, w: 0.8, h: 0.5 };
+        let b = CropBox {
+            x: 0.1,
+            y: 0.25,
+            w: 0.8,
+            h: 0.5,
+        };
         assert_eq!(b.pixels(10, 8), (1, 2, 8, 4));
         assert_eq!(b.pixels(768, 512), (77, 128, 614, 256));
         assert_eq!(CropBox::FULL.pixels(7, 3), (0, 0, 7, 3));
-        assert_eq!(CropBox { x: 0.5, y: 0.99, w: 0.01, h: 0.01 }.pixels(4, 2), (2, 1, 1, 1));
+        assert_eq!(
+            CropBox {
+                x: 0.5,
+                y: 0.99,
+                w: 0.01,
+                h: 0.01
+            }
+            .pixels(4, 2),
+            (2, 1, 1, 1)
+        );
         assert_eq!(b.pixels(0, 0), (0, 0, 0, 0));
     }
 
     #[test]
     fn hsv_round_trip() {
-        for rgb in [[0.2f32, 0.7, 0.1], [1.0, 0.0, 0.5], [0.3, 0.3, 0.9], [0.5, 0.5, 0.5]] {
+        for rgb in [
+            [0.2f32, 0.7, 0.1],
+            [1.0, 0.0, 0.5],
+            [0.3, 0.3, 0.9],
+            [0.5, 0.5, 0.5],
+        ] {
             let back = hsv_to_rgb(rgb_to_hsv(rgb));
             (0..3).for_each(|c| assert!((back[c] - rgb[c]).abs() < 1e-6, "{rgb:?} -> {back:?}"));
         }

@@ -223,9 +223,9 @@ impl EvalAccumulator {
 
         // Everything checked: now record.
         self.samples += 1;
-        for k in 0..4 {
-            self.pred[k].push(pred[k] as f32);
-            self.gt[k].push(sample.scores[k]);
+        for ((p, g), (pv, gv)) in self.pred.iter_mut().zip(&mut self.gt).zip(pred.iter().zip(&sample.scores)) {
+            p.push(*pv as f32);
+            g.push(*gv);
         }
         for (acc, s) in self.heatmaps.iter_mut().zip(&maps) {
             acc.add(s);
@@ -445,7 +445,7 @@ fn heatmap_note(h: &HeatmapSummary) -> String {
         .collect();
     if !undefined.is_empty() {
         s.push_str(&format!(
-            " Undefined per-sample values (constant map), left out of the means: {}.",
+            " Undefined per-sample values (a constant map, or a GT marking every pixel), left out of the means: {}.",
             undefined.join(", ")
         ));
     }

@@ -110,7 +110,9 @@ fn decode_feature(bytes: &[u8], feature: &mut Option<Feature>) -> Result<(), Str
         }
         let list = r.len_delimited()?;
         let mut cur = match (field, feature.take()) {
-            (1, Some(f @ Feature::Bytes(_))) | (2, Some(f @ Feature::Float(_))) | (3, Some(f @ Feature::Int64(_))) => f,
+            (1, Some(f @ Feature::Bytes(_)))
+            | (2, Some(f @ Feature::Float(_)))
+            | (3, Some(f @ Feature::Int64(_))) => f,
             (1, _) => Feature::Bytes(Vec::new()),
             (2, _) => Feature::Float(Vec::new()),
             _ => Feature::Int64(Vec::new()),

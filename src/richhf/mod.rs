@@ -7,6 +7,7 @@ pub mod pickapic;
 pub mod points;
 pub mod record;
 pub mod sample;
+pub mod synthetic;
 pub mod tfrecord;
 
 pub use sample::{Heatmap, Sample};

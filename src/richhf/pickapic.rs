@@ -94,6 +94,8 @@ impl ImageFolder {
                     return Err(Error::data(&jsonl, Some(index), format!("line {}: not UTF-8: {e}", i + 1)))
                 }
             };
+            // Editors on Windows may start the file with a byte order mark.
+            let text = if i == 0 { text.trim_start_matches('\u{feff}') } else { text };
             if text.trim().is_empty() {
                 continue;
             }
@@ -177,9 +179,10 @@ impl ImageFolder {
 
     /// Decodes the image of `uid` (format by content, not by extension).
     pub fn load_image(&self, uid: &str) -> Result<RgbImage> {
-        let entry = self.entries.get(uid).ok_or_else(|| {
-            Error::data(&self.jsonl, None, format!("no image with uid `{uid}` is listed"))
-        })?;
+        let entry = self
+            .entries
+            .get(uid)
+            .ok_or_else(|| Error::data(&self.jsonl, None, format!("no image with uid `{uid}` is listed")))?;
         let bytes = std::fs::read(&entry.path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::Missing {
                 path: entry.path.clone(),
@@ -222,9 +225,7 @@ pub fn find_parquet_shards(dir: &Path) -> Result<Vec<PathBuf>> {
                 if !hidden {
                     walk(&path, depth + 1, out)?;
                 }
-            } else if path.is_file()
-                && path.extension().is_some_and(|x| x.eq_ignore_ascii_case("parquet"))
-            {
+            } else if path.is_file() && path.extension().is_some_and(|x| x.eq_ignore_ascii_case("parquet")) {
                 out.push(path);
             }
         }
@@ -355,7 +356,8 @@ fn extract_shard(
     let reader = SerializedFileReader::new(file)
         .map_err(|e| Error::data(shard, None, format!("not a readable parquet file: {e}")))?;
     let caption_col = find_column(&reader, shard, CAPTION)?;
-    let uid_cols = [find_column(&reader, shard, UID_COLUMNS[0])?, find_column(&reader, shard, UID_COLUMNS[1])?];
+    let uid_cols =
+        [find_column(&reader, shard, UID_COLUMNS[0])?, find_column(&reader, shard, UID_COLUMNS[1])?];
     let image_cols =
         [find_column(&reader, shard, IMAGE_COLUMNS[0])?, find_column(&reader, shard, IMAGE_COLUMNS[1])?];
     let mut found = 0;
@@ -364,9 +366,8 @@ fn extract_shard(
         if remaining.is_empty() {
             break;
         }
-        let group = reader
-            .get_row_group(rg)
-            .map_err(|e| Error::data(shard, None, format!("row group {rg}: {e}")))?;
+        let group =
+            reader.get_row_group(rg).map_err(|e| Error::data(shard, None, format!("row group {rg}: {e}")))?;
         let n_rows = group.metadata().num_rows() as usize;
         let ctx = |name: &str, e: parquet::errors::ParquetError| {
             Error::data(shard, None, format!("row group {rg}, column `{name}`: {e}"))
@@ -438,10 +439,16 @@ fn extract_shard(
     Ok(found)
 }
 
-/// The index of top-level column `name`, checked to hold strings or bytes.
+/// The index of column `name`, checked to hold strings or bytes.
 fn find_column(reader: &SerializedFileReader<File>, shard: &Path, name: &str) -> Result<usize> {
     let schema = reader.metadata().file_metadata().schema_descr();
-    let index = (0..schema.num_columns()).find(|&i| schema.column(i).path().parts() == [name]);
+    // Hub conversions that typed the images as `Image` store them as a struct
+    // {bytes, path}; its `bytes` leaf holds the same encoded file.
+    let index = (0..schema.num_columns()).find(|&i| {
+        let col = schema.column(i);
+        let parts = col.path().parts();
+        parts == [name] || parts == [name, "bytes"]
+    });
     let Some(index) = index else {
         return Err(Error::data(
             shard,
@@ -464,7 +471,10 @@ fn find_column(reader: &SerializedFileReader<File>, shard: &Path, name: &str) ->
     Ok(index)
 }
 
-fn byte_array_reader(group: &dyn RowGroupReader, col: usize) -> parquet::errors::Result<ColumnReaderImpl<ByteArrayType>> {
+fn byte_array_reader(
+    group: &dyn RowGroupReader,
+    col: usize,
+) -> parquet::errors::Result<ColumnReaderImpl<ByteArrayType>> {
     match group.get_column_reader(col)? {
         ColumnReader::ByteArrayColumnReader(r) => Ok(r),
         _ => Err(parquet::errors::ParquetError::General("not a BYTE_ARRAY column".into())),
@@ -505,7 +515,10 @@ fn read_sparse(
         if row > pos {
             let skipped = reader.skip_records(row - pos)?;
             if skipped != row - pos {
-                return Err(General(format!("column ends at row {}, the row group has {n_rows}", pos + skipped)));
+                return Err(General(format!(
+                    "column ends at row {}, the row group has {n_rows}",
+                    pos + skipped
+                )));
             }
             pos = row;
         }
@@ -521,7 +534,10 @@ fn read_sparse(
             let (records, _, _) =
                 reader.read_records(run - read, nullable.then_some(&mut defs), None, &mut values)?;
             if records == 0 {
-                return Err(General(format!("column ends at row {}, the row group has {n_rows}", pos + read)));
+                return Err(General(format!(
+                    "column ends at row {}, the row group has {n_rows}",
+                    pos + read
+                )));
             }
             read += records;
         }

@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 pub fn disk_map(points: &[(f32, f32)], height: usize, width: usize, radius: f32) -> Heatmap {
     let mut map = Heatmap::zeros(height, width);
     let r = radius as f64;
-    if !(r >= 0.0) {
+    if r.is_nan() || r < 0.0 {
         return map;
     }
     for &(x, y) in points {
@@ -75,7 +75,11 @@ pub fn average_annotators(annotators: &[Vec<(f32, f32)>], height: usize, width: 
 
 /// A heatmap in [0, 1] as an 8-bit grayscale image, `round(v * 255)`.
 pub fn heatmap_to_gray(map: &Heatmap) -> image::GrayImage {
-    let raw = map.data.iter().map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+    let raw = map
+        .data
+        .iter()
+        .map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
     image::GrayImage::from_raw(map.width as u32, map.height as u32, raw)
         .expect("heatmap data has height * width values")
 }
@@ -114,22 +118,35 @@ pub fn convert_points_file(jsonl: &Path, out_dir: &Path) -> Result<PointsReport>
         if raw.trim().is_empty() {
             continue;
         }
-        let rec: PointsRecord = serde_json::from_str(raw).map_err(|e| err(line, format!("invalid JSON: {e}")))?;
+        let rec: PointsRecord =
+            serde_json::from_str(raw).map_err(|e| err(line, format!("invalid JSON: {e}")))?;
         if rec.height == 0 || rec.width == 0 {
-            return Err(err(line, format!("image size {}x{} is empty", rec.width, rec.height)));
+            return Err(err(
+                line,
+                format!("image size {}x{} is empty", rec.width, rec.height),
+            ));
         }
         let stem = Path::new(&rec.filename)
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| err(line, format!("filename {:?} has no stem to name the maps", rec.filename)))?;
+            .ok_or_else(|| {
+                err(
+                    line,
+                    format!("filename {:?} has no stem to name the maps", rec.filename),
+                )
+            })?;
         if let Some(first) = stems.insert(stem.clone(), line) {
-            return Err(err(line, format!("filename stem {stem:?} was already used on line {first}")));
+            return Err(err(
+                line,
+                format!("filename stem {stem:?} was already used on line {first}"),
+            ));
         }
         let mut maps = Vec::with_capacity(2);
-        for (field, annotators) in
-            [("artifact_points", &rec.artifact_points), ("misalignment_points", &rec.misalignment_points)]
-        {
+        for (field, annotators) in [
+            ("artifact_points", &rec.artifact_points),
+            ("misalignment_points", &rec.misalignment_points),
+        ] {
             if annotators.is_empty() {
                 return Err(err(line, format!("{field} has no annotators")));
             }
@@ -148,8 +165,10 @@ pub fn convert_points_file(jsonl: &Path, out_dir: &Path) -> Result<PointsReport>
                 }
                 points += pts.len();
             }
-            let pts: Vec<Vec<(f32, f32)>> =
-                annotators.iter().map(|a| a.iter().map(|&[x, y]| (x, y)).collect()).collect();
+            let pts: Vec<Vec<(f32, f32)>> = annotators
+                .iter()
+                .map(|a| a.iter().map(|&[x, y]| (x, y)).collect())
+                .collect();
             maps.push((field, pts));
         }
         jobs.push((stem, rec.height, rec.width, maps));
@@ -158,15 +177,26 @@ pub fn convert_points_file(jsonl: &Path, out_dir: &Path) -> Result<PointsReport>
     let mut written = Vec::with_capacity(jobs.len() * 2);
     for (stem, height, width, maps) in &jobs {
         for (field, annotators) in maps {
-            let kind = if *field == "artifact_points" { "artifact" } else { "misalignment" };
+            let kind = if *field == "artifact_points" {
+                "artifact"
+            } else {
+                "misalignment"
+            };
             let path = out_dir.join(format!("{stem}_{kind}_map.png"));
             heatmap_to_gray(&average_annotators(annotators, *height, *width))
                 .save(&path)
-                .map_err(|e| Error::Image { path: path.clone(), reason: e.to_string() })?;
+                .map_err(|e| Error::Image {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
             written.push(path);
         }
     }
-    Ok(PointsReport { images: jobs.len(), points, written })
+    Ok(PointsReport {
+        images: jobs.len(),
+        points,
+        written,
+    })
 }
 
 #[cfg(test)]
@@ -180,9 +210,15 @@ mod tests {
         let inside: Vec<usize> = (0..100).filter(|&k| m.data[k] == 1.0).collect();
         assert_eq!(inside, vec![44, 45, 54, 55]);
         assert!(disk_map(&[], 3, 4, 2.0).data.iter().all(|&v| v == 0.0));
-        assert!(disk_map(&[(1.0, 1.0)], 3, 4, f32::NAN).data.iter().all(|&v| v == 0.0));
+        assert!(disk_map(&[(1.0, 1.0)], 3, 4, f32::NAN)
+            .data
+            .iter()
+            .all(|&v| v == 0.0));
         // A disk entirely outside the image marks nothing and does not panic.
-        assert!(disk_map(&[(-50.0, 80.0)], 3, 4, 2.0).data.iter().all(|&v| v == 0.0));
+        assert!(disk_map(&[(-50.0, 80.0)], 3, 4, 2.0)
+            .data
+            .iter()
+            .all(|&v| v == 0.0));
     }
 
     #[test]

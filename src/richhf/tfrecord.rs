@@ -48,7 +48,7 @@ pub fn crc32c(data: &[u8]) -> u32 {
 /// the stored value is rotated and offset.
 pub fn masked_crc32c(data: &[u8]) -> u32 {
     let crc = crc32c(data);
-    ((crc >> 15) | (crc << 17)).wrapping_add(MASK_DELTA)
+    crc.rotate_right(15).wrapping_add(MASK_DELTA)
 }
 
 /// What a reader does with a damaged record.
@@ -208,7 +208,10 @@ enum Header {
     End,
     /// Fewer than [`HEADER_LEN`] bytes left.
     Truncated(usize),
-    Bad { stored: u32, computed: u32 },
+    Bad {
+        stored: u32,
+        computed: u32,
+    },
     Good(u64),
 }
 
@@ -365,8 +368,7 @@ impl<R: Read> TfRecordReader<R> {
                 }
                 Header::Bad { stored, computed } => {
                     self.next_index += 1;
-                    let reason =
-                        format!("bad length CRC (stored 0x{stored:08x}, computed 0x{computed:08x})");
+                    let reason = format!("bad length CRC (stored 0x{stored:08x}, computed 0x{computed:08x})");
                     if self.on_error == OnError::Stop {
                         return self.damage(index, offset, reason);
                     }
@@ -433,8 +435,7 @@ impl<R: Read> TfRecordReader<R> {
                     }
                     // The length CRC was good, so the next record starts right after this one.
                     self.advance(t);
-                    let reason =
-                        format!("bad data CRC (stored 0x{stored:08x}, computed 0x{computed:08x})");
+                    let reason = format!("bad data CRC (stored 0x{stored:08x}, computed 0x{computed:08x})");
                     if let Some(r) = self.damage(index, offset, reason) {
                         return Some(r);
                     }
@@ -562,11 +563,11 @@ mod tests {
         let inc: Vec<u8> = (0..32).collect();
         assert_eq!(crc32c(&inc), 0x46DD_794E);
         assert_eq!(crc32c(b""), 0);
-        // TensorFlow's masking, from its crc32c_test (Mask/Unmask round trip aside):
-        // mask(crc) != crc and the length CRC of an empty record is fixed.
-        let crc = crc32c(b"foo");
-        assert_ne!(masked_crc32c(b"foo"), crc);
-        assert_eq!(masked_crc32c(b"foo"), ((crc >> 15) | (crc << 17)).wrapping_add(0xa282ead8));
+        // Masked values as TensorBoard's pure-Python TFRecord writer computes them.
+        assert_eq!(crc32c(b"foo"), 0xcfc4_ae1d);
+        assert_eq!(masked_crc32c(b"foo"), 0xfebe_8a61);
+        assert_eq!(masked_crc32c(&1234u64.to_le_bytes()), 0x5671_0e67);
+        assert_eq!(masked_crc32c(b""), 0xa282_ead8);
     }
 
     #[test]
@@ -589,7 +590,13 @@ mod tests {
         // Random access finds the same records.
         let mut c = Cursor::new(expect);
         for i in [3, 0, 2] {
-            let d = read_record_at(&mut c, Path::new("t"), i, offsets[i as usize], Some(recs[i as usize].len() as u64));
+            let d = read_record_at(
+                &mut c,
+                Path::new("t"),
+                i,
+                offsets[i as usize],
+                Some(recs[i as usize].len() as u64),
+            );
             assert_eq!(d.unwrap(), recs[i as usize]);
         }
         let stale = read_record_at(&mut c, Path::new("t"), 1, offsets[1], Some(5)).unwrap_err();
@@ -636,19 +643,12 @@ mod tests {
 
         let (out, problems2) = read_all(&bytes, OnError::Skip);
         assert!(problems.is_empty());
-        assert_eq!(
-            datas(&out),
-            vec![(0, b"zero".to_vec()), (2, b"two".to_vec()), (3, b"three".to_vec())]
-        );
+        assert_eq!(datas(&out), vec![(0, b"zero".to_vec()), (2, b"two".to_vec()), (3, b"three".to_vec())]);
         assert_eq!(out[1].as_ref().unwrap().offset, offsets[2]);
         assert_eq!(problems2.len(), 1);
         assert_eq!((problems2[0].index, problems2[0].offset), (Some(1), offsets[1]));
         let skipped = offsets[2] - offsets[1];
-        assert!(
-            problems2[0].reason.contains(&format!("skipped {skipped} bytes")),
-            "{}",
-            problems2[0].reason
-        );
+        assert!(problems2[0].reason.contains(&format!("skipped {skipped} bytes")), "{}", problems2[0].reason);
         // The same through a reader that returns 3 bytes at a time.
         let mut r = TfRecordReader::new(Trickle(Cursor::new(bytes.clone())), "t", OnError::Skip);
         assert_eq!(r.by_ref().count(), 3);
@@ -664,7 +664,11 @@ mod tests {
         assert_eq!(datas(&out), vec![(0, b"zero".to_vec())]);
         assert_eq!(problems.len(), 1);
         let tail = bytes.len() as u64 - offsets[1];
-        assert!(problems[0].reason.contains(&format!("skipped the last {tail} bytes")), "{}", problems[0].reason);
+        assert!(
+            problems[0].reason.contains(&format!("skipped the last {tail} bytes")),
+            "{}",
+            problems[0].reason
+        );
     }
 
     #[test]
@@ -672,7 +676,9 @@ mod tests {
         let recs: [&[u8]; 2] = [b"zero", b"one and more"];
         let (bytes, offsets) = file(&recs);
         // Cut inside the second record's data, then inside its header.
-        for (cut, what) in [(offsets[1] as usize + HEADER_LEN + 3, "data bytes"), (offsets[1] as usize + 5, "5 of 12")] {
+        for (cut, what) in
+            [(offsets[1] as usize + HEADER_LEN + 3, "data bytes"), (offsets[1] as usize + 5, "5 of 12")]
+        {
             let b = &bytes[..cut];
             let (out, _) = read_all(b, OnError::Stop);
             assert_eq!(out.len(), 2);
@@ -686,7 +692,11 @@ mod tests {
         // Missing only the final CRC byte is truncation too.
         let (out, problems) = read_all(&bytes[..bytes.len() - 1], OnError::Skip);
         assert_eq!(out.len(), 1);
-        assert!(problems[0].reason.contains("header promises 12 data bytes + 4 CRC bytes, 15 are left"), "{}", problems[0].reason);
+        assert!(
+            problems[0].reason.contains("header promises 12 data bytes + 4 CRC bytes, 15 are left"),
+            "{}",
+            problems[0].reason
+        );
         // A clean empty file has no records and no problems.
         let (out, problems) = read_all(b"", OnError::Stop);
         assert!(out.is_empty() && problems.is_empty());

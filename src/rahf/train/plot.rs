@@ -215,11 +215,23 @@ pub fn render_svg(series: &[Series]) -> String {
     };
     let x = Axis { lo: xlo, hi: xhi, log: false, px_lo: LEFT, px_hi: WIDTH - RIGHT };
 
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" \
-         viewBox=\"0 0 {WIDTH} {HEIGHT}\" font-family=\"sans-serif\" font-size=\"12\">\n"
-    );
     let (top, bottom, left, right) = (TOP, HEIGHT - BOTTOM, LEFT, WIDTH - RIGHT);
+    let legend: Vec<String> = series
+        .iter()
+        .zip(&kept)
+        .map(|(s, k)| match s.points.len() - k.len() {
+            0 => s.name.clone(),
+            n => format!("{} ({n} non-finite not shown)", s.name),
+        })
+        .collect();
+    // The plot area is fixed; the picture grows to fit a long or tall legend.
+    let longest = legend.iter().map(|l| l.chars().count()).max().unwrap_or(0);
+    let width = WIDTH.max(right + 40.0 + 7.0 * longest as f64);
+    let height = HEIGHT.max(top + 20.0 + 18.0 * legend.len() as f64);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         viewBox=\"0 0 {width} {height}\" font-family=\"sans-serif\" font-size=\"12\">\n"
+    );
 
     // X ticks: whole steps.
     let xstep = nice_step(xhi - xlo, 8.0).max(1.0);
@@ -284,7 +296,7 @@ pub fn render_svg(series: &[Series]) -> String {
         );
     }
 
-    for (i, (s, pts)) in series.iter().zip(&kept).enumerate() {
+    for (i, (label, pts)) in legend.iter().zip(&kept).enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
         let pts = decimate(pts, &x);
         if pts.len() == 1 {
@@ -307,20 +319,14 @@ pub fn render_svg(series: &[Series]) -> String {
         }
         let ly = top + 10.0 + 18.0 * i as f64;
         let lx = right + 14.0;
-        let dropped = s.points.len() - kept[i].len();
-        let note = if dropped > 0 {
-            format!(" ({dropped} non-finite not shown)")
-        } else {
-            String::new()
-        };
         let _ = writeln!(
             svg,
             "<line x1=\"{lx:.2}\" y1=\"{ly:.2}\" x2=\"{:.2}\" y2=\"{ly:.2}\" stroke=\"{colour}\" \
-             stroke-width=\"3\"/><text x=\"{:.2}\" y=\"{:.2}\">{}{note}</text>",
+             stroke-width=\"3\"/><text x=\"{:.2}\" y=\"{:.2}\">{}</text>",
             lx + 20.0,
             lx + 26.0,
             ly + 4.0,
-            escape(&s.name)
+            escape(label)
         );
     }
     svg.push_str("</svg>");
@@ -366,6 +372,15 @@ mod tests {
         assert!(svg.contains("loss &lt;total&gt; (1 non-finite not shown)"));
         assert!(svg.contains("val (1 non-finite not shown)"));
         assert!(!svg.contains("log scale"));
+        let short = render_svg(&[Series { name: "loss".into(), points: vec![(0, 1.0)] }]);
+        assert!(short.contains(&format!("width=\"{WIDTH}\" height=\"{HEIGHT}\"")));
+        // 37 legend characters widen the picture.
+        assert!(svg.contains(&format!("width=\"{}\"", WIDTH - RIGHT + 40.0 + 7.0 * 37.0)));
+        let long = vec![Series { name: "x".repeat(100), points: vec![(0, 1.0)] }; 30];
+        let big = render_svg(&long);
+        let w = WIDTH - RIGHT + 40.0 + 700.0;
+        let h = TOP + 20.0 + 18.0 * 30.0;
+        assert!(big.contains(&format!("width=\"{w}\" height=\"{h}\"")), "{}", &big[..200]);
         assert!(svg.contains(">0.5<") || svg.contains(">0.50<"), "tick labels: {svg}");
     }
 
