@@ -17,8 +17,8 @@ const COLOURS: [(&str, [u8; 3]); 3] = [("red", [220, 30, 30]), ("green", [30, 20
 const SUBJECTS: [&str; 6] = ["cat", "dog", "car", "house", "bird", "tree"];
 
 /// Radii of the blotch, in pixels of an image of side `size`, as fractions.
-const MIN_RADIUS: f32 = 0.06;
-const MAX_RADIUS: f32 = 0.22;
+const MIN_RADIUS: f32 = 0.12;
+const MAX_RADIUS: f32 = 0.32;
 
 /// `n` samples of `image_size`² images with `heatmap_size`² heatmaps; sample `i`
 /// depends only on `(seed, i)`.

@@ -123,7 +123,7 @@ mod tests {
         let a = vec![5, 6, 1];
         let b = vec![7, 1];
         let (input, labels) = decoder_tensors(&[&a, &b], 0, 0, tch::Device::Cpu);
-        assert_eq!(Vec::<i64>::try_from(input.view([-1])).unwrap(), vec![0, 5, 6, 0, 7, 0]);
+        assert_eq!(Vec::<i64>::try_from(input.view([-1])).unwrap(), vec![0, 5, 6, 0, 7, 1]);
         assert_eq!(Vec::<i64>::try_from(labels.view([-1])).unwrap(), vec![5, 6, 1, 7, 1, IGNORE]);
     }
 }
