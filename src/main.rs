@@ -2,6 +2,8 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod train_cli;
+
 #[derive(Parser)]
 #[command(name = "orchestrate", version, about = "Rich human feedback for text-to-image generation")]
 struct Cli {
@@ -15,7 +17,7 @@ enum Command {
     Generate(GenerateArgs),
     /// RAHF feedback (four scores, two heatmaps, misaligned keywords) for existing images.
     Score(ScoreArgs),
-    /// Make an orchestrate RAHF folder: import the published PyTorch checkpoint, or start fresh from HF backbones.
+    /// RAHF itself: import the published checkpoint, start fresh from HF backbones, train, evaluate.
     #[command(subcommand)]
     Rahf(RahfCommand),
     /// Inpaint the implausible regions RAHF finds (heatmap -> mask -> candidates), keep the most plausible.
@@ -182,6 +184,14 @@ enum RahfCommand {
     Import(RahfImportArgs),
     /// A fresh (untrained) RAHF from HF ViT and T5 checkpoints; heads initialised like PyTorch's defaults.
     Init(RahfInitArgs),
+    /// Train RAHF on RichHF-18K (TFRecords + Pick-a-Pic images): losses of §4.1.3, schedule of Supp. §9.
+    Train(train_cli::TrainArgs),
+    /// The paper's metric tables (Tables 1-4) for a RAHF folder on a RichHF-18K split.
+    Eval(train_cli::EvalArgs),
+    /// Write a small synthetic data set in RichHF-18K's format (a planted, learnable signal).
+    Synth(train_cli::SynthArgs),
+    /// Turn raw point annotations into heatmaps (a disk of radius H/20 per point, averaged over annotators).
+    Heatmaps(train_cli::HeatmapsArgs),
 }
 
 #[derive(clap::Args)]
@@ -230,6 +240,10 @@ fn rahf(cmd: RahfCommand) -> Result<()> {
             let report = orchestrate::rahf::init::init(&a.vit, &a.t5, variant, a.seed, &a.out)?;
             print!("{report}");
         }
+        RahfCommand::Train(a) => train_cli::run_train(a)?,
+        RahfCommand::Eval(a) => train_cli::run_eval(a)?,
+        RahfCommand::Synth(a) => train_cli::run_synth(a)?,
+        RahfCommand::Heatmaps(a) => train_cli::run_heatmaps(a)?,
     }
     Ok(())
 }

@@ -9,7 +9,11 @@
 //! - aesthetics follows the background's brightness; overall is their mean.
 //!
 //! Words come from the test tokenizer's small vocabulary (tests/fixtures/rahf/t5).
+use crate::error::{Error, Result};
+use crate::richhf::record::{encode_record, RichHfRecord};
 use crate::richhf::sample::{Heatmap, Sample};
+use crate::richhf::tfrecord::TfRecordWriter;
+use std::path::Path;
 use crate::rng::Rng;
 use image::{Rgb, RgbImage};
 
@@ -77,6 +81,38 @@ pub fn sample(i: usize, image_size: u32, heatmap_size: usize, seed: u64) -> Samp
         heatmaps: [implausible, misaligned_map],
         misaligned: vec![false, !aligned, false],
     }
+}
+
+/// Writes a synthetic data set in the released layout, so the whole pipeline
+/// (`rahf train`, `rahf eval`) can run on it: `DIR/{split}.tfrecord` for each
+/// `(split, count)`, the images under `DIR/images/`, and `DIR/prompts.jsonl`
+/// (an image folder, as for Pick-a-Pic). Heatmaps are stored as PNG at
+/// `heatmap_size`, like the release's 512x512 maps.
+pub fn write_dataset(out: &Path, splits: &[(&str, usize)], image_size: u32, heatmap_size: usize, seed: u64) -> Result<()> {
+    let images = out.join("images");
+    std::fs::create_dir_all(&images).map_err(|e| Error::io(&images, e))?;
+    let mut jsonl = String::new();
+    for (k, (split, count)) in splits.iter().enumerate() {
+        let path = out.join(format!("{split}.tfrecord"));
+        let mut writer = TfRecordWriter::create(&path)?;
+        for (i, s) in samples(*count, image_size, heatmap_size, seed.wrapping_add(1000 * k as u64)).into_iter().enumerate() {
+            let uid = format!("synthetic-{split}-{i:06}");
+            let file = images.join(format!("{uid}.png"));
+            s.image.save(&file).map_err(|e| Error::Image { path: file.clone(), reason: e.to_string() })?;
+            jsonl.push_str(&serde_json::json!({ "filename": format!("images/{uid}.png"), "prompt": s.prompt }).to_string());
+            jsonl.push('\n');
+            let record = RichHfRecord {
+                index: i as u64,
+                filename: format!("{split}/{uid}.png"),
+                scores: s.scores,
+                heatmaps: s.heatmaps,
+                labels: s.misaligned.iter().map(|&m| if m { 0 } else { 1 }).collect(),
+            };
+            writer.write_record(&encode_record(&record))?;
+        }
+        writer.finish()?;
+    }
+    crate::heatmap_io::write_atomic(&out.join("prompts.jsonl"), jsonl.as_bytes())
 }
 
 #[cfg(test)]
