@@ -15,10 +15,14 @@ fn fixtures() -> PathBuf {
 
 /// The tiny multi-head RAHF (48 px images, 48 px heatmaps), imported from the fixture.
 fn init_folder(dir: &Path) -> PathBuf {
-    let out = dir.join("init");
+    init_variant(dir, "multi_head")
+}
+
+fn init_variant(dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(format!("init-{name}"));
     let f = fixtures();
     orchestrate::rahf::import::import(
-        &f.join("multi_head.pt"),
+        &f.join(format!("{name}.pt")),
         f.join("vit").to_str().unwrap(),
         f.join("t5").to_str().unwrap(),
         &out,
@@ -175,4 +179,56 @@ fn resume_continues_exactly() {
     // Only the newest 2 checkpoints are kept.
     let kept = std::fs::read_dir(resumed.join("checkpoints")).unwrap().count();
     assert_eq!(kept, 2);
+}
+
+/// bf16 (the default on CUDA) runs forward and backward in bfloat16 on copies of the
+/// fp32 master weights; the updates land on the fp32 weights. Checked here on the CPU.
+#[test]
+fn bf16_steps_update_fp32_master_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = init_folder(tmp.path());
+    let data = InMemory { name: "synthetic".into(), samples: synthetic::samples(8, 48, 48, 4) };
+    let mut h = hyper(2);
+    h.precision = "bf16".into();
+    h.batch_size = 4;
+    h.micro_batch_size = 2;
+    let out = tmp.path().join("run");
+    let s = train(&options(&init, &out, h), &data, None).unwrap();
+    assert!(s.last_loss.unwrap().is_finite());
+    let before: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(init.join("model.safetensors")).unwrap().into_iter().collect();
+    let after = tch::Tensor::read_safetensors(s.final_model.join("model.safetensors")).unwrap();
+    let mut changed = 0;
+    for (name, t) in &after {
+        assert_eq!(t.kind(), tch::Kind::Float, "{name} saved as {:?}", t.kind());
+        if t.to_kind(tch::Kind::Double).ne_tensor(&before[name].to_kind(tch::Kind::Double)).any().int64_value(&[]) != 0 {
+            changed += 1;
+        }
+    }
+    assert!(changed * 10 > after.len() * 9, "only {changed} of {} tensors were updated", after.len());
+    let train_json: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("train.json")).unwrap()).unwrap();
+    assert_eq!(train_json["hyperparameters"]["precision"], "bf16");
+}
+
+/// The augmented-prompt variant trains through its six task prompts (one shared
+/// score head, one shared heatmap head), and its loss goes down on a fixed batch.
+#[test]
+fn augmented_variant_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = init_variant(tmp.path(), "augmented");
+    let data = InMemory { name: "synthetic".into(), samples: synthetic::samples(8, 48, 48, 6) };
+    let mut h = hyper(12);
+    h.batch_size = 8;
+    h.micro_batch_size = 4;
+    let out = tmp.path().join("run");
+    train(&options(&init, &out, h), &data, None).unwrap();
+    let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    let losses: Vec<f64> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 12);
+    assert!(losses[11] < 0.5 * losses[0], "loss {losses:?}");
+    let cfg = orchestrate::rahf::RahfConfig::load(&out.join("final")).unwrap();
+    assert_eq!(cfg.variant, orchestrate::rahf::Variant::Augmented);
 }
