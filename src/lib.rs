@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod mask;
 pub mod metrics;
 pub mod nn;
+pub mod progress;
 pub mod rahf;
 pub mod recipe;
 pub mod report;

@@ -147,13 +147,30 @@ struct ScoreArgs {
     /// Where to write heatmap overlays (PNG) and raw heatmaps (.npy).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    run: RahfRunArgs,
+}
+
+/// Where and how RAHF runs for `score` and `rahf eval`.
+#[derive(clap::Args)]
+pub(crate) struct RahfRunArgs {
+    /// Images per forward pass.
     #[arg(long, default_value_t = 8)]
-    batch_size: usize,
+    pub batch_size: usize,
+    /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
-    device: String,
-    /// auto (fp32 on CPU and CUDA), fp32, fp16 or bf16.
+    pub device: String,
+    /// RAHF's precision: fp32 (default; `auto` means fp32 too), fp16 or bf16 (CUDA only).
     #[arg(long, default_value = "fp32")]
-    dtype: String,
+    pub dtype: String,
+}
+
+impl RahfRunArgs {
+    pub fn placement(&self) -> Result<(tch::Device, tch::Kind)> {
+        let device = orchestrate::device::parse_device(&self.device)?;
+        let dtype = if self.dtype == "auto" { "fp32" } else { &self.dtype };
+        Ok((device, orchestrate::device::parse_dtype(dtype, device)?))
+    }
 }
 
 fn score(a: ScoreArgs) -> Result<()> {
@@ -169,10 +186,9 @@ fn score(a: ScoreArgs) -> Result<()> {
     if items.is_empty() {
         anyhow::bail!("nothing to score: give IMAGE... with --prompt, or --manifest FILE.jsonl");
     }
-    let device = orchestrate::device::parse_device(&a.device)?;
-    let kind = orchestrate::device::parse_dtype(if a.dtype == "auto" { "fp32" } else { &a.dtype }, device)?;
+    let (device, kind) = a.run.placement()?;
     let model = orchestrate::rahf::FeedbackModel::load(&a.rahf, device, kind)?;
-    orchestrate::score::run(&model, &items, a.batch_size, a.out.as_deref(), &mut |rec| {
+    orchestrate::score::run(&model, &items, a.run.batch_size, a.out.as_deref(), &mut |rec| {
         println!("{}", serde_json::to_string(rec).expect("records serialise"));
     })?;
     Ok(())

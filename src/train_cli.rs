@@ -193,22 +193,15 @@ pub struct EvalArgs {
     /// Evaluate the first N samples only (0: all).
     #[arg(long, default_value_t = 0)]
     limit: usize,
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// RAHF's precision: fp32 (default), fp16 or bf16 (CUDA only).
-    #[arg(long, default_value = "fp32")]
-    dtype: String,
+    #[command(flatten)]
+    run: crate::RahfRunArgs,
     /// Print the report as JSON instead of Markdown tables.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
-    let device = orchestrate::device::parse_device(&a.device)?;
-    let kind = orchestrate::device::parse_dtype(&a.dtype, device)?;
+    let (device, kind) = a.run.placement()?;
     let model = orchestrate::rahf::FeedbackModel::load(&a.rahf, device, kind)?;
     let (split, _) = a.data.open(&[a.split.as_str()])?.into_iter().next().expect("one split");
     let data = Limited { inner: &split, limit: if a.limit == 0 { usize::MAX } else { a.limit } };
@@ -225,12 +218,12 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         _ => None,
     };
     let total = data.len();
-    let bar = progress(total as u64);
+    let bar = orchestrate::progress::terminal_bar(total as u64, "{elapsed_precise} [{bar:30}] {pos}/{len} samples, ETA {eta}");
     let report = orchestrate::rahf::eval::evaluate(
         &model,
         &a.split,
         (0..total).map(|i| data.get(i)),
-        a.batch_size,
+        a.run.batch_size,
         predictions,
         |done| {
             if let Some(b) = &bar {
@@ -254,19 +247,6 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         print!("{markdown}");
     }
     Ok(())
-}
-
-fn progress(total: u64) -> Option<indicatif::ProgressBar> {
-    use std::io::IsTerminal;
-    std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new(total);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} samples, ETA {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar
-    })
 }
 
 #[derive(clap::Args)]

@@ -478,18 +478,10 @@ struct Progress {
 
 impl Progress {
     fn new(total: usize) -> Self {
-        use std::io::IsTerminal;
-        let bar = (std::io::stderr().is_terminal() && total > 0).then(|| {
-            let bar = indicatif::ProgressBar::new(total as u64);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{elapsed_precise} [{bar:30}] {pos}/{len} prompts, ETA {eta} {msg}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
-            bar
-        });
+        let bar = crate::progress::terminal_bar(
+            total as u64,
+            "{elapsed_precise} [{bar:30}] {pos}/{len} prompts, ETA {eta} {msg}",
+        );
         Progress {
             bar,
             total,

@@ -329,17 +329,10 @@ impl Log {
 }
 
 fn progress_bar(show: bool, total: u64, start: u64) -> Option<indicatif::ProgressBar> {
-    use std::io::IsTerminal;
-    (show && std::io::stderr().is_terminal()).then(|| {
-        let bar = indicatif::ProgressBar::new(total);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len}, ETA {eta} {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar.set_position(start);
-        bar
-    })
+    let bar = crate::progress::terminal_bar(total, "{elapsed_precise} [{bar:30}] step {pos}/{len}, ETA {eta} {msg}")
+        .filter(|_| show)?;
+    bar.set_position(start);
+    Some(bar)
 }
 
 pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn SampleSource>) -> Result<TrainSummary> {
