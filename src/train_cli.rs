@@ -137,11 +137,18 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         seed: a.seed,
         precision: a.precision.clone(),
     };
-    let mut splits = a.data.open(&["train", "dev"])?.into_iter();
+    let has_dev = a.data.data.join("dev.tfrecord").exists();
+    if !has_dev {
+        tracing::warn!("{}: no dev.tfrecord; training without validation", a.data.data.display());
+    }
+    let names: &[&str] = if has_dev { &["train", "dev"] } else { &["train"] };
+    let mut splits = a.data.open(names)?.into_iter();
     let (train_split, _) = splits.next().expect("train");
-    let (dev_split, _) = splits.next().expect("dev");
-    let dev_limited = Limited { inner: &dev_split, limit: if a.dev_limit == 0 { usize::MAX } else { a.dev_limit } };
-    let dev: Option<&dyn SampleSource> = (!dev_limited.is_empty()).then_some(&dev_limited as &dyn SampleSource);
+    let dev_split = splits.next().map(|(s, _)| s);
+    let limit = if a.dev_limit == 0 { usize::MAX } else { a.dev_limit };
+    let dev_limited = dev_split.as_ref().map(|d| Limited { inner: d, limit });
+    let dev: Option<&dyn SampleSource> =
+        dev_limited.as_ref().filter(|d| !d.is_empty()).map(|d| d as &dyn SampleSource);
     let opts = TrainOptions {
         init: a.init.clone(),
         out: a.out.clone(),

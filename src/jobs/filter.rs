@@ -420,7 +420,7 @@ struct Consumer<'a> {
     out: &'a Path,
     opts: &'a FilterOptions,
     manifest: &'a mut Manifest,
-    progress: Progress,
+    progress: crate::progress::Progress,
 }
 
 impl Consumer<'_> {
@@ -463,56 +463,8 @@ impl Consumer<'_> {
             .filter(|v| !v.is_nan())
             .fold(f64::NAN, f64::max);
         self.progress
-            .done(id, s.images.len(), record.kept.len(), best);
+            .step(format!("{id}: {} images, best {best:.3}, kept {}", s.images.len(), record.kept.len()));
         Ok(())
-    }
-}
-
-/// A progress bar with ETA on a terminal, plain log lines otherwise.
-struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    total: usize,
-    finished: usize,
-    started: Instant,
-}
-
-impl Progress {
-    fn new(total: usize) -> Self {
-        let bar = crate::progress::terminal_bar(
-            total as u64,
-            "{elapsed_precise} [{bar:30}] {pos}/{len} prompts, ETA {eta} {msg}",
-        );
-        Progress {
-            bar,
-            total,
-            finished: 0,
-            started: Instant::now(),
-        }
-    }
-
-    fn done(&mut self, id: &str, images: usize, kept: usize, best: f64) {
-        self.finished += 1;
-        match &self.bar {
-            Some(bar) => {
-                bar.set_message(format!("last: {id} best {best:.3}, kept {kept}"));
-                bar.inc(1);
-            }
-            None => {
-                let elapsed = self.started.elapsed().as_secs_f64();
-                let eta = elapsed / self.finished as f64 * (self.total - self.finished) as f64;
-                tracing::info!(
-                    "filter: {}/{} prompts; {id}: {images} images, best {best:.3}, kept {kept}; ETA {eta:.0} s",
-                    self.finished,
-                    self.total
-                );
-            }
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish();
-        }
     }
 }
 
@@ -621,7 +573,7 @@ pub fn run_with(
             out,
             opts,
             manifest: &mut manifest,
-            progress: Progress::new(todo.len()),
+            progress: crate::progress::Progress::new("filter", "prompts", todo.len()),
         };
         let batch_size = common.sampling.batch_size;
         match mode {

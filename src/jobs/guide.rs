@@ -161,8 +161,7 @@ pub fn run(opts: &GuideOptions, common: &CommonOptions, ctx: &RunContext) -> Res
             let d = ctx.out.join(dir);
             std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
         }
-        let total = pending.len();
-        let mut done = 0usize;
+        let mut progress = crate::progress::Progress::new("guide", "prompts", pending.len());
         let out = ctx.out.clone();
         let sampling = &common.sampling;
         overlap(
@@ -237,11 +236,11 @@ pub fn run(opts: &GuideOptions, common: &CommonOptions, ctx: &RunContext) -> Res
                     unguided_seconds: p.unguided_seconds,
                 };
                 manifest.append(&id, &record)?;
-                done += 1;
-                tracing::info!("[{done}/{total}] {id}: guided in {:.1} s", p.guided_seconds);
+                progress.step(format!("{id}: guided in {:.1} s", p.guided_seconds));
                 Ok(())
             },
         )?;
+        progress.finish();
     }
     let summary = summarize(&manifest, ctx, new, skipped)?;
     write_guide_report(&manifest, opts, common, ctx, &summary)?;

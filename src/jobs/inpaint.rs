@@ -416,9 +416,7 @@ pub fn run(opts: &InpaintOptions, common: &CommonOptions, ctx: &RunContext) -> R
         };
         mode_name = Some(mode_str.to_string());
         tracing::info!("inpaint generator {generator}: {mode_str} inpainting");
-        let total = pending.len();
-        let mut done = 0usize;
-        let started = std::time::Instant::now();
+        let mut progress = crate::progress::Progress::new("inpaint", "items", pending.len());
         let out = ctx.out.clone();
         let mode_owned = mode_str.to_string();
         let generator_name = generator.clone();
@@ -430,17 +428,14 @@ pub fn run(opts: &InpaintOptions, common: &CommonOptions, ctx: &RunContext) -> R
                 let record = write_item(&out, p, opts, &generator_name, &mode_owned)?;
                 let id = record.0;
                 manifest.append(&id, &record.1)?;
-                done += 1;
-                tracing::info!(
-                    "[{done}/{total}] {id}: {} (plausibility {:.4} -> {:.4}), {:.1} s elapsed",
-                    record.1.chosen,
-                    record.1.plausibility_before,
-                    record.1.plausibility_after,
-                    started.elapsed().as_secs_f64()
-                );
+                progress.step(format!(
+                    "{id}: {} (plausibility {:.4} -> {:.4})",
+                    record.1.chosen, record.1.plausibility_before, record.1.plausibility_after
+                ));
                 Ok(())
             },
         )?;
+        progress.finish();
     }
     let summary = summarize(
         &manifest,
