@@ -17,7 +17,7 @@ use crate::rahf::train::batch::collate;
 use crate::rahf::train::checkpoint::{self, TrainerState};
 use crate::rahf::train::loss::{batch_loss, LossWeights};
 use crate::rahf::train::optim::{learning_rate, AdamW, AdamWConfig};
-use crate::rahf::train::plot::{write_loss_plot, Series};
+use crate::rahf::train::plot::{write_plot_page, Panel, Series};
 use crate::rahf::train::validate::{validate, Validation};
 use crate::richhf::dataset::SampleSource;
 use crate::richhf::sample::Sample;
@@ -302,29 +302,36 @@ impl Log {
     }
 
     fn plot(&self, run: &Path) -> Result<()> {
-        let mut series: Vec<Series> = Vec::new();
-        let mut push = |name: &str, step: u64, v: f64| {
+        fn push(series: &mut Vec<Series>, name: String, step: u64, v: f64) {
             match series.iter_mut().find(|s| s.name == name) {
                 Some(s) => s.points.push((step, v)),
-                None => series.push(Series { name: name.to_string(), points: vec![(step, v)] }),
+                None => series.push(Series { name, points: vec![(step, v)] }),
             }
-        };
+        }
+        let (mut losses, mut plcc) = (Vec::new(), Vec::new());
         for e in &self.entries {
             let Some(step) = e["step"].as_u64() else { continue };
             for key in ["loss", "heatmap", "score", "keyword"] {
                 if let Some(v) = e[key].as_f64() {
-                    push(&format!("train {key}"), step, v);
+                    push(&mut losses, format!("train {key}"), step, v);
+                }
+                if let Some(v) = e.get("dev").and_then(|d| d[key].as_f64()) {
+                    push(&mut losses, format!("dev {key}"), step, v);
                 }
             }
-            if let Some(dev) = e.get("dev") {
-                for key in ["loss", "heatmap", "score", "keyword"] {
-                    if let Some(v) = dev[key].as_f64() {
-                        push(&format!("dev {key}"), step, v);
+            if let Some(values) = e.get("dev").and_then(|d| d["plcc"].as_array()) {
+                for (name, v) in crate::rahf::config::SCORE_TYPES.iter().zip(values) {
+                    if let Some(v) = v.as_f64() {
+                        push(&mut plcc, format!("dev {name}"), step, v);
                     }
                 }
             }
         }
-        write_loss_plot(&run.join("curves.html"), "RAHF training", &series)
+        let mut panels = vec![Panel { title: "Losses".into(), series: losses }];
+        if !plcc.is_empty() {
+            panels.push(Panel { title: "Validation: score PLCC".into(), series: plcc });
+        }
+        write_plot_page(&run.join("curves.html"), "RAHF training", &panels)
     }
 }
 
