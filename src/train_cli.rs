@@ -186,7 +186,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// The RAHF folder to evaluate (e.g. RUN/final).
+    /// The RAHF folder to evaluate (a training run folder means its final/).
     #[arg(long)]
     rahf: PathBuf,
     #[command(flatten)]
@@ -209,7 +209,13 @@ pub struct EvalArgs {
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
     let (device, kind) = a.run.placement()?;
-    let model = orchestrate::rahf::FeedbackModel::load(&a.rahf, device, kind)?;
+    // A training run folder stands for the model it produced.
+    let rahf_dir = if !a.rahf.join("config.json").exists() && a.rahf.join("final/config.json").exists() {
+        a.rahf.join("final")
+    } else {
+        a.rahf.clone()
+    };
+    let model = orchestrate::rahf::FeedbackModel::load(&rahf_dir, device, kind)?;
     let (split, _) = a.data.open(&[a.split.as_str()])?.into_iter().next().expect("one split");
     let data = Limited { inner: &split, limit: if a.limit == 0 { usize::MAX } else { a.limit } };
     if let Some(out) = &a.out {
