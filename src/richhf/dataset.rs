@@ -2,11 +2,10 @@
 //! [`Sample`]s, loaded lazily (RichHF-18K's 16K heatmap pairs do not fit in memory
 //! decoded).
 use crate::error::{Error, Result};
-use crate::richhf::example::{decode_example_keys, Feature};
 use crate::richhf::pickapic::{uid_of, ImageFolder};
-use crate::richhf::record::{parse_labels, read_at, IndexEntry, FILENAME_KEY, LABEL_KEY, RELEASE_MAP_SIZE};
+use crate::richhf::record::{read_at, read_index, IndexEntry, RELEASE_MAP_SIZE};
 use crate::richhf::sample::{prompt_words, Sample};
-use crate::richhf::tfrecord::{OnError, TfRecordReader};
+use crate::richhf::tfrecord::OnError;
 use serde::Serialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -107,47 +106,10 @@ pub fn split_path(data_dir: &Path, split: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// One pass over a split file reading only `filename` and the labels (cheap: no
-/// heatmap is decoded).
-fn scan(path: &Path, on_error: OnError) -> Result<(Vec<(IndexEntry, Option<Vec<u8>>)>, Vec<String>)> {
-    let mut reader = TfRecordReader::open(path, on_error)?;
-    let mut out = Vec::new();
-    let mut damaged = Vec::new();
-    while let Some(rec) = reader.next() {
-        damaged.extend(reader.take_problems().iter().map(|p| p.to_string()));
-        let rec = rec?;
-        let fields = decode_example_keys(&rec.data, |k| k == FILENAME_KEY || k == LABEL_KEY);
-        let parsed = fields.map_err(|e| format!("not a tf.train.Example: {e}")).and_then(|f| {
-            let filename = match f.get(FILENAME_KEY) {
-                Some(Feature::Bytes(v)) if !v.is_empty() => String::from_utf8(v[0].clone())
-                    .map_err(|_| format!("`{FILENAME_KEY}` is not UTF-8"))?,
-                _ => return Err(format!("no `{FILENAME_KEY}` bytes feature")),
-            };
-            let labels = match f.get(LABEL_KEY) {
-                Some(Feature::Bytes(v)) if !v.is_empty() => {
-                    Some(parse_labels(&String::from_utf8_lossy(&v[0])).map_err(|e| format!("{LABEL_KEY}: {e}"))?)
-                }
-                _ => None,
-            };
-            Ok((filename, labels))
-        });
-        match parsed {
-            Ok((filename, labels)) => out.push((
-                IndexEntry { index: rec.index, offset: rec.offset, len: rec.data.len() as u64, filename },
-                labels,
-            )),
-            Err(reason) if on_error == OnError::Stop => return Err(Error::data(path, Some(rec.index), reason)),
-            Err(reason) => damaged.push(format!("record {}: {reason}", rec.index)),
-        }
-    }
-    damaged.extend(reader.take_problems().iter().map(|p| p.to_string()));
-    Ok((out, damaged))
-}
-
 /// The Pick-a-Pic uids a split's records name (for extracting images once).
 pub fn split_uids(data_dir: &Path, split: &str, on_error: OnError) -> Result<HashSet<String>> {
-    let (entries, _) = scan(&split_path(data_dir, split)?, on_error)?;
-    Ok(entries.iter().map(|(e, _)| uid_of(&e.filename).to_string()).collect())
+    let (entries, _) = read_index(&split_path(data_dir, split)?, on_error)?;
+    Ok(entries.iter().map(|e| uid_of(&e.filename).to_string()).collect())
 }
 
 impl RichHfSplit {
@@ -155,10 +117,11 @@ impl RichHfSplit {
     /// that cannot be joined is reported (and logged), the rest are used.
     pub fn open(data_dir: &Path, split: &str, images: Arc<ImageFolder>, on_error: OnError) -> Result<(Self, JoinReport)> {
         let path = split_path(data_dir, split)?;
-        let (scanned, damaged) = scan(&path, on_error)?;
+        let (scanned, damaged) = read_index(&path, on_error)?;
+        let damaged = damaged.iter().map(|p| p.to_string()).collect();
         let mut report = JoinReport { split: split.into(), file: path.clone(), records: scanned.len(), damaged, ..Default::default() };
         let mut entries = Vec::new();
-        for (entry, labels) in scanned {
+        for entry in scanned {
             let uid = uid_of(&entry.filename).to_string();
             let Some(found) = images.get(&uid) else {
                 report.unjoined.push((entry.index, entry.filename.clone()));
@@ -169,7 +132,7 @@ impl RichHfSplit {
                 continue;
             }
             let words = prompt_words(&found.prompt).len();
-            let n_labels = labels.as_ref().map_or(0, Vec::len);
+            let n_labels = entry.labels.len();
             if n_labels != words {
                 report.label_mismatch.push(format!(
                     "record {} ({}): {n_labels} labels for the {words} words of {:?}",

@@ -95,6 +95,12 @@ fn filename_of(features: &Features) -> std::result::Result<String, String> {
     Ok(s.to_string())
 }
 
+fn labels_of(features: &Features) -> std::result::Result<Vec<u8>, String> {
+    let bytes = single_bytes(features, LABEL_KEY)?;
+    let text = std::str::from_utf8(bytes).map_err(|_| format!("feature `{LABEL_KEY}` is not valid UTF-8"))?;
+    parse_labels(text)
+}
+
 /// The release stores scores already in [0, 1]; a score outside it is read as
 /// a raw 5-point Likert rating and standardised like the paper's (s - 1) / 4.
 pub fn standardise_score(key: &str, s: f32) -> std::result::Result<f32, String> {
@@ -219,10 +225,7 @@ pub fn parse_record(
         }
         maps.push(map);
     }
-    let label_bytes = single_bytes(features, LABEL_KEY).map_err(bad)?;
-    let label_text = std::str::from_utf8(label_bytes)
-        .map_err(|_| bad(format!("feature `{LABEL_KEY}` is not valid UTF-8")))?;
-    let labels = parse_labels(label_text).map_err(bad)?;
+    let labels = labels_of(features).map_err(bad)?;
     let warning = (!resized.is_empty()).then(|| {
         format!(
             "{} record {index}: {}, expected {eh}x{ew}; resized bilinearly",
@@ -402,10 +405,13 @@ pub struct IndexEntry {
     /// Data length (the serialized Example's size).
     pub len: u64,
     pub filename: String,
+    /// `prompt_misalignment_label`, raw 0/1 per prompt word (small, and needed
+    /// to check against the prompt before training).
+    pub labels: Vec<u8>,
 }
 
-/// Scans a file once, checking the framing and decoding only `filename`. The
-/// rest of each record is checked when [`RichHfFile::read`] loads it.
+/// Scans a file once, checking the framing and decoding only `filename` and the
+/// labels. The rest of each record is checked when [`RichHfFile::read`] loads it.
 pub fn read_index(path: &Path, on_error: OnError) -> Result<(Vec<IndexEntry>, Vec<RecordProblem>)> {
     let mut reader = TfRecordReader::open(path, on_error)?;
     let mut entries = Vec::new();
@@ -413,15 +419,16 @@ pub fn read_index(path: &Path, on_error: OnError) -> Result<(Vec<IndexEntry>, Ve
     while let Some(rec) = reader.next() {
         problems.extend(reader.take_problems());
         let rec = rec?;
-        let filename = decode_example_keys(&rec.data, |k| k == FILENAME_KEY)
+        let parsed = decode_example_keys(&rec.data, |k| k == FILENAME_KEY || k == LABEL_KEY)
             .map_err(|e| format!("not a tf.train.Example: {e}"))
-            .and_then(|f| filename_of(&f));
-        match filename {
-            Ok(filename) => entries.push(IndexEntry {
+            .and_then(|f| Ok((filename_of(&f)?, labels_of(&f)?)));
+        match parsed {
+            Ok((filename, labels)) => entries.push(IndexEntry {
                 index: rec.index,
                 offset: rec.offset,
                 len: rec.data.len() as u64,
                 filename,
+                labels,
             }),
             Err(reason) if on_error == OnError::Stop => {
                 return Err(Error::data(path, Some(rec.index), reason))

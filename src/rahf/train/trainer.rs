@@ -214,7 +214,8 @@ impl ModelSource {
         Rahf::load(&cast.root(), &self.config)
     }
 
-    /// The fp32 model, for validation.
+    /// The fp32 model, for validation (built once: it holds the master tensors,
+    /// which the optimizer updates in place).
     fn master(&mut self) -> Result<&Rahf> {
         if self.master.is_none() {
             self.master = Some(Rahf::load(&self.root, &self.config)?);
@@ -382,7 +383,8 @@ pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn Samp
             let loaded = checkpoint::load(dir)?;
             tracing::info!("resuming {} from step {step} ({})", run.display(), dir.display());
             let source = dir.join("model.safetensors").display().to_string();
-            (Weights::from_tensors(source.clone(), loaded.model, opts.device, Kind::Float), *step, Some((source, loaded.optimizer)))
+            let optimizer_file = dir.join("optimizer.safetensors").display().to_string();
+            (Weights::from_tensors(source, loaded.model, opts.device, Kind::Float), *step, Some((optimizer_file, loaded.optimizer)))
         }
         None => {
             if opts.resume {
@@ -401,9 +403,8 @@ pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn Samp
         })
         .collect();
     let mut opt = AdamW::new(params, hyper.adamw.clone());
-    if let Some((source, state)) = &opt_state {
-        let optimizer_file = source.replace("model.safetensors", "optimizer.safetensors");
-        opt.load_state(&optimizer_file, state, start_step)?;
+    if let Some((optimizer_file, state)) = &opt_state {
+        opt.load_state(optimizer_file, state, start_step)?;
     }
     let mut models = ModelSource { root: weights.root(), config: config.clone(), kind: hyper.kind(), device: opts.device, master: None };
     // Fail before the first step, not after an hour, if the folder cannot make a model.
@@ -493,7 +494,6 @@ pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn Samp
                 }
             }
             if let Some(dev) = dev.filter(|_| every(opts.eval_every, step)) {
-                models.master = None;
                 let v = validate(models.master()?, &tokenizer, dev, hyper.micro_batch_size, &hyper.loss, opts.device)?;
                 tracing::info!("step {step}: dev {}", v.one_line());
                 log.append(serde_json::json!({ "step": step, "dev": v }))?;
