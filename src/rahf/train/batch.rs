@@ -28,6 +28,17 @@ impl TrainBatch {
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
+
+    pub fn to_device(&self, device: Device) -> TrainBatch {
+        TrainBatch {
+            pixels: self.pixels.to_device(device),
+            scores: self.scores.to_device(device),
+            heatmaps: self.heatmaps.to_device(device),
+            tokens: self.tokens.clone(),
+            keyword_ids: self.keyword_ids.clone(),
+            keyword_valid: self.keyword_valid.clone(),
+        }
+    }
 }
 
 /// Side of the heatmap head's output: the patch grid doubled by each deconv stage.

@@ -13,7 +13,7 @@ use crate::rahf::augment::{augment, AugmentConfig};
 use crate::rahf::config::RahfConfig;
 use crate::rahf::model::Rahf;
 use crate::rahf::tokenizer::RahfTokenizer;
-use crate::rahf::train::batch::collate;
+use crate::rahf::train::batch::{collate, TrainBatch};
 use crate::rahf::train::checkpoint::{self, TrainerState};
 use crate::rahf::train::loss::{batch_loss, LossWeights};
 use crate::rahf::train::optim::{learning_rate, AdamW, AdamWConfig};
@@ -425,12 +425,19 @@ pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn Samp
     let every = |k: u64, step: u64| (k > 0 && step % k == 0) || step == total;
 
     std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Sample>>>(2);
-        let hyper_ref = &hyper;
+        // The loader also collates (resizing, tokenizing) on the CPU, so the
+        // training thread only moves finished micro-batches to the device.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<TrainBatch>>>(2);
+        let (hyper_ref, tokenizer_ref, config_ref) = (&hyper, &tokenizer, &config);
         scope.spawn(move || {
             let mut order = Order { seed: hyper_ref.seed, n: data.len(), cache: None };
             for step in start_step..total {
-                let r = load_step(data, &mut order, hyper_ref, step, threads);
+                let r = load_step(data, &mut order, hyper_ref, step, threads).and_then(|samples| {
+                    samples
+                        .chunks(hyper_ref.micro_batch_size)
+                        .map(|chunk| collate(chunk, tokenizer_ref, config_ref, Device::Cpu))
+                        .collect::<Result<Vec<_>>>()
+                });
                 let failed = r.is_err();
                 if tx.send(r).is_err() || failed {
                     return;
@@ -439,12 +446,13 @@ pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn Samp
         });
         for step in start_step + 1..=total {
             let t0 = Instant::now();
-            let samples = rx.recv().map_err(|_| Error::Invalid("the sample loader stopped".into()))??;
+            let batches = rx.recv().map_err(|_| Error::Invalid("the sample loader stopped".into()))??;
             opt.zero_grad();
-            let n = samples.len() as f64;
+            let n_samples: usize = batches.iter().map(TrainBatch::len).sum();
+            let n = n_samples as f64;
             let (mut hm, mut sc, mut kw, mut kw_items, mut loss) = (0.0, 0.0, 0.0, 0usize, 0.0);
-            for chunk in samples.chunks(hyper.micro_batch_size) {
-                let batch = collate(chunk, &tokenizer, &config, opts.device)?;
+            for batch in &batches {
+                let batch = batch.to_device(opts.device);
                 let model = models.model()?;
                 let parts = batch_loss(&model, &batch, &hyper.loss, n)?;
                 loss += parts.total.double_value(&[]);
@@ -463,7 +471,7 @@ pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn Samp
             }
             let lr = learning_rate(hyper.learning_rate, hyper.warmup_steps, step);
             let grad_norm = opt.step(lr);
-            samples_done += samples.len();
+            samples_done += n_samples;
             let entry = StepLog {
                 step,
                 lr,
