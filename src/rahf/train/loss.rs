@@ -30,8 +30,6 @@ pub struct LossParts {
     pub keyword_sum: f64,
     /// Items that had a keyword target.
     pub keyword_items: usize,
-    /// The predicted scores per item, in batch order (for validation metrics).
-    pub predicted_scores: Vec<[f32; 4]>,
 }
 
 const IGNORE: i64 = -100;
@@ -65,7 +63,7 @@ pub fn batch_loss(model: &Rahf, batch: &TrainBatch, weights: &LossWeights, denom
     let mut total = Tensor::zeros([], (Kind::Float, device));
     let (mut heatmap_sum, mut score_sum, mut keyword_sum, mut keyword_items) = (0.0, 0.0, 0.0, 0usize);
     let t5 = &model.config.t5;
-    let mut predicted_scores = vec![[0f32; 4]; batch.len()];
+
     for idx in group_by_lengths(&batch.tokens) {
         let sel = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device);
         let out = model.forward_visual(&visual.index_select(0, &sel), &prompt_batch(&batch.tokens, &idx, device))?;
@@ -77,11 +75,6 @@ pub fn batch_loss(model: &Rahf, batch: &TrainBatch, weights: &LossWeights, denom
             .square()
             .mean_dim([1].as_slice(), false, Kind::Float)
             .sum(Kind::Float);
-        let pred = Vec::<f32>::try_from(out.scores.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).view([-1]))
-            .map_err(|e| crate::error::Error::torch("RAHF scores", e))?;
-        for (r, &i) in idx.iter().enumerate() {
-            predicted_scores[i].copy_from_slice(&pred[4 * r..4 * r + 4]);
-        }
         let mut part = hm.shallow_clone() * weights.heatmap + sc.shallow_clone() * weights.score;
         heatmap_sum += hm.double_value(&[]);
         score_sum += sc.double_value(&[]);
@@ -111,7 +104,7 @@ pub fn batch_loss(model: &Rahf, batch: &TrainBatch, weights: &LossWeights, denom
         }
         total = total + part / denominator;
     }
-    Ok(LossParts { total, heatmap_sum, score_sum, keyword_sum, keyword_items, predicted_scores })
+    Ok(LossParts { total, heatmap_sum, score_sum, keyword_sum, keyword_items })
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 use crate::error::{Error, Result};
 use crate::rahf::augment::{augment, AugmentConfig};
 use crate::rahf::config::RahfConfig;
+use crate::rahf::feedback::FeedbackModel;
 use crate::rahf::model::Rahf;
 use crate::rahf::tokenizer::RahfTokenizer;
 use crate::rahf::train::batch::{collate, TrainBatch};
@@ -201,7 +202,10 @@ struct ModelSource {
     config: RahfConfig,
     kind: Kind,
     device: Device,
-    master: Option<Rahf>,
+    tokenizer_json: PathBuf,
+    /// The fp32 model for validation, built once: it holds the master tensors,
+    /// which the optimizer updates in place.
+    validator: Option<FeedbackModel>,
 }
 
 impl ModelSource {
@@ -214,13 +218,13 @@ impl ModelSource {
         Rahf::load(&cast.root(), &self.config)
     }
 
-    /// The fp32 model, for validation (built once: it holds the master tensors,
-    /// which the optimizer updates in place).
-    fn master(&mut self) -> Result<&Rahf> {
-        if self.master.is_none() {
-            self.master = Some(Rahf::load(&self.root, &self.config)?);
+    fn validator(&mut self) -> Result<&FeedbackModel> {
+        if self.validator.is_none() {
+            let model = Rahf::load(&self.root, &self.config)?;
+            let tokenizer = RahfTokenizer::load(&self.tokenizer_json, &self.config)?;
+            self.validator = Some(FeedbackModel::new(model, tokenizer, self.device));
         }
-        Ok(self.master.as_ref().expect("just set"))
+        Ok(self.validator.as_ref().expect("just set"))
     }
 }
 
@@ -309,7 +313,7 @@ impl Log {
                 None => series.push(Series { name, points: vec![(step, v)] }),
             }
         }
-        let (mut losses, mut plcc) = (Vec::new(), Vec::new());
+        let (mut losses, mut plcc, mut paper) = (Vec::new(), Vec::new(), Vec::new());
         for e in &self.entries {
             let Some(step) = e["step"].as_u64() else { continue };
             for key in ["loss", "heatmap", "score", "keyword"] {
@@ -318,6 +322,18 @@ impl Log {
                 }
                 if let Some(v) = e.get("dev").and_then(|d| d[key].as_f64()) {
                     push(&mut losses, format!("dev {key}"), step, v);
+                }
+            }
+            if let Some(m) = e.get("dev").map(|d| &d["metrics"]) {
+                let picks = [
+                    ("implausibility CC", &m["heatmaps"]["implausibility"]["cc"]["mean"]),
+                    ("misalignment CC", &m["heatmaps"]["misalignment"]["cc"]["mean"]),
+                    ("keyword F1", &m["keywords"]["f1"]),
+                ];
+                for (name, v) in picks {
+                    if let Some(v) = v.as_f64() {
+                        push(&mut paper, format!("dev {name}"), step, v);
+                    }
                 }
             }
             if let Some(values) = e.get("dev").and_then(|d| d["plcc"].as_array()) {
@@ -331,6 +347,9 @@ impl Log {
         let mut panels = vec![Panel { title: "Losses".into(), series: losses }];
         if !plcc.is_empty() {
             panels.push(Panel { title: "Validation: score PLCC".into(), series: plcc });
+        }
+        if !paper.is_empty() {
+            panels.push(Panel { title: "Validation: heatmap CC (GT > 0), keyword F1".into(), series: paper });
         }
         write_plot_page(&run.join("curves.html"), "RAHF training", &panels)
     }
@@ -406,7 +425,14 @@ pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn Samp
     if let Some((optimizer_file, state)) = &opt_state {
         opt.load_state(optimizer_file, state, start_step)?;
     }
-    let mut models = ModelSource { root: weights.root(), config: config.clone(), kind: hyper.kind(), device: opts.device, master: None };
+    let mut models = ModelSource {
+        root: weights.root(),
+        config: config.clone(),
+        kind: hyper.kind(),
+        device: opts.device,
+        tokenizer_json: tokenizer_json.clone(),
+        validator: None,
+    };
     // Fail before the first step, not after an hour, if the folder cannot make a model.
     models.model()?;
 
@@ -502,7 +528,7 @@ pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn Samp
                 }
             }
             if let Some(dev) = dev.filter(|_| every(opts.eval_every, step)) {
-                let v = validate(models.master()?, &tokenizer, dev, hyper.micro_batch_size, &hyper.loss, opts.device)?;
+                let v = validate(models.validator()?, dev, hyper.micro_batch_size, &hyper.loss, opts.device)?;
                 tracing::info!("step {step}: dev {}", v.one_line());
                 log.append(serde_json::json!({ "step": step, "dev": v }))?;
                 log.plot(run)?;
