@@ -248,6 +248,11 @@ fn shards_cover_every_prompt_once_and_merge_into_the_unsharded_dataset() {
     let summary = ok(merge(&[]));
     assert_eq!(summary["figures"]["prompts"], N_PROMPTS);
     assert_same_tree(&s.root.join("reference"), &merged);
+    // The merged data set has its report, showing every sample of every shard.
+    let report = std::fs::read_to_string(merged.join("report.html")).unwrap();
+    for f in tree(&merged).keys().filter(|k| k.starts_with("samples/")) {
+        assert!(report.contains(f.as_str()), "report.html does not show {f}");
+    }
     // Merging again (or a shard twice) changes nothing.
     ok(merge(&[&dirs[0]]));
     assert_same_tree(&s.root.join("reference"), &merged);

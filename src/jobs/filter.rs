@@ -615,16 +615,20 @@ pub fn run_with(
         run_secs,
         mode,
     );
-    write_filter_report(out, opts, common, &records, &summary)?;
+    let settings = serde_json::json!({ "filter": opts, "models": common.models, "sampling": common.sampling });
+    let unkept = format!("nothing reached {} {}", opts.score, opts.threshold);
+    write_filter_report(out, "filter", settings, &unkept, &records, &summary)?;
     Ok(summary)
 }
 
 /// `report.html`: every prompt's samples with their scores, the kept ones
 /// marked; rebuilt from the manifest, so a resumed run shows everything.
-fn write_filter_report(
+/// `merge` writes the same page for the merged data set (`job` names which).
+pub fn write_filter_report(
     out: &Path,
-    opts: &FilterOptions,
-    common: &CommonOptions,
+    job: &str,
+    settings: serde_json::Value,
+    unkept_note: &str,
     records: &[PromptRecord],
     summary: &JobSummary,
 ) -> Result<()> {
@@ -650,13 +654,13 @@ fn write_filter_report(
                         .marked(im.kept)
                 })
                 .collect(),
-            note: r.kept.is_empty().then(|| format!("nothing reached {} {}", opts.score, opts.threshold)),
+            note: r.kept.is_empty().then(|| unkept_note.to_string()),
         })
         .collect();
     let report = Report {
-        title: format!("filter — {}", out.display()),
-        job: "filter".into(),
-        settings: serde_json::json!({ "filter": opts, "models": common.models, "sampling": common.sampling }),
+        title: format!("{job} — {}", out.display()),
+        job: job.into(),
+        settings,
         summary: summary.lines.clone(),
         rows,
     };

@@ -130,7 +130,7 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<JobSummary> {
     }
     merged.sort_by_key(|r| r.index);
 
-    let (settings_path, _) = settings.expect("at least one shard");
+    let settings_path = settings.as_ref().expect("at least one shard").0.clone();
     let settings_out = out.join(SETTINGS_FILE);
     if !same_dir(settings_path.parent().unwrap_or(Path::new(".")), out) {
         copy_atomic(&settings_path, &settings_out)?;
@@ -166,10 +166,10 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<JobSummary> {
             out.join(crate::jobs::filter::TRAIN_DIR).display()
         ),
     ];
-    Ok(JobSummary {
-        job: "merge".into(),
-        out: out.to_path_buf(),
-        figures,
-        lines,
-    })
+    let summary = JobSummary { job: "merge".into(), out: out.to_path_buf(), figures, lines };
+    let (_, shard_settings) = settings.expect("at least one shard");
+    let unkept = format!("nothing reached {} {}", shard_settings["score"], shard_settings["threshold"])
+        .replace('"', "");
+    crate::jobs::filter::write_filter_report(out, "merge", shard_settings, &unkept, &merged, &summary)?;
+    Ok(summary)
 }
