@@ -572,11 +572,12 @@ fn points_file_converts_to_pngs() {
         ((20, 40), 255, 0)
     );
     assert_eq!(
-        points::heatmap_to_gray(&Heatmap {
+        Heatmap {
             height: 1,
             width: 2,
             data: vec![0.5, 2.0]
-        })
+        }
+        .to_gray()
         .as_raw(),
         &[128, 255]
     );

@@ -73,16 +73,6 @@ pub fn average_annotators(annotators: &[Vec<(f32, f32)>], height: usize, width: 
     sum
 }
 
-/// A heatmap in [0, 1] as an 8-bit grayscale image, `round(v * 255)`.
-pub fn heatmap_to_gray(map: &Heatmap) -> image::GrayImage {
-    let raw = map
-        .data
-        .iter()
-        .map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
-        .collect();
-    image::GrayImage::from_raw(map.width as u32, map.height as u32, raw)
-        .expect("heatmap data has height * width values")
-}
 
 #[derive(serde::Deserialize)]
 struct PointsRecord {
@@ -183,7 +173,7 @@ pub fn convert_points_file(jsonl: &Path, out_dir: &Path) -> Result<PointsReport>
                 "misalignment"
             };
             let path = out_dir.join(format!("{stem}_{kind}_map.png"));
-            heatmap_to_gray(&average_annotators(annotators, *height, *width))
+            average_annotators(annotators, *height, *width).to_gray()
                 .save(&path)
                 .map_err(|e| Error::Image {
                     path: path.clone(),

@@ -40,14 +40,8 @@ impl RichHfRecord {
     }
 }
 
-/// `train/0a1b.png` -> `0a1b`.
-pub fn uid_of(filename: &str) -> &str {
-    let last = filename.rsplit('/').next().unwrap_or(filename);
-    match last.rsplit_once('.') {
-        Some((stem, _)) if !stem.is_empty() => stem,
-        _ => last,
-    }
-}
+/// The Pick-a-Pic uid a `filename` names (one definition, shared with the join).
+pub use super::pickapic::uid_of;
 
 fn kind_name(f: &Feature) -> &'static str {
     match f {
@@ -266,7 +260,7 @@ fn encode_png(map: &Heatmap, key: &str) -> Vec<u8> {
         map.height,
         map.width
     );
-    let px: Vec<u8> = map.data.iter().map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+    let px = map.to_gray();
     let mut out = Vec::new();
     image::ImageEncoder::write_image(
         image::codecs::png::PngEncoder::new(&mut out),

@@ -14,6 +14,14 @@ impl Heatmap {
     pub fn zeros(height: usize, width: usize) -> Self {
         Heatmap { height, width, data: vec![0.0; height * width] }
     }
+
+    /// As an 8-bit grayscale image, `round(v * 255)` (how RichHF-18K stores maps).
+    /// Panics if `data` does not hold `height * width` values.
+    pub fn to_gray(&self) -> image::GrayImage {
+        let raw = self.data.iter().map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+        image::GrayImage::from_raw(self.width as u32, self.height as u32, raw)
+            .unwrap_or_else(|| panic!("heatmap has {} values for {}x{}", self.data.len(), self.height, self.width))
+    }
 }
 
 /// Score order everywhere in the project (`rahf::config::SCORE_TYPES`):
