@@ -28,7 +28,9 @@ pub fn write_npy(path: &Path, map: &Tensor) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
-/// Writes through a temporary file and a rename, so no reader sees half a file.
+/// Writes through a temporary file and a rename, so no reader sees half a file;
+/// the data is synced before the rename, so after a crash `path` holds either the
+/// old bytes or all the new ones (what resumable jobs and checkpoints rely on).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!(
         "{}.partial",
@@ -36,6 +38,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     ));
     let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

@@ -73,6 +73,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
         .collect();
     Tensor::write_safetensors(&owned, &tmp)
         .map_err(|e| Error::torch(format!("writing {}", tmp.display()), e))?;
+    // Synced before the rename: a checkpoint named by latest.json must be whole after a crash.
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 

@@ -425,7 +425,7 @@ fn extract_shard(
                 continue;
             };
             let filename = format!("{uid}.{ext}");
-            write_atomic(&out_dir.join(&filename), bytes)?;
+            crate::heatmap_io::write_atomic(&out_dir.join(&filename), bytes)?;
             let mut line = serde_json::to_string(&LineOut { filename: &filename, prompt: caption })
                 .expect("strings serialize");
             line.push('\n');
@@ -556,17 +556,6 @@ fn read_sparse(
     Ok(out)
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, so `path`
-/// either does not exist or holds all of them.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().expect("a file name").to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
 
 /// Opens the Pick-a-Pic images at `path`, whichever layout it has: a folder with
 /// `prompts.jsonl` (or that `.jsonl` file) is used as is; a folder of parquet
