@@ -493,9 +493,11 @@ pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn Samp
             let n_samples: usize = batches.iter().map(TrainBatch::len).sum();
             let n = n_samples as f64;
             let (mut hm, mut sc, mut kw, mut kw_items, mut loss) = (0.0, 0.0, 0.0, 0usize, 0.0);
+            // One model per step: in bf16 the cast copies are made once and their
+            // graph (casts save no tensors) is walked by every micro-batch's backward.
+            let model = models.model()?;
             for batch in &batches {
                 let batch = batch.to_device(opts.device);
-                let model = models.model()?;
                 let parts = batch_loss(&model, &batch, &hyper.loss, n)?;
                 loss += parts.total.double_value(&[]);
                 parts.total.backward();
