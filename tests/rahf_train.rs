@@ -223,3 +223,41 @@ fn augmented_variant_trains() {
     let cfg = orchestrate::rahf::RahfConfig::load(&out.join("final")).unwrap();
     assert_eq!(cfg.variant, orchestrate::rahf::Variant::Augmented);
 }
+
+/// Training pads prompts of mixed lengths and masks the padding: each item's loss
+/// in the batch is the loss it has alone (unpadded, as inference runs it).
+#[test]
+fn padded_batch_loss_equals_per_item_losses() {
+    use orchestrate::rahf::train::batch::collate;
+    use orchestrate::rahf::train::loss::batch_loss;
+    let _guard = tch::no_grad_guard();
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["multi_head", "augmented"] {
+        let init = init_variant(tmp.path(), name);
+        let fm = orchestrate::rahf::FeedbackModel::load(&init, tch::Device::Cpu, tch::Kind::Float).unwrap();
+        let mut samples = synthetic::samples(4, 48, 48, 3);
+        let prompts = ["a red cat sitting on the grass under the tree", "a dog", "a big blue car with a hat"];
+        for (s, p) in samples.iter_mut().zip(prompts) {
+            s.prompt = p.to_string();
+            s.misaligned = (0..p.split(' ').count()).map(|i| i % 3 == 1).collect();
+        }
+        let w = LossWeights { heatmap: 3.0, score: 2.0, keyword: 1.0 };
+        let loss = |items: &[orchestrate::richhf::Sample]| {
+            let batch = collate(items, &fm.tokenizer, fm.config(), tch::Device::Cpu).unwrap();
+            let p = batch_loss(&fm.model, &batch, &w, 4.0).unwrap();
+            (p.total.double_value(&[]), p.heatmap_sum, p.score_sum, p.keyword_sum)
+        };
+        let together = loss(&samples);
+        let alone = samples.iter().map(|s| loss(std::slice::from_ref(s))).fold((0.0, 0.0, 0.0, 0.0), |a, b| {
+            (a.0 + b.0, a.1 + b.1, a.2 + b.2, a.3 + b.3)
+        });
+        for (what, t, a) in [
+            ("total", together.0, alone.0),
+            ("heatmap", together.1, alone.1),
+            ("score", together.2, alone.2),
+            ("keyword", together.3, alone.3),
+        ] {
+            assert!((t - a).abs() <= 1e-5 * a.abs().max(1e-3), "{name} {what}: batch {t} vs items alone {a}");
+        }
+    }
+}

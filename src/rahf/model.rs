@@ -8,7 +8,7 @@ use crate::rahf::heads::{HeatmapPredictor, ScorePredictor};
 use crate::rahf::t5::T5;
 use crate::rahf::vit::Vit;
 use crate::weights::Vb;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 pub enum Heads {
     /// One head per output, in `SCORE_TYPES` / `HEATMAP_TYPES` order.
@@ -40,6 +40,15 @@ pub struct RahfOutput {
     pub encoder_hidden: Tensor,
     /// Number of image tokens (CLS included) at the start of `encoder_hidden`.
     pub n_visual: i64,
+    /// B x L, true at real prompt tokens, when the prompts were padded.
+    pub prompt_mask: Option<Tensor>,
+}
+
+/// Which prompt tokens are real (true) in a right-padded [`PromptBatch`]: the
+/// plain prompts' B x L, then one B x L_t per task prompt.
+pub struct PromptMasks {
+    pub plain: Tensor,
+    pub tasks: Vec<Tensor>,
 }
 
 impl RahfOutput {
@@ -102,8 +111,17 @@ impl Rahf {
 
     /// T5 encoder over `[visual ; embedded prompt]`, no mask.
     pub fn encode(&self, visual: &Tensor, ids: &Tensor) -> Tensor {
+        self.encode_masked(visual, ids, None)
+    }
+
+    /// As [`Self::encode`], with the prompt's padding (`text_mask` false) masked out.
+    fn encode_masked(&self, visual: &Tensor, ids: &Tensor, text_mask: Option<&Tensor>) -> Tensor {
         let text = self.t5.encoder.embed(ids);
-        self.t5.encode(&Tensor::cat(&[visual.shallow_clone(), text], 1))
+        let mask = text_mask.map(|m| {
+            let (b, n_visual) = (visual.size()[0], visual.size()[1]);
+            Tensor::cat(&[Tensor::ones([b, n_visual], (Kind::Bool, m.device())), m.to_kind(Kind::Bool)], 1)
+        });
+        self.t5.encode_masked(&Tensor::cat(&[visual.shallow_clone(), text], 1), mask.as_ref())
     }
 
     /// The image tokens of an encoder output without CLS, as B x d x n x n.
@@ -135,13 +153,28 @@ impl Rahf {
         self.forward_visual(&self.visual_tokens(pixel_values), prompts)
     }
 
-    /// As [`Self::forward`], from [`Self::visual_tokens`] already computed (training runs
-    /// the ViT once per batch, then the T5 per group of equal prompt lengths).
+    /// As [`Self::forward`], from [`Self::visual_tokens`] already computed.
     pub fn forward_visual(&self, visual: &Tensor, prompts: &PromptBatch) -> Result<RahfOutput> {
+        self.forward_padded(visual, prompts, None)
+    }
+
+    /// As [`Self::forward_visual`], for right-padded prompts with their `masks`:
+    /// each row's outputs are those of its unpadded prompt (up to float rounding),
+    /// so a training batch of mixed prompt lengths runs as one batch.
+    pub fn forward_padded(&self, visual: &Tensor, prompts: &PromptBatch, masks: Option<&PromptMasks>) -> Result<RahfOutput> {
         self.check(prompts)?;
+        if let Some(m) = masks {
+            if m.tasks.len() != prompts.tasks.len() {
+                return Err(Error::Invalid(format!(
+                    "{} task prompts but {} task masks",
+                    prompts.tasks.len(),
+                    m.tasks.len()
+                )));
+            }
+        }
         let visual = visual.shallow_clone();
         let n_visual = visual.size()[1];
-        let encoder_hidden = self.encode(&visual, &prompts.plain);
+        let encoder_hidden = self.encode_masked(&visual, &prompts.plain, masks.map(|m| &m.plain));
         let (scores, heatmaps) = match &self.heads {
             Heads::MultiHead { heatmaps, scores } => {
                 let fm = self.feature_map(&encoder_hidden, n_visual);
@@ -150,10 +183,13 @@ impl Rahf {
                 (Tensor::stack(&s, 1), Tensor::stack(&m, 1))
             }
             Heads::Augmented { heatmap, score } => {
-                let fm = |ids: &Tensor| self.feature_map(&self.encode(&visual, ids), n_visual);
-                let (st, ht) = prompts.tasks.split_at(SCORE_TYPES.len());
-                let s: Vec<Tensor> = st.iter().map(|ids| score.forward(&fm(ids))).collect();
-                let m: Vec<Tensor> = ht.iter().map(|ids| heatmap.forward(&fm(ids))).collect();
+                let fm = |t: usize| {
+                    let mask = masks.map(|m| &m.tasks[t]);
+                    self.feature_map(&self.encode_masked(&visual, &prompts.tasks[t], mask), n_visual)
+                };
+                let n_scores = SCORE_TYPES.len();
+                let s: Vec<Tensor> = (0..n_scores).map(|t| score.forward(&fm(t))).collect();
+                let m: Vec<Tensor> = (n_scores..prompts.tasks.len()).map(|t| heatmap.forward(&fm(t))).collect();
                 (Tensor::stack(&s, 1), Tensor::stack(&m, 1))
             }
         };
@@ -162,6 +198,7 @@ impl Rahf {
             heatmaps,
             encoder_hidden,
             n_visual,
+            prompt_mask: masks.map(|m| m.plain.shallow_clone()),
         })
     }
 

@@ -215,6 +215,13 @@ impl T5Block {
     }
 }
 
+/// An additive attention bias [B, 1, 1, n]: 0 at real keys, -inf at padding.
+fn padding_bias(key_mask: &Tensor, kind: Kind) -> Tensor {
+    let (b, n) = key_mask.size2().expect("key mask is [B, n]");
+    Tensor::zeros([b, 1, 1, n], (kind, key_mask.device()))
+        .masked_fill(&key_mask.to_kind(Kind::Bool).logical_not().view([b, 1, 1, n]), f64::NEG_INFINITY)
+}
+
 pub struct T5Stack {
     pub embed_tokens: Tensor,
     blocks: Vec<T5Block>,
@@ -291,8 +298,18 @@ impl T5 {
 
     /// The encoder over `inputs_embeds` [B, n, d_model], without attention mask.
     pub fn encode(&self, inputs_embeds: &Tensor) -> Tensor {
+        self.encode_masked(inputs_embeds, None)
+    }
+
+    /// As [`Self::encode`]; with `key_mask` [B, n] (true = real token) no position
+    /// attends to padding, so a right-padded row gives its real positions what the
+    /// unpadded row gives (the relative position bias does not depend on length).
+    pub fn encode_masked(&self, inputs_embeds: &Tensor, key_mask: Option<&Tensor>) -> Tensor {
         let n = inputs_embeds.size()[1];
-        let bias = self.encoder.bias.forward(n, n, 0).to_kind(inputs_embeds.kind());
+        let mut bias = self.encoder.bias.forward(n, n, 0).to_kind(inputs_embeds.kind());
+        if let Some(m) = key_mask {
+            bias = bias + padding_bias(m, inputs_embeds.kind());
+        }
         let mut x = inputs_embeds.shallow_clone();
         for blk in &self.encoder.blocks {
             let h = blk.self_norm.forward(&x);
@@ -314,8 +331,15 @@ impl T5 {
 
     /// Teacher-forced decoder logits [B, t, vocab] for `decoder_ids` [B, t] over `encoder_hidden`.
     pub fn decoder_logits(&self, decoder_ids: &Tensor, encoder_hidden: &Tensor) -> Tensor {
+        self.decoder_logits_masked(decoder_ids, encoder_hidden, None)
+    }
+
+    /// As [`Self::decoder_logits`], cross-attending only to the encoder positions
+    /// `encoder_mask` [B, n] marks real.
+    pub fn decoder_logits_masked(&self, decoder_ids: &Tensor, encoder_hidden: &Tensor, encoder_mask: Option<&Tensor>) -> Tensor {
         let t = decoder_ids.size()[1];
         let mut x = self.decoder.embed(decoder_ids);
+        let cross_bias = encoder_mask.map(|m| padding_bias(m, x.kind()));
         let causal = Tensor::ones([t, t], (Kind::Bool, x.device())).triu(1);
         let bias = self
             .decoder
@@ -330,7 +354,7 @@ impl T5 {
             let (norm, attn) = blk.cross.as_ref().expect("decoder block has cross-attention");
             let h = norm.forward(&x);
             let (k, v) = attn.kv(encoder_hidden);
-            x = clamp_half(&x + attn.attend(&h, &k, &v, None));
+            x = clamp_half(&x + attn.attend(&h, &k, &v, cross_bias.as_ref()));
             x = clamp_half(blk.ff.forward(&x));
         }
         self.logits(&x)

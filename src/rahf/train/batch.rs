@@ -2,6 +2,7 @@
 //! heatmap targets at the model's resolution, prompt tokens and keyword targets.
 use crate::error::{Error, Result};
 use crate::rahf::config::RahfConfig;
+use crate::rahf::model::{PromptBatch, PromptMasks};
 use crate::rahf::preprocess::{preprocess_u8, rgb_to_tensor};
 use crate::rahf::tokenizer::{PromptTokens, RahfTokenizer};
 use crate::richhf::sample::{keyword_target, prompt_words, Heatmap, Sample};
@@ -82,4 +83,24 @@ pub fn collate(samples: &[Sample], tokenizer: &RahfTokenizer, cfg: &RahfConfig, 
         keyword_ids,
         keyword_valid,
     })
+}
+
+/// The prompts of a batch right-padded with `pad` to the longest of each kind
+/// (plain, and each task prompt), with masks of the real tokens.
+pub fn padded_prompts(tokens: &[PromptTokens], pad: i64, device: Device) -> (PromptBatch, PromptMasks) {
+    let pad_rows = |rows: Vec<&Vec<i64>>| -> (Tensor, Tensor) {
+        let l = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(rows.len() * l);
+        let mut mask = Vec::with_capacity(rows.len() * l);
+        for r in &rows {
+            ids.extend(r.iter().copied().chain(std::iter::repeat(pad)).take(l));
+            mask.extend((0..l).map(|j| j < r.len()));
+        }
+        let shape = [rows.len() as i64, l as i64];
+        (Tensor::from_slice(&ids).view(shape).to_device(device), Tensor::from_slice(&mask).view(shape).to_device(device))
+    };
+    let (plain, plain_mask) = pad_rows(tokens.iter().map(|t| &t.plain).collect());
+    let n_tasks = tokens.first().map_or(0, |t| t.tasks.len());
+    let (tasks, task_masks) = (0..n_tasks).map(|k| pad_rows(tokens.iter().map(|t| &t.tasks[k]).collect())).unzip();
+    (PromptBatch { plain, tasks }, PromptMasks { plain: plain_mask, tasks: task_masks })
 }

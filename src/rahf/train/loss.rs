@@ -1,9 +1,8 @@
 //! The training objective of §4.1.3: pixel-wise MSE on the heatmaps, MSE on the
 //! scores, teacher-forced cross-entropy on the keyword sequence, weighted.
 use crate::error::Result;
-use crate::rahf::feedback::{group_by_lengths, prompt_batch};
 use crate::rahf::model::Rahf;
-use crate::rahf::train::batch::TrainBatch;
+use crate::rahf::train::batch::{padded_prompts, TrainBatch};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Reduction, Tensor};
 
@@ -56,55 +55,47 @@ fn decoder_tensors(targets: &[&Vec<i64>], start: i64, pad: i64, device: tch::Dev
 
 /// Loss of `batch`, each item weighted `1 / denominator` (the number of items of
 /// the whole optimisation step, so gradient accumulation sums to the step's mean).
+/// The prompts are right-padded and masked, so the batch runs as one: each item's
+/// loss is the one it has alone.
 pub fn batch_loss(model: &Rahf, batch: &TrainBatch, weights: &LossWeights, denominator: f64) -> Result<LossParts> {
     let device = batch.pixels.device();
     let kind = model.visual_token_projection.weight.kind();
-    let visual = model.visual_tokens(&batch.pixels.to_kind(kind));
-    let mut total = Tensor::zeros([], (Kind::Float, device));
-    let (mut heatmap_sum, mut score_sum, mut keyword_sum, mut keyword_items) = (0.0, 0.0, 0.0, 0usize);
     let t5 = &model.config.t5;
+    let visual = model.visual_tokens(&batch.pixels.to_kind(kind));
+    let (prompts, masks) = padded_prompts(&batch.tokens, t5.pad_token_id, device);
+    let out = model.forward_padded(&visual, &prompts, Some(&masks))?;
+    let hm = (out.heatmaps.to_kind(Kind::Float) - &batch.heatmaps)
+        .square()
+        .mean_dim([1, 2, 3].as_slice(), false, Kind::Float)
+        .sum(Kind::Float);
+    let sc = (out.scores.to_kind(Kind::Float) - &batch.scores)
+        .square()
+        .mean_dim([1].as_slice(), false, Kind::Float)
+        .sum(Kind::Float);
+    let mut total = hm.shallow_clone() * weights.heatmap + sc.shallow_clone() * weights.score;
+    let (heatmap_sum, score_sum) = (hm.double_value(&[]), sc.double_value(&[]));
 
-    for idx in group_by_lengths(&batch.tokens) {
-        let sel = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device);
-        let out = model.forward_visual(&visual.index_select(0, &sel), &prompt_batch(&batch.tokens, &idx, device))?;
-        let hm = (out.heatmaps.to_kind(Kind::Float) - batch.heatmaps.index_select(0, &sel))
-            .square()
-            .mean_dim([1, 2, 3].as_slice(), false, Kind::Float)
-            .sum(Kind::Float);
-        let sc = (out.scores.to_kind(Kind::Float) - batch.scores.index_select(0, &sel))
-            .square()
-            .mean_dim([1].as_slice(), false, Kind::Float)
-            .sum(Kind::Float);
-        let mut part = hm.shallow_clone() * weights.heatmap + sc.shallow_clone() * weights.score;
-        heatmap_sum += hm.double_value(&[]);
-        score_sum += sc.double_value(&[]);
-
-        let kw_rows: Vec<usize> = idx.iter().copied().filter(|&i| batch.keyword_valid[i]).collect();
-        if !kw_rows.is_empty() && weights.keyword != 0.0 {
-            let pos: Vec<i64> = idx
-                .iter()
-                .enumerate()
-                .filter(|(_, i)| batch.keyword_valid[**i])
-                .map(|(p, _)| p as i64)
-                .collect();
-            let hidden = out.prompt_hidden().index_select(0, &Tensor::from_slice(&pos).to_device(device));
-            let targets: Vec<&Vec<i64>> = kw_rows.iter().map(|&i| &batch.keyword_ids[i]).collect();
-            let (input, labels) = decoder_tensors(&targets, t5.decoder_start_id(), t5.pad_token_id, device);
-            let logits = model.t5.decoder_logits(&input, &hidden).to_kind(Kind::Float);
-            let v = logits.size()[2];
-            let per_token = logits
-                .view([-1, v])
-                .cross_entropy_loss::<Tensor>(&labels.view([-1]), None, Reduction::None, IGNORE, 0.0)
-                .view([kw_rows.len() as i64, -1]);
-            let counts = labels.ne(IGNORE).sum_dim_intlist([1].as_slice(), false, Kind::Float).clamp_min(1.0);
-            let kw = (per_token.sum_dim_intlist([1].as_slice(), false, Kind::Float) / counts).sum(Kind::Float);
-            keyword_sum += kw.double_value(&[]);
-            keyword_items += kw_rows.len();
-            part = part + kw * weights.keyword;
-        }
-        total = total + part / denominator;
+    let rows: Vec<i64> = (0..batch.len()).filter(|&i| batch.keyword_valid[i]).map(|i| i as i64).collect();
+    let (mut keyword_sum, mut keyword_items) = (0.0, 0usize);
+    if !rows.is_empty() && weights.keyword != 0.0 {
+        let sel = Tensor::from_slice(&rows).to_device(device);
+        let hidden = out.prompt_hidden().index_select(0, &sel);
+        let mask = masks.plain.index_select(0, &sel);
+        let targets: Vec<&Vec<i64>> = rows.iter().map(|&i| &batch.keyword_ids[i as usize]).collect();
+        let (input, labels) = decoder_tensors(&targets, t5.decoder_start_id(), t5.pad_token_id, device);
+        let logits = model.t5.decoder_logits_masked(&input, &hidden, Some(&mask)).to_kind(Kind::Float);
+        let v = logits.size()[2];
+        let per_token = logits
+            .view([-1, v])
+            .cross_entropy_loss::<Tensor>(&labels.view([-1]), None, Reduction::None, IGNORE, 0.0)
+            .view([rows.len() as i64, -1]);
+        let counts = labels.ne(IGNORE).sum_dim_intlist([1].as_slice(), false, Kind::Float).clamp_min(1.0);
+        let kw = (per_token.sum_dim_intlist([1].as_slice(), false, Kind::Float) / counts).sum(Kind::Float);
+        keyword_sum = kw.double_value(&[]);
+        keyword_items = rows.len();
+        total = total + kw * weights.keyword;
     }
-    Ok(LossParts { total, heatmap_sum, score_sum, keyword_sum, keyword_items })
+    Ok(LossParts { total: total / denominator, heatmap_sum, score_sum, keyword_sum, keyword_items })
 }
 
 #[cfg(test)]
