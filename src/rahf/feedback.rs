@@ -63,7 +63,7 @@ impl Feedback {
 
 /// Groups item indices by the lengths of their token sequences: items of one
 /// group can share a batch without padding.
-pub fn group_by_lengths(tokens: &[PromptTokens]) -> Vec<Vec<usize>> {
+fn group_by_lengths(tokens: &[PromptTokens]) -> Vec<Vec<usize>> {
     let mut map: BTreeMap<Vec<usize>, Vec<usize>> = BTreeMap::new();
     for (i, t) in tokens.iter().enumerate() {
         map.entry(t.shape_key()).or_default().push(i);
@@ -72,7 +72,7 @@ pub fn group_by_lengths(tokens: &[PromptTokens]) -> Vec<Vec<usize>> {
 }
 
 /// The token ids of items `idx` (one group of [`group_by_lengths`]) as tensors on `device`.
-pub fn prompt_batch(tokens: &[PromptTokens], idx: &[usize], device: Device) -> PromptBatch {
+fn prompt_batch(tokens: &[PromptTokens], idx: &[usize], device: Device) -> PromptBatch {
     let stack = |rows: Vec<&Vec<i64>>| {
         let l = rows[0].len() as i64;
         let flat: Vec<i64> = rows.into_iter().flatten().copied().collect();

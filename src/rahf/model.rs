@@ -40,8 +40,6 @@ pub struct RahfOutput {
     pub encoder_hidden: Tensor,
     /// Number of image tokens (CLS included) at the start of `encoder_hidden`.
     pub n_visual: i64,
-    /// B x L, true at real prompt tokens, when the prompts were padded.
-    pub prompt_mask: Option<Tensor>,
 }
 
 /// Which prompt tokens are real (true) in a right-padded [`PromptBatch`]: the
@@ -198,7 +196,6 @@ impl Rahf {
             heatmaps,
             encoder_hidden,
             n_visual,
-            prompt_mask: masks.map(|m| m.plain.shallow_clone()),
         })
     }
 
