@@ -3,20 +3,14 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// An OS error on a file. The OS text is part of this message and not
+    /// chained as a source, so `{:#}` does not print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: not found ({what})")]
     Missing { path: PathBuf, what: String },
-    #[error("{path}: invalid JSON: {source}")]
-    Json {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error("{path}: invalid JSON: {error}")]
+    Json { path: PathBuf, error: serde_json::Error },
     #[error("{path}: corrupt or unreadable safetensors file: {reason}")]
     Safetensors { path: PathBuf, reason: String },
     #[error("{file}: tensor `{name}` is missing")]
@@ -34,14 +28,29 @@ pub enum Error {
         field: String,
         value: String,
     },
-    #[error("invalid argument: {0}")]
+    /// A bad argument or setting, described in full by its message.
+    #[error("{0}")]
     Invalid(String),
-    #[error("{context}: {source}")]
-    Torch {
-        context: String,
-        #[source]
-        source: tch::TchError,
-    },
+    /// A setting out of range: `field` is its name as the user wrote it
+    /// (`filter.threshold`, `sampling.clip_skip`), so a recipe can point at
+    /// its line without matching message text.
+    #[error("{field}: {message}")]
+    Field { field: String, message: String },
+    /// A file this program wrote (a manifest, a settings file) that no longer
+    /// reads as it wrote it; `line` is 1-based when there is one.
+    #[error("{}: {reason}", line_location(path, *line))]
+    Corrupt { path: PathBuf, line: Option<usize>, reason: String },
+    /// The run folder is in use by another process.
+    #[error("{path}: {message}")]
+    Locked { path: PathBuf, message: String },
+    /// A device or dtype that cannot be used here.
+    #[error("{0}")]
+    Device(String),
+    /// A computation that produced NaN or infinity where a number is needed.
+    #[error("{0}")]
+    Numerical(String),
+    #[error("{context}: {error}")]
+    Torch { context: String, error: tch::TchError },
     #[error("{path}: tokenizer error: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     #[error("{path}: image error: {reason}")]
@@ -58,6 +67,13 @@ pub enum Error {
     Data { path: PathBuf, record: Option<u64>, reason: String },
 }
 
+fn line_location(path: &std::path::Path, line: Option<usize>) -> String {
+    match line {
+        Some(l) => format!("{}:{l}", path.display()),
+        None => path.display().to_string(),
+    }
+}
+
 fn data_location(path: &std::path::Path, record: Option<u64>) -> String {
     match record {
         Some(r) => format!("{} record {r}", path.display()),
@@ -68,8 +84,14 @@ fn data_location(path: &std::path::Path, record: Option<u64>) -> String {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
+        Error::Io { path: path.into(), error }
+    }
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Field { field: field.into(), message: message.into() }
+    }
+    pub fn corrupt(path: impl Into<PathBuf>, line: Option<usize>, reason: impl Into<String>) -> Self {
+        Error::Corrupt { path: path.into(), line, reason: reason.into() }
     }
     pub fn unsupported(file: impl Into<String>, field: &str, value: impl std::fmt::Display) -> Self {
         Error::Unsupported { file: file.into(), field: field.to_string(), value: value.to_string() }
@@ -77,8 +99,8 @@ impl Error {
     pub fn data(path: impl Into<PathBuf>, record: Option<u64>, reason: impl Into<String>) -> Self {
         Error::Data { path: path.into(), record, reason: reason.into() }
     }
-    pub fn torch(context: impl Into<String>, source: tch::TchError) -> Self {
-        Error::Torch { context: context.into(), source }
+    pub fn torch(context: impl Into<String>, error: tch::TchError) -> Self {
+        Error::Torch { context: context.into(), error }
     }
 }
 
@@ -91,5 +113,5 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Resu
             Error::io(path, e)
         }
     })?;
-    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+    serde_json::from_str(&text).map_err(|error| Error::Json { path: path.to_path_buf(), error })
 }

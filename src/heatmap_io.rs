@@ -1,47 +1,9 @@
 //! Writing heatmaps for people and for numpy: a colour overlay on the image,
-//! and the raw float32 map as `.npy`.
+//! (files are written by `crate::io`).
 use crate::error::{Error, Result};
-use std::io::Write;
-use std::path::Path;
 use tch::{Kind, Tensor};
-
-/// Writes a 2-D float tensor as a NumPy v1.0 `.npy` file (little-endian f32, C order).
-pub fn write_npy(path: &Path, map: &Tensor) -> Result<()> {
-    let size = map.size();
-    let data = Vec::<f32>::try_from(map.to_kind(Kind::Float).contiguous().view([-1]))
-        .map_err(|e| Error::torch(format!("writing {}", path.display()), e))?;
-    let shape = size.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
-    let shape = if size.len() == 1 { format!("{shape},") } else { shape };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({shape}), }}");
-    // Magic (6) + version (2) + header length (2) + header + '\n' must be a multiple of 64.
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = Vec::with_capacity(10 + header.len() + data.len() * 4);
-    bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    for v in data {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    write_atomic(path, &bytes)
-}
-
-/// Writes through a temporary file and a rename, so no reader sees half a file;
-/// the data is synced before the rename, so after a crash `path` holds either the
-/// old bytes or all the new ones (what resumable jobs and checkpoints rely on).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.partial",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
+// Kept for the training code's imports; the one implementation is in `crate::io`.
+pub use crate::io::{write_atomic, write_npy};
 
 /// A perceptually ordered blue → green → yellow → red ramp for v in [0, 1]
 /// (a "turbo"-like map, reduced to five anchor colours).

@@ -6,6 +6,7 @@ pub mod error;
 pub mod generate;
 pub mod guidance;
 pub mod heatmap_io;
+pub mod io;
 pub mod jobs;
 pub mod mask;
 pub mod metrics;

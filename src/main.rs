@@ -362,19 +362,22 @@ fn filter(a: FilterArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 struct MergeArgs {
-    /// The merged dataset's folder (created; an earlier merge there is kept and extended).
+    /// The merged dataset's folder (created; an earlier merge there is replaced).
     #[arg(long)]
     out: std::path::PathBuf,
-    /// The `filter --out` folders of the shards.
+    /// The `filter --out` folders of the shards: every shard of one run, each finished.
     #[arg(required = true)]
     shards: Vec<std::path::PathBuf>,
+    /// Merge what is there even when shards are missing or unfinished (said in the summary).
+    #[arg(long)]
+    allow_partial: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
 }
 
 fn merge(a: MergeArgs) -> Result<()> {
-    let summary = orchestrate::jobs::merge::merge(&a.out, &a.shards)?;
+    let summary = orchestrate::jobs::merge::merge(&a.out, &a.shards, a.allow_partial)?;
     print_job_summary(&summary, a.json)
 }
 
@@ -420,8 +423,12 @@ fn run_recipe(a: RunArgs) -> Result<()> {
             }
         }
     };
+    let shard = match &a.shard {
+        Some(s) => Shard::parse(s)?,
+        None => Shard::from_env()?.unwrap_or_default(),
+    };
     if a.dry_run {
-        let plan = recipe.dry_run()?;
+        let plan = recipe.dry_run(shard)?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&serde_json::json!({"recipe": a.recipe, "dry_run": plan.lines, "note": recipe.note}))?);
         } else {
@@ -433,10 +440,6 @@ fn run_recipe(a: RunArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let shard = match &a.shard {
-        Some(s) => Shard::parse(s)?,
-        None => Shard::from_env()?.unwrap_or_default(),
-    };
     if !a.json {
         note(&recipe);
     }

@@ -31,13 +31,8 @@
 //! range checks happen after deserialization (each job's `validate()`), so the
 //! recipe keeps a map from field path to location, built from a second,
 //! located parse of the same text, to point those errors at the YAML too.
-use crate::diffusion::clip::ClipTextConfig;
-use crate::diffusion::model_dir::ModelDir;
-use crate::diffusion::schedulers::SchedulerConfig;
-use crate::diffusion::tokenizer::ClipTokenizer;
-use crate::diffusion::unet::UNetConfig;
-use crate::diffusion::vae::VaeConfig;
 use crate::error::{Error, Result};
+use crate::jobs::common::{check_generator, check_rahf};
 use crate::jobs::filter::{self, FilterOptions};
 use crate::jobs::guide::{self, GuideOptions};
 use crate::jobs::inpaint::{self, InpaintOptions};
@@ -454,6 +449,9 @@ impl Recipe {
     /// `--flag` spelling) the message mentions, else the section itself.
     fn locate(&self, section: &str, r: Result<()>) -> Result<()> {
         let Err(e) = r else { return Ok(()) };
+        if let Error::Field { .. } = e {
+            return Err(self.locate_field(e));
+        }
         let text = error_text(&e);
         let norm = normalize(&text);
         let found = self
@@ -490,10 +488,12 @@ impl Recipe {
         self.locate("sampling", self.common.sampling.validate())
     }
 
-    /// Everything `run` would need, short of loading weights: the checks of
-    /// [`Recipe::validate`], then each model folder resolves and its configs,
-    /// tokenizer and weight files are there; returns what would run.
-    pub fn dry_run(&mut self) -> Result<DryRun> {
+    /// Exactly the checks a real run makes before it writes anything, short
+    /// of loading weights: each section's ranges, devices and dtypes, every
+    /// model config (validated) and `clip_skip` against the text encoder, the
+    /// prompt lists and ids, each job's output folder (not a file, not a
+    /// foreign folder, no earlier run with other settings). Returns what would run.
+    pub fn dry_run(&mut self, shard: Shard) -> Result<DryRun> {
         self.validate()?;
         let mut lines = Vec::new();
         let m = self.common.models.clone();
@@ -507,14 +507,7 @@ impl Recipe {
         }
         let rahf = self.at_field("models.rahf", check_rahf(&m.rahf))?;
         lines.push(format!("rahf       {}: {rahf}", m.rahf.display()));
-        for (field, v) in [("models.device", &m.device)] {
-            self.at_field(field, crate::device::parse_device(v).map(|_| ()))?;
-        }
         self.resolve_size()?;
-        let device = crate::device::parse_device(&m.device)?;
-        for (field, v) in [("models.dtype", &m.dtype), ("models.rahf_dtype", &m.rahf_dtype)] {
-            self.at_field(field, crate::device::parse_dtype(v, device).map(|_| ()))?;
-        }
         let s = &self.common.sampling;
         lines.push(format!(
             "sampling   {} steps {}, guidance scale {}, {}x{} px{}, seed {}, batch {}",
@@ -531,6 +524,22 @@ impl Recipe {
             s.seed,
             s.batch_size
         ));
+        let c = &self.common;
+        let located = |r: Result<()>| r.map_err(|e| self.locate_field(e));
+        if let Some(f) = &self.filter {
+            located(filter::prepare(f, c, &job_dir(&self.output, "filter", shard)).map(|_| ()))?;
+        }
+        if let Some(i) = &self.inpaint {
+            let (out, pending) = if self.inpaint_from_filter {
+                (job_dir(&self.output, "inpaint", shard), true)
+            } else {
+                (job_dir(&self.output, "inpaint", shard), false)
+            };
+            located(inpaint::prepare(i, c, &out, pending).map(|_| ()))?;
+        }
+        if let Some(g) = &self.guide {
+            located(guide::prepare(g, c, &job_dir(&self.output, "guide", shard)).map(|_| ()))?;
+        }
         lines.extend(self.plan()?);
         Ok(DryRun { lines })
     }
@@ -592,7 +601,7 @@ impl Recipe {
         let mut summaries = Vec::new();
         let ctx = |job: &str| RunContext { out: job_dir(&self.output, job, shard), shard, json };
         if let Some(f) = &self.filter {
-            let s = filter::run(f, &self.common, &ctx("filter"))?;
+            let s = filter::run(f, &self.common, &ctx("filter")).map_err(|e| self.locate_field(e))?;
             done(&s);
             summaries.push(s);
         }
@@ -614,11 +623,12 @@ impl Recipe {
                     return self.run_guide(shard, json, done, summaries);
                 }
                 // The whole set was taken by the filter shard already.
-                let s = inpaint::run(&i, &self.common, &RunContext { shard: Shard::default(), ..ctx("inpaint") })?;
+                let s = inpaint::run(&i, &self.common, &RunContext { shard: Shard::default(), ..ctx("inpaint") })
+                    .map_err(|e| self.locate_field(e))?;
                 done(&s);
                 summaries.push(s);
             } else {
-                let s = inpaint::run(&i, &self.common, &ctx("inpaint"))?;
+                let s = inpaint::run(&i, &self.common, &ctx("inpaint")).map_err(|e| self.locate_field(e))?;
                 done(&s);
                 summaries.push(s);
             }
@@ -635,16 +645,34 @@ impl Recipe {
     ) -> Result<Vec<JobSummary>> {
         if let Some(g) = &self.guide {
             let ctx = RunContext { out: job_dir(&self.output, "guide", shard), shard, json };
-            let s = guide::run(g, &self.common, &ctx)?;
+            let s = guide::run(g, &self.common, &ctx).map_err(|e| self.locate_field(e))?;
             done(&s);
             summaries.push(s);
         }
         Ok(summaries)
     }
 
+    /// Points an `Error::Field` at its field's line (or, when the recipe does
+    /// not write that field, at its section); other errors pass unchanged.
+    pub fn locate_field(&self, e: Error) -> Error {
+        let Error::Field { field, message } = e else { return e };
+        let section = field.split('.').next().unwrap_or("");
+        let at = self
+            .locations
+            .value_of(&field)
+            .or_else(|| self.locations.of(section))
+            .unwrap_or(Loc { line: 1, column: 1 });
+        located(&self.file, at, &field, &message)
+    }
+
     /// Attaches the location of `field` to an error about it.
     fn at_field<T>(&self, field: &str, r: Result<T>) -> Result<T> {
         r.map_err(|e| {
+            let e = match e {
+                Error::Field { field: f, message } if f == field => Error::Invalid(message),
+                Error::Field { .. } => return self.locate_field(e),
+                e => e,
+            };
             let at =
                 self.locations.value_of(field).or_else(|| self.locations.of(field.split('.').next().unwrap_or("")));
             located(&self.file, at.unwrap_or(Loc { line: 1, column: 1 }), field, &strip_field(&error_text(&e), field))
@@ -788,51 +816,6 @@ fn strip_field(text: &str, field: &str) -> String {
     text.to_string()
 }
 
-/// What a generator folder holds, from its configs.
-#[derive(Debug, Clone)]
-pub struct GeneratorInfo {
-    pub root: PathBuf,
-    pub in_channels: i64,
-    pub native_size: Option<(i64, i64)>,
-}
-
-impl GeneratorInfo {
-    fn describe(&self, spec: &str) -> String {
-        let kind = if self.in_channels == 9 { "9-channel inpainting UNet" } else { "text-to-image UNet" };
-        let size = match self.native_size {
-            Some((h, w)) => format!(", native {w}x{h} px"),
-            None => String::new(),
-        };
-        let root = if Path::new(spec) == self.root { String::new() } else { format!(" = {}", self.root.display()) };
-        format!("{spec}{root} ({kind}{size})")
-    }
-}
-
-/// Resolves a generator and loads every config `StableDiffusion::load`
-/// reads, the tokenizer, and the list of weight files (not the weights).
-pub fn check_generator(spec: &str) -> Result<GeneratorInfo> {
-    let dir = ModelDir::open(spec)?;
-    let model_index = dir.root.join("model_index.json");
-    if !model_index.is_file() {
-        return Err(Error::Missing { path: model_index, what: "a diffusers pipeline's model_index.json".into() });
-    }
-    ClipTokenizer::load(&dir.component("tokenizer")?)?;
-    ClipTextConfig::load(&dir.config("text_encoder", "config.json")?)?;
-    let unet = UNetConfig::load(&dir.config("unet", "config.json")?)?;
-    let vae = VaeConfig::load(&dir.config("vae", "config.json")?)?;
-    SchedulerConfig::load(&dir.config("scheduler", "scheduler_config.json")?)?;
-    for component in ["text_encoder", "unet", "vae"] {
-        for file in dir.weights(component, None)? {
-            if !file.is_file() {
-                return Err(Error::Missing { path: file, what: format!("a `{component}` weights shard") });
-            }
-        }
-    }
-    let scale = 1i64 << vae.block_out_channels.len().saturating_sub(1);
-    let native_size = unet.sample_size_hw().map(|(h, w)| (h * scale, w * scale));
-    Ok(GeneratorInfo { root: dir.root, in_channels: unet.in_channels, native_size })
-}
-
 /// The generator's native image size: UNet `sample_size` times the VAE's
 /// downsampling factor, diffusers' default for `height`/`width`.
 pub fn native_size(spec: &str) -> Result<(i64, i64)> {
@@ -843,20 +826,6 @@ pub fn native_size(spec: &str) -> Result<(i64, i64)> {
             info.root.display()
         ))
     })
-}
-
-/// Loads a RAHF folder's config and tokenizer and checks its weights file is there.
-pub fn check_rahf(dir: &Path) -> Result<String> {
-    let cfg = crate::rahf::RahfConfig::load(dir)?;
-    let weights = dir.join("model.safetensors");
-    if !weights.is_file() {
-        return Err(Error::Missing { path: weights, what: "RAHF weights".into() });
-    }
-    crate::rahf::tokenizer::RahfTokenizer::load(&dir.join("tokenizer.json"), &cfg)?;
-    Ok(format!(
-        "{:?} RAHF, {} px input, ViT {} layers, T5 d_model {}",
-        cfg.variant, cfg.image_size, cfg.vit.num_hidden_layers, cfg.t5.d_model
-    ))
 }
 
 #[cfg(test)]

@@ -44,29 +44,6 @@ pub fn read_manifest(path: &Path) -> Result<Vec<ScoreItem>> {
     Ok(items)
 }
 
-/// Opens an image as 8-bit RGB, naming the file when it cannot.
-pub fn load_rgb(path: &Path) -> Result<image::RgbImage> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
-        .decode()
-        .map_err(|e| Error::Image { path: path.to_path_buf(), reason: e.to_string() })?;
-    match img {
-        image::DynamicImage::ImageRgb8(rgb) => Ok(rgb),
-        image::DynamicImage::ImageRgba8(rgba) if rgba.pixels().all(|p| p.0[3] == 255) => {
-            Ok(image::DynamicImage::ImageRgba8(rgba).to_rgb8())
-        }
-        other => Err(Error::Image {
-            path: path.to_path_buf(),
-            reason: format!(
-                "expected an 8-bit RGB image, found {:?}; convert it to RGB first (RAHF was trained on RGB)",
-                other.color()
-            ),
-        }),
-    }
-}
-
 fn output_stem(image: &Path, index: usize, taken: &mut std::collections::HashSet<String>) -> String {
     let stem = image.file_stem().and_then(|s| s.to_str()).unwrap_or("image").to_string();
     // Two inputs with the same file name (from different folders) must not
@@ -108,7 +85,7 @@ pub fn run(
         return Err(Error::Invalid("no images to score".into()));
     }
     // Every image is opened before any work, so a bad file fails fast.
-    let images: Vec<image::RgbImage> = items.iter().map(|it| load_rgb(&it.image)).collect::<Result<_>>()?;
+    let images: Vec<image::RgbImage> = items.iter().map(|it| crate::io::load_rgb(&it.image)).collect::<Result<_>>()?;
     if let Some(dir) = out {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }

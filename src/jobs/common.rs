@@ -31,10 +31,12 @@ impl ModelOptions {
     /// The device, the generator's dtype and RAHF's dtype. RAHF's `auto` is
     /// fp32 everywhere: its scores are compared with thresholds and each other.
     pub fn placement(&self) -> Result<(tch::Device, tch::Kind, tch::Kind)> {
-        let device = crate::device::parse_device(&self.device)?;
-        let kind = crate::device::parse_dtype(&self.dtype, device)?;
+        let device = crate::device::parse_device(&self.device).map_err(|e| Error::field("models.device", e.to_string()))?;
+        let kind = crate::device::parse_dtype(&self.dtype, device).map_err(|e| Error::field("models.dtype", e.to_string()))?;
         let rahf_dtype = if self.rahf_dtype == "auto" { "fp32" } else { &self.rahf_dtype };
-        Ok((device, kind, crate::device::parse_dtype(rahf_dtype, device)?))
+        let rahf_kind =
+            crate::device::parse_dtype(rahf_dtype, device).map_err(|e| Error::field("models.rahf_dtype", e.to_string()))?;
+        Ok((device, kind, rahf_kind))
     }
 }
 
@@ -104,17 +106,38 @@ impl Default for SamplingOptions {
 
 impl SamplingOptions {
     pub fn validate(&self) -> Result<()> {
-        check_image_size(self.height, self.width)?;
+        for (field, v) in [("sampling.height", self.height), ("sampling.width", self.width)] {
+            check_image_size(v, v).map_err(|_| Error::field(field, format!("{v}: must be a positive multiple of 8")))?;
+        }
         if self.steps == 0 {
-            return Err(Error::Invalid("sampling.steps must be at least 1".into()));
+            return Err(Error::field("sampling.steps", "must be at least 1"));
+        }
+        if self.steps > 10_000 {
+            return Err(Error::field("sampling.steps", format!("{}: at most 10000", self.steps)));
         }
         if self.batch_size == 0 {
-            return Err(Error::Invalid("sampling.batch_size must be at least 1".into()));
+            return Err(Error::field("sampling.batch_size", "must be at least 1"));
         }
         if !self.guidance_scale.is_finite() || self.guidance_scale < 0.0 {
-            return Err(Error::Invalid(format!("sampling.guidance_scale {}: must be >= 0", self.guidance_scale)));
+            return Err(Error::field("sampling.guidance_scale", format!("{}: must be a finite number >= 0", self.guidance_scale)));
         }
-        self.scheduler_kind()?;
+        if self.clip_skip == Some(0) {
+            return Err(Error::field("sampling.clip_skip", "0: must be at least 1 (leave it out for the last layer)"));
+        }
+        self.scheduler_kind().map_err(|e| Error::field("sampling.scheduler", e.to_string()))?;
+        Ok(())
+    }
+
+    /// Image `i` of an item is seeded `seed + i`: the last one must fit in
+    /// 64 bits (it would wrap to 0 otherwise).
+    pub fn check_seeds(&self, per_item: usize, field: &str) -> Result<()> {
+        let last = (per_item.max(1) - 1) as u64;
+        if self.seed.checked_add(last).is_none() {
+            return Err(Error::field(
+                "sampling.seed",
+                format!("{}: image {last} of an item would be seeded past 2^64-1 ({field} = {per_item}); use a smaller seed", self.seed),
+            ));
+        }
         Ok(())
     }
 
@@ -132,6 +155,128 @@ impl SamplingOptions {
             clip_skip: self.clip_skip,
         })
     }
+}
+
+impl CommonOptions {
+    /// What every job's outputs depend on among the shared settings, with
+    /// the job's own settings added: `settings.json`. Device and batch size
+    /// are left out (results do not depend on the batch size, and a resumed
+    /// run may move to another machine).
+    pub fn fingerprint(&self, job: &str, own: serde_json::Value) -> serde_json::Value {
+        let s = &self.sampling;
+        let mut v = serde_json::json!({
+            "job": job,
+            "generator": self.models.generator,
+            "rahf": self.models.rahf,
+            "dtype": self.models.dtype,
+            "rahf_dtype": self.models.rahf_dtype,
+            "steps": s.steps,
+            "guidance_scale": s.guidance_scale,
+            "height": s.height,
+            "width": s.width,
+            "scheduler": s.scheduler,
+            "negative_prompt": s.negative_prompt,
+            "seed": s.seed,
+            "clip_skip": s.clip_skip,
+        });
+        if let (Some(map), serde_json::Value::Object(own)) = (v.as_object_mut(), own) {
+            map.extend(own);
+        }
+        v
+    }
+
+    /// Every model check a run makes before loading weights: device and
+    /// dtypes usable here, the generator's configs (`generator`: the one this
+    /// job samples with) and `clip_skip` against its text encoder, the RAHF
+    /// folder's config and tokenizer. Errors name the field they are about.
+    pub fn check_models(&self, generator: &str) -> Result<GeneratorInfo> {
+        let m = &self.models;
+        let device = crate::device::parse_device(&m.device).map_err(|e| Error::field("models.device", e.to_string()))?;
+        crate::device::parse_dtype(&m.dtype, device).map_err(|e| Error::field("models.dtype", e.to_string()))?;
+        let rahf_dtype = if m.rahf_dtype == "auto" { "fp32" } else { &m.rahf_dtype };
+        crate::device::parse_dtype(rahf_dtype, device).map_err(|e| Error::field("models.rahf_dtype", e.to_string()))?;
+        let field = if Some(generator) == m.inpaint_generator.as_deref() { "models.inpaint_generator" } else { "models.generator" };
+        let info = check_generator(generator).map_err(|e| Error::field(field, e.to_string()))?;
+        if let Some(k) = self.sampling.clip_skip {
+            if k > info.text_layers {
+                return Err(Error::field(
+                    "sampling.clip_skip",
+                    format!("{k}: the text encoder of {generator} has only {} layers", info.text_layers),
+                ));
+            }
+        }
+        check_rahf(&m.rahf).map_err(|e| Error::field("models.rahf", e.to_string()))?;
+        Ok(info)
+    }
+}
+
+/// What a generator folder holds, from its configs.
+#[derive(Debug, Clone)]
+pub struct GeneratorInfo {
+    pub root: PathBuf,
+    pub in_channels: i64,
+    pub latent_channels: i64,
+    pub text_layers: usize,
+    pub native_size: Option<(i64, i64)>,
+}
+
+impl GeneratorInfo {
+    pub fn describe(&self, spec: &str) -> String {
+        let kind = if self.in_channels != self.latent_channels { "inpainting UNet" } else { "text-to-image UNet" };
+        let size = match self.native_size {
+            Some((h, w)) => format!(", native {w}x{h} px"),
+            None => String::new(),
+        };
+        let root = if std::path::Path::new(spec) == self.root { String::new() } else { format!(" = {}", self.root.display()) };
+        format!("{spec}{root} ({kind}{size})")
+    }
+}
+
+/// Resolves a generator and loads every config `StableDiffusion::load`
+/// reads, the tokenizer, and the list of weight files (not the weights).
+pub fn check_generator(spec: &str) -> Result<GeneratorInfo> {
+    use crate::diffusion::{clip::ClipTextConfig, model_dir::ModelDir, schedulers::SchedulerConfig};
+    use crate::diffusion::{tokenizer::ClipTokenizer, unet::UNetConfig, vae::VaeConfig};
+    let dir = ModelDir::open(spec)?;
+    let model_index = dir.root.join("model_index.json");
+    if !model_index.is_file() {
+        return Err(Error::Missing { path: model_index, what: "a diffusers pipeline's model_index.json".into() });
+    }
+    ClipTokenizer::load(&dir.component("tokenizer")?)?;
+    let text = ClipTextConfig::load(&dir.config("text_encoder", "config.json")?)?;
+    let unet = UNetConfig::load(&dir.config("unet", "config.json")?)?;
+    let vae = VaeConfig::load(&dir.config("vae", "config.json")?)?;
+    SchedulerConfig::load(&dir.config("scheduler", "scheduler_config.json")?)?;
+    for component in ["text_encoder", "unet", "vae"] {
+        for file in dir.weights(component, None)? {
+            if !file.is_file() {
+                return Err(Error::Missing { path: file, what: format!("a `{component}` weights shard") });
+            }
+        }
+    }
+    let scale = 1i64 << vae.block_out_channels.len().saturating_sub(1);
+    let native_size = unet.sample_size_hw().map(|(h, w)| (h * scale, w * scale));
+    Ok(GeneratorInfo {
+        root: dir.root,
+        in_channels: unet.in_channels,
+        latent_channels: vae.latent_channels,
+        text_layers: text.num_hidden_layers,
+        native_size,
+    })
+}
+
+/// Loads a RAHF folder's config and tokenizer and checks its weights file is there.
+pub fn check_rahf(dir: &std::path::Path) -> Result<String> {
+    let cfg = crate::rahf::RahfConfig::load(dir)?;
+    let weights = dir.join("model.safetensors");
+    if !weights.is_file() {
+        return Err(Error::Missing { path: weights, what: "RAHF weights".into() });
+    }
+    crate::rahf::tokenizer::RahfTokenizer::load(&dir.join("tokenizer.json"), &cfg)?;
+    Ok(format!(
+        "{:?} RAHF, {} px input, ViT {} layers, T5 d_model {}",
+        cfg.variant, cfg.image_size, cfg.vit.num_hidden_layers, cfg.t5.d_model
+    ))
 }
 
 /// What every job needs besides its own options.

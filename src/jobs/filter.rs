@@ -18,16 +18,15 @@
 //! other shapes: about 1e-6 in [0, 1], now and then one 8-bit level).
 use crate::diffusion::pipeline::{to_rgb_bytes, ImageRequest, SamplingSettings, StableDiffusion};
 use crate::error::{Error, Result};
-use crate::heatmap_io::write_atomic;
+use crate::io::write_atomic;
 use crate::jobs::manifest::Manifest;
 use crate::jobs::prompts::{read_prompts, PromptItem};
-use crate::jobs::stages::overlap;
+use crate::jobs::runner::{digest, Finished, ItemKey, Outcome, Producer};
 use crate::jobs::{CommonOptions, JobSummary, RunContext};
 use crate::rahf::{FeedbackModel, Scores};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 /// Which RAHF score decides what is kept.
 pub use crate::rahf::ScoreKind;
@@ -101,16 +100,16 @@ impl FilterOptions {
 
     pub fn validate(&self) -> Result<()> {
         if self.samples == 0 {
-            return Err(Error::Invalid("filter.samples must be at least 1".into()));
+            return Err(Error::field("filter.samples", "must be at least 1"));
+        }
+        if self.samples > 10_000 {
+            return Err(Error::field("filter.samples", format!("{}: at most 10000", self.samples)));
         }
         if !(0.0..=1.0).contains(&self.threshold) {
-            return Err(Error::Invalid(format!(
-                "filter.threshold {}: must be in [0, 1]",
-                self.threshold
-            )));
+            return Err(Error::field("filter.threshold", format!("{}: must be in [0, 1]", self.threshold)));
         }
         // Parsing the list checks that it exists and names the bad line.
-        read_prompts(&self.prompts)?;
+        read_prompts(&self.prompts).map_err(|e| Error::field("filter.prompts", e.to_string()))?;
         Ok(())
     }
 }
@@ -234,7 +233,7 @@ struct MetadataLine<'a> {
 
 pub const SAMPLES_DIR: &str = "samples";
 pub const TRAIN_DIR: &str = "train";
-pub const SETTINGS_FILE: &str = "settings.json";
+pub use crate::jobs::runner::SETTINGS_FILE;
 
 fn sample_name(id: &str, i: usize) -> String {
     format!("{id}_{i}.png")
@@ -245,228 +244,30 @@ fn sample_name(id: &str, i: usize) -> String {
 /// are left out: the results do not depend on the batch size, and a resumed
 /// run may move to another machine.
 pub fn settings_fingerprint(opts: &FilterOptions, common: &CommonOptions) -> serde_json::Value {
-    let s = &common.sampling;
-    serde_json::json!({
-        "job": "filter",
-        "samples": opts.samples,
-        "score": opts.score,
-        "threshold": opts.threshold,
-        "keep": opts.keep,
-        "generator": common.models.generator,
-        "rahf": common.models.rahf,
-        "dtype": common.models.dtype,
-        "rahf_dtype": common.models.rahf_dtype,
-        "steps": s.steps,
-        "guidance_scale": s.guidance_scale,
-        "height": s.height,
-        "width": s.width,
-        "scheduler": s.scheduler,
-        "negative_prompt": s.negative_prompt,
-        "seed": s.seed,
-        "clip_skip": s.clip_skip,
-    })
-}
-
-/// Writes `settings.json`, or checks it against the one an earlier run left.
-fn check_settings(out: &Path, settings: &serde_json::Value) -> Result<()> {
-    let path = out.join(SETTINGS_FILE);
-    if path.is_file() {
-        let before: serde_json::Value = crate::error::read_json(&path)?;
-        if &before != settings {
-            let differing: Vec<String> = settings
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(k, v)| before.get(k.as_str()) != Some(v))
-                .map(|(k, v)| {
-                    format!(
-                        "{k}: {} now, {} before",
-                        v,
-                        before.get(k.as_str()).unwrap_or(&serde_json::Value::Null)
-                    )
-                })
-                .collect();
-            return Err(Error::Invalid(format!(
-                "{}: this folder holds a run with other settings ({}); resume with the same settings or choose another --out",
-                path.display(),
-                differing.join("; ")
-            )));
-        }
-        return Ok(());
-    }
-    write_atomic(
-        &path,
-        serde_json::to_string_pretty(settings)
-            .expect("JSON serialises")
-            .as_bytes(),
+    common.fingerprint(
+        "filter",
+        serde_json::json!({"samples": opts.samples, "score": opts.score, "threshold": opts.threshold, "keep": opts.keep}),
     )
 }
 
-/// Removes what a killed run left half-written (`*.partial`), so no reader
-/// ever sees one; the items they belonged to are not in the manifest and are redone.
-fn remove_partials(dir: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.extension().is_some_and(|x| x == "partial") {
-            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
-        }
-    }
-    Ok(())
-}
-
-fn png_bytes(img: &image::RgbImage, what: &str) -> Result<Vec<u8>> {
-    let mut buf = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut buf, image::ImageFormat::Png)
-        .map_err(|e| Error::Image {
-            path: PathBuf::from(what),
-            reason: e.to_string(),
-        })?;
-    Ok(buf.into_inner())
-}
-
 /// One prompt with all its images scored, on its way to the CPU stage.
-struct Scored {
+pub struct Scored {
     item: PromptItem,
     seeds: Vec<u64>,
     images: Vec<image::RgbImage>,
     scores: Vec<Scores>,
 }
 
-/// The GPU stage: samples batches of (prompt, image) pairs across prompts, and
-/// scores a prompt as soon as all its images exist.
-struct Producer<'a> {
-    pipe: &'a StableDiffusion,
-    rahf: &'a FeedbackModel,
-    settings: SamplingSettings,
-    negative_prompt: String,
-    seed: u64,
-    samples: usize,
-    pending: HashMap<usize, Vec<Option<image::RgbImage>>>,
+pub struct Models {
+    pipe: StableDiffusion,
+    rahf: FeedbackModel,
 }
 
-impl Producer<'_> {
-    /// `slots`: one batch from [`plan_batches`]: (position in `items`, image index) or empty.
-    fn run_batch(
-        &mut self,
-        items: &[PromptItem],
-        slots: &[Option<(usize, usize)>],
-    ) -> Result<Vec<Scored>> {
-        let request = |&(p, i): &(usize, usize)| ImageRequest {
-            prompt: items[p].prompt.clone(),
-            negative_prompt: self.negative_prompt.clone(),
-            seed: self.seed + i as u64,
-        };
-        let filler = slots
-            .iter()
-            .flatten()
-            .next()
-            .expect("a batch holds at least one image");
-        // An empty slot gets a copy of some request; its image is dropped.
-        let requests: Vec<ImageRequest> = slots
-            .iter()
-            .map(|s| request(s.as_ref().unwrap_or(filler)))
-            .collect();
-        let rgb = to_rgb_bytes(&self.pipe.sample(&requests, &self.settings)?);
-        let batch: Vec<(usize, (usize, usize))> = slots
-            .iter()
-            .enumerate()
-            .filter_map(|(k, s)| s.map(|s| (k, s)))
-            .collect();
-        let (h, w) = (self.settings.height as u32, self.settings.width as u32);
-        let mut completed = Vec::new();
-        for &(k, (p, i)) in &batch {
-            let data = Vec::<u8>::try_from(rgb.get(k as i64).contiguous().view([-1]))
-                .map_err(|e| Error::torch(format!("image {i} of prompt `{}`", items[p].id), e))?;
-            let img = image::RgbImage::from_raw(w, h, data)
-                .expect("sampled images are height x width x 3");
-            let slots = self
-                .pending
-                .entry(p)
-                .or_insert_with(|| vec![None; self.samples]);
-            slots[i] = Some(img);
-            if slots.iter().all(Option::is_some) {
-                completed.push(p);
-            }
-        }
-        let mut out = Vec::new();
-        for p in completed {
-            let images: Vec<image::RgbImage> = self
-                .pending
-                .remove(&p)
-                .expect("pending")
-                .into_iter()
-                .flatten()
-                .collect();
-            // One RAHF call per prompt: the same batch whatever the sampling
-            // batch size, so the scores are bit for bit reproducible.
-            let prompts = vec![items[p].prompt.clone(); images.len()];
-            let feedback = self.rahf.predict(&images, &prompts)?;
-            out.push(Scored {
-                item: items[p].clone(),
-                seeds: (0..self.samples).map(|i| self.seed + i as u64).collect(),
-                images,
-                scores: feedback.iter().map(|f| f.scores).collect(),
-            });
-        }
-        Ok(out)
-    }
-}
+/// Images of prompts not all sampled yet, by prompt id.
+type Pending = HashMap<String, Vec<Option<image::RgbImage>>>;
 
-/// The CPU stage: PNGs, selection, the manifest line, progress.
-struct Consumer<'a> {
-    out: &'a Path,
-    opts: &'a FilterOptions,
-    manifest: &'a mut Manifest,
-    progress: crate::progress::Progress,
-}
-
-impl Consumer<'_> {
-    fn finish(&mut self, s: Scored) -> Result<()> {
-        let id = &s.item.id;
-        let values: Vec<f64> = s.scores.iter().map(|sc| self.opts.score.of(sc)).collect();
-        let sel = select(id, &s.seeds, &values, self.opts.threshold, self.opts.keep);
-        let mut images = Vec::with_capacity(s.images.len());
-        let mut kept = Vec::new();
-        for (i, img) in s.images.iter().enumerate() {
-            let name = sample_name(id, i);
-            let file = format!("{SAMPLES_DIR}/{name}");
-            let bytes = png_bytes(img, &file)?;
-            write_atomic(&self.out.join(&file), &bytes)?;
-            let is_kept = sel.kept.contains(&i);
-            if is_kept {
-                let train = format!("{TRAIN_DIR}/{name}");
-                write_atomic(&self.out.join(&train), &bytes)?;
-                kept.push(train);
-            }
-            images.push(SampleRecord {
-                file,
-                seed: s.seeds[i],
-                scores: ScoreRow::from(&s.scores[i]),
-                kept: is_kept,
-            });
-        }
-        let record = PromptRecord {
-            id: id.clone(),
-            index: s.item.index,
-            prompt: s.item.prompt.clone(),
-            images,
-            kept,
-        };
-        // Files first, then the line: a kill in between only redoes this prompt.
-        self.manifest.append(id, &record)?;
-        let best = values
-            .iter()
-            .copied()
-            .filter(|v| !v.is_nan())
-            .fold(f64::NAN, f64::max);
-        self.progress
-            .step(format!("{id}: {} images, best {best:.3}, kept {}", s.images.len(), record.kept.len()));
-        Ok(())
-    }
-}
+/// One generator call: per row, (prompt, image index) or empty.
+pub type Batch = Vec<Option<(PromptItem, usize)>>;
 
 /// How the stages are arranged; `Sequential` exists for the benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -475,6 +276,147 @@ pub enum Mode {
     Overlapped,
     /// A plain loop: per prompt, generate its images, score them, save them.
     Sequential,
+}
+
+/// `filter` as the runner drives it.
+pub struct FilterJob<'a> {
+    opts: &'a FilterOptions,
+    common: &'a CommonOptions,
+    settings: SamplingSettings,
+    mode: Mode,
+}
+
+impl FilterJob<'_> {
+    fn seeds(&self) -> Vec<u64> {
+        (0..self.opts.samples as u64).map(|i| self.common.sampling.seed + i).collect()
+    }
+
+    /// The GPU stage of one batch: sample it, and score every prompt whose
+    /// images are now all there (one RAHF call per prompt: the same batch
+    /// whatever the sampling batch size, so the scores are reproducible).
+    fn run_batch(&self, m: &Models, pending: &mut Pending, slots: Batch) -> Result<Vec<Scored>> {
+        let seed = self.common.sampling.seed;
+        let request = |(item, i): &(PromptItem, usize)| ImageRequest {
+            prompt: item.prompt.clone(),
+            negative_prompt: self.common.sampling.negative_prompt.clone(),
+            seed: seed + *i as u64,
+        };
+        let filler = slots.iter().flatten().next().expect("a batch holds at least one image");
+        // An empty slot gets a copy of some request; its image is dropped.
+        let requests: Vec<ImageRequest> = slots.iter().map(|s| request(s.as_ref().unwrap_or(filler))).collect();
+        let rgb = to_rgb_bytes(&m.pipe.sample(&requests, &self.settings)?);
+        let (h, w) = (self.settings.height as u32, self.settings.width as u32);
+        let mut completed = Vec::new();
+        for (k, slot) in slots.iter().enumerate() {
+            let Some((item, i)) = slot else { continue };
+            let data = Vec::<u8>::try_from(rgb.get(k as i64).contiguous().view([-1]))
+                .map_err(|e| Error::torch(format!("image {i} of prompt `{}`", item.id), e))?;
+            let img = image::RgbImage::from_raw(w, h, data).expect("sampled images are height x width x 3");
+            let slots = pending.entry(item.id.clone()).or_insert_with(|| vec![None; self.opts.samples]);
+            slots[*i] = Some(img);
+            if slots.iter().all(Option::is_some) {
+                completed.push(item.clone());
+            }
+        }
+        let mut out = Vec::new();
+        for item in completed {
+            let images: Vec<image::RgbImage> =
+                pending.remove(&item.id).expect("pending").into_iter().flatten().collect();
+            let prompts = vec![item.prompt.clone(); images.len()];
+            let feedback = m.rahf.predict(&images, &prompts)?;
+            out.push(Scored { item, seeds: self.seeds(), images, scores: feedback.iter().map(|f| f.scores).collect() });
+        }
+        Ok(out)
+    }
+}
+
+impl crate::jobs::runner::Job for FilterJob<'_> {
+    type Item = PromptItem;
+    type Unit = Batch;
+    type Product = Scored;
+    type Models = Models;
+
+    fn name(&self) -> &'static str {
+        "filter"
+    }
+
+    fn unit_name(&self) -> &'static str {
+        "prompts"
+    }
+
+    fn key(&self, item: &PromptItem) -> ItemKey {
+        ItemKey {
+            id: item.id.clone(),
+            index: item.index,
+            digest: digest(&serde_json::json!({
+                "prompt": item.prompt,
+                "negative_prompt": self.common.sampling.negative_prompt,
+                "seeds": self.seeds(),
+            })),
+        }
+    }
+
+    fn load(&self) -> Result<Models> {
+        let (device, kind, rahf_kind) = self.common.models.placement()?;
+        // Both modes use the same thread count, as it can change rounding.
+        crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
+        let pipe = StableDiffusion::load(&self.common.models.generator, device, kind)?;
+        let rahf = FeedbackModel::load(&self.common.models.rahf, device, rahf_kind)?;
+        Ok(Models { pipe, rahf })
+    }
+
+    fn units(&self, todo: Vec<PromptItem>) -> Vec<Batch> {
+        let batch_size = self.common.sampling.batch_size;
+        let to_items = |plan: Vec<Vec<Option<(usize, usize)>>>| -> Vec<Batch> {
+            plan.into_iter()
+                .map(|b| b.into_iter().map(|s| s.map(|(p, i)| (todo[p].clone(), i))).collect())
+                .collect()
+        };
+        match self.mode {
+            Mode::Overlapped => to_items(plan_batches(&todo, 0, self.opts.samples, batch_size)),
+            Mode::Sequential => (0..todo.len())
+                .flat_map(|p| to_items(plan_batches(&todo[p..p + 1], p, self.opts.samples, batch_size)))
+                .collect(),
+        }
+    }
+
+    fn producer<'m>(&'m self, m: &'m Models) -> Result<Producer<'m, Batch, Scored>> {
+        let mut pending = Pending::new();
+        Ok(Box::new(move |unit| self.run_batch(m, &mut pending, unit)))
+    }
+
+    /// PNGs, selection, the record.
+    fn consume(&self, out: &Path, s: Scored) -> Result<Finished> {
+        let id = &s.item.id;
+        let values: Vec<f64> = s.scores.iter().map(|sc| self.opts.score.of(sc)).collect();
+        let sel = select(id, &s.seeds, &values, self.opts.threshold, self.opts.keep);
+        let mut images = Vec::with_capacity(s.images.len());
+        let mut kept = Vec::new();
+        let mut files = Vec::new();
+        for (i, img) in s.images.iter().enumerate() {
+            let name = sample_name(id, i);
+            let file = format!("{SAMPLES_DIR}/{name}");
+            let bytes = crate::io::rgb_png(img, Path::new(&file))?;
+            write_atomic(&out.join(&file), &bytes)?;
+            files.push(file.clone());
+            let is_kept = sel.kept.contains(&i);
+            if is_kept {
+                let train = format!("{TRAIN_DIR}/{name}");
+                write_atomic(&out.join(&train), &bytes)?;
+                files.push(train.clone());
+                kept.push(train);
+            }
+            images.push(SampleRecord { file, seed: s.seeds[i], scores: ScoreRow::from(&s.scores[i]), kept: is_kept });
+        }
+        let record = PromptRecord { id: id.clone(), index: s.item.index, prompt: s.item.prompt.clone(), images, kept };
+        let best = values.iter().copied().filter(|v| !v.is_nan()).fold(f64::NAN, f64::max);
+        Ok(Finished {
+            key: self.key(&s.item),
+            progress: format!("{id}: {} images, best {best:.3}, kept {}", s.images.len(), record.kept.len()),
+            files,
+            record: serde_json::to_value(&record).expect("records serialise"),
+        })
+    }
 }
 
 /// Lays the images of `items` out in generator batches of `batch_size` rows.
@@ -509,112 +451,35 @@ pub fn plan_batches(
     batches
 }
 
+/// Every check a real run makes before it writes anything (what `--dry-run`
+/// runs too): options, sampling, devices, the models' configs, the prompt
+/// list, the output folder and its earlier settings. Returns the prompts.
+pub fn prepare(opts: &FilterOptions, common: &CommonOptions, out: &Path) -> Result<Vec<PromptItem>> {
+    opts.validate()?;
+    common.sampling.validate()?;
+    common.sampling.check_seeds(opts.samples, "filter.samples")?;
+    common.check_models(&common.models.generator)?;
+    let items = read_prompts(&opts.prompts)?;
+    crate::jobs::runner::check_out(out)?;
+    crate::jobs::runner::check_settings(out, &settings_fingerprint(opts, common))?;
+    Ok(items)
+}
+
 pub fn run(opts: &FilterOptions, common: &CommonOptions, ctx: &RunContext) -> Result<JobSummary> {
     run_with(opts, common, ctx, Mode::Overlapped)
 }
 
-pub fn run_with(
-    opts: &FilterOptions,
-    common: &CommonOptions,
-    ctx: &RunContext,
-    mode: Mode,
-) -> Result<JobSummary> {
-    opts.validate()?;
-    common.sampling.validate()?;
-    let items = read_prompts(&opts.prompts)?;
-    let shard_items: Vec<PromptItem> = items
-        .into_iter()
-        .filter(|it| ctx.shard.takes(it.index))
-        .collect();
-
+pub fn run_with(opts: &FilterOptions, common: &CommonOptions, ctx: &RunContext, mode: Mode) -> Result<JobSummary> {
+    let items = prepare(opts, common, &ctx.out)?;
+    let job = FilterJob { opts, common, settings: common.sampling.settings()?, mode };
+    let fingerprint = settings_fingerprint(opts, common);
+    let outcome = crate::jobs::runner::run(&job, &ctx.out, ctx.shard, &fingerprint, items, mode == Mode::Overlapped)?;
     let out = &ctx.out;
-    for dir in [out.clone(), out.join(SAMPLES_DIR), out.join(TRAIN_DIR)] {
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        remove_partials(&dir)?;
-    }
-    check_settings(out, &settings_fingerprint(opts, common))?;
-    let mut manifest = Manifest::open(out)?;
-    let todo: Vec<PromptItem> = shard_items
-        .iter()
-        .filter(|it| !manifest.is_done(&it.id))
-        .cloned()
-        .collect();
-    let skipped = shard_items.len() - todo.len();
-    if skipped > 0 {
-        tracing::info!(
-            "{}: {skipped} of {} prompts already done; resuming",
-            manifest.path().display(),
-            shard_items.len()
-        );
-    }
-
-    let mut load_secs = 0.0;
-    let mut run_secs = 0.0;
-    if !todo.is_empty() {
-        let load_started = Instant::now();
-        let (device, kind, rahf_kind) = common.models.placement()?;
-        // Both modes use the same thread count, as it can change rounding.
-        crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
-        let pipe = StableDiffusion::load(&common.models.generator, device, kind)?;
-        let rahf = FeedbackModel::load(&common.models.rahf, device, rahf_kind)?;
-        load_secs = load_started.elapsed().as_secs_f64();
-
-        let started = Instant::now();
-        let mut producer = Producer {
-            pipe: &pipe,
-            rahf: &rahf,
-            settings: common.sampling.settings()?,
-            negative_prompt: common.sampling.negative_prompt.clone(),
-            seed: common.sampling.seed,
-            samples: opts.samples,
-            pending: HashMap::new(),
-        };
-        let mut consumer = Consumer {
-            out,
-            opts,
-            manifest: &mut manifest,
-            progress: crate::progress::Progress::new("filter", "prompts", todo.len()),
-        };
-        let batch_size = common.sampling.batch_size;
-        match mode {
-            Mode::Overlapped => {
-                let work = plan_batches(&todo, 0, opts.samples, batch_size);
-                overlap(
-                    work,
-                    2,
-                    |slots| producer.run_batch(&todo, &slots),
-                    |done| done.into_iter().try_for_each(|s| consumer.finish(s)),
-                )?;
-            }
-            Mode::Sequential => {
-                for p in 0..todo.len() {
-                    for slots in plan_batches(&todo[p..p + 1], p, opts.samples, batch_size) {
-                        for s in producer.run_batch(&todo, &slots)? {
-                            consumer.finish(s)?;
-                        }
-                    }
-                }
-            }
-        }
-        consumer.progress.finish();
-        run_secs = started.elapsed().as_secs_f64();
-    }
-
-    let records = read_records(&manifest)?;
-    write_dataset(out, &records)?;
-    let sampled = todo.len() * opts.samples;
-    let summary = summary(
-        opts,
-        ctx,
-        &shard_items,
-        skipped,
-        todo.len(),
-        &records,
-        sampled,
-        load_secs,
-        run_secs,
-        mode,
-    );
+    let records = typed_records(&outcome.folder.manifest, &outcome.folder.records_of(&outcome.keys))?;
+    let all = typed_records(&outcome.folder.manifest, &outcome.folder.manifest.records().iter().collect::<Vec<_>>())?;
+    write_dataset(out, &records, &all)?;
+    let sampled = outcome.done_now * opts.samples;
+    let summary = summary(opts, ctx, &outcome, &records, sampled, mode);
     let settings = serde_json::json!({ "filter": opts, "models": common.models, "sampling": common.sampling });
     let unkept = format!("nothing reached {} {}", opts.score, opts.threshold);
     write_filter_report(out, "filter", settings, &unkept, &records, &summary)?;
@@ -668,27 +533,23 @@ pub fn write_filter_report(
     Ok(())
 }
 
-/// The manifest's records, typed.
-pub fn read_records(manifest: &Manifest) -> Result<Vec<PromptRecord>> {
-    manifest
-        .records()
+/// Manifest records, typed.
+pub fn typed_records(manifest: &Manifest, values: &[&serde_json::Value]) -> Result<Vec<PromptRecord>> {
+    values
         .iter()
         .map(|v| {
-            serde_json::from_value(v.clone()).map_err(|e| {
-                Error::Invalid(format!(
-                    "{}: record `{}` is not a filter record: {e}",
-                    manifest.path().display(),
-                    v["id"]
-                ))
+            serde_json::from_value((*v).clone()).map_err(|e| {
+                Error::corrupt(manifest.path(), None, format!("record `{}` is not a filter record: {e}", v["id"]))
             })
         })
         .collect()
 }
 
-/// Rebuilds `train/metadata.jsonl` from the records (atomically, so it is
-/// always consistent with the manifest), and removes kept images no record
-/// names (left by a killed run whose redo chose differently).
-pub fn write_dataset(out: &Path, records: &[PromptRecord]) -> Result<()> {
+/// Rebuilds `train/metadata.jsonl` from `records` (atomically, so it is
+/// always consistent with the manifest), and removes from `train/` the
+/// images this run folder's records (`all`, gone items' included) put there
+/// that `records` no longer keep. Nothing else in `train/` is touched.
+pub fn write_dataset(out: &Path, records: &[PromptRecord], all: &[PromptRecord]) -> Result<()> {
     let train = out.join(TRAIN_DIR);
     std::fs::create_dir_all(&train).map_err(|e| Error::io(&train, e))?;
     let mut sorted: Vec<&PromptRecord> = records.iter().collect();
@@ -697,10 +558,7 @@ pub fn write_dataset(out: &Path, records: &[PromptRecord]) -> Result<()> {
     let mut named = BTreeSet::new();
     for r in sorted {
         for img in r.images.iter().filter(|im| im.kept) {
-            let file_name = Path::new(&img.file)
-                .file_name()
-                .and_then(|n| n.to_str())
-                .expect("sample names are UTF-8");
+            let file_name = Path::new(&img.file).file_name().and_then(|n| n.to_str()).expect("sample names are UTF-8");
             let line = MetadataLine {
                 file_name,
                 text: &r.prompt,
@@ -713,21 +571,17 @@ pub fn write_dataset(out: &Path, records: &[PromptRecord]) -> Result<()> {
             };
             text.push_str(&serde_json::to_string(&line).expect("JSON serialises"));
             text.push('\n');
-            named.insert(file_name.to_string());
+            named.insert(format!("{TRAIN_DIR}/{file_name}"));
         }
     }
     write_atomic(&train.join("metadata.jsonl"), text.as_bytes())?;
-    for e in std::fs::read_dir(&train)
-        .map_err(|e| Error::io(&train, e))?
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".png") && !named.contains(&name) {
-            tracing::warn!(
-                "{}: not in the manifest (left by an interrupted run); removed",
-                e.path().display()
-            );
-            std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
+    for r in all {
+        for f in r.kept.iter().filter(|f| !named.contains(*f)) {
+            let p = out.join(f);
+            if p.is_file() {
+                tracing::info!("{}: left out of the data set (its prompt is no longer listed)", p.display());
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+            }
         }
     }
     Ok(())
@@ -747,19 +601,16 @@ pub fn histogram(values: impl IntoIterator<Item = Option<f64>>) -> ([usize; 10],
     (bins, nan)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn summary(
+fn summary<I>(
     opts: &FilterOptions,
     ctx: &RunContext,
-    shard_items: &[PromptItem],
-    skipped: usize,
-    done_now: usize,
+    outcome: &Outcome<I>,
     records: &[PromptRecord],
     sampled: usize,
-    load_secs: f64,
-    run_secs: f64,
     mode: Mode,
 ) -> JobSummary {
+    let (skipped, done_now, load_secs, run_secs) =
+        (outcome.done_before, outcome.done_now, outcome.load_secs, outcome.run_secs);
     let kept_prompts = records.iter().filter(|r| !r.kept.is_empty()).count();
     let kept_images: usize = records.iter().map(|r| r.kept.len()).sum();
     let (bins, nan) = histogram(
@@ -773,7 +624,9 @@ fn summary(
         0.0
     };
     let figures = serde_json::json!({
-        "prompts_in": shard_items.len(),
+        "prompts_in": outcome.keys.len(),
+        "redone": outcome.redone.len(),
+        "gone": outcome.gone,
         "done_now": done_now,
         "skipped_from_manifest": skipped,
         "kept_prompts": kept_prompts,
@@ -805,17 +658,23 @@ fn summary(
     let mut lines = vec![
         format!(
             "prompts in: {} (shard {}/{})",
-            shard_items.len(),
+            outcome.keys.len(),
             ctx.shard.index,
             ctx.shard.count
         ),
-        format!("done now: {done_now}, already done (manifest): {skipped}"),
+        format!("done now: {done_now} ({} redone), already done (manifest, verified): {skipped}", outcome.redone.len()),
         format!(
             "kept: {kept_prompts} prompts, {kept_images} images ({} >= {}, keep {})",
             opts.score, opts.threshold, opts.keep
         ),
         format!("{} histogram: {}", opts.score, hist.join(" ")),
     ];
+    if !outcome.gone.is_empty() {
+        lines.push(format!(
+            "{} finished prompt(s) no longer in the prompt list: left out of the data set (their samples stay)",
+            outcome.gone.len()
+        ));
+    }
     if nan > 0 {
         lines.push(format!("NaN scores (rejected): {nan}"));
     }

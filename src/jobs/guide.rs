@@ -7,18 +7,18 @@
 //! Outputs: `guided/<id>_<i>.png`, `unguided/<id>_<i>.png`, `manifest.jsonl`
 //! (one line per prompt), `report.html`.
 use crate::diffusion::inpaint::to_rgb_images;
-use crate::diffusion::pipeline::{ImageRequest, StableDiffusion};
+use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
 use crate::error::{Error, Result};
 use crate::guidance::{GuidanceSettings, Guider, ScoreKind};
-use crate::jobs::inpaint::save_rgb;
+use crate::io::save_rgb;
 use crate::jobs::manifest::Manifest;
 use crate::jobs::prompts::{read_prompts, PromptItem};
-use crate::jobs::stages::overlap;
+use crate::jobs::runner::{digest, Finished, ItemKey, Outcome, Producer};
 use crate::jobs::{CommonOptions, JobSummary, RunContext};
 use crate::rahf::{FeedbackModel, Scores};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -91,13 +91,22 @@ impl GuideOptions {
 
     pub fn validate(&self) -> Result<()> {
         if !self.strength.is_finite() || self.strength < 0.0 {
-            return Err(Error::Invalid(format!("guide.strength {}: must be >= 0", self.strength)));
+            return Err(Error::field("guide.strength", format!("{}: must be a finite number >= 0", self.strength)));
         }
         if self.images_per_prompt == 0 {
-            return Err(Error::Invalid("guide.images_per_prompt must be at least 1".into()));
+            return Err(Error::field("guide.images_per_prompt", "must be at least 1"));
+        }
+        if self.images_per_prompt > 10_000 {
+            return Err(Error::field("guide.images_per_prompt", format!("{}: at most 10000", self.images_per_prompt)));
+        }
+        if self.every == 0 {
+            return Err(Error::field("guide.every", "0: must be at least 1"));
+        }
+        if self.recurrence == 0 || self.recurrence > 100 {
+            return Err(Error::field("guide.recurrence", format!("{}: must be in 1..=100 (1 = no recurrence)", self.recurrence)));
         }
         self.guidance()?.validate()?;
-        read_prompts(&self.prompts)?;
+        read_prompts(&self.prompts).map_err(|e| Error::field("guide.prompts", e.to_string()))?;
         Ok(())
     }
 }
@@ -123,7 +132,7 @@ struct GuideRecord {
     unguided_seconds: Option<f64>,
 }
 
-struct Product {
+pub struct Product {
     item: PromptItem,
     seeds: Vec<u64>,
     guided: Vec<RgbImage>,
@@ -133,141 +142,206 @@ struct Product {
     unguided_seconds: Option<f64>,
 }
 
-pub fn run(opts: &GuideOptions, common: &CommonOptions, ctx: &RunContext) -> Result<JobSummary> {
+pub fn settings_fingerprint(opts: &GuideOptions, common: &CommonOptions) -> serde_json::Value {
+    common.fingerprint(
+        "guide",
+        serde_json::json!({
+            "strength": opts.strength,
+            "every": opts.every,
+            "recurrence": opts.recurrence,
+            "score": opts.score,
+            "images_per_prompt": opts.images_per_prompt,
+            "compare_unguided": opts.compare_unguided,
+            "through_unet": opts.through_unet,
+        }),
+    )
+}
+
+/// Every check a real run makes before it writes anything (`--dry-run` too).
+pub fn prepare(opts: &GuideOptions, common: &CommonOptions, out: &Path) -> Result<Vec<PromptItem>> {
     opts.validate()?;
     common.sampling.validate()?;
-    let settings = common.sampling.settings()?;
-    let guidance = opts.guidance()?;
+    common.sampling.check_seeds(opts.images_per_prompt, "guide.images_per_prompt")?;
+    common.check_models(&common.models.generator)?;
     let items = read_prompts(&opts.prompts)?;
-    let mut manifest = Manifest::open(&ctx.out)?;
-    let in_shard: Vec<&PromptItem> = items.iter().filter(|it| ctx.shard.takes(it.index)).collect();
-    let pending: Vec<PromptItem> =
-        in_shard.iter().filter(|it| !manifest.is_done(&it.id)).map(|it| (*it).clone()).collect();
-    let skipped = in_shard.len() - pending.len();
-    tracing::info!(
-        "guide: {} prompts, {} in this shard, {skipped} already done, {} to do",
-        items.len(),
-        in_shard.len(),
-        pending.len()
-    );
-    let new = pending.len();
-    if !pending.is_empty() {
-        let (device, kind, rahf_kind) = common.models.placement()?;
+    crate::jobs::runner::check_out(out)?;
+    crate::jobs::runner::check_settings(out, &settings_fingerprint(opts, common))?;
+    Ok(items)
+}
+
+pub struct Models {
+    pipe: StableDiffusion,
+    rahf: FeedbackModel,
+}
+
+struct GuideJob<'a> {
+    opts: &'a GuideOptions,
+    common: &'a CommonOptions,
+    settings: SamplingSettings,
+    guidance: GuidanceSettings,
+}
+
+impl GuideJob<'_> {
+    fn seeds(&self) -> Vec<u64> {
+        (0..self.opts.images_per_prompt as u64).map(|i| self.common.sampling.seed + i).collect()
+    }
+
+    fn guide_one(&self, m: &Models, guider: &Guider, item: PromptItem) -> Result<Product> {
+        let sampling = &self.common.sampling;
+        let seeds = self.seeds();
+        let requests: Vec<ImageRequest> = seeds
+            .iter()
+            .map(|&seed| ImageRequest { prompt: item.prompt.clone(), negative_prompt: sampling.negative_prompt.clone(), seed })
+            .collect();
+        let prompts = vec![item.prompt.clone(); requests.len()];
+        let mut guided = Vec::new();
+        let started = Instant::now();
+        for chunk in requests.chunks(sampling.batch_size) {
+            guided.extend(to_rgb_images(&guider.sample(chunk, &self.settings, &self.guidance, &mut |_| {})?)?);
+        }
+        let guided_seconds = started.elapsed().as_secs_f64();
+        // Scored as saved (8-bit), the way any later consumer sees them.
+        let guided_scores = m.rahf.predict(&guided, &prompts)?.into_iter().map(|f| f.scores).collect();
+        let unguided = if self.opts.compare_unguided {
+            let started = Instant::now();
+            let mut images = Vec::new();
+            for chunk in requests.chunks(sampling.batch_size) {
+                images.extend(to_rgb_images(&m.pipe.sample(chunk, &self.settings)?)?);
+            }
+            let secs = started.elapsed().as_secs_f64();
+            let scores = m.rahf.predict(&images, &prompts)?.into_iter().map(|f| f.scores).collect();
+            Some((images, scores, secs))
+        } else {
+            None
+        };
+        let unguided_seconds = unguided.as_ref().map(|u| u.2);
+        Ok(Product {
+            item,
+            seeds,
+            guided,
+            guided_scores,
+            unguided: unguided.map(|(i, s, _)| (i, s)),
+            guided_seconds,
+            unguided_seconds,
+        })
+    }
+}
+
+impl crate::jobs::runner::Job for GuideJob<'_> {
+    type Item = PromptItem;
+    type Unit = PromptItem;
+    type Product = Product;
+    type Models = Models;
+
+    fn name(&self) -> &'static str {
+        "guide"
+    }
+
+    fn unit_name(&self) -> &'static str {
+        "prompts"
+    }
+
+    fn key(&self, item: &PromptItem) -> ItemKey {
+        ItemKey {
+            id: item.id.clone(),
+            index: item.index,
+            digest: digest(&serde_json::json!({
+                "prompt": item.prompt,
+                "negative_prompt": self.common.sampling.negative_prompt,
+                "seeds": self.seeds(),
+            })),
+        }
+    }
+
+    fn load(&self) -> Result<Models> {
+        let (device, kind, rahf_kind) = self.common.models.placement()?;
         crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
-        let rahf = FeedbackModel::load(&common.models.rahf, device, rahf_kind)?;
-        let pipe = StableDiffusion::load(&common.models.generator, device, kind)?;
-        let guider = Guider::new(&pipe, &rahf)?;
+        let rahf = FeedbackModel::load(&self.common.models.rahf, device, rahf_kind)?;
+        let pipe = StableDiffusion::load(&self.common.models.generator, device, kind)?;
+        Ok(Models { pipe, rahf })
+    }
+
+    fn units(&self, todo: Vec<PromptItem>) -> Vec<PromptItem> {
+        todo
+    }
+
+    fn producer<'m>(&'m self, m: &'m Models) -> Result<Producer<'m, PromptItem, Product>> {
+        let guider = Guider::new(&m.pipe, &m.rahf)?;
+        Ok(Box::new(move |item| Ok(vec![self.guide_one(m, &guider, item)?])))
+    }
+
+    fn consume(&self, out: &Path, p: Product) -> Result<Finished> {
+        let id = p.item.id.clone();
+        let mut images = Vec::new();
+        let mut files = Vec::new();
         for dir in ["guided", "unguided"] {
-            let d = ctx.out.join(dir);
+            let d = out.join(dir);
             std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
         }
-        let mut progress = crate::progress::Progress::new("guide", "prompts", pending.len());
-        let out = ctx.out.clone();
-        let sampling = &common.sampling;
-        overlap(
-            pending,
-            2,
-            |item| {
-                let seeds: Vec<u64> = (0..opts.images_per_prompt as u64).map(|i| sampling.seed + i).collect();
-                let requests: Vec<ImageRequest> = seeds
-                    .iter()
-                    .map(|&seed| ImageRequest {
-                        prompt: item.prompt.clone(),
-                        negative_prompt: sampling.negative_prompt.clone(),
-                        seed,
-                    })
-                    .collect();
-                let prompts = vec![item.prompt.clone(); requests.len()];
-                let mut guided = Vec::new();
-                let started = Instant::now();
-                for chunk in requests.chunks(sampling.batch_size) {
-                    guided.extend(to_rgb_images(&guider.sample(chunk, &settings, &guidance, &mut |_| {})?)?);
+        for (k, &seed) in p.seeds.iter().enumerate() {
+            let guided_file = format!("guided/{id}_{k}.png");
+            save_rgb(&out.join(&guided_file), &p.guided[k])?;
+            files.push(guided_file.clone());
+            let (unguided_file, unguided_scores) = match &p.unguided {
+                Some((imgs, scores)) => {
+                    let f = format!("unguided/{id}_{k}.png");
+                    save_rgb(&out.join(&f), &imgs[k])?;
+                    files.push(f.clone());
+                    (Some(f), Some(scores[k]))
                 }
-                let guided_seconds = started.elapsed().as_secs_f64();
-                // Scored as saved (8-bit), the way any later consumer sees them.
-                let guided_scores = rahf.predict(&guided, &prompts)?.into_iter().map(|f| f.scores).collect();
-                let unguided = if opts.compare_unguided {
-                    let started = Instant::now();
-                    let mut images = Vec::new();
-                    for chunk in requests.chunks(sampling.batch_size) {
-                        images.extend(to_rgb_images(&pipe.sample(chunk, &settings)?)?);
-                    }
-                    let secs = started.elapsed().as_secs_f64();
-                    let scores = rahf.predict(&images, &prompts)?.into_iter().map(|f| f.scores).collect();
-                    Some((images, scores, secs))
-                } else {
-                    None
-                };
-                let unguided_seconds = unguided.as_ref().map(|u| u.2);
-                Ok(Product {
-                    item,
-                    seeds,
-                    guided,
-                    guided_scores,
-                    unguided: unguided.map(|(i, s, _)| (i, s)),
-                    guided_seconds,
-                    unguided_seconds,
-                })
-            },
-            |p| {
-                let id = p.item.id.clone();
-                let mut images = Vec::new();
-                for (k, &seed) in p.seeds.iter().enumerate() {
-                    let guided_file = format!("guided/{id}_{k}.png");
-                    save_rgb(&out.join(&guided_file), &p.guided[k])?;
-                    let (unguided_file, unguided_scores) = match &p.unguided {
-                        Some((imgs, scores)) => {
-                            let f = format!("unguided/{id}_{k}.png");
-                            save_rgb(&out.join(&f), &imgs[k])?;
-                            (Some(f), Some(scores[k]))
-                        }
-                        None => (None, None),
-                    };
-                    images.push(GuidedImage { seed, guided_file, guided_scores: p.guided_scores[k], unguided_file, unguided_scores });
-                }
-                let record = GuideRecord {
-                    prompt: p.item.prompt.clone(),
-                    score: guidance.score.name().into(),
-                    strength: opts.strength,
-                    every: opts.every,
-                    recurrence: opts.recurrence,
-                    images,
-                    guided_seconds: p.guided_seconds,
-                    unguided_seconds: p.unguided_seconds,
-                };
-                manifest.append(&id, &record)?;
-                progress.step(format!("{id}: guided in {:.1} s", p.guided_seconds));
-                Ok(())
-            },
-        )?;
-        progress.finish();
+                None => (None, None),
+            };
+            images.push(GuidedImage { seed, guided_file, guided_scores: p.guided_scores[k], unguided_file, unguided_scores });
+        }
+        let record = GuideRecord {
+            prompt: p.item.prompt.clone(),
+            score: self.guidance.score.name().into(),
+            strength: self.opts.strength,
+            every: self.opts.every,
+            recurrence: self.opts.recurrence,
+            images,
+            guided_seconds: p.guided_seconds,
+            unguided_seconds: p.unguided_seconds,
+        };
+        Ok(Finished {
+            key: self.key(&p.item),
+            files,
+            record: serde_json::to_value(&record).expect("records serialise"),
+            progress: format!("{id}: guided in {:.1} s", p.guided_seconds),
+        })
     }
-    let summary = summarize(&manifest, ctx, new, skipped)?;
-    write_guide_report(&manifest, opts, common, ctx, &summary)?;
+}
+
+pub fn run(opts: &GuideOptions, common: &CommonOptions, ctx: &RunContext) -> Result<JobSummary> {
+    let items = prepare(opts, common, &ctx.out)?;
+    let job = GuideJob { opts, common, settings: common.sampling.settings()?, guidance: opts.guidance()? };
+    let outcome = crate::jobs::runner::run(&job, &ctx.out, ctx.shard, &settings_fingerprint(opts, common), items, true)?;
+    let recs = records(&outcome.folder.manifest, &outcome.folder.records_of(&outcome.keys))?;
+    let summary = summarize(&recs, ctx, &outcome)?;
+    write_guide_report(&recs, opts, common, ctx, &summary)?;
     Ok(summary)
 }
 
-fn records(manifest: &Manifest) -> Result<Vec<(String, GuideRecord)>> {
-    manifest
-        .records()
+fn records(manifest: &Manifest, values: &[&serde_json::Value]) -> Result<Vec<(String, GuideRecord)>> {
+    values
         .iter()
         .map(|v| {
             let id = v["id"].as_str().unwrap_or_default().to_string();
-            serde_json::from_value(v.clone())
+            serde_json::from_value((*v).clone())
                 .map(|r| (id.clone(), r))
-                .map_err(|e| Error::Invalid(format!("{}: record `{id}`: {e}", manifest.path().display())))
+                .map_err(|e| Error::corrupt(manifest.path(), None, format!("record `{id}` is not a guide record: {e}")))
         })
         .collect()
 }
 
 /// Guided vs unguided means of the guided score over every seed in the
 /// manifest, and seconds per image of each.
-fn summarize(manifest: &Manifest, ctx: &RunContext, new: usize, skipped: usize) -> Result<JobSummary> {
-    let recs = records(manifest)?;
+fn summarize<I>(recs: &[(String, GuideRecord)], ctx: &RunContext, outcome: &Outcome<I>) -> Result<JobSummary> {
+    let (new, skipped) = (outcome.done_now, outcome.done_before);
     let (mut guided, mut unguided, mut gains) = (Vec::new(), Vec::new(), Vec::new());
     let (mut g_secs, mut u_secs, mut n_imgs, mut n_unguided_imgs) = (0.0, 0.0, 0usize, 0usize);
     let mut score_name = String::from("aesthetics");
-    for (_, r) in &recs {
+    for (_, r) in recs {
         let kind: ScoreKind = r.score.parse()?;
         score_name = r.score.clone();
         g_secs += r.guided_seconds;
@@ -294,6 +368,8 @@ fn summarize(manifest: &Manifest, ctx: &RunContext, new: usize, skipped: usize) 
         "prompts": recs.len(),
         "new": new,
         "skipped_done": skipped,
+        "redone": outcome.redone.len(),
+        "gone": outcome.gone,
         "images": n_imgs,
         "score": score_name,
         "mean_guided": mg,
@@ -304,7 +380,7 @@ fn summarize(manifest: &Manifest, ctx: &RunContext, new: usize, skipped: usize) 
         "guided_seconds_per_image": per(g_secs, n_imgs),
         "unguided_seconds_per_image": per(u_secs, n_unguided_imgs),
     });
-    let lines = vec![
+    let mut lines = vec![
         format!("guide: {} prompts, {n_imgs} images in {} ({new} new, {skipped} already done)", recs.len(), ctx.out.display()),
         format!(
             "mean {score_name}: guided {} vs unguided {} (gain {}; guided higher on {improved} of {} seeds)",
@@ -319,11 +395,14 @@ fn summarize(manifest: &Manifest, ctx: &RunContext, new: usize, skipped: usize) 
             fmt(per(u_secs, n_unguided_imgs))
         ),
     ];
+    if !outcome.gone.is_empty() {
+        lines.push(format!("{} finished prompt(s) no longer in the prompt list: left out of these figures", outcome.gone.len()));
+    }
     Ok(JobSummary { job: "guide".into(), out: ctx.out.clone(), figures, lines })
 }
 
 fn write_guide_report(
-    manifest: &Manifest,
+    recs: &[(String, GuideRecord)],
     opts: &GuideOptions,
     common: &CommonOptions,
     ctx: &RunContext,
@@ -331,7 +410,7 @@ fn write_guide_report(
 ) -> Result<()> {
     use crate::report::{write_report, Report, ReportImage, ReportRow};
     let mut rows = Vec::new();
-    for (id, r) in records(manifest)? {
+    for (id, r) in recs {
         let kind: ScoreKind = r.score.parse()?;
         let mut images = Vec::new();
         for im in &r.images {
@@ -346,7 +425,7 @@ fn write_guide_report(
                     .marked(better),
             );
         }
-        rows.push(ReportRow { prompt: r.prompt.clone(), id, images, note: None });
+        rows.push(ReportRow { prompt: r.prompt.clone(), id: id.clone(), images, note: None });
     }
     let report = Report {
         title: format!("guide — {}", ctx.out.display()),

@@ -27,11 +27,11 @@
 //! `candidate_<k>.png` (after paste-back; seed `sampling.seed + k`) and
 //! `chosen.png`; then one `manifest.jsonl` line with every score and the choice.
 use crate::diffusion::inpaint::{to_rgb_images, InpaintMode, InpaintSource};
-use crate::diffusion::pipeline::{ImageRequest, StableDiffusion};
+use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
 use crate::error::{Error, Result};
-use crate::heatmap_io::{overlay, write_atomic, write_npy};
-use crate::jobs::manifest::Manifest;
-use crate::jobs::stages::overlap;
+use crate::heatmap_io::overlay;
+use crate::io::{save_gray, save_rgb, write_npy};
+use crate::jobs::runner::{digest, Finished, ItemKey, Outcome, Producer};
 use crate::jobs::{CommonOptions, JobSummary, RunContext};
 use crate::rahf::{FeedbackModel, Scores};
 use image::imageops::{self, FilterType};
@@ -99,24 +99,28 @@ impl InpaintOptions {
 
     /// Every check that needs no model.
     pub fn validate(&self) -> Result<()> {
+        self.validate_ranges()?;
+        input_listing(&self.input).map(|_| ()).map_err(|e| Error::field("inpaint.input", e.to_string()))
+    }
+
+    /// The checks that need neither a model nor the input.
+    pub fn validate_ranges(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.mask_threshold) {
-            return Err(Error::Invalid(format!(
-                "inpaint.mask_threshold {}: must be in [0, 1]",
-                self.mask_threshold
-            )));
+            return Err(Error::field("inpaint.mask_threshold", format!("{}: must be in [0, 1]", self.mask_threshold)));
         }
         if self.candidates == 0 {
-            return Err(Error::Invalid(
-                "inpaint.candidates must be at least 1".into(),
-            ));
+            return Err(Error::field("inpaint.candidates", "must be at least 1"));
+        }
+        if self.candidates > 10_000 {
+            return Err(Error::field("inpaint.candidates", format!("{}: at most 10000", self.candidates)));
         }
         if !(self.strength > 0.0 && self.strength <= 1.0) {
-            return Err(Error::Invalid(format!(
-                "inpaint.strength {}: must be in (0, 1]",
-                self.strength
-            )));
+            return Err(Error::field("inpaint.strength", format!("{}: must be in (0, 1]", self.strength)));
         }
-        input_listing(&self.input).map(|_| ())
+        if self.dilate > 4096 {
+            return Err(Error::field("inpaint.dilate", format!("{}: at most 4096 pixels", self.dilate)));
+        }
+        Ok(())
     }
 }
 
@@ -163,7 +167,7 @@ fn input_listing(input: &Path) -> Result<(PathBuf, bool)> {
 /// the image's file stem for a filter folder (unique there, and readable).
 pub fn read_inputs(input: &Path) -> Result<Vec<InpaintItem>> {
     let (path, from_filter) = input_listing(input)?;
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = crate::io::read_text_limited(&path, crate::jobs::prompts::MAX_PROMPTS_FILE_BYTES, "inpaint input list")?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut items = Vec::new();
     let mut seen = HashSet::new();
@@ -209,10 +213,8 @@ pub fn read_inputs(input: &Path) -> Result<Vec<InpaintItem>> {
                 )))
             }
         };
-        if !crate::jobs::prompts::is_safe_id(&id) {
-            return Err(Error::Invalid(format!(
-                "{at}: id `{id}` must be letters, digits, '-', '_' or '.' (it names an output folder)"
-            )));
+        if let Err(why) = crate::jobs::prompts::check_id(&id) {
+            return Err(Error::Invalid(format!("{at}: id `{id}`: {why}")));
         }
         if !seen.insert(id.clone()) {
             return Err(Error::Invalid(format!("{at}: duplicate id `{id}`")));
@@ -299,8 +301,12 @@ pub struct InpaintRecord {
 }
 
 /// What the GPU stage hands the CPU stage for one item.
-struct Product {
+pub struct Product {
     item: InpaintItem,
+    /// SHA-256 of the input file's bytes as read for this product.
+    image_sha256: String,
+    /// `conditioned` or `blend`, set by the producer.
+    mode: &'static str,
     original: RgbImage,
     /// Raw implausibility heatmap at the model's resolution.
     heatmap: Tensor,
@@ -313,147 +319,171 @@ struct Product {
     inpainted_at: Option<[i64; 2]>,
 }
 
-fn png_bytes(
-    width: u32,
-    height: u32,
-    raw: &[u8],
-    color: image::ExtendedColorType,
-    path: &Path,
-) -> Result<Vec<u8>> {
-    use image::ImageEncoder;
-    let mut bytes = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut bytes)
-        .write_image(raw, width, height, color)
-        .map_err(|e| Error::Image {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-    Ok(bytes)
+pub fn settings_fingerprint(opts: &InpaintOptions, common: &CommonOptions) -> serde_json::Value {
+    common.fingerprint(
+        "inpaint",
+        serde_json::json!({
+            "inpaint_generator": inpaint_generator(common),
+            "mask_threshold": opts.mask_threshold,
+            "dilate": opts.dilate,
+            "candidates": opts.candidates,
+            "strength": opts.strength,
+        }),
+    )
 }
 
-/// Writes a PNG through a temporary name and a rename.
-pub(crate) fn save_rgb(path: &Path, img: &RgbImage) -> Result<()> {
-    let bytes = png_bytes(
-        img.width(),
-        img.height(),
-        img.as_raw(),
-        image::ExtendedColorType::Rgb8,
-        path,
-    )?;
-    write_atomic(path, &bytes)
+fn inpaint_generator(common: &CommonOptions) -> String {
+    common.models.inpaint_generator.clone().unwrap_or_else(|| common.models.generator.clone())
 }
 
-fn save_gray(path: &Path, img: &GrayImage) -> Result<()> {
-    let bytes = png_bytes(
-        img.width(),
-        img.height(),
-        img.as_raw(),
-        image::ExtendedColorType::L8,
-        path,
-    )?;
-    write_atomic(path, &bytes)
+/// Every check a real run makes before it writes anything (`--dry-run` too).
+/// `input_pending`: the input is made by an earlier step of a recipe that has
+/// not run yet, so its items cannot be read now.
+pub fn prepare(opts: &InpaintOptions, common: &CommonOptions, out: &Path, input_pending: bool) -> Result<Vec<InpaintItem>> {
+    opts.validate_ranges()?;
+    common.sampling.validate()?;
+    common.sampling.check_seeds(opts.candidates, "inpaint.candidates")?;
+    let settings = common.sampling.settings()?;
+    if crate::diffusion::schedulers::start_index_for_strength(settings.steps, opts.strength) >= settings.steps {
+        return Err(Error::field(
+            "inpaint.strength",
+            format!("{} with {} steps leaves no denoising step; raise one of them", opts.strength, settings.steps),
+        ));
+    }
+    let generator = inpaint_generator(common);
+    let info = common.check_models(&generator)?;
+    if info.in_channels != info.latent_channels && info.in_channels != 2 * info.latent_channels + 1 {
+        let field = if common.models.inpaint_generator.is_some() { "models.inpaint_generator" } else { "models.generator" };
+        return Err(Error::field(
+            field,
+            format!(
+                "{generator}: UNet in_channels {} cannot inpaint: it needs {} (plain UNet, latent blending) or {} (inpainting UNet)",
+                info.in_channels,
+                info.latent_channels,
+                2 * info.latent_channels + 1
+            ),
+        ));
+    }
+    crate::jobs::runner::check_out(out)?;
+    crate::jobs::runner::check_settings(out, &settings_fingerprint(opts, common))?;
+    if input_pending {
+        return Ok(Vec::new());
+    }
+    read_inputs(&opts.input).map_err(|e| Error::field("inpaint.input", e.to_string()))
 }
 
 /// Runs the job; see the module doc.
 pub fn run(opts: &InpaintOptions, common: &CommonOptions, ctx: &RunContext) -> Result<JobSummary> {
-    opts.validate()?;
-    common.sampling.validate()?;
-    let settings = common.sampling.settings()?;
-    if crate::diffusion::schedulers::start_index_for_strength(settings.steps, opts.strength)
-        >= settings.steps
-    {
-        return Err(Error::Invalid(format!(
-            "inpaint.strength {} with {} steps leaves no denoising step; raise one of them",
-            opts.strength, settings.steps
-        )));
-    }
-    let items = read_inputs(&opts.input)?;
-    let mut manifest = Manifest::open(&ctx.out)?;
-    let in_shard: Vec<&InpaintItem> = items
-        .iter()
-        .filter(|it| ctx.shard.takes(it.index))
-        .collect();
-    let pending: Vec<InpaintItem> = in_shard
-        .iter()
-        .filter(|it| !manifest.is_done(&it.id))
-        .map(|it| (*it).clone())
-        .collect();
-    // A missing image fails the run before any model is loaded.
-    for it in &pending {
-        if !it.image.is_file() {
-            return Err(Error::Missing {
-                path: it.image.clone(),
-                what: format!("image of {}", it.source),
-            });
+    let items = prepare(opts, common, &ctx.out, false)?;
+    let generator = inpaint_generator(common);
+    let job = InpaintJob { opts, common, settings: common.sampling.settings()?, generator: generator.clone() };
+    let outcome = crate::jobs::runner::run(&job, &ctx.out, ctx.shard, &settings_fingerprint(opts, common), items, true)?;
+    let records: Vec<serde_json::Value> = outcome.folder.records_of(&outcome.keys).into_iter().cloned().collect();
+    let mode = records.iter().find_map(|r| r.get("inpaint_mode").and_then(|m| m.as_str()).map(str::to_string));
+    let summary = summarize(&records, &outcome, ctx, &generator, mode);
+    write_inpaint_report(&records, opts, common, ctx, &summary)?;
+    Ok(summary)
+}
+
+pub struct Models {
+    rahf: FeedbackModel,
+    pipe: StableDiffusion,
+}
+
+struct InpaintJob<'a> {
+    opts: &'a InpaintOptions,
+    common: &'a CommonOptions,
+    settings: SamplingSettings,
+    generator: String,
+}
+
+impl InpaintJob<'_> {
+    fn key_with(&self, item: &InpaintItem, image_sha256: &str) -> ItemKey {
+        let seeds: Vec<u64> = (0..self.opts.candidates as u64).map(|k| self.common.sampling.seed + k).collect();
+        ItemKey {
+            id: item.id.clone(),
+            index: item.index,
+            digest: digest(&serde_json::json!({
+                "prompt": item.prompt,
+                "negative_prompt": self.common.sampling.negative_prompt,
+                "seeds": seeds,
+                "image_sha256": image_sha256,
+            })),
         }
     }
-    let generator = common
-        .models
-        .inpaint_generator
-        .clone()
-        .unwrap_or_else(|| common.models.generator.clone());
-    let skipped = in_shard.len() - pending.len();
-    warn_on_changed_settings(&manifest, opts, &generator);
-    tracing::info!(
-        "inpaint: {} items, {} in this shard, {} already done, {} to do",
-        items.len(),
-        in_shard.len(),
-        skipped,
-        pending.len()
-    );
+}
 
-    let mut mode_name = None;
-    let new = pending.len();
-    if !pending.is_empty() {
-        let (device, kind, rahf_kind) = common.models.placement()?;
+impl crate::jobs::runner::Job for InpaintJob<'_> {
+    type Item = InpaintItem;
+    type Unit = InpaintItem;
+    type Product = Product;
+    type Models = Models;
+
+    fn name(&self) -> &'static str {
+        "inpaint"
+    }
+
+    fn unit_name(&self) -> &'static str {
+        "items"
+    }
+
+    /// Includes the SHA-256 of the input image's bytes: an image replaced
+    /// under the same name is inpainted again.
+    fn key(&self, item: &InpaintItem) -> ItemKey {
+        let sha = crate::io::file_digest(&item.image).map(|(_, s)| s).unwrap_or_else(|_| "unreadable".into());
+        self.key_with(item, &sha)
+    }
+
+    /// A missing image fails the run before any model is loaded.
+    fn check_todo(&self, todo: &[InpaintItem]) -> Result<()> {
+        for it in todo {
+            if !it.image.is_file() {
+                return Err(Error::Missing { path: it.image.clone(), what: format!("image of {}", it.source) });
+            }
+        }
+        Ok(())
+    }
+
+    fn load(&self) -> Result<Models> {
+        let (device, kind, rahf_kind) = self.common.models.placement()?;
         crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
-        let rahf = FeedbackModel::load(&common.models.rahf, device, rahf_kind)?;
-        let pipe = StableDiffusion::load(&generator, device, kind)?;
-        let mode = pipe.inpaint_mode()?;
-        let mode_str = match mode {
+        let rahf = FeedbackModel::load(&self.common.models.rahf, device, rahf_kind)?;
+        let pipe = StableDiffusion::load(&self.generator, device, kind)?;
+        Ok(Models { rahf, pipe })
+    }
+
+    fn units(&self, todo: Vec<InpaintItem>) -> Vec<InpaintItem> {
+        todo
+    }
+
+    fn producer<'m>(&'m self, m: &'m Models) -> Result<Producer<'m, InpaintItem, Product>> {
+        let mode = match m.pipe.inpaint_mode()? {
             InpaintMode::Conditioned => "conditioned",
             InpaintMode::Blend => "blend",
         };
-        mode_name = Some(mode_str.to_string());
-        tracing::info!("inpaint generator {generator}: {mode_str} inpainting");
-        let mut progress = crate::progress::Progress::new("inpaint", "items", pending.len());
-        let out = ctx.out.clone();
-        let mode_owned = mode_str.to_string();
-        let generator_name = generator.clone();
-        overlap(
-            pending,
-            2,
-            |item| predict_and_inpaint(item, opts, common, &rahf, &pipe, &settings),
-            |p| {
-                let record = write_item(&out, p, opts, &generator_name, &mode_owned)?;
-                let id = record.0;
-                manifest.append(&id, &record.1)?;
-                progress.step(format!(
-                    "{id}: {} (plausibility {:.4} -> {:.4})",
-                    record.1.chosen, record.1.plausibility_before, record.1.plausibility_after
-                ));
-                Ok(())
-            },
-        )?;
-        progress.finish();
+        tracing::info!("inpaint generator {}: {mode} inpainting", self.generator);
+        Ok(Box::new(move |item| {
+            let mut p = predict_and_inpaint(item, self.opts, self.common, &m.rahf, &m.pipe, &self.settings)?;
+            p.mode = mode;
+            Ok(vec![p])
+        }))
     }
-    let summary = summarize(
-        &manifest,
-        ctx,
-        &generator,
-        mode_name,
-        new,
-        skipped,
-        items.len(),
-        in_shard.len(),
-    );
-    write_inpaint_report(&manifest, opts, common, ctx, &summary)?;
-    Ok(summary)
+
+    fn consume(&self, out: &Path, p: Product) -> Result<Finished> {
+        let key = self.key_with(&p.item, &p.image_sha256);
+        let (id, record, files) = write_item(out, p, self.opts, &self.generator)?;
+        Ok(Finished {
+            key,
+            files,
+            progress: format!("{id}: {} (plausibility {:.4} -> {:.4})", record.chosen, record.plausibility_before, record.plausibility_after),
+            record: serde_json::to_value(&record).expect("records serialise"),
+        })
+    }
 }
 
 /// `report.html`, rebuilt from the whole manifest so a resumed run shows every item.
 fn write_inpaint_report(
-    manifest: &Manifest,
+    records: &[serde_json::Value],
     opts: &InpaintOptions,
     common: &CommonOptions,
     ctx: &RunContext,
@@ -462,8 +492,7 @@ fn write_inpaint_report(
     use crate::report::{write_report, Report, ReportImage, ReportRow};
     let scores = |v: &serde_json::Value| serde_json::from_value::<crate::rahf::Scores>(v.clone()).ok();
     let text = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
-    let rows = manifest
-        .records()
+    let rows = records
         .iter()
         .map(|r| {
             let chosen = text(r, "chosen");
@@ -498,25 +527,6 @@ fn write_inpaint_report(
     Ok(())
 }
 
-/// A rerun skips done items whatever settings made them; say so once when
-/// the folder holds items made with other settings than this run's.
-fn warn_on_changed_settings(manifest: &Manifest, opts: &InpaintOptions, generator: &str) {
-    let differs = manifest.records().iter().find(|r| {
-        r.get("mask_threshold").and_then(|v| v.as_f64()) != Some(opts.mask_threshold)
-            || r.get("dilate").and_then(|v| v.as_u64()) != Some(opts.dilate as u64)
-            || r.get("strength").and_then(|v| v.as_f64()) != Some(opts.strength)
-            || r.get("generator").and_then(|v| v.as_str()) != Some(generator)
-    });
-    if let Some(r) = differs {
-        tracing::warn!(
-            "{}: item `{}` was made with other settings (mask_threshold, dilate, strength or generator) than this run's; \
-             done items are kept as they are (use a new --out to redo them)",
-            manifest.path().display(),
-            r.get("id").and_then(|v| v.as_str()).unwrap_or("?")
-        );
-    }
-}
-
 /// The GPU stage of one item: heatmap, mask, candidates, scores.
 fn predict_and_inpaint(
     item: InpaintItem,
@@ -526,7 +536,7 @@ fn predict_and_inpaint(
     pipe: &StableDiffusion,
     settings: &crate::diffusion::pipeline::SamplingSettings,
 ) -> Result<Product> {
-    let original = crate::score::load_rgb(&item.image)?;
+    let (original, image_sha256) = crate::io::load_rgb_with_digest(&item.image)?;
     let (w, h) = original.dimensions();
     let fb = rahf
         .predict(
@@ -555,6 +565,8 @@ fn predict_and_inpaint(
     let heatmap_at_image = fb.heatmap_at("implausibility", w, h)?;
     let mut product = Product {
         item,
+        image_sha256,
+        mode: "",
         heatmap,
         heatmap_at_image,
         original_scores: fb.scores,
@@ -620,17 +632,14 @@ fn predict_and_inpaint(
 }
 
 /// The CPU stage of one item: every file, then the manifest record.
-fn write_item(
-    out: &Path,
-    p: Product,
-    opts: &InpaintOptions,
-    generator: &str,
-    mode: &str,
-) -> Result<(String, InpaintRecord)> {
+fn write_item(out: &Path, p: Product, opts: &InpaintOptions, generator: &str) -> Result<(String, InpaintRecord, Vec<String>)> {
+    let mode = p.mode;
     let id = p.item.id.clone();
     let dir = out.join(&id);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let rel = |name: &str| format!("{id}/{name}");
+    let mut files: Vec<String> =
+        ["heatmap.npy", "heatmap.png", "mask.png", "original.png", "chosen.png"].iter().map(|n| rel(n)).collect();
 
     write_npy(&dir.join("heatmap.npy"), &p.heatmap)?;
     save_rgb(
@@ -643,6 +652,7 @@ fn write_item(
     for (k, (img, seed, scores)) in p.candidates.iter().enumerate() {
         let name = format!("candidate_{k}.png");
         save_rgb(&dir.join(&name), img)?;
+        files.push(rel(&name));
         candidates.push(CandidateRecord {
             file: rel(&name),
             seed: *seed,
@@ -698,22 +708,19 @@ fn write_item(
         inpaint_mode: (!empty).then(|| mode.to_string()),
         inpainted_at: p.inpainted_at,
     };
-    Ok((id, record))
+    Ok((id, record, files))
 }
 
 /// Figures over every item of the run folder's manifest (earlier runs included).
 #[allow(clippy::too_many_arguments)]
-fn summarize(
-    manifest: &Manifest,
+fn summarize<I>(
+    records: &[serde_json::Value],
+    outcome: &Outcome<I>,
     ctx: &RunContext,
     generator: &str,
     mode: Option<String>,
-    new: usize,
-    skipped: usize,
-    listed: usize,
-    in_shard: usize,
 ) -> JobSummary {
-    let records = manifest.records();
+    let (new, skipped, in_shard) = (outcome.done_now, outcome.done_before, outcome.keys.len());
     let flag = |r: &serde_json::Value, k: &str| r.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
     let num = |r: &serde_json::Value, k: &str| {
         r.get(k).and_then(|v| v.as_f64()).filter(|v| v.is_finite())
@@ -733,7 +740,8 @@ fn summarize(
         "items": items,
         "new": new,
         "skipped_done": skipped,
-        "listed": listed,
+        "redone": outcome.redone.len(),
+        "gone": outcome.gone,
         "in_shard": in_shard,
         "empty_masks": empty,
         "inpainted": inpainted,
@@ -743,9 +751,9 @@ fn summarize(
         "mean_plausibility_after": after,
         "generator": generator,
         "inpaint_mode": mode,
-        "manifest": manifest.path(),
+        "manifest": ctx.out.join(crate::jobs::manifest::MANIFEST_FILE),
     });
-    let lines = vec![
+    let mut lines = vec![
         format!(
             "inpaint: {items} items in {} ({new} new, {skipped} already done)",
             ctx.out.display()
@@ -761,6 +769,9 @@ fn summarize(
             fmt(after)
         ),
     ];
+    if !outcome.gone.is_empty() {
+        lines.push(format!("{} finished item(s) no longer in the input: left out of these figures", outcome.gone.len()));
+    }
     JobSummary {
         job: "inpaint".into(),
         out: ctx.out.clone(),

@@ -1,10 +1,16 @@
-//! `manifest.jsonl`: one line per finished item, appended and flushed to disk
-//! one at a time. A rerun reads it and skips what is there, so a run killed at
-//! any moment and rerun ends with exactly the outputs of an uninterrupted run.
+//! `manifest.jsonl`: one line per finished item, appended and synced to disk
+//! one at a time. A rerun reads it and skips what is there (after the runner
+//! has verified the item's key and outputs, see `jobs::runner`), so a run
+//! killed at any moment and rerun ends with exactly the outputs of an
+//! uninterrupted run.
 //!
 //! Ordering rule every job follows: write an item's files first (each through
 //! a temporary name and a rename), then append its manifest line. A kill
 //! between the two leaves complete files that the rerun simply rewrites.
+//!
+//! An item redone (its prompt edited, an output deleted) gets a new line; the
+//! last line of an id is the one that counts, and [`Manifest::compact`]
+//! rewrites the file with those only.
 use crate::error::{Error, Result};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -12,12 +18,16 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+pub const MANIFEST_FILE: &str = "manifest.jsonl";
+
 pub struct Manifest {
     path: PathBuf,
     file: File,
-    /// Finished items by id, in file order.
+    /// The latest record of each id, in the order ids first finished.
     records: Vec<serde_json::Value>,
     index: HashMap<String, usize>,
+    /// Lines in the file that a later line of the same id replaced.
+    superseded: usize,
 }
 
 impl Manifest {
@@ -26,38 +36,51 @@ impl Manifest {
     /// redone), and the file truncated back to the last complete line.
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let path = dir.join("manifest.jsonl");
+        let path = dir.join(MANIFEST_FILE);
         let mut file = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        let mut text = String::new();
-        file.read_to_string(&mut text).map_err(|e| Error::io(&path, e))?;
-        let complete = text.rfind('\n').map(|i| i + 1).unwrap_or(0);
-        if complete < text.len() {
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(|e| Error::io(&path, e))?;
+        let complete = bytes.iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0);
+        if complete < bytes.len() {
             tracing::warn!("{}: dropping an unfinished last line (an interrupted run); that item is redone", path.display());
             file.set_len(complete as u64).map_err(|e| Error::io(&path, e))?;
             file.seek(SeekFrom::End(0)).map_err(|e| Error::io(&path, e))?;
         }
-        let mut records = Vec::new();
-        let mut index = HashMap::new();
-        for (n, line) in text[..complete].lines().enumerate() {
+        let text = std::str::from_utf8(&bytes[..complete])
+            .map_err(|e| Error::corrupt(&path, None, format!("not UTF-8 text (byte {})", e.valid_up_to())))?;
+        let mut m = Manifest { path: path.clone(), file, records: Vec::new(), index: HashMap::new(), superseded: 0 };
+        for (n, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
             let v: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| Error::Invalid(format!("{}:{}: not a manifest record: {e}", path.display(), n + 1)))?;
+                .map_err(|e| Error::corrupt(&path, Some(n + 1), format!("not a manifest record: {e}")))?;
             let id = v
                 .get("id")
                 .and_then(|x| x.as_str())
-                .ok_or_else(|| Error::Invalid(format!("{}:{}: record without an `id`", path.display(), n + 1)))?
+                .ok_or_else(|| Error::corrupt(&path, Some(n + 1), "record without a string `id`"))?
                 .to_string();
-            index.insert(id, records.len());
-            records.push(v);
+            m.insert(id, v);
         }
-        Ok(Manifest { path, file, records, index })
+        Ok(m)
+    }
+
+    fn insert(&mut self, id: String, v: serde_json::Value) {
+        match self.index.get(&id) {
+            Some(&i) => {
+                self.records[i] = v;
+                self.superseded += 1;
+            }
+            None => {
+                self.index.insert(id, self.records.len());
+                self.records.push(v);
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -68,21 +91,19 @@ impl Manifest {
         self.index.contains_key(id)
     }
 
+    /// The latest record of `id`.
     pub fn get(&self, id: &str) -> Option<&serde_json::Value> {
         self.index.get(id).map(|&i| &self.records[i])
     }
 
-    /// Every finished record, in the order they finished.
+    /// The latest record of every id, in the order ids first finished.
     pub fn records(&self) -> &[serde_json::Value] {
         &self.records
     }
 
     /// Appends one finished item, `{"id": id, ...record}`, and makes it durable
-    /// before returning. Appending an id twice is a bug in the caller.
+    /// before returning. A record for an id already there replaces it.
     pub fn append<T: Serialize>(&mut self, id: &str, record: &T) -> Result<()> {
-        if self.is_done(id) {
-            return Err(Error::Invalid(format!("{}: item `{id}` is already recorded", self.path.display())));
-        }
         let mut v = serde_json::to_value(record).map_err(|e| Error::Invalid(format!("manifest record for `{id}`: {e}")))?;
         let obj = v
             .as_object_mut()
@@ -93,8 +114,24 @@ impl Manifest {
         // One write call per line: with O_APPEND a line is never interleaved.
         self.file.write_all(line.as_bytes()).map_err(|e| Error::io(&self.path, e))?;
         self.file.sync_data().map_err(|e| Error::io(&self.path, e))?;
-        self.index.insert(id.to_string(), self.records.len());
-        self.records.push(v);
+        self.insert(id.to_string(), v);
+        Ok(())
+    }
+
+    /// Rewrites the file with the latest record of each id only (atomically),
+    /// when lines were superseded. Only the lock holder may call this.
+    pub fn compact(&mut self) -> Result<()> {
+        if self.superseded == 0 {
+            return Ok(());
+        }
+        let mut text = String::new();
+        for v in &self.records {
+            text.push_str(&serde_json::to_string(v).expect("JSON values serialise"));
+            text.push('\n');
+        }
+        crate::io::write_atomic(&self.path, text.as_bytes())?;
+        self.file = OpenOptions::new().append(true).open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        self.superseded = 0;
         Ok(())
     }
 }

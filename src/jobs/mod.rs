@@ -18,6 +18,7 @@ pub mod inpaint;
 pub mod manifest;
 pub mod merge;
 pub mod prompts;
+pub mod runner;
 pub mod stages;
 
 pub use common::{CommonOptions, JobSummary, ModelOptions, RunContext, SamplingOptions, Shard};

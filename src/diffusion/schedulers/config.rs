@@ -62,9 +62,9 @@ impl SchedulerConfig {
 
     /// Parses a config from JSON text; `origin` names it in error messages.
     pub fn from_json_str(text: &str, origin: &Path) -> Result<Self> {
-        let mut config: SchedulerConfig = serde_json::from_str(text).map_err(|source| Error::Json {
+        let mut config: SchedulerConfig = serde_json::from_str(text).map_err(|error| Error::Json {
             path: origin.to_path_buf(),
-            source,
+            error,
         })?;
         config.path = origin.to_path_buf();
         Ok(config)

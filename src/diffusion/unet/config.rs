@@ -226,7 +226,7 @@ impl UNetConfig {
     /// Parses a config from JSON text (tests, configs embedded elsewhere).
     pub fn from_json(source: &str, text: &str) -> Result<Self> {
         let mut config: UNetConfig =
-            serde_json::from_str(text).map_err(|e| Error::Json { path: source.into(), source: e })?;
+            serde_json::from_str(text).map_err(|e| Error::Json { path: source.into(), error: e })?;
         config.source = source.to_string();
         config.validate()?;
         Ok(config)
