@@ -431,12 +431,9 @@ impl Recipe {
             self.locate("filter", f.validate())?;
         }
         if let Some(i) = &self.inpaint {
-            match i.validate() {
-                // The filter step makes that folder; what is checkable now has been.
-                // (validate() checks the input last, after every range.)
-                Err(Error::Missing { path, .. }) if self.inpaint_from_filter && path.starts_with(&i.input) => {}
-                r => self.locate("inpaint", r)?,
-            }
+            // With `input: filter` the filter step makes that folder: only the ranges are checkable now.
+            let r = if self.inpaint_from_filter { i.validate_ranges() } else { i.validate() };
+            self.locate("inpaint", r)?;
         }
         if let Some(g) = &self.guide {
             self.locate("guide", g.validate())?;

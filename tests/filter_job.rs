@@ -341,10 +341,10 @@ fn filter_writes_an_imagefolder_that_agrees_with_the_manifest() {
     ));
 
     let recs = records(&out);
-    assert_eq!(
-        recs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-        ["p00000", "p00001", "p00002", "p00003", "p00004"]
-    );
+    // Ids come from the prompts' text (content ids), in list order.
+    let listed: Vec<String> = orchestrate::jobs::prompts::read_prompts(&prompts).unwrap().into_iter().map(|p| p.id).collect();
+    assert_eq!(listed.len(), 5);
+    assert_eq!(recs.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), listed);
     let mut expected_meta = Vec::new();
     let mut all_scores = Vec::new();
     for r in &recs {

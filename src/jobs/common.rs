@@ -222,7 +222,11 @@ pub struct GeneratorInfo {
 
 impl GeneratorInfo {
     pub fn describe(&self, spec: &str) -> String {
-        let kind = if self.in_channels != self.latent_channels { "inpainting UNet" } else { "text-to-image UNet" };
+        let kind = if self.in_channels == 2 * self.latent_channels + 1 {
+            format!("{}-channel inpainting UNet", self.in_channels)
+        } else {
+            "text-to-image UNet".to_string()
+        };
         let size = match self.native_size {
             Some((h, w)) => format!(", native {w}x{h} px"),
             None => String::new(),

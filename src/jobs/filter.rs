@@ -393,6 +393,10 @@ impl crate::jobs::runner::Job for FilterJob<'_> {
         let mut images = Vec::with_capacity(s.images.len());
         let mut kept = Vec::new();
         let mut files = Vec::new();
+        for dir in [SAMPLES_DIR, TRAIN_DIR] {
+            let d = out.join(dir);
+            std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+        }
         for (i, img) in s.images.iter().enumerate() {
             let name = sample_name(id, i);
             let file = format!("{SAMPLES_DIR}/{name}");

@@ -10,9 +10,11 @@ pub fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             let p = e.path();
             if p.is_dir() {
                 walk(root, &p, out);
-            } else if p.file_name().is_some_and(|n| n == "report.html") {
+            } else if p.file_name().is_some_and(|n| n == "report.html" || n == ".orchestrate.lock" || n == "plan.json") {
                 // The report shows each run's own timings and folder; the
                 // data it shows is compared through the files themselves.
+                // The lock file names the process that held it; plan.json
+                // names the shard (and a merge's sources).
             } else {
                 out.insert(
                     p.strip_prefix(root).unwrap().to_string_lossy().into_owned(),
