@@ -10,7 +10,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "cuda" => cuda_device(0),
         s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(i)) => cuda_device(i),
-            _ => Err(Error::Invalid(format!("--device `{s}`: expected auto, cpu, cuda or cuda:N"))),
+            _ => Err(Error::Device(format!("--device `{s}`: expected auto, cpu, cuda or cuda:N"))),
         },
     }
 }
@@ -18,13 +18,13 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 fn cuda_device(index: usize) -> Result<Device> {
     let count = tch::Cuda::device_count() as usize;
     if count == 0 {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Device(format!(
             "--device cuda:{index}: no CUDA device is visible ({})",
             crate::env_report::cuda_absence_reason()
         )));
     }
     if index >= count {
-        return Err(Error::Invalid(format!("--device cuda:{index}: only {count} CUDA device(s) visible")));
+        return Err(Error::Device(format!("--device cuda:{index}: only {count} CUDA device(s) visible")));
     }
     Ok(Device::Cuda(index))
 }
@@ -43,10 +43,10 @@ pub fn parse_dtype(spec: &str, device: Device) -> Result<Kind> {
         "fp32" | "float32" => Kind::Float,
         "fp16" | "float16" => Kind::Half,
         "bf16" | "bfloat16" => Kind::BFloat16,
-        s => return Err(Error::Invalid(format!("--dtype `{s}`: expected auto, fp32, fp16 or bf16"))),
+        s => return Err(Error::Device(format!("--dtype `{s}`: expected auto, fp32, fp16 or bf16"))),
     };
     if !device.is_cuda() && kind != Kind::Float {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Device(format!(
             "--dtype {spec}: half precision is only supported on CUDA; use fp32 on CPU"
         )));
     }

@@ -59,16 +59,18 @@ fn guidance_raises_the_score_and_resumes() {
     assert_eq!(f["compared"], 4);
     let (g, u) = (f["mean_guided"].as_f64().unwrap(), f["mean_unguided"].as_f64().unwrap());
     assert!(g > u, "guided {g} should beat unguided {u}");
+    let ids: Vec<String> =
+        orchestrate::jobs::prompts::read_prompts(&prompts).unwrap().into_iter().map(|p| p.id).collect();
     for k in 0..2 {
         for dir in ["guided", "unguided"] {
-            assert!(out.join(format!("{dir}/p00001_{k}.png")).is_file());
+            assert!(out.join(format!("{dir}/{}_{k}.png", ids[1])).is_file());
         }
     }
-    let guided = image::open(out.join("guided/p00000_0.png")).unwrap().to_rgb8();
-    let unguided = image::open(out.join("unguided/p00000_0.png")).unwrap().to_rgb8();
+    let guided = image::open(out.join(format!("guided/{}_0.png", ids[0]))).unwrap().to_rgb8();
+    let unguided = image::open(out.join(format!("unguided/{}_0.png", ids[0]))).unwrap().to_rgb8();
     assert_ne!(guided, unguided, "guidance changed nothing");
     let report = std::fs::read_to_string(out.join("report.html")).unwrap();
-    assert!(report.contains("guided/p00001_1.png") && report.contains("a blue dog on a chair"));
+    assert!(report.contains(&format!("guided/{}_1.png", ids[1])) && report.contains("a blue dog on a chair"));
 
     let manifest = std::fs::read_to_string(out.join("manifest.jsonl")).unwrap();
     let o = run();

@@ -411,12 +411,15 @@ fn reruns_and_shards_skip_what_the_manifest_holds() {
         .unwrap();
     assert_eq!(before, after, "a done item was rewritten");
 
-    // Everything done: nothing is loaded (a generator that does not exist is never opened).
-    let mut gone = c.clone();
-    gone.models.generator = tmp.path().join("no-such-model").display().to_string();
-    let s = run(&opts, &gone, &ctx(&out, Shard::default())).unwrap();
+    // Everything done: nothing is redone.
+    let s = run(&opts, &c, &ctx(&out, Shard::default())).unwrap();
     assert_eq!((figures(&s, "new"), figures(&s, "skipped_done")), (0, 3));
     assert_eq!(manifest(&out).len(), 3);
+    // Another generator is another run: refused by name, not mixed in.
+    let mut other = c.clone();
+    other.models.generator = tmp.path().join("no-such-model").display().to_string();
+    let err = run(&opts, &other, &ctx(&out, Shard::default())).unwrap_err().to_string();
+    assert!(err.contains("no-such-model"), "{err}");
 }
 
 #[test]

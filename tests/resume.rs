@@ -119,6 +119,11 @@ fn manifest_ids(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The prompt ids of the shared list, in order.
+fn listed_ids(root: &Path) -> Vec<String> {
+    orchestrate::jobs::prompts::read_prompts(&root.join("prompts.txt")).unwrap().into_iter().map(|p| p.id).collect()
+}
+
 fn complete_lines(dir: &Path) -> usize {
     std::fs::read_to_string(dir.join("manifest.jsonl"))
         .map(|t| t.matches('\n').count())
@@ -129,7 +134,7 @@ fn complete_lines(dir: &Path) -> usize {
 fn killed_run_resumes_to_the_uninterrupted_outputs() {
     let s = setup();
     let reference = s.root.join("reference");
-    let all: Vec<String> = (0..N_PROMPTS).map(|i| format!("p{i:05}")).collect();
+    let all = listed_ids(&s.root);
     assert_eq!(manifest_ids(&reference), all);
     let kept: usize = tree(&reference)
         .keys()
@@ -177,10 +182,10 @@ fn killed_run_resumes_to_the_uninterrupted_outputs() {
         .append(true)
         .open(out.join("manifest.jsonl"))
         .unwrap()
-        .write_all(b"{\"id\":\"p0000")
+        .write_all(format!("{{\"id\":\"{}", all[0]).as_bytes())
         .unwrap();
-    std::fs::write(out.join("samples/p00007_0.png.partial"), b"\x89PNG half").unwrap();
-    std::fs::write(out.join("train/p00007_1.png.partial"), b"\x89PNG half").unwrap();
+    std::fs::write(out.join(format!("samples/{}_0.png.partial", all[7])), b"\x89PNG half").unwrap();
+    std::fs::write(out.join(format!("train/{}_1.png.partial", all[7])), b"\x89PNG half").unwrap();
 
     let summary = ok(filter_cmd(&s.root, &out, &[]).output().unwrap());
     let skipped = summary["figures"]["skipped_from_manifest"]
@@ -221,9 +226,11 @@ fn shards_cover_every_prompt_once_and_merge_into_the_unsharded_dataset() {
         }
         let summary = ok(cmd.output().unwrap());
         let ids = manifest_ids(&out);
-        let expect: Vec<String> = (0..N_PROMPTS)
-            .filter(|p| p % 3 == i)
-            .map(|p| format!("p{p:05}"))
+        let expect: Vec<String> = listed_ids(&s.root)
+            .into_iter()
+            .enumerate()
+            .filter(|(p, _)| p % 3 == i)
+            .map(|(_, id)| id)
             .collect();
         assert_eq!(ids, expect, "shard {spec}");
         assert_eq!(
@@ -234,7 +241,8 @@ fn shards_cover_every_prompt_once_and_merge_into_the_unsharded_dataset() {
         dirs.push(out);
     }
     seen.sort();
-    let all: Vec<String> = (0..N_PROMPTS).map(|i| format!("p{i:05}")).collect();
+    let mut all = listed_ids(&s.root);
+    all.sort();
     assert_eq!(seen, all, "every prompt exactly once");
 
     let merged = s.root.join("merged");
@@ -253,29 +261,57 @@ fn shards_cover_every_prompt_once_and_merge_into_the_unsharded_dataset() {
     for f in tree(&merged).keys().filter(|k| k.starts_with("samples/")) {
         assert!(report.contains(f.as_str()), "report.html does not show {f}");
     }
-    // Merging again (or a shard twice) changes nothing.
-    ok(merge(&[&dirs[0]]));
+    // Merging again changes nothing; a shard given twice is refused.
+    ok(merge(&[]));
     assert_same_tree(&s.root.join("reference"), &merged);
+    let o = merge(&[&dirs[0]]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("are both shard 0/3"));
 
-    // A shard whose record for the same prompt differs is a conflict.
-    let bad = s.root.join("bad");
-    std::fs::create_dir_all(&bad).unwrap();
-    std::fs::write(
-        bad.join("settings.json"),
-        std::fs::read(dirs[0].join("settings.json")).unwrap(),
-    )
-    .unwrap();
-    let line = std::fs::read_to_string(dirs[0].join("manifest.jsonl"))
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .replace("\"prompt\":\"", "\"prompt\":\"changed ");
-    std::fs::write(bad.join("manifest.jsonl"), format!("{line}\n")).unwrap();
-    let o = merge(&[&bad]);
-    assert!(!o.status.success());
+    // Finding 5: an incomplete shard set is refused (and --allow-partial says what is missing).
+    let partial = s.root.join("partial");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_orchestrate"));
+    let o = c.args(["merge", "--json", "--out", partial.to_str().unwrap()]).arg(&dirs[0]).output().unwrap();
+    assert!(!o.status.success(), "merging 1 of 3 shards must fail");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("p00000") && err.contains("different"), "{err}");
+    assert!(err.contains("1/3") && err.contains("2/3") && err.contains("--allow-partial"), "{err}");
+    assert!(!partial.join("manifest.jsonl").exists(), "nothing written for a refused merge");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_orchestrate"));
+    let summary = ok(c
+        .args(["merge", "--json", "--allow-partial", "--out", partial.to_str().unwrap()])
+        .arg(&dirs[0])
+        .output()
+        .unwrap());
+    assert_eq!(summary["figures"]["prompts"].as_u64().unwrap() as usize, manifest_ids(&dirs[0]).len());
+    assert!(summary["lines"].to_string().contains("INCOMPLETE"), "{summary}");
+
+    // A shard made from another prompt list (the file was edited between
+    // shards) is refused, naming both plans.
+    let edited = s.root.join("edited");
+    std::fs::create_dir_all(&edited).unwrap();
+    let text = std::fs::read_to_string(s.root.join("prompts.txt")).unwrap();
+    std::fs::write(edited.join("prompts.txt"), format!("a new first prompt\n{text}")).unwrap();
+    let cmd = filter_cmd(&s.root, &edited.join("s2"), &["--shard", "2/3"]);
+    let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+    let prompts_at = args.iter().position(|a| a == "--prompts").unwrap() + 1;
+    let mut cmd2 = Command::new(env!("CARGO_BIN_EXE_orchestrate"));
+    for (k, a) in args.iter().enumerate() {
+        if k == prompts_at {
+            cmd2.arg(edited.join("prompts.txt"));
+        } else {
+            cmd2.arg(a);
+        }
+    }
+    cmd2.env("RUST_LOG", "warn");
+    ok(cmd2.output().unwrap());
+    let mut c = Command::new(env!("CARGO_BIN_EXE_orchestrate"));
+    let o = c
+        .args(["merge", "--out", s.root.join("mixed").to_str().unwrap()])
+        .args([&dirs[0], &dirs[1], &edited.join("s2")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("different prompt lists"), "{err}");
+
     // And shards made with other settings are refused.
     let other = s.root.join("other");
     std::fs::create_dir_all(&other).unwrap();

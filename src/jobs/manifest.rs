@@ -121,16 +121,44 @@ impl Manifest {
     /// Rewrites the file with the latest record of each id only (atomically),
     /// when lines were superseded. Only the lock holder may call this.
     pub fn compact(&mut self) -> Result<()> {
-        if self.superseded == 0 {
+        self.normalize(&[])
+    }
+
+    /// Puts the records of `order` (id, position in the input list) first, in
+    /// that order, each with its current position as `index`, then the others
+    /// as they were; one line per id. The file is rewritten (atomically) only
+    /// when that changes it, so a resumed run's manifest reads like a fresh
+    /// run's. Only the lock holder may call this.
+    pub fn normalize(&mut self, order: &[(String, usize)]) -> Result<()> {
+        let mut records = Vec::with_capacity(self.records.len());
+        let mut taken = vec![false; self.records.len()];
+        for (id, index) in order {
+            if let Some(&i) = self.index.get(id) {
+                let mut v = self.records[i].clone();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("index".into(), serde_json::Value::from(*index));
+                }
+                records.push(v);
+                taken[i] = true;
+            }
+        }
+        records.extend(self.records.iter().zip(&taken).filter(|(_, t)| !**t).map(|(v, _)| v.clone()));
+        if records == self.records && self.superseded == 0 {
             return Ok(());
         }
         let mut text = String::new();
-        for v in &self.records {
+        for v in &records {
             text.push_str(&serde_json::to_string(v).expect("JSON values serialise"));
             text.push('\n');
         }
         crate::io::write_atomic(&self.path, text.as_bytes())?;
         self.file = OpenOptions::new().append(true).open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        self.index = records
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.get("id").and_then(|x| x.as_str()).map(|id| (id.to_string(), i)))
+            .collect();
+        self.records = records;
         self.superseded = 0;
         Ok(())
     }

@@ -333,6 +333,7 @@ impl RunFolder {
             .as_object_mut()
             .ok_or_else(|| Error::Invalid(format!("record of `{}` is not a JSON object", f.key.id)))?;
         obj.insert("key".into(), Value::String(f.key.digest.clone()));
+        obj.insert("index".into(), Value::from(f.key.index));
         obj.insert("outputs".into(), json!(outputs));
         self.manifest.append(&f.key.id, &record)?;
         for rel in stale {
@@ -437,11 +438,14 @@ pub fn run<J: Job>(
     let (items, keys): (Vec<J::Item>, Vec<ItemKey>) =
         items.into_iter().zip(all_keys.iter().cloned()).filter(|(_, k)| shard.takes(k.index)).unzip();
     let mut folder = RunFolder::open(out)?;
+    // Everything that can refuse the run comes before the first write.
+    check_settings(out, settings)?;
+    let status = folder.status(&keys);
+    let todo: Vec<J::Item> = status.todo.iter().map(|&i| items[i].clone()).collect();
+    job.check_todo(&todo)?;
     folder.settle_settings(settings)?;
     folder.write_plan(job.name(), shard, &all_keys, &keys)?;
     folder.remove_partials(&keys)?;
-    let status = folder.status(&keys);
-    let todo: Vec<J::Item> = status.todo.iter().map(|&i| items[i].clone()).collect();
     tracing::info!(
         "{}: {} items in the list, {} in this shard, {} already done, {} to do{}",
         job.name(),
@@ -454,7 +458,6 @@ pub fn run<J: Job>(
     let (mut load_secs, mut run_secs) = (0.0, 0.0);
     let done_now = todo.len();
     if !todo.is_empty() {
-        job.check_todo(&todo)?;
         let started = Instant::now();
         let models = job.load()?;
         let mut produce = job.producer(&models)?;
@@ -487,7 +490,8 @@ pub fn run<J: Job>(
         progress.finish();
         run_secs = started.elapsed().as_secs_f64();
     }
-    folder.manifest.compact()?;
+    let order: Vec<(String, usize)> = keys.iter().map(|k| (k.id.clone(), k.index)).collect();
+    folder.manifest.normalize(&order)?;
     Ok(Outcome {
         folder,
         items,

@@ -39,9 +39,14 @@ where
             }
         }
         drop(tx);
-        let consumed = consumer
-            .join()
-            .unwrap_or_else(|_| Err(Error::Invalid("the CPU stage panicked".into())));
+        let consumed = consumer.join().unwrap_or_else(|payload| {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(Error::Invalid(format!("the CPU stage (image encoding, manifest) failed unexpectedly: {what}")))
+        });
         // A consumer error is the root cause when both failed.
         consumed.and(produced)
     })
