@@ -7,6 +7,7 @@ pub mod generate;
 pub mod guidance;
 pub mod heatmap_io;
 pub mod jobs;
+pub mod json;
 pub mod mask;
 pub mod metrics;
 pub mod nn;
