@@ -189,10 +189,15 @@ impl Vb {
         self.weights.tensors.get(&self.path(name)).map(|t| t.size())
     }
 
-    /// The first tensor (by name) under this prefix, if any.
+    /// The first tensor (by name) named this prefix or under it, if any.
     pub fn first_under(&self) -> Option<String> {
         let dot = format!("{}.", self.prefix);
-        self.weights.tensors.keys().filter(|k| self.prefix.is_empty() || k.starts_with(&dot)).min().cloned()
+        self.weights
+            .tensors
+            .keys()
+            .filter(|k| self.prefix.is_empty() || **k == self.prefix || k.starts_with(&dot))
+            .min()
+            .cloned()
     }
 
     /// For a list prefix (`encoder.layers`): each index `i` with a tensor
@@ -298,7 +303,7 @@ impl ConfigCheck<'_> {
         let p = self.vb.pp(prefix);
         match p.first_under() {
             Some(_) => Ok(()),
-            None => Err(self.err(field, value, format!("the weights have no `{}.*` tensor", p.prefix))),
+            None => Err(self.err(field, value, format!("the weights have no `{}` tensor", p.prefix))),
         }
     }
 }

@@ -459,7 +459,7 @@ impl RahfConfig {
         // Preprocessing and decoding budgets.
         if self.image_size != vit_size {
             // The ViT's position embeddings fix its input size (the reference does not interpolate them).
-            return bad("image_size", format!("{} differs from the ViT's image_size {vit_size}", self.image_size));
+            return bad("image_size", format!("{} differs from vit.image_size {vit_size}", self.image_size));
         }
         for (i, (&m, &sd)) in self.image_mean.iter().zip(&self.image_std).enumerate() {
             if !m.is_finite() {

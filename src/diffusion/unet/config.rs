@@ -401,6 +401,13 @@ impl UNetConfig {
             if self.only_cross_attention.get(i) {
                 return Err(self.unsupported("only_cross_attention", "true"));
             }
+            let c = self.block_out_channels[i];
+            if !(1..=MAX_SIZE).contains(&c) {
+                return Err(self.unsupported(
+                    &format!("block_out_channels[{i}]"),
+                    format!("{c} (must be between 1 and {MAX_SIZE})"),
+                ));
+            }
             let heads = self.heads(i);
             if heads <= 0 || self.block_out_channels[i] % heads != 0 {
                 return Err(self.unsupported(
