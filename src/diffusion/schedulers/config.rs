@@ -66,13 +66,14 @@ impl SchedulerConfig {
     }
 
     /// Parses a config from JSON text; `origin` names it in error messages.
+    /// Not validated here: [`crate::diffusion::schedulers::build`] validates
+    /// every config it builds from.
     pub fn from_json_str(text: &str, origin: &Path) -> Result<Self> {
         let mut config: SchedulerConfig = crate::json::from_str(text).map_err(|source| Error::Json {
             path: origin.to_path_buf(),
             source,
         })?;
         config.path = origin.to_path_buf();
-        config.validate()?;
         Ok(config)
     }
 
@@ -130,11 +131,6 @@ impl SchedulerConfig {
             // -Infinity (diffusers' default) clips nothing; +Infinity or NaN is no threshold.
             if l.is_nan() || l == f64::INFINITY {
                 return Err(self.unsupported("lambda_min_clipped", l));
-            }
-        }
-        if let Some(o) = self.solver_order {
-            if !(1..=3).contains(&o) {
-                return Err(self.unsupported("solver_order", format!("{o} (diffusers supports 1 to 3)")));
             }
         }
         self.beta_schedule()?;
