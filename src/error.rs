@@ -104,7 +104,8 @@ impl Error {
     }
 }
 
-/// Reads and parses a JSON config, naming the file on failure.
+/// Reads and parses a JSON config, naming the file (and the field) on failure;
+/// Python's `NaN`/`Infinity`/`-Infinity` are accepted (see `crate::json`).
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -113,5 +114,5 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Resu
             Error::io(path, e)
         }
     })?;
-    serde_json::from_str(&text).map_err(|error| Error::Json { path: path.to_path_buf(), error })
+    crate::json::from_str(&text).map_err(|error| Error::Json { path: path.to_path_buf(), error })
 }

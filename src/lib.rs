@@ -8,6 +8,7 @@ pub mod guidance;
 pub mod heatmap_io;
 pub mod io;
 pub mod jobs;
+pub mod json;
 pub mod mask;
 pub mod metrics;
 pub mod nn;

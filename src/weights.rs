@@ -5,7 +5,7 @@
 //! nests them: `vb.pp("down_blocks").pp(0).pp("resnets")`, so model code reads
 //! like the checkpoint's keys.
 use crate::error::{Error, Result};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tch::{Device, Kind, Tensor};
@@ -184,6 +184,41 @@ impl Vb {
         }
     }
 
+    /// The shape of tensor `prefix.name`, if present (not marked as used).
+    pub fn shape_of(&self, name: &str) -> Option<Vec<i64>> {
+        self.weights.tensors.get(&self.path(name)).map(|t| t.size())
+    }
+
+    /// The first tensor (by name) named this prefix or under it, if any.
+    pub fn first_under(&self) -> Option<String> {
+        let dot = format!("{}.", self.prefix);
+        self.weights
+            .tensors
+            .keys()
+            .filter(|k| self.prefix.is_empty() || **k == self.prefix || k.starts_with(&dot))
+            .min()
+            .cloned()
+    }
+
+    /// For a list prefix (`encoder.layers`): each index `i` with a tensor
+    /// `prefix.i.*`, with the first such tensor's name.
+    pub fn indices(&self) -> BTreeMap<i64, String> {
+        let dot = if self.prefix.is_empty() { String::new() } else { format!("{}.", self.prefix) };
+        let mut out: BTreeMap<i64, String> = BTreeMap::new();
+        for k in self.weights.tensors.keys() {
+            let Some(rest) = k.strip_prefix(&dot) else { continue };
+            let Some((idx, _)) = rest.split_once('.') else { continue };
+            let Ok(i) = idx.parse::<i64>() else { continue };
+            match out.get(&i) {
+                Some(old) if old <= k => {}
+                _ => {
+                    out.insert(i, k.clone());
+                }
+            }
+        }
+        out
+    }
+
     pub fn device(&self) -> Device {
         self.weights.device
     }
@@ -194,5 +229,81 @@ impl Vb {
 
     pub fn weights(&self) -> &Weights {
         &self.weights
+    }
+}
+
+/// Checks a model config against its weights before the model is built, so
+/// that a config value the weights contradict (a width, a layer count, an
+/// optional part) fails naming the config file and field, not only a tensor.
+pub struct ConfigCheck<'a> {
+    pub vb: &'a Vb,
+    /// The config file, shown in errors.
+    pub file: &'a str,
+}
+
+impl ConfigCheck<'_> {
+    fn err(&self, field: &str, value: impl std::fmt::Display, why: String) -> Error {
+        Error::unsupported(self.file, field, format!("{value}, but {why}"))
+    }
+
+    /// Dimension `dim` of tensor `name` (under `vb`) must be `want`, the value
+    /// of `field`. An absent tensor passes (the model load reports it).
+    pub fn dim(&self, name: &str, dim: usize, want: i64, field: &str) -> Result<()> {
+        match self.vb.shape_of(name) {
+            Some(shape) if shape.get(dim) != Some(&want) => Err(self.err(
+                field,
+                want,
+                format!("the weights' `{}` has shape {shape:?}", self.vb.path(name)),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Tensor `name` must have `rank` dimensions (`field` decides which layout is used).
+    pub fn rank(&self, name: &str, rank: usize, field: &str, value: impl std::fmt::Display) -> Result<()> {
+        match self.vb.shape_of(name) {
+            Some(shape) if shape.len() != rank => Err(self.err(
+                field,
+                value,
+                format!("the weights' `{}` has shape {shape:?}", self.vb.path(name)),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The list `list` (`encoder.layers`) must have exactly the entries
+    /// `0..want`, the count `field` gives: more entries in the weights are an
+    /// error as much as fewer.
+    pub fn count(&self, list: &str, want: i64, field: &str) -> Result<()> {
+        let l = self.vb.pp(list);
+        let found = l.indices();
+        if let Some((i, name)) = found.range(want.max(0)..).next() {
+            return Err(self.err(field, want, format!("the weights have entry {i} of `{}` (`{name}`)", l.prefix)));
+        }
+        if let Some(i) = (0..want).find(|i| !found.contains_key(i)) {
+            return Err(self.err(
+                field,
+                want,
+                format!("the weights have no entry {i} of `{}` (no `{}.{i}.*` tensor)", l.prefix, l.prefix),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Nothing may be stored under `prefix` when `field` says the part is absent.
+    pub fn absent(&self, prefix: &str, field: &str, value: impl std::fmt::Display) -> Result<()> {
+        match self.vb.pp(prefix).first_under() {
+            Some(name) => Err(self.err(field, value, format!("the weights have `{name}`"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Something must be stored under `prefix` when `field` says the part is there.
+    pub fn present(&self, prefix: &str, field: &str, value: impl std::fmt::Display) -> Result<()> {
+        let p = self.vb.pp(prefix);
+        match p.first_under() {
+            Some(_) => Ok(()),
+            None => Err(self.err(field, value, format!("the weights have no `{}` tensor", p.prefix))),
+        }
     }
 }

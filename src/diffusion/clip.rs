@@ -3,7 +3,8 @@
 //! layers with causal self-attention, final layer norm.
 use crate::error::{read_json, Error, Result};
 use crate::nn::{activation, Embedding, LayerNorm, Linear};
-use crate::weights::Vb;
+use crate::diffusion::unet::config::{MAX_LAYERS, MAX_SIZE};
+use crate::weights::{ConfigCheck, Vb};
 use serde::Deserialize;
 use std::path::Path;
 use tch::Tensor;
@@ -11,6 +12,9 @@ use tch::Tensor;
 /// `text_encoder/config.json`, with transformers' `CLIPTextConfig` defaults.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClipTextConfig {
+    /// The config file, shown in errors; set by `load`.
+    #[serde(skip)]
+    pub source: String,
     #[serde(default = "d_vocab_size")]
     pub vocab_size: i64,
     #[serde(default = "d_hidden_size")]
@@ -27,6 +31,14 @@ pub struct ClipTextConfig {
     pub hidden_act: String,
     #[serde(default = "d_layer_norm_eps")]
     pub layer_norm_eps: f64,
+    /// Not used to encode (the tokenizer folder decides), but checked to be
+    /// ids of the vocabulary when given.
+    #[serde(default)]
+    pub bos_token_id: Option<i64>,
+    #[serde(default)]
+    pub eos_token_id: Option<i64>,
+    #[serde(default)]
+    pub pad_token_id: Option<i64>,
 }
 
 fn d_vocab_size() -> i64 {
@@ -56,27 +68,64 @@ fn d_layer_norm_eps() -> f64 {
 
 impl ClipTextConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let config: Self = read_json(path)?;
-        let file = path.display().to_string();
-        if config.num_attention_heads <= 0 || config.hidden_size % config.num_attention_heads != 0 {
+        let mut config: Self = read_json(path)?;
+        config.source = path.display().to_string();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Positive sizes, heads dividing the width, token ids in the
+    /// vocabulary, a positive epsilon, a known activation.
+    pub fn validate(&self) -> Result<()> {
+        let file = self.source.as_str();
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if !(1..=MAX_SIZE).contains(&v) {
+                return Err(Error::unsupported(file, field, format!("{v} (must be between 1 and {MAX_SIZE})")));
+            }
+        }
+        if self.num_hidden_layers < 1 || self.num_hidden_layers as i64 > MAX_LAYERS {
+            return Err(Error::unsupported(
+                file,
+                "num_hidden_layers",
+                format!("{} (must be between 1 and {MAX_LAYERS})", self.num_hidden_layers),
+            ));
+        }
+        if self.num_attention_heads <= 0 || self.hidden_size % self.num_attention_heads != 0 {
             return Err(Error::unsupported(
                 file,
                 "num_attention_heads",
-                format!(
-                    "{} (must divide hidden_size {})",
-                    config.num_attention_heads, config.hidden_size
-                ),
+                format!("{} (must divide hidden_size {})", self.num_attention_heads, self.hidden_size),
             ));
         }
-        if activation(
-            &config.hidden_act,
-            &Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),
-        )
-        .is_none()
+        for (field, id) in
+            [("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id), ("pad_token_id", self.pad_token_id)]
         {
-            return Err(Error::unsupported(file, "hidden_act", &config.hidden_act));
+            if let Some(id) = id {
+                if !(0..self.vocab_size).contains(&id) {
+                    return Err(Error::unsupported(
+                        file,
+                        field,
+                        format!("{id} (not an id of the {}-token vocabulary)", self.vocab_size),
+                    ));
+                }
+            }
         }
-        Ok(config)
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return Err(Error::unsupported(
+                file,
+                "layer_norm_eps",
+                format!("{} (must be a positive number)", self.layer_norm_eps),
+            ));
+        }
+        if activation(&self.hidden_act, &Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu))).is_none() {
+            return Err(Error::unsupported(file, "hidden_act", &self.hidden_act));
+        }
+        Ok(())
     }
 
     pub fn head_dim(&self) -> i64 {
@@ -190,6 +239,14 @@ impl ClipTextModel {
         } else {
             vb
         };
+        config.validate()?;
+        let file = if config.source.is_empty() { vb.weights().source().to_string() } else { config.source.clone() };
+        let chk = ConfigCheck { vb: &vb, file: &file };
+        chk.dim("embeddings.token_embedding.weight", 0, config.vocab_size, "vocab_size")?;
+        chk.dim("embeddings.token_embedding.weight", 1, config.hidden_size, "hidden_size")?;
+        chk.dim("embeddings.position_embedding.weight", 0, config.max_position_embeddings, "max_position_embeddings")?;
+        chk.dim("encoder.layers.0.mlp.fc1.weight", 0, config.intermediate_size, "intermediate_size")?;
+        chk.count("encoder.layers", config.num_hidden_layers as i64, "num_hidden_layers")?;
         let emb = vb.pp("embeddings");
         let token_embedding = Embedding::load(
             &emb.pp("token_embedding"),

@@ -1,5 +1,10 @@
 //! Finding a diffusers pipeline folder and its component files: a local folder,
 //! or a Hugging Face repo id looked up offline in the HF cache.
+use crate::diffusion::clip::ClipTextConfig;
+use crate::diffusion::schedulers::SchedulerConfig;
+use crate::diffusion::tokenizer::ClipTokenizer;
+use crate::diffusion::unet::UNetConfig;
+use crate::diffusion::vae::VaeConfig;
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -151,4 +156,104 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     files.sort();
     files.dedup();
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// The configs of a diffusers pipeline, read and cross-checked without
+/// loading any weights (see [`load_pipeline_configs`]).
+#[derive(Debug, Clone)]
+pub struct PipelineConfigs {
+    pub dir: ModelDir,
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub text_encoder: ClipTextConfig,
+    pub scheduler: SchedulerConfig,
+    /// Whether the UNet takes the inpainting input (`2 * latent + 1` channels).
+    pub inpainting: bool,
+}
+
+/// For `--dry-run`: every check of a pipeline folder (or cached repo id) that
+/// needs no weights. Each component's config is read and validated (the same
+/// `load` the pipeline uses), the tokenizer is loaded, the weights files are
+/// located, and the components are checked against each other:
+/// - the UNet's `cross_attention_dim` is the text encoder's `hidden_size`;
+/// - the UNet's `in_channels` is the VAE's `latent_channels` (or
+///   `2 * latent_channels + 1` for inpainting), its `out_channels` is
+///   `latent_channels`;
+/// - the tokenizer's ids fit the text encoder's `vocab_size` and its
+///   `model_max_length` its `max_position_embeddings`.
+///
+/// Errors name the config file and field (the UNet's, for a mismatch).
+pub fn load_pipeline_configs(spec: &str) -> Result<PipelineConfigs> {
+    let dir = ModelDir::open(spec)?;
+    let model_index = dir.root.join("model_index.json");
+    if !model_index.is_file() {
+        return Err(Error::Missing { path: model_index, what: "a diffusers pipeline's model_index.json".into() });
+    }
+    let _: serde_json::Value = crate::error::read_json(&model_index)?;
+    let text_encoder = ClipTextConfig::load(&dir.config("text_encoder", "config.json")?)?;
+    let unet = UNetConfig::load(&dir.config("unet", "config.json")?)?;
+    let vae = VaeConfig::load(&dir.config("vae", "config.json")?)?;
+    let scheduler = SchedulerConfig::load(&dir.config("scheduler", "scheduler_config.json")?)?;
+    for component in ["text_encoder", "unet", "vae"] {
+        for path in dir.weights(component, None)? {
+            if !path.is_file() {
+                return Err(Error::Missing { path, what: format!("a weights shard of `{component}`") });
+            }
+        }
+    }
+    let tokenizer_dir = dir.component("tokenizer")?;
+    let tokenizer = ClipTokenizer::load(&tokenizer_dir)?;
+
+    let unet_file = unet.source.clone();
+    let mismatch = |field: &str, value: String| Error::unsupported(unet_file.clone(), field, value);
+    for i in 0..unet.num_blocks() {
+        let d = unet.cross_attention_dim.get(i);
+        if d != text_encoder.hidden_size {
+            return Err(mismatch(
+                "cross_attention_dim",
+                format!("{d}, but the text encoder's hidden_size is {} ({})", text_encoder.hidden_size, text_encoder.source),
+            ));
+        }
+    }
+    let latent = vae.latent_channels;
+    let inpainting = unet.in_channels == 2 * latent + 1;
+    if unet.in_channels != latent && !inpainting {
+        return Err(mismatch(
+            "in_channels",
+            format!(
+                "{}, but the VAE's latent_channels is {latent} (in_channels must be {latent}, or {} for inpainting; {})",
+                unet.in_channels,
+                2 * latent + 1,
+                vae.source
+            ),
+        ));
+    }
+    if unet.out_channels != latent {
+        return Err(mismatch(
+            "out_channels",
+            format!("{}, but the VAE's latent_channels is {latent} ({})", unet.out_channels, vae.source),
+        ));
+    }
+    let tokenizer_max_id =
+        tokenizer.tokenizer().get_vocab(true).into_values().max().map(i64::from).unwrap_or(0);
+    if tokenizer_max_id >= text_encoder.vocab_size {
+        return Err(Error::unsupported(
+            text_encoder.source.clone(),
+            "vocab_size",
+            format!("{}, but the tokenizer ({}) has token id {tokenizer_max_id}", text_encoder.vocab_size, tokenizer_dir.display()),
+        ));
+    }
+    if tokenizer.max_len as i64 > text_encoder.max_position_embeddings {
+        return Err(Error::unsupported(
+            text_encoder.source.clone(),
+            "max_position_embeddings",
+            format!(
+                "{}, but the tokenizer ({}) pads prompts to {} tokens (model_max_length)",
+                text_encoder.max_position_embeddings,
+                tokenizer_dir.display(),
+                tokenizer.max_len
+            ),
+        ));
+    }
+    Ok(PipelineConfigs { dir, unet, vae, text_encoder, scheduler, inpainting })
 }

@@ -4,10 +4,12 @@
 //! backpropagate a score through `decode` to the latents.
 use crate::error::{read_json, Error, Result};
 use crate::nn::{activation, Conv2d, GroupNorm, Linear};
-use crate::weights::Vb;
+use crate::weights::{ConfigCheck, Vb};
 use serde::Deserialize;
 use std::path::Path;
 use tch::{Kind, Tensor};
+
+use crate::diffusion::unet::config::{MAX_LAYERS, MAX_SIZE};
 
 /// diffusers hard-codes this epsilon for every norm of the VAE (resnets,
 /// mid-block attention, `conv_norm_out`); it is not in the config.
@@ -16,6 +18,9 @@ const VAE_NORM_EPS: f64 = 1e-6;
 /// `vae/config.json`, with `AutoencoderKL`'s defaults for absent fields.
 #[derive(Debug, Clone, Deserialize)]
 pub struct VaeConfig {
+    /// The config file, shown in errors; set by `load`.
+    #[serde(skip)]
+    pub source: String,
     #[serde(default = "d_three")]
     pub in_channels: i64,
     #[serde(default = "d_three")]
@@ -87,12 +92,69 @@ fn d_true() -> bool {
 
 impl VaeConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let config: Self = read_json(path)?;
-        config.validate(&path.display().to_string())?;
+        let mut config: Self = read_json(path)?;
+        config.source = path.display().to_string();
+        config.validate(&config.source)?;
         Ok(config)
     }
 
-    fn validate(&self, file: &str) -> Result<()> {
+    /// Checks sizes, counts and numbers, naming `file` and the field.
+    pub fn validate(&self, file: &str) -> Result<()> {
+        let size = |field: &str, v: i64| -> Result<()> {
+            if (1..=MAX_SIZE).contains(&v) {
+                Ok(())
+            } else {
+                Err(Error::unsupported(file, field, format!("{v} (must be between 1 and {MAX_SIZE})")))
+            }
+        };
+        // The pipelines encode and decode RGB images.
+        for (field, v) in [("in_channels", self.in_channels), ("out_channels", self.out_channels)] {
+            if v != 3 {
+                return Err(Error::unsupported(file, field, format!("{v} (only 3, RGB, is supported)")));
+            }
+        }
+        size("latent_channels", self.latent_channels)?;
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            size(&format!("block_out_channels[{i}]"), c)?;
+        }
+        if self.layers_per_block < 1 || self.layers_per_block as i64 > MAX_LAYERS {
+            return Err(Error::unsupported(
+                file,
+                "layers_per_block",
+                format!("{} (must be between 1 and {MAX_LAYERS})", self.layers_per_block),
+            ));
+        }
+        if self.norm_num_groups <= 0 {
+            return Err(Error::unsupported(file, "norm_num_groups", format!("{} (must be positive)", self.norm_num_groups)));
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            return Err(Error::unsupported(
+                file,
+                "scaling_factor",
+                format!("{} (must be a positive number)", self.scaling_factor),
+            ));
+        }
+        if let Some(v) = self.shift_factor {
+            if !v.is_finite() {
+                return Err(Error::unsupported(file, "shift_factor", v));
+            }
+        }
+        for (field, list, nonzero) in
+            [("latents_mean", &self.latents_mean, false), ("latents_std", &self.latents_std, true)]
+        {
+            if let Some(v) = list {
+                if v.len() as i64 != self.latent_channels {
+                    return Err(Error::unsupported(
+                        file,
+                        field,
+                        format!("{} values, but latent_channels is {}", v.len(), self.latent_channels),
+                    ));
+                }
+                if let Some(x) = v.iter().find(|x| !x.is_finite() || (nonzero && **x == 0.0)) {
+                    return Err(Error::unsupported(file, field, format!("contains {x}")));
+                }
+            }
+        }
         let n = self.block_out_channels.len();
         if n == 0 {
             return Err(Error::unsupported(
@@ -530,7 +592,9 @@ pub struct AutoencoderKL {
 impl AutoencoderKL {
     /// `vb` is the root of `vae/diffusion_pytorch_model.safetensors`.
     pub fn load(vb: Vb, config: VaeConfig) -> Result<Self> {
-        config.validate(vb.weights().source())?;
+        let file = if config.source.is_empty() { vb.weights().source().to_string() } else { config.source.clone() };
+        config.validate(&file)?;
+        check_weights(&vb, &config, &file)?;
         let lc = config.latent_channels;
         let quant_conv = if config.use_quant_conv {
             Some(Conv2d::load(
@@ -597,4 +661,39 @@ impl AutoencoderKL {
     pub fn kind(&self) -> Kind {
         self.kind
     }
+}
+
+/// The config against the weights' shapes, layer counts and optional parts,
+/// before building, naming the config field the weights contradict.
+fn check_weights(vb: &Vb, c: &VaeConfig, file: &str) -> Result<()> {
+    let chk = ConfigCheck { vb, file };
+    let ch = &c.block_out_channels;
+    let n = ch.len() as i64;
+    let layers = c.layers_per_block as i64;
+    chk.dim("encoder.conv_in.weight", 0, ch[0], "block_out_channels")?;
+    chk.dim("encoder.conv_in.weight", 1, c.in_channels, "in_channels")?;
+    chk.dim("encoder.conv_out.weight", 0, 2 * c.latent_channels, "latent_channels")?;
+    chk.dim("decoder.conv_in.weight", 1, c.latent_channels, "latent_channels")?;
+    chk.dim("decoder.conv_out.weight", 0, c.out_channels, "out_channels")?;
+    chk.count("encoder.down_blocks", n, "down_block_types")?;
+    chk.count("decoder.up_blocks", n, "up_block_types")?;
+    for (i, &c_i) in ch.iter().enumerate() {
+        let b = format!("encoder.down_blocks.{i}");
+        chk.count(&format!("{b}.resnets"), layers, "layers_per_block")?;
+        chk.dim(&format!("{b}.resnets.0.conv1.weight"), 0, c_i, "block_out_channels")?;
+        chk.count(&format!("decoder.up_blocks.{i}.resnets"), layers + 1, "layers_per_block")?;
+    }
+    for (part, on, field) in [
+        ("quant_conv", c.use_quant_conv, "use_quant_conv"),
+        ("post_quant_conv", c.use_post_quant_conv, "use_post_quant_conv"),
+        ("encoder.mid_block.attentions", c.mid_block_add_attention, "mid_block_add_attention"),
+        ("decoder.mid_block.attentions", c.mid_block_add_attention, "mid_block_add_attention"),
+    ] {
+        if on {
+            chk.present(part, field, on)?;
+        } else {
+            chk.absent(part, field, on)?;
+        }
+    }
+    Ok(())
 }

@@ -236,47 +236,25 @@ impl GeneratorInfo {
     }
 }
 
-/// Resolves a generator and loads every config `StableDiffusion::load`
-/// reads, the tokenizer, and the list of weight files (not the weights).
+/// Resolves a generator and reads, validates and cross-checks every config
+/// `StableDiffusion::load` reads, the tokenizer, and the list of weight files
+/// (not the weights).
 pub fn check_generator(spec: &str) -> Result<GeneratorInfo> {
-    use crate::diffusion::{clip::ClipTextConfig, model_dir::ModelDir, schedulers::SchedulerConfig};
-    use crate::diffusion::{tokenizer::ClipTokenizer, unet::UNetConfig, vae::VaeConfig};
-    let dir = ModelDir::open(spec)?;
-    let model_index = dir.root.join("model_index.json");
-    if !model_index.is_file() {
-        return Err(Error::Missing { path: model_index, what: "a diffusers pipeline's model_index.json".into() });
-    }
-    ClipTokenizer::load(&dir.component("tokenizer")?)?;
-    let text = ClipTextConfig::load(&dir.config("text_encoder", "config.json")?)?;
-    let unet = UNetConfig::load(&dir.config("unet", "config.json")?)?;
-    let vae = VaeConfig::load(&dir.config("vae", "config.json")?)?;
-    SchedulerConfig::load(&dir.config("scheduler", "scheduler_config.json")?)?;
-    for component in ["text_encoder", "unet", "vae"] {
-        for file in dir.weights(component, None)? {
-            if !file.is_file() {
-                return Err(Error::Missing { path: file, what: format!("a `{component}` weights shard") });
-            }
-        }
-    }
-    let scale = 1i64 << vae.block_out_channels.len().saturating_sub(1);
-    let native_size = unet.sample_size_hw().map(|(h, w)| (h * scale, w * scale));
+    let c = crate::diffusion::model_dir::load_pipeline_configs(spec)?;
+    let scale = 1i64 << c.vae.block_out_channels.len().saturating_sub(1);
+    let native_size = c.unet.sample_size_hw().map(|(h, w)| (h * scale, w * scale));
     Ok(GeneratorInfo {
-        root: dir.root,
-        in_channels: unet.in_channels,
-        latent_channels: vae.latent_channels,
-        text_layers: text.num_hidden_layers,
+        root: c.dir.root,
+        in_channels: c.unet.in_channels,
+        latent_channels: c.vae.latent_channels,
+        text_layers: c.text_encoder.num_hidden_layers,
         native_size,
     })
 }
 
-/// Loads a RAHF folder's config and tokenizer and checks its weights file is there.
+/// Validates a RAHF folder's config, tokenizer and weights file (not the weights).
 pub fn check_rahf(dir: &std::path::Path) -> Result<String> {
-    let cfg = crate::rahf::RahfConfig::load(dir)?;
-    let weights = dir.join("model.safetensors");
-    if !weights.is_file() {
-        return Err(Error::Missing { path: weights, what: "RAHF weights".into() });
-    }
-    crate::rahf::tokenizer::RahfTokenizer::load(&dir.join("tokenizer.json"), &cfg)?;
+    let cfg = crate::rahf::check_rahf_dir(dir)?;
     Ok(format!(
         "{:?} RAHF, {} px input, ViT {} layers, T5 d_model {}",
         cfg.variant, cfg.image_size, cfg.vit.num_hidden_layers, cfg.t5.d_model

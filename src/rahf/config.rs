@@ -5,10 +5,20 @@
 //! import`/`rahf init` build it with [`RahfConfig::from_backbones`] (plus
 //! [`RahfConfig::infer_heads`] when a checkpoint's head widths differ from the
 //! published model's).
+use crate::diffusion::unet::config::{MAX_LAYERS, MAX_SIZE};
 use crate::error::{read_json, Error, Result};
+use crate::nn::activation;
+use crate::weights::{ConfigCheck, Vb};
 use serde::{Deserialize, Serialize};
+use tch::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
+
+/// Upper bounds on the decoding and prompt budgets and the heatmap head's
+/// upsampling stages: far above the published model's (100, 512, 4).
+pub const MAX_NEW_TOKENS: i64 = 1 << 16;
+pub const MAX_PROMPT_TOKENS: usize = 1 << 16;
+pub const MAX_UPSAMPLING: usize = 8;
 
 /// Score heads, in the order of [`crate::rahf::feedback::Scores`] and of the model's score tensor.
 pub const SCORE_TYPES: [&str; 4] = ["plausibility", "alignment", "aesthetics", "overall"];
@@ -355,15 +365,18 @@ impl RahfConfig {
                 })?;
             }
         }
-        cfg.validate()?;
+        cfg.validate_file(&format!(
+            "{} (with {})",
+            vit_dir.join("config.json").display(),
+            t5_dir.join("config.json").display()
+        ))?;
         Ok(cfg)
     }
 
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let cfg: RahfConfig = read_json(&path)?;
-        cfg.validate()
-            .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        cfg.validate_file(&path.display().to_string())?;
         Ok(cfg)
     }
 
@@ -373,39 +386,247 @@ impl RahfConfig {
         std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
     }
 
-    /// Checks what the architecture needs to be consistent.
+    /// Checks what the architecture needs to be consistent (errors name
+    /// "RAHF config"; [`Self::load`] names the file).
     pub fn validate(&self) -> Result<()> {
-        let vit_size = self.vit.image_size()?;
-        let patch = self.vit.patch_size()?;
+        self.validate_file("RAHF config")
+    }
+
+    /// Every check that needs no weights: positive sizes within bounds,
+    /// divisibility (heads, patches), token ids inside the vocabulary,
+    /// positive finite epsilons and std, known activations. Errors name
+    /// `file` and the field as written in a RAHF `config.json`
+    /// (`vit.num_attention_heads`).
+    pub fn validate_file(&self, file: &str) -> Result<()> {
+        let bad = |field: &str, value: String| Err(Error::unsupported(file, field, value));
+        let size = |field: &str, v: i64| -> Result<()> {
+            if (1..=MAX_SIZE).contains(&v) {
+                Ok(())
+            } else {
+                bad(field, format!("{v} (must be between 1 and {MAX_SIZE})"))
+            }
+        };
+        let layers = |field: &str, v: i64| -> Result<()> {
+            if (1..=MAX_LAYERS).contains(&v) {
+                Ok(())
+            } else {
+                bad(field, format!("{v} (must be between 1 and {MAX_LAYERS})"))
+            }
+        };
+        let positive = |field: &str, v: f64| -> Result<()> {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                bad(field, format!("{v} (must be a positive number)"))
+            }
+        };
+        let known_act = |field: &str, act: &str, shown: &str| -> Result<()> {
+            if activation(act, &Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu))).is_none() {
+                bad(field, shown.to_string())
+            } else {
+                Ok(())
+            }
+        };
+
+        // ViT.
+        let v = &self.vit;
+        size("vit.hidden_size", v.hidden_size)?;
+        layers("vit.num_hidden_layers", v.num_hidden_layers)?;
+        size("vit.num_attention_heads", v.num_attention_heads)?;
+        if v.hidden_size % v.num_attention_heads != 0 {
+            return bad(
+                "vit.num_attention_heads",
+                format!("{} does not divide vit.hidden_size {}", v.num_attention_heads, v.hidden_size),
+            );
+        }
+        size("vit.intermediate_size", v.intermediate_size)?;
+        known_act("vit.hidden_act", &v.hidden_act, &v.hidden_act)?;
+        positive("vit.layer_norm_eps", v.layer_norm_eps)?;
+        let square = |s: &Size2, field: &str| -> Result<i64> {
+            let side = s.square(file, field)?;
+            size(field, side)?;
+            Ok(side)
+        };
+        let vit_size = square(&v.image_size, "vit.image_size")?;
+        let patch = square(&v.patch_size, "vit.patch_size")?;
+        if vit_size % patch != 0 {
+            return bad("vit.patch_size", format!("{patch} does not divide vit.image_size {vit_size}"));
+        }
+        if v.num_channels != 3 {
+            return bad("vit.num_channels", format!("{} (images are RGB: only 3)", v.num_channels));
+        }
+
+        // Preprocessing and decoding budgets.
         if self.image_size != vit_size {
             // The ViT's position embeddings fix its input size (the reference does not interpolate them).
-            return Err(Error::unsupported(
-                "rahf config",
-                "image_size",
-                format!("{} differs from the ViT's image_size {vit_size}", self.image_size),
-            ));
+            return bad("image_size", format!("{} differs from vit.image_size {vit_size}", self.image_size));
         }
-        if vit_size % patch != 0 {
-            return Err(Error::unsupported(
-                "vit config",
-                "patch_size",
-                format!("{patch} does not divide {vit_size}"),
-            ));
+        for (i, (&m, &sd)) in self.image_mean.iter().zip(&self.image_std).enumerate() {
+            if !m.is_finite() {
+                return bad("image_mean", format!("{m} (channel {i})"));
+            }
+            if !(sd.is_finite() && sd > 0.0) {
+                return bad("image_std", format!("{sd} (channel {i}; must be a positive number)"));
+            }
         }
-        if self.vit.hidden_size % self.vit.num_attention_heads != 0 {
-            return Err(Error::unsupported(
-                "vit config",
-                "num_attention_heads",
-                self.vit.num_attention_heads,
-            ));
+        positive("rescale_factor", self.rescale_factor)?;
+        if !(0..=MAX_NEW_TOKENS).contains(&self.max_new_tokens) {
+            return bad("max_new_tokens", format!("{} (must be between 0 and {MAX_NEW_TOKENS})", self.max_new_tokens));
         }
-        self.t5.feed_forward()?;
-        if self.score_head.conv_channels(self.t5.d_model).len() != 6 {
-            return Err(Error::unsupported(
-                "rahf config",
+        if !(2..=MAX_PROMPT_TOKENS).contains(&self.max_prompt_tokens) {
+            return bad(
+                "max_prompt_tokens",
+                format!("{} (must be between 2 and {MAX_PROMPT_TOKENS})", self.max_prompt_tokens),
+            );
+        }
+
+        // T5.
+        let t = &self.t5;
+        size("t5.vocab_size", t.vocab_size)?;
+        size("t5.d_model", t.d_model)?;
+        size("t5.d_kv", t.d_kv)?;
+        size("t5.d_ff", t.d_ff)?;
+        size("t5.num_heads", t.num_heads)?;
+        layers("t5.num_layers", t.num_layers)?;
+        if let Some(n) = t.num_decoder_layers {
+            layers("t5.num_decoder_layers", n)?;
+        }
+        // The encoder's bidirectional buckets are halved, then half of those are exact.
+        if !(4..=MAX_SIZE).contains(&t.relative_attention_num_buckets) {
+            return bad(
+                "t5.relative_attention_num_buckets",
+                format!("{} (must be between 4 and {MAX_SIZE})", t.relative_attention_num_buckets),
+            );
+        }
+        if !(t.relative_attention_num_buckets / 2 + 1..=MAX_SIZE).contains(&t.relative_attention_max_distance) {
+            return bad(
+                "t5.relative_attention_max_distance",
+                format!(
+                    "{} (must exceed half of relative_attention_num_buckets {})",
+                    t.relative_attention_max_distance, t.relative_attention_num_buckets
+                ),
+            );
+        }
+        positive("t5.layer_norm_epsilon", t.layer_norm_epsilon)?;
+        let (_, act) = t.feed_forward().map_err(|_| Error::unsupported(file, "t5.feed_forward_proj", &t.feed_forward_proj))?;
+        known_act("t5.feed_forward_proj", &act, &t.feed_forward_proj)?;
+        let in_vocab = |field: &str, id: i64| -> Result<()> {
+            if (0..t.vocab_size).contains(&id) {
+                Ok(())
+            } else {
+                bad(field, format!("{id} (not an id of the {}-token vocabulary)", t.vocab_size))
+            }
+        };
+        in_vocab("t5.pad_token_id", t.pad_token_id)?;
+        match &t.eos_token_id {
+            TokenIds::One(i) => in_vocab("t5.eos_token_id", *i)?,
+            TokenIds::Many(ids) if ids.is_empty() => return bad("t5.eos_token_id", "[]".into()),
+            TokenIds::Many(ids) => ids.iter().try_for_each(|&i| in_vocab("t5.eos_token_id", i))?,
+        }
+        if let Some(i) = t.decoder_start_token_id {
+            in_vocab("t5.decoder_start_token_id", i)?;
+        }
+
+        // Heads.
+        let h = &self.heatmap_head;
+        for &c in &h.conv_channels {
+            size("heatmap_head.conv_channels", c)?;
+        }
+        if h.deconv_channels.len() > MAX_UPSAMPLING {
+            return bad(
+                "heatmap_head.deconv_channels",
+                format!("{} stages (at most {MAX_UPSAMPLING}: each doubles the heatmap size)", h.deconv_channels.len()),
+            );
+        }
+        for &c in &h.deconv_channels {
+            size("heatmap_head.deconv_channels", c)?;
+        }
+        size("heatmap_head.last_channels", h.last_channels)?;
+        let convs = self.score_head.conv_channels(t.d_model);
+        if convs.len() != 6 {
+            return bad("score_head.conv_channels", format!("{} widths (expected 6)", convs.len()));
+        }
+        for c in convs {
+            size("score_head.conv_channels", c)?;
+        }
+        for &c in &self.score_head.linear_channels {
+            size("score_head.linear_channels", c)?;
+        }
+        // The flattened score feature map feeds a linear layer.
+        let grid = vit_size / patch;
+        let last = *self.score_head.conv_channels(t.d_model).last().expect("6 widths");
+        if last.saturating_mul(grid * grid) > MAX_SIZE {
+            return bad(
                 "score_head.conv_channels",
-                "expected 6 widths",
-            ));
+                format!("{last} x {grid}x{grid} patches is too wide for the score head's linear layer"),
+            );
+        }
+        Ok(())
+    }
+
+    /// The config against the weights of a RAHF folder, before building:
+    /// widths, layer counts (more or fewer layers than the config says) and
+    /// optional parts the weights contradict fail naming `file` and the field.
+    pub fn check_weights(&self, vb: &Vb, file: &str) -> Result<()> {
+        let chk = ConfigCheck { vb, file };
+        let v = &self.vit;
+        let grid = v.grid()?;
+        chk.dim("vit.embeddings.cls_token", 2, v.hidden_size, "vit.hidden_size")?;
+        let patch_w = "vit.embeddings.patch_embeddings.projection.weight";
+        chk.dim(patch_w, 0, v.hidden_size, "vit.hidden_size")?;
+        chk.dim(patch_w, 1, v.num_channels, "vit.num_channels")?;
+        chk.dim(patch_w, 2, v.patch_size()?, "vit.patch_size")?;
+        chk.dim("vit.embeddings.position_embeddings", 1, grid * grid + 1, "vit.image_size")?;
+        chk.count("vit.encoder.layer", v.num_hidden_layers, "vit.num_hidden_layers")?;
+        chk.dim("vit.encoder.layer.0.intermediate.dense.weight", 0, v.intermediate_size, "vit.intermediate_size")?;
+        let q_bias = "vit.encoder.layer.0.attention.attention.query.bias";
+        if v.qkv_bias {
+            chk.present(q_bias, "vit.qkv_bias", true)?;
+        } else {
+            chk.absent(q_bias, "vit.qkv_bias", false)?;
+        }
+        let t = &self.t5;
+        chk.dim("visual_token_projection.weight", 0, t.d_model, "t5.d_model")?;
+        chk.dim("t5.shared.weight", 0, t.vocab_size, "t5.vocab_size")?;
+        chk.dim("t5.shared.weight", 1, t.d_model, "t5.d_model")?;
+        let bias = "t5.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight";
+        chk.dim(bias, 0, t.relative_attention_num_buckets, "t5.relative_attention_num_buckets")?;
+        chk.dim(bias, 1, t.num_heads, "t5.num_heads")?;
+        chk.dim("t5.encoder.block.0.layer.0.SelfAttention.q.weight", 0, t.num_heads * t.d_kv, "t5.d_kv")?;
+        let (gated, _) = t.feed_forward()?;
+        let ff = "t5.encoder.block.0.layer.1.DenseReluDense";
+        let wi = if gated { "wi_0" } else { "wi" };
+        chk.present(&format!("{ff}.{wi}"), "t5.feed_forward_proj", &t.feed_forward_proj)?;
+        chk.dim(&format!("{ff}.{wi}.weight"), 0, t.d_ff, "t5.d_ff")?;
+        chk.count("t5.encoder.block", t.num_layers, "t5.num_layers")?;
+        let dec_field = if t.num_decoder_layers.is_some() { "t5.num_decoder_layers" } else { "t5.num_layers" };
+        chk.count("t5.decoder.block", t.decoder_layers(), dec_field)?;
+        let (heatmaps, scores): (Vec<String>, Vec<String>) = match self.variant {
+            Variant::MultiHead => (
+                HEATMAP_TYPES.iter().map(|h| format!("heatmap_predictor.{h}")).collect(),
+                SCORE_TYPES.iter().map(|s| format!("score_predictor.{s}")).collect(),
+            ),
+            Variant::Augmented => (vec!["heatmap_predictor".into()], vec!["score_predictor".into()]),
+        };
+        let h = &self.heatmap_head;
+        for p in &heatmaps {
+            chk.dim(&format!("{p}.conv_layers.0.weight"), 0, h.conv_channels[0], "heatmap_head.conv_channels")?;
+            chk.dim(&format!("{p}.conv_layers.3.weight"), 0, h.conv_channels[1], "heatmap_head.conv_channels")?;
+            chk.count(&format!("{p}.deconv_layers"), h.deconv_channels.len() as i64, "heatmap_head.deconv_channels")?;
+            for (i, &c) in h.deconv_channels.iter().enumerate() {
+                chk.dim(&format!("{p}.deconv_layers.{i}.0.weight"), 1, c, "heatmap_head.deconv_channels")?;
+            }
+            chk.dim(&format!("{p}.last_conv1.weight"), 0, h.last_channels, "heatmap_head.last_channels")?;
+        }
+        let convs = self.score_head.conv_channels(t.d_model);
+        for p in &scores {
+            for (i, &c) in convs.iter().enumerate() {
+                chk.dim(&format!("{p}.conv_layers.{}.weight", 3 * i), 0, c, "score_head.conv_channels")?;
+            }
+            chk.absent(&format!("{p}.conv_layers.{}", 3 * convs.len()), "score_head.conv_channels", format!("{convs:?}"))?;
+            let [l0, l1] = self.score_head.linear_channels;
+            chk.dim(&format!("{p}.linear_layers.0.weight"), 0, l0, "score_head.linear_channels")?;
+            chk.dim(&format!("{p}.linear_layers.2.weight"), 0, l1, "score_head.linear_channels")?;
         }
         Ok(())
     }

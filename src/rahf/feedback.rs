@@ -86,6 +86,41 @@ fn prompt_batch(tokens: &[PromptTokens], idx: &[usize], device: Device) -> Promp
     PromptBatch { plain, tasks }
 }
 
+/// Every check of a RAHF folder that needs no weights (for `--dry-run`):
+/// `config.json` validated ([`RahfConfig::validate_file`]), `tokenizer.json`
+/// loaded and its ids inside the T5 vocabulary, `model.safetensors` present.
+pub fn check_rahf_dir(dir: &Path) -> Result<RahfConfig> {
+    let (config, _) = check_rahf_folder(dir)?;
+    let weights = dir.join("model.safetensors");
+    if !weights.is_file() {
+        return Err(Error::Missing { path: weights, what: "RAHF weights".into() });
+    }
+    Ok(config)
+}
+
+fn check_rahf_folder(dir: &Path) -> Result<(RahfConfig, RahfTokenizer)> {
+    if !dir.is_dir() {
+        return Err(Error::Missing { path: dir.to_path_buf(), what: "RAHF folder".into() });
+    }
+    let config = RahfConfig::load(dir)?;
+    let tokenizer = RahfTokenizer::load(&dir.join("tokenizer.json"), &config)?;
+    // Ids past the embedding table would index out of it.
+    if let Some(max) = tokenizer.max_id() {
+        if i64::from(max) >= config.t5.vocab_size {
+            return Err(Error::unsupported(
+                dir.join("config.json").display().to_string(),
+                "t5.vocab_size",
+                format!(
+                    "{}, but tokenizer.json has token id {max} ({} tokens)",
+                    config.t5.vocab_size,
+                    tokenizer.vocab_size()
+                ),
+            ));
+        }
+    }
+    Ok((config, tokenizer))
+}
+
 /// A loaded RAHF folder: network, tokenizer, preprocessing.
 pub struct FeedbackModel {
     pub model: Rahf,
@@ -95,11 +130,15 @@ pub struct FeedbackModel {
 
 impl FeedbackModel {
     /// Loads an orchestrate RAHF folder (`config.json`, `model.safetensors`, `tokenizer.json`).
+    ///
+    /// The config is checked as [`check_rahf_dir`] does, then against the
+    /// weights (widths, layer counts) before the network is built.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
-        let config = RahfConfig::load(dir)?;
+        let (config, tokenizer) = check_rahf_folder(dir)?;
         let weights = Weights::load(&[dir.join("model.safetensors")], device, kind)?;
-        let model = Rahf::load(&weights.root(), &config)?;
-        let tokenizer = RahfTokenizer::load(&dir.join("tokenizer.json"), &config)?;
+        let vb = weights.root();
+        config.check_weights(&vb, &dir.join("config.json").display().to_string())?;
+        let model = Rahf::load(&vb, &config)?;
         Ok(FeedbackModel {
             model,
             tokenizer,

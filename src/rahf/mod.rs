@@ -18,6 +18,6 @@ pub mod train;
 pub mod vit;
 
 pub use config::{RahfConfig, Variant};
-pub use feedback::{Feedback, FeedbackModel, Scores};
+pub use feedback::{check_rahf_dir, Feedback, FeedbackModel, Scores};
 pub use model::{PromptBatch, Rahf, RahfOutput};
 pub use score_kind::ScoreKind;

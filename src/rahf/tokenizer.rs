@@ -59,6 +59,16 @@ impl RahfTokenizer {
         })
     }
 
+    /// Ids the tokenizer can produce: its vocabulary with added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// The largest id the tokenizer can produce, if any.
+    pub fn max_id(&self) -> Option<u32> {
+        self.tokenizer.get_vocab(true).into_values().max()
+    }
+
     /// Token ids of `text`, ending with `</s>`, at most the token budget.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
         let enc = self.tokenizer.encode(text, true).map_err(|e| Error::Tokenizer {

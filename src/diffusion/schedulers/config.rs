@@ -15,6 +15,10 @@ use crate::error::{Error, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+/// Far above any real schedule (diffusers' are 1000), low enough that the
+/// per-timestep tables stay small.
+pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
+
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct SchedulerConfig {
     /// Where the config came from, for error messages.
@@ -57,17 +61,86 @@ impl SchedulerConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let mut config: SchedulerConfig = crate::error::read_json(path)?;
         config.path = path.to_path_buf();
+        config.validate()?;
         Ok(config)
     }
 
     /// Parses a config from JSON text; `origin` names it in error messages.
+    /// Not validated here: [`crate::diffusion::schedulers::build`] validates
+    /// every config it builds from.
     pub fn from_json_str(text: &str, origin: &Path) -> Result<Self> {
-        let mut config: SchedulerConfig = serde_json::from_str(text).map_err(|error| Error::Json {
+        let mut config: SchedulerConfig = crate::json::from_str(text).map_err(|error| Error::Json {
             path: origin.to_path_buf(),
             error,
         })?;
         config.path = origin.to_path_buf();
         Ok(config)
+    }
+
+    /// What every scheduler class would refuse or compute garbage from:
+    /// counts in range, betas in (0, 1), positive finite sigmas, known
+    /// names of the settings every class reads. Settings only some classes
+    /// read (`algorithm_type`, `solver_order`, ...) are checked when that
+    /// class is built (`schedulers::build`), since a config written for one
+    /// class is legitimately used with another.
+    pub fn validate(&self) -> Result<()> {
+        let n = self.num_train_timesteps.unwrap_or(1000);
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&n) {
+            return Err(self.unsupported("num_train_timesteps", format!("{n} (must be between 2 and {MAX_TRAIN_TIMESTEPS})")));
+        }
+        for (field, v) in [("beta_start", self.beta_start), ("beta_end", self.beta_end)] {
+            if let Some(v) = v {
+                if !(v > 0.0 && v < 1.0) {
+                    return Err(self.unsupported(field, format!("{v} (a beta must be in (0, 1))")));
+                }
+            }
+        }
+        if let Some(b) = &self.trained_betas {
+            if b.len() != n {
+                return Err(self.unsupported(
+                    "trained_betas",
+                    format!("{} values, but num_train_timesteps is {n}", b.len()),
+                ));
+            }
+            if let Some(v) = b.iter().find(|v| !(**v > 0.0 && **v < 1.0)) {
+                return Err(self.unsupported("trained_betas", format!("contains {v} (a beta must be in (0, 1))")));
+            }
+        }
+        if let Some(o) = self.steps_offset {
+            if o < 0 || o >= n as i64 {
+                return Err(self.unsupported("steps_offset", format!("{o} (must be in 0..{n})")));
+            }
+        }
+        for (field, v) in [
+            ("clip_sample_range", self.clip_sample_range),
+            ("sigma_min", self.sigma_min),
+            ("sigma_max", self.sigma_max),
+        ] {
+            if let Some(v) = v {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(self.unsupported(field, format!("{v} (must be a positive number)")));
+                }
+            }
+        }
+        if let (Some(lo), Some(hi)) = (self.sigma_min, self.sigma_max) {
+            if lo > hi {
+                return Err(self.unsupported("sigma_min", format!("{lo} exceeds sigma_max {hi}")));
+            }
+        }
+        if let Some(l) = self.lambda_min_clipped {
+            // -Infinity (diffusers' default) clips nothing; +Infinity or NaN is no threshold.
+            if l.is_nan() || l == f64::INFINITY {
+                return Err(self.unsupported("lambda_min_clipped", l));
+            }
+        }
+        self.beta_schedule()?;
+        self.spacing(TimestepSpacing::Leading)?;
+        if let Some(p) = &self.prediction_type {
+            if !["epsilon", "v_prediction", "sample"].contains(&p.as_str()) {
+                return Err(self.unsupported("prediction_type", p));
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn unsupported(&self, field: &str, value: impl std::fmt::Display) -> Error {

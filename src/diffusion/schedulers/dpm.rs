@@ -78,7 +78,11 @@ impl DpmSolverPP {
 
         let train = config.train_steps()?;
         let ac = schedule::alphas_cumprod(config, train, true)?;
-        let last = train - clipped_count(&ac, config.lambda_min_clipped.unwrap_or(f64::NEG_INFINITY));
+        let lambda_min = config.lambda_min_clipped.unwrap_or(f64::NEG_INFINITY);
+        let last = train - clipped_count(&ac, lambda_min);
+        if last == 0 {
+            return Err(config.unsupported("lambda_min_clipped", format!("{lambda_min} clips every timestep")));
+        }
         let mut timesteps: Vec<f64> = match config.spacing(TimestepSpacing::Linspace)? {
             TimestepSpacing::Linspace => {
                 let mut t: Vec<f64> = np_linspace(0.0, last as f64 - 1.0, steps + 1)

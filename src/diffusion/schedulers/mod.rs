@@ -148,6 +148,7 @@ pub fn build(kind: SchedulerKind, config: &SchedulerConfig, num_inference_steps:
             "the number of inference steps must be at least 1".into(),
         ));
     }
+    config.validate()?;
     Ok(match kind {
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config, num_inference_steps)?),
         SchedulerKind::Euler => Box::new(euler::Euler::new(config, num_inference_steps)?),

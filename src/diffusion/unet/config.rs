@@ -203,6 +203,12 @@ fn default_source() -> String {
     "unet config".into()
 }
 
+/// Upper bounds on sizes, layer counts and kernels: far above any real
+/// checkpoint, low enough that arithmetic on them cannot overflow.
+pub const MAX_SIZE: i64 = 1 << 24;
+pub const MAX_LAYERS: i64 = 1 << 10;
+const MAX_KERNEL: i64 = 15;
+
 /// Activations diffusers' `get_activation` knows that `crate::nn::activation`
 /// also implements.
 const ACTIVATIONS: [&str; 4] = ["silu", "swish", "gelu", "relu"];
@@ -226,7 +232,7 @@ impl UNetConfig {
     /// Parses a config from JSON text (tests, configs embedded elsewhere).
     pub fn from_json(source: &str, text: &str) -> Result<Self> {
         let mut config: UNetConfig =
-            serde_json::from_str(text).map_err(|e| Error::Json { path: source.into(), error: e })?;
+            crate::json::from_str(text).map_err(|e| Error::Json { path: source.into(), error: e })?;
         config.source = source.to_string();
         config.validate()?;
         Ok(config)
@@ -265,6 +271,81 @@ impl UNetConfig {
     /// GroupNorm groups; `validate` guarantees it is set.
     pub fn groups(&self) -> i64 {
         self.norm_num_groups.expect("validated: norm_num_groups is set")
+    }
+
+    /// Sizes, counts and numbers: positive where a size, divisible where
+    /// split, finite where a float (`validate` runs this).
+    fn validate_sizes(&self) -> Result<()> {
+        let n = self.num_blocks();
+        let size = |field: &str, v: i64| -> Result<()> {
+            if (1..=MAX_SIZE).contains(&v) {
+                Ok(())
+            } else {
+                Err(self.unsupported(field, format!("{v} (must be between 1 and {MAX_SIZE})")))
+            }
+        };
+        size("in_channels", self.in_channels)?;
+        size("out_channels", self.out_channels)?;
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            size(&format!("block_out_channels[{i}]"), c)?;
+        }
+        let groups = self.groups();
+        if groups <= 0 {
+            return Err(self.unsupported("norm_num_groups", format!("{groups} (must be positive)")));
+        }
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            if c % groups != 0 {
+                return Err(self.unsupported(
+                    "norm_num_groups",
+                    format!("{groups} does not divide block_out_channels[{i}] = {c}"),
+                ));
+            }
+        }
+        for i in 0..n {
+            let layers = self.layers_per_block.get(i);
+            if !(1..=MAX_LAYERS).contains(&layers) {
+                return Err(self.unsupported(
+                    "layers_per_block",
+                    format!("{layers} for block {i} (must be between 1 and {MAX_LAYERS})"),
+                ));
+            }
+            let t = self.transformer_layers_per_block.get(i);
+            if !(1..=MAX_LAYERS).contains(&t) {
+                return Err(self.unsupported(
+                    "transformer_layers_per_block",
+                    format!("{t} for block {i} (must be between 1 and {MAX_LAYERS})"),
+                ));
+            }
+            size("cross_attention_dim", self.cross_attention_dim.get(i))?;
+        }
+        if let Some(d) = self.time_embedding_dim {
+            size("time_embedding_dim", d)?;
+        }
+        if let Some((h, w)) = self.sample_size_hw() {
+            size("sample_size", h)?;
+            size("sample_size", w)?;
+        }
+        if !matches!(self.downsample_padding, 0 | 1) {
+            return Err(self.unsupported("downsample_padding", format!("{} (only 0 or 1)", self.downsample_padding)));
+        }
+        for (field, k) in [("conv_in_kernel", self.conv_in_kernel), ("conv_out_kernel", self.conv_out_kernel)] {
+            if !(1..=MAX_KERNEL).contains(&k) || k % 2 == 0 {
+                return Err(self.unsupported(field, format!("{k} (an odd kernel size up to {MAX_KERNEL} is needed)")));
+            }
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(self.unsupported("norm_eps", format!("{} (must be a positive number)", self.norm_eps)));
+        }
+        if !self.freq_shift.is_finite() {
+            return Err(self.unsupported("freq_shift", self.freq_shift));
+        }
+        if !(self.mid_block_scale_factor.is_finite() && self.mid_block_scale_factor > 0.0) {
+            return Err(self.unsupported(
+                "mid_block_scale_factor",
+                format!("{} (must be a positive number)", self.mid_block_scale_factor),
+            ));
+        }
+        Ok(())
     }
 
     /// Refuses, by field name, every setting the model code does not build.
@@ -320,6 +401,13 @@ impl UNetConfig {
             if self.only_cross_attention.get(i) {
                 return Err(self.unsupported("only_cross_attention", "true"));
             }
+            let c = self.block_out_channels[i];
+            if !(1..=MAX_SIZE).contains(&c) {
+                return Err(self.unsupported(
+                    &format!("block_out_channels[{i}]"),
+                    format!("{c} (must be between 1 and {MAX_SIZE})"),
+                ));
+            }
             let heads = self.heads(i);
             if heads <= 0 || self.block_out_channels[i] % heads != 0 {
                 return Err(self.unsupported(
@@ -366,6 +454,7 @@ impl UNetConfig {
         if self.norm_num_groups.is_none() {
             return Err(self.unsupported("norm_num_groups", "null"));
         }
+        self.validate_sizes()?;
         for (field, act) in [
             ("act_fn", Some(&self.act_fn)),
             ("time_embedding_act_fn", self.time_embedding_act_fn.as_ref()),
@@ -375,11 +464,6 @@ impl UNetConfig {
                 if !ACTIVATIONS.contains(&a.as_str()) {
                     return Err(self.unsupported(field, a));
                 }
-            }
-        }
-        for (field, k) in [("conv_in_kernel", self.conv_in_kernel), ("conv_out_kernel", self.conv_out_kernel)] {
-            if k <= 0 || k % 2 == 0 {
-                return Err(self.unsupported(field, format!("{k} (an odd kernel size is needed)")));
             }
         }
         Ok(())

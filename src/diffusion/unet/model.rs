@@ -7,7 +7,7 @@ use super::embeddings::{timestep_embedding, TimestepEmbedding};
 use super::resnet::ResnetSettings;
 use crate::error::Result;
 use crate::nn::{activation, Conv2d, GroupNorm};
-use crate::weights::Vb;
+use crate::weights::{ConfigCheck, Vb};
 use tch::{Kind, Tensor};
 
 pub struct UNet2DConditionModel {
@@ -27,6 +27,7 @@ impl UNet2DConditionModel {
     /// (the root of `unet/diffusion_pytorch_model.safetensors`).
     pub fn load(vb: Vb, config: UNetConfig) -> Result<Self> {
         config.validate()?;
+        check_weights(&vb, &config)?;
         let c = &config;
         let n = c.num_blocks();
         let ch = &c.block_out_channels;
@@ -188,4 +189,68 @@ impl UNet2DConditionModel {
 
 fn is_cross_attn(block_type: &str) -> bool {
     block_type_name(block_type).starts_with("CrossAttn")
+}
+
+/// The config against the weights' shapes and layer counts, before building:
+/// a size or count the weights contradict fails naming the config field
+/// (layers the config leaves out would otherwise be silently ignored).
+fn check_weights(vb: &Vb, c: &UNetConfig) -> Result<()> {
+    let chk = ConfigCheck { vb, file: &c.source };
+    let n = c.num_blocks();
+    let ch = &c.block_out_channels;
+    chk.dim("conv_in.weight", 0, ch[0], "block_out_channels")?;
+    chk.dim("conv_in.weight", 1, c.in_channels, "in_channels")?;
+    chk.dim("conv_in.weight", 2, c.conv_in_kernel, "conv_in_kernel")?;
+    chk.dim("conv_out.weight", 0, c.out_channels, "out_channels")?;
+    chk.dim("conv_out.weight", 2, c.conv_out_kernel, "conv_out_kernel")?;
+    let temb_field = if c.time_embedding_dim.is_some() { "time_embedding_dim" } else { "block_out_channels" };
+    chk.dim("time_embedding.linear_1.weight", 0, c.time_embed_dim(), temb_field)?;
+    chk.count("down_blocks", n as i64, "down_block_types")?;
+    chk.count("up_blocks", n as i64, "up_block_types")?;
+    let attentions = |block: &str, field: &str, cross: bool, count: i64, i: usize| -> Result<()> {
+        let b = format!("{block}.attentions");
+        if !cross {
+            return chk.absent(&b, field, "a block without attention");
+        }
+        chk.count(&b, count, if block == "mid_block" { "mid_block_type" } else { "layers_per_block" })?;
+        for j in 0..count {
+            let a = format!("{b}.{j}");
+            chk.count(
+                &format!("{a}.transformer_blocks"),
+                c.transformer_layers_per_block.get(i),
+                "transformer_layers_per_block",
+            )?;
+            let linear = c.use_linear_projection;
+            chk.rank(&format!("{a}.proj_in.weight"), if linear { 2 } else { 4 }, "use_linear_projection", linear)?;
+            chk.dim(
+                &format!("{a}.transformer_blocks.0.attn2.to_k.weight"),
+                1,
+                c.cross_attention_dim.get(i),
+                "cross_attention_dim",
+            )?;
+        }
+        Ok(())
+    };
+    for (i, kind) in c.down_block_types.iter().enumerate() {
+        let b = format!("down_blocks.{i}");
+        chk.count(&format!("{b}.resnets"), c.layers_per_block.get(i), "layers_per_block")?;
+        chk.dim(&format!("{b}.resnets.0.conv1.weight"), 0, ch[i], "block_out_channels")?;
+        attentions(&b, &format!("down_block_types[{i}]"), is_cross_attn(kind), c.layers_per_block.get(i), i)?;
+    }
+    match &c.mid_block_type {
+        None => chk.absent("mid_block", "mid_block_type", "null")?,
+        Some(_) => {
+            chk.count("mid_block.resnets", 2, "mid_block_type")?;
+            attentions("mid_block", "mid_block_type", true, 1, n - 1)?;
+        }
+    }
+    for (i, kind) in c.up_block_types.iter().enumerate() {
+        let mirror = n - 1 - i;
+        let b = format!("up_blocks.{i}");
+        let layers = c.layers_per_block.get(mirror) + 1;
+        chk.count(&format!("{b}.resnets"), layers, "layers_per_block")?;
+        chk.dim(&format!("{b}.resnets.0.conv1.weight"), 0, ch[mirror], "block_out_channels")?;
+        attentions(&b, &format!("up_block_types[{i}]"), is_cross_attn(kind), layers, mirror)?;
+    }
+    Ok(())
 }
