@@ -16,7 +16,7 @@
 //! Outputs are named through the manifest and the folder listing, never by
 //! hard-coded item ids.
 mod killing;
-use killing::{files, freeze, kill9, leftovers, thaw};
+use killing::{files, freeze, kill9, leftovers};
 use serde_json::Value;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -90,7 +90,7 @@ fn kill_midway(mut cmd: Command, out: &Path, at_least: usize, items: usize) -> V
                 assert_eq!(complete_lines(out), done, "the manifest changed after the kill");
                 return done;
             }
-            thaw(&child);
+            kill9(&mut child);
             panic!("the run had finished all {items} items when it was stopped; give it more work");
         }
         if let Some(status) = child.try_wait().unwrap() {

@@ -23,6 +23,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 const STEPS: u64 = 8;
 const EVAL_EVERY: u64 = 4;
+/// Put into the killed run's folder by the test (folder or file).
+const USERS_FILES: [(&str, bool); 4] =
+    [("notes.txt", false), ("checkpoints/step-best", true), (".final.partial-mine", true), ("log.jsonl.bak", false)];
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_orchestrate"));
@@ -254,7 +257,7 @@ fn train_killed_while_checkpointing_resumes_to_the_uninterrupted_run() {
         if i == 2 {
             ok(&mut train(&init, &data, &run, SHORT, true));
             assert!(run.join("final/model.safetensors").is_file());
-            let left = leftovers(&run);
+            let left: Vec<String> = leftovers(&run).into_iter().filter(|l| USERS_FILES.iter().all(|(u, _)| l != u)).collect();
             assert!(left.is_empty(), "temporary files left after the resumed run finished: {left:?}");
         }
         let before = latest_step(&run);
@@ -276,6 +279,19 @@ fn train_killed_while_checkpointing_resumes_to_the_uninterrupted_run() {
             Moment::Final | Moment::BeforeFinal => assert_eq!(latest, STEPS),
             _ => assert!(latest < seen.step, "latest.json names step {latest}, the half-written checkpoint is {}", seen.step),
         }
+        if i == 0 {
+            // Files of the user's in the run folder, named like the trainer's
+            // own: the cleanup on resume must leave them alone.
+            for (path, is_dir) in USERS_FILES {
+                let p = run.join(path);
+                if is_dir {
+                    std::fs::create_dir_all(&p).unwrap();
+                    std::fs::write(p.join("x"), b"mine").unwrap();
+                } else {
+                    std::fs::write(&p, b"mine").unwrap();
+                }
+            }
+        }
         if latest > 0 {
             let dir = run.join(format!("checkpoints/step-{latest:08}"));
             for f in ["model.safetensors", "optimizer.safetensors", "trainer_state.json", "config.json", "tokenizer.json"] {
@@ -289,6 +305,15 @@ fn train_killed_while_checkpointing_resumes_to_the_uninterrupted_run() {
     assert_eq!(summary["started_at_step"].as_u64(), Some(latest), "resumed from latest.json's checkpoint");
     eprintln!("killed and resumed runs: {:.1} s", t0.elapsed().as_secs_f64());
 
+    for (path, is_dir) in USERS_FILES {
+        let p = run.join(path);
+        assert!(p.exists(), "{path} (not the trainer's) was removed");
+        if is_dir {
+            std::fs::remove_dir_all(&p).unwrap();
+        } else {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
     let left = leftovers(&run);
     assert!(left.is_empty(), "temporary files left in the run folder: {left:?}");
 
