@@ -2,7 +2,9 @@
 //! folder (config.json, model.safetensors, tokenizer.json: the jobs load it as is)
 //! plus `optimizer.safetensors` and `trainer_state.json`. `latest.json` names the
 //! newest complete checkpoint and is replaced only once that one is fully written,
-//! so a run killed mid-save resumes from the previous one.
+//! so a run killed mid-save resumes from the previous one; what the killed save
+//! left (its temporary folder, a `step-N/` that `latest.json` never named) is
+//! removed by [`clean_interrupted`] when the run resumes.
 use crate::error::{read_json, Error, Result};
 use crate::heatmap_io::write_atomic;
 use crate::rahf::config::RahfConfig;
@@ -83,6 +85,62 @@ fn prune(run: &Path, keep: usize) -> Result<()> {
         std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
     }
     Ok(())
+}
+
+/// Files of the run folder that are written through a `NAME.partial` sibling
+/// (`write_atomic`); a kill can leave that sibling behind.
+const ATOMIC_FILES: [&str; 4] = ["latest.json", "log.jsonl", "train.json", "curves.html"];
+
+/// A temporary folder of `write_rahf_folder` for `name` (`.NAME.partial-PID`),
+/// or a folder the trainer moved aside to replace it (`.NAME.old-PID`).
+fn is_temporary_folder(entry: &str, name: &str) -> bool {
+    entry
+        .strip_prefix('.')
+        .and_then(|r| r.strip_prefix(name))
+        .and_then(|r| r.strip_prefix(".partial-").or_else(|| r.strip_prefix(".old-")))
+        .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn remove(path: &Path, removed: &mut Vec<PathBuf>) -> Result<()> {
+    let r = if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+    r.map_err(|e| Error::io(path, e))?;
+    removed.push(path.to_path_buf());
+    Ok(())
+}
+
+/// Before a run resumes from the checkpoint of `latest_step` (0: none): removes
+/// what a killed run left half-written, and nothing else: the temporary folders
+/// of a checkpoint or of `final/` being written (or moved aside), checkpoints
+/// newer than `latest_step` (never named by `latest.json`, so never complete),
+/// the `.partial` siblings of the run's own files; then keeps the newest `keep`
+/// checkpoints, as the killed save would have. Returns what it removed.
+pub fn clean_interrupted(run: &Path, latest_step: u64, keep: usize) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let dir = checkpoints_dir(run);
+    if dir.is_dir() {
+        for e in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let e = e.map_err(|e| Error::io(&dir, e))?;
+            let name = e.file_name().to_string_lossy().to_string();
+            let uncommitted = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()).is_some_and(|s| s > latest_step);
+            let temporary = name
+                .strip_prefix(".step-")
+                .and_then(|r| r.split_once('.'))
+                .is_some_and(|(step, _)| step.parse::<u64>().is_ok() && is_temporary_folder(&name, &format!("step-{step}")));
+            if uncommitted || temporary {
+                remove(&e.path(), &mut removed)?;
+            }
+        }
+        prune(run, keep)?;
+    }
+    for e in std::fs::read_dir(run).map_err(|e| Error::io(run, e))? {
+        let e = e.map_err(|e| Error::io(run, e))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let partial_file = ATOMIC_FILES.iter().any(|f| name == format!("{f}.partial"));
+        if partial_file || is_temporary_folder(&name, "final") {
+            remove(&e.path(), &mut removed)?;
+        }
+    }
+    Ok(removed)
 }
 
 /// The newest complete checkpoint of a run, if any.

@@ -378,6 +378,13 @@ pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn Samp
     let resume_from = check_run_folder(opts, &hyper)?;
     let run = &opts.out;
     std::fs::create_dir_all(run).map_err(|e| Error::io(run, e))?;
+    if opts.resume {
+        // A run killed mid-save left its half-written checkpoint or final/ behind.
+        let latest = resume_from.as_ref().map_or(0, |(step, _)| *step);
+        for path in checkpoint::clean_interrupted(run, latest, opts.keep_checkpoints)? {
+            tracing::info!("removed {} (left half-written by an interrupted run)", path.display());
+        }
+    }
 
     // The run keeps its own copies of config and tokenizer: checkpoints are written
     // from them, and the --init folder may be gone by the time the run resumes.
@@ -565,13 +572,20 @@ pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn Samp
         b.finish();
     }
     log.plot(run)?;
+    // Written every time, even when there was nothing left to train: a run
+    // killed after its last checkpoint may hold no final/, or the final/ of the
+    // shorter run that --steps extended. The old folder is moved aside (one
+    // rename) before the new one is renamed into place, so a kill leaves either
+    // a complete final/ or none, and a temporary folder the resume removes.
     let final_model = run.join("final");
-    if total > start_step || !final_model.exists() {
-        if final_model.exists() {
-            std::fs::remove_dir_all(&final_model).map_err(|e| Error::io(&final_model, e))?;
-        }
-        let detached: Vec<(String, Tensor)> = opt.params().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
-        crate::rahf::import::write_rahf_folder(&final_model, &config, &detached, &tokenizer_json)?;
+    let moved_aside = run.join(format!(".final.old-{}", std::process::id()));
+    if final_model.exists() {
+        std::fs::rename(&final_model, &moved_aside).map_err(|e| Error::io(&final_model, e))?;
+    }
+    let detached: Vec<(String, Tensor)> = opt.params().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+    crate::rahf::import::write_rahf_folder(&final_model, &config, &detached, &tokenizer_json)?;
+    if moved_aside.exists() {
+        std::fs::remove_dir_all(&moved_aside).map_err(|e| Error::io(&moved_aside, e))?;
     }
     let secs = train_start.elapsed().as_secs_f64();
     Ok(TrainSummary {
