@@ -2,8 +2,6 @@
 //! (files are written by `crate::io`).
 use crate::error::{Error, Result};
 use tch::{Kind, Tensor};
-// Kept for the training code's imports; the one implementation is in `crate::io`.
-pub use crate::io::{write_atomic, write_npy};
 
 /// A perceptually ordered blue → green → yellow → red ramp for v in [0, 1]
 /// (a "turbo"-like map, reduced to five anchor colours).

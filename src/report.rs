@@ -102,7 +102,7 @@ pub fn write_report(dir: &Path, report: &Report) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let path = dir.join(REPORT_FILE);
-    crate::heatmap_io::write_atomic(&path, html.as_bytes())?;
+    crate::io::write_atomic(&path, html.as_bytes())?;
     Ok(path)
 }
 

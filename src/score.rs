@@ -1,7 +1,8 @@
 //! `orchestrate score`: RAHF feedback for existing images, one JSON line per
 //! image on stdout, and (with `--out`) heatmap overlays and raw `.npy` maps.
 use crate::error::{Error, Result};
-use crate::heatmap_io::{overlay, write_npy};
+use crate::heatmap_io::overlay;
+use crate::io::write_npy;
 use crate::rahf::{Feedback, FeedbackModel, Scores};
 use serde::Serialize;
 use std::path::{Path, PathBuf};

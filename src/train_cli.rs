@@ -251,8 +251,8 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     }
     let markdown = report.to_markdown();
     if let Some(out) = &a.out {
-        orchestrate::heatmap_io::write_atomic(&out.join("eval.json"), &serde_json::to_vec_pretty(&report)?)?;
-        orchestrate::heatmap_io::write_atomic(&out.join("eval.md"), markdown.as_bytes())?;
+        orchestrate::io::write_atomic(&out.join("eval.json"), &serde_json::to_vec_pretty(&report)?)?;
+        orchestrate::io::write_atomic(&out.join("eval.md"), markdown.as_bytes())?;
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

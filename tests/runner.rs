@@ -393,3 +393,89 @@ fn dry_run_makes_the_real_runs_checks() {
 fn ok_text(o: Output) {
     assert!(o.status.success(), "failed:\n{}", String::from_utf8_lossy(&o.stderr));
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let (p, q) = (e.path(), to.join(e.file_name()));
+        if p.is_dir() {
+            copy_dir(&p, &q);
+        } else {
+            std::fs::copy(&p, &q).unwrap();
+        }
+    }
+}
+
+fn set_json(path: &Path, pointer: &str, value: serde_json::Value) {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    *v.pointer_mut(pointer).unwrap() = value;
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// Findings 6 and 7: bad checkpoint configs stop `--dry-run` and the real
+/// run alike, with the file and field named, never a panic (exit 101) or a
+/// silent null score.
+#[test]
+fn bad_model_configs_stop_dry_run_and_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("prompts.txt");
+    std::fs::write(&p, "a red cube\n").unwrap();
+    let cases: Vec<(&str, &str, serde_json::Value, &str)> = vec![
+        ("unet", "/norm_num_groups", serde_json::json!(0), "norm_num_groups"),
+        ("unet", "/norm_num_groups", serde_json::json!(3), "norm_num_groups"),
+        ("unet", "/layers_per_block", serde_json::json!(-1), "layers_per_block"),
+        ("rahf", "/vit/num_attention_heads", serde_json::json!(0), "num_attention_heads"),
+        ("rahf", "/vit/patch_size", serde_json::json!(0), "patch_size"),
+        ("rahf", "/vit/num_hidden_layers", serde_json::json!(0), "num_hidden_layers"),
+        ("rahf", "/t5/eos_token_id", serde_json::json!(1_000_000), "eos_token_id"),
+    ];
+    for (k, (what, pointer, value, field)) in cases.into_iter().enumerate() {
+        let model = tmp.path().join(format!("sd{k}"));
+        copy_dir(&fixtures().join("diffusion/sd-tiny"), &model);
+        let rahf_dir = tmp.path().join(format!("rahf{k}"));
+        copy_dir(rahf(), &rahf_dir);
+        let file = if what == "unet" { model.join("unet/config.json") } else { rahf_dir.join("config.json") };
+        set_json(&file, pointer, value.clone());
+        let r = tmp.path().join(format!("r{k}.yaml"));
+        std::fs::write(
+            &r,
+            format!(
+                "models:\n  generator: {}\n  rahf: {}\n  device: cpu\nsampling:\n  steps: 2\n  height: 32\n  width: 32\noutput: out{k}\nfilter:\n  prompts: prompts.txt\n  samples: 1\n",
+                model.display(),
+                rahf_dir.display()
+            ),
+        )
+        .unwrap();
+        for dry in [true, false] {
+            let mut c = bin();
+            c.arg("run").arg(&r);
+            if dry {
+                c.arg("--dry-run");
+            }
+            let e = err(c.output().unwrap());
+            assert!(e.contains("config.json") && e.contains(field), "{what} {pointer} = {value} (dry run {dry}): {e}");
+        }
+        assert!(!tmp.path().join(format!("out{k}/filter/settings.json")).exists(), "a refused run wrote settings");
+    }
+    // image_std of zeros would divide by zero: refused by name.
+    let rahf_dir = tmp.path().join("rahf-std");
+    copy_dir(rahf(), &rahf_dir);
+    let pre = rahf_dir.join("preprocessor_config.json");
+    if pre.is_file() {
+        set_json(&pre, "/image_std", serde_json::json!([0, 0, 0]));
+    } else {
+        set_json(&rahf_dir.join("config.json"), "/image_std", serde_json::json!([0, 0, 0]));
+    }
+    let model = fixtures().join("diffusion/sd-tiny");
+    let o = bin()
+        .args(["filter", "--model", model.to_str().unwrap(), "--rahf", rahf_dir.to_str().unwrap()])
+        .arg("--prompts")
+        .arg(&p)
+        .args(SAMPLING)
+        .arg("--out")
+        .arg(tmp.path().join("std"))
+        .output()
+        .unwrap();
+    let e = err(o);
+    assert!(e.contains("image_std"), "{e}");
+}

@@ -106,10 +106,14 @@ pub fn save_rgb(path: &Path, img: &image::RgbImage) -> Result<()> {
     write_atomic(path, &rgb_png(img, path)?)
 }
 
+/// The PNG encoding of a gray image (`path` only names it in errors).
+pub fn gray_png(img: &image::GrayImage, path: &Path) -> Result<Vec<u8>> {
+    png_bytes(img.width(), img.height(), img.as_raw(), image::ExtendedColorType::L8, path)
+}
+
 /// Writes a gray image as PNG, atomically.
 pub fn save_gray(path: &Path, img: &image::GrayImage) -> Result<()> {
-    let bytes = png_bytes(img.width(), img.height(), img.as_raw(), image::ExtendedColorType::L8, path)?;
-    write_atomic(path, &bytes)
+    write_atomic(path, &gray_png(img, path)?)
 }
 
 /// Hex SHA-256 of bytes.

@@ -425,7 +425,7 @@ fn extract_shard(
                 continue;
             };
             let filename = format!("{uid}.{ext}");
-            crate::heatmap_io::write_atomic(&out_dir.join(&filename), bytes)?;
+            crate::io::write_atomic(&out_dir.join(&filename), bytes)?;
             let mut line = serde_json::to_string(&LineOut { filename: &filename, prompt: caption })
                 .expect("strings serialize");
             line.push('\n');

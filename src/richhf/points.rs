@@ -173,12 +173,7 @@ pub fn convert_points_file(jsonl: &Path, out_dir: &Path) -> Result<PointsReport>
                 "misalignment"
             };
             let path = out_dir.join(format!("{stem}_{kind}_map.png"));
-            average_annotators(annotators, *height, *width).to_gray()
-                .save(&path)
-                .map_err(|e| Error::Image {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
+            crate::io::save_gray(&path, &average_annotators(annotators, *height, *width).to_gray())?;
             written.push(path);
         }
     }

@@ -98,7 +98,7 @@ pub fn write_dataset(out: &Path, splits: &[(&str, usize)], image_size: u32, heat
         for (i, s) in samples(*count, image_size, heatmap_size, seed.wrapping_add(1000 * k as u64)).into_iter().enumerate() {
             let uid = format!("synthetic-{split}-{i:06}");
             let file = images.join(format!("{uid}.png"));
-            s.image.save(&file).map_err(|e| Error::Image { path: file.clone(), reason: e.to_string() })?;
+            crate::io::save_rgb(&file, &s.image)?;
             jsonl.push_str(&serde_json::json!({ "filename": format!("images/{uid}.png"), "prompt": s.prompt }).to_string());
             jsonl.push('\n');
             let record = RichHfRecord {
@@ -112,7 +112,7 @@ pub fn write_dataset(out: &Path, splits: &[(&str, usize)], image_size: u32, heat
         }
         writer.finish()?;
     }
-    crate::heatmap_io::write_atomic(&out.join("prompts.jsonl"), jsonl.as_bytes())
+    crate::io::write_atomic(&out.join("prompts.jsonl"), jsonl.as_bytes())
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! left (its temporary folder, a `step-N/` that `latest.json` never named) is
 //! removed by [`clean_interrupted`] when the run resumes.
 use crate::error::{read_json, Error, Result};
-use crate::heatmap_io::write_atomic;
+use crate::io::write_atomic;
 use crate::rahf::config::RahfConfig;
 use crate::rahf::import::write_rahf_folder;
 use crate::weights::{read_safetensors, write_safetensors};

@@ -6,7 +6,7 @@
 //! is unreadable on a linear axis). Non-finite points are not drawn; the legend
 //! says how many were left out.
 use crate::error::Result;
-use crate::heatmap_io::write_atomic;
+use crate::io::write_atomic;
 use std::fmt::Write as _;
 use std::path::Path;
 

@@ -294,7 +294,7 @@ fn truncate_log(path: &Path, step: u64) -> Result<Vec<serde_json::Value>> {
         out.push_str(&v.to_string());
         out.push('\n');
     }
-    crate::heatmap_io::write_atomic(path, out.as_bytes())?;
+    crate::io::write_atomic(path, out.as_bytes())?;
     Ok(kept)
 }
 
@@ -398,14 +398,14 @@ pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn Samp
         let tok = run.join("tokenizer.json");
         std::fs::copy(opts.init.join("tokenizer.json"), &tok).map_err(|e| Error::io(opts.init.join("tokenizer.json"), e))?;
         let rf = RunFile { hyperparameters: hyper.clone(), init: opts.init.clone(), data: opts.data_description.clone() };
-        crate::heatmap_io::write_atomic(&run.join("train.json"), &serde_json::to_vec_pretty(&rf).expect("serialises"))?;
+        crate::io::write_atomic(&run.join("train.json"), &serde_json::to_vec_pretty(&rf).expect("serialises"))?;
         (config, tok)
     };
     if opts.resume {
         // Only `steps` may have changed; record the new target.
         let mut rf: RunFile = crate::error::read_json(&run.join("train.json"))?;
         rf.hyperparameters.steps = hyper.steps;
-        crate::heatmap_io::write_atomic(&run.join("train.json"), &serde_json::to_vec_pretty(&rf).expect("serialises"))?;
+        crate::io::write_atomic(&run.join("train.json"), &serde_json::to_vec_pretty(&rf).expect("serialises"))?;
     }
     let tokenizer = RahfTokenizer::load(&tokenizer_json, &config)?;
 
