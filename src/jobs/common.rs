@@ -128,6 +128,25 @@ impl SamplingOptions {
         Ok(())
     }
 
+    /// The seeds of an item's `n` images: `seed`, `seed + 1`, ...
+    pub fn seeds(&self, n: usize) -> Vec<u64> {
+        (0..n as u64).map(|i| self.seed + i).collect()
+    }
+
+    /// What identifies a prompt's `n` images for the runner: the id, the
+    /// list position, and the digest of prompt, negative prompt and seeds.
+    pub fn prompt_key(&self, item: &crate::jobs::prompts::PromptItem, n: usize) -> crate::jobs::runner::ItemKey {
+        crate::jobs::runner::ItemKey {
+            id: item.id.clone(),
+            index: item.index,
+            digest: crate::jobs::runner::digest(&serde_json::json!({
+                "prompt": item.prompt,
+                "negative_prompt": self.negative_prompt,
+                "seeds": self.seeds(n),
+            })),
+        }
+    }
+
     /// Image `i` of an item is seeded `seed + i`: the last one must fit in
     /// 64 bits (it would wrap to 0 otherwise).
     pub fn check_seeds(&self, per_item: usize, field: &str) -> Result<()> {
@@ -157,7 +176,23 @@ impl SamplingOptions {
     }
 }
 
+/// A job's generator and RAHF, placed where the options say.
+pub struct Models {
+    pub pipe: crate::diffusion::pipeline::StableDiffusion,
+    pub rahf: crate::rahf::FeedbackModel,
+}
+
 impl CommonOptions {
+    /// Loads `generator` and the RAHF on the options' device and dtypes (on
+    /// the CPU, leaving a core for the CPU stage; see `jobs::stages`).
+    pub fn load_models(&self, generator: &str) -> Result<Models> {
+        let (device, kind, rahf_kind) = self.models.placement()?;
+        crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
+        let pipe = crate::diffusion::pipeline::StableDiffusion::load(generator, device, kind)?;
+        let rahf = crate::rahf::FeedbackModel::load(&self.models.rahf, device, rahf_kind)?;
+        Ok(Models { pipe, rahf })
+    }
+
     /// What every job's outputs depend on among the shared settings, with
     /// the job's own settings added: `settings.json`. Device and batch size
     /// are left out (results do not depend on the batch size, and a resumed

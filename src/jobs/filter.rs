@@ -16,14 +16,14 @@
 //! outputs. Another batch size gives the
 //! same images up to float rounding (batched kernels round differently for
 //! other shapes: about 1e-6 in [0, 1], now and then one 8-bit level).
-use crate::diffusion::pipeline::{to_rgb_bytes, ImageRequest, SamplingSettings, StableDiffusion};
+use crate::diffusion::pipeline::{to_rgb_bytes, ImageRequest, SamplingSettings};
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::jobs::manifest::Manifest;
 use crate::jobs::prompts::{read_prompts, PromptItem};
-use crate::jobs::runner::{digest, Finished, ItemKey, Outcome, Producer};
+use crate::jobs::runner::{Finished, ItemKey, Outcome, Producer};
 use crate::jobs::{CommonOptions, JobSummary, RunContext};
-use crate::rahf::{FeedbackModel, Scores};
+use crate::rahf::Scores;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -258,10 +258,7 @@ pub struct Scored {
     scores: Vec<Scores>,
 }
 
-pub struct Models {
-    pipe: StableDiffusion,
-    rahf: FeedbackModel,
-}
+use crate::jobs::common::Models;
 
 /// Images of prompts not all sampled yet, by prompt id.
 type Pending = HashMap<String, Vec<Option<image::RgbImage>>>;
@@ -288,7 +285,7 @@ pub struct FilterJob<'a> {
 
 impl FilterJob<'_> {
     fn seeds(&self) -> Vec<u64> {
-        (0..self.opts.samples as u64).map(|i| self.common.sampling.seed + i).collect()
+        self.common.sampling.seeds(self.opts.samples)
     }
 
     /// The GPU stage of one batch: sample it, and score every prompt whose
@@ -345,24 +342,12 @@ impl crate::jobs::runner::Job for FilterJob<'_> {
     }
 
     fn key(&self, item: &PromptItem) -> ItemKey {
-        ItemKey {
-            id: item.id.clone(),
-            index: item.index,
-            digest: digest(&serde_json::json!({
-                "prompt": item.prompt,
-                "negative_prompt": self.common.sampling.negative_prompt,
-                "seeds": self.seeds(),
-            })),
-        }
+        self.common.sampling.prompt_key(item, self.opts.samples)
     }
 
+    /// Both modes use the same thread count, as it can change rounding.
     fn load(&self) -> Result<Models> {
-        let (device, kind, rahf_kind) = self.common.models.placement()?;
-        // Both modes use the same thread count, as it can change rounding.
-        crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
-        let pipe = StableDiffusion::load(&self.common.models.generator, device, kind)?;
-        let rahf = FeedbackModel::load(&self.common.models.rahf, device, rahf_kind)?;
-        Ok(Models { pipe, rahf })
+        self.common.load_models(&self.common.models.generator)
     }
 
     fn units(&self, todo: Vec<PromptItem>) -> Vec<Batch> {

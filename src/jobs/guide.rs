@@ -7,15 +7,15 @@
 //! Outputs: `guided/<id>_<i>.png`, `unguided/<id>_<i>.png`, `manifest.jsonl`
 //! (one line per prompt), `report.html`.
 use crate::diffusion::inpaint::to_rgb_images;
-use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
+use crate::diffusion::pipeline::{ImageRequest, SamplingSettings};
 use crate::error::{Error, Result};
 use crate::guidance::{GuidanceSettings, Guider, ScoreKind};
 use crate::io::save_rgb;
 use crate::jobs::manifest::Manifest;
 use crate::jobs::prompts::{read_prompts, PromptItem};
-use crate::jobs::runner::{digest, Finished, ItemKey, Outcome, Producer};
+use crate::jobs::runner::{Finished, ItemKey, Outcome, Producer};
 use crate::jobs::{CommonOptions, JobSummary, RunContext};
-use crate::rahf::{FeedbackModel, Scores};
+use crate::rahf::Scores;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -169,10 +169,7 @@ pub fn prepare(opts: &GuideOptions, common: &CommonOptions, out: &Path) -> Resul
     Ok(items)
 }
 
-pub struct Models {
-    pipe: StableDiffusion,
-    rahf: FeedbackModel,
-}
+use crate::jobs::common::Models;
 
 struct GuideJob<'a> {
     opts: &'a GuideOptions,
@@ -183,7 +180,7 @@ struct GuideJob<'a> {
 
 impl GuideJob<'_> {
     fn seeds(&self) -> Vec<u64> {
-        (0..self.opts.images_per_prompt as u64).map(|i| self.common.sampling.seed + i).collect()
+        self.common.sampling.seeds(self.opts.images_per_prompt)
     }
 
     fn guide_one(&self, m: &Models, guider: &Guider, item: PromptItem) -> Result<Product> {
@@ -242,23 +239,11 @@ impl crate::jobs::runner::Job for GuideJob<'_> {
     }
 
     fn key(&self, item: &PromptItem) -> ItemKey {
-        ItemKey {
-            id: item.id.clone(),
-            index: item.index,
-            digest: digest(&serde_json::json!({
-                "prompt": item.prompt,
-                "negative_prompt": self.common.sampling.negative_prompt,
-                "seeds": self.seeds(),
-            })),
-        }
+        self.common.sampling.prompt_key(item, self.opts.images_per_prompt)
     }
 
     fn load(&self) -> Result<Models> {
-        let (device, kind, rahf_kind) = self.common.models.placement()?;
-        crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
-        let rahf = FeedbackModel::load(&self.common.models.rahf, device, rahf_kind)?;
-        let pipe = StableDiffusion::load(&self.common.models.generator, device, kind)?;
-        Ok(Models { pipe, rahf })
+        self.common.load_models(&self.common.models.generator)
     }
 
     fn units(&self, todo: Vec<PromptItem>) -> Vec<PromptItem> {

@@ -385,10 +385,7 @@ pub fn run(opts: &InpaintOptions, common: &CommonOptions, ctx: &RunContext) -> R
     Ok(summary)
 }
 
-pub struct Models {
-    rahf: FeedbackModel,
-    pipe: StableDiffusion,
-}
+use crate::jobs::common::Models;
 
 struct InpaintJob<'a> {
     opts: &'a InpaintOptions,
@@ -399,7 +396,7 @@ struct InpaintJob<'a> {
 
 impl InpaintJob<'_> {
     fn key_with(&self, item: &InpaintItem, image_sha256: &str) -> ItemKey {
-        let seeds: Vec<u64> = (0..self.opts.candidates as u64).map(|k| self.common.sampling.seed + k).collect();
+        let seeds = self.common.sampling.seeds(self.opts.candidates);
         ItemKey {
             id: item.id.clone(),
             index: item.index,
@@ -445,11 +442,7 @@ impl crate::jobs::runner::Job for InpaintJob<'_> {
     }
 
     fn load(&self) -> Result<Models> {
-        let (device, kind, rahf_kind) = self.common.models.placement()?;
-        crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
-        let rahf = FeedbackModel::load(&self.common.models.rahf, device, rahf_kind)?;
-        let pipe = StableDiffusion::load(&self.generator, device, kind)?;
-        Ok(Models { rahf, pipe })
+        self.common.load_models(&self.generator)
     }
 
     fn units(&self, todo: Vec<InpaintItem>) -> Vec<InpaintItem> {
