@@ -69,7 +69,10 @@
 //! steps), for each of the r−1 extra passes: the re-noising ε', then, for
 //! ancestral samplers, that pass's step noise. All draws are `(1, C, h, w)` in
 //! the pipeline's dtype, like the pipeline's, so an image's result does not
-//! depend on what else is in its batch.
+//! depend on what else is in its batch. An image's whole sequence is drawn
+//! holding the global generator ([`crate::diffusion::core::NoiseSpec`] with a
+//! [`crate::diffusion::core::RecurrenceSpec`]), so concurrent samplers cannot
+//! take each other's draws.
 //!
 //! # Precision and memory
 //! The gradient is taken in float32: the latent leaf is float32, and when the

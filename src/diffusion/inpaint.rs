@@ -102,15 +102,15 @@ fn draw_all(
     let image_eps = needs_image.then(|| generator.randn(&spec.shape, vae_kind));
     let first_latents = generator.randn(&spec.shape, spec.kind);
     let masked_eps = generator.randn(&spec.shape, vae_kind);
+    // The first candidate continues generator 0 when its seed is the source's.
     let continues = candidates.first().is_some_and(|c| c.seed == source_seed);
-    let mut first_latents = Some(first_latents);
+    let mut first_latents = continues.then_some(first_latents);
     let images = candidates
         .iter()
-        .enumerate()
-        .map(|(k, c)| match first_latents.take() {
+        .map(|c| match first_latents.take() {
             // The generator is still where generator 0 left off.
-            Some(latents) if k == 0 && continues => spec.draw_after_latents(&mut generator, latents),
-            _ => {
+            Some(latents) => spec.draw_after_latents(&mut generator, latents),
+            None => {
                 generator.reseed(c.seed);
                 spec.draw(&mut generator)
             }
