@@ -69,7 +69,10 @@
 //! steps), for each of the r−1 extra passes: the re-noising ε', then, for
 //! ancestral samplers, that pass's step noise. All draws are `(1, C, h, w)` in
 //! the pipeline's dtype, like the pipeline's, so an image's result does not
-//! depend on what else is in its batch.
+//! depend on what else is in its batch. An image's whole sequence is drawn
+//! holding the global generator ([`crate::diffusion::core::NoiseSpec`] with a
+//! [`crate::diffusion::core::RecurrenceSpec`]), so concurrent samplers cannot
+//! take each other's draws.
 //!
 //! # Precision and memory
 //! The gradient is taken in float32: the latent leaf is float32, and when the
@@ -78,6 +81,7 @@
 //! backward (with `through_unet`) runs in the UNet's dtype. All decoding for
 //! the gradient goes through [`Guider::decode_pixels`], the single place where a
 //! checkpointed or tiled decode would be swapped in for large images.
+use crate::diffusion::core::{self, BatchNoise, Conditioning, NoiseSpec, RecurrenceSpec};
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
 use crate::diffusion::schedulers::config::PredictionType;
 use crate::diffusion::schedulers::{self, Scheduler, SchedulerKind};
@@ -208,9 +212,6 @@ fn output_shift_factor(prediction: PredictionType, level: Level, strength: f64) 
     -strength * level.k * per_eps
 }
 
-/// One image's extra draws for recurrence: `[step][extra pass]` = (ε', step noise).
-type RecurrenceNoise = Vec<Vec<(Tensor, Option<Tensor>)>>;
-
 /// A generator and a scorer held together for guided sampling.
 pub struct Guider<'a> {
     pipe: &'a StableDiffusion,
@@ -263,10 +264,7 @@ impl<'a> Guider<'a> {
     ) -> Result<Tensor> {
         let pipe = self.pipe;
         guidance.validate()?;
-        crate::diffusion::pipeline::check_image_size(settings.height, settings.width)?;
-        if settings.steps == 0 {
-            return Err(Error::Invalid("--steps must be at least 1".into()));
-        }
+        core::check_settings(settings)?;
         if requests.is_empty() {
             return Err(Error::Invalid(
                 "guided sampling needs at least one image request".into(),
@@ -281,50 +279,28 @@ impl<'a> Guider<'a> {
         ])?;
 
         // Text conditioning exactly as the pipeline builds it.
-        let cfg = settings.guidance_scale > 1.0;
+        let cond = Conditioning::encode(pipe, requests, settings)?;
         let prompts: Vec<String> = requests.iter().map(|r| r.prompt.clone()).collect();
-        let mut embeds = pipe.encode_prompts(&prompts, settings.clip_skip)?;
-        if cfg {
-            let negatives: Vec<String> =
-                requests.iter().map(|r| r.negative_prompt.clone()).collect();
-            let uncond = pipe.encode_prompts(&negatives, settings.clip_skip)?;
-            embeds = Tensor::cat(&[uncond, embeds], 0);
-        }
         let tokens = self.scorer.tokenize(&prompts)?;
 
-        let scale = pipe.vae.scale_factor();
-        let shape = [
-            1,
-            pipe.latent_channels(),
-            settings.height / scale,
-            settings.width / scale,
-        ];
         let n = scheduler.timesteps().len();
         let ancestral = scheduler.needs_noise();
-        let noise_steps = if ancestral { n } else { 0 };
-        let mut latents = Vec::with_capacity(requests.len());
-        let mut step_noise = Vec::with_capacity(requests.len());
-        let mut extra_noise: Vec<RecurrenceNoise> = Vec::with_capacity(requests.len());
-        for r in requests {
-            let (l, s) = pipe.draw_noise(r.seed, &shape, noise_steps);
-            // Continues the generator draw_noise just seeded (see the module docs).
-            extra_noise.push(self.draw_recurrence_noise(
-                &shape,
-                n,
-                guidance.recurrence - 1,
+        // The pipeline's draws, then the recurrence draws continuing the same
+        // generator (see the module docs), under one hold of it per image.
+        let spec = NoiseSpec {
+            recurrence: Some(RecurrenceSpec {
+                steps: n,
+                extra_passes: guidance.recurrence - 1,
                 ancestral,
-            ));
-            latents.push(l);
-            step_noise.push(s);
-        }
-        let mut latents =
-            Tensor::cat(&latents, 0).to_device(pipe.device) * scheduler.init_noise_sigma();
-        let batch = |per_image: Vec<&Tensor>| Tensor::cat(&per_image, 0).to_device(pipe.device);
+            }),
+            ..NoiseSpec::for_sampling(pipe, settings, scheduler.as_ref())
+        };
+        let noise = BatchNoise::draw(requests, &spec, pipe.device);
+        let mut latents = noise.latents() * scheduler.init_noise_sigma();
 
         let levels: Vec<Level> = (0..=n).map(|i| level(scheduler.as_ref(), i)).collect();
         let _no_grad = tch::no_grad_guard();
-        let timesteps = scheduler.timesteps().to_vec();
-        for (i, &t) in timesteps.iter().enumerate() {
+        for i in 0..n {
             let guided = guidance.guides(i);
             let passes = if guided { guidance.recurrence } else { 1 };
             for pass in 0..passes {
@@ -332,11 +308,8 @@ impl<'a> Guider<'a> {
                     let (out, grad, scores) = self.score_gradient(
                         scheduler.as_ref(),
                         i,
-                        t,
                         &latents,
-                        &embeds,
-                        cfg,
-                        settings,
+                        &cond,
                         &tokens,
                         guidance,
                     )?;
@@ -357,30 +330,15 @@ impl<'a> Guider<'a> {
                     (out.to_kind(Kind::Float) + grad.to_device(out.device()) * factor)
                         .to_kind(out.kind())
                 } else {
-                    self.model_output(
-                        scheduler.as_ref(),
-                        i,
-                        t,
-                        &latents,
-                        &embeds,
-                        cfg,
-                        settings.guidance_scale,
-                    )
+                    cond.model_output(&pipe.unet, scheduler.as_ref(), i, &latents, None)
                 };
-                let noise = match (ancestral, pass) {
-                    (false, _) => None,
-                    (true, 0) => Some(batch(step_noise.iter().map(|s| &s[i]).collect())),
-                    (true, p) => Some(batch(
-                        extra_noise
-                            .iter()
-                            .map(|e| e[i][p - 1].1.as_ref().expect("drawn for ancestral"))
-                            .collect(),
-                    )),
+                let step_noise = match pass {
+                    0 => noise.step(i),
+                    p => noise.recurrence_step(i, p - 1),
                 };
-                let next = scheduler.step(&out, i, &latents, noise.as_ref());
+                let next = scheduler.step(&out, i, &latents, step_noise.as_ref());
                 latents = if pass + 1 < passes {
-                    let eps = batch(extra_noise.iter().map(|e| &e[i][pass].0).collect());
-                    renoise(&next, levels[i + 1], levels[i], &eps)
+                    renoise(&next, levels[i + 1], levels[i], &noise.renoise(i, pass))
                 } else {
                     next
                 };
@@ -389,67 +347,14 @@ impl<'a> Guider<'a> {
         Ok(latents)
     }
 
-    /// Recurrence draws continuing the global generator (after `draw_noise`).
-    fn draw_recurrence_noise(
-        &self,
-        shape: &[i64],
-        steps: usize,
-        extra: usize,
-        ancestral: bool,
-    ) -> RecurrenceNoise {
-        let opts = (self.pipe.kind, Device::Cpu);
-        (0..steps)
-            .map(|_| {
-                (0..extra)
-                    .map(|_| {
-                        let eps = Tensor::randn(shape, opts);
-                        let step = ancestral.then(|| Tensor::randn(shape, opts));
-                        (eps, step)
-                    })
-                    .collect()
-            })
-            .collect()
-    }
-
-    /// The (CFG-combined) model output, the same operations as the pipeline's loop.
-    #[allow(clippy::too_many_arguments)]
-    fn model_output(
-        &self,
-        scheduler: &dyn Scheduler,
-        i: usize,
-        t: f64,
-        latents: &Tensor,
-        embeds: &Tensor,
-        cfg: bool,
-        guidance_scale: f64,
-    ) -> Tensor {
-        let model_in = if cfg {
-            Tensor::cat(&[latents, latents], 0)
-        } else {
-            latents.shallow_clone()
-        };
-        let model_in = scheduler.scale_model_input(&model_in, i);
-        let out = self.pipe.unet.forward(&model_in, t, embeds);
-        if cfg {
-            let halves = out.chunk(2, 0);
-            &halves[0] + (&halves[1] - &halves[0]) * guidance_scale
-        } else {
-            out
-        }
-    }
-
     /// The model output (detached), ∇ score w.r.t. the latents (float32) and the
     /// per-image scores of the decoded x̂0.
-    #[allow(clippy::too_many_arguments)]
     fn score_gradient(
         &self,
         scheduler: &dyn Scheduler,
         i: usize,
-        t: f64,
         latents: &Tensor,
-        embeds: &Tensor,
-        cfg: bool,
-        settings: &SamplingSettings,
+        cond: &Conditioning,
         tokens: &[PromptTokens],
         guidance: &GuidanceSettings,
     ) -> Result<(Tensor, Tensor, Vec<f64>)> {
@@ -460,19 +365,9 @@ impl<'a> Guider<'a> {
                 .set_requires_grad(true);
             let out = if guidance.through_unet {
                 let lat = leaf.to_kind(latents.kind());
-                self.model_output(scheduler, i, t, &lat, embeds, cfg, settings.guidance_scale)
+                cond.model_output(&self.pipe.unet, scheduler, i, &lat, None)
             } else {
-                tch::no_grad(|| {
-                    self.model_output(
-                        scheduler,
-                        i,
-                        t,
-                        latents,
-                        embeds,
-                        cfg,
-                        settings.guidance_scale,
-                    )
-                })
+                tch::no_grad(|| cond.model_output(&self.pipe.unet, scheduler, i, latents, None))
             };
             let x0 = scheduler
                 .pred_original_sample(&out, i, &leaf)

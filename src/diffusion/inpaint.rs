@@ -36,6 +36,8 @@
 //! holding only later candidates replays it for the VAE noise alone. So a
 //! candidate's image does not depend on how the candidates are split into
 //! batches.
+use crate::diffusion::core::{BatchNoise, Conditioning, DenoiseLoop, NoiseSpec};
+use crate::diffusion::noise::GlobalGenerator;
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
 use crate::diffusion::schedulers::{self, Scheduler};
 use crate::error::{Error, Result};
@@ -77,46 +79,45 @@ pub enum InpaintMode {
 
 /// Every random draw of one batch, in the order diffusers makes it.
 struct Draws {
-    /// Initial latent noise per candidate, [1, C, h, w] each.
-    latents: Vec<Tensor>,
-    /// Per candidate, one draw per executed step (ancestral samplers only).
-    steps: Vec<Vec<Tensor>>,
+    /// Per candidate: initial latent noise and (ancestral samplers) one draw
+    /// per executed step.
+    candidates: BatchNoise,
     image_eps: Option<Tensor>,
     masked_eps: Tensor,
 }
 
+/// Generator 0's stream, then each candidate's (see the module docs), all
+/// under one hold of the global generator.
 fn draw_all(
     source_seed: u64,
     candidates: &[ImageRequest],
-    shape: &[i64],
-    latent_kind: Kind,
+    spec: &NoiseSpec,
     vae_kind: Kind,
     needs_image: bool,
-    noise_steps: usize,
+    device: Device,
 ) -> Draws {
-    let _guard = crate::diffusion::noise::lock_generator();
-    let randn = |kind: Kind| Tensor::randn(shape, (kind, Device::Cpu));
+    let mut generator = GlobalGenerator::lock();
     // Generator 0's stream up to (and including) the masked image's sample.
-    tch::manual_seed(source_seed as i64);
-    let image_eps = needs_image.then(|| randn(vae_kind));
-    let first_latents = randn(latent_kind);
-    let masked_eps = randn(vae_kind);
+    generator.reseed(source_seed);
+    let image_eps = needs_image.then(|| generator.randn(&spec.shape, vae_kind));
+    let first_latents = generator.randn(&spec.shape, spec.kind);
+    let masked_eps = generator.randn(&spec.shape, vae_kind);
+    // The first candidate continues generator 0 when its seed is the source's.
     let continues = candidates.first().is_some_and(|c| c.seed == source_seed);
-    let mut latents = Vec::with_capacity(candidates.len());
-    let mut steps = Vec::with_capacity(candidates.len());
-    for (k, c) in candidates.iter().enumerate() {
-        if k == 0 && continues {
+    let mut first_latents = continues.then_some(first_latents);
+    let images = candidates
+        .iter()
+        .map(|c| match first_latents.take() {
             // The generator is still where generator 0 left off.
-            latents.push(first_latents.shallow_clone());
-        } else {
-            tch::manual_seed(c.seed as i64);
-            latents.push(randn(latent_kind));
-        }
-        steps.push((0..noise_steps).map(|_| randn(latent_kind)).collect());
-    }
+            Some(latents) => spec.draw_after_latents(&mut generator, latents),
+            None => {
+                generator.reseed(c.seed);
+                spec.draw(&mut generator)
+            }
+        })
+        .collect();
     Draws {
-        latents,
-        steps,
+        candidates: BatchNoise { images, device },
         image_eps,
         masked_eps,
     }
@@ -233,35 +234,26 @@ impl StableDiffusion {
         let scale = self.vae.scale_factor();
         let (h, w) = (settings.height / scale, settings.width / scale);
         let latent_ch = self.vae.config.latent_channels;
-        let shape = [1, latent_ch, h, w];
-        let noise_steps = if scheduler.needs_noise() {
-            n_timesteps - start
-        } else {
-            0
+        let spec = NoiseSpec {
+            shape: [1, latent_ch, h, w],
+            kind: self.kind,
+            step_noise: if scheduler.needs_noise() {
+                n_timesteps - start
+            } else {
+                0
+            },
+            recurrence: None,
         };
         let draws = draw_all(
             source.seed,
             candidates,
-            &shape,
-            self.kind,
+            &spec,
             self.vae.kind(),
             needs_image,
-            noise_steps,
+            self.device,
         );
 
-        let cfg = settings.guidance_scale > 1.0;
-        let prompts: Vec<String> = candidates.iter().map(|c| c.prompt.clone()).collect();
-        let mut embeds = self.encode_prompts(&prompts, settings.clip_skip)?;
-        if cfg {
-            let negatives: Vec<String> = candidates
-                .iter()
-                .map(|c| c.negative_prompt.clone())
-                .collect();
-            embeds = Tensor::cat(
-                &[self.encode_prompts(&negatives, settings.clip_skip)?, embeds],
-                0,
-            );
-        }
+        let cond = Conditioning::encode(self, candidates, settings)?;
 
         let batch = candidates.len() as i64;
         let sf = self.vae.config.scaling_factor;
@@ -280,8 +272,8 @@ impl StableDiffusion {
             .image_eps
             .as_ref()
             .map(|eps| vae_sample(&image.to_kind(self.kind), eps));
-        let noise = Tensor::cat(&draws.latents, 0).to_device(self.device);
-        let mut latents = if full_strength {
+        let noise = draws.candidates.latents();
+        let latents = if full_strength {
             &noise * scheduler.init_noise_sigma()
         } else {
             let il = image_latents.as_ref().expect("drawn when strength < 1");
@@ -294,11 +286,14 @@ impl StableDiffusion {
             vae_sample(&masked.to_kind(self.kind), &draws.masked_eps)
         });
 
-        let cfg_copies = if cfg { 2 } else { 1 };
-        let cond = masked_image_latents.as_ref().map(|mil| {
-            (
-                mask_latent.repeat([batch * cfg_copies, 1, 1, 1]),
-                mil.repeat([batch * cfg_copies, 1, 1, 1]),
+        // The 9-channel UNet's extra inputs: mask, then masked-image latents.
+        let extra_channels = masked_image_latents.as_ref().map(|mil| {
+            Tensor::cat(
+                &[
+                    mask_latent.repeat([batch, 1, 1, 1]),
+                    mil.repeat([batch, 1, 1, 1]),
+                ],
+                1,
             )
         });
         let blend = match mode {
@@ -312,43 +307,24 @@ impl StableDiffusion {
             InpaintMode::Conditioned => None,
         };
 
-        tch::no_grad(|| {
-            let timesteps = scheduler.timesteps().to_vec();
-            for (n, i) in (start..n_timesteps).enumerate() {
-                let model_in = if cfg {
-                    Tensor::cat(&[&latents, &latents], 0)
-                } else {
-                    latents.shallow_clone()
-                };
-                let mut model_in = scheduler.scale_model_input(&model_in, i);
-                if let Some((m, mil)) = &cond {
-                    model_in = Tensor::cat(&[&model_in, m, mil], 1);
+        let denoise = DenoiseLoop {
+            unet: &self.unet,
+            cond: &cond,
+            noise: &draws.candidates,
+            start,
+            extra_channels: extra_channels.as_ref(),
+        };
+        let latents = denoise.run(
+            scheduler.as_mut(),
+            latents,
+            &mut |scheduler, i, latents| match &blend {
+                Some((m, image_latents)) => {
+                    blend_step(scheduler, &latents, m, image_latents, &noise, i + 1)
                 }
-                let out = self.unet.forward(&model_in, timesteps[i], &embeds);
-                let out = if cfg {
-                    let halves = out.chunk(2, 0);
-                    &halves[0] + (&halves[1] - &halves[0]) * settings.guidance_scale
-                } else {
-                    out
-                };
-                let step_noise = (noise_steps > 0).then(|| {
-                    let per: Vec<&Tensor> = draws.steps.iter().map(|s| &s[n]).collect();
-                    Tensor::cat(&per, 0).to_device(self.device)
-                });
-                latents = scheduler.step(&out, i, &latents, step_noise.as_ref());
-                if let Some((m, image_latents)) = &blend {
-                    latents = blend_step(
-                        scheduler.as_ref(),
-                        &latents,
-                        m,
-                        image_latents,
-                        &noise,
-                        i + 1,
-                    );
-                }
-                on_step(n, &latents);
-            }
-        });
+                None => latents,
+            },
+            on_step,
+        );
         Ok(InpaintOutput {
             latents,
             mask_latent,

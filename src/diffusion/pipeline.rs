@@ -1,6 +1,7 @@
 //! Text-to-image sampling, step for step what diffusers'
 //! `StableDiffusionPipeline.__call__` does, so the same seed gives the same image.
 use crate::diffusion::clip::{ClipTextConfig, ClipTextModel};
+use crate::diffusion::core::{self, BatchNoise, Conditioning, DenoiseLoop, NoiseSpec};
 use crate::diffusion::model_dir::ModelDir;
 use crate::diffusion::schedulers::{self, SchedulerConfig, SchedulerKind};
 use crate::diffusion::tokenizer::ClipTokenizer;
@@ -87,18 +88,6 @@ impl StableDiffusion {
         Ok(tch::no_grad(|| self.text_encoder.encode(&ids, clip_skip)))
     }
 
-    /// Initial latents (and, for ancestral samplers, every step's noise) of one
-    /// image, drawn on the CPU from that image's own seed in diffusers' order:
-    /// first the latents, then one draw per step. tch has only the global
-    /// generator, so each image reseeds it.
-    pub(crate) fn draw_noise(&self, seed: u64, shape: &[i64], noise_steps: usize) -> (Tensor, Vec<Tensor>) {
-        tch::manual_seed(seed as i64);
-        let opts = (self.kind, Device::Cpu);
-        let latents = Tensor::randn(shape, opts);
-        let steps = (0..noise_steps).map(|_| Tensor::randn(shape, opts)).collect();
-        (latents, steps)
-    }
-
     /// Samples one batch. Returns images in [0, 1], [B, 3, H, W], float32 on the CPU.
     pub fn sample(&self, requests: &[ImageRequest], settings: &SamplingSettings) -> Result<Tensor> {
         let latents = self.sample_latents(requests, settings, &mut |_, _| {})?;
@@ -113,51 +102,13 @@ impl StableDiffusion {
         settings: &SamplingSettings,
         on_step: &mut dyn FnMut(usize, &Tensor),
     ) -> Result<Tensor> {
-        check_image_size(settings.height, settings.width)?;
-        if settings.steps == 0 {
-            return Err(Error::Invalid("--steps must be at least 1".into()));
-        }
+        core::check_settings(settings)?;
         let mut scheduler = schedulers::build(settings.scheduler, &self.scheduler_config, settings.steps)?;
-        let cfg = settings.guidance_scale > 1.0;
-        let prompts: Vec<String> = requests.iter().map(|r| r.prompt.clone()).collect();
-        let mut embeds = self.encode_prompts(&prompts, settings.clip_skip)?;
-        if cfg {
-            let negatives: Vec<String> = requests.iter().map(|r| r.negative_prompt.clone()).collect();
-            let uncond = self.encode_prompts(&negatives, settings.clip_skip)?;
-            embeds = Tensor::cat(&[uncond, embeds], 0);
-        }
-
-        let scale = self.vae.scale_factor();
-        let shape = [1, self.latent_channels(), settings.height / scale, settings.width / scale];
-        let noise_steps = if scheduler.needs_noise() { scheduler.timesteps().len() } else { 0 };
-        let (latents, step_noise): (Vec<Tensor>, Vec<Vec<Tensor>>) =
-            requests.iter().map(|r| self.draw_noise(r.seed, &shape, noise_steps)).unzip();
-        let mut latents = Tensor::cat(&latents, 0).to_device(self.device) * scheduler.init_noise_sigma();
-
-        tch::no_grad(|| -> Result<()> {
-            let timesteps = scheduler.timesteps().to_vec();
-            for (i, &t) in timesteps.iter().enumerate() {
-                let model_in = if cfg { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
-                let model_in = scheduler.scale_model_input(&model_in, i);
-                let out = self.unet.forward(&model_in, t, &embeds);
-                let out = if cfg {
-                    let halves = out.chunk(2, 0);
-                    &halves[0] + (&halves[1] - &halves[0]) * settings.guidance_scale
-                } else {
-                    out
-                };
-                let noise = if noise_steps > 0 {
-                    let per_image: Vec<&Tensor> = step_noise.iter().map(|n| &n[i]).collect();
-                    Some(Tensor::cat(&per_image, 0).to_device(self.device))
-                } else {
-                    None
-                };
-                latents = scheduler.step(&out, i, &latents, noise.as_ref());
-                on_step(i, &latents);
-            }
-            Ok(())
-        })?;
-        Ok(latents)
+        let cond = Conditioning::encode(self, requests, settings)?;
+        let noise = BatchNoise::draw(requests, &NoiseSpec::for_sampling(self, settings, scheduler.as_ref()), self.device);
+        let latents = noise.latents() * scheduler.init_noise_sigma();
+        let denoise = DenoiseLoop { unet: &self.unet, cond: &cond, noise: &noise, start: 0, extra_channels: None };
+        Ok(denoise.run(scheduler.as_mut(), latents, &mut |_, _, latents| latents, on_step))
     }
 
     /// VAE-decodes latents into images in [0, 1], float32 on the CPU.

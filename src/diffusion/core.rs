@@ -1,0 +1,265 @@
+//! The one denoising core shared by text-to-image
+//! ([`StableDiffusion::sample_latents`]), inpainting
+//! ([`StableDiffusion::inpaint_latents`]) and score guidance
+//! ([`crate::guidance::Guider::sample_latents`]):
+//!
+//! - [`Conditioning`]: the prompts' text embeddings and, under classifier-free
+//!   guidance, the negative prompts' before them, and the CFG model output of
+//!   a step: one batched UNet call on `[uncond; cond]`, combined as diffusers
+//!   does (`uncond + scale * (cond - uncond)`);
+//! - [`NoiseSpec`] / [`BatchNoise`]: every seeded draw of an image, in
+//!   diffusers' order, made through [`crate::diffusion::noise`]'s locked
+//!   generator, and batched per step;
+//! - [`DenoiseLoop`]: the step loop (model output, scheduler step with that
+//!   step's noise, an optional per-step hook such as inpainting's latent
+//!   blend, progress). Guidance runs its own loop (several passes per step,
+//!   gradients) from the same parts.
+use crate::diffusion::noise::{self, GlobalGenerator};
+use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
+use crate::diffusion::schedulers::Scheduler;
+use crate::diffusion::unet::UNet2DConditionModel;
+use crate::error::{Error, Result};
+use tch::{Device, Kind, Tensor};
+
+/// Text conditioning of one batch.
+pub struct Conditioning {
+    /// `[B, L, D]`, or under CFG `[2B, L, D]`: the negative prompts' embeddings,
+    /// then the prompts' (diffusers' order).
+    pub embeds: Tensor,
+    /// The CFG scale when classifier-free guidance is on (`guidance_scale > 1`,
+    /// diffusers' rule), `None` otherwise.
+    pub cfg_scale: Option<f64>,
+}
+
+impl Conditioning {
+    /// Encodes the requests' prompts and, when `settings.guidance_scale > 1`,
+    /// their negative prompts.
+    pub fn encode(pipe: &StableDiffusion, requests: &[ImageRequest], settings: &SamplingSettings) -> Result<Self> {
+        let prompts: Vec<String> = requests.iter().map(|r| r.prompt.clone()).collect();
+        let embeds = pipe.encode_prompts(&prompts, settings.clip_skip)?;
+        if settings.guidance_scale > 1.0 {
+            let negatives: Vec<String> = requests.iter().map(|r| r.negative_prompt.clone()).collect();
+            let uncond = pipe.encode_prompts(&negatives, settings.clip_skip)?;
+            Ok(Conditioning { embeds: Tensor::cat(&[uncond, embeds], 0), cfg_scale: Some(settings.guidance_scale) })
+        } else {
+            Ok(Conditioning { embeds, cfg_scale: None })
+        }
+    }
+
+    pub fn cfg(&self) -> bool {
+        self.cfg_scale.is_some()
+    }
+
+    /// The model output of step `step` for `latents` [B, C, h, w]: the UNet
+    /// called once on the scheduler-scaled `[latents; latents]` under CFG (one
+    /// batch, both halves), then combined. `extra_channels` [B, c, h, w]
+    /// (an inpainting UNet's mask and masked-image latents) are appended to the
+    /// scaled input's channels, for both halves. Runs in the caller's grad
+    /// mode (guidance differentiates through it).
+    pub fn model_output(
+        &self,
+        unet: &UNet2DConditionModel,
+        scheduler: &dyn Scheduler,
+        step: usize,
+        latents: &Tensor,
+        extra_channels: Option<&Tensor>,
+    ) -> Tensor {
+        let model_in = if self.cfg() { Tensor::cat(&[latents, latents], 0) } else { latents.shallow_clone() };
+        let mut model_in = scheduler.scale_model_input(&model_in, step);
+        if let Some(extra) = extra_channels {
+            let extra = if self.cfg() { Tensor::cat(&[extra, extra], 0) } else { extra.shallow_clone() };
+            model_in = Tensor::cat(&[&model_in, &extra], 1);
+        }
+        let out = unet.forward(&model_in, scheduler.timesteps()[step], &self.embeds);
+        match self.cfg_scale {
+            Some(scale) => {
+                let halves = out.chunk(2, 0);
+                &halves[0] + (&halves[1] - &halves[0]) * scale
+            }
+            None => out,
+        }
+    }
+}
+
+/// The latent shape of one image, `[1, C, h, w]`.
+pub fn latent_shape(pipe: &StableDiffusion, settings: &SamplingSettings) -> [i64; 4] {
+    let scale = pipe.vae.scale_factor();
+    [1, pipe.latent_channels(), settings.height / scale, settings.width / scale]
+}
+
+/// The checks every sampler makes before drawing anything.
+pub fn check_settings(settings: &SamplingSettings) -> Result<()> {
+    crate::diffusion::pipeline::check_image_size(settings.height, settings.width)?;
+    if settings.steps == 0 {
+        return Err(Error::Invalid("--steps must be at least 1".into()));
+    }
+    Ok(())
+}
+
+/// What one image draws from its own generator, after its initial latents.
+#[derive(Debug, Clone)]
+pub struct NoiseSpec {
+    /// `[1, C, h, w]`: every draw has one image's latent shape, so an image's
+    /// noise does not depend on its batch.
+    pub shape: [i64; 4],
+    /// The pipeline's dtype (diffusers draws in the UNet's dtype).
+    pub kind: Kind,
+    /// Step noises after the latents: one per executed step for ancestral
+    /// samplers, 0 otherwise.
+    pub step_noise: usize,
+    /// Guidance's self-recurrence draws, after the step noises.
+    pub recurrence: Option<RecurrenceSpec>,
+}
+
+/// Self-recurrence draws: for each of `steps` step indices in order, for each
+/// of `extra_passes` passes: the re-noising ε', then (`ancestral`) that pass's
+/// step noise.
+#[derive(Debug, Clone, Copy)]
+pub struct RecurrenceSpec {
+    pub steps: usize,
+    pub extra_passes: usize,
+    pub ancestral: bool,
+}
+
+/// One recurrence pass's draws.
+#[derive(Debug)]
+pub struct RecurrenceDraw {
+    pub renoise: Tensor,
+    pub step_noise: Option<Tensor>,
+}
+
+/// Every draw of one image, on the CPU.
+#[derive(Debug)]
+pub struct ImageNoise {
+    pub latents: Tensor,
+    /// One per executed step (ancestral samplers), indexed from the first executed step.
+    pub steps: Vec<Tensor>,
+    /// `[step][extra pass]` (guidance with recurrence only).
+    pub recurrence: Vec<Vec<RecurrenceDraw>>,
+}
+
+impl NoiseSpec {
+    /// Text-to-image noise: initial latents, then one draw per step for an
+    /// ancestral sampler.
+    pub fn for_sampling(pipe: &StableDiffusion, settings: &SamplingSettings, scheduler: &dyn Scheduler) -> Self {
+        NoiseSpec {
+            shape: latent_shape(pipe, settings),
+            kind: pipe.kind,
+            step_noise: if scheduler.needs_noise() { scheduler.timesteps().len() } else { 0 },
+            recurrence: None,
+        }
+    }
+
+    /// Draws one image's latents and the rest from `generator`'s current position.
+    pub fn draw(&self, generator: &mut GlobalGenerator) -> ImageNoise {
+        let latents = generator.randn(&self.shape, self.kind);
+        self.draw_after_latents(generator, latents)
+    }
+
+    /// Draws the rest of an image whose initial latents were already drawn
+    /// (inpainting's first candidate continues generator 0's stream).
+    pub fn draw_after_latents(&self, generator: &mut GlobalGenerator, latents: Tensor) -> ImageNoise {
+        let steps = (0..self.step_noise).map(|_| generator.randn(&self.shape, self.kind)).collect();
+        let recurrence = match self.recurrence {
+            None => Vec::new(),
+            Some(r) => (0..r.steps)
+                .map(|_| {
+                    (0..r.extra_passes)
+                        .map(|_| {
+                            let renoise = generator.randn(&self.shape, self.kind);
+                            let step_noise = r.ancestral.then(|| generator.randn(&self.shape, self.kind));
+                            RecurrenceDraw { renoise, step_noise }
+                        })
+                        .collect()
+                })
+                .collect(),
+        };
+        ImageNoise { latents, steps, recurrence }
+    }
+
+    /// The noise of an image whose generator is seeded with `seed`, holding the
+    /// global generator for the whole sequence.
+    pub fn draw_seeded(&self, seed: u64) -> ImageNoise {
+        noise::with_seed(seed, |generator| self.draw(generator))
+    }
+}
+
+/// The noise of a batch, one [`ImageNoise`] per image, handed out batched on
+/// the sampling device.
+pub struct BatchNoise {
+    pub images: Vec<ImageNoise>,
+    pub device: Device,
+}
+
+impl BatchNoise {
+    /// Each request's noise from its own seed (see [`NoiseSpec::draw_seeded`]).
+    pub fn draw(requests: &[ImageRequest], spec: &NoiseSpec, device: Device) -> Self {
+        BatchNoise { images: requests.iter().map(|r| spec.draw_seeded(r.seed)).collect(), device }
+    }
+
+    fn batch(&self, per_image: Vec<&Tensor>) -> Tensor {
+        Tensor::cat(&per_image, 0).to_device(self.device)
+    }
+
+    /// Initial latent noise, [B, C, h, w] (not yet scaled by the scheduler's
+    /// initial sigma).
+    pub fn latents(&self) -> Tensor {
+        self.batch(self.images.iter().map(|n| &n.latents).collect())
+    }
+
+    /// The step noise of the `n`-th executed step, when drawn.
+    pub fn step(&self, n: usize) -> Option<Tensor> {
+        let per_image: Option<Vec<&Tensor>> = self.images.iter().map(|im| im.steps.get(n)).collect();
+        per_image.filter(|p| !p.is_empty()).map(|p| self.batch(p))
+    }
+
+    /// The re-noising ε' before repeat `extra` (0 = the second pass) of step
+    /// `step`. Panics when not drawn.
+    pub fn renoise(&self, step: usize, extra: usize) -> Tensor {
+        self.batch(self.images.iter().map(|im| &im.recurrence[step][extra].renoise).collect())
+    }
+
+    /// The step noise of repeat `extra` of step `step` (ancestral samplers).
+    pub fn recurrence_step(&self, step: usize, extra: usize) -> Option<Tensor> {
+        let per_image: Option<Vec<&Tensor>> =
+            self.images.iter().map(|im| im.recurrence[step][extra].step_noise.as_ref()).collect();
+        per_image.filter(|p| !p.is_empty()).map(|p| self.batch(p))
+    }
+}
+
+/// The step loop of text-to-image and inpainting.
+pub struct DenoiseLoop<'a> {
+    pub unet: &'a UNet2DConditionModel,
+    pub cond: &'a Conditioning,
+    pub noise: &'a BatchNoise,
+    /// The first step index run (inpainting below strength 1 starts later);
+    /// step noise is counted from it.
+    pub start: usize,
+    /// Appended to the UNet input's channels (see [`Conditioning::model_output`]).
+    pub extra_channels: Option<&'a Tensor>,
+}
+
+impl DenoiseLoop<'_> {
+    /// Runs steps `start..` from `latents` without gradients. After each
+    /// scheduler step `after_step(scheduler, i, latents)` may replace the
+    /// latents (inpainting's blend); then `on_step(n, latents)` sees them, `n`
+    /// counting executed steps from 0.
+    pub fn run(
+        &self,
+        scheduler: &mut dyn Scheduler,
+        mut latents: Tensor,
+        after_step: &mut dyn FnMut(&dyn Scheduler, usize, Tensor) -> Tensor,
+        on_step: &mut dyn FnMut(usize, &Tensor),
+    ) -> Tensor {
+        tch::no_grad(|| {
+            for (n, i) in (self.start..scheduler.timesteps().len()).enumerate() {
+                let out = self.cond.model_output(self.unet, scheduler, i, &latents, self.extra_channels);
+                let noise = self.noise.step(n);
+                latents = scheduler.step(&out, i, &latents, noise.as_ref());
+                latents = after_step(scheduler, i, latents);
+                on_step(n, &latents);
+            }
+            latents
+        })
+    }
+}
