@@ -315,7 +315,7 @@ impl<'a> Guider<'a> {
                     )?;
                     let grad_norms = per_image_norms(&grad);
                     if let Some(b) = grad_norms.iter().position(|g| !g.is_finite()) {
-                        return Err(Error::Invalid(format!(
+                        return Err(Error::Numerical(format!(
                             "guidance: the {} gradient of image {b} (seed {}) is not finite at step {i}",
                             guidance.score, requests[b].seed
                         )));

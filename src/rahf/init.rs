@@ -98,7 +98,10 @@ fn linear_init(prefix: &str, fan_in: i64, out: i64) -> Vec<(String, Tensor)> {
 
 /// The parameters RAHF adds to its backbones, freshly initialised from `seed`.
 pub fn init_new_parameters(cfg: &RahfConfig, seed: u64) -> Result<Vec<(String, Tensor)>> {
-    tch::manual_seed(seed as i64);
+    // Every `uniform_` below draws from libtorch's global generator: hold it
+    // for the whole sequence, as samplers in the same process do.
+    let mut generator = crate::diffusion::noise::GlobalGenerator::lock();
+    generator.reseed(seed);
     let d = cfg.t5.d_model;
     let grid = cfg.vit.grid()?;
     let mut out = linear_init("visual_token_projection", cfg.vit.hidden_size, d);
