@@ -98,12 +98,20 @@ fn check_schedule(s: &dyn Scheduler, rec: &Value, id: &str, stats: &mut Stats) {
             .map(|(&a, &b)| (a - b as f32).abs() as f64 / b.abs().max(1.0))
             .fold(0.0, f64::max);
         stats.record("sigmas", d, id);
-        assert!(d == 0.0, "{id}: sigmas differ by {d}: {sigmas:?} vs {exp_sigmas:?}");
+        // Within 2e-6 relative (a few float32 ulps), not 0: torch's own
+        // float32 kernels (linspace, cumprod, pow) round the training
+        // schedule differently on different CPUs, and the fixture was recorded
+        // on another one. Measured on an AVX-512 Xeon: torch 2.11.0 itself gives
+        // sd15's sigma[1] as 0.029167532920837402 (what we compute), the
+        // fixture's 0.02916753478348255 (1 ulp); zero-SNR Euler sigmas differ
+        // by up to 5.5 ulps (6e-7 relative) the same way.
+        assert!(d <= 2e-6, "{id}: sigmas differ by {d}: {sigmas:?} vs {exp_sigmas:?}");
     }
     let init = rec["init_noise_sigma"].as_f64().unwrap() as f32;
     let d = (s.init_noise_sigma() as f32 - init).abs() as f64;
     stats.record("init_noise_sigma", d, id);
-    assert!(d == 0.0, "{id}: init_noise_sigma {} vs {init}", s.init_noise_sigma());
+    // The largest sigma: the same platform rounding as the sigmas above.
+    assert!(d <= 2e-6 * (init.abs() as f64).max(1.0), "{id}: init_noise_sigma {} vs {init}", s.init_noise_sigma());
 }
 
 /// Runs steps start.. feeding recorded model outputs; compares every output.
@@ -152,7 +160,18 @@ fn schedulers_match_diffusers() {
         let cfg = config(&fx.meta, rec["config"].as_str().unwrap());
         let steps = rec["steps"].as_u64().unwrap() as usize;
         // float16 runs are bit-exact too; allow a half-precision ulp.
-        let tol = if rec["dtype"] == "f16" { 1e-3 } else { 1e-5 };
+        // Zero-SNR schedules start at sigma = sqrt(2^24 - 1), which sits on a
+        // float32 rounding tie: a correctly rounded sqrt (this crate, and torch
+        // 2.11 on an AVX-512 CPU) gives 4095.9998, the fixture machine's torch
+        // gave 4096.0, and the first steps at that sigma amplify the 6e-8
+        // difference to 3.2e-5 (measured); every other case stays within 2.4e-7.
+        let tol = if rec["dtype"] == "f16" {
+            1e-3
+        } else if id.starts_with("zsnr") {
+            5e-5
+        } else {
+            1e-5
+        };
 
         let mut s = schedulers::build(kind, &cfg, steps).unwrap();
         check_schedule(s.as_ref(), rec, id, &mut stats);
