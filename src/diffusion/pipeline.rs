@@ -1,12 +1,12 @@
 //! Text-to-image sampling, step for step what diffusers'
 //! `StableDiffusionPipeline.__call__` does, so the same seed gives the same image.
-use crate::diffusion::clip::{ClipTextConfig, ClipTextModel};
+use crate::diffusion::clip::ClipTextModel;
 use crate::diffusion::core::{self, BatchNoise, Conditioning, DenoiseLoop, NoiseSpec};
 use crate::diffusion::model_dir::ModelDir;
 use crate::diffusion::schedulers::{self, SchedulerConfig, SchedulerKind};
 use crate::diffusion::tokenizer::ClipTokenizer;
-use crate::diffusion::unet::{UNet2DConditionModel, UNetConfig};
-use crate::diffusion::vae::{AutoencoderKL, VaeConfig};
+use crate::diffusion::unet::UNet2DConditionModel;
+use crate::diffusion::vae::AutoencoderKL;
 use crate::error::{Error, Result};
 use crate::weights::Weights;
 use tch::{Device, Kind, Tensor};
@@ -46,27 +46,21 @@ pub struct SamplingSettings {
 
 impl StableDiffusion {
     /// Loads every component of a diffusers pipeline folder (or cached repo id).
+    /// Every config is read, validated and cross-checked first
+    /// ([`crate::diffusion::model_dir::load_pipeline_configs`], what
+    /// `--dry-run` runs), so a bad checkpoint is an error naming its file and
+    /// field before any weight is read.
     pub fn load(spec: &str, device: Device, kind: Kind) -> Result<Self> {
-        let dir = ModelDir::open(spec)?;
-        let model_index = dir.root.join("model_index.json");
-        if !model_index.is_file() {
-            return Err(Error::Missing {
-                path: model_index,
-                what: "a diffusers pipeline's model_index.json".into(),
-            });
-        }
+        let c = crate::diffusion::model_dir::load_pipeline_configs(spec)?;
+        let dir = c.dir;
         let tokenizer = ClipTokenizer::load(&dir.component("tokenizer")?)?;
         let load = |component: &str| -> Result<Weights> {
             Weights::load(&dir.weights(component, None)?, device, kind)
         };
-        let text_encoder = ClipTextModel::load(
-            load("text_encoder")?.root(),
-            ClipTextConfig::load(&dir.config("text_encoder", "config.json")?)?,
-        )?;
-        let unet = UNet2DConditionModel::load(load("unet")?.root(), UNetConfig::load(&dir.config("unet", "config.json")?)?)?;
-        let vae = AutoencoderKL::load(load("vae")?.root(), VaeConfig::load(&dir.config("vae", "config.json")?)?)?;
-        let scheduler_config = SchedulerConfig::load(&dir.config("scheduler", "scheduler_config.json")?)?;
-        Ok(StableDiffusion { dir, tokenizer, text_encoder, unet, vae, scheduler_config, device, kind })
+        let text_encoder = ClipTextModel::load(load("text_encoder")?.root(), c.text_encoder)?;
+        let unet = UNet2DConditionModel::load(load("unet")?.root(), c.unet)?;
+        let vae = AutoencoderKL::load(load("vae")?.root(), c.vae)?;
+        Ok(StableDiffusion { dir, tokenizer, text_encoder, unet, vae, scheduler_config: c.scheduler, device, kind })
     }
 
     pub fn latent_channels(&self) -> i64 {

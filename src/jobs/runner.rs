@@ -364,6 +364,13 @@ fn preview(ids: &[String]) -> String {
     s.join(", ")
 }
 
+/// Takes the exclusive lock of a run folder (`.orchestrate.lock`, `flock`),
+/// or says which process holds it. Held while the returned file lives; the
+/// kernel drops it when the process dies.
+pub fn lock_folder(out: &Path) -> Result<File> {
+    lock(out)
+}
+
 fn lock(out: &Path) -> Result<File> {
     let path = out.join(LOCK_FILE);
     let mut f = std::fs::OpenOptions::new()
