@@ -220,6 +220,27 @@ impl CommonOptions {
         v
     }
 
+    /// The checks every job makes before it writes anything (what
+    /// `--dry-run` runs too), besides its own options and items: sampling
+    /// settings, the last seed of an item (`per_item` images, named by
+    /// `per_item_field`), devices and model configs, the output folder and
+    /// the settings of an earlier run there.
+    pub fn check_run(
+        &self,
+        out: &std::path::Path,
+        fingerprint: &serde_json::Value,
+        generator: &str,
+        per_item: usize,
+        per_item_field: &str,
+    ) -> Result<GeneratorInfo> {
+        self.sampling.validate()?;
+        self.sampling.check_seeds(per_item, per_item_field)?;
+        let info = self.check_models(generator)?;
+        crate::jobs::runner::check_out(out)?;
+        crate::jobs::runner::check_settings(out, fingerprint)?;
+        Ok(info)
+    }
+
     /// Every model check a run makes before loading weights: device and
     /// dtypes usable here, the generator's configs (`generator`: the one this
     /// job samples with) and `clip_skip` against its text encoder, the RAHF

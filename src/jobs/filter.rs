@@ -445,13 +445,9 @@ pub fn plan_batches(
 /// list, the output folder and its earlier settings. Returns the prompts.
 pub fn prepare(opts: &FilterOptions, common: &CommonOptions, out: &Path) -> Result<Vec<PromptItem>> {
     opts.validate()?;
-    common.sampling.validate()?;
-    common.sampling.check_seeds(opts.samples, "filter.samples")?;
-    common.check_models(&common.models.generator)?;
-    let items = read_prompts(&opts.prompts)?;
-    crate::jobs::runner::check_out(out)?;
-    crate::jobs::runner::check_settings(out, &settings_fingerprint(opts, common))?;
-    Ok(items)
+    let fingerprint = settings_fingerprint(opts, common);
+    common.check_run(out, &fingerprint, &common.models.generator, opts.samples, "filter.samples")?;
+    read_prompts(&opts.prompts)
 }
 
 pub fn run(opts: &FilterOptions, common: &CommonOptions, ctx: &RunContext) -> Result<JobSummary> {

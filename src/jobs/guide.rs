@@ -160,13 +160,9 @@ pub fn settings_fingerprint(opts: &GuideOptions, common: &CommonOptions) -> serd
 /// Every check a real run makes before it writes anything (`--dry-run` too).
 pub fn prepare(opts: &GuideOptions, common: &CommonOptions, out: &Path) -> Result<Vec<PromptItem>> {
     opts.validate()?;
-    common.sampling.validate()?;
-    common.sampling.check_seeds(opts.images_per_prompt, "guide.images_per_prompt")?;
-    common.check_models(&common.models.generator)?;
-    let items = read_prompts(&opts.prompts)?;
-    crate::jobs::runner::check_out(out)?;
-    crate::jobs::runner::check_settings(out, &settings_fingerprint(opts, common))?;
-    Ok(items)
+    let fingerprint = settings_fingerprint(opts, common);
+    common.check_run(out, &fingerprint, &common.models.generator, opts.images_per_prompt, "guide.images_per_prompt")?;
+    read_prompts(&opts.prompts)
 }
 
 use crate::jobs::common::Models;

@@ -341,31 +341,18 @@ fn inpaint_generator(common: &CommonOptions) -> String {
 /// not run yet, so its items cannot be read now.
 pub fn prepare(opts: &InpaintOptions, common: &CommonOptions, out: &Path, input_pending: bool) -> Result<Vec<InpaintItem>> {
     opts.validate_ranges()?;
-    common.sampling.validate()?;
-    common.sampling.check_seeds(opts.candidates, "inpaint.candidates")?;
-    let settings = common.sampling.settings()?;
-    if crate::diffusion::schedulers::start_index_for_strength(settings.steps, opts.strength) >= settings.steps {
+    // The generator's configs are cross-checked there: a UNet whose
+    // in_channels is neither the VAE's latent channels (latent blending) nor
+    // twice that plus one (an inpainting UNet) is refused by name.
+    let fingerprint = settings_fingerprint(opts, common);
+    common.check_run(out, &fingerprint, &inpaint_generator(common), opts.candidates, "inpaint.candidates")?;
+    let steps = common.sampling.steps;
+    if crate::diffusion::schedulers::start_index_for_strength(steps, opts.strength) >= steps {
         return Err(Error::field(
             "inpaint.strength",
-            format!("{} with {} steps leaves no denoising step; raise one of them", opts.strength, settings.steps),
+            format!("{} with {steps} steps leaves no denoising step; raise one of them", opts.strength),
         ));
     }
-    let generator = inpaint_generator(common);
-    let info = common.check_models(&generator)?;
-    if info.in_channels != info.latent_channels && info.in_channels != 2 * info.latent_channels + 1 {
-        let field = if common.models.inpaint_generator.is_some() { "models.inpaint_generator" } else { "models.generator" };
-        return Err(Error::field(
-            field,
-            format!(
-                "{generator}: UNet in_channels {} cannot inpaint: it needs {} (plain UNet, latent blending) or {} (inpainting UNet)",
-                info.in_channels,
-                info.latent_channels,
-                2 * info.latent_channels + 1
-            ),
-        ));
-    }
-    crate::jobs::runner::check_out(out)?;
-    crate::jobs::runner::check_settings(out, &settings_fingerprint(opts, common))?;
     if input_pending {
         return Ok(Vec::new());
     }

@@ -177,6 +177,11 @@ impl RunFolder {
     /// Writes `settings.json` for a new run, or checks it against an earlier one.
     pub fn settle_settings(&self, settings: &Value) -> Result<()> {
         check_settings(&self.out, settings)?;
+        self.write_settings(settings)
+    }
+
+    /// Writes `settings.json` when the folder has none yet (checked before).
+    fn write_settings(&self, settings: &Value) -> Result<()> {
         let path = self.out.join(SETTINGS_FILE);
         if !path.is_file() {
             let text = serde_json::to_string_pretty(settings).expect("JSON serialises");
@@ -450,7 +455,7 @@ pub fn run<J: Job>(
     let status = folder.status(&keys);
     let todo: Vec<J::Item> = status.todo.iter().map(|&i| items[i].clone()).collect();
     job.check_todo(&todo)?;
-    folder.settle_settings(settings)?;
+    folder.write_settings(settings)?;
     folder.write_plan(job.name(), shard, &all_keys, &keys)?;
     folder.remove_partials(&keys)?;
     tracing::info!(
