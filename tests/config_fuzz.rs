@@ -5,6 +5,7 @@
 //! must never panic, and every error must name the config file and the field.
 //! Plus the explicit cases, layer counts against the weights, the
 //! dry-run cross-checks, and Python's `NaN`/`Infinity` in configs.
+mod common;
 use orchestrate::diffusion::model_dir::load_pipeline_configs;
 use orchestrate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
 use orchestrate::diffusion::schedulers::{self, SchedulerConfig, SchedulerKind};
@@ -28,15 +29,8 @@ fn rahf_base() -> &'static Path {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     &DIR.get_or_init(|| {
         let tmp = tempfile::tempdir().unwrap();
-        let f = fixtures().join("rahf");
         let out = tmp.path().join("rahf");
-        orchestrate::rahf::import::import(
-            &f.join("multi_head.pt"),
-            f.join("vit").to_str().unwrap(),
-            f.join("t5").to_str().unwrap(),
-            &out,
-        )
-        .unwrap();
+        common::import_tiny_rahf(&out);
         (tmp, out)
     })
     .1

@@ -1,6 +1,7 @@
 //! `orchestrate guide` end to end on tiny models: guided images score higher
 //! than unguided ones on the same seeds, every output and the report are
 //! written, and a rerun does nothing twice.
+mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -14,19 +15,7 @@ fn bin() -> Command {
 
 fn tiny_rahf(dir: &Path) -> PathBuf {
     let out = dir.join("rahf");
-    let f = root().join("tests/fixtures/rahf");
-    let o = bin()
-        .args(["rahf", "import", "--checkpoint"])
-        .arg(f.join("multi_head.pt"))
-        .arg("--vit")
-        .arg(f.join("vit"))
-        .arg("--t5")
-        .arg(f.join("t5"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::import_tiny_rahf(&out);
     out
 }
 

@@ -15,7 +15,9 @@
 //! The third run completes.
 //! Outputs are named through the manifest and the folder listing, never by
 //! hard-coded item ids.
+mod common;
 mod killing;
+use common::{bin, import_tiny_rahf};
 use killing::{files, freeze, kill9, leftovers};
 use serde_json::Value;
 use std::ffi::OsString;
@@ -27,16 +29,6 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_orchestrate"));
-    c.env("RUST_LOG", "warn")
-        .env_remove("SLURM_ARRAY_TASK_ID")
-        .env_remove("SLURM_ARRAY_TASK_COUNT")
-        .env_remove("JOB_COMPLETION_INDEX")
-        .env_remove("ORCHESTRATE_SHARDS");
-    c
-}
-
 fn ok(c: &mut Command) -> Vec<u8> {
     let o = c.output().unwrap();
     assert!(o.status.success(), "{c:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
@@ -45,16 +37,7 @@ fn ok(c: &mut Command) -> Vec<u8> {
 
 fn tiny_rahf(dir: &Path) -> PathBuf {
     let out = dir.join("rahf");
-    let f = root().join("tests/fixtures/rahf");
-    ok(bin()
-        .args(["rahf", "import", "--checkpoint"])
-        .arg(f.join("multi_head.pt"))
-        .arg("--vit")
-        .arg(f.join("vit"))
-        .arg("--t5")
-        .arg(f.join("t5"))
-        .arg("--out")
-        .arg(&out));
+    import_tiny_rahf(&out);
     out
 }
 

@@ -4,9 +4,9 @@
 //! one folder, deleted outputs, a failed validation, a foreign `--out`
 //! folder, seeds at the end of the range, and error texts.
 mod common;
-use common::{assert_same_tree, tree};
+use common::{assert_same_tree, bin, import_tiny_rahf, tree};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 
 fn fixtures() -> PathBuf {
@@ -17,28 +17,11 @@ fn rahf() -> &'static Path {
     static R: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     &R.get_or_init(|| {
         let tmp = tempfile::tempdir().unwrap();
-        let f = fixtures().join("rahf");
         let dir = tmp.path().join("rahf");
-        orchestrate::rahf::import::import(
-            &f.join("multi_head.pt"),
-            f.join("vit").to_str().unwrap(),
-            f.join("t5").to_str().unwrap(),
-            &dir,
-        )
-        .unwrap();
+        import_tiny_rahf(&dir);
         (tmp, dir)
     })
     .1
-}
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_orchestrate"));
-    c.env("RUST_LOG", "warn")
-        .env_remove("SLURM_ARRAY_TASK_ID")
-        .env_remove("SLURM_ARRAY_TASK_COUNT")
-        .env_remove("JOB_COMPLETION_INDEX")
-        .env_remove("ORCHESTRATE_SHARDS");
-    c
 }
 
 const SAMPLING: [&str; 12] =
@@ -478,4 +461,30 @@ fn bad_model_configs_stop_dry_run_and_run() {
         .unwrap();
     let e = err(o);
     assert!(e.contains("image_std"), "{e}");
+}
+
+/// The same model folder spelled another way (a relative path from another
+/// working directory, as when a recipe is run by relative or absolute path)
+/// is the same run, not "other settings".
+#[test]
+fn a_model_path_spelled_differently_is_the_same_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("prompts.txt");
+    std::fs::write(&p, "a red cube\n").unwrap();
+    let out = tmp.path().join("run");
+    ok(filter(&p, &out, &[]));
+    let o = bin()
+        .current_dir(fixtures())
+        .args(["filter", "--model", "diffusion/sd-tiny", "--rahf", rahf().to_str().unwrap()])
+        .arg("--prompts")
+        .arg(&p)
+        .args(["--threshold", "0.12", "--keep", "all-above", "--json"])
+        .args(SAMPLING)
+        .args(seed(&[]))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let s = ok(o);
+    assert_eq!(s["figures"]["done_now"], 0, "{s}");
 }

@@ -176,6 +176,14 @@ impl SamplingOptions {
     }
 }
 
+/// A model given as a local path, absolute and with links resolved, so the
+/// same folder reads the same in `settings.json` whatever the working
+/// directory or the spelling (a recipe run by relative or absolute path); a
+/// repo id (no such path) as given.
+pub fn canonical(spec: &str) -> String {
+    std::fs::canonicalize(spec).map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| spec.to_string())
+}
+
 /// A job's generator and RAHF, placed where the options say.
 pub struct Models {
     pub pipe: crate::diffusion::pipeline::StableDiffusion,
@@ -201,8 +209,8 @@ impl CommonOptions {
         let s = &self.sampling;
         let mut v = serde_json::json!({
             "job": job,
-            "generator": self.models.generator,
-            "rahf": self.models.rahf,
+            "generator": canonical(&self.models.generator),
+            "rahf": canonical(&self.models.rahf.to_string_lossy()),
             "dtype": self.models.dtype,
             "rahf_dtype": self.models.rahf_dtype,
             "steps": s.steps,

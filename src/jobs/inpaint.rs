@@ -323,7 +323,7 @@ pub fn settings_fingerprint(opts: &InpaintOptions, common: &CommonOptions) -> se
     common.fingerprint(
         "inpaint",
         serde_json::json!({
-            "inpaint_generator": inpaint_generator(common),
+            "inpaint_generator": crate::jobs::common::canonical(&inpaint_generator(common)),
             "mask_threshold": opts.mask_threshold,
             "dilate": opts.dilate,
             "candidates": opts.candidates,

@@ -61,3 +61,23 @@ pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
     let f = |t: &tch::Tensor| t.to_device(tch::Device::Cpu).to_kind(tch::Kind::Double);
     (f(a) - f(b)).abs().max().double_value(&[])
 }
+
+/// Imports the tiny RAHF of the committed fixture checkpoint
+/// (tests/fixtures/rahf: multi-head, tiny ViT and T5) into the folder `out`.
+pub fn import_tiny_rahf(out: &Path) {
+    let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rahf");
+    orchestrate::rahf::import::import(&f.join("multi_head.pt"), f.join("vit").to_str().unwrap(), f.join("t5").to_str().unwrap(), out)
+        .unwrap();
+}
+
+/// The `orchestrate` binary, logging at warn, with no scheduler's shard
+/// environment (a test that wants a shard says so).
+pub fn bin() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrate"));
+    c.env("RUST_LOG", "warn")
+        .env_remove("SLURM_ARRAY_TASK_ID")
+        .env_remove("SLURM_ARRAY_TASK_COUNT")
+        .env_remove("JOB_COMPLETION_INDEX")
+        .env_remove("ORCHESTRATE_SHARDS");
+    c
+}
