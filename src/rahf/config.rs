@@ -382,8 +382,12 @@ impl RahfConfig {
 
     pub fn save(&self, dir: &Path) -> Result<()> {
         let path = dir.join("config.json");
-        let text = serde_json::to_string_pretty(self).expect("config serialises");
-        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+        std::fs::write(&path, self.to_json()).map_err(|e| Error::io(&path, e))
+    }
+
+    /// The text [`Self::save`] writes.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("config serialises")
     }
 
     /// Checks what the architecture needs to be consistent (errors name

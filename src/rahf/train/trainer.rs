@@ -3,7 +3,12 @@
 //! (seed, step) alone, so `--resume` continues exactly where a checkpoint left off.
 //!
 //! Run folder:
+//! - `.orchestrate.lock`: the job runner's lock, held by the trainer for the whole
+//!   run (a second trainer on the folder is refused, naming the holder);
 //! - `train.json`: the hyperparameters (a resume must match them) and data sources;
+//!   it is written after `init/` and `tokenizer.json`: a folder without it that
+//!   holds only those (as a fresh start wrote them) is a run stopped before it
+//!   began, which a rerun (with or without `--resume`) starts afresh;
 //! - `init/config.json`, `tokenizer.json`: what every checkpoint is written with;
 //! - `checkpoints/step-NNNNNNNN/`, `latest.json` (see [`super::checkpoint`]);
 //! - `log.jsonl`: one line per step, one per validation; `curves.html`: their plot;
@@ -242,9 +247,82 @@ fn resolve_precision(spec: &str, device: Device) -> Result<String> {
     }
 }
 
-fn check_run_folder(opts: &TrainOptions, hyper: &Hyperparameters) -> Result<Option<(u64, PathBuf)>> {
+/// How a run starts, as [`check_run_folder`] decided it.
+enum Start {
+    /// From `--init`, writing the run's files.
+    Fresh,
+    /// From the run's latest checkpoint, if it has one.
+    Resume(Option<(u64, PathBuf)>),
+}
+
+/// Whether `run` holds nothing but what a fresh start writes before `train.json`
+/// (then the run was stopped before it began, and a fresh start may write over
+/// it): the lock file, `init/config.json`, `tokenizer.json` and
+/// `train.json.partial`. The two copies must hold what this run would write
+/// from `init` (or the start of it: a kill can cut a copy short), so a file of
+/// the user's, or of another `--init`, is never written over. Only names are
+/// read until they all match.
+fn holds_only_unstarted_run(run: &Path, init: &Path) -> Result<bool> {
+    // (name, file type; symbolic links are not followed).
+    let names = |dir: &Path| -> Result<Vec<(String, std::fs::FileType)>> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let e = e.map_err(|e| Error::io(dir, e))?;
+            let ty = e.file_type().map_err(|err| Error::io(e.path(), err))?;
+            v.push((e.file_name().to_string_lossy().into_owned(), ty));
+        }
+        Ok(v)
+    };
+    let top = names(run)?;
+    let allowed = |name: &str, ty: &std::fs::FileType| match name {
+        crate::jobs::runner::LOCK_FILE | "tokenizer.json" | "train.json.partial" => ty.is_file(),
+        "init" => ty.is_dir(),
+        _ => false,
+    };
+    if !top.iter().all(|(n, ty)| allowed(n, ty)) {
+        return Ok(false);
+    }
+    let init_dir = run.join("init");
+    let in_init = if init_dir.is_dir() { names(&init_dir)? } else { Vec::new() };
+    if !in_init.iter().all(|(n, ty)| n == "config.json" && ty.is_file()) {
+        return Ok(false);
+    }
+    let written_by_us = |path: &Path, expected: &dyn Fn() -> Result<Vec<u8>>| -> Result<bool> {
+        if !path.is_file() {
+            return Ok(true);
+        }
+        let got = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Ok(expected()?.starts_with(&got))
+    };
+    let tokenizer = || {
+        let path = init.join("tokenizer.json");
+        std::fs::read(&path).map_err(|e| Error::io(&path, e))
+    };
+    let config = || Ok(RahfConfig::load(init)?.to_json().into_bytes());
+    Ok(written_by_us(&run.join("tokenizer.json"), &tokenizer)? && written_by_us(&init_dir.join("config.json"), &config)?)
+}
+
+/// Decides how the run in `--out` starts, reading only (it runs once before the
+/// lock is taken, to leave a folder it refuses untouched, and once under it).
+fn check_run_folder(opts: &TrainOptions, hyper: &Hyperparameters) -> Result<Start> {
     let run_file = opts.out.join("train.json");
+    if opts.out.exists() && !opts.out.is_dir() {
+        return Err(Error::Invalid(format!("--out {}: is a file, not a folder", opts.out.display())));
+    }
+    // A run stopped before its train.json was written never began: both a plain
+    // rerun and --resume start it afresh, over what it had written.
+    let unstarted = opts.out.is_dir() && !run_file.exists() && holds_only_unstarted_run(&opts.out, &opts.init)?;
     if opts.resume {
+        if unstarted {
+            return Ok(Start::Fresh);
+        }
+        if !run_file.exists() {
+            return Err(Error::Invalid(format!(
+                "--resume {}: no training run to resume (no train.json){}",
+                opts.out.display(),
+                if opts.out.is_dir() { "; the folder holds files that are not a run's" } else { "; the folder does not exist" }
+            )));
+        }
         let prev: RunFile = crate::error::read_json(&run_file)?;
         let mut a = serde_json::to_value(&prev.hyperparameters).expect("serialises");
         let mut b = serde_json::to_value(hyper).expect("serialises");
@@ -264,7 +342,7 @@ fn check_run_folder(opts: &TrainOptions, hyper: &Hyperparameters) -> Result<Opti
                 diff.join("; ")
             )));
         }
-        return checkpoint::latest(&opts.out);
+        return Ok(Start::Resume(checkpoint::latest(&opts.out)?));
     }
     if opts.out.join("latest.json").exists() || run_file.exists() {
         return Err(Error::Invalid(format!(
@@ -272,10 +350,31 @@ fn check_run_folder(opts: &TrainOptions, hyper: &Hyperparameters) -> Result<Opti
             opts.out.display()
         )));
     }
-    if opts.out.is_dir() && std::fs::read_dir(&opts.out).map_err(|e| Error::io(&opts.out, e))?.next().is_some() {
-        return Err(Error::Invalid(format!("--out {}: folder exists and is not empty", opts.out.display())));
+    if opts.out.is_dir() && !unstarted {
+        return Err(Error::Invalid(format!(
+            "--out {}: folder exists and is not empty (it holds files that are not a training run's); \
+             choose a new or empty folder (nothing in it was touched)",
+            opts.out.display()
+        )));
     }
-    Ok(None)
+    Ok(Start::Fresh)
+}
+
+/// Takes the run folder's lock (`.orchestrate.lock`, the job runner's: held
+/// until the returned file is dropped, released by the kernel if the process
+/// dies) before anything is written or cleaned, and decides under it how the
+/// run starts. A folder another process holds is refused, naming the holder,
+/// and left untouched; so is a folder the run must not use (checked before the
+/// lock file is created in it).
+fn lock_run_folder(opts: &TrainOptions, hyper: &Hyperparameters) -> Result<(std::fs::File, Start)> {
+    let run = &opts.out;
+    if !run.join(crate::jobs::runner::LOCK_FILE).exists() {
+        check_run_folder(opts, hyper)?;
+    }
+    std::fs::create_dir_all(run).map_err(|e| Error::io(run, e))?;
+    let lock = crate::jobs::runner::lock_folder(run)?;
+    let start = check_run_folder(opts, hyper)?;
+    Ok((lock, start))
 }
 
 /// Keeps `log.jsonl` consistent with a resumed run: lines after the checkpoint go.
@@ -375,10 +474,20 @@ pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn Samp
     if data.is_empty() {
         return Err(Error::Invalid(format!("no training samples in {}", data.describe())));
     }
-    let resume_from = check_run_folder(opts, &hyper)?;
+    // Held until this function returns: a second trainer on the folder is refused.
+    let (_lock, start) = lock_run_folder(opts, &hyper)?;
     let run = &opts.out;
-    std::fs::create_dir_all(run).map_err(|e| Error::io(run, e))?;
-    if opts.resume {
+    let (resume, resume_from) = match start {
+        Start::Fresh => (false, None),
+        Start::Resume(from) => (true, from),
+    };
+    if opts.resume && !resume {
+        tracing::warn!(
+            "--resume {}: the run was stopped before it began (no train.json); starting it from --init",
+            run.display()
+        );
+    }
+    if resume {
         // A run killed mid-save left its half-written checkpoint or final/ behind.
         let latest = resume_from.as_ref().map_or(0, |(step, _)| *step);
         for path in checkpoint::clean_interrupted(run, latest, opts.keep_checkpoints)? {
@@ -388,7 +497,7 @@ pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn Samp
 
     // The run keeps its own copies of config and tokenizer: checkpoints are written
     // from them, and the --init folder may be gone by the time the run resumes.
-    let (config, tokenizer_json) = if opts.resume {
+    let (config, tokenizer_json) = if resume {
         (RahfConfig::load(&run.join("init"))?, run.join("tokenizer.json"))
     } else {
         let config = RahfConfig::load(&opts.init)?;
@@ -401,7 +510,7 @@ pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn Samp
         crate::io::write_atomic(&run.join("train.json"), &serde_json::to_vec_pretty(&rf).expect("serialises"))?;
         (config, tok)
     };
-    if opts.resume {
+    if resume {
         // Only `steps` may have changed; record the new target.
         let mut rf: RunFile = crate::error::read_json(&run.join("train.json"))?;
         rf.hyperparameters.steps = hyper.steps;
@@ -419,7 +528,7 @@ pub fn train(opts: &TrainOptions, data: &dyn SampleSource, dev: Option<&dyn Samp
             (Weights::from_tensors(source, loaded.model, opts.device, Kind::Float), *step, Some((optimizer_file, loaded.optimizer)))
         }
         None => {
-            if opts.resume {
+            if resume {
                 tracing::warn!("--resume {}: no checkpoint yet, starting from --init", run.display());
             }
             (Weights::load(&[opts.init.join("model.safetensors")], opts.device, Kind::Float)?, 0, None)
