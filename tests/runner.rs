@@ -68,6 +68,13 @@ fn guide(prompts: &Path, out: &Path) -> Output {
         .unwrap()
 }
 
+/// `dir/prompts.txt` holding `text`.
+fn prompts_file(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("prompts.txt");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
 fn ok(o: Output) -> serde_json::Value {
     assert!(o.status.success(), "failed:\n{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap()
@@ -97,8 +104,7 @@ fn ids(out: &Path) -> (Vec<String>, Vec<String>) {
 #[test]
 fn edited_prompt_lists_resume_by_content() {
     let tmp = tempfile::tempdir().unwrap();
-    let p = tmp.path().join("prompts.txt");
-    std::fs::write(&p, "a red cube\na blue ball on grass\na green tree\n").unwrap();
+    let p = prompts_file(tmp.path(), "a red cube\na blue ball on grass\na green tree\n");
     let out = tmp.path().join("run");
     ok(filter(&p, &out, &[]));
     let first: Vec<String> = ids(&out).1;
@@ -160,8 +166,7 @@ fn edited_prompt_lists_resume_by_content() {
 #[test]
 fn a_second_run_on_one_folder_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let p = tmp.path().join("prompts.txt");
-    std::fs::write(&p, "a red cube\na blue ball\na green tree\n").unwrap();
+    let p = prompts_file(tmp.path(), "a red cube\na blue ball\na green tree\n");
     let out = tmp.path().join("run");
     ok(filter(&p, &out, &[]));
     // Hold the lock as another process would.
@@ -215,8 +220,7 @@ fn a_second_run_on_one_folder_is_refused() {
 #[test]
 fn deleted_or_changed_outputs_are_redone() {
     let tmp = tempfile::tempdir().unwrap();
-    let p = tmp.path().join("prompts.txt");
-    std::fs::write(&p, "a red cube\na blue ball on grass\n").unwrap();
+    let p = prompts_file(tmp.path(), "a red cube\na blue ball on grass\n");
     let out = tmp.path().join("run");
     ok(filter(&p, &out, &[]));
     let reference = tmp.path().join("reference");
@@ -270,8 +274,7 @@ fn deleted_or_changed_outputs_are_redone() {
 #[test]
 fn a_failed_validation_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let p = tmp.path().join("prompts.txt");
-    std::fs::write(&p, "a red cube\n").unwrap();
+    let p = prompts_file(tmp.path(), "a red cube\n");
     let out = tmp.path().join("run");
     let e = err(filter(&p, &out, &["--dtype", "fp16"]));
     assert!(e.contains("models.dtype") && e.contains("CUDA"), "{e}");
@@ -288,8 +291,7 @@ fn a_failed_validation_writes_nothing() {
 #[test]
 fn a_foreign_out_folder_is_refused_and_untouched() {
     let tmp = tempfile::tempdir().unwrap();
-    let p = tmp.path().join("prompts.txt");
-    std::fs::write(&p, "a red cube\n").unwrap();
+    let p = prompts_file(tmp.path(), "a red cube\n");
     let out = tmp.path().join("mine");
     std::fs::create_dir_all(out.join("train")).unwrap();
     std::fs::write(out.join("train/holiday.png"), b"my photo").unwrap();
@@ -317,8 +319,7 @@ fn a_foreign_out_folder_is_refused_and_untouched() {
 #[test]
 fn seeds_and_error_texts() {
     let tmp = tempfile::tempdir().unwrap();
-    let p = tmp.path().join("prompts.txt");
-    std::fs::write(&p, "a red cube\n").unwrap();
+    let p = prompts_file(tmp.path(), "a red cube\n");
     let out = tmp.path().join("run");
     let e = err(filter(&p, &out, &["--seed", "18446744073709551615"]));
     assert!(e.contains("sampling.seed") && e.contains("2^64"), "{e}");
@@ -401,8 +402,7 @@ fn set_json(path: &Path, pointer: &str, value: serde_json::Value) {
 #[test]
 fn bad_model_configs_stop_dry_run_and_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let p = tmp.path().join("prompts.txt");
-    std::fs::write(&p, "a red cube\n").unwrap();
+    let p = prompts_file(tmp.path(), "a red cube\n");
     let cases: Vec<(&str, &str, serde_json::Value, &str)> = vec![
         ("unet", "/norm_num_groups", serde_json::json!(0), "norm_num_groups"),
         ("unet", "/norm_num_groups", serde_json::json!(3), "norm_num_groups"),
@@ -469,8 +469,7 @@ fn bad_model_configs_stop_dry_run_and_run() {
 #[test]
 fn a_model_path_spelled_differently_is_the_same_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let p = tmp.path().join("prompts.txt");
-    std::fs::write(&p, "a red cube\n").unwrap();
+    let p = prompts_file(tmp.path(), "a red cube\n");
     let out = tmp.path().join("run");
     ok(filter(&p, &out, &[]));
     let o = bin()
