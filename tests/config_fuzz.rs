@@ -131,9 +131,16 @@ fn sample_one(pipe: &StableDiffusion, kind: SchedulerKind) -> orchestrate::Resul
     Ok(())
 }
 
-/// Mutates every field of `rel` in the fixture pipeline.
-fn fuzz_pipeline_file(rel: &str) -> (usize, usize) {
-    let base = sd_tiny();
+/// Mutates every field of `base/rel` in turn; for each mutation, `dry` (the
+/// checks without weights) and, when that passes, `full` (load and use) must
+/// give Ok or an error naming the file and field, never a panic.
+fn fuzz_file(
+    base: &Path,
+    rel: &str,
+    label: &str,
+    dry: impl Fn(&Path) -> orchestrate::Result<()>,
+    full: impl Fn(&Path) -> orchestrate::Result<()>,
+) {
     let original = read(&base.join(rel));
     let mut list = Vec::new();
     fields(&original, "", "", &mut list);
@@ -142,29 +149,35 @@ fn fuzz_pipeline_file(rel: &str) -> (usize, usize) {
         for m in mutations() {
             let mut config = original.clone();
             *config.pointer_mut(pointer).unwrap() = m.clone();
-            let (_tmp, root) = with_config(&base, rel, &config);
+            let (_tmp, root) = with_config(base, rel, &config);
             let file = root.join(rel);
-            let what = format!("{rel}: `{field}` = {m}");
-            let spec = root.to_str().unwrap().to_string();
+            let what = format!("{label}: `{field}` = {m}");
             total += 1;
-            let dry = check_outcome(&what, &file, field, || load_pipeline_configs(&spec).map(|_| ()));
-            if !dry {
+            if !check_outcome(&what, &file, field, || dry(&root)) {
                 continue;
             }
-            let kinds: &[SchedulerKind] =
-                if rel.starts_with("scheduler") { &SchedulerKind::ALL } else { &[SchedulerKind::Ddim] };
-            let used = check_outcome(&what, &file, field, || {
-                let pipe = StableDiffusion::load(&spec, Device::Cpu, Kind::Float)?;
-                for &k in kinds {
-                    sample_one(&pipe, k)?;
-                }
-                Ok(())
-            });
-            ok += used as usize;
+            ok += check_outcome(&what, &file, field, || full(&root)) as usize;
         }
     }
-    eprintln!("{rel}: {total} mutations of {} fields, {ok} harmless", list.len());
-    (ok, total)
+    eprintln!("{label}: {total} mutations of {} fields, {ok} harmless", list.len());
+}
+
+/// Mutates every field of `rel` in the fixture pipeline.
+fn fuzz_pipeline_file(rel: &str) {
+    let kinds: &[SchedulerKind] = if rel.starts_with("scheduler") { &SchedulerKind::ALL } else { &[SchedulerKind::Ddim] };
+    fuzz_file(
+        &sd_tiny(),
+        rel,
+        rel,
+        |root| load_pipeline_configs(root.to_str().unwrap()).map(|_| ()),
+        |root| {
+            let pipe = StableDiffusion::load(root.to_str().unwrap(), Device::Cpu, Kind::Float)?;
+            for &k in kinds {
+                sample_one(&pipe, k)?;
+            }
+            Ok(())
+        },
+    );
 }
 
 #[test]
@@ -196,29 +209,13 @@ fn predict_one(model: &FeedbackModel) -> orchestrate::Result<()> {
 
 #[test]
 fn fuzz_rahf_config() {
-    let base = rahf_base();
-    let original = read(&base.join("config.json"));
-    let mut list = Vec::new();
-    fields(&original, "", "", &mut list);
-    let (mut ok, mut total) = (0, 0);
-    for (field, pointer) in &list {
-        for m in mutations() {
-            let mut config = original.clone();
-            *config.pointer_mut(pointer).unwrap() = m.clone();
-            let (_tmp, root) = with_config(base, "config.json", &config);
-            let file = root.join("config.json");
-            let what = format!("RAHF config.json: `{field}` = {m}");
-            total += 1;
-            if !check_outcome(&what, &file, field, || check_rahf_dir(&root).map(|_| ())) {
-                continue;
-            }
-            ok += check_outcome(&what, &file, field, || {
-                let model = FeedbackModel::load(&root, Device::Cpu, Kind::Float)?;
-                predict_one(&model)
-            }) as usize;
-        }
-    }
-    eprintln!("RAHF config.json: {total} mutations of {} fields, {ok} harmless", list.len());
+    fuzz_file(
+        rahf_base(),
+        "config.json",
+        "RAHF config.json",
+        |root| check_rahf_dir(root).map(|_| ()),
+        |root| predict_one(&FeedbackModel::load(root, Device::Cpu, Kind::Float)?),
+    );
 }
 
 // ---- The cases, one by one. ----

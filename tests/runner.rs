@@ -6,7 +6,7 @@
 mod common;
 use common::{assert_same_tree, bin, import_tiny_rahf, tree};
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 fn fixtures() -> PathBuf {
@@ -38,10 +38,15 @@ fn seed(extra: &[&str]) -> Vec<&'static str> {
     v
 }
 
-fn filter(prompts: &Path, out: &Path, extra: &[&str]) -> Output {
-    let model = fixtures().join("diffusion/sd-tiny");
-    bin()
-        .args(["filter", "--model", model.to_str().unwrap(), "--rahf", rahf().to_str().unwrap()])
+/// `orchestrate filter` of `prompts` into `out` with the tiny models (`model`
+/// as given: a path relative to the command's working directory, or absolute).
+fn filter_cmd(model: &Path, prompts: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = bin();
+    c.arg("filter")
+        .arg("--model")
+        .arg(model)
+        .arg("--rahf")
+        .arg(rahf())
         .arg("--prompts")
         .arg(prompts)
         .args(["--threshold", "0.12", "--keep", "all-above", "--json"])
@@ -49,9 +54,12 @@ fn filter(prompts: &Path, out: &Path, extra: &[&str]) -> Output {
         .args(seed(extra))
         .arg("--out")
         .arg(out)
-        .args(extra)
-        .output()
-        .unwrap()
+        .args(extra);
+    c
+}
+
+fn filter(prompts: &Path, out: &Path, extra: &[&str]) -> Output {
+    filter_cmd(&fixtures().join("diffusion/sd-tiny"), prompts, out, extra).output().unwrap()
 }
 
 fn guide(prompts: &Path, out: &Path) -> Output {
@@ -183,16 +191,7 @@ fn a_second_run_on_one_folder_is_refused() {
     // For real: two processes at once on a fresh folder.
     let out = tmp.path().join("race");
     let spawn = || {
-        let model = fixtures().join("diffusion/sd-tiny");
-        bin()
-            .args(["filter", "--model", model.to_str().unwrap(), "--rahf", rahf().to_str().unwrap()])
-            .arg("--prompts")
-            .arg(&p)
-            .args(["--threshold", "0.12", "--keep", "all-above", "--json"])
-            .args(SAMPLING)
-            .args(seed(&[]))
-            .arg("--out")
-            .arg(&out)
+        filter_cmd(&fixtures().join("diffusion/sd-tiny"), &p, &out, &[])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -472,18 +471,7 @@ fn a_model_path_spelled_differently_is_the_same_run() {
     let p = prompts_file(tmp.path(), "a red cube\n");
     let out = tmp.path().join("run");
     ok(filter(&p, &out, &[]));
-    let o = bin()
-        .current_dir(fixtures())
-        .args(["filter", "--model", "diffusion/sd-tiny", "--rahf", rahf().to_str().unwrap()])
-        .arg("--prompts")
-        .arg(&p)
-        .args(["--threshold", "0.12", "--keep", "all-above", "--json"])
-        .args(SAMPLING)
-        .args(seed(&[]))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = filter_cmd(Path::new("diffusion/sd-tiny"), &p, &out, &[]).current_dir(fixtures()).output().unwrap();
     let s = ok(o);
     assert_eq!(s["figures"]["done_now"], 0, "{s}");
 }

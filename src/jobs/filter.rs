@@ -586,10 +586,10 @@ pub fn histogram(values: impl IntoIterator<Item = Option<f64>>) -> ([usize; 10],
     (bins, nan)
 }
 
-fn summary<I>(
+fn summary(
     opts: &FilterOptions,
     ctx: &RunContext,
-    outcome: &Outcome<I>,
+    outcome: &Outcome,
     records: &[PromptRecord],
     sampled: usize,
     mode: Mode,

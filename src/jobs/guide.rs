@@ -317,7 +317,7 @@ fn records(manifest: &Manifest, values: &[&serde_json::Value]) -> Result<Vec<(St
 
 /// Guided vs unguided means of the guided score over every seed in the
 /// manifest, and seconds per image of each.
-fn summarize<I>(recs: &[(String, GuideRecord)], ctx: &RunContext, outcome: &Outcome<I>) -> Result<JobSummary> {
+fn summarize(recs: &[(String, GuideRecord)], ctx: &RunContext, outcome: &Outcome) -> Result<JobSummary> {
     let (new, skipped) = (outcome.done_now, outcome.done_before);
     let (mut guided, mut unguided, mut gains) = (Vec::new(), Vec::new(), Vec::new());
     let (mut g_secs, mut u_secs, mut n_imgs, mut n_unguided_imgs) = (0.0, 0.0, 0usize, 0usize);

@@ -693,9 +693,9 @@ fn write_item(out: &Path, p: Product, opts: &InpaintOptions, generator: &str) ->
 
 /// Figures over every item of the run folder's manifest (earlier runs included).
 #[allow(clippy::too_many_arguments)]
-fn summarize<I>(
+fn summarize(
     records: &[serde_json::Value],
-    outcome: &Outcome<I>,
+    outcome: &Outcome,
     ctx: &RunContext,
     generator: &str,
     mode: Option<String>,

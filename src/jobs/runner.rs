@@ -420,10 +420,9 @@ pub struct Status {
 }
 
 /// What a run did, for the job's summary and report.
-pub struct Outcome<I> {
+pub struct Outcome {
     pub folder: RunFolder,
-    /// The items of this shard, in list order, and their keys.
-    pub items: Vec<I>,
+    /// The keys of this shard's items, in list order.
     pub keys: Vec<ItemKey>,
     pub done_before: usize,
     pub done_now: usize,
@@ -445,7 +444,7 @@ pub fn run<J: Job>(
     settings: &Value,
     items: Vec<J::Item>,
     overlapped: bool,
-) -> Result<Outcome<J::Item>> {
+) -> Result<Outcome> {
     let all_keys: Vec<ItemKey> = items.iter().map(|it| job.key(it)).collect();
     let (items, keys): (Vec<J::Item>, Vec<ItemKey>) =
         items.into_iter().zip(all_keys.iter().cloned()).filter(|(_, k)| shard.takes(k.index)).unzip();
@@ -506,7 +505,6 @@ pub fn run<J: Job>(
     folder.manifest.normalize(&order)?;
     Ok(Outcome {
         folder,
-        items,
         keys,
         done_before: status.done.len(),
         done_now,
