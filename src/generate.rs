@@ -19,6 +19,14 @@ pub struct GenerateOptions {
     pub out: PathBuf,
     pub device: String,
     pub dtype: String,
+    /// A VAE folder replacing the pipeline's (`--vae`).
+    pub vae: Option<String>,
+    /// An SDXL refiner taking over at `refiner_start` (`--refiner`).
+    pub refiner: Option<String>,
+    pub refiner_start: f64,
+    /// img2img: start from this image (at the sampling size), noised to `strength`.
+    pub init_image: Option<PathBuf>,
+    pub strength: f64,
 }
 
 /// One line of `images.jsonl`.
@@ -39,6 +47,16 @@ pub struct ImageRecord {
     pub clip_skip: Option<usize>,
     pub dtype: String,
     pub device: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vae: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refiner: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refiner_start: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
 }
 
 /// Writes `bytes` ([H, W, 3] u8) as a PNG, via a temporary file and a rename,
@@ -67,7 +85,20 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
     let kind = crate::device::parse_dtype(&opts.dtype, device)?;
     // Checked before loading anything, so a bad size costs nothing.
     check_image_size(opts.settings.height, opts.settings.width)?;
-    let pipe = StableDiffusion::load(&opts.model, device, kind)?;
+    if opts.init_image.is_some() && opts.refiner.is_some() {
+        return Err(Error::Invalid("--init-image and --refiner cannot be combined (refine the img2img output in a second run)".into()));
+    }
+    let init = match &opts.init_image {
+        Some(path) => Some(crate::io::load_rgb(path)?),
+        None => None,
+    };
+    let mut pipe = StableDiffusion::load_with_vae(&opts.model, opts.vae.as_deref(), device, kind)?;
+    if let Some(refiner) = &opts.refiner {
+        pipe = pipe.with_refiner(
+            StableDiffusion::load_with_vae(refiner, opts.vae.as_deref(), device, kind)?,
+            opts.refiner_start,
+        )?;
+    }
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
 
     let mut jobs = Vec::new();
@@ -90,7 +121,14 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
     let started = std::time::Instant::now();
     for batch in jobs.chunks(opts.batch_size) {
         let requests: Vec<ImageRequest> = batch.iter().map(|(_, _, r)| r.clone()).collect();
-        let images = to_rgb_bytes(&pipe.sample(&requests, &opts.settings)?);
+        let images = match &init {
+            Some(image) => {
+                let latents = pipe.img2img_latents(&requests, &opts.settings, image, opts.strength, &mut |_, _| {})?;
+                pipe.decode_checked(&latents)?
+            }
+            None => pipe.sample(&requests, &opts.settings)?,
+        };
+        let images = to_rgb_bytes(&images);
         for (k, (pi, ii, req)) in batch.iter().enumerate() {
             let file = format!("p{pi:03}_s{}.png", req.seed);
             write_png(&opts.out.join(&file), &images.get(k as i64))?;
@@ -110,6 +148,11 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
                 clip_skip: opts.settings.clip_skip,
                 dtype: format!("{kind:?}"),
                 device: format!("{device:?}"),
+                vae: opts.vae.clone(),
+                refiner: opts.refiner.clone(),
+                refiner_start: opts.refiner.as_ref().map(|_| opts.refiner_start),
+                init_image: opts.init_image.as_ref().map(|p| p.display().to_string()),
+                strength: opts.init_image.as_ref().map(|_| opts.strength),
             };
             let line = serde_json::to_string(&rec).expect("records serialise");
             writeln!(jsonl, "{line}").map_err(|e| Error::io(&jsonl_path, e))?;

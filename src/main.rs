@@ -82,10 +82,11 @@ struct GenerateArgs {
     steps: usize,
     #[arg(long, default_value_t = 7.5)]
     guidance_scale: f64,
-    #[arg(long, default_value_t = 512)]
-    height: i64,
-    #[arg(long, default_value_t = 512)]
-    width: i64,
+    /// Default: the checkpoint's own size (UNet sample_size x VAE scale: 512 for SD 1.x, 1024 for SDXL).
+    #[arg(long)]
+    height: Option<i64>,
+    #[arg(long)]
+    width: Option<i64>,
     /// ddim, euler, euler-a or dpm++2m.
     #[arg(long, default_value = "ddim")]
     scheduler: String,
@@ -104,10 +105,38 @@ struct GenerateArgs {
     dtype: String,
     #[arg(long)]
     out: std::path::PathBuf,
+    /// A VAE folder (diffusers AutoencoderKL) replacing the pipeline's, e.g. SDXL's fp16-fix VAE.
+    #[arg(long)]
+    vae: Option<String>,
+    /// An SDXL refiner pipeline that finishes each image.
+    #[arg(long)]
+    refiner: Option<String>,
+    /// The fraction of the schedule the base runs before the refiner takes over.
+    #[arg(long, default_value_t = 0.8)]
+    refiner_start: f64,
+    /// img2img: start from this image (at the sampling size) instead of pure noise.
+    #[arg(long)]
+    init_image: Option<std::path::PathBuf>,
+    /// img2img: how much of the schedule to run on the noised image (0, 1].
+    #[arg(long, default_value_t = 0.3)]
+    strength: f64,
 }
+
+/// `--height`/`--width` given, or the generator's native size for each left out.
+fn size_or_native(model: &str, height: Option<i64>, width: Option<i64>) -> Result<(i64, i64)> {
+    match (height, width) {
+        (Some(h), Some(w)) => Ok((h, w)),
+        _ => {
+            let (nh, nw) = orchestrate::recipe::native_size(model).map_err(|e| anyhow::anyhow!("--model {model}: {e}"))?;
+            Ok((height.unwrap_or(nh), width.unwrap_or(nw)))
+        }
+    }
+}
+
 
 fn generate(a: GenerateArgs) -> Result<()> {
     let scheduler = a.scheduler.parse().map_err(|e| anyhow::anyhow!("--scheduler {}: {e}", a.scheduler))?;
+    let (height, width) = size_or_native(&a.model, a.height, a.width)?;
     let opts = orchestrate::generate::GenerateOptions {
         model: a.model,
         prompts: a.prompt,
@@ -118,14 +147,19 @@ fn generate(a: GenerateArgs) -> Result<()> {
         settings: orchestrate::diffusion::pipeline::SamplingSettings {
             steps: a.steps,
             guidance_scale: a.guidance_scale,
-            height: a.height,
-            width: a.width,
+            height,
+            width,
             scheduler,
             clip_skip: a.clip_skip,
         },
         out: a.out,
         device: a.device,
         dtype: a.dtype,
+        vae: a.vae,
+        refiner: a.refiner,
+        refiner_start: a.refiner_start,
+        init_image: a.init_image,
+        strength: a.strength,
     };
     orchestrate::generate::run(&opts)?;
     Ok(())
@@ -468,6 +502,15 @@ struct JobArgs {
     /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
     rahf: std::path::PathBuf,
+    /// A VAE folder (diffusers AutoencoderKL) replacing the generator's, e.g. SDXL's fp16-fix VAE.
+    #[arg(long)]
+    vae: Option<String>,
+    /// An SDXL refiner that finishes text-to-image samples (filter).
+    #[arg(long)]
+    refiner: Option<String>,
+    /// The fraction of the schedule the base runs before the refiner takes over.
+    #[arg(long, default_value_t = 0.8)]
+    refiner_start: f64,
     #[arg(long)]
     steps: Option<usize>,
     #[arg(long)]
@@ -512,10 +555,21 @@ impl JobArgs {
     fn into_options(self) -> Result<(orchestrate::jobs::CommonOptions, orchestrate::jobs::RunContext)> {
         use orchestrate::jobs::{CommonOptions, ModelOptions, RunContext, SamplingOptions, Shard};
         let d = SamplingOptions::default();
+        let (height, width) = match (self.height, self.width) {
+            (Some(h), Some(w)) => (h, w),
+            // Each size left out is the generator's native one, as in recipes.
+            _ => match orchestrate::recipe::native_size(&self.model) {
+                Ok((h, w)) => (self.height.unwrap_or(h), self.width.unwrap_or(w)),
+                Err(_) => (self.height.unwrap_or(d.height), self.width.unwrap_or(d.width)),
+            },
+        };
         let common = CommonOptions {
             models: ModelOptions {
                 generator: self.model,
                 inpaint_generator: None,
+                vae: self.vae,
+                refiner: self.refiner,
+                refiner_start: self.refiner_start,
                 rahf: self.rahf,
                 device: self.device,
                 dtype: self.dtype,
@@ -524,8 +578,8 @@ impl JobArgs {
             sampling: SamplingOptions {
                 steps: self.steps.unwrap_or(d.steps),
                 guidance_scale: self.guidance_scale.unwrap_or(d.guidance_scale),
-                height: self.height.unwrap_or(d.height),
-                width: self.width.unwrap_or(d.width),
+                height,
+                width,
                 scheduler: self.scheduler.unwrap_or(d.scheduler),
                 negative_prompt: self.negative_prompt.unwrap_or(d.negative_prompt),
                 seed: self.seed.unwrap_or(d.seed),

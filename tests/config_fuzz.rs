@@ -291,7 +291,7 @@ fn vae_and_text_encoder_layers() {
 #[test]
 fn dry_run_cross_checks() {
     let c = load_pipeline_configs(sd_tiny().to_str().unwrap()).unwrap();
-    assert_eq!(c.unet.cross_attention_dim.get(0), c.text_encoder.hidden_size);
+    assert_eq!(c.unet.cross_attention_dim.get(0), c.text_encoders[0].config.hidden_size);
     assert!(!c.inpainting);
     let c = load_pipeline_configs(fixtures().join("diffusion/sd-tiny-inpaint").to_str().unwrap()).unwrap();
     assert!(c.inpainting);

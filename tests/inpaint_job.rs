@@ -84,6 +84,9 @@ fn common(generator_name: &str, steps: usize, batch_size: usize) -> CommonOption
         models: ModelOptions {
             generator: generator(generator_name),
             inpaint_generator: None,
+            vae: None,
+            refiner: None,
+            refiner_start: 0.8,
             rahf: rahf_dir().to_path_buf(),
             device: "cpu".into(),
             dtype: "fp32".into(),

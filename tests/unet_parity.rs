@@ -160,8 +160,11 @@ fn unsupported_block_type_is_named() {
 
 #[test]
 fn unsupported_embeddings_are_named() {
+    let e = config_error(|j| j["addition_embed_type"] = "text_image".into());
+    assert!(e.contains("`addition_embed_type`") && e.contains("text_image"), "{e}");
+    // SDXL's `text_time` is built, but only with both of its widths.
     let e = config_error(|j| j["addition_embed_type"] = "text_time".into());
-    assert!(e.contains("`addition_embed_type`") && e.contains("text_time"), "{e}");
+    assert!(e.contains("`addition_time_embed_dim`") && e.contains("text_time"), "{e}");
     let e = config_error(|j| j["class_embed_type"] = "timestep".into());
     assert!(e.contains("`class_embed_type`"), "{e}");
 }

@@ -39,7 +39,19 @@ pub struct ClipTextConfig {
     pub eos_token_id: Option<i64>,
     #[serde(default)]
     pub pad_token_id: Option<i64>,
+    /// Width of `text_projection` (`CLIPTextModelWithProjection`, SDXL's
+    /// second encoder); unused by a plain `CLIPTextModel`.
+    #[serde(default = "d_projection_dim")]
+    pub projection_dim: i64,
 }
+
+fn d_projection_dim() -> i64 {
+    512
+}
+
+/// transformers' `CLIPTextConfig` default `eos_token_id`, used to find the
+/// pooled token when a config leaves it out.
+const DEFAULT_EOS_TOKEN_ID: i64 = 49407;
 
 fn d_vocab_size() -> i64 {
     49408
@@ -83,6 +95,7 @@ impl ClipTextConfig {
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
             ("max_position_embeddings", self.max_position_embeddings),
+            ("projection_dim", self.projection_dim),
         ] {
             if !(1..=MAX_SIZE).contains(&v) {
                 return Err(Error::unsupported(file, field, format!("{v} (must be between 1 and {MAX_SIZE})")));
@@ -227,6 +240,8 @@ pub struct ClipTextModel {
     position_embedding: Embedding,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// `text_projection` of a `CLIPTextModelWithProjection` (bias-free).
+    text_projection: Option<Linear>,
 }
 
 impl ClipTextModel {
@@ -234,6 +249,13 @@ impl ClipTextModel {
     /// saves `CLIPTextModel` weights under `text_model.`; files written
     /// without that prefix are accepted too.
     pub fn load(vb: Vb, config: ClipTextConfig) -> Result<Self> {
+        // `CLIPTextModelWithProjection` keeps its projection beside the
+        // `text_model.` tree.
+        let text_projection = if vb.contains("text_projection.weight") {
+            Some(Linear::load(&vb.pp("text_projection"), config.hidden_size, config.projection_dim, false)?)
+        } else {
+            None
+        };
         let vb = if vb.contains("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
         } else {
@@ -276,7 +298,47 @@ impl ClipTextModel {
             position_embedding,
             layers,
             final_layer_norm,
+            text_projection,
         })
+    }
+
+    /// Whether this is a `CLIPTextModelWithProjection` (has `text_projection`).
+    pub fn has_projection(&self) -> bool {
+        self.text_projection.is_some()
+    }
+
+    /// Number of encoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// transformers' `pooler_output`: `last_hidden_state` [N, L, D] at the
+    /// `<eos>` of each row of `input_ids` [N, L]. With the legacy
+    /// `eos_token_id == 2` of SD 1.x / SDXL configs, transformers takes the
+    /// position of the highest id (the first `<|endoftext|>`, CLIP's last
+    /// vocabulary entry); otherwise the first position holding `eos_token_id`.
+    pub fn pooled(&self, last_hidden_state: &Tensor, input_ids: &Tensor) -> Tensor {
+        let eos = self.config.eos_token_id.unwrap_or(DEFAULT_EOS_TOKEN_ID);
+        let ids = input_ids.to_device(last_hidden_state.device()).to_kind(tch::Kind::Int);
+        let positions = if eos == 2 { ids.argmax(-1, false) } else { ids.eq(eos).to_kind(tch::Kind::Int).argmax(-1, false) };
+        let rows = Tensor::arange(last_hidden_state.size()[0], (tch::Kind::Int64, last_hidden_state.device()));
+        last_hidden_state.index(&[Some(rows), Some(positions)])
+    }
+
+    /// SDXL's use of an encoder (diffusers' `encode_prompt` with
+    /// `output_hidden_states=True`): `hidden_states[-(skip + 2)]` (no final
+    /// layer norm; `skip` 0 is the penultimate layer) and, for a
+    /// `CLIPTextModelWithProjection`, `text_embeds` (the projected pooled
+    /// output of the last layer).
+    pub fn encode_xl(&self, input_ids: &Tensor, skip: usize) -> (Tensor, Option<Tensor>) {
+        let mut states = self.hidden_states(input_ids);
+        let n = states.len();
+        assert!(skip + 2 <= n, "clip_skip {skip} exceeds the text encoder's {} layers", n - 1);
+        let text_embeds = self.text_projection.as_ref().map(|proj| {
+            let last = self.final_layer_norm.forward(&states[n - 1]);
+            proj.forward(&self.pooled(&last, input_ids))
+        });
+        (states.swap_remove(n - 2 - skip), text_embeds)
     }
 
     /// Checks a `clip_skip` value against this model's depth.

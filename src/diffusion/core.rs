@@ -17,7 +17,7 @@
 use crate::diffusion::noise::{self, GlobalGenerator};
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
 use crate::diffusion::schedulers::Scheduler;
-use crate::diffusion::unet::UNet2DConditionModel;
+use crate::diffusion::unet::{AddedCond, UNet2DConditionModel};
 use crate::error::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -26,6 +26,9 @@ pub struct Conditioning {
     /// `[B, L, D]`, or under CFG `[2B, L, D]`: the negative prompts' embeddings,
     /// then the prompts' (diffusers' order).
     pub embeds: Tensor,
+    /// SDXL's added conditioning (pooled embeddings and time ids), rows as
+    /// in `embeds`; `None` for SD.
+    pub added: Option<AddedCond>,
     /// The CFG scale when classifier-free guidance is on (`guidance_scale > 1`,
     /// diffusers' rule), `None` otherwise.
     pub cfg_scale: Option<f64>,
@@ -36,13 +39,19 @@ impl Conditioning {
     /// their negative prompts.
     pub fn encode(pipe: &StableDiffusion, requests: &[ImageRequest], settings: &SamplingSettings) -> Result<Self> {
         let prompts: Vec<String> = requests.iter().map(|r| r.prompt.clone()).collect();
-        let embeds = pipe.encode_prompts(&prompts, settings.clip_skip)?;
+        let cond = pipe.encode_prompts(&prompts, settings.clip_skip)?;
+        let added = pipe.added_cond(&cond, settings, false);
         if settings.guidance_scale > 1.0 {
             let negatives: Vec<String> = requests.iter().map(|r| r.negative_prompt.clone()).collect();
-            let uncond = pipe.encode_prompts(&negatives, settings.clip_skip)?;
-            Ok(Conditioning { embeds: Tensor::cat(&[uncond, embeds], 0), cfg_scale: Some(settings.guidance_scale) })
+            let uncond = pipe.encode_negatives(&negatives)?;
+            let uncond_added = pipe.added_cond(&uncond, settings, true);
+            Ok(Conditioning {
+                embeds: Tensor::cat(&[uncond.embeds, cond.embeds], 0),
+                added: uncond_added.zip(added).map(|(u, c)| AddedCond::cat(&u, &c)),
+                cfg_scale: Some(settings.guidance_scale),
+            })
         } else {
-            Ok(Conditioning { embeds, cfg_scale: None })
+            Ok(Conditioning { embeds: cond.embeds, added, cfg_scale: None })
         }
     }
 
@@ -70,7 +79,7 @@ impl Conditioning {
             let extra = if self.cfg() { Tensor::cat(&[extra, extra], 0) } else { extra.shallow_clone() };
             model_in = Tensor::cat(&[&model_in, &extra], 1);
         }
-        let out = unet.forward(&model_in, scheduler.timesteps()[step], &self.embeds);
+        let out = unet.forward_added(&model_in, scheduler.timesteps()[step], &self.embeds, self.added.as_ref());
         match self.cfg_scale {
             Some(scale) => {
                 let halves = out.chunk(2, 0);
@@ -235,6 +244,9 @@ pub struct DenoiseLoop<'a> {
     /// The first step index run (inpainting below strength 1 starts later);
     /// step noise is counted from it.
     pub start: usize,
+    /// One past the last step index run (`timesteps().len()`, or fewer when
+    /// a refiner takes over).
+    pub end: usize,
     /// Appended to the UNet input's channels (see [`Conditioning::model_output`]).
     pub extra_channels: Option<&'a Tensor>,
 }
@@ -252,7 +264,7 @@ impl DenoiseLoop<'_> {
         on_step: &mut dyn FnMut(usize, &Tensor),
     ) -> Tensor {
         tch::no_grad(|| {
-            for (n, i) in (self.start..scheduler.timesteps().len()).enumerate() {
+            for (n, i) in (self.start..self.end.min(scheduler.timesteps().len())).enumerate() {
                 let out = self.cond.model_output(self.unet, scheduler, i, &latents, self.extra_channels);
                 let noise = self.noise.step(n);
                 latents = scheduler.step(&out, i, &latents, noise.as_ref());

@@ -125,7 +125,7 @@ fn draw_all(
 
 /// The image as diffusers' `VaeImageProcessor` makes it: [1, 3, H, W] float32
 /// in [-1, 1].
-fn image_tensor(image: &RgbImage) -> Tensor {
+pub(crate) fn image_tensor(image: &RgbImage) -> Tensor {
     let (w, h) = image.dimensions();
     let bytes = Tensor::from_slice(image.as_raw())
         .view([1, h as i64, w as i64, 3])
@@ -177,7 +177,7 @@ impl StableDiffusion {
         strength: f64,
     ) -> Result<Tensor> {
         let out = self.inpaint_latents(source, candidates, settings, strength, &mut |_, _| {})?;
-        Ok(self.decode_latents(&out.latents))
+        self.decode_checked(&out.latents)
     }
 
     /// The inpainting loop without the decode. `on_step(i, latents)` sees the
@@ -259,7 +259,9 @@ impl StableDiffusion {
         let sf = self.vae.config.scaling_factor;
         let vae_sample = |pixels: &Tensor, eps: &Tensor| -> Tensor {
             let dist = tch::no_grad(|| self.vae.encode(&pixels.to_device(self.device)));
-            dist.sample(&eps.to_device(self.device)) * sf
+            // diffusers casts the (possibly upcast) VAE's sample to the
+            // pipeline dtype before scaling.
+            dist.sample(&eps.to_device(self.device)).to_kind(self.kind) * sf
         };
         let image = image_tensor(&source.image);
         let mask = mask_tensor(&source.mask);
@@ -271,7 +273,7 @@ impl StableDiffusion {
         let image_latents = draws
             .image_eps
             .as_ref()
-            .map(|eps| vae_sample(&image.to_kind(self.kind), eps));
+            .map(|eps| vae_sample(&image.to_kind(self.vae.kind()), eps));
         let noise = draws.candidates.latents();
         let latents = if full_strength {
             &noise * scheduler.init_noise_sigma()
@@ -283,7 +285,7 @@ impl StableDiffusion {
         // still drawn above, to keep generator 0's stream in step).
         let masked_image_latents = (mode == InpaintMode::Conditioned).then(|| {
             let masked = &image * mask.lt(0.5);
-            vae_sample(&masked.to_kind(self.kind), &draws.masked_eps)
+            vae_sample(&masked.to_kind(self.vae.kind()), &draws.masked_eps)
         });
 
         // The 9-channel UNet's extra inputs: mask, then masked-image latents.
@@ -312,6 +314,7 @@ impl StableDiffusion {
             cond: &cond,
             noise: &draws.candidates,
             start,
+            end: n_timesteps,
             extra_channels: extra_channels.as_ref(),
         };
         let latents = denoise.run(

@@ -114,35 +114,45 @@ impl ModelDir {
     /// The safetensors file(s) of a component: a single file, or the shards an
     /// `.index.json` lists. `variant` picks e.g. `fp16` files when present.
     pub fn weights(&self, component: &str, variant: Option<&str>) -> Result<Vec<PathBuf>> {
-        let dir = self.component(component)?;
-        let stems = ["diffusion_pytorch_model", "model"];
-        let mut candidates = Vec::new();
-        for stem in stems {
-            if let Some(v) = variant {
-                candidates.push(format!("{stem}.{v}.safetensors"));
-            }
-            candidates.push(format!("{stem}.safetensors"));
-        }
-        for name in &candidates {
-            let path = dir.join(name);
-            if path.is_file() {
-                return Ok(vec![path]);
-            }
-            let index = dir.join(format!("{name}.index.json"));
-            if index.is_file() {
-                return shards_from_index(&index);
-            }
-        }
-        let has_bin = ["diffusion_pytorch_model.bin", "pytorch_model.bin"].iter().any(|b| dir.join(b).is_file());
-        Err(Error::Missing {
-            path: dir,
-            what: if has_bin {
-                "safetensors weights (only PyTorch .bin weights are present; re-save them with safe_serialization=True)".into()
-            } else {
-                format!("weights (looked for {})", candidates.join(", "))
-            },
-        })
+        weights_in_variant(&self.component(component)?, variant)
     }
+}
+
+/// The safetensors file(s) in a component folder (see [`ModelDir::weights`]).
+pub fn weights_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    weights_in_variant(dir, None)
+}
+
+fn weights_in_variant(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    let dir = dir.to_path_buf();
+    let stems = ["diffusion_pytorch_model", "model"];
+    let mut candidates = Vec::new();
+    for stem in stems {
+        if let Some(v) = variant {
+            candidates.push(format!("{stem}.{v}.safetensors"));
+        }
+        candidates.push(format!("{stem}.safetensors"));
+    }
+    for name in &candidates {
+        let path = dir.join(name);
+        if path.is_file() {
+            return Ok(vec![path]);
+        }
+        let index = dir.join(format!("{name}.index.json"));
+        if index.is_file() {
+            return shards_from_index(&index);
+        }
+    }
+    let has_bin = ["diffusion_pytorch_model.bin", "pytorch_model.bin"].iter().any(|b| dir.join(b).is_file());
+    Err(Error::Missing {
+        path: dir,
+        what: if has_bin {
+            "safetensors weights (only PyTorch .bin weights are present; re-save them with safe_serialization=True)"
+                .into()
+        } else {
+            format!("weights (looked for {})", candidates.join(", "))
+        },
+    })
 }
 
 fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
@@ -158,60 +168,236 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
 }
 
+/// SDXL's pipeline-level settings, from `model_index.json` (diffusers
+/// registers them in the pipeline's config), with diffusers' defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct XlSettings {
+    /// An empty negative prompt becomes all-zero embeddings (base, Turbo).
+    pub force_zeros_for_empty_prompt: bool,
+    /// The time ids end with an aesthetic score instead of the target size
+    /// (the refiner).
+    pub requires_aesthetics_score: bool,
+}
+
+impl XlSettings {
+    /// How many ids `add_time_ids` has: original size (2), crop top-left (2),
+    /// then target size (2) or the aesthetic score (1).
+    pub fn time_ids_len(&self) -> i64 {
+        if self.requires_aesthetics_score {
+            5
+        } else {
+            6
+        }
+    }
+}
+
+/// Which model family a pipeline folder is, from its UNet.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Family {
+    /// Stable Diffusion 1.x / 2.x: one CLIP text encoder.
+    Sd,
+    /// SDXL (base, refiner, inpainting, Turbo): `addition_embed_type:
+    /// text_time`, two text encoders (the refiner: only the second).
+    Xl(XlSettings),
+}
+
+/// One text encoder of a pipeline: its component names and config.
+#[derive(Debug, Clone)]
+pub struct TextEncoderConfig {
+    /// `text_encoder` or `text_encoder_2`.
+    pub component: String,
+    /// `tokenizer` or `tokenizer_2`.
+    pub tokenizer: String,
+    pub config: ClipTextConfig,
+}
+
 /// The configs of a diffusers pipeline, read and cross-checked without
 /// loading any weights (see [`load_pipeline_configs`]).
 #[derive(Debug, Clone)]
 pub struct PipelineConfigs {
     pub dir: ModelDir,
+    pub family: Family,
     pub unet: UNetConfig,
     pub vae: VaeConfig,
-    pub text_encoder: ClipTextConfig,
+    /// The VAE's folder: the pipeline's `vae/`, or the one `--vae` names.
+    pub vae_dir: PathBuf,
+    /// SD: `text_encoder`; SDXL: `text_encoder` then `text_encoder_2`; the
+    /// SDXL refiner: `text_encoder_2` alone.
+    pub text_encoders: Vec<TextEncoderConfig>,
     pub scheduler: SchedulerConfig,
     /// Whether the UNet takes the inpainting input (`2 * latent + 1` channels).
     pub inpainting: bool,
 }
 
+impl PipelineConfigs {
+    /// Layers of the shallowest text encoder (bounds `clip_skip`: SD uses
+    /// `hidden_states[-(k+1)]`, SDXL `hidden_states[-(k+2)]`).
+    pub fn max_clip_skip(&self) -> usize {
+        let layers = self.text_encoders.iter().map(|t| t.config.num_hidden_layers).min().unwrap_or(0);
+        match self.family {
+            Family::Sd => layers,
+            Family::Xl(_) => layers.saturating_sub(1),
+        }
+    }
+
+    /// The image size diffusers' pipelines default to: the UNet's
+    /// `sample_size` times the VAE's scale factor (512 for SD 1.x, 768 for
+    /// SD 2.x, 1024 for SDXL); 512 when the config has no `sample_size`.
+    pub fn default_size(&self) -> (i64, i64) {
+        let scale = 1i64 << (self.vae.block_out_channels.len().saturating_sub(1));
+        match self.unet.sample_size_hw() {
+            Some((h, w)) => (h.saturating_mul(scale), w.saturating_mul(scale)),
+            None => (512, 512),
+        }
+    }
+}
+
+/// A pipeline component's entry in `model_index.json`: present when it is a
+/// `[library, class]` pair, absent when missing or `[null, null]`.
+fn has_component(index: &serde_json::Value, name: &str) -> bool {
+    index.get(name).and_then(|v| v.as_array()).is_some_and(|a| a.iter().any(|x| !x.is_null()))
+}
+
 /// For `--dry-run`: every check of a pipeline folder (or cached repo id) that
 /// needs no weights. Each component's config is read and validated (the same
-/// `load` the pipeline uses), the tokenizer is loaded, the weights files are
+/// `load` the pipeline uses), the tokenizers are loaded, the weights files are
 /// located, and the components are checked against each other:
-/// - the UNet's `cross_attention_dim` is the text encoder's `hidden_size`;
+/// - the UNet's `cross_attention_dim` is the text encoder's `hidden_size`
+///   (SDXL: the sum of both encoders');
+/// - SDXL: `projection_class_embeddings_input_dim` is
+///   `addition_time_embed_dim` times the number of time ids plus
+///   `text_encoder_2`'s `projection_dim`;
 /// - the UNet's `in_channels` is the VAE's `latent_channels` (or
 ///   `2 * latent_channels + 1` for inpainting), its `out_channels` is
 ///   `latent_channels`;
-/// - the tokenizer's ids fit the text encoder's `vocab_size` and its
+/// - each tokenizer's ids fit its text encoder's `vocab_size` and its
 ///   `model_max_length` its `max_position_embeddings`.
 ///
 /// Errors name the config file and field (the UNet's, for a mismatch).
 pub fn load_pipeline_configs(spec: &str) -> Result<PipelineConfigs> {
+    load_pipeline_configs_with_vae(spec, None)
+}
+
+/// [`load_pipeline_configs`] with the VAE taken from another folder (a
+/// diffusers `AutoencoderKL` folder: `config.json` + weights), e.g. the
+/// fp16-fix SDXL VAE.
+pub fn load_pipeline_configs_with_vae(spec: &str, vae_override: Option<&str>) -> Result<PipelineConfigs> {
     let dir = ModelDir::open(spec)?;
     let model_index = dir.root.join("model_index.json");
     if !model_index.is_file() {
         return Err(Error::Missing { path: model_index, what: "a diffusers pipeline's model_index.json".into() });
     }
-    let _: serde_json::Value = crate::error::read_json(&model_index)?;
-    let text_encoder = ClipTextConfig::load(&dir.config("text_encoder", "config.json")?)?;
+    let index: serde_json::Value = crate::error::read_json(&model_index)?;
+    let index_file = model_index.display().to_string();
     let unet = UNetConfig::load(&dir.config("unet", "config.json")?)?;
-    let vae = VaeConfig::load(&dir.config("vae", "config.json")?)?;
+    let (vae_dir, vae) = match vae_override {
+        Some(v) => {
+            let root = resolve_model(v)?;
+            // A VAE repo is the component folder itself; a pipeline folder has it under vae/.
+            let folder = if root.join("config.json").is_file() { root } else { root.join("vae") };
+            let config = folder.join("config.json");
+            if !config.is_file() {
+                return Err(Error::Missing { path: config, what: "the --vae folder's config.json".into() });
+            }
+            let vae = VaeConfig::load(&config)?;
+            (folder, vae)
+        }
+        None => (dir.component("vae")?, VaeConfig::load(&dir.config("vae", "config.json")?)?),
+    };
     let scheduler = SchedulerConfig::load(&dir.config("scheduler", "scheduler_config.json")?)?;
-    for component in ["text_encoder", "unet", "vae"] {
+    let flag = |field: &str, default: bool| -> Result<bool> {
+        match index.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(serde_json::Value::Bool(b)) => Ok(*b),
+            Some(other) => {
+                Err(Error::unsupported(index_file.clone(), field, format!("{other} (must be true or false)")))
+            }
+        }
+    };
+    let family = if unet.addition_embed_type.is_some() {
+        Family::Xl(XlSettings {
+            force_zeros_for_empty_prompt: flag("force_zeros_for_empty_prompt", true)?,
+            requires_aesthetics_score: flag("requires_aesthetics_score", false)?,
+        })
+    } else {
+        Family::Sd
+    };
+    let wanted: &[(&str, &str)] = match family {
+        Family::Sd => &[("text_encoder", "tokenizer")],
+        Family::Xl(_) => &[("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")],
+    };
+    let mut text_encoders = Vec::new();
+    for &(component, tokenizer) in wanted {
+        // SD pipelines always have `text_encoder` (an older model_index.json
+        // may not list it); SDXL's are as model_index.json says.
+        let present = match family {
+            Family::Sd => true,
+            Family::Xl(_) => has_component(&index, component),
+        };
+        if present {
+            let config = ClipTextConfig::load(&dir.config(component, "config.json")?)?;
+            text_encoders.push(TextEncoderConfig { component: component.into(), tokenizer: tokenizer.into(), config });
+        }
+    }
+    if family == Family::Sd && has_component(&index, "text_encoder_2") {
+        return Err(Error::unsupported(
+            unet.source.clone(),
+            "addition_embed_type",
+            "null, but model_index.json lists a text_encoder_2 (an SDXL pipeline's UNet has addition_embed_type \"text_time\")",
+        ));
+    }
+    if let Family::Xl(_) = family {
+        if !text_encoders.iter().any(|t| t.component == "text_encoder_2") {
+            return Err(Error::Missing {
+                path: dir.root.join("text_encoder_2"),
+                what: "SDXL's second text encoder (its pooled embedding conditions the UNet; model_index.json must list it)".into(),
+            });
+        }
+    }
+    for component in ["unet"].iter().copied().chain(text_encoders.iter().map(|t| t.component.as_str())) {
         for path in dir.weights(component, None)? {
             if !path.is_file() {
                 return Err(Error::Missing { path, what: format!("a weights shard of `{component}`") });
             }
         }
     }
-    let tokenizer_dir = dir.component("tokenizer")?;
-    let tokenizer = ClipTokenizer::load(&tokenizer_dir)?;
+    for path in weights_in(&vae_dir)? {
+        if !path.is_file() {
+            return Err(Error::Missing { path, what: "a weights shard of the VAE".into() });
+        }
+    }
 
     let unet_file = unet.source.clone();
     let mismatch = |field: &str, value: String| Error::unsupported(unet_file.clone(), field, value);
+    let text_width: i64 = text_encoders.iter().map(|t| t.config.hidden_size).sum();
+    let widths = text_encoders
+        .iter()
+        .map(|t| format!("{} {} ({})", t.component, t.config.hidden_size, t.config.source))
+        .collect::<Vec<_>>()
+        .join(" + ");
     for i in 0..unet.num_blocks() {
         let d = unet.cross_attention_dim.get(i);
-        if d != text_encoder.hidden_size {
+        if d != text_width {
             return Err(mismatch(
                 "cross_attention_dim",
-                format!("{d}, but the text encoder's hidden_size is {} ({})", text_encoder.hidden_size, text_encoder.source),
+                format!("{d}, but the text encoders' hidden_size is {widths}"),
+            ));
+        }
+    }
+    if let Family::Xl(xl) = family {
+        let t2 = &text_encoders.last().expect("text_encoder_2 checked").config;
+        let time_dim = unet.addition_time_embed_dim.expect("validated");
+        let want = time_dim * xl.time_ids_len() + t2.projection_dim;
+        let got = unet.projection_class_embeddings_input_dim.expect("validated");
+        if got != want {
+            return Err(mismatch(
+                "projection_class_embeddings_input_dim",
+                format!(
+                    "{got}, but {} time ids (model_index.json requires_aesthetics_score = {}) of addition_time_embed_dim {time_dim} plus text_encoder_2's projection_dim {} make {want}",
+                    xl.time_ids_len(),
+                    xl.requires_aesthetics_score,
+                    t2.projection_dim
+                ),
             ));
         }
     }
@@ -234,26 +420,34 @@ pub fn load_pipeline_configs(spec: &str) -> Result<PipelineConfigs> {
             format!("{}, but the VAE's latent_channels is {latent} ({})", unet.out_channels, vae.source),
         ));
     }
-    let tokenizer_max_id =
-        tokenizer.tokenizer().get_vocab(true).into_values().max().map(i64::from).unwrap_or(0);
-    if tokenizer_max_id >= text_encoder.vocab_size {
-        return Err(Error::unsupported(
-            text_encoder.source.clone(),
-            "vocab_size",
-            format!("{}, but the tokenizer ({}) has token id {tokenizer_max_id}", text_encoder.vocab_size, tokenizer_dir.display()),
-        ));
+    for t in &text_encoders {
+        let tokenizer_dir = dir.component(&t.tokenizer)?;
+        let tokenizer = ClipTokenizer::load(&tokenizer_dir)?;
+        let text_encoder = &t.config;
+        let tokenizer_max_id = tokenizer.tokenizer().get_vocab(true).into_values().max().map(i64::from).unwrap_or(0);
+        if tokenizer_max_id >= text_encoder.vocab_size {
+            return Err(Error::unsupported(
+                text_encoder.source.clone(),
+                "vocab_size",
+                format!(
+                    "{}, but the tokenizer ({}) has token id {tokenizer_max_id}",
+                    text_encoder.vocab_size,
+                    tokenizer_dir.display()
+                ),
+            ));
+        }
+        if tokenizer.max_len as i64 > text_encoder.max_position_embeddings {
+            return Err(Error::unsupported(
+                text_encoder.source.clone(),
+                "max_position_embeddings",
+                format!(
+                    "{}, but the tokenizer ({}) pads prompts to {} tokens (model_max_length)",
+                    text_encoder.max_position_embeddings,
+                    tokenizer_dir.display(),
+                    tokenizer.max_len
+                ),
+            ));
+        }
     }
-    if tokenizer.max_len as i64 > text_encoder.max_position_embeddings {
-        return Err(Error::unsupported(
-            text_encoder.source.clone(),
-            "max_position_embeddings",
-            format!(
-                "{}, but the tokenizer ({}) pads prompts to {} tokens (model_max_length)",
-                text_encoder.max_position_embeddings,
-                tokenizer_dir.display(),
-                tokenizer.max_len
-            ),
-        ));
-    }
-    Ok(PipelineConfigs { dir, unet, vae, text_encoder, scheduler, inpainting })
+    Ok(PipelineConfigs { dir, family, unet, vae, vae_dir, text_encoders, scheduler, inpainting })
 }

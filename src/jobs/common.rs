@@ -15,6 +15,17 @@ pub struct ModelOptions {
     /// plain generator, which then inpaints by latent blending). Defaults to `generator`.
     #[serde(default)]
     pub inpaint_generator: Option<String>,
+    /// A VAE folder that replaces the generators' own (e.g. SDXL's
+    /// fp16-fix VAE): a diffusers `AutoencoderKL` folder or cached repo id.
+    #[serde(default)]
+    pub vae: Option<String>,
+    /// An SDXL refiner that finishes text-to-image samples (`filter`,
+    /// `generate`) from `refiner_start` of the schedule on.
+    #[serde(default)]
+    pub refiner: Option<String>,
+    /// The fraction of the schedule the base runs before the refiner takes over.
+    #[serde(default = "default_refiner_start")]
+    pub refiner_start: f64,
     /// An orchestrate RAHF folder (`rahf import` / `rahf init` make one).
     pub rahf: PathBuf,
     #[serde(default = "default_auto")]
@@ -38,6 +49,10 @@ impl ModelOptions {
             crate::device::parse_dtype(rahf_dtype, device).map_err(|e| Error::field("models.rahf_dtype", e.to_string()))?;
         Ok((device, kind, rahf_kind))
     }
+}
+
+fn default_refiner_start() -> f64 {
+    0.8
 }
 
 fn default_auto() -> String {
@@ -196,7 +211,14 @@ impl CommonOptions {
     pub fn load_models(&self, generator: &str) -> Result<Models> {
         let (device, kind, rahf_kind) = self.models.placement()?;
         crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
-        let pipe = crate::diffusion::pipeline::StableDiffusion::load(generator, device, kind)?;
+        let m = &self.models;
+        let load = |spec: &str| {
+            crate::diffusion::pipeline::StableDiffusion::load_with_vae(spec, m.vae.as_deref(), device, kind)
+        };
+        let mut pipe = load(generator)?;
+        if let Some(refiner) = &m.refiner {
+            pipe = pipe.with_refiner(load(refiner)?, m.refiner_start)?;
+        }
         let rahf = crate::rahf::FeedbackModel::load(&self.models.rahf, device, rahf_kind)?;
         Ok(Models { pipe, rahf })
     }
@@ -222,6 +244,17 @@ impl CommonOptions {
             "seed": s.seed,
             "clip_skip": s.clip_skip,
         });
+        // Only when set, so the settings of runs made before these options
+        // existed still match.
+        if let Some(map) = v.as_object_mut() {
+            if let Some(vae) = &self.models.vae {
+                map.insert("vae".into(), canonical(vae).into());
+            }
+            if let Some(refiner) = &self.models.refiner {
+                map.insert("refiner".into(), canonical(refiner).into());
+                map.insert("refiner_start".into(), self.models.refiner_start.into());
+            }
+        }
         if let (Some(map), serde_json::Value::Object(own)) = (v.as_object_mut(), own) {
             map.extend(own);
         }
@@ -260,17 +293,49 @@ impl CommonOptions {
         let rahf_dtype = if m.rahf_dtype == "auto" { "fp32" } else { &m.rahf_dtype };
         crate::device::parse_dtype(rahf_dtype, device).map_err(|e| Error::field("models.rahf_dtype", e.to_string()))?;
         let field = if Some(generator) == m.inpaint_generator.as_deref() { "models.inpaint_generator" } else { "models.generator" };
-        let info = check_generator(generator).map_err(|e| Error::field(field, e.to_string()))?;
+        let info =
+            check_generator_with_vae(generator, m.vae.as_deref()).map_err(|e| Error::field(field, e.to_string()))?;
         if let Some(k) = self.sampling.clip_skip {
-            if k > info.text_layers {
+            if k > info.max_clip_skip {
                 return Err(Error::field(
                     "sampling.clip_skip",
-                    format!("{k}: the text encoder of {generator} has only {} layers", info.text_layers),
+                    format!("{k}: the text encoders of {generator} allow at most {}", info.max_clip_skip),
+                ));
+            }
+        }
+        if let Some(refiner) = &m.refiner {
+            if !(m.refiner_start > 0.0 && m.refiner_start < 1.0) {
+                return Err(Error::field("models.refiner_start", format!("{}: must be strictly between 0 and 1", m.refiner_start)));
+            }
+            let r = check_generator_with_vae(refiner, m.vae.as_deref())
+                .map_err(|e| Error::field("models.refiner", e.to_string()))?;
+            if r.in_channels != r.latent_channels || r.latent_channels != info.latent_channels {
+                return Err(Error::field(
+                    "models.refiner",
+                    format!(
+                        "{refiner}: a refiner must be a text-to-image UNet with the base's {} latent channels ({})",
+                        info.latent_channels,
+                        r.describe(refiner)
+                    ),
                 ));
             }
         }
         check_rahf(&m.rahf).map_err(|e| Error::field("models.rahf", e.to_string()))?;
         Ok(info)
+    }
+}
+
+impl CommonOptions {
+    /// `models.refiner` is for text-to-image sampling (`filter`, `generate`):
+    /// `job` refuses it rather than compare refined and unrefined images.
+    pub fn refuse_refiner(&self, job: &str) -> Result<()> {
+        match &self.models.refiner {
+            Some(r) => Err(Error::field(
+                "models.refiner",
+                format!("{r}: `{job}` does not use a refiner (it finishes text-to-image samples: filter, generate); leave it out"),
+            )),
+            None => Ok(()),
+        }
     }
 }
 
@@ -280,16 +345,19 @@ pub struct GeneratorInfo {
     pub root: PathBuf,
     pub in_channels: i64,
     pub latent_channels: i64,
-    pub text_layers: usize,
+    /// The largest `clip_skip` the text encoders allow.
+    pub max_clip_skip: usize,
     pub native_size: Option<(i64, i64)>,
+    /// `SD` or `SDXL` (and `refiner` for an SDXL pipeline without the first encoder).
+    pub family: &'static str,
 }
 
 impl GeneratorInfo {
     pub fn describe(&self, spec: &str) -> String {
         let kind = if self.in_channels == 2 * self.latent_channels + 1 {
-            format!("{}-channel inpainting UNet", self.in_channels)
+            format!("{} {}-channel inpainting UNet", self.family, self.in_channels)
         } else {
-            "text-to-image UNet".to_string()
+            format!("{} text-to-image UNet", self.family)
         };
         let size = match self.native_size {
             Some((h, w)) => format!(", native {w}x{h} px"),
@@ -304,15 +372,26 @@ impl GeneratorInfo {
 /// `StableDiffusion::load` reads, the tokenizer, and the list of weight files
 /// (not the weights).
 pub fn check_generator(spec: &str) -> Result<GeneratorInfo> {
-    let c = crate::diffusion::model_dir::load_pipeline_configs(spec)?;
-    let scale = 1i64 << c.vae.block_out_channels.len().saturating_sub(1);
-    let native_size = c.unet.sample_size_hw().map(|(h, w)| (h * scale, w * scale));
+    check_generator_with_vae(spec, None)
+}
+
+/// [`check_generator`] with `--vae`'s folder in place of the pipeline's VAE.
+pub fn check_generator_with_vae(spec: &str, vae: Option<&str>) -> Result<GeneratorInfo> {
+    use crate::diffusion::model_dir::Family;
+    let c = crate::diffusion::model_dir::load_pipeline_configs_with_vae(spec, vae)?;
+    let native_size = c.unet.sample_size_hw().map(|_| c.default_size());
+    let family = match c.family {
+        Family::Sd => "SD",
+        Family::Xl(_) if c.text_encoders.len() == 1 => "SDXL refiner",
+        Family::Xl(_) => "SDXL",
+    };
     Ok(GeneratorInfo {
+        max_clip_skip: c.max_clip_skip(),
         root: c.dir.root,
         in_channels: c.unet.in_channels,
         latent_channels: c.vae.latent_channels,
-        text_layers: c.text_encoder.num_hidden_layers,
         native_size,
+        family,
     })
 }
 

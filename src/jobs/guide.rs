@@ -160,6 +160,7 @@ pub fn settings_fingerprint(opts: &GuideOptions, common: &CommonOptions) -> serd
 /// Every check a real run makes before it writes anything (`--dry-run` too).
 pub fn prepare(opts: &GuideOptions, common: &CommonOptions, out: &Path) -> Result<Vec<PromptItem>> {
     opts.validate()?;
+    common.refuse_refiner("guide")?;
     let fingerprint = settings_fingerprint(opts, common);
     common.check_run(out, &fingerprint, &common.models.generator, opts.images_per_prompt, "guide.images_per_prompt")?;
     read_prompts(&opts.prompts)

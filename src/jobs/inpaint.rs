@@ -341,6 +341,7 @@ fn inpaint_generator(common: &CommonOptions) -> String {
 /// not run yet, so its items cannot be read now.
 pub fn prepare(opts: &InpaintOptions, common: &CommonOptions, out: &Path, input_pending: bool) -> Result<Vec<InpaintItem>> {
     opts.validate_ranges()?;
+    common.refuse_refiner("inpaint")?;
     // The generator's configs are cross-checked there: a UNet whose
     // in_channels is neither the VAE's latent channels (latent blending) nor
     // twice that plus one (an inpainting UNet) is refused by name.

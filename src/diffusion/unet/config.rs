@@ -424,18 +424,41 @@ impl UNetConfig {
                 return Err(self.unsupported("reverse_transformer_layers_per_block", v));
             }
         }
+        // SDXL's added conditioning: `text_time` needs both of its widths;
+        // every other addition type is refused by name.
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") => {
+                for (field, v) in [
+                    ("addition_time_embed_dim", self.addition_time_embed_dim),
+                    ("projection_class_embeddings_input_dim", self.projection_class_embeddings_input_dim),
+                ] {
+                    match v {
+                        Some(v) if (1..=MAX_SIZE).contains(&v) => {}
+                        Some(v) => return Err(self.unsupported(field, format!("{v} (must be between 1 and {MAX_SIZE})"))),
+                        None => {
+                            return Err(self.unsupported(field, "null (addition_embed_type \"text_time\" needs it)"))
+                        }
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(self.unsupported("addition_embed_type", format!("{other} (only null or \"text_time\")")))
+            }
+        }
+        let text_time = self.addition_embed_type.is_some();
         let nulls: [(&str, Option<String>); 8] = [
             ("class_embed_type", self.class_embed_type.clone()),
-            ("addition_embed_type", self.addition_embed_type.clone()),
             ("num_class_embeds", self.num_class_embeds.map(|v| v.to_string())),
             ("encoder_hid_dim", self.encoder_hid_dim.map(|v| v.to_string())),
             ("encoder_hid_dim_type", self.encoder_hid_dim_type.clone()),
             ("time_cond_proj_dim", self.time_cond_proj_dim.map(|v| v.to_string())),
             (
                 "projection_class_embeddings_input_dim",
-                self.projection_class_embeddings_input_dim.map(|v| v.to_string()),
+                self.projection_class_embeddings_input_dim.filter(|_| !text_time).map(|v| v.to_string()),
             ),
-            ("addition_time_embed_dim", self.addition_time_embed_dim.map(|v| v.to_string())),
+            ("addition_time_embed_dim", self.addition_time_embed_dim.filter(|_| !text_time).map(|v| v.to_string())),
+            ("addition_embed_type", None),
         ];
         for (field, value) in nulls {
             if let Some(v) = value {
@@ -515,7 +538,12 @@ mod tests {
                 r#"{"down_block_types": ["CrossAttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]}"#,
                 "down_block_types[1]",
             ),
-            (r#"{"addition_embed_type": "text_time"}"#, "addition_embed_type"),
+            (r#"{"addition_embed_type": "image"}"#, "addition_embed_type"),
+            (r#"{"addition_embed_type": "text_time"}"#, "addition_time_embed_dim"),
+            (
+                r#"{"addition_embed_type": "text_time", "addition_time_embed_dim": 256}"#,
+                "projection_class_embeddings_input_dim",
+            ),
             (r#"{"class_embed_type": "timestep"}"#, "class_embed_type"),
             (r#"{"dual_cross_attention": true}"#, "dual_cross_attention"),
             (r#"{"only_cross_attention": true}"#, "only_cross_attention"),

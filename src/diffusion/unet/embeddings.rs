@@ -17,12 +17,21 @@ pub fn timestep_embedding(
     freq_shift: f64,
     device: Device,
 ) -> Tensor {
+    let t = Tensor::from_slice(&[timestep]).to_device(device).expand([batch], false);
+    sinusoidal_embedding(&t, dim, flip_sin_to_cos, freq_shift)
+}
+
+/// `get_timestep_embedding` of a 1-D tensor of timesteps (any float dtype;
+/// computed in float32 as diffusers' `timesteps[:, None].float()` does):
+/// float32 `[N, dim]`. SDXL's `add_time_proj` embeds its size/crop ids with it.
+pub fn sinusoidal_embedding(timesteps: &Tensor, dim: i64, flip_sin_to_cos: bool, freq_shift: f64) -> Tensor {
     const MAX_PERIOD: f64 = 10000.0;
+    let device = timesteps.device();
     let half = dim / 2;
     let exponent = Tensor::arange(half, (Kind::Float, device)) * (-MAX_PERIOD.ln());
     let exponent = exponent / (half as f64 - freq_shift);
     let freqs = exponent.exp();
-    let t = Tensor::from_slice(&[timestep]).to_device(device).expand([batch], false).to_kind(Kind::Float);
+    let t = timesteps.to_kind(Kind::Float);
     let args = t.unsqueeze(1) * freqs.unsqueeze(0);
     let (sin, cos) = (args.sin(), args.cos());
     let emb = if flip_sin_to_cos { Tensor::cat(&[cos, sin], -1) } else { Tensor::cat(&[sin, cos], -1) };

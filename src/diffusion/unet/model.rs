@@ -3,7 +3,7 @@
 use super::attention::TransformerSettings;
 use super::blocks::{DownBlock, DownBlockSpec, MidBlock, UpBlock, UpBlockSpec};
 use super::config::{block_type_name, UNetConfig};
-use super::embeddings::{timestep_embedding, TimestepEmbedding};
+use super::embeddings::{sinusoidal_embedding, timestep_embedding, TimestepEmbedding};
 use super::resnet::ResnetSettings;
 use crate::error::Result;
 use crate::nn::{activation, Conv2d, GroupNorm};
@@ -19,7 +19,44 @@ pub struct UNet2DConditionModel {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// SDXL's `add_embedding` (`addition_embed_type: text_time`).
+    add_embedding: Option<TimestepEmbedding>,
     kind: Kind,
+}
+
+/// SDXL's added conditioning (diffusers' `added_cond_kwargs`), one row per
+/// UNet batch entry (both CFG halves).
+#[derive(Debug)]
+pub struct AddedCond {
+    /// `[B, projection_dim]`: the pooled, projected prompt embedding of the
+    /// second text encoder.
+    pub text_embeds: Tensor,
+    /// `[B, n]`: original size, crop top-left, then target size (or the
+    /// aesthetic score), each sinusoidally embedded by `add_time_proj`.
+    pub time_ids: Tensor,
+}
+
+impl AddedCond {
+    /// Rows `[a; b]`.
+    pub fn cat(a: &AddedCond, b: &AddedCond) -> AddedCond {
+        AddedCond {
+            text_embeds: Tensor::cat(&[&a.text_embeds, &b.text_embeds], 0),
+            time_ids: Tensor::cat(&[&a.time_ids, &b.time_ids], 0),
+        }
+    }
+
+    pub fn shallow_clone(&self) -> AddedCond {
+        AddedCond { text_embeds: self.text_embeds.shallow_clone(), time_ids: self.time_ids.shallow_clone() }
+    }
+
+    /// Each row repeated `n` times (`[a, a, b, b]` for n = 2), as diffusers
+    /// repeats per-prompt conditioning for its images.
+    pub fn repeat_rows(&self, n: i64) -> AddedCond {
+        AddedCond {
+            text_embeds: self.text_embeds.repeat_interleave_self_int(n, 0, None),
+            time_ids: self.time_ids.repeat_interleave_self_int(n, 0, None),
+        }
+    }
 }
 
 impl UNet2DConditionModel {
@@ -114,6 +151,18 @@ impl UNet2DConditionModel {
             (c.conv_out_kernel - 1) / 2,
             true,
         )?;
+        // diffusers builds `add_embedding` as a plain `TimestepEmbedding`
+        // (silu, no post activation) whatever the UNet's `act_fn`.
+        let add_embedding = match c.addition_embed_type {
+            Some(_) => Some(TimestepEmbedding::load(
+                &vb.pp("add_embedding"),
+                c.projection_class_embeddings_input_dim.expect("validated"),
+                c.time_embed_dim(),
+                "silu",
+                None,
+            )?),
+            None => None,
+        };
         let kind = vb.kind();
         Ok(UNet2DConditionModel {
             config,
@@ -124,17 +173,28 @@ impl UNet2DConditionModel {
             up_blocks,
             conv_norm_out,
             conv_out,
+            add_embedding,
             kind,
         })
     }
 
     /// The time embedding every resnet receives, in the model's dtype.
-    fn time_embed(&self, timestep: f64, batch: i64, device: tch::Device) -> Tensor {
+    fn time_embed(&self, timestep: f64, batch: i64, device: tch::Device, added: Option<&AddedCond>) -> Tensor {
         let c = &self.config;
         let t = timestep_embedding(timestep, batch, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift, device);
         // The sinusoids are float32 whatever the weights are; diffusers casts
         // them to the sample's dtype before the MLP, and so do we.
-        let emb = self.time_embedding.forward(&t.to_kind(self.kind));
+        let mut emb = self.time_embedding.forward(&t.to_kind(self.kind));
+        if let Some(add_embedding) = &self.add_embedding {
+            let added = added.expect("an SDXL UNet is called with its added conditioning (text_embeds, time_ids)");
+            let dim = c.addition_time_embed_dim.expect("validated");
+            let ids = added.time_ids.to_device(device);
+            let time_embeds = sinusoidal_embedding(&ids.flatten(0, -1), dim, c.flip_sin_to_cos, c.freq_shift)
+                .reshape([ids.size()[0], -1]);
+            let text_embeds = added.text_embeds.to_device(device).to_kind(Kind::Float);
+            let add = Tensor::cat(&[text_embeds, time_embeds], -1).to_kind(self.kind);
+            emb = emb + add_embedding.forward(&add);
+        }
         match &c.time_embedding_act_fn {
             Some(a) => activation(a, &emb).expect("activation validated with the config"),
             None => emb,
@@ -147,6 +207,23 @@ impl UNet2DConditionModel {
     /// batch; encoder_hidden_states: [B, L, cross_attention_dim]. Inputs are
     /// cast to the weights' dtype; the output has that dtype.
     pub fn forward(&self, sample: &Tensor, timestep: f64, encoder_hidden_states: &Tensor) -> Tensor {
+        self.forward_added(sample, timestep, encoder_hidden_states, None)
+    }
+
+    /// Whether the UNet takes SDXL's added conditioning.
+    pub fn takes_added_cond(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
+    /// [`Self::forward`] with SDXL's added conditioning (required exactly when
+    /// [`Self::takes_added_cond`]).
+    pub fn forward_added(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedCond>,
+    ) -> Tensor {
         let sample = sample.to_kind(self.kind);
         let context = encoder_hidden_states.to_kind(self.kind);
         let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample };
@@ -157,7 +234,7 @@ impl UNet2DConditionModel {
         let factor = 1i64 << (self.up_blocks.len().saturating_sub(1));
         let forward_upsample_size = h % factor != 0 || w % factor != 0;
 
-        let temb = self.time_embed(timestep, batch, sample.device());
+        let temb = self.time_embed(timestep, batch, sample.device(), added);
         let mut x = self.conv_in.forward(&sample);
 
         let mut skips = vec![x.shallow_clone()];
@@ -205,6 +282,17 @@ fn check_weights(vb: &Vb, c: &UNetConfig) -> Result<()> {
     chk.dim("conv_out.weight", 2, c.conv_out_kernel, "conv_out_kernel")?;
     let temb_field = if c.time_embedding_dim.is_some() { "time_embedding_dim" } else { "block_out_channels" };
     chk.dim("time_embedding.linear_1.weight", 0, c.time_embed_dim(), temb_field)?;
+    match c.addition_embed_type {
+        Some(_) => {
+            chk.dim(
+                "add_embedding.linear_1.weight",
+                1,
+                c.projection_class_embeddings_input_dim.expect("validated"),
+                "projection_class_embeddings_input_dim",
+            )?;
+        }
+        None => chk.absent("add_embedding", "addition_embed_type", "null")?,
+    }
     chk.count("down_blocks", n as i64, "down_block_types")?;
     chk.count("up_blocks", n as i64, "up_block_types")?;
     let attentions = |block: &str, field: &str, cross: bool, count: i64, i: usize| -> Result<()> {
