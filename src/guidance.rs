@@ -225,8 +225,9 @@ impl<'a> Guider<'a> {
         let vae32 = if pipe.vae.kind() == Kind::Float {
             None
         } else {
-            let weights = Weights::load(&pipe.dir.weights("vae", None)?, pipe.device, Kind::Float)?;
-            let config = VaeConfig::load(&pipe.dir.config("vae", "config.json")?)?;
+            let weights =
+                Weights::load(&crate::diffusion::model_dir::weights_in(&pipe.vae_dir)?, pipe.device, Kind::Float)?;
+            let config = VaeConfig::load(&pipe.vae_dir.join("config.json"))?;
             Some(AutoencoderKL::load(weights.root(), config)?)
         };
         Ok(Guider {

@@ -276,15 +276,28 @@ fn every_committed_recipe_parses() {
         }
     }
     names.sort();
-    assert_eq!(names, ["ci.yaml", "filter.yaml", "guide.yaml", "inpaint.yaml", "quickstart.yaml"]);
+    assert_eq!(names, ["ci-sdxl.yaml", "ci.yaml", "filter.yaml", "guide.yaml", "inpaint.yaml", "quickstart.yaml"]);
 }
 
 #[test]
 fn ci_recipe_runs() {
+    run_ci_recipe("recipes/ci.yaml");
+}
+
+/// Every job on the tiny SDXL pipelines, at the size the checkpoint gives.
+#[test]
+fn ci_sdxl_recipe_runs() {
+    let out = run_ci_recipe("recipes/ci-sdxl.yaml");
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("filter/settings.json")).unwrap()).unwrap();
+    assert_eq!((settings["height"].as_i64(), settings["width"].as_i64()), (Some(32), Some(32)), "{settings}");
+}
+
+fn run_ci_recipe(recipe: &str) -> tempfile::TempDir {
     tiny_rahf();
     let out = tempfile::tempdir().unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_orchestrate"))
-        .args(["run", "recipes/ci.yaml", "--output"])
+        .args(["run", recipe, "--output"])
         .arg(out.path())
         .current_dir(repo())
         .output()
@@ -296,4 +309,5 @@ fn ci_recipe_runs() {
         assert!(out.path().join(job).join("manifest.jsonl").is_file(), "no {job} manifest\n{stdout}");
         assert!(stdout.contains(&format!("{job} -> ")), "no {job} summary in:\n{stdout}");
     }
+    out
 }

@@ -47,6 +47,8 @@ pub struct StableDiffusion {
     pub text_encoders: Vec<TextEncoder>,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
+    /// The VAE's folder (the pipeline's `vae/`, or `--vae`'s).
+    pub vae_dir: std::path::PathBuf,
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
     pub kind: Kind,
@@ -137,12 +139,14 @@ impl StableDiffusion {
         };
         let vae_weights = Weights::load(&crate::diffusion::model_dir::weights_in(&c.vae_dir)?, device, vae_kind)?;
         let vae = AutoencoderKL::load(vae_weights.root(), c.vae)?;
+        let vae_dir = c.vae_dir;
         Ok(StableDiffusion {
             dir,
             family: c.family,
             text_encoders,
             unet,
             vae,
+            vae_dir,
             scheduler_config: c.scheduler,
             device,
             kind,
