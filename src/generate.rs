@@ -1,6 +1,6 @@
 //! `orchestrate generate`: sample images for prompts and write PNGs plus one
 //! JSON line per image holding every setting needed to reproduce it.
-use crate::diffusion::pipeline::{check_image_size, to_rgb_bytes, ImageRequest, SamplingSettings, StableDiffusion};
+use crate::diffusion::pipeline::{check_image_size, to_rgb_bytes, ImageRequest, SamplingSettings};
 use crate::error::{Error, Result};
 use serde::Serialize;
 use std::io::Write;
@@ -92,13 +92,11 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
         Some(path) => Some(crate::io::load_rgb(path)?),
         None => None,
     };
-    let mut pipe = StableDiffusion::load_with_vae(&opts.model, opts.vae.as_deref(), device, kind)?;
-    if let Some(refiner) = &opts.refiner {
-        pipe = pipe.with_refiner(
-            StableDiffusion::load_with_vae(refiner, opts.vae.as_deref(), device, kind)?,
-            opts.refiner_start,
-        )?;
-    }
+    let options = crate::diffusion::generator::GeneratorOptions {
+        vae: opts.vae.clone(),
+        refiner: opts.refiner.clone().map(|r| (r, opts.refiner_start)),
+    };
+    let pipe = crate::diffusion::generator::load(&opts.model, &options, device, kind)?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
 
     let mut jobs = Vec::new();
@@ -122,10 +120,7 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
     for batch in jobs.chunks(opts.batch_size) {
         let requests: Vec<ImageRequest> = batch.iter().map(|(_, _, r)| r.clone()).collect();
         let images = match &init {
-            Some(image) => {
-                let latents = pipe.img2img_latents(&requests, &opts.settings, image, opts.strength, &mut |_, _| {})?;
-                pipe.decode_checked(&latents)?
-            }
+            Some(image) => pipe.img2img(&requests, &opts.settings, image, opts.strength)?,
             None => pipe.sample(&requests, &opts.settings)?,
         };
         let images = to_rgb_bytes(&images);

@@ -1,7 +1,9 @@
-//! The latent diffusion generator (Stable Diffusion family), read from
-//! diffusers' folder layout and weight names.
+//! The latent diffusion generators (Stable Diffusion 1.x/2.x and SDXL), read
+//! from diffusers' folder layout and weight names, behind one interface
+//! ([`generator::Generator`]).
 pub mod clip;
 pub mod core;
+pub mod generator;
 pub mod inpaint;
 pub mod model_dir;
 pub mod noise;

@@ -201,7 +201,7 @@ pub fn canonical(spec: &str) -> String {
 
 /// A job's generator and RAHF, placed where the options say.
 pub struct Models {
-    pub pipe: crate::diffusion::pipeline::StableDiffusion,
+    pub pipe: Box<dyn crate::diffusion::generator::Generator>,
     pub rahf: crate::rahf::FeedbackModel,
 }
 
@@ -212,13 +212,11 @@ impl CommonOptions {
         let (device, kind, rahf_kind) = self.models.placement()?;
         crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
         let m = &self.models;
-        let load = |spec: &str| {
-            crate::diffusion::pipeline::StableDiffusion::load_with_vae(spec, m.vae.as_deref(), device, kind)
+        let options = crate::diffusion::generator::GeneratorOptions {
+            vae: m.vae.clone(),
+            refiner: m.refiner.clone().map(|r| (r, m.refiner_start)),
         };
-        let mut pipe = load(generator)?;
-        if let Some(refiner) = &m.refiner {
-            pipe = pipe.with_refiner(load(refiner)?, m.refiner_start)?;
-        }
+        let pipe = crate::diffusion::generator::load(generator, &options, device, kind)?;
         let rahf = crate::rahf::FeedbackModel::load(&self.models.rahf, device, rahf_kind)?;
         Ok(Models { pipe, rahf })
     }

@@ -248,7 +248,10 @@ impl crate::jobs::runner::Job for GuideJob<'_> {
     }
 
     fn producer<'m>(&'m self, m: &'m Models) -> Result<Producer<'m, PromptItem, Product>> {
-        let guider = Guider::new(&m.pipe, &m.rahf)?;
+        let pipe = m.pipe.guidance_pipeline().ok_or_else(|| {
+            Error::Invalid(format!("{}: score guidance is not available for this generator family", m.pipe.root().display()))
+        })?;
+        let guider = Guider::new(pipe, &m.rahf)?;
         Ok(Box::new(move |item| Ok(vec![self.guide_one(m, &guider, item)?])))
     }
 

@@ -27,7 +27,8 @@
 //! `candidate_<k>.png` (after paste-back; seed `sampling.seed + k`) and
 //! `chosen.png`; then one `manifest.jsonl` line with every score and the choice.
 use crate::diffusion::inpaint::{to_rgb_images, InpaintMode, InpaintSource};
-use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
+use crate::diffusion::generator::Generator;
+use crate::diffusion::pipeline::{ImageRequest, SamplingSettings};
 use crate::error::{Error, Result};
 use crate::heatmap_io::overlay;
 use crate::io::{save_gray, save_rgb, write_npy};
@@ -444,7 +445,7 @@ impl crate::jobs::runner::Job for InpaintJob<'_> {
         };
         tracing::info!("inpaint generator {}: {mode} inpainting", self.generator);
         Ok(Box::new(move |item| {
-            let mut p = predict_and_inpaint(item, self.opts, self.common, &m.rahf, &m.pipe, &self.settings)?;
+            let mut p = predict_and_inpaint(item, self.opts, self.common, &m.rahf, m.pipe.as_ref(), &self.settings)?;
             p.mode = mode;
             Ok(vec![p])
         }))
@@ -514,7 +515,7 @@ fn predict_and_inpaint(
     opts: &InpaintOptions,
     common: &CommonOptions,
     rahf: &FeedbackModel,
-    pipe: &StableDiffusion,
+    pipe: &dyn Generator,
     settings: &crate::diffusion::pipeline::SamplingSettings,
 ) -> Result<Product> {
     let (original, image_sha256) = crate::io::load_rgb_with_digest(&item.image)?;

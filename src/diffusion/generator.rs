@@ -1,0 +1,104 @@
+//! The one interface jobs make images through, whatever the model family:
+//! text-to-image, img2img, inpainting, and (for score guidance) access to the
+//! denoiser. [`load`] reads a pipeline folder and returns the family's
+//! implementation; `filter`, `inpaint`, `guide` and `generate` hold a
+//! `Box<dyn Generator>` and never branch on the family.
+//!
+//! Implemented by the UNet family ([`StableDiffusion`]: SD 1.x/2.x and SDXL).
+use crate::diffusion::inpaint::{InpaintMode, InpaintSource};
+use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
+use crate::error::{Error, Result};
+use image::RgbImage;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+pub trait Generator: Send {
+    /// The pipeline folder it was loaded from.
+    fn root(&self) -> &Path;
+    /// The image size diffusers defaults to for this checkpoint (height, width).
+    fn default_size(&self) -> (i64, i64);
+    /// Text-to-image: images in [0, 1], `[B, 3, H, W]`, float32 on the CPU.
+    /// Image `b` depends only on its request (batch-independent).
+    fn sample(&self, requests: &[ImageRequest], settings: &SamplingSettings) -> Result<Tensor>;
+    /// img2img from `image` (at the sampling size) at `strength`.
+    fn img2img(&self, requests: &[ImageRequest], settings: &SamplingSettings, image: &RgbImage, strength: f64)
+        -> Result<Tensor>;
+    /// How this checkpoint inpaints; an error naming the config when it cannot.
+    fn inpaint_mode(&self) -> Result<InpaintMode>;
+    /// Inpaints candidates of `source` (not pasted back).
+    fn inpaint(
+        &self,
+        source: &InpaintSource,
+        candidates: &[ImageRequest],
+        settings: &SamplingSettings,
+        strength: f64,
+    ) -> Result<Tensor>;
+    /// The denoiser, scheduler and VAE that score guidance differentiates
+    /// through, for families that support it.
+    fn guidance_pipeline(&self) -> Option<&StableDiffusion>;
+}
+
+impl Generator for StableDiffusion {
+    fn root(&self) -> &Path {
+        &self.dir.root
+    }
+
+    fn default_size(&self) -> (i64, i64) {
+        self.default_size
+    }
+
+    fn sample(&self, requests: &[ImageRequest], settings: &SamplingSettings) -> Result<Tensor> {
+        StableDiffusion::sample(self, requests, settings)
+    }
+
+    fn img2img(
+        &self,
+        requests: &[ImageRequest],
+        settings: &SamplingSettings,
+        image: &RgbImage,
+        strength: f64,
+    ) -> Result<Tensor> {
+        let latents = self.img2img_latents(requests, settings, image, strength, &mut |_, _| {})?;
+        self.decode_checked(&latents)
+    }
+
+    fn inpaint_mode(&self) -> Result<InpaintMode> {
+        StableDiffusion::inpaint_mode(self)
+    }
+
+    fn inpaint(
+        &self,
+        source: &InpaintSource,
+        candidates: &[ImageRequest],
+        settings: &SamplingSettings,
+        strength: f64,
+    ) -> Result<Tensor> {
+        StableDiffusion::inpaint(self, source, candidates, settings, strength)
+    }
+
+    fn guidance_pipeline(&self) -> Option<&StableDiffusion> {
+        Some(self)
+    }
+}
+
+/// What selects and modifies a generator besides its folder.
+#[derive(Debug, Clone, Default)]
+pub struct GeneratorOptions {
+    /// A VAE folder replacing the pipeline's (`--vae`).
+    pub vae: Option<String>,
+    /// A refiner pipeline and the fraction of the schedule it takes over at.
+    pub refiner: Option<(String, f64)>,
+}
+
+/// Loads the generator in `spec` (a diffusers folder or cached repo id) with
+/// `options`, for its family.
+pub fn load(spec: &str, options: &GeneratorOptions, device: Device, kind: Kind) -> Result<Box<dyn Generator>> {
+    let vae = options.vae.as_deref();
+    let mut pipe = StableDiffusion::load_with_vae(spec, vae, device, kind)?;
+    if let Some((refiner, start)) = &options.refiner {
+        let refiner = StableDiffusion::load_with_vae(refiner, vae, device, kind)
+            .map_err(|e| Error::Invalid(format!("refiner {refiner}: {e}")))?;
+        pipe = pipe.with_refiner(refiner, *start)?;
+    }
+    Ok(Box::new(pipe))
+}
