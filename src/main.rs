@@ -87,9 +87,9 @@ struct GenerateArgs {
     height: Option<i64>,
     #[arg(long)]
     width: Option<i64>,
-    /// ddim, euler, euler-a or dpm++2m.
-    #[arg(long, default_value = "ddim")]
-    scheduler: String,
+    /// ddim, euler, euler-a or dpm++2m (default: the folder's own scheduler when it is one of these, else ddim).
+    #[arg(long)]
+    scheduler: Option<String>,
     /// Text features from this many layers before the last (1 = penultimate layer).
     #[arg(long)]
     clip_skip: Option<usize>,
@@ -122,6 +122,13 @@ struct GenerateArgs {
     strength: f64,
 }
 
+/// The scheduler class a generator folder ships, when it is one implemented
+/// here (`None` for SD 1.5's PNDM, or when the folder cannot be read: the
+/// later checks name that error).
+fn folder_scheduler(model: &str) -> Option<String> {
+    orchestrate::jobs::common::check_generator(model).ok()?.default_scheduler.map(|k| k.name().to_string())
+}
+
 /// `--height`/`--width` given, or the generator's native size for each left out.
 fn size_or_native(model: &str, height: Option<i64>, width: Option<i64>) -> Result<(i64, i64)> {
     match (height, width) {
@@ -135,7 +142,8 @@ fn size_or_native(model: &str, height: Option<i64>, width: Option<i64>) -> Resul
 
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let scheduler = a.scheduler.parse().map_err(|e| anyhow::anyhow!("--scheduler {}: {e}", a.scheduler))?;
+    let name = a.scheduler.clone().or_else(|| folder_scheduler(&a.model)).unwrap_or_else(|| "ddim".into());
+    let scheduler = name.parse().map_err(|e| anyhow::anyhow!("--scheduler {name}: {e}"))?;
     let (height, width) = size_or_native(&a.model, a.height, a.width)?;
     let opts = orchestrate::generate::GenerateOptions {
         model: a.model,
@@ -519,7 +527,7 @@ struct JobArgs {
     height: Option<i64>,
     #[arg(long)]
     width: Option<i64>,
-    /// ddim, euler, euler-a or dpm++2m (default dpm++2m).
+    /// ddim, euler, euler-a or dpm++2m (default: the folder's own scheduler when it is one of these, else dpm++2m).
     #[arg(long)]
     scheduler: Option<String>,
     #[arg(long)]
@@ -563,6 +571,8 @@ impl JobArgs {
                 Err(_) => (self.height.unwrap_or(d.height), self.width.unwrap_or(d.width)),
             },
         };
+        // No --scheduler: the generator folder's own, when implemented here.
+        let scheduler = self.scheduler.unwrap_or_else(|| folder_scheduler(&self.model).unwrap_or(d.scheduler));
         let common = CommonOptions {
             models: ModelOptions {
                 generator: self.model,
@@ -580,7 +590,7 @@ impl JobArgs {
                 guidance_scale: self.guidance_scale.unwrap_or(d.guidance_scale),
                 height,
                 width,
-                scheduler: self.scheduler.unwrap_or(d.scheduler),
+                scheduler,
                 negative_prompt: self.negative_prompt.unwrap_or(d.negative_prompt),
                 seed: self.seed.unwrap_or(d.seed),
                 clip_skip: self.clip_skip.or(d.clip_skip),

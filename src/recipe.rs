@@ -250,6 +250,9 @@ pub struct Recipe {
     /// known ([`Recipe::resolve_size`]), as diffusers defaults each on its own.
     pub height_from_model: bool,
     pub width_from_model: bool,
+    /// `sampling.scheduler` not given: the generator folder's own scheduler
+    /// when implemented here, else the dpm++2m default.
+    pub scheduler_from_model: bool,
     pub locations: Locations,
 }
 
@@ -380,6 +383,7 @@ impl Recipe {
         });
         let height_from_model = locations.get("sampling.height").is_none();
         let width_from_model = locations.get("sampling.width").is_none();
+        let scheduler_from_model = locations.get("sampling.scheduler").is_none();
         let recipe = Recipe {
             file: file.to_path_buf(),
             note: raw.note,
@@ -391,6 +395,7 @@ impl Recipe {
             guide,
             height_from_model,
             width_from_model,
+            scheduler_from_model,
             locations,
         };
         recipe.locate("sampling", recipe.common.sampling.validate())?;
@@ -471,6 +476,13 @@ impl Recipe {
     /// Replaces the 512 default with the generator's native size when the
     /// recipe gives no `height`/`width` (needs the generator's configs).
     pub fn resolve_size(&mut self) -> Result<()> {
+        if self.scheduler_from_model {
+            let info = self.at_field("models.generator", check_generator(&self.common.models.generator))?;
+            if let Some(kind) = info.default_scheduler {
+                self.common.sampling.scheduler = kind.name().to_string();
+            }
+            self.scheduler_from_model = false;
+        }
         if !self.height_from_model && !self.width_from_model {
             return Ok(());
         }

@@ -161,3 +161,25 @@ fn vae_flag_swaps_the_vae() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("nope"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// A Turbo checkpoint runs like any other: no --scheduler (the folder's
+/// trailing Euler ancestral), one step, no guidance, the checkpoint's size.
+#[test]
+fn turbo_folder_runs_with_its_own_scheduler() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("gen");
+    let o = common::bin()
+        .args(["generate", "--model"])
+        .arg(fixtures().join("sdxl-tiny-turbo"))
+        .args(["--prompt", "a photo of a red cat", "--seed", "1234", "--images-per-prompt", "2", "--batch-size", "2"])
+        .args(["--steps", "1", "--guidance-scale", "0", "--device", "cpu", "--dtype", "fp32", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (images, records) = generated(&out);
+    assert_eq!(records[0]["scheduler"], "euler-a");
+    let want = outputs("sdxl-tiny-turbo")["image.turbo_1step"].narrow(0, 0, 2);
+    let d = max_abs_diff(&images, &want);
+    assert!(d <= 2.0, "turbo differs from diffusers by {d}/255");
+}

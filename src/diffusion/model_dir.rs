@@ -240,6 +240,12 @@ impl PipelineConfigs {
         }
     }
 
+    /// The scheduler diffusers' pipeline would use: the folder's own class,
+    /// when it is one of the four implemented here (SD 1.5's PNDM is not).
+    pub fn default_scheduler(&self) -> Option<crate::diffusion::schedulers::SchedulerKind> {
+        self.scheduler.class_name.as_deref().and_then(crate::diffusion::schedulers::SchedulerKind::from_diffusers_class)
+    }
+
     /// The image size diffusers' pipelines default to: the UNet's
     /// `sample_size` times the VAE's scale factor (512 for SD 1.x, 768 for
     /// SD 2.x, 1024 for SDXL); 512 when the config has no `sample_size`.

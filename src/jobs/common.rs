@@ -348,6 +348,8 @@ pub struct GeneratorInfo {
     pub native_size: Option<(i64, i64)>,
     /// `SD` or `SDXL` (and `refiner` for an SDXL pipeline without the first encoder).
     pub family: &'static str,
+    /// The folder's own scheduler, when implemented here.
+    pub default_scheduler: Option<SchedulerKind>,
 }
 
 impl GeneratorInfo {
@@ -384,6 +386,7 @@ pub fn check_generator_with_vae(spec: &str, vae: Option<&str>) -> Result<Generat
         Family::Xl(_) => "SDXL",
     };
     Ok(GeneratorInfo {
+        default_scheduler: c.default_scheduler(),
         max_clip_skip: c.max_clip_skip(),
         root: c.dir.root,
         in_channels: c.unet.in_channels,

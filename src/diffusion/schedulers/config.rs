@@ -24,6 +24,10 @@ pub struct SchedulerConfig {
     /// Where the config came from, for error messages.
     #[serde(skip)]
     pub path: PathBuf,
+    /// The diffusers class the folder ships (`EulerDiscreteScheduler`, ...):
+    /// the scheduler used when none is chosen, if it is one of ours.
+    #[serde(rename = "_class_name")]
+    pub class_name: Option<String>,
     pub num_train_timesteps: Option<usize>,
     pub beta_start: Option<f64>,
     pub beta_end: Option<f64>,

@@ -80,6 +80,11 @@ impl SchedulerKind {
         }
     }
 
+    /// The scheduler a diffusers class name stands for, when it is one of ours.
+    pub fn from_diffusers_class(class: &str) -> Option<SchedulerKind> {
+        SchedulerKind::ALL.into_iter().find(|k| k.diffusers_class() == class)
+    }
+
     /// The diffusers class this mirrors.
     pub fn diffusers_class(self) -> &'static str {
         match self {
