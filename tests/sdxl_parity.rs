@@ -260,3 +260,32 @@ fn sdxl_unet_with_added_conditioning_matches_diffusers() {
         assert!(d < 1e-5, "{name}: UNet output differs by {d}");
     }
 }
+
+/// fp16: the SDXL VAE (`force_upcast`) runs in fp32 as diffusers does, the
+/// text encoders and UNet in fp16, against diffusers' own fp16 pipeline on the
+/// CPU (`sdxl-tiny.fp16.outputs`); a VAE that decodes NaN/inf is an error
+/// naming the remedy.
+#[test]
+fn sdxl_in_half_precision_upcasts_its_vae() {
+    let dir = fixture_dir().join("sdxl-tiny");
+    let pipe = StableDiffusion::load(dir.to_str().unwrap(), Device::Cpu, Kind::Half).unwrap();
+    assert_eq!(pipe.vae.kind(), Kind::Float);
+    assert_eq!(pipe.kind, Kind::Half);
+    let fx = load_fixture("sdxl-tiny.fp16");
+    let run = &fx.runs["euler_fp16"];
+    let mut step1 = Step1::default();
+    let latents = pipe.sample_latents(&requests(run), &settings(run), &mut step1.hook()).unwrap();
+    assert_eq!(latents.kind(), Kind::Half);
+    let want = &fx.tensors["latents_step1.euler_fp16"];
+    let scale = want.abs().max().double_value(&[]).max(1.0);
+    let rel = max_abs_diff(step1.0.as_ref().unwrap(), want) / scale;
+    let image = to_rgb_bytes(&pipe.decode_checked(&latents).unwrap());
+    let d_image = max_abs_diff(&image, &fx.tensors["image.euler_fp16"]);
+    eprintln!("fp16: step-1 latents rel {rel:.2e}, image {d_image}/255 (10 chaotic fp16 steps on random weights)");
+    // One fp16 UNet call: within a few fp16 ulps (2^-10 relative) of diffusers'.
+    assert!(rel < 4e-3, "fp16 step-1 latents differ from diffusers' fp16 ones (rel {rel})");
+
+    let latents = Tensor::full([1, 4, 16, 16], f64::NAN, (Kind::Float, Device::Cpu));
+    let e = pipe.decode_checked(&latents).unwrap_err().to_string();
+    assert!(e.contains("--vae") && e.contains("fp16-fix"), "{e}");
+}
