@@ -129,14 +129,17 @@ fn folder_scheduler(model: &str) -> Option<String> {
     orchestrate::jobs::common::check_generator(model).ok()?.default_scheduler.map(|k| k.name().to_string())
 }
 
-/// `--height`/`--width` given, or the generator's native size for each left out.
-fn size_or_native(model: &str, height: Option<i64>, width: Option<i64>) -> Result<(i64, i64)> {
+/// `--height`/`--width` given, or the generator's native size for each left
+/// out (512 when the folder gives none or cannot be read: loading it later
+/// names that error).
+fn size_or_native(model: &str, height: Option<i64>, width: Option<i64>) -> (i64, i64) {
+    let d = orchestrate::jobs::SamplingOptions::default();
     match (height, width) {
-        (Some(h), Some(w)) => Ok((h, w)),
-        _ => {
-            let (nh, nw) = orchestrate::recipe::native_size(model).map_err(|e| anyhow::anyhow!("--model {model}: {e}"))?;
-            Ok((height.unwrap_or(nh), width.unwrap_or(nw)))
-        }
+        (Some(h), Some(w)) => (h, w),
+        _ => match orchestrate::recipe::native_size(model) {
+            Ok((h, w)) => (height.unwrap_or(h), width.unwrap_or(w)),
+            Err(_) => (height.unwrap_or(d.height), width.unwrap_or(d.width)),
+        },
     }
 }
 
@@ -144,7 +147,7 @@ fn size_or_native(model: &str, height: Option<i64>, width: Option<i64>) -> Resul
 fn generate(a: GenerateArgs) -> Result<()> {
     let name = a.scheduler.clone().or_else(|| folder_scheduler(&a.model)).unwrap_or_else(|| "ddim".into());
     let scheduler = name.parse().map_err(|e| anyhow::anyhow!("--scheduler {name}: {e}"))?;
-    let (height, width) = size_or_native(&a.model, a.height, a.width)?;
+    let (height, width) = size_or_native(&a.model, a.height, a.width);
     let opts = orchestrate::generate::GenerateOptions {
         model: a.model,
         prompts: a.prompt,
@@ -563,14 +566,8 @@ impl JobArgs {
     fn into_options(self) -> Result<(orchestrate::jobs::CommonOptions, orchestrate::jobs::RunContext)> {
         use orchestrate::jobs::{CommonOptions, ModelOptions, RunContext, SamplingOptions, Shard};
         let d = SamplingOptions::default();
-        let (height, width) = match (self.height, self.width) {
-            (Some(h), Some(w)) => (h, w),
-            // Each size left out is the generator's native one, as in recipes.
-            _ => match orchestrate::recipe::native_size(&self.model) {
-                Ok((h, w)) => (self.height.unwrap_or(h), self.width.unwrap_or(w)),
-                Err(_) => (self.height.unwrap_or(d.height), self.width.unwrap_or(d.width)),
-            },
-        };
+        // Each size left out is the generator's native one, as in recipes.
+        let (height, width) = size_or_native(&self.model, self.height, self.width);
         // No --scheduler: the generator folder's own, when implemented here.
         let scheduler = self.scheduler.unwrap_or_else(|| folder_scheduler(&self.model).unwrap_or(d.scheduler));
         let common = CommonOptions {

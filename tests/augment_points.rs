@@ -3,7 +3,7 @@
 //! made by tests/fixtures/points/make_fixtures.py) and against their definitions.
 use image::RgbImage;
 use orchestrate::rahf::augment::{self, AugmentConfig, CropBox};
-use orchestrate::richhf::points::{self, average_annotators, convert_points_file, disk_map};
+use orchestrate::richhf::points::{average_annotators, convert_points_file, disk_map};
 use orchestrate::richhf::Heatmap;
 use orchestrate::rng::Rng;
 use serde_json::Value;

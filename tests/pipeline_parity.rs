@@ -38,27 +38,8 @@ fn scheduler_name(run: &str) -> &'static str {
     }
 }
 
-/// The fixture's image order is diffusers': prompt-major, image i of a prompt
-/// seeded by generator_seeds[k].
 fn requests(run: &serde_json::Value) -> Vec<ImageRequest> {
-    let prompts: Vec<String> = serde_json::from_value(run["prompts"].clone()).unwrap();
-    let per_prompt = run["num_images_per_prompt"].as_u64().unwrap() as usize;
-    let seeds: Vec<u64> = serde_json::from_value(run["generator_seeds"].clone()).unwrap();
-    let negatives: Vec<String> = match &run["negative_prompt"] {
-        serde_json::Value::Null => vec![String::new(); prompts.len()],
-        v => serde_json::from_value(v.clone()).unwrap(),
-    };
-    let mut out = Vec::new();
-    for (p, prompt) in prompts.iter().enumerate() {
-        for i in 0..per_prompt {
-            out.push(ImageRequest {
-                prompt: prompt.clone(),
-                negative_prompt: negatives[p].clone(),
-                seed: seeds[p * per_prompt + i],
-            });
-        }
-    }
-    out
+    common::fixture_requests(run)
 }
 
 fn check_pipeline(name: &str) {

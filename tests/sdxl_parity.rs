@@ -63,27 +63,8 @@ fn settings(run: &Value) -> SamplingSettings {
     }
 }
 
-/// Prompt-major requests; a null negative prompt is the empty one (zeroed
-/// under `force_zeros_for_empty_prompt`, as diffusers does for `None`).
-fn requests(run: &Value) -> Vec<ImageRequest> {
-    let prompts: Vec<String> = serde_json::from_value(run["prompts"].clone()).unwrap();
-    let per_prompt = run["num_images_per_prompt"].as_u64().unwrap() as usize;
-    let seeds: Vec<u64> = serde_json::from_value(run["generator_seeds"].clone()).unwrap();
-    let negatives: Vec<String> = match &run["negative_prompt"] {
-        Value::Null => vec![String::new(); prompts.len()],
-        v => serde_json::from_value(v.clone()).unwrap(),
-    };
-    let mut out = Vec::new();
-    for (p, prompt) in prompts.iter().enumerate() {
-        for i in 0..per_prompt {
-            out.push(ImageRequest {
-                prompt: prompt.clone(),
-                negative_prompt: negatives[p].clone(),
-                seed: seeds[p * per_prompt + i],
-            });
-        }
-    }
-    out
+fn requests(run: &serde_json::Value) -> Vec<ImageRequest> {
+    common::fixture_requests(run)
 }
 
 /// A step-1 capture for `sample_latents`-style callbacks.

@@ -81,3 +81,27 @@ pub fn bin() -> std::process::Command {
         .env_remove("ORCHESTRATE_SHARDS");
     c
 }
+
+/// A parity fixture run's images in diffusers' batch order: prompt-major,
+/// image i of prompt p seeded `generator_seeds[p * per_prompt + i]`; a null
+/// negative prompt is the empty one (none).
+pub fn fixture_requests(run: &serde_json::Value) -> Vec<orchestrate::diffusion::pipeline::ImageRequest> {
+    let prompts: Vec<String> = serde_json::from_value(run["prompts"].clone()).unwrap();
+    let per_prompt = run["num_images_per_prompt"].as_u64().unwrap() as usize;
+    let seeds: Vec<u64> = serde_json::from_value(run["generator_seeds"].clone()).unwrap();
+    let negatives: Vec<String> = match &run["negative_prompt"] {
+        serde_json::Value::Null => vec![String::new(); prompts.len()],
+        v => serde_json::from_value(v.clone()).unwrap(),
+    };
+    let mut out = Vec::new();
+    for (p, prompt) in prompts.iter().enumerate() {
+        for i in 0..per_prompt {
+            out.push(orchestrate::diffusion::pipeline::ImageRequest {
+                prompt: prompt.clone(),
+                negative_prompt: negatives[p].clone(),
+                seed: seeds[p * per_prompt + i],
+            });
+        }
+    }
+    out
+}
