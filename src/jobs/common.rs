@@ -297,7 +297,7 @@ impl CommonOptions {
             if k > info.max_clip_skip {
                 return Err(Error::field(
                     "sampling.clip_skip",
-                    format!("{k}: the text encoders of {generator} allow at most {}", info.max_clip_skip),
+                    format!("{k}: at most {} layers of the text encoders of {generator} can be skipped", info.max_clip_skip),
                 ));
             }
         }
