@@ -1,14 +1,17 @@
-//! Sampling with a RAHF score as classifier guidance: forward universal guidance
+//! Sampling with a score as classifier guidance: forward universal guidance
 //! (Bansal et al. 2023, "Universal Guidance for Diffusion Models"), which the
-//! RAHF paper uses with its aesthetics score (§5, Fig. 8 c-d).
+//! RAHF paper uses with its aesthetics score (§5, Fig. 8 c-d). The score is
+//! any score spec (`crate::scorers::spec`): one score of one scorer, or a
+//! weighted sum of normalised scores of several.
 //!
 //! # One guided step
 //! At a guided step `i` the loop predicts x̂0 from the model output
 //! ([`Scheduler::pred_original_sample`]), decodes it with the VAE, scores the
-//! decoded image with RAHF ([`FeedbackModel::scores_from_tokens`]) and takes the
-//! gradient g = ∇ score of the chosen score with respect to the scheduler's
-//! sample (the latents the step is applied to). The model output is then moved
-//! along g before the scheduler's own step runs.
+//! decoded image through every scorer's differentiable path
+//! ([`ScoreSpec::value_from_pixels`]) and takes the gradient g = ∇ value of
+//! the spec's value with respect to the scheduler's sample (the latents the
+//! step is applied to). The model output is then moved along g before the
+//! scheduler's own step runs.
 //!
 //! ## The exact rule
 //! Write each scheduler's sample at step `t` as `s_t = a_t·x0 + k_t·ε`, with the
@@ -87,17 +90,17 @@ use crate::diffusion::schedulers::config::PredictionType;
 use crate::diffusion::schedulers::{self, Scheduler, SchedulerKind};
 use crate::diffusion::vae::{AutoencoderKL, VaeConfig};
 use crate::error::{Error, Result};
-use crate::rahf::tokenizer::PromptTokens;
-use crate::rahf::FeedbackModel;
+use crate::scorers::{ScoreSpec, Scorers};
 use crate::weights::Weights;
 use tch::{Device, Kind, Tensor};
 
-/// Which of RAHF's four scores to guide on.
+/// RAHF's four scores by name (each is a score spec: `ScoreKind::Aesthetics.into()`).
 pub use crate::rahf::ScoreKind;
 
 #[derive(Debug, Clone)]
 pub struct GuidanceSettings {
-    pub score: ScoreKind,
+    /// What to guide on: its value's gradient.
+    pub score: ScoreSpec,
     /// `s` in ε̂ = ε − s·k_t·∇ score (see the module docs); 0 turns guidance off.
     pub strength: f64,
     /// Guide steps 0, k, 2k, ...
@@ -110,9 +113,9 @@ pub struct GuidanceSettings {
 
 impl GuidanceSettings {
     /// Guide every step, no recurrence, gradient through the UNet.
-    pub fn new(score: ScoreKind, strength: f64) -> Self {
+    pub fn new(score: impl Into<ScoreSpec>, strength: f64) -> Self {
         GuidanceSettings {
-            score,
+            score: score.into(),
             strength,
             every: 1,
             recurrence: 1,
@@ -148,7 +151,7 @@ impl GuidanceSettings {
 pub struct GuidanceStep {
     pub step: usize,
     pub pass: usize,
-    /// Per image, the guided score of the decoded x̂0 before the update.
+    /// Per image, the spec's value for the decoded x̂0 before the update.
     pub scores: Vec<f64>,
     /// Per image, the L2 norm of ∇ score w.r.t. the latents.
     pub grad_norms: Vec<f64>,
@@ -212,16 +215,17 @@ fn output_shift_factor(prediction: PredictionType, level: Level, strength: f64) 
     -strength * level.k * per_eps
 }
 
-/// A generator and a scorer held together for guided sampling.
+/// A generator and the scorers of a spec held together for guided sampling.
 pub struct Guider<'a> {
     pipe: &'a StableDiffusion,
-    scorer: &'a FeedbackModel,
+    scorers: &'a Scorers,
     /// A float32 copy of the VAE when the pipeline's is not float32.
     vae32: Option<AutoencoderKL>,
 }
 
 impl<'a> Guider<'a> {
-    pub fn new(pipe: &'a StableDiffusion, scorer: &'a FeedbackModel) -> Result<Self> {
+    /// `scorers` must hold every scorer of the spec a sampling call guides on.
+    pub fn new(pipe: &'a StableDiffusion, scorers: &'a Scorers) -> Result<Self> {
         let vae32 = if pipe.vae.kind() == Kind::Float {
             None
         } else {
@@ -232,7 +236,7 @@ impl<'a> Guider<'a> {
         };
         Ok(Guider {
             pipe,
-            scorer,
+            scorers,
             vae32,
         })
     }
@@ -282,7 +286,9 @@ impl<'a> Guider<'a> {
         // Text conditioning exactly as the pipeline builds it.
         let cond = Conditioning::encode(pipe, requests, settings)?;
         let prompts: Vec<String> = requests.iter().map(|r| r.prompt.clone()).collect();
-        let tokens = self.scorer.tokenize(&prompts)?;
+        for name in guidance.score.scorers() {
+            self.scorers.require(&name)?;
+        }
 
         let n = scheduler.timesteps().len();
         let ancestral = scheduler.needs_noise();
@@ -311,7 +317,7 @@ impl<'a> Guider<'a> {
                         i,
                         &latents,
                         &cond,
-                        &tokens,
+                        &prompts,
                         guidance,
                     )?;
                     let grad_norms = per_image_norms(&grad);
@@ -348,15 +354,15 @@ impl<'a> Guider<'a> {
         Ok(latents)
     }
 
-    /// The model output (detached), ∇ score w.r.t. the latents (float32) and the
-    /// per-image scores of the decoded x̂0.
+    /// The model output (detached), ∇ value w.r.t. the latents (float32) and the
+    /// per-image spec values of the decoded x̂0.
     fn score_gradient(
         &self,
         scheduler: &dyn Scheduler,
         i: usize,
         latents: &Tensor,
         cond: &Conditioning,
-        tokens: &[PromptTokens],
+        prompts: &[String],
         guidance: &GuidanceSettings,
     ) -> Result<(Tensor, Tensor, Vec<f64>)> {
         tch::with_grad(|| {
@@ -374,19 +380,11 @@ impl<'a> Guider<'a> {
                 .pred_original_sample(&out, i, &leaf)
                 .to_kind(Kind::Float);
             let pixels = self.decode_pixels(&x0);
-            let weight = &self.scorer.model.visual_token_projection.weight;
-            let scores = self
-                .scorer
-                .scores_from_tokens(
-                    &pixels.to_device(weight.device()).to_kind(weight.kind()),
-                    tokens,
-                )?
-                .select(1, guidance.score.index() as i64)
-                .to_kind(Kind::Float);
+            let scores = guidance.score.value_from_pixels(self.scorers, &pixels, prompts)?.to_kind(Kind::Float);
             // Images are independent, so the gradient of the sum is each image's own.
             let objective = scores.sum(Kind::Float);
             let mut grads = Tensor::f_run_backward(&[&objective], &[&leaf], false, false)
-                .map_err(|e| Error::torch("guidance: backward through the VAE and RAHF", e))?;
+                .map_err(|e| Error::torch("guidance: backward through the VAE and the scorers", e))?;
             let values =
                 Vec::<f64>::try_from(scores.detach().to_kind(Kind::Double).to_device(Device::Cpu))
                     .map_err(|e| Error::torch("guidance scores", e))?;
@@ -420,12 +418,12 @@ fn per_image_norms(grad: &Tensor) -> Vec<f64> {
 /// Guided images in [0, 1], [B, 3, H, W], float32 on the CPU (see the module docs).
 pub fn sample_guided(
     pipe: &StableDiffusion,
-    scorer: &FeedbackModel,
+    scorers: &Scorers,
     requests: &[ImageRequest],
     settings: &SamplingSettings,
     guidance: &GuidanceSettings,
 ) -> Result<Tensor> {
-    Guider::new(pipe, scorer)?.sample(requests, settings, guidance, &mut |_| {})
+    Guider::new(pipe, scorers)?.sample(requests, settings, guidance, &mut |_| {})
 }
 
 #[cfg(test)]

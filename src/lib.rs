@@ -19,6 +19,7 @@ pub mod report;
 pub mod richhf;
 pub mod rng;
 pub mod score;
+pub mod scorers;
 pub mod weights;
 
 pub use error::{Error, Result};

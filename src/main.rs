@@ -15,7 +15,7 @@ struct Cli {
 enum Command {
     /// Sample images from a Stable Diffusion-family model (diffusers folder or cached HF repo id).
     Generate(GenerateArgs),
-    /// RAHF feedback (four scores, two heatmaps, misaligned keywords) for existing images.
+    /// Every given scorer's scores for existing images (RAHF: four scores, two heatmaps, misaligned keywords).
     Score(ScoreArgs),
     /// RAHF itself: import the published checkpoint, start fresh from HF backbones, train, evaluate.
     #[command(subcommand)]
@@ -178,9 +178,15 @@ fn generate(a: GenerateArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 struct ScoreArgs {
-    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json).
+    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json): the scorer `rahf`.
     #[arg(long)]
-    rahf: std::path::PathBuf,
+    rahf: Option<std::path::PathBuf>,
+    /// Another scorer's checkpoint, NAME=PATH (NAME: a scorer type or TYPE.LABEL, e.g. rahf.b); repeatable.
+    #[arg(long = "scorer-model", value_name = "NAME=PATH")]
+    scorer_models: Vec<String>,
+    /// Also print this score spec's value per image (e.g. "0.7*rahf:plausibility+0.3*rahf.b:aesthetics").
+    #[arg(long)]
+    score: Option<String>,
     /// The prompt the IMAGEs were generated from.
     #[arg(long)]
     prompt: Option<String>,
@@ -231,12 +237,60 @@ fn score(a: ScoreArgs) -> Result<()> {
     if items.is_empty() {
         anyhow::bail!("nothing to score: give IMAGE... with --prompt, or --manifest FILE.jsonl");
     }
+    let spec: Option<orchestrate::scorers::ScoreSpec> = a.score.as_deref().map(str::parse).transpose()?;
+    let given = scorer_models(a.rahf.as_deref(), &a.scorer_models)?;
+    if given.is_empty() {
+        anyhow::bail!("no scorer given: --rahf DIR and/or --scorer-model NAME=PATH");
+    }
     let (device, kind) = a.run.placement()?;
-    let model = orchestrate::rahf::FeedbackModel::load(&a.rahf, device, kind)?;
-    orchestrate::score::run(&model, &items, a.run.batch_size, a.out.as_deref(), &mut |rec| {
+    let names: Vec<String> = given.iter().map(|(n, _)| n.clone()).collect();
+    let scorers = orchestrate::scorers::Scorers::load(
+        &names,
+        &|n| given.iter().find(|(g, _)| g == n).map(|(_, p)| p.clone()),
+        device,
+        kind,
+    )?;
+    orchestrate::score::run(&scorers, spec.as_ref(), &items, a.run.batch_size, a.out.as_deref(), &mut |rec| {
         println!("{}", serde_json::to_string(rec).expect("records serialise"));
     })?;
     Ok(())
+}
+
+/// `--rahf` and every `--scorer-model NAME=PATH`, by instance name (`rahf` first).
+fn scorer_models(rahf: Option<&std::path::Path>, specs: &[String]) -> Result<Vec<(String, String)>> {
+    let mut out: Vec<(String, String)> = rahf.iter().map(|p| ("rahf".to_string(), p.to_string_lossy().into_owned())).collect();
+    for (name, path) in parse_scorer_models(specs)? {
+        out.push((name, path));
+    }
+    Ok(out)
+}
+
+/// `--scorer-model NAME=PATH`, each NAME a known scorer type or TYPE.LABEL, once; not `rahf` (that is --rahf).
+fn parse_scorer_models(specs: &[String]) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut map = std::collections::BTreeMap::new();
+    for s in specs {
+        let (name, path) = s
+            .split_once('=')
+            .filter(|(n, p)| !n.trim().is_empty() && !p.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("--scorer-model `{s}`: expected NAME=PATH, e.g. pickscore=/models/pickscore"))?;
+        let name = name.trim();
+        if name == "rahf" {
+            anyhow::bail!("--scorer-model `{s}`: RAHF is given by --rahf; a second RAHF is another instance, e.g. rahf.b={path}");
+        }
+        orchestrate::scorers::type_of(name).map_err(|e| anyhow::anyhow!("--scorer-model `{s}`: {e}"))?;
+        if map.insert(name.to_string(), path.to_string()).is_some() {
+            anyhow::bail!("--scorer-model: `{name}` is given twice");
+        }
+    }
+    Ok(map)
+}
+
+/// `--verify a,b`.
+fn verify_list(v: &Option<String>) -> Result<Vec<String>> {
+    Ok(match v {
+        Some(t) => orchestrate::scorers::parse_verify(t)?,
+        None => Vec::new(),
+    })
 }
 
 #[derive(Subcommand)]
@@ -343,6 +397,9 @@ struct InpaintArgs {
     /// How far the masked region is re-noised, in (0, 1].
     #[arg(long, default_value_t = 1.0)]
     strength: f64,
+    /// The score spec that picks among the original and the candidates (the mask always comes from RAHF's heatmap).
+    #[arg(long, default_value = "plausibility")]
+    score: String,
     /// --model: a 9-channel inpainting checkpoint is used the diffusers way, a
     /// plain one by latent blending. --height/--width: the size the generator
     /// inpaints at; other image sizes are resized to it and back.
@@ -358,6 +415,8 @@ fn inpaint(a: InpaintArgs) -> Result<()> {
         dilate: a.dilate,
         candidates: a.candidates,
         strength: a.strength,
+        score: a.score.parse()?,
+        verify: verify_list(&a.job.verify)?,
     };
     let (common, ctx) = a.job.into_options()?;
     let json = ctx.json;
@@ -373,10 +432,11 @@ struct FilterArgs {
     /// Images sampled per prompt; image i is seeded seed+i.
     #[arg(long, default_value_t = 8)]
     samples: usize,
-    /// Keep images whose score is >= this, in [0, 1].
+    /// Keep images whose score spec value (normalised) is >= this, in [0, 1].
     #[arg(long, default_value_t = 0.8)]
     threshold: f64,
-    /// plausibility, alignment, aesthetics or overall.
+    /// The score spec: a RAHF score (plausibility, alignment, aesthetics, overall), SCORER[:SCORE], or a weighted sum
+    /// such as "0.7*rahf:plausibility+0.3*rahf.b:aesthetics" (weights sum to 1).
     #[arg(long, default_value = "plausibility")]
     score: String,
     /// best (the prompt's best image, if it reaches the threshold) or all-above (every image that does).
@@ -397,6 +457,7 @@ fn filter(a: FilterArgs) -> Result<()> {
         score: a.score.parse()?,
         threshold: a.threshold,
         keep: a.keep.parse()?,
+        verify: verify_list(&a.job.verify)?,
     };
     let (common, ctx) = a.job.into_options()?;
     let json = ctx.json;
@@ -510,9 +571,15 @@ struct JobArgs {
     /// The generator: a diffusers folder or cached HF repo id.
     #[arg(long)]
     model: String,
-    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json).
+    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json): the scorer `rahf`.
     #[arg(long)]
-    rahf: std::path::PathBuf,
+    rahf: Option<std::path::PathBuf>,
+    /// Another scorer's checkpoint, NAME=PATH (NAME: a scorer type or TYPE.LABEL, e.g. rahf.b); repeatable.
+    #[arg(long = "scorer-model", value_name = "NAME=PATH")]
+    scorer_models: Vec<String>,
+    /// Held-out verifiers: scorer instances (comma-separated) that score every output but decide nothing.
+    #[arg(long)]
+    verify: Option<String>,
     /// A VAE folder (diffusers AutoencoderKL) replacing the generator's, e.g. SDXL's fp16-fix VAE.
     #[arg(long)]
     vae: Option<String>,
@@ -549,7 +616,7 @@ struct JobArgs {
     /// Generator dtype: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16 or bf16.
     #[arg(long, default_value = "auto")]
     dtype: String,
-    /// RAHF dtype (fp32 by default: scores are compared with each other).
+    /// The dtype of RAHF and every other scorer (fp32 by default: scores are compared with each other).
     #[arg(long, default_value = "fp32")]
     rahf_dtype: String,
     #[arg(long)]
@@ -578,6 +645,7 @@ impl JobArgs {
                 refiner: self.refiner,
                 refiner_start: self.refiner_start,
                 rahf: self.rahf,
+                scorers: parse_scorer_models(&self.scorer_models)?,
                 device: self.device,
                 dtype: self.dtype,
                 rahf_dtype: self.rahf_dtype,
@@ -616,7 +684,8 @@ struct GuideArgs {
     /// Passes per guided step (self-recurrence); 1 = none.
     #[arg(long, default_value_t = 1)]
     recurrence: usize,
-    /// The score to guide on: plausibility, alignment, aesthetics or overall.
+    /// The score spec to guide on: a RAHF score (plausibility, alignment, aesthetics, overall), SCORER[:SCORE], or a
+    /// weighted sum such as "0.5*rahf:aesthetics+0.5*rahf.b:plausibility".
     #[arg(long, default_value = "aesthetics")]
     score: String,
     /// Images per prompt (seeds seed, seed+1, ...).
@@ -643,6 +712,7 @@ fn guide(a: GuideArgs) -> Result<()> {
         images_per_prompt: a.images_per_prompt,
         compare_unguided: !a.no_compare,
         through_unet: !a.no_unet_gradient,
+        verify: verify_list(&a.job.verify)?,
     };
     let (common, ctx) = a.job.into_options()?;
     let json = ctx.json;

@@ -3,15 +3,21 @@
 //!
 //! ```yaml
 //! note: printed before the run         # optional
-//! models: {generator: ..., inpaint_generator: ..., rahf: ..., device: auto, dtype: auto, rahf_dtype: fp32}
+//! models: {generator: ..., inpaint_generator: ..., rahf: ..., device: auto, dtype: auto, rahf_dtype: fp32,
+//!          scorers: {rahf.b: ..., pickscore: ...}}   # other scorer checkpoints, by instance name
 //! sampling: {steps: 30, guidance_scale: 7.5, height: 512, width: 512, scheduler: dpm++2m,
 //!            seed: 0, batch_size: 4, negative_prompt: "", clip_skip: 1}
 //! output: ../out/quickstart            # job X writes into output/X/
+//! verify: [rahf.b]                    # held-out verifiers of every job (optional)
 //! filter: {prompts: ..., samples: 8, threshold: 0.8, score: plausibility, keep: best}
-//! inpaint: {input: filter, mask_threshold: 0.5, dilate: 16, candidates: 4, strength: 1.0}
+//! inpaint: {input: filter, mask_threshold: 0.5, dilate: 16, candidates: 4, strength: 1.0,
+//!           score: "0.7*rahf:plausibility+0.3*rahf.b:aesthetics", verify: []}
 //! guide: {prompts: ..., strength: 1.0, every: 1, recurrence: 1, score: aesthetics, images_per_prompt: 1,
 //!         compare_unguided: true, through_unet: true}
 //! ```
+//!
+//! * `score` is a score spec (`crate::scorers::spec`); `verify` a list of
+//!   scorer instances. A job's own `verify:` replaces the shared one.
 //!
 //! * The jobs present run in the order filter → inpaint → guide.
 //! * Relative paths (`output`, prompt lists, `inpaint.input`, `models.rahf`, and
@@ -56,6 +62,9 @@ struct RawRecipe {
     #[serde(default)]
     sampling: SamplingOptions,
     output: PathBuf,
+    /// Held-out verifiers of every job that does not list its own.
+    #[serde(default)]
+    verify: Option<Vec<String>>,
     #[serde(default)]
     filter: Option<FilterOptions>,
     #[serde(default)]
@@ -350,10 +359,20 @@ impl Recipe {
         let mut common = CommonOptions { models: raw.models, sampling: raw.sampling };
         common.models.generator = resolve_model_spec(&dir, &common.models.generator);
         common.models.inpaint_generator = common.models.inpaint_generator.map(|g| resolve_model_spec(&dir, &g));
-        common.models.rahf = resolve(&dir, &common.models.rahf);
+        common.models.rahf = common.models.rahf.map(|r| resolve(&dir, &r));
+        for spec in common.models.scorers.values_mut() {
+            *spec = resolve_model_spec(&dir, spec);
+        }
+        // A job without its own `verify:` takes the shared one.
+        let shared_verify = |job: &str, own: &mut Vec<String>| {
+            if let (Some(v), None) = (&raw.verify, locations.get(&format!("{job}.verify"))) {
+                *own = v.clone();
+            }
+        };
 
         let filter = raw.filter.map(|mut f| {
             f.prompts = resolve(&dir, &f.prompts);
+            shared_verify("filter", &mut f.verify);
             f
         });
         let mut inpaint_from_filter = false;
@@ -374,11 +393,13 @@ impl Recipe {
                 } else {
                     i.input = resolve(&dir, &i.input);
                 }
+                shared_verify("inpaint", &mut i.verify);
                 Some(i)
             }
         };
         let guide = raw.guide.map(|mut g| {
             g.prompts = resolve(&dir, &g.prompts);
+            shared_verify("guide", &mut g.verify);
             g
         });
         let height_from_model = locations.get("sampling.height").is_none();
@@ -514,8 +535,15 @@ impl Recipe {
                 lines.push(format!("inpaint    {}", ig.describe(spec)));
             }
         }
-        let rahf = self.at_field("models.rahf", check_rahf(&m.rahf))?;
-        lines.push(format!("rahf       {}: {rahf}", m.rahf.display()));
+        if let Some(r) = &m.rahf {
+            let rahf = self.at_field("models.rahf", check_rahf(r))?;
+            lines.push(format!("rahf       {}: {rahf}", r.display()));
+        }
+        for (name, spec) in &m.scorers {
+            let field = ModelOptions::scorer_field(name);
+            let about = self.at_field(&field, crate::scorers::check_scorer(name, spec))?;
+            lines.push(format!("scorer     {name} = {spec}: {about}"));
+        }
         self.resolve_size()?;
         let s = &self.common.sampling;
         lines.push(format!(
@@ -559,7 +587,7 @@ impl Recipe {
         if let Some(f) = &self.filter {
             let n = read_prompts(&f.prompts)?.len();
             lines.push(format!(
-                "filter     {n} prompts from {} x {} samples (seeds {}..{}); keep {} with {} >= {} -> {}",
+                "filter     {n} prompts from {} x {} samples (seeds {}..{}); keep {} with {} >= {}{} -> {}",
                 f.prompts.display(),
                 f.samples,
                 self.common.sampling.seed,
@@ -567,6 +595,7 @@ impl Recipe {
                 f.keep,
                 f.score,
                 f.threshold,
+                verify_note(&f.verify),
                 job_dir(&self.output, "filter", Shard::default()).display()
             ));
         }
@@ -578,18 +607,20 @@ impl Recipe {
                 format!("{n} images from {}", i.input.display())
             };
             lines.push(format!(
-                "inpaint    {from}: mask where implausibility > {}, dilated {} px; {} candidates, strength {} -> {}",
+                "inpaint    {from}: mask where implausibility > {}, dilated {} px; {} candidates, strength {}; choose by {}{} -> {}",
                 i.mask_threshold,
                 i.dilate,
                 i.candidates,
                 i.strength,
+                i.score,
+                verify_note(&i.verify),
                 job_dir(&self.output, "inpaint", Shard::default()).display()
             ));
         }
         if let Some(g) = &self.guide {
             let n = read_prompts(&g.prompts)?.len();
             lines.push(format!(
-                "guide      {n} prompts from {} x {} image(s): {} guidance, strength {}, every {} step(s), recurrence {}{} -> {}",
+                "guide      {n} prompts from {} x {} image(s): {} guidance, strength {}, every {} step(s), recurrence {}{}{} -> {}",
                 g.prompts.display(),
                 g.images_per_prompt,
                 g.score,
@@ -597,6 +628,7 @@ impl Recipe {
                 g.every,
                 g.recurrence,
                 if g.compare_unguided { ", compared with unguided" } else { "" },
+                verify_note(&g.verify),
                 job_dir(&self.output, "guide", Shard::default()).display()
             ));
         }
@@ -666,9 +698,12 @@ impl Recipe {
     pub fn locate_field(&self, e: Error) -> Error {
         let Error::Field { field, message } = e else { return e };
         let section = field.split('.').next().unwrap_or("");
+        // A job's verifiers may come from the shared `verify:`.
+        let shared = field.ends_with(".verify").then(|| self.locations.value_of("verify")).flatten();
         let at = self
             .locations
             .value_of(&field)
+            .or(shared)
             .or_else(|| self.locations.of(section))
             .unwrap_or(Loc { line: 1, column: 1 });
         located(&self.file, at, &field, &message)
@@ -695,6 +730,15 @@ fn error_text(e: &Error) -> String {
     match e {
         Error::Invalid(s) => s.clone(),
         other => other.to_string(),
+    }
+}
+
+/// `, held-out verifiers a, b` for a job's verifiers.
+fn verify_note(verify: &[String]) -> String {
+    if verify.is_empty() {
+        String::new()
+    } else {
+        format!(", held-out verifiers {}", verify.join(", "))
     }
 }
 

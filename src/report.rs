@@ -21,6 +21,7 @@
 //! read the same attributes from headless Chromium.
 use crate::error::{Error, Result};
 use crate::rahf::Scores;
+use crate::scorers::{Comparison, RawScores, ScoreSpec};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,10 @@ pub struct Report {
     pub settings: serde_json::Value,
     /// Free-form lines shown at the top (counts, means, histograms).
     pub summary: Vec<String>,
+    /// The optimised score and every held-out verifier, before and after
+    /// (filter: all vs kept; inpaint: original vs chosen; guide: unguided vs
+    /// guided), shown as a table at the top.
+    pub comparison: Option<Comparison>,
     /// One row per prompt, in this order.
     pub rows: Vec<ReportRow>,
 }
@@ -61,7 +66,8 @@ pub struct ReportImage {
     pub path: String,
     /// Shown under the image, e.g. "seed 42" or "candidate 3".
     pub caption: String,
-    pub scores: Option<Scores>,
+    /// `(name, value)` shown under the image, in this order.
+    pub scores: Vec<(String, f64)>,
     /// The kept / chosen image of its row: outlined and badged.
     pub marked: bool,
     /// `(label, relative path)` thumbnails beside the image: heatmap overlays, masks.
@@ -72,8 +78,43 @@ impl ReportImage {
     pub fn new(path: impl Into<String>, caption: impl Into<String>) -> Self {
         ReportImage { path: path.into(), caption: caption.into(), ..Default::default() }
     }
-    pub fn with_scores(mut self, scores: Scores) -> Self {
-        self.scores = Some(scores);
+    /// RAHF's four scores under their names.
+    pub fn with_scores(mut self, s: Scores) -> Self {
+        for (name, v) in [
+            ("plausibility", s.plausibility),
+            ("alignment", s.alignment),
+            ("aesthetics", s.aesthetics),
+            ("overall", s.overall),
+        ] {
+            self.scores.push((name.into(), v));
+        }
+        self
+    }
+
+    pub fn with_score(mut self, name: impl Into<String>, value: f64) -> Self {
+        self.scores.push((name.into(), value));
+        self
+    }
+
+    /// The spec's value as `score` (unless the spec is one RAHF score, shown
+    /// among the raw ones anyway), then every raw score: the instance
+    /// `rahf`'s under their own names, others as `INSTANCE:SCORE`.
+    pub fn with_spec_and_raw(mut self, spec: &ScoreSpec, value: f64, raw: &RawScores) -> Self {
+        if spec.legacy().is_none() {
+            self = self.with_score("score", value);
+        }
+        for (inst, scores) in raw {
+            for (name, v) in scores {
+                let label = if inst == "rahf" {
+                    name.clone()
+                } else if crate::scorers::type_of(inst).is_ok_and(|i| i.single()) {
+                    inst.clone()
+                } else {
+                    format!("{inst}:{name}")
+                };
+                self = self.with_score(label, v.unwrap_or(f64::NAN));
+            }
+        }
         self
     }
     pub fn marked(mut self, marked: bool) -> Self {
@@ -152,6 +193,9 @@ pub fn render(report: &Report) -> Result<String> {
         }
         h.push_str("</ul></section>\n");
     }
+    if let Some(c) = report.comparison.as_ref().filter(|c| !c.rows.is_empty()) {
+        render_comparison(&mut h, c);
+    }
     let settings = flatten_settings(&report.settings);
     if !settings.is_empty() {
         h.push_str("<section class=\"panel settings\"><h2>Settings</h2><table>\n");
@@ -172,6 +216,30 @@ pub fn render(report: &Report) -> Result<String> {
     h.push_str(SCRIPT);
     h.push_str("</script>\n</body>\n</html>\n");
     Ok(h)
+}
+
+/// The optimised score and the held-out verifiers, before and after.
+fn render_comparison(h: &mut String, c: &Comparison) {
+    let num = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
+    h.push_str("<section class=\"panel comparison\"><h2>Optimised and held-out scores</h2><table>\n");
+    let _ = writeln!(
+        h,
+        "<tr><th>score</th><th>role</th><th>{}</th><th>{}</th><th>change</th></tr>",
+        esc(&c.before),
+        esc(&c.after)
+    );
+    for r in &c.rows {
+        let change = r.change().map_or("n/a".to_string(), |d| format!("{d:+.4}"));
+        let _ = writeln!(
+            h,
+            "<tr class=\"{role}\"><td class=\"name\">{}</td><td>{role}</td><td>{}</td><td>{}</td><td>{change}</td></tr>",
+            esc(&r.name),
+            num(r.before),
+            num(r.after),
+            role = esc(&r.role)
+        );
+    }
+    h.push_str("</table></section>\n");
 }
 
 fn render_row(h: &mut String, row: &ReportRow) -> Result<()> {
@@ -210,17 +278,12 @@ fn render_row(h: &mut String, row: &ReportRow) -> Result<()> {
         }
         h.push_str("</div>\n<figcaption>");
         let _ = write!(h, "<div class=\"caption\">{}</div>", esc(&im.caption));
-        if let Some(s) = &im.scores {
+        if !im.scores.is_empty() {
             h.push_str("<table class=\"scores\">");
-            for (name, v) in [
-                ("plausibility", s.plausibility),
-                ("alignment", s.alignment),
-                ("aesthetics", s.aesthetics),
-                ("overall", s.overall),
-            ] {
+            for (name, v) in &im.scores {
                 let (class, text) =
                     if v.is_finite() { ("", format!("{v:.3}")) } else { (" class=\"bad\"", format!("{v}")) };
-                let _ = write!(h, "<tr><th>{name}</th><td{class}>{text}</td></tr>");
+                let _ = write!(h, "<tr><th>{}</th><td{class}>{text}</td></tr>", esc(name));
             }
             h.push_str("</table>");
         }
@@ -348,6 +411,10 @@ h2{font-size:14px;margin:0 0 8px;text-transform:uppercase;letter-spacing:.04em;c
 .summary ul{margin:0;padding-left:18px}
 .settings table{border-collapse:collapse}
 .settings th,.settings td{text-align:left;padding:2px 12px 2px 0;vertical-align:baseline;border-bottom:1px solid #f0f2f4}
+.comparison table{border-collapse:collapse;font-variant-numeric:tabular-nums}
+.comparison th,.comparison td{text-align:right;padding:2px 10px;border-bottom:1px solid #f0f2f4}
+.comparison td.name,.comparison th:first-child{text-align:left;font:12px ui-monospace,SFMono-Regular,Menlo,monospace}
+.comparison tr.optimised td{font-weight:600}
 .settings th{font:12px ui-monospace,SFMono-Regular,Menlo,monospace;color:var(--muted);font-weight:400;white-space:nowrap}
 .settings td{overflow-wrap:anywhere}
 .row{background:#fff;border:1px solid var(--line);border-radius:8px;margin:16px 0;padding:12px 16px}

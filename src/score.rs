@@ -1,11 +1,15 @@
-//! `orchestrate score`: RAHF feedback for existing images, one JSON line per
-//! image on stdout, and (with `--out`) heatmap overlays and raw `.npy` maps.
+//! `orchestrate score`: every given scorer's scores for existing images (RAHF's
+//! four with its keywords, and every other scorer instance's), one JSON line
+//! per image on stdout, and (with `--out`) heatmap overlays and raw `.npy` maps.
 use crate::error::{Error, Result};
 use crate::heatmap_io::overlay;
 use crate::io::write_npy;
-use crate::rahf::{Feedback, FeedbackModel, Scores};
+use crate::rahf::Scores;
+use crate::scorers::{type_of, RawScores, ScoreSpec, Scored, Scorers};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use tch::Tensor;
 
 #[derive(Debug, Clone)]
 pub struct ScoreItem {
@@ -13,13 +17,77 @@ pub struct ScoreItem {
     pub prompt: String,
 }
 
+/// One output line.
 #[derive(Debug, Serialize)]
 pub struct ScoreRecord {
     pub image: String,
     pub prompt: String,
-    pub scores: Scores,
-    pub misaligned_keywords: Vec<String>,
-    pub sequence: String,
+    /// RAHF's four scores, keywords and decoded sequence (the instance `rahf`, when given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scores: Option<Scores>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub misaligned_keywords: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<String>,
+    /// Every scorer instance's raw scores.
+    pub raw: RawScores,
+    /// The same through each score's fixed normalisation (README, "Scorers").
+    pub normalized: RawScores,
+    /// With `--score`: the spec and its value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    /// Other instances' extra output (a second RAHF's keywords), by instance.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// Each raw score through its type's normalisation.
+pub fn normalized(raw: &RawScores) -> RawScores {
+    raw.iter()
+        .map(|(inst, scores)| {
+            let info = type_of(inst).ok();
+            let row = scores
+                .iter()
+                .map(|(name, v)| {
+                    let norm = info.and_then(|i| i.score(name)).map(|d| d.normalization);
+                    (name.clone(), v.and_then(|v| norm.map(|n| n.apply(v))))
+                })
+                .collect();
+            (inst.clone(), row)
+        })
+        .collect()
+}
+
+fn record(item: &ScoreItem, s: &Scored, spec: Option<&ScoreSpec>) -> ScoreRecord {
+    let rahf = s.predictions.get("rahf");
+    let g = |k: &str| crate::scorers::raw_value(&s.raw, "rahf", k);
+    let text = |v: &serde_json::Value, k: &str| v.get(k).cloned();
+    ScoreRecord {
+        image: item.image.display().to_string(),
+        prompt: item.prompt.clone(),
+        scores: rahf.map(|_| Scores {
+            plausibility: g("plausibility"),
+            alignment: g("alignment"),
+            aesthetics: g("aesthetics"),
+            overall: g("overall"),
+        }),
+        misaligned_keywords: rahf
+            .and_then(|p| text(&p.extra, "misaligned_keywords"))
+            .and_then(|v| serde_json::from_value(v).ok()),
+        sequence: rahf.and_then(|p| text(&p.extra, "sequence")).and_then(|v| v.as_str().map(str::to_string)),
+        raw: s.raw.clone(),
+        normalized: normalized(&s.raw),
+        score: spec.map(|sp| sp.to_string()),
+        value: spec.and_then(|sp| crate::scorers::stored(sp.value(&s.raw))),
+        extra: s
+            .predictions
+            .iter()
+            .filter(|(inst, p)| inst.as_str() != "rahf" && !p.extra.is_null())
+            .map(|(inst, p)| (inst.clone(), p.extra.clone()))
+            .collect(),
+    }
 }
 
 /// Reads `{"image": PATH, "prompt": TEXT}` lines (also accepts `file_name`/`text`,
@@ -59,11 +127,12 @@ fn output_stem(image: &Path, index: usize, taken: &mut std::collections::HashSet
 }
 
 /// Writes, for one image, `<stem>.<heatmap>.png` (overlay at the image's size)
-/// and `<stem>.<heatmap>.npy` (raw, model resolution).
-pub fn write_heatmaps(out: &Path, stem: &str, image: &image::RgbImage, fb: &Feedback) -> Result<()> {
-    for (name, map) in [("implausibility", &fb.implausibility_heatmap), ("misalignment", &fb.misalignment_heatmap)] {
+/// and `<stem>.<heatmap>.npy` (raw, model resolution); `stem` names the
+/// scorer instance too when it is not `rahf` (`<stem>.rahf.b.<heatmap>`).
+pub fn write_heatmaps(out: &Path, stem: &str, image: &image::RgbImage, heatmaps: &[(&str, Tensor)]) -> Result<()> {
+    for (name, map) in heatmaps {
         write_npy(&out.join(format!("{stem}.{name}.npy")), map)?;
-        let resized = fb.heatmap_at(name, image.width(), image.height())?;
+        let resized = crate::rahf::preprocess::resize_heatmap(map, image.height() as i64, image.width() as i64);
         let png = out.join(format!("{stem}.{name}.png"));
         let tmp = png.with_extension("png.partial");
         overlay(image, &resized, 0.6)?
@@ -74,9 +143,12 @@ pub fn write_heatmaps(out: &Path, stem: &str, image: &image::RgbImage, fb: &Feed
     Ok(())
 }
 
-/// Scores every item in batches of `batch_size`, calling `emit` per record in input order.
+/// Scores every item with every scorer of `scorers` in batches of
+/// `batch_size`, calling `emit` per record in input order; with `spec`, each
+/// record carries its value.
 pub fn run(
-    model: &FeedbackModel,
+    scorers: &Scorers,
+    spec: Option<&ScoreSpec>,
     items: &[ScoreItem],
     batch_size: usize,
     out: Option<&Path>,
@@ -84,6 +156,16 @@ pub fn run(
 ) -> Result<Vec<ScoreRecord>> {
     if items.is_empty() {
         return Err(Error::Invalid("no images to score".into()));
+    }
+    if scorers.is_empty() {
+        return Err(Error::Invalid("no scorer given: --rahf DIR and/or --scorer-model NAME=PATH".into()));
+    }
+    if let Some(sp) = spec {
+        for name in sp.scorers() {
+            if scorers.get(&name).is_none() {
+                return Err(Error::Invalid(format!("--score `{sp}` uses scorer `{name}`, but {}", crate::scorers::spec::not_given(&name))));
+            }
+        }
     }
     // Every image is opened before any work, so a bad file fails fast.
     let images: Vec<image::RgbImage> = items.iter().map(|it| crate::io::load_rgb(&it.image)).collect::<Result<_>>()?;
@@ -100,20 +182,18 @@ pub fn run(
         let imgs = &images[start..start + chunk.len()];
         let prompts: Vec<String> = chunk.iter().map(|it| it.prompt.clone()).collect();
         let batch_started = std::time::Instant::now();
-        let feedback = model.predict(imgs, &prompts)?;
+        let scored = scorers.predict(imgs, &prompts)?;
         tracing::debug!("batch of {} images in {:.4} s", chunk.len(), batch_started.elapsed().as_secs_f64());
-        for (k, (item, fb)) in chunk.iter().zip(&feedback).enumerate() {
+        for (k, (item, s)) in chunk.iter().zip(&scored).enumerate() {
             if let Some(dir) = out {
                 let stem = output_stem(&item.image, start + k, &mut taken);
-                write_heatmaps(dir, &stem, &imgs[k], fb)?;
+                for (inst, p) in s.predictions.iter().filter(|(_, p)| !p.heatmaps.is_empty()) {
+                    let stem = if inst == "rahf" { stem.clone() } else { format!("{stem}.{inst}") };
+                    let maps: Vec<(&str, Tensor)> = p.heatmaps.iter().map(|(n, t)| (*n, t.shallow_clone())).collect();
+                    write_heatmaps(dir, &stem, &imgs[k], &maps)?;
+                }
             }
-            let rec = ScoreRecord {
-                image: item.image.display().to_string(),
-                prompt: item.prompt.clone(),
-                scores: fb.scores,
-                misaligned_keywords: fb.misaligned_keywords.clone(),
-                sequence: fb.sequence.clone(),
-            };
+            let rec = record(item, s, spec);
             emit(&rec);
             records.push(rec);
         }

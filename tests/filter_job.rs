@@ -169,8 +169,8 @@ fn options_parse_and_validate() {
     );
     let o: FilterOptions = serde_json::from_str(&yaml).unwrap();
     assert_eq!(
-        (o.samples, o.threshold, o.score, o.keep),
-        (8, 0.8, ScoreKind::Aesthetics, KeepMode::AllAbove)
+        (o.samples, o.threshold, o.score.clone(), o.keep),
+        (8, 0.8, ScoreKind::Aesthetics.into(), KeepMode::AllAbove)
     );
     o.validate().unwrap();
     let unknown = format!("{{\"prompts\": {:?}, \"treshold\": 0.5}}", prompts);
@@ -293,7 +293,7 @@ fn assert_close_runs(a: &Path, b: &Path) {
         assert_eq!((&x.id, &x.kept), (&y.id, &y.kept));
         for (ix, iy) in x.images.iter().zip(&y.images) {
             for k in ScoreKind::ALL {
-                let (u, v) = (ix.scores.get(k).unwrap(), iy.scores.get(k).unwrap());
+                let (u, v) = (ix.scores.unwrap().get(k).unwrap(), iy.scores.unwrap().get(k).unwrap());
                 assert!((u - v).abs() < 2e-3, "{} {k}: {u} vs {v}", ix.file);
             }
             let pa = image::open(a.join(&ix.file)).unwrap().to_rgb8().into_raw();
@@ -352,7 +352,7 @@ fn filter_writes_an_imagefolder_that_agrees_with_the_manifest() {
         let values: Vec<f64> = r
             .images
             .iter()
-            .map(|im| im.scores.plausibility.unwrap())
+            .map(|im| im.scores.unwrap().plausibility.unwrap())
             .collect();
         all_scores.extend(values.iter().copied());
         let seeds: Vec<u64> = r.images.iter().map(|im| im.seed).collect();
@@ -381,7 +381,7 @@ fn filter_writes_an_imagefolder_that_agrees_with_the_manifest() {
                 expected_meta.push((
                     format!("{}_{i}.png", r.id),
                     r.prompt.clone(),
-                    im.scores,
+                    im.scores.unwrap(),
                     im.seed,
                     r.id.clone(),
                 ));
@@ -555,13 +555,13 @@ fn best_keeps_at_most_one_image_per_prompt() {
         let values: Vec<f64> = r
             .images
             .iter()
-            .map(|im| im.scores.overall.unwrap())
+            .map(|im| im.scores.unwrap().overall.unwrap())
             .collect();
         let best = if values[1] > values[0] { 1 } else { 0 };
         assert_eq!(r.kept, vec![format!("train/{}_{best}.png", r.id)]);
     }
     assert_eq!(summary["figures"]["kept_images"], 2);
-    assert_eq!(summary["figures"]["score"], "overall");
+    assert_eq!(summary["figures"]["score"], "rahf:overall", "the canonical spec of `--score overall`");
 }
 
 #[test]

@@ -12,6 +12,7 @@ use orchestrate::rahf::config::{RahfConfig, Variant};
 use orchestrate::rahf::model::Rahf;
 use orchestrate::rahf::tokenizer::RahfTokenizer;
 use orchestrate::rahf::FeedbackModel;
+use orchestrate::scorers::Scorers;
 use orchestrate::weights::{read_safetensors, Weights};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,8 @@ fn pipe() -> StableDiffusion {
     StableDiffusion::load(dir.to_str().unwrap(), Device::Cpu, Kind::Float).unwrap()
 }
 
-fn scorer() -> FeedbackModel {
+/// The tiny RAHF as the scorer instance `rahf`.
+fn scorer() -> Scorers {
     let dir = fixtures().join("rahf");
     let mut cfg =
         RahfConfig::from_backbones(&dir.join("vit"), &dir.join("t5"), Variant::MultiHead).unwrap();
@@ -43,7 +45,7 @@ fn scorer() -> FeedbackModel {
         .root();
     let model = Rahf::load(&vb, &cfg).unwrap();
     let tokenizer = RahfTokenizer::load(&dir.join("t5/tokenizer.json"), &cfg).unwrap();
-    FeedbackModel::new(model, tokenizer, Device::Cpu)
+    Scorers::single("rahf", Box::new(FeedbackModel::new(model, tokenizer, Device::Cpu)))
 }
 
 const PROMPTS: [&str; 4] = [
@@ -78,7 +80,7 @@ fn settings(scheduler: SchedulerKind, steps: usize) -> SamplingSettings {
 /// RAHF scores B x 4 of images as they are saved: rounded to 8-bit RGB, then
 /// scored (scores only: `predict` would also decode keywords, slowly).
 fn saved_scores(
-    scorer: &FeedbackModel,
+    scorer: &Scorers,
     images: &Tensor,
     requests: &[ImageRequest],
 ) -> Vec<[f64; 4]> {
@@ -87,7 +89,8 @@ fn saved_scores(
         .to_kind(Kind::Float)
         / 255.0;
     let prompts: Vec<String> = requests.iter().map(|r| r.prompt.clone()).collect();
-    let scores = tch::no_grad(|| scorer.scores_from_pixels(&saved, &prompts)).unwrap();
+    let rahf = scorer.require("rahf").unwrap();
+    let scores = tch::no_grad(|| rahf.scores_from_pixels(&saved, &prompts)).unwrap();
     Vec::<Vec<f64>>::try_from(scores.to_kind(Kind::Double))
         .unwrap()
         .into_iter()
@@ -101,7 +104,7 @@ fn mean(scores: &[[f64; 4]], kind: ScoreKind) -> f64 {
 
 fn guided(
     pipe: &StableDiffusion,
-    scorer: &FeedbackModel,
+    scorer: &Scorers,
     reqs: &[ImageRequest],
     s: &SamplingSettings,
     g: &GuidanceSettings,

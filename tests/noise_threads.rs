@@ -22,6 +22,7 @@ use orchestrate::rahf::config::{RahfConfig, Variant};
 use orchestrate::rahf::model::Rahf;
 use orchestrate::rahf::tokenizer::RahfTokenizer;
 use orchestrate::rahf::FeedbackModel;
+use orchestrate::scorers::Scorers;
 use orchestrate::weights::{read_safetensors, Weights};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -187,7 +188,7 @@ impl Inpaint {
 /// step noise and the recurrence draws from one generator.
 struct Guided {
     pipe: StableDiffusion,
-    scorer: FeedbackModel,
+    scorers: Scorers,
     requests: Vec<ImageRequest>,
     settings: SamplingSettings,
     guidance: GuidanceSettings,
@@ -202,7 +203,7 @@ impl Guided {
             .collect();
         Guided {
             pipe: load_pipe("sd-tiny"),
-            scorer: load_scorer(),
+            scorers: Scorers::single("rahf", Box::new(load_scorer())),
             requests,
             settings: SamplingSettings {
                 steps: 4,
@@ -221,7 +222,7 @@ impl Guided {
     }
 
     fn run(&self) -> Tensor {
-        Guider::new(&self.pipe, &self.scorer)
+        Guider::new(&self.pipe, &self.scorers)
             .unwrap()
             .sample_latents(&self.requests, &self.settings, &self.guidance, &mut |_| {})
             .unwrap()

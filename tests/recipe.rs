@@ -185,7 +185,7 @@ fn relative_paths_resolve_against_the_recipe_folder() {
     assert_eq!(r.common.models.generator, tmp.path().join("gen").to_str().unwrap());
     // No such folder next to the recipe and ORG/NAME: a Hugging Face repo id.
     assert_eq!(r.common.models.inpaint_generator.as_deref(), Some("org/inpaint-model"));
-    assert_eq!(r.common.models.rahf, tmp.path().join("rahf"));
+    assert_eq!(r.common.models.rahf, Some(tmp.path().join("rahf")));
     assert_eq!(r.filter.as_ref().unwrap().prompts, sub.join("lists/p.txt"));
     assert_eq!(r.guide.as_ref().unwrap().prompts, sub.join("lists/p.txt"));
     // `input: filter` is this recipe's filter output.

@@ -5,6 +5,7 @@
 //! the browser tests fail under `CI=true` and skip with a message elsewhere.
 use orchestrate::rahf::Scores;
 use orchestrate::report::{render, url_path, write_report, Report, ReportImage, ReportRow};
+use orchestrate::scorers::{Comparison, ComparisonRow};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -62,6 +63,7 @@ fn sample(dir: &Path) -> (Report, usize) {
             "3 prompts, 2 inpainted, 1 kept as it was".into(),
             "mean plausibility 0.412 → 0.618 <after>".into(),
         ],
+        comparison: Some(comparison()),
         rows: vec![
             ReportRow {
                 prompt: HOSTILE_PROMPT.into(),
@@ -97,6 +99,27 @@ fn sample(dir: &Path) -> (Report, usize) {
     (report, files.len())
 }
 
+/// The optimised score and two held-out verifier scores, one without values.
+fn comparison() -> Comparison {
+    let row = |role: &str, name: &str, before: Option<f64>, after: Option<f64>| ComparisonRow {
+        role: role.into(),
+        name: name.into(),
+        before,
+        after,
+        n_before: 3,
+        n_after: 3,
+    };
+    Comparison {
+        before: "original".into(),
+        after: "chosen <best>".into(),
+        rows: vec![
+            row("optimised", "0.7*rahf:plausibility+0.3*rahf.b:aesthetics", Some(0.41), Some(0.6)),
+            row("held-out", "rahf.c:overall", Some(0.5), Some(0.45)),
+            row("held-out", "hpsv2<x>", None, None),
+        ],
+    }
+}
+
 #[test]
 fn escapes_every_user_string() {
     let dir = tempfile::tempdir().unwrap();
@@ -119,6 +142,15 @@ fn escapes_every_user_string() {
     assert!(html.contains("<th>models.rahf</th><td>—</td>"));
     // A NaN score is shown as such, flagged.
     assert!(html.contains("<td class=\"bad\">NaN</td>"));
+    // The optimised score and the held-out verifiers, before and after.
+    assert!(html.contains("<th>original</th><th>chosen &lt;best&gt;</th><th>change</th>"), "{html}");
+    assert!(html.contains(
+        "<tr class=\"optimised\"><td class=\"name\">0.7*rahf:plausibility+0.3*rahf.b:aesthetics</td><td>optimised</td><td>0.4100</td><td>0.6000</td><td>+0.1900</td></tr>"
+    ), "{html}");
+    assert!(html.contains(
+        "<tr class=\"held-out\"><td class=\"name\">rahf.c:overall</td><td>held-out</td><td>0.5000</td><td>0.4500</td><td>-0.0500</td></tr>"
+    ), "{html}");
+    assert!(html.contains("<td class=\"name\">hpsv2&lt;x&gt;</td><td>held-out</td><td>n/a</td><td>n/a</td><td>n/a</td>"), "{html}");
     // Exactly the marked images carry the badge.
     assert_eq!(html.matches("class=\"card marked\"").count(), 3);
     // No timestamp or other run-to-run noise: a resumed run rebuilds the same bytes.
@@ -282,6 +314,10 @@ fn every_image_loads_in_chromium() {
     assert!(dom.contains("id=\"image-check\" hidden"), "banner shown with no broken image:\n{dom}");
     // Small images are upscaled with crisp pixels; the large one is not.
     assert!(dom.contains("class=\"px\""), "{dom}");
+    // The verifier table is in the rendered page, escaped.
+    assert!(dom.contains("Optimised and held-out scores"), "{dom}");
+    assert!(dom.contains("<td class=\"name\">rahf.c:overall</td><td>held-out</td><td>0.5000</td><td>0.4500</td>"), "{dom}");
+    assert!(dom.contains("hpsv2&lt;x&gt;"), "{dom}");
 
     if let Some(keep) = keep {
         let shot = keep.join("screenshot.png");

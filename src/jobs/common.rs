@@ -2,7 +2,9 @@
 use crate::diffusion::pipeline::{check_image_size, SamplingSettings};
 use crate::diffusion::schedulers::SchedulerKind;
 use crate::error::{Error, Result};
+use crate::scorers::{self, ScoreSpec, Scorers};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Which models a job uses and where they run.
@@ -26,14 +28,22 @@ pub struct ModelOptions {
     /// The fraction of the schedule the base runs before the refiner takes over.
     #[serde(default = "default_refiner_start")]
     pub refiner_start: f64,
-    /// An orchestrate RAHF folder (`rahf import` / `rahf init` make one).
-    pub rahf: PathBuf,
+    /// An orchestrate RAHF folder (`rahf import` / `rahf init` make one):
+    /// the scorer instance `rahf`. Needed by `inpaint` (its masks come from
+    /// RAHF's heatmap) and by any score spec or verifier that names `rahf`.
+    #[serde(default)]
+    pub rahf: Option<PathBuf>,
+    /// Every other scorer instance's checkpoint, by instance name (`TYPE` or
+    /// `TYPE.LABEL`, see `crate::scorers`): `{pickscore: DIR, rahf.b: DIR}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scorers: BTreeMap<String, String>,
     #[serde(default = "default_auto")]
     pub device: String,
     /// Generator dtype: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16, bf16.
     #[serde(default = "default_auto")]
     pub dtype: String,
-    /// RAHF dtype; fp32 by default (scores are compared against thresholds).
+    /// The dtype of RAHF and every other scorer; fp32 by default (scores are
+    /// compared against thresholds).
     #[serde(default = "default_fp32")]
     pub rahf_dtype: String,
 }
@@ -48,6 +58,35 @@ impl ModelOptions {
         let rahf_kind =
             crate::device::parse_dtype(rahf_dtype, device).map_err(|e| Error::field("models.rahf_dtype", e.to_string()))?;
         Ok((device, kind, rahf_kind))
+    }
+}
+
+impl ModelOptions {
+    /// The checkpoint of scorer instance `name`: `models.rahf` for `rahf`,
+    /// `models.scorers.NAME` for any other.
+    pub fn scorer_checkpoint(&self, name: &str) -> Option<String> {
+        if name == "rahf" {
+            self.rahf.as_ref().map(|p| p.to_string_lossy().into_owned())
+        } else {
+            self.scorers.get(name).cloned()
+        }
+    }
+
+    /// Where the checkpoint of instance `name` is set (the field errors name).
+    pub fn scorer_field(name: &str) -> String {
+        if name == "rahf" {
+            "models.rahf".into()
+        } else {
+            format!("models.scorers.{name}")
+        }
+    }
+
+    /// Every scorer checkpoint given, by instance name (`rahf` first).
+    pub fn scorer_checkpoints(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> =
+            self.rahf.iter().map(|p| ("rahf".into(), p.to_string_lossy().into_owned())).collect();
+        v.extend(self.scorers.iter().map(|(k, p)| (k.clone(), p.clone())));
+        v
     }
 }
 
@@ -199,17 +238,33 @@ pub fn canonical(spec: &str) -> String {
     std::fs::canonicalize(spec).map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| spec.to_string())
 }
 
-/// A job's generator and RAHF, placed where the options say.
+/// A job's generator and scorers, placed where the options say.
 pub struct Models {
     pub pipe: Box<dyn crate::diffusion::generator::Generator>,
-    pub rahf: crate::rahf::FeedbackModel,
+    /// The scorer instances the job uses (its spec's, its verifiers', and
+    /// `rahf` where the job needs RAHF's heatmaps).
+    pub scorers: Scorers,
+}
+
+/// The scorer instances a job loads: `rahf` first when `heatmaps` (inpaint's
+/// masks), then the spec's, then the verifiers', each once.
+pub fn scorers_needed(spec: &ScoreSpec, verify: &[String], heatmaps: bool) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    let wanted = heatmaps.then(|| "rahf".to_string()).into_iter().chain(spec.scorers()).chain(verify.iter().cloned());
+    for n in wanted {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    names
 }
 
 impl CommonOptions {
-    /// Loads `generator` and the RAHF on the options' device and dtypes (on
-    /// the CPU, leaving a core for the CPU stage; see `jobs::stages`).
-    pub fn load_models(&self, generator: &str) -> Result<Models> {
-        let (device, kind, rahf_kind) = self.models.placement()?;
+    /// Loads `generator` and the scorer instances `scorers` on the options'
+    /// device and dtypes (on the CPU, leaving a core for the CPU stage; see
+    /// `jobs::stages`).
+    pub fn load_models(&self, generator: &str, scorers: &[String]) -> Result<Models> {
+        let (device, kind, scorer_kind) = self.models.placement()?;
         crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
         let m = &self.models;
         let options = crate::diffusion::generator::GeneratorOptions {
@@ -217,8 +272,54 @@ impl CommonOptions {
             refiner: m.refiner.clone().map(|r| (r, m.refiner_start)),
         };
         let pipe = crate::diffusion::generator::load(generator, &options, device, kind)?;
-        let rahf = crate::rahf::FeedbackModel::load(&self.models.rahf, device, rahf_kind)?;
-        Ok(Models { pipe, rahf })
+        let scorers = Scorers::load(scorers, &|n| m.scorer_checkpoint(n), device, scorer_kind)?;
+        Ok(Models { pipe, scorers })
+    }
+
+    /// The checks of a job's score spec and verifiers that need the model
+    /// options (before anything is written): every scorer they name has a
+    /// checkpoint, verifiers are held out (see [`scorers::spec::check_verify`]),
+    /// and `needs_rahf` (inpaint) has a RAHF folder. `job` prefixes the fields.
+    pub fn check_scoring(&self, job: &str, spec: &ScoreSpec, verify: &[String], needs_rahf: bool) -> Result<()> {
+        if needs_rahf && self.models.rahf.is_none() {
+            return Err(Error::field(
+                "models.rahf",
+                format!("`{job}` needs a RAHF folder (its masks come from RAHF's implausibility heatmap): set models.rahf (recipe) or --rahf"),
+            ));
+        }
+        let given = |n: &str| self.models.scorer_checkpoint(n).is_some();
+        spec.check_given(&format!("{job}.score"), &given)?;
+        let field = format!("{job}.verify");
+        scorers::spec::check_verify(&field, verify, spec)?;
+        for v in verify {
+            if !given(v) {
+                return Err(Error::field(&field, format!("verifier `{v}`: {}", scorers::spec::not_given(v))));
+            }
+        }
+        Ok(())
+    }
+
+    /// What the scoring adds to a job's `settings.json`: the checkpoints of
+    /// the scorers besides `rahf` that the spec and verifiers use
+    /// (`scorers`), and the verifiers (`verify`, sorted). Each only when
+    /// there is one, so the settings of runs made before scorers existed
+    /// still match.
+    pub fn scoring_fingerprint(&self, spec: &ScoreSpec, verify: &[String]) -> serde_json::Map<String, serde_json::Value> {
+        let mut own = serde_json::Map::new();
+        let used: BTreeMap<String, String> = scorers_needed(spec, verify, false)
+            .into_iter()
+            .filter(|n| n != "rahf")
+            .filter_map(|n| self.models.scorer_checkpoint(&n).map(|p| (n, canonical(&p))))
+            .collect();
+        if !used.is_empty() {
+            own.insert("scorers".into(), serde_json::json!(used));
+        }
+        if !verify.is_empty() {
+            let mut v = verify.to_vec();
+            v.sort();
+            own.insert("verify".into(), serde_json::json!(v));
+        }
+        own
     }
 
     /// What every job's outputs depend on among the shared settings, with
@@ -230,7 +331,6 @@ impl CommonOptions {
         let mut v = serde_json::json!({
             "job": job,
             "generator": canonical(&self.models.generator),
-            "rahf": canonical(&self.models.rahf.to_string_lossy()),
             "dtype": self.models.dtype,
             "rahf_dtype": self.models.rahf_dtype,
             "steps": s.steps,
@@ -245,6 +345,9 @@ impl CommonOptions {
         // Only when set, so the settings of runs made before these options
         // existed still match.
         if let Some(map) = v.as_object_mut() {
+            if let Some(rahf) = &self.models.rahf {
+                map.insert("rahf".into(), canonical(&rahf.to_string_lossy()).into());
+            }
             if let Some(vae) = &self.models.vae {
                 map.insert("vae".into(), canonical(vae).into());
             }
@@ -318,7 +421,7 @@ impl CommonOptions {
                 ));
             }
         }
-        check_rahf(&m.rahf).map_err(|e| Error::field("models.rahf", e.to_string()))?;
+        check_scorer_checkpoints(m)?;
         Ok(info)
     }
 }
@@ -394,6 +497,25 @@ pub fn check_generator_with_vae(spec: &str, vae: Option<&str>) -> Result<Generat
         native_size,
         family,
     })
+}
+
+/// Every scorer checkpoint given (`models.rahf`, `models.scorers`): a known
+/// instance name, and its configs checked without loading weights; errors
+/// name the field. Returns one line per checkpoint, for `--dry-run`.
+pub fn check_scorer_checkpoints(m: &ModelOptions) -> Result<Vec<String>> {
+    let mut lines = Vec::new();
+    if m.scorers.contains_key("rahf") {
+        return Err(Error::field(
+            "models.scorers.rahf",
+            "RAHF is given by models.rahf (--rahf); a second RAHF checkpoint is another instance, e.g. `rahf.b`",
+        ));
+    }
+    for (name, spec) in m.scorer_checkpoints() {
+        let field = ModelOptions::scorer_field(&name);
+        let about = scorers::check_scorer(&name, &spec).map_err(|e| Error::field(&field, e.to_string()))?;
+        lines.push(format!("{name}: {spec}: {about}"));
+    }
+    Ok(lines)
 }
 
 /// Validates a RAHF folder's config, tokenizer and weights file (not the weights).

@@ -1,17 +1,19 @@
 //! `orchestrate filter` (paper §5, "Finetuning generative models with
-//! predicted scores"): sample `samples` images per prompt, score every one with
-//! RAHF, and keep the prompt's best image (or every image) that reaches the
-//! threshold, as an HF imagefolder finetuning set.
+//! predicted scores"): sample `samples` images per prompt, score every one
+//! with the scorers of the score spec (RAHF's plausibility by default) and the
+//! held-out verifiers, and keep the prompt's best image (or every image) whose
+//! spec value reaches the threshold, as an HF imagefolder finetuning set.
 //!
 //! Output folder:
 //! * `samples/<id>_<i>.png`: every image sampled (the report shows them all);
 //! * `train/<id>_<i>.png` + `train/metadata.jsonl`: the kept set;
-//! * `manifest.jsonl`: one line per finished prompt (all scores, kept files);
+//! * `manifest.jsonl`: one line per finished prompt (every raw score of every
+//!   scorer, the spec value, the kept files);
 //! * `settings.json`: what the results depend on, checked when a run resumes.
 //!
 //! Image `i` of a prompt is seeded `sampling.seed + i`, always sits in the same
 //! row of a `batch_size`-row generator call ([`plan_batches`]), and each
-//! prompt's images are scored together in one RAHF call, so where a killed
+//! prompt's images are scored together in one call per scorer, so where a killed
 //! run resumes, or how prompts are split into shards, changes no byte of the
 //! outputs. Another batch size gives the
 //! same images up to float rounding (batched kernels round differently for
@@ -24,11 +26,12 @@ use crate::jobs::prompts::{read_prompts, PromptItem};
 use crate::jobs::runner::{Finished, ItemKey, Outcome, Producer};
 use crate::jobs::{CommonOptions, JobSummary, RunContext};
 use crate::rahf::Scores;
+use crate::scorers::{Comparison, RawScores, ScoreSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-/// Which RAHF score decides what is kept.
+/// RAHF's four scores by name (a spec's legacy form).
 pub use crate::rahf::ScoreKind;
 
 /// `best`: a prompt contributes its best image if that reaches the threshold;
@@ -71,13 +74,23 @@ pub struct FilterOptions {
     /// Images sampled per prompt.
     #[serde(default = "default_samples")]
     pub samples: usize,
-    #[serde(default)]
-    pub score: ScoreKind,
-    /// An image is good enough when its score is >= this, in [0, 1].
+    /// What decides what is kept: a score spec (`crate::scorers::spec`);
+    /// RAHF's plausibility by default.
+    #[serde(default = "default_score")]
+    pub score: ScoreSpec,
+    /// An image is good enough when its spec value (normalised) is >= this, in [0, 1].
     #[serde(default = "default_threshold")]
     pub threshold: f64,
     #[serde(default)]
     pub keep: KeepMode,
+    /// Held-out verifiers: scorer instances that score every image but
+    /// decide nothing; the summary compares kept with all on each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify: Vec<String>,
+}
+
+fn default_score() -> ScoreSpec {
+    ScoreKind::Plausibility.into()
 }
 
 fn default_samples() -> usize {
@@ -92,9 +105,10 @@ impl FilterOptions {
         FilterOptions {
             prompts,
             samples: default_samples(),
-            score: ScoreKind::default(),
+            score: default_score(),
             threshold: default_threshold(),
             keep: KeepMode::default(),
+            verify: Vec::new(),
         }
     }
 
@@ -108,6 +122,7 @@ impl FilterOptions {
         if !(0.0..=1.0).contains(&self.threshold) {
             return Err(Error::field("filter.threshold", format!("{}: must be in [0, 1]", self.threshold)));
         }
+        crate::scorers::spec::check_verify("filter.verify", &self.verify, &self.score)?;
         // Parsing the list checks that it exists and names the bad line.
         read_prompts(&self.prompts).map_err(|e| Error::field("filter.prompts", e.to_string()))?;
         Ok(())
@@ -165,7 +180,7 @@ pub fn select(
     sel
 }
 
-/// The four scores as stored; a NaN becomes `null` (JSON has no NaN).
+/// RAHF's four scores as stored; a NaN becomes `null` (JSON has no NaN).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ScoreRow {
     pub plausibility: Option<f64>,
@@ -195,6 +210,34 @@ impl ScoreRow {
             ScoreKind::Overall => self.overall,
         }
     }
+
+    /// The `rahf` instance's scores out of raw scores, when it was scored.
+    pub fn from_raw(raw: &RawScores) -> Option<ScoreRow> {
+        let r = raw.get("rahf")?;
+        let g = |k: ScoreKind| r.get(k.name()).copied().flatten();
+        Some(ScoreRow {
+            plausibility: g(ScoreKind::Plausibility),
+            alignment: g(ScoreKind::Alignment),
+            aesthetics: g(ScoreKind::Aesthetics),
+            overall: g(ScoreKind::Overall),
+        })
+    }
+
+    /// As raw scores of the instance `rahf` (records written before `raw` existed).
+    pub fn to_raw(&self) -> RawScores {
+        let row = ScoreKind::ALL.iter().map(|&k| (k.name().to_string(), self.get(k))).collect();
+        RawScores::from([("rahf".to_string(), row)])
+    }
+
+    pub fn to_scores(&self) -> Scores {
+        let nan = f64::NAN;
+        Scores {
+            plausibility: self.plausibility.unwrap_or(nan),
+            alignment: self.alignment.unwrap_or(nan),
+            aesthetics: self.aesthetics.unwrap_or(nan),
+            overall: self.overall.unwrap_or(nan),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -202,8 +245,35 @@ pub struct SampleRecord {
     /// Relative to the output folder: `samples/<id>_<i>.png`.
     pub file: String,
     pub seed: u64,
-    pub scores: ScoreRow,
+    /// RAHF's four scores (the instance `rahf`), when RAHF scored the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scores: Option<ScoreRow>,
     pub kept: bool,
+    /// Every raw score of every scorer instance (spec and verifiers).
+    /// Absent in records written before scorers were pluggable: see [`SampleRecord::raw`].
+    #[serde(default, rename = "raw", skip_serializing_if = "RawScores::is_empty")]
+    pub raw_scores: RawScores,
+    /// The spec's value (what the threshold applies to); `None` when NaN or
+    /// (older records) not stored: see [`SampleRecord::value`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+}
+
+impl SampleRecord {
+    /// Every raw score: `raw`, or for an older record RAHF's `scores`.
+    pub fn raw(&self) -> RawScores {
+        if self.raw_scores.is_empty() {
+            self.scores.map(|s| s.to_raw()).unwrap_or_default()
+        } else {
+            self.raw_scores.clone()
+        }
+    }
+
+    /// The spec's value: as stored, or from the raw scores (older records,
+    /// whose settings, and so whose spec, are the run's).
+    pub fn value(&self, spec: &ScoreSpec) -> f64 {
+        self.value.unwrap_or_else(|| spec.value(&self.raw()))
+    }
 }
 
 /// One `manifest.jsonl` line: a finished prompt.
@@ -218,17 +288,33 @@ pub struct PromptRecord {
     pub kept: Vec<String>,
 }
 
-/// One line of `train/metadata.jsonl` (imagefolder: `file_name` + columns).
+/// One line of `train/metadata.jsonl` (imagefolder: `file_name` + columns):
+/// RAHF's scores under their own names (when RAHF scored), `score` (the spec
+/// value the set was filtered by), and every other raw score as
+/// `INSTANCE:SCORE` (`INSTANCE` for a single-score scorer).
 #[derive(Debug, Serialize)]
 struct MetadataLine<'a> {
     file_name: &'a str,
     text: &'a str,
-    plausibility: Option<f64>,
-    alignment: Option<f64>,
-    aesthetics: Option<f64>,
-    overall: Option<f64>,
+    #[serde(flatten)]
+    rahf: Option<ScoreRow>,
+    score: Option<f64>,
     seed: u64,
     prompt_id: &'a str,
+    #[serde(flatten)]
+    others: std::collections::BTreeMap<String, Option<f64>>,
+}
+
+/// Raw scores of every instance but `rahf` as flat columns.
+fn other_columns(raw: &RawScores) -> std::collections::BTreeMap<String, Option<f64>> {
+    let mut out = std::collections::BTreeMap::new();
+    for (inst, scores) in raw.iter().filter(|(i, _)| i.as_str() != "rahf") {
+        let single = crate::scorers::type_of(inst).map(|i| i.single()).unwrap_or(false);
+        for (name, v) in scores {
+            out.insert(if single { inst.clone() } else { format!("{inst}:{name}") }, *v);
+        }
+    }
+    out
 }
 
 pub const SAMPLES_DIR: &str = "samples";
@@ -244,10 +330,14 @@ fn sample_name(id: &str, i: usize) -> String {
 /// are left out: the results do not depend on the batch size, and a resumed
 /// run may move to another machine.
 pub fn settings_fingerprint(opts: &FilterOptions, common: &CommonOptions) -> serde_json::Value {
-    common.fingerprint(
-        "filter",
-        serde_json::json!({"samples": opts.samples, "score": opts.score, "threshold": opts.threshold, "keep": opts.keep}),
-    )
+    let mut own = common.scoring_fingerprint(&opts.score, &opts.verify);
+    own.extend(
+        serde_json::json!({"samples": opts.samples, "score": opts.score.fingerprint(), "threshold": opts.threshold, "keep": opts.keep})
+            .as_object()
+            .expect("an object")
+            .clone(),
+    );
+    common.fingerprint("filter", serde_json::Value::Object(own))
 }
 
 /// One prompt with all its images scored, on its way to the CPU stage.
@@ -255,7 +345,7 @@ pub struct Scored {
     item: PromptItem,
     seeds: Vec<u64>,
     images: Vec<image::RgbImage>,
-    scores: Vec<Scores>,
+    scores: Vec<crate::scorers::Scored>,
 }
 
 use crate::jobs::common::Models;
@@ -289,8 +379,8 @@ impl FilterJob<'_> {
     }
 
     /// The GPU stage of one batch: sample it, and score every prompt whose
-    /// images are now all there (one RAHF call per prompt: the same batch
-    /// whatever the sampling batch size, so the scores are reproducible).
+    /// images are now all there (one call per scorer and prompt: the same
+    /// batch whatever the sampling batch size, so the scores are reproducible).
     fn run_batch(&self, m: &Models, pending: &mut Pending, slots: Batch) -> Result<Vec<Scored>> {
         let seed = self.common.sampling.seed;
         let request = |(item, i): &(PromptItem, usize)| ImageRequest {
@@ -320,8 +410,8 @@ impl FilterJob<'_> {
             let images: Vec<image::RgbImage> =
                 pending.remove(&item.id).expect("pending").into_iter().flatten().collect();
             let prompts = vec![item.prompt.clone(); images.len()];
-            let feedback = m.rahf.predict(&images, &prompts)?;
-            out.push(Scored { item, seeds: self.seeds(), images, scores: feedback.iter().map(|f| f.scores).collect() });
+            let scores = m.scorers.predict(&images, &prompts)?;
+            out.push(Scored { item, seeds: self.seeds(), images, scores });
         }
         Ok(out)
     }
@@ -347,7 +437,8 @@ impl crate::jobs::runner::Job for FilterJob<'_> {
 
     /// Both modes use the same thread count, as it can change rounding.
     fn load(&self) -> Result<Models> {
-        self.common.load_models(&self.common.models.generator)
+        let scorers = crate::jobs::common::scorers_needed(&self.opts.score, &self.opts.verify, false);
+        self.common.load_models(&self.common.models.generator, &scorers)
     }
 
     fn units(&self, todo: Vec<PromptItem>) -> Vec<Batch> {
@@ -373,7 +464,7 @@ impl crate::jobs::runner::Job for FilterJob<'_> {
     /// PNGs, selection, the record.
     fn consume(&self, out: &Path, s: Scored) -> Result<Finished> {
         let id = &s.item.id;
-        let values: Vec<f64> = s.scores.iter().map(|sc| self.opts.score.of(sc)).collect();
+        let values: Vec<f64> = s.scores.iter().map(|sc| self.opts.score.value(&sc.raw)).collect();
         let sel = select(id, &s.seeds, &values, self.opts.threshold, self.opts.keep);
         let mut images = Vec::with_capacity(s.images.len());
         let mut kept = Vec::new();
@@ -395,7 +486,15 @@ impl crate::jobs::runner::Job for FilterJob<'_> {
                 files.push(train.clone());
                 kept.push(train);
             }
-            images.push(SampleRecord { file, seed: s.seeds[i], scores: ScoreRow::from(&s.scores[i]), kept: is_kept });
+            let raw = s.scores[i].raw.clone();
+            images.push(SampleRecord {
+                file,
+                seed: s.seeds[i],
+                scores: ScoreRow::from_raw(&raw),
+                kept: is_kept,
+                raw_scores: raw,
+                value: crate::scorers::stored(values[i]),
+            });
         }
         let record = PromptRecord { id: id.clone(), index: s.item.index, prompt: s.item.prompt.clone(), images, kept };
         let best = values.iter().copied().filter(|v| !v.is_nan()).fold(f64::NAN, f64::max);
@@ -445,6 +544,7 @@ pub fn plan_batches(
 /// list, the output folder and its earlier settings. Returns the prompts.
 pub fn prepare(opts: &FilterOptions, common: &CommonOptions, out: &Path) -> Result<Vec<PromptItem>> {
     opts.validate()?;
+    common.check_scoring("filter", &opts.score, &opts.verify, false)?;
     let fingerprint = settings_fingerprint(opts, common);
     common.check_run(out, &fingerprint, &common.models.generator, opts.samples, "filter.samples")?;
     read_prompts(&opts.prompts)
@@ -462,28 +562,40 @@ pub fn run_with(opts: &FilterOptions, common: &CommonOptions, ctx: &RunContext, 
     let out = &ctx.out;
     let records = typed_records(&outcome.folder.manifest, &outcome.folder.records_of(&outcome.keys))?;
     let all = typed_records(&outcome.folder.manifest, &outcome.folder.manifest.records().iter().collect::<Vec<_>>())?;
-    write_dataset(out, &records, &all)?;
+    write_dataset(out, &opts.score, &records, &all)?;
     let sampled = outcome.done_now * opts.samples;
-    let summary = summary(opts, ctx, &outcome, &records, sampled, mode);
+    let comparison = kept_vs_all(&opts.score, &opts.verify, &records);
+    let summary = summary(opts, ctx, &outcome, &records, sampled, mode, &comparison);
     let settings = serde_json::json!({ "filter": opts, "models": common.models, "sampling": common.sampling });
     let unkept = format!("nothing reached {} {}", opts.score, opts.threshold);
-    write_filter_report(out, "filter", settings, &unkept, &records, &summary)?;
+    write_filter_report(out, "filter", settings, &unkept, &opts.score, &records, &summary, comparison)?;
     Ok(summary)
+}
+
+/// The spec value and every verifier's scores over all images vs the kept ones.
+pub fn kept_vs_all(spec: &ScoreSpec, verify: &[String], records: &[PromptRecord]) -> Comparison {
+    let images: Vec<(RawScores, bool)> =
+        records.iter().flat_map(|r| r.images.iter().map(|im| (im.raw(), im.kept))).collect();
+    let all: Vec<&RawScores> = images.iter().map(|(r, _)| r).collect();
+    let kept: Vec<&RawScores> = images.iter().filter(|(_, k)| *k).map(|(r, _)| r).collect();
+    Comparison::build(spec, verify, "all", "kept", &all, &kept)
 }
 
 /// `report.html`: every prompt's samples with their scores, the kept ones
 /// marked; rebuilt from the manifest, so a resumed run shows everything.
 /// `merge` writes the same page for the merged data set (`job` names which).
+#[allow(clippy::too_many_arguments)]
 pub fn write_filter_report(
     out: &Path,
     job: &str,
     settings: serde_json::Value,
     unkept_note: &str,
+    spec: &ScoreSpec,
     records: &[PromptRecord],
     summary: &JobSummary,
+    comparison: Comparison,
 ) -> Result<()> {
     use crate::report::{write_report, Report, ReportImage, ReportRow};
-    let nan = f64::NAN;
     let rows = records
         .iter()
         .map(|r| ReportRow {
@@ -493,14 +605,8 @@ pub fn write_filter_report(
                 .images
                 .iter()
                 .map(|im| {
-                    let s = &im.scores;
                     ReportImage::new(im.file.clone(), format!("seed {}", im.seed))
-                        .with_scores(Scores {
-                            plausibility: s.plausibility.unwrap_or(nan),
-                            alignment: s.alignment.unwrap_or(nan),
-                            aesthetics: s.aesthetics.unwrap_or(nan),
-                            overall: s.overall.unwrap_or(nan),
-                        })
+                        .with_spec_and_raw(spec, im.value(spec), &im.raw())
                         .marked(im.kept)
                 })
                 .collect(),
@@ -512,6 +618,7 @@ pub fn write_filter_report(
         job: job.into(),
         settings,
         summary: summary.lines.clone(),
+        comparison: Some(comparison),
         rows,
     };
     write_report(out, &report)?;
@@ -534,7 +641,7 @@ pub fn typed_records(manifest: &Manifest, values: &[&serde_json::Value]) -> Resu
 /// always consistent with the manifest), and removes from `train/` the
 /// images this run folder's records (`all`, gone items' included) put there
 /// that `records` no longer keep. Nothing else in `train/` is touched.
-pub fn write_dataset(out: &Path, records: &[PromptRecord], all: &[PromptRecord]) -> Result<()> {
+pub fn write_dataset(out: &Path, spec: &ScoreSpec, records: &[PromptRecord], all: &[PromptRecord]) -> Result<()> {
     let train = out.join(TRAIN_DIR);
     std::fs::create_dir_all(&train).map_err(|e| Error::io(&train, e))?;
     let mut sorted: Vec<&PromptRecord> = records.iter().collect();
@@ -544,15 +651,15 @@ pub fn write_dataset(out: &Path, records: &[PromptRecord], all: &[PromptRecord])
     for r in sorted {
         for img in r.images.iter().filter(|im| im.kept) {
             let file_name = Path::new(&img.file).file_name().and_then(|n| n.to_str()).expect("sample names are UTF-8");
+            let raw = img.raw();
             let line = MetadataLine {
                 file_name,
                 text: &r.prompt,
-                plausibility: img.scores.plausibility,
-                alignment: img.scores.alignment,
-                aesthetics: img.scores.aesthetics,
-                overall: img.scores.overall,
+                rahf: ScoreRow::from_raw(&raw),
+                score: crate::scorers::stored(img.value(spec)),
                 seed: img.seed,
                 prompt_id: &r.id,
+                others: other_columns(&raw),
             };
             text.push_str(&serde_json::to_string(&line).expect("JSON serialises"));
             text.push('\n');
@@ -593,16 +700,14 @@ fn summary(
     records: &[PromptRecord],
     sampled: usize,
     mode: Mode,
+    comparison: &Comparison,
 ) -> JobSummary {
     let (skipped, done_now, load_secs, run_secs) =
         (outcome.done_before, outcome.done_now, outcome.load_secs, outcome.run_secs);
     let kept_prompts = records.iter().filter(|r| !r.kept.is_empty()).count();
     let kept_images: usize = records.iter().map(|r| r.kept.len()).sum();
-    let (bins, nan) = histogram(
-        records
-            .iter()
-            .flat_map(|r| r.images.iter().map(|im| im.scores.get(opts.score))),
-    );
+    let (bins, nan) =
+        histogram(records.iter().flat_map(|r| r.images.iter().map(|im| crate::scorers::stored(im.value(&opts.score)))));
     let per_sec = if run_secs > 0.0 {
         sampled as f64 / run_secs
     } else {
@@ -617,6 +722,8 @@ fn summary(
         "kept_prompts": kept_prompts,
         "kept_images": kept_images,
         "score": opts.score,
+        "verify": opts.verify,
+        "comparison": comparison.figures(),
         "threshold": opts.threshold,
         "keep": opts.keep,
         "samples": opts.samples,
@@ -654,6 +761,7 @@ fn summary(
         ),
         format!("{} histogram: {}", opts.score, hist.join(" ")),
     ];
+    lines.extend(comparison.lines());
     if !outcome.gone.is_empty() {
         lines.push(format!(
             "{} finished prompt(s) no longer in the prompt list: left out of the data set (their samples stay)",

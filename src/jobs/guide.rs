@@ -1,8 +1,9 @@
-//! `orchestrate guide`: sampling with a RAHF score (aesthetics by default) as
-//! classifier guidance (paper §5, Fig. 8 c-d; the method is in
+//! `orchestrate guide`: sampling with a score spec (RAHF's aesthetics by
+//! default) as classifier guidance (paper §5, Fig. 8 c-d; the method is in
 //! `crate::guidance`). With `compare_unguided` every seed is also sampled
-//! without guidance, and both are scored by the same RAHF as saved, so the run
-//! measures what guidance gains.
+//! without guidance, and both are scored as saved by the spec's scorers and
+//! the held-out verifiers, so the run measures what guidance gains on the
+//! score it climbed and on scores it never saw.
 //!
 //! Outputs: `guided/<id>_<i>.png`, `unguided/<id>_<i>.png`, `manifest.jsonl`
 //! (one line per prompt), `report.html`.
@@ -10,6 +11,7 @@ use crate::diffusion::inpaint::to_rgb_images;
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings};
 use crate::error::{Error, Result};
 use crate::guidance::{GuidanceSettings, Guider, ScoreKind};
+use crate::scorers::{Comparison, RawScores, ScoreSpec, Scored};
 use crate::io::save_rgb;
 use crate::jobs::manifest::Manifest;
 use crate::jobs::prompts::{read_prompts, PromptItem};
@@ -35,9 +37,9 @@ pub struct GuideOptions {
     /// Passes per guided step (self-recurrence); 1 = none.
     #[serde(default = "one")]
     pub recurrence: usize,
-    /// The score to guide on.
+    /// The score spec to guide on (`crate::scorers::spec`).
     #[serde(default = "default_score")]
-    pub score: ScoreKind,
+    pub score: ScoreSpec,
     /// Images (seeds seed, seed+1, ...) per prompt.
     #[serde(default = "one")]
     pub images_per_prompt: usize,
@@ -48,6 +50,10 @@ pub struct GuideOptions {
     /// holds the UNet output constant, about a third cheaper.
     #[serde(default = "yes")]
     pub through_unet: bool,
+    /// Held-out verifiers: scorer instances that score every image but give
+    /// no gradient; the summary compares guided with unguided on each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify: Vec<String>,
 }
 
 /// 10 is what raised every score on the tiny test models (src/guidance.rs
@@ -61,8 +67,8 @@ fn one() -> usize {
 fn yes() -> bool {
     true
 }
-fn default_score() -> ScoreKind {
-    ScoreKind::Aesthetics
+fn default_score() -> ScoreSpec {
+    ScoreKind::Aesthetics.into()
 }
 
 impl GuideOptions {
@@ -76,12 +82,13 @@ impl GuideOptions {
             images_per_prompt: 1,
             compare_unguided: true,
             through_unet: true,
+            verify: Vec::new(),
         }
     }
 
     pub fn guidance(&self) -> Result<GuidanceSettings> {
         Ok(GuidanceSettings {
-            score: self.score,
+            score: self.score.clone(),
             strength: self.strength,
             every: self.every,
             recurrence: self.recurrence,
@@ -106,18 +113,71 @@ impl GuideOptions {
             return Err(Error::field("guide.recurrence", format!("{}: must be in 1..=100 (1 = no recurrence)", self.recurrence)));
         }
         self.guidance()?.validate()?;
+        crate::scorers::spec::check_verify("guide.verify", &self.verify, &self.score)?;
         read_prompts(&self.prompts).map_err(|e| Error::field("guide.prompts", e.to_string()))?;
         Ok(())
     }
 }
 
+/// One seed's images in a record. `*_scores` are RAHF's four (the instance
+/// `rahf`, when it scored); `*_raw` every raw score of every scorer instance,
+/// `*_value` the spec's value (both absent in records written before
+/// scorers were pluggable: read through [`GuidedImage::raw`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct GuidedImage {
     seed: u64,
     guided_file: String,
-    guided_scores: Scores,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    guided_scores: Option<Scores>,
     unguided_file: Option<String>,
     unguided_scores: Option<Scores>,
+    #[serde(default, skip_serializing_if = "RawScores::is_empty")]
+    guided_raw: RawScores,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unguided_raw: Option<RawScores>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    guided_value: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unguided_value: Option<f64>,
+}
+
+/// RAHF's four scores as raw scores of the instance `rahf`.
+fn rahf_raw(s: &Scores) -> RawScores {
+    let row = [
+        ("plausibility", s.plausibility),
+        ("alignment", s.alignment),
+        ("aesthetics", s.aesthetics),
+        ("overall", s.overall),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), crate::scorers::stored(v)))
+    .collect();
+    RawScores::from([("rahf".to_string(), row)])
+}
+
+/// The instance `rahf`'s four scores out of raw scores, when it scored.
+fn rahf_scores(raw: &RawScores) -> Option<Scores> {
+    raw.get("rahf")?;
+    let g = |k: &str| crate::scorers::raw_value(raw, "rahf", k);
+    Some(Scores { plausibility: g("plausibility"), alignment: g("alignment"), aesthetics: g("aesthetics"), overall: g("overall") })
+}
+
+impl GuidedImage {
+    /// Every raw score of the guided image (`guided`) or the unguided one.
+    fn raw(&self, guided: bool) -> Option<RawScores> {
+        let (raw, scores) = if guided {
+            (Some(&self.guided_raw).filter(|r| !r.is_empty()), self.guided_scores.as_ref())
+        } else {
+            (self.unguided_raw.as_ref(), self.unguided_scores.as_ref())
+        };
+        raw.cloned().or_else(|| scores.map(rahf_raw))
+    }
+
+    /// The spec's value of the guided image (`guided`) or the unguided one.
+    fn value(&self, guided: bool, spec: &ScoreSpec) -> Option<f64> {
+        let stored = if guided { self.guided_value } else { self.unguided_value };
+        stored.or_else(|| self.raw(guided).map(|r| spec.value(&r)))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,31 +196,36 @@ pub struct Product {
     item: PromptItem,
     seeds: Vec<u64>,
     guided: Vec<RgbImage>,
-    guided_scores: Vec<Scores>,
-    unguided: Option<(Vec<RgbImage>, Vec<Scores>)>,
+    guided_scores: Vec<Scored>,
+    unguided: Option<(Vec<RgbImage>, Vec<Scored>)>,
     guided_seconds: f64,
     unguided_seconds: Option<f64>,
 }
 
 pub fn settings_fingerprint(opts: &GuideOptions, common: &CommonOptions) -> serde_json::Value {
-    common.fingerprint(
-        "guide",
+    let mut own = common.scoring_fingerprint(&opts.score, &opts.verify);
+    own.extend(
         serde_json::json!({
             "strength": opts.strength,
             "every": opts.every,
             "recurrence": opts.recurrence,
-            "score": opts.score,
+            "score": opts.score.fingerprint(),
             "images_per_prompt": opts.images_per_prompt,
             "compare_unguided": opts.compare_unguided,
             "through_unet": opts.through_unet,
-        }),
-    )
+        })
+        .as_object()
+        .expect("an object")
+        .clone(),
+    );
+    common.fingerprint("guide", serde_json::Value::Object(own))
 }
 
 /// Every check a real run makes before it writes anything (`--dry-run` too).
 pub fn prepare(opts: &GuideOptions, common: &CommonOptions, out: &Path) -> Result<Vec<PromptItem>> {
     opts.validate()?;
     common.refuse_refiner("guide")?;
+    common.check_scoring("guide", &opts.score, &opts.verify, false)?;
     let fingerprint = settings_fingerprint(opts, common);
     common.check_run(out, &fingerprint, &common.models.generator, opts.images_per_prompt, "guide.images_per_prompt")?;
     read_prompts(&opts.prompts)
@@ -195,7 +260,7 @@ impl GuideJob<'_> {
         }
         let guided_seconds = started.elapsed().as_secs_f64();
         // Scored as saved (8-bit), the way any later consumer sees them.
-        let guided_scores = m.rahf.predict(&guided, &prompts)?.into_iter().map(|f| f.scores).collect();
+        let guided_scores = m.scorers.predict(&guided, &prompts)?;
         let unguided = if self.opts.compare_unguided {
             let started = Instant::now();
             let mut images = Vec::new();
@@ -203,7 +268,7 @@ impl GuideJob<'_> {
                 images.extend(to_rgb_images(&m.pipe.sample(chunk, &self.settings)?)?);
             }
             let secs = started.elapsed().as_secs_f64();
-            let scores = m.rahf.predict(&images, &prompts)?.into_iter().map(|f| f.scores).collect();
+            let scores = m.scorers.predict(&images, &prompts)?;
             Some((images, scores, secs))
         } else {
             None
@@ -240,7 +305,8 @@ impl crate::jobs::runner::Job for GuideJob<'_> {
     }
 
     fn load(&self) -> Result<Models> {
-        self.common.load_models(&self.common.models.generator)
+        let scorers = crate::jobs::common::scorers_needed(&self.opts.score, &self.opts.verify, false);
+        self.common.load_models(&self.common.models.generator, &scorers)
     }
 
     fn units(&self, todo: Vec<PromptItem>) -> Vec<PromptItem> {
@@ -251,7 +317,7 @@ impl crate::jobs::runner::Job for GuideJob<'_> {
         let pipe = m.pipe.guidance_pipeline().ok_or_else(|| {
             Error::Invalid(format!("{}: score guidance is not available for this generator family", m.pipe.root().display()))
         })?;
-        let guider = Guider::new(pipe, &m.rahf)?;
+        let guider = Guider::new(pipe, &m.scorers)?;
         Ok(Box::new(move |item| Ok(vec![self.guide_one(m, &guider, item)?])))
     }
 
@@ -267,20 +333,32 @@ impl crate::jobs::runner::Job for GuideJob<'_> {
             let guided_file = format!("guided/{id}_{k}.png");
             save_rgb(&out.join(&guided_file), &p.guided[k])?;
             files.push(guided_file.clone());
-            let (unguided_file, unguided_scores) = match &p.unguided {
+            let (unguided_file, unguided_raw) = match &p.unguided {
                 Some((imgs, scores)) => {
                     let f = format!("unguided/{id}_{k}.png");
                     save_rgb(&out.join(&f), &imgs[k])?;
                     files.push(f.clone());
-                    (Some(f), Some(scores[k]))
+                    (Some(f), Some(scores[k].raw.clone()))
                 }
                 None => (None, None),
             };
-            images.push(GuidedImage { seed, guided_file, guided_scores: p.guided_scores[k], unguided_file, unguided_scores });
+            let spec = &self.opts.score;
+            let guided_raw = p.guided_scores[k].raw.clone();
+            images.push(GuidedImage {
+                seed,
+                guided_file,
+                guided_scores: rahf_scores(&guided_raw),
+                unguided_file,
+                unguided_scores: unguided_raw.as_ref().and_then(rahf_scores),
+                guided_value: crate::scorers::stored(spec.value(&guided_raw)),
+                unguided_value: unguided_raw.as_ref().and_then(|r| crate::scorers::stored(spec.value(r))),
+                guided_raw,
+                unguided_raw,
+            });
         }
         let record = GuideRecord {
             prompt: p.item.prompt.clone(),
-            score: self.guidance.score.name().into(),
+            score: self.guidance.score.to_string(),
             strength: self.opts.strength,
             every: self.opts.every,
             recurrence: self.opts.recurrence,
@@ -302,8 +380,9 @@ pub fn run(opts: &GuideOptions, common: &CommonOptions, ctx: &RunContext) -> Res
     let job = GuideJob { opts, common, settings: common.sampling.settings()?, guidance: opts.guidance()? };
     let outcome = crate::jobs::runner::run(&job, &ctx.out, ctx.shard, &settings_fingerprint(opts, common), items, true)?;
     let recs = records(&outcome.folder.manifest, &outcome.folder.records_of(&outcome.keys))?;
-    let summary = summarize(&recs, ctx, &outcome)?;
-    write_guide_report(&recs, opts, common, ctx, &summary)?;
+    let comparison = guided_vs_unguided(&opts.score, &opts.verify, &recs);
+    let summary = summarize(&recs, ctx, &outcome, &opts.score, &comparison)?;
+    write_guide_report(&recs, opts, common, ctx, &summary, comparison)?;
     Ok(summary)
 }
 
@@ -319,16 +398,33 @@ fn records(manifest: &Manifest, values: &[&serde_json::Value]) -> Result<Vec<(St
         .collect()
 }
 
-/// Guided vs unguided means of the guided score over every seed in the
-/// manifest, and seconds per image of each.
-fn summarize(recs: &[(String, GuideRecord)], ctx: &RunContext, outcome: &Outcome) -> Result<JobSummary> {
+/// The spec's value and every verifier's scores, unguided vs guided, over the
+/// seeds sampled both ways.
+fn guided_vs_unguided(spec: &ScoreSpec, verify: &[String], recs: &[(String, GuideRecord)]) -> Comparison {
+    let pairs: Vec<(RawScores, RawScores)> = recs
+        .iter()
+        .flat_map(|(_, r)| r.images.iter())
+        .filter_map(|im| Some((im.raw(false)?, im.raw(true)?)))
+        .collect();
+    let before: Vec<&RawScores> = pairs.iter().map(|p| &p.0).collect();
+    let after: Vec<&RawScores> = pairs.iter().map(|p| &p.1).collect();
+    Comparison::build(spec, verify, "unguided", "guided", &before, &after)
+}
+
+/// Guided vs unguided means of the spec's value over every seed in the
+/// manifest, the verifiers', and seconds per image of each.
+fn summarize(
+    recs: &[(String, GuideRecord)],
+    ctx: &RunContext,
+    outcome: &Outcome,
+    spec: &ScoreSpec,
+    comparison: &Comparison,
+) -> Result<JobSummary> {
     let (new, skipped) = (outcome.done_now, outcome.done_before);
     let (mut guided, mut unguided, mut gains) = (Vec::new(), Vec::new(), Vec::new());
     let (mut g_secs, mut u_secs, mut n_imgs, mut n_unguided_imgs) = (0.0, 0.0, 0usize, 0usize);
-    let mut score_name = String::from("aesthetics");
+    let score_name = spec.to_string();
     for (_, r) in recs {
-        let kind: ScoreKind = r.score.parse()?;
-        score_name = r.score.clone();
         g_secs += r.guided_seconds;
         n_imgs += r.images.len();
         if let Some(s) = r.unguided_seconds {
@@ -336,9 +432,9 @@ fn summarize(recs: &[(String, GuideRecord)], ctx: &RunContext, outcome: &Outcome
             n_unguided_imgs += r.images.len();
         }
         for im in &r.images {
-            let g = kind.of(&im.guided_scores);
+            let g = im.value(true, spec).unwrap_or(f64::NAN);
             guided.push(g);
-            if let Some(u) = im.unguided_scores.as_ref().map(|s| kind.of(s)) {
+            if let Some(u) = im.value(false, spec) {
                 unguided.push(u);
                 gains.push(g - u);
             }
@@ -364,6 +460,7 @@ fn summarize(recs: &[(String, GuideRecord)], ctx: &RunContext, outcome: &Outcome
         "compared": gains.len(),
         "guided_seconds_per_image": per(g_secs, n_imgs),
         "unguided_seconds_per_image": per(u_secs, n_unguided_imgs),
+        "comparison": comparison.figures(),
     });
     let mut lines = vec![
         format!("guide: {} prompts, {n_imgs} images in {} ({new} new, {skipped} already done)", recs.len(), ctx.out.display()),
@@ -380,6 +477,7 @@ fn summarize(recs: &[(String, GuideRecord)], ctx: &RunContext, outcome: &Outcome
             fmt(per(u_secs, n_unguided_imgs))
         ),
     ];
+    lines.extend(comparison.lines());
     if !outcome.gone.is_empty() {
         lines.push(format!("{} finished prompt(s) no longer in the prompt list: left out of these figures", outcome.gone.len()));
     }
@@ -392,21 +490,27 @@ fn write_guide_report(
     common: &CommonOptions,
     ctx: &RunContext,
     summary: &JobSummary,
+    comparison: Comparison,
 ) -> Result<()> {
     use crate::report::{write_report, Report, ReportImage, ReportRow};
+    let spec = &opts.score;
     let mut rows = Vec::new();
     for (id, r) in recs {
-        let kind: ScoreKind = r.score.parse()?;
         let mut images = Vec::new();
         for im in &r.images {
-            let g = kind.of(&im.guided_scores);
-            let better = im.unguided_scores.as_ref().is_none_or(|u| g > kind.of(u));
-            if let (Some(f), Some(s)) = (&im.unguided_file, im.unguided_scores) {
-                images.push(ReportImage::new(f.clone(), format!("unguided, seed {}", im.seed)).with_scores(s).marked(!better));
+            let g = im.value(true, spec).unwrap_or(f64::NAN);
+            let u = im.value(false, spec);
+            let better = u.is_none_or(|u| g > u);
+            if let (Some(f), Some(raw)) = (&im.unguided_file, im.raw(false)) {
+                images.push(
+                    ReportImage::new(f.clone(), format!("unguided, seed {}", im.seed))
+                        .with_spec_and_raw(spec, u.unwrap_or(f64::NAN), &raw)
+                        .marked(!better),
+                );
             }
             images.push(
                 ReportImage::new(im.guided_file.clone(), format!("guided, seed {}", im.seed))
-                    .with_scores(im.guided_scores)
+                    .with_spec_and_raw(spec, g, &im.raw(true).unwrap_or_default())
                     .marked(better),
             );
         }
@@ -417,6 +521,7 @@ fn write_guide_report(
         job: "guide".into(),
         settings: serde_json::json!({ "guide": opts, "models": common.models, "sampling": common.sampling }),
         summary: summary.lines.clone(),
+        comparison: Some(comparison),
         rows,
     };
     write_report(&ctx.out, &report)?;

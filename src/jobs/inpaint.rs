@@ -2,7 +2,9 @@
 //! predict RAHF's implausibility heatmap, threshold and dilate it into a mask,
 //! inpaint `candidates` new versions of the masked region, paste them back so
 //! nothing outside the mask changes, and keep whichever of the original and
-//! the candidates RAHF finds most plausible.
+//! the candidates has the highest value of the score spec (RAHF's
+//! plausibility by default). Held-out verifiers score the original and every
+//! candidate too, and the summary compares original with chosen on them.
 //!
 //! # Input
 //! Either a JSONL manifest, one `{"image": PATH, "prompt": TEXT[, "id": ID]}`
@@ -25,7 +27,8 @@
 //! `heatmap.png` (the heatmap over the image), `heatmap.npy` (the raw map at
 //! the model's resolution), `mask.png` (255 = repainted), `original.png`,
 //! `candidate_<k>.png` (after paste-back; seed `sampling.seed + k`) and
-//! `chosen.png`; then one `manifest.jsonl` line with every score and the choice.
+//! `chosen.png`; then one `manifest.jsonl` line with every raw score of every
+//! scorer, each image's spec value, and the choice.
 use crate::diffusion::inpaint::{to_rgb_images, InpaintMode, InpaintSource};
 use crate::diffusion::generator::Generator;
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings};
@@ -34,7 +37,8 @@ use crate::heatmap_io::overlay;
 use crate::io::{save_gray, save_rgb, write_npy};
 use crate::jobs::runner::{digest, Finished, ItemKey, Outcome, Producer};
 use crate::jobs::{CommonOptions, JobSummary, RunContext};
-use crate::rahf::{FeedbackModel, Scores};
+use crate::rahf::Scores;
+use crate::scorers::{Comparison, RawScores, ScoreSpec, Scorers};
 use image::imageops::{self, FilterType};
 use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
@@ -62,6 +66,19 @@ pub struct InpaintOptions {
     /// noise (what diffusers' inpaint pipeline does by default).
     #[serde(default = "default_strength")]
     pub strength: f64,
+    /// What picks among the original and the candidates: a score spec
+    /// (`crate::scorers::spec`); RAHF's plausibility by default. The mask
+    /// comes from RAHF's heatmap whatever the spec.
+    #[serde(default = "default_score")]
+    pub score: ScoreSpec,
+    /// Held-out verifiers: scorer instances that score every image but
+    /// decide nothing; the summary compares chosen with original on each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify: Vec<String>,
+}
+
+fn default_score() -> ScoreSpec {
+    crate::rahf::ScoreKind::Plausibility.into()
 }
 
 fn default_mask_threshold() -> f64 {
@@ -95,6 +112,8 @@ impl InpaintOptions {
             dilate: default_dilate(),
             candidates: default_candidates(),
             strength: default_strength(),
+            score: default_score(),
+            verify: Vec::new(),
         }
     }
 
@@ -121,6 +140,7 @@ impl InpaintOptions {
         if self.dilate > 4096 {
             return Err(Error::field("inpaint.dilate", format!("{}: at most 4096 pixels", self.dilate)));
         }
+        crate::scorers::spec::check_verify("inpaint.verify", &self.verify, &self.score)?;
         Ok(())
     }
 }
@@ -238,10 +258,11 @@ pub fn read_inputs(input: &Path) -> Result<Vec<InpaintItem>> {
     Ok(items)
 }
 
-/// Which image to keep: `None` for the original, `Some(k)` for candidate `k`.
-/// A candidate must be strictly more plausible than the original and every
-/// earlier candidate (ties keep the original, then the lower seed). A NaN
-/// score never wins; a NaN original loses to any finite candidate.
+/// Which image to keep: `None` for the original, `Some(k)` for candidate `k`,
+/// by the spec's values. A candidate must score strictly higher than the
+/// original and every earlier candidate (ties keep the original, then the
+/// lower seed). A NaN score never wins; a NaN original loses to any finite
+/// candidate.
 pub fn choose(original: f64, candidates: &[f64]) -> Option<usize> {
     let key = |v: f64| if v.is_nan() { f64::NEG_INFINITY } else { v };
     let mut best = (None, key(original));
@@ -253,11 +274,14 @@ pub fn choose(original: f64, candidates: &[f64]) -> Option<usize> {
     best.0
 }
 
-/// One scored image in the manifest.
+/// One scored image in the manifest: RAHF's four `scores`, every raw score
+/// of every scorer instance (`raw`) and the spec's `value` (null when NaN).
 #[derive(Debug, Clone, Serialize)]
 pub struct ScoredFile {
     pub file: String,
     pub scores: Scores,
+    pub raw: RawScores,
+    pub value: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -265,6 +289,8 @@ pub struct CandidateRecord {
     pub file: String,
     pub seed: u64,
     pub scores: Scores,
+    pub raw: RawScores,
+    pub value: Option<f64>,
 }
 
 /// One `manifest.jsonl` line (its `id` is added by the manifest).
@@ -289,8 +315,13 @@ pub struct InpaintRecord {
     pub chosen: String,
     pub chosen_file: String,
     pub candidate_won: bool,
+    /// RAHF's plausibility of the original and of the chosen image.
     pub plausibility_before: f64,
     pub plausibility_after: f64,
+    /// The score spec that chose, and its value for the original and the chosen image.
+    pub score: String,
+    pub value_before: Option<f64>,
+    pub value_after: Option<f64>,
     pub mask_threshold: f64,
     pub dilate: u32,
     pub strength: f64,
@@ -314,23 +345,31 @@ pub struct Product {
     /// The same, resized to the image (for the overlay).
     heatmap_at_image: Tensor,
     mask: GrayImage,
-    original_scores: Scores,
-    /// Pasted-back candidates, their seeds and scores.
-    candidates: Vec<(RgbImage, u64, Scores)>,
+    original_scores: RawScores,
+    /// Pasted-back candidates, their seeds and raw scores.
+    candidates: Vec<(RgbImage, u64, RawScores)>,
     inpainted_at: Option<[i64; 2]>,
 }
 
 pub fn settings_fingerprint(opts: &InpaintOptions, common: &CommonOptions) -> serde_json::Value {
-    common.fingerprint(
-        "inpaint",
+    let mut own = common.scoring_fingerprint(&opts.score, &opts.verify);
+    own.extend(
         serde_json::json!({
             "inpaint_generator": crate::jobs::common::canonical(&inpaint_generator(common)),
             "mask_threshold": opts.mask_threshold,
             "dilate": opts.dilate,
             "candidates": opts.candidates,
             "strength": opts.strength,
-        }),
-    )
+        })
+        .as_object()
+        .expect("an object")
+        .clone(),
+    );
+    // RAHF's plausibility chose before specs existed: only another spec is written.
+    if opts.score != default_score() {
+        own.insert("score".into(), opts.score.fingerprint());
+    }
+    common.fingerprint("inpaint", serde_json::Value::Object(own))
 }
 
 fn inpaint_generator(common: &CommonOptions) -> String {
@@ -343,6 +382,7 @@ fn inpaint_generator(common: &CommonOptions) -> String {
 pub fn prepare(opts: &InpaintOptions, common: &CommonOptions, out: &Path, input_pending: bool) -> Result<Vec<InpaintItem>> {
     opts.validate_ranges()?;
     common.refuse_refiner("inpaint")?;
+    common.check_scoring("inpaint", &opts.score, &opts.verify, true)?;
     // The generator's configs are cross-checked there: a UNet whose
     // in_channels is neither the VAE's latent channels (latent blending) nor
     // twice that plus one (an inpainting UNet) is refused by name.
@@ -369,9 +409,47 @@ pub fn run(opts: &InpaintOptions, common: &CommonOptions, ctx: &RunContext) -> R
     let outcome = crate::jobs::runner::run(&job, &ctx.out, ctx.shard, &settings_fingerprint(opts, common), items, true)?;
     let records: Vec<serde_json::Value> = outcome.folder.records_of(&outcome.keys).into_iter().cloned().collect();
     let mode = records.iter().find_map(|r| r.get("inpaint_mode").and_then(|m| m.as_str()).map(str::to_string));
-    let summary = summarize(&records, &outcome, ctx, &generator, mode);
-    write_inpaint_report(&records, opts, common, ctx, &summary)?;
+    let comparison = chosen_vs_original(&opts.score, &opts.verify, &records);
+    let summary = summarize(&records, &outcome, ctx, &generator, mode, &opts.score, &comparison);
+    write_inpaint_report(&records, opts, common, ctx, &summary, comparison)?;
     Ok(summary)
+}
+
+/// Every raw score of a scored image in a record (`original` or a
+/// candidate): its `raw`, or for a record written before scorers were
+/// pluggable, RAHF's `scores` as the instance `rahf`'s.
+fn raw_of(v: &serde_json::Value) -> RawScores {
+    if let Some(raw) = v.get("raw").and_then(|r| serde_json::from_value::<RawScores>(r.clone()).ok()) {
+        return raw;
+    }
+    let mut raw = RawScores::new();
+    if let Some(s) = v.get("scores").and_then(|s| s.as_object()) {
+        let row = s.iter().map(|(k, x)| (k.clone(), x.as_f64())).collect();
+        raw.insert("rahf".into(), row);
+    }
+    raw
+}
+
+/// The spec's value of a scored image in a record: as stored, or from its raw scores.
+fn value_of(v: &serde_json::Value, spec: &ScoreSpec) -> f64 {
+    v.get("value").and_then(|x| x.as_f64()).unwrap_or_else(|| spec.value(&raw_of(v)))
+}
+
+/// The record's chosen image (`original` or `candidates[k]`).
+fn chosen_of(r: &serde_json::Value) -> &serde_json::Value {
+    let chosen = r.get("chosen").and_then(|c| c.as_str()).unwrap_or("original");
+    chosen
+        .strip_prefix("candidate_")
+        .and_then(|k| k.parse::<usize>().ok())
+        .and_then(|k| r.get("candidates").and_then(|c| c.get(k)))
+        .unwrap_or(&r["original"])
+}
+
+/// The spec's value and every verifier's scores, original vs chosen.
+fn chosen_vs_original(spec: &ScoreSpec, verify: &[String], records: &[serde_json::Value]) -> Comparison {
+    let before: Vec<RawScores> = records.iter().map(|r| raw_of(&r["original"])).collect();
+    let after: Vec<RawScores> = records.iter().map(|r| raw_of(chosen_of(r))).collect();
+    Comparison::build(spec, verify, "original", "chosen", &before.iter().collect::<Vec<_>>(), &after.iter().collect::<Vec<_>>())
 }
 
 use crate::jobs::common::Models;
@@ -431,7 +509,8 @@ impl crate::jobs::runner::Job for InpaintJob<'_> {
     }
 
     fn load(&self) -> Result<Models> {
-        self.common.load_models(&self.generator)
+        let scorers = crate::jobs::common::scorers_needed(&self.opts.score, &self.opts.verify, true);
+        self.common.load_models(&self.generator, &scorers)
     }
 
     fn units(&self, todo: Vec<InpaintItem>) -> Vec<InpaintItem> {
@@ -445,7 +524,7 @@ impl crate::jobs::runner::Job for InpaintJob<'_> {
         };
         tracing::info!("inpaint generator {}: {mode} inpainting", self.generator);
         Ok(Box::new(move |item| {
-            let mut p = predict_and_inpaint(item, self.opts, self.common, &m.rahf, m.pipe.as_ref(), &self.settings)?;
+            let mut p = predict_and_inpaint(item, self.opts, self.common, &m.scorers, m.pipe.as_ref(), &self.settings)?;
             p.mode = mode;
             Ok(vec![p])
         }))
@@ -454,10 +533,11 @@ impl crate::jobs::runner::Job for InpaintJob<'_> {
     fn consume(&self, out: &Path, p: Product) -> Result<Finished> {
         let key = self.key_with(&p.item, &p.image_sha256);
         let (id, record, files) = write_item(out, p, self.opts, &self.generator)?;
+        let fmt = |v: Option<f64>| v.map_or("NaN".to_string(), |v| format!("{v:.4}"));
         Ok(Finished {
             key,
             files,
-            progress: format!("{id}: {} (plausibility {:.4} -> {:.4})", record.chosen, record.plausibility_before, record.plausibility_after),
+            progress: format!("{id}: {} ({} {} -> {})", record.chosen, self.opts.score, fmt(record.value_before), fmt(record.value_after)),
             record: serde_json::to_value(&record).expect("records serialise"),
         })
     }
@@ -470,28 +550,27 @@ fn write_inpaint_report(
     common: &CommonOptions,
     ctx: &RunContext,
     summary: &JobSummary,
+    comparison: Comparison,
 ) -> Result<()> {
     use crate::report::{write_report, Report, ReportImage, ReportRow};
-    let scores = |v: &serde_json::Value| serde_json::from_value::<crate::rahf::Scores>(v.clone()).ok();
+    let spec = &opts.score;
     let text = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
     let rows = records
         .iter()
         .map(|r| {
             let chosen = text(r, "chosen");
-            let mut original = ReportImage::new(text(&r["original"], "file"), "original")
+            let o = &r["original"];
+            let original = ReportImage::new(text(o, "file"), "original")
                 .marked(chosen == "original")
                 .with_overlay("implausibility", text(r, "heatmap"))
-                .with_overlay("mask", text(r, "mask"));
-            if let Some(s) = scores(&r["original"]["scores"]) {
-                original = original.with_scores(s);
-            }
+                .with_overlay("mask", text(r, "mask"))
+                .with_spec_and_raw(spec, value_of(o, spec), &raw_of(o));
             let mut images = vec![original];
             for (k, c) in r["candidates"].as_array().into_iter().flatten().enumerate() {
                 let caption = format!("candidate {k} (seed {})", c["seed"]);
-                let mut img = ReportImage::new(text(c, "file"), caption).marked(chosen == format!("candidate_{k}"));
-                if let Some(s) = scores(&c["scores"]) {
-                    img = img.with_scores(s);
-                }
+                let img = ReportImage::new(text(c, "file"), caption)
+                    .marked(chosen == format!("candidate_{k}"))
+                    .with_spec_and_raw(spec, value_of(c, spec), &raw_of(c));
                 images.push(img);
             }
             let note = r["empty_mask"].as_bool().unwrap_or(false).then(|| "empty mask: kept as it was".to_string());
@@ -503,6 +582,7 @@ fn write_inpaint_report(
         job: "inpaint".into(),
         settings: serde_json::json!({ "inpaint": opts, "models": common.models, "sampling": common.sampling }),
         summary: summary.lines.clone(),
+        comparison: Some(comparison),
         rows,
     };
     write_report(&ctx.out, &report)?;
@@ -514,20 +594,22 @@ fn predict_and_inpaint(
     item: InpaintItem,
     opts: &InpaintOptions,
     common: &CommonOptions,
-    rahf: &FeedbackModel,
+    scorers: &Scorers,
     pipe: &dyn Generator,
     settings: &crate::diffusion::pipeline::SamplingSettings,
 ) -> Result<Product> {
     let (original, image_sha256) = crate::io::load_rgb_with_digest(&item.image)?;
     let (w, h) = original.dimensions();
-    let fb = rahf
-        .predict(
-            std::slice::from_ref(&original),
-            std::slice::from_ref(&item.prompt),
-        )?
+    let scored = scorers
+        .predict(std::slice::from_ref(&original), std::slice::from_ref(&item.prompt))?
         .pop()
-        .expect("one feedback per image");
-    let heatmap = fb.implausibility_heatmap.to_kind(Kind::Float).contiguous();
+        .expect("one prediction per image");
+    let implausibility = scored
+        .predictions
+        .get("rahf")
+        .and_then(|p| p.heatmap("implausibility"))
+        .ok_or_else(|| Error::Invalid("inpaint: RAHF's implausibility heatmap is missing (is `rahf` loaded?)".into()))?;
+    let heatmap = implausibility.to_kind(Kind::Float).contiguous();
     let hm_size = heatmap.size();
     let values = Vec::<f32>::try_from(heatmap.view([-1])).map_err(|e| {
         Error::torch(
@@ -544,14 +626,14 @@ fn predict_and_inpaint(
         opts.mask_threshold as f32,
         opts.dilate,
     )?;
-    let heatmap_at_image = fb.heatmap_at("implausibility", w, h)?;
+    let heatmap_at_image = crate::rahf::preprocess::resize_heatmap(&heatmap, h as i64, w as i64);
     let mut product = Product {
         item,
         image_sha256,
         mode: "",
         heatmap,
         heatmap_at_image,
-        original_scores: fb.scores,
+        original_scores: scored.raw,
         candidates: Vec::new(),
         inpainted_at: None,
         mask,
@@ -604,11 +686,11 @@ fn predict_and_inpaint(
     }
     let images: Vec<RgbImage> = pasted.iter().map(|(img, _)| img.clone()).collect();
     let prompts = vec![product.item.prompt.clone(); images.len()];
-    let feedback = rahf.predict(&images, &prompts)?;
+    let scored = scorers.predict(&images, &prompts)?;
     product.candidates = pasted
         .into_iter()
-        .zip(feedback)
-        .map(|((img, seed), fb)| (img, seed, fb.scores))
+        .zip(scored)
+        .map(|((img, seed), s)| (img, seed, s.raw))
         .collect();
     Ok(product)
 }
@@ -630,31 +712,36 @@ fn write_item(out: &Path, p: Product, opts: &InpaintOptions, generator: &str) ->
     )?;
     save_gray(&dir.join("mask.png"), &p.mask)?;
     save_rgb(&dir.join("original.png"), &p.original)?;
+    let spec = &opts.score;
+    let rahf = |raw: &RawScores| {
+        let g = |k: &str| crate::scorers::raw_value(raw, "rahf", k);
+        Scores { plausibility: g("plausibility"), alignment: g("alignment"), aesthetics: g("aesthetics"), overall: g("overall") }
+    };
     let mut candidates = Vec::with_capacity(p.candidates.len());
-    for (k, (img, seed, scores)) in p.candidates.iter().enumerate() {
+    for (k, (img, seed, raw)) in p.candidates.iter().enumerate() {
         let name = format!("candidate_{k}.png");
         save_rgb(&dir.join(&name), img)?;
         files.push(rel(&name));
         candidates.push(CandidateRecord {
             file: rel(&name),
             seed: *seed,
-            scores: *scores,
+            scores: rahf(raw),
+            raw: raw.clone(),
+            value: crate::scorers::stored(spec.value(raw)),
         });
     }
-    let plaus: Vec<f64> = p.candidates.iter().map(|c| c.2.plausibility).collect();
-    for (k, s) in plaus.iter().enumerate() {
+    let values: Vec<f64> = p.candidates.iter().map(|c| spec.value(&c.2)).collect();
+    for (k, s) in values.iter().enumerate() {
         if s.is_nan() {
-            tracing::warn!("{id}: candidate {k} has a NaN plausibility; it cannot be chosen");
+            tracing::warn!("{id}: candidate {k} has a NaN {spec}; it cannot be chosen");
         }
     }
-    let choice = choose(p.original_scores.plausibility, &plaus);
-    let (chosen, chosen_img, after) = match choice {
-        None => (
-            "original".to_string(),
-            &p.original,
-            p.original_scores.plausibility,
-        ),
-        Some(k) => (format!("candidate_{k}"), &p.candidates[k].0, plaus[k]),
+    let original_scores = rahf(&p.original_scores);
+    let before = spec.value(&p.original_scores);
+    let choice = choose(before, &values);
+    let (chosen, chosen_img, after, plausibility_after) = match choice {
+        None => ("original".to_string(), &p.original, before, original_scores.plausibility),
+        Some(k) => (format!("candidate_{k}"), &p.candidates[k].0, values[k], candidates[k].scores.plausibility),
     };
     save_rgb(&dir.join("chosen.png"), chosen_img)?;
 
@@ -675,14 +762,19 @@ fn write_item(out: &Path, p: Product, opts: &InpaintOptions, generator: &str) ->
         empty_mask: empty,
         original: ScoredFile {
             file: rel("original.png"),
-            scores: p.original_scores,
+            scores: original_scores,
+            raw: p.original_scores.clone(),
+            value: crate::scorers::stored(before),
         },
         candidates,
         chosen,
         chosen_file: rel("chosen.png"),
         candidate_won: choice.is_some(),
-        plausibility_before: p.original_scores.plausibility,
-        plausibility_after: after,
+        plausibility_before: original_scores.plausibility,
+        plausibility_after,
+        score: spec.to_string(),
+        value_before: crate::scorers::stored(before),
+        value_after: crate::scorers::stored(after),
         mask_threshold: opts.mask_threshold,
         dilate: opts.dilate,
         strength: opts.strength,
@@ -701,6 +793,8 @@ fn summarize(
     ctx: &RunContext,
     generator: &str,
     mode: Option<String>,
+    spec: &ScoreSpec,
+    comparison: &Comparison,
 ) -> JobSummary {
     let (new, skipped, in_shard) = (outcome.done_now, outcome.done_before, outcome.keys.len());
     let flag = |r: &serde_json::Value, k: &str| r.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
@@ -716,6 +810,12 @@ fn summarize(
     let inpainted = items - empty;
     let won = records.iter().filter(|r| flag(r, "candidate_won")).count();
     let (before, after) = (mean("plausibility_before"), mean("plausibility_after"));
+    let spec_mean = |f: &dyn Fn(&serde_json::Value) -> f64| {
+        let v: Vec<f64> = records.iter().map(f).filter(|v| v.is_finite()).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let value_before = spec_mean(&|r| value_of(&r["original"], spec));
+    let value_after = spec_mean(&|r| value_of(chosen_of(r), spec));
     let win_rate = (inpainted > 0).then(|| won as f64 / inpainted as f64);
     let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
     let figures = serde_json::json!({
@@ -731,6 +831,10 @@ fn summarize(
         "candidate_win_rate": win_rate,
         "mean_plausibility_before": before,
         "mean_plausibility_after": after,
+        "score": spec,
+        "mean_value_before": value_before,
+        "mean_value_after": value_after,
+        "comparison": comparison.figures(),
         "generator": generator,
         "inpaint_mode": mode,
         "manifest": ctx.out.join(crate::jobs::manifest::MANIFEST_FILE),
@@ -751,6 +855,7 @@ fn summarize(
             fmt(after)
         ),
     ];
+    lines.extend(comparison.lines());
     if !outcome.gone.is_empty() {
         lines.push(format!("{} finished item(s) no longer in the input: left out of these figures", outcome.gone.len()));
     }

@@ -220,8 +220,9 @@ pub fn merge(out: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<JobS
     let raw: Vec<serde_json::Value> = order.iter().map(|&i| raw[i].clone()).collect();
 
     let settings_path = settings.as_ref().expect("at least one shard").0.clone();
+    let (spec, verify) = scoring_of(&settings_path, &settings.as_ref().expect("at least one shard").1)?;
     folder.settle_settings(&crate::error::read_json(&settings_path)?)?;
-    write_dataset(out, &merged, &merged)?;
+    write_dataset(out, &spec, &merged, &merged)?;
     let mut manifest = String::new();
     for v in &raw {
         // The shards' records, with their keys and outputs (the copies are byte for byte).
@@ -237,6 +238,7 @@ pub fn merge(out: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<JobS
     });
     write_atomic(&out.join(PLAN_FILE), serde_json::to_string_pretty(&plan).expect("JSON serialises").as_bytes())?;
 
+    let comparison = crate::jobs::filter::kept_vs_all(&spec, &verify, &merged);
     let kept_images: usize = merged.iter().map(|r| r.kept.len()).sum();
     let kept_prompts = merged.iter().filter(|r| !r.kept.is_empty()).count();
     let figures = serde_json::json!({
@@ -246,6 +248,7 @@ pub fn merge(out: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<JobS
         "kept_images": kept_images,
         "files_copied": copied,
         "incomplete": warnings,
+        "comparison": comparison.figures(),
     });
     let mut lines = vec![
         format!(
@@ -259,11 +262,28 @@ pub fn merge(out: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<JobS
             out.join(crate::jobs::filter::TRAIN_DIR).display()
         ),
     ];
+    lines.extend(comparison.lines());
     lines.extend(warnings.iter().map(|w| format!("INCOMPLETE: {w}")));
     let summary = JobSummary { job: "merge".into(), out: out.to_path_buf(), figures, lines };
     let (_, shard_settings) = settings.expect("at least one shard");
     let unkept = format!("nothing reached {} {}", shard_settings["score"], shard_settings["threshold"])
         .replace('"', "");
-    crate::jobs::filter::write_filter_report(out, "merge", shard_settings, &unkept, &merged, &summary)?;
+    crate::jobs::filter::write_filter_report(out, "merge", shard_settings, &unkept, &spec, &merged, &summary, comparison)?;
     Ok(summary)
+}
+
+/// The score spec and verifiers a filter run's `settings.json` records
+/// (`score`: a spec or, from runs before specs, a bare RAHF score name).
+fn scoring_of(path: &Path, settings: &serde_json::Value) -> Result<(crate::scorers::ScoreSpec, Vec<String>)> {
+    let spec = settings["score"]
+        .as_str()
+        .ok_or_else(|| Error::corrupt(path, None, "no `score` (the filter's score spec)"))?
+        .parse()
+        .map_err(|e: Error| Error::corrupt(path, None, format!("`score`: {e}")))?;
+    let verify = match &settings["verify"] {
+        serde_json::Value::Null => Vec::new(),
+        v => serde_json::from_value(v.clone())
+            .map_err(|e| Error::corrupt(path, None, format!("`verify` is not a list of scorer names: {e}")))?,
+    };
+    Ok((spec, verify))
 }
