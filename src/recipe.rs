@@ -539,9 +539,8 @@ impl Recipe {
             let rahf = self.at_field("models.rahf", check_rahf(r))?;
             lines.push(format!("rahf       {}: {rahf}", r.display()));
         }
-        for (name, spec) in &m.scorers {
-            let field = ModelOptions::scorer_field(name);
-            let about = self.at_field(&field, crate::scorers::check_scorer(name, spec))?;
+        let checked = crate::jobs::common::check_scorer_checkpoints(&m).map_err(|e| self.locate_field(e))?;
+        for (name, spec, about) in checked.into_iter().filter(|(n, ..)| n != "rahf") {
             lines.push(format!("scorer     {name} = {spec}: {about}"));
         }
         self.resolve_size()?;

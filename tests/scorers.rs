@@ -373,3 +373,357 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// `choose` of the inpaint job: the strictly highest value, the original on ties.
+fn best_of(original: f64, candidates: &[f64]) -> Option<usize> {
+    let mut best = (None, original);
+    for (k, &v) in candidates.iter().enumerate() {
+        if v > best.1 {
+            best = (Some(k), v);
+        }
+    }
+    best.0
+}
+
+#[test]
+fn inpaint_chooses_by_the_spec_masks_by_rahf_and_reports_the_verifier() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut lines = String::new();
+    for i in 0..3u32 {
+        picture(32, 32, i).save(tmp.path().join(format!("img{i}.png"))).unwrap();
+        lines.push_str(&format!("{{\"image\": \"img{i}.png\", \"prompt\": \"picture {i} of a red cat\"}}\n"));
+    }
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(&input, lines).unwrap();
+    let inpaint = |out: &Path, extra: &[&str]| {
+        let mut a = args(&["inpaint", "--input", input.to_str().unwrap(), "--mask-threshold", "0.45", "--dilate", "2"]);
+        a.extend(models("sd-tiny"));
+        a.extend(args(&SAMPLING));
+        a.extend(args(&["--scheduler", "ddim", "--json", "--out", out.to_str().unwrap()]));
+        a.extend(args(extra));
+        a
+    };
+    let out = tmp.path().join("out");
+    let summary = ok(run(&inpaint(&out, &["--candidates", "3", "--score", SPEC, "--verify", "rahf.c"])));
+    // The same items by RAHF's plausibility alone: the masks do not depend on the spec.
+    let plain = tmp.path().join("plain");
+    ok(run(&inpaint(&plain, &["--candidates", "1"])));
+
+    let recs = manifest(&out);
+    assert_eq!(recs.len(), 3);
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    let (mut vb, mut va) = (Vec::new(), Vec::new());
+    let mut won = 0;
+    for r in &recs {
+        let id = r["id"].as_str().unwrap();
+        assert_eq!(
+            std::fs::read(out.join(id).join("mask.png")).unwrap(),
+            std::fs::read(plain.join(id).join("mask.png")).unwrap(),
+            "{id}: the mask comes from RAHF's heatmap whatever the spec"
+        );
+        assert_eq!(r["score"], SPEC);
+        let o = &r["original"];
+        assert_eq!(f(&o["value"]), spec_value(&o["raw"]));
+        let cands = r["candidates"].as_array().unwrap();
+        let values: Vec<f64> = cands.iter().map(|c| f(&c["value"])).collect();
+        for c in cands {
+            assert_eq!(f(&c["value"]), spec_value(&c["raw"]));
+            assert!(c["raw"]["rahf.c"]["overall"].is_f64(), "the verifier scores every candidate: {c}");
+            assert_eq!(c["scores"]["plausibility"], c["raw"]["rahf"]["plausibility"]);
+        }
+        let choice = best_of(f(&o["value"]), &values);
+        let chosen = match choice {
+            None => o,
+            Some(k) => {
+                won += 1;
+                &cands[k]
+            }
+        };
+        assert_eq!(r["chosen"], choice.map_or("original".to_string(), |k| format!("candidate_{k}")), "{id}: {values:?} vs {}", o["value"]);
+        assert_eq!(r["value_before"], o["value"]);
+        assert_eq!(r["value_after"], chosen["value"]);
+        assert_eq!(r["plausibility_after"], chosen["raw"]["rahf"]["plausibility"]);
+        assert_eq!(
+            std::fs::read(out.join(id).join("chosen.png")).unwrap(),
+            std::fs::read(out.join(chosen["file"].as_str().unwrap())).unwrap()
+        );
+        before.push(f(&o["value"]));
+        after.push(f(&chosen["value"]));
+        vb.push(f(&o["raw"]["rahf.c"]["aesthetics"]));
+        va.push(f(&chosen["raw"]["rahf.c"]["aesthetics"]));
+    }
+    assert!(won > 0, "no candidate won: the choice was not exercised");
+    let opt = row(&summary, SPEC);
+    assert!((f(&opt["before"]) - mean(&before)).abs() < 1e-12 && (f(&opt["after"]) - mean(&after)).abs() < 1e-12, "{opt}");
+    assert_eq!((summary["figures"]["comparison"]["before"].as_str(), summary["figures"]["comparison"]["after"].as_str()), (Some("original"), Some("chosen")));
+    let ver = row(&summary, "rahf.c:aesthetics");
+    assert!((f(&ver["before"]) - mean(&vb)).abs() < 1e-12 && (f(&ver["after"]) - mean(&va)).abs() < 1e-12, "{ver}");
+    assert!((f(&summary["figures"]["mean_value_after"]) - mean(&after)).abs() < 1e-12);
+    let report = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(report.contains("<tr class=\"held-out\"><td class=\"name\">rahf.c:aesthetics</td>"), "{report}");
+
+    // Inpainting needs RAHF for its masks even when the spec does not name it.
+    let mut no_rahf = inpaint(&tmp.path().join("x"), &["--score", "rahf.b:overall"]);
+    let i = no_rahf.iter().position(|a| a == "--rahf").unwrap();
+    no_rahf.drain(i..i + 2);
+    let e = err(run(&no_rahf));
+    assert!(e.contains("models.rahf") && e.contains("--rahf") && e.contains("heatmap"), "{e}");
+    assert!(!tmp.path().join("x").exists());
+}
+
+#[test]
+fn guide_climbs_a_weighted_spec_and_reports_the_verifier() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("p.txt");
+    std::fs::write(&prompts, "a red cat\na blue dog on a chair\n").unwrap();
+    let spec = "0.5*rahf:aesthetics+0.5*rahf.b:plausibility";
+    let out = tmp.path().join("out");
+    let mut a = args(&["guide", "--prompts", prompts.to_str().unwrap(), "--images-per-prompt", "2", "--guidance-strength", "50"]);
+    a.extend(models("sd-tiny"));
+    a.extend(args(&["--steps", "4", "--height", "32", "--width", "32", "--seed", "11", "--device", "cpu"]));
+    a.extend(args(&["--score", spec, "--verify", "rahf.c", "--json", "--out", out.to_str().unwrap()]));
+    let summary = ok(run(&a));
+    let fig = &summary["figures"];
+    assert_eq!(fig["score"], spec);
+    let (g, u) = (f(&fig["mean_guided"]), f(&fig["mean_unguided"]));
+    assert!(g > u, "guided {g} should beat unguided {u} on the spec it climbed");
+    let (mut gv, mut uv, mut gver, mut uver) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in manifest(&out) {
+        assert_eq!(r["score"], spec);
+        for im in r["images"].as_array().unwrap() {
+            let value = |raw: &Value| 0.5 * f(&raw["rahf"]["aesthetics"]) + 0.5 * f(&raw["rahf.b"]["plausibility"]);
+            assert!((f(&im["guided_value"]) - value(&im["guided_raw"])).abs() < 1e-15);
+            assert!((f(&im["unguided_value"]) - value(&im["unguided_raw"])).abs() < 1e-15);
+            assert_eq!(im["guided_scores"]["aesthetics"], im["guided_raw"]["rahf"]["aesthetics"]);
+            gv.push(f(&im["guided_value"]));
+            uv.push(f(&im["unguided_value"]));
+            gver.push(f(&im["guided_raw"]["rahf.c"]["overall"]));
+            uver.push(f(&im["unguided_raw"]["rahf.c"]["overall"]));
+        }
+    }
+    assert!((g - mean(&gv)).abs() < 1e-12 && (u - mean(&uv)).abs() < 1e-12);
+    let opt = row(&summary, spec);
+    assert!((f(&opt["before"]) - u).abs() < 1e-12 && (f(&opt["after"]) - g).abs() < 1e-12, "{opt}");
+    let ver = row(&summary, "rahf.c:overall");
+    assert!((f(&ver["before"]) - mean(&uver)).abs() < 1e-12 && (f(&ver["after"]) - mean(&gver)).abs() < 1e-12, "{ver}");
+    assert_eq!(summary["figures"]["comparison"]["before"], "unguided");
+    let report = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(report.contains("<tr class=\"held-out\"><td class=\"name\">rahf.c:overall</td>"));
+}
+
+/// Every scorer mistake stops the run before anything is written, naming
+/// the scorer and where to give it.
+#[test]
+fn scorer_mistakes_stop_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("p.txt");
+    std::fs::write(&prompts, "a cat\n").unwrap();
+    let out = tmp.path().join("out");
+    let (a, b, _) = rahfs();
+    let gen = root().join("tests/fixtures/diffusion/sd-tiny").display().to_string();
+    let base = |scorer_flags: &[String], extra: &[&str]| {
+        let mut v = args(&["filter", "--model", &gen, "--prompts", prompts.to_str().unwrap()]);
+        v.extend(scorer_flags.iter().cloned());
+        v.extend(args(&SAMPLING));
+        v.extend(args(&["--out", out.to_str().unwrap()]));
+        v.extend(args(extra));
+        v
+    };
+    let rahf = args(&["--rahf", a.to_str().unwrap()]);
+    let with_b = {
+        let mut v = rahf.clone();
+        v.extend(args(&["--scorer-model", &format!("rahf.b={}", b.display())]));
+        v
+    };
+    let missing = tmp.path().join("nowhere");
+    let cases: Vec<(Vec<String>, Vec<&str>, Vec<&str>)> = vec![
+        (rahf.clone(), vec!["--score", "pickscorr"], vec!["unknown scorer `pickscorr`", "known scorers: rahf"]),
+        (rahf.clone(), vec!["--score", "0.5*rahf:plausibility+0.5*rahf:beauty"], vec!["term `0.5*rahf:beauty`", "no score `beauty`"]),
+        (rahf.clone(), vec!["--score", "0.7*rahf:plausibility+0.7*rahf:overall"], vec!["sum to 1.4"]),
+        (rahf.clone(), vec!["--score", "rahf.b:overall"], vec!["filter.score", "`rahf.b`", "--scorer-model rahf.b=PATH"]),
+        (vec![], vec![], vec!["filter.score", "no RAHF folder", "--rahf"]),
+        (rahf.clone(), vec!["--verify", "rahf"], vec!["filter.verify", "`rahf` is in the score spec", "not held out"]),
+        (rahf.clone(), vec!["--verify", "rahf.z"], vec!["filter.verify", "verifier `rahf.z`", "--scorer-model rahf.z=PATH"]),
+        (with_b.clone(), vec!["--verify", "rahf.b,rahf.b"], vec!["filter.verify", "twice"]),
+        (with_b.clone(), vec!["--verify", "rahf.b,"], vec!["--verify", "stray comma"]),
+        (with_b.clone(), vec!["--verify", "hps"], vec!["unknown scorer `hps`"]),
+        (args(&["--rahf", a.to_str().unwrap(), "--scorer-model", &format!("rahf={}", b.display())]), vec![], vec!["--rahf", "rahf.b="]),
+        (args(&["--rahf", a.to_str().unwrap(), "--scorer-model", "nope=/x"]), vec![], vec!["`nope=/x`", "unknown scorer `nope`"]),
+        (args(&["--rahf", a.to_str().unwrap(), "--scorer-model", "rahf.b"]), vec![], vec!["NAME=PATH"]),
+        (
+            args(&["--rahf", a.to_str().unwrap(), "--scorer-model", &format!("rahf.b={}", missing.display())]),
+            vec!["--score", "rahf.b:overall"],
+            vec!["models.scorers.rahf.b", "nowhere"],
+        ),
+    ];
+    for (flags, extra, needles) in cases {
+        let e = err(run(&base(&flags, &extra)));
+        for n in &needles {
+            assert!(e.contains(n), "{extra:?} {flags:?}: `{n}` not in: {e}");
+        }
+        assert!(!out.exists(), "{extra:?}: a refused run created {}", out.display());
+    }
+    // Guide names its own fields.
+    let e = err(run(&{
+        let mut v = args(&["guide", "--model", &gen, "--prompts", prompts.to_str().unwrap()]);
+        v.extend(rahf.clone());
+        v.extend(args(&SAMPLING));
+        v.extend(args(&["--out", out.to_str().unwrap(), "--score", "0.5*aesthetics+0.5*rahf.b:overall"]));
+        v
+    }));
+    assert!(e.contains("guide.score") && e.contains("rahf.b"), "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn score_prints_every_scorer_and_the_spec_value() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, _) = rahfs();
+    let imgs: Vec<PathBuf> = (0..2).map(|i| tmp.path().join(format!("i{i}.png"))).collect();
+    for (i, p) in imgs.iter().enumerate() {
+        picture(40, 32, i as u32).save(p).unwrap();
+    }
+    let spec = "0.25*rahf:overall+0.75*rahf.b:overall";
+    let out = tmp.path().join("maps");
+    let o = common::bin()
+        .args(["score", "--rahf", a.to_str().unwrap(), "--scorer-model", &format!("rahf.b={}", b.display())])
+        .args(["--score", spec, "--prompt", "a red dog", "--out", out.to_str().unwrap()])
+        .args(&imgs)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<Value> = String::from_utf8(o.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    let m = load(b);
+    for (line, img) in lines.iter().zip(&imgs) {
+        let raw = &line["raw"];
+        for k in RAHF_SCORES {
+            assert_eq!(line["scores"][k], raw["rahf"][k], "RAHF's four stay under `scores`");
+            assert_eq!(line["normalized"]["rahf.b"][k], raw["rahf.b"][k], "RAHF normalises as the identity");
+        }
+        let want = 0.25 * f(&raw["rahf"]["overall"]) + 0.75 * f(&raw["rahf.b"]["overall"]);
+        assert!((f(&line["value"]) - want).abs() < 1e-15);
+        assert_eq!(line["score"], spec);
+        assert!(line["misaligned_keywords"].is_array() && line["extra"]["rahf.b"]["sequence"].is_string());
+        let alone = Scorer::predict(&m, &[image::open(img).unwrap().to_rgb8()], &["a red dog".to_string()]).unwrap();
+        assert!((f(&raw["rahf.b"]["overall"]) - alone[0].scores[3]).abs() < BATCH_TOL);
+        let stem = img.file_stem().unwrap().to_str().unwrap();
+        for name in [format!("{stem}.implausibility.npy"), format!("{stem}.rahf.b.misalignment.png")] {
+            assert!(out.join(&name).is_file(), "{name}");
+        }
+    }
+    // Without RAHF: only the other scorer's scores.
+    let o = common::bin()
+        .args(["score", "--scorer-model", &format!("rahf.b={}", b.display()), "--prompt", "a red dog"])
+        .arg(&imgs[0])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(line.get("scores").is_none() && line["raw"].as_object().unwrap().keys().eq(["rahf.b"]), "{line}");
+    // A spec naming a scorer that is not given.
+    let o = common::bin()
+        .args(["score", "--rahf", a.to_str().unwrap(), "--score", "rahf.c:overall", "--prompt", "x"])
+        .arg(&imgs[0])
+        .output()
+        .unwrap();
+    let e = err(o);
+    assert!(e.contains("rahf.c") && e.contains("--scorer-model rahf.c=PATH"), "{e}");
+}
+
+// ------------------------------------------------------------ recipes
+
+use orchestrate::recipe::Recipe;
+
+/// A recipe on the tiny models in a fresh folder (holding `p.txt`), with
+/// `models_extra` under `models:` and `rest` after the models and sampling.
+fn recipe(models_extra: &str, rest: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("p.txt"), "a cat\na dog\n").unwrap();
+    let text = format!(
+        "models:\n  generator: {}\n  rahf: {}\n  device: cpu\n{models_extra}sampling:\n  steps: 2\n  height: 32\n  width: 32\noutput: out\n{rest}",
+        root().join("tests/fixtures/diffusion/sd-tiny").display(),
+        rahfs().0.display(),
+    );
+    let path = tmp.path().join("r.yaml");
+    std::fs::write(&path, text).unwrap();
+    (tmp, path)
+}
+
+/// (line, column, field, message) of a located recipe error.
+fn located(e: orchestrate::Error) -> (u64, u64, String, String) {
+    match e {
+        orchestrate::Error::Recipe { line, column, field, message, .. } => (line, column, field, message),
+        other => panic!("expected a located recipe error, got: {other}"),
+    }
+}
+
+fn scorers_yaml() -> String {
+    let (_, b, c) = rahfs();
+    format!("  scorers:\n    rahf.b: {}\n    rahf.c: {}\n", b.display(), c.display())
+}
+
+#[test]
+fn recipes_take_specs_verifiers_and_scorer_checkpoints() {
+    // Lines: 1 models, 2 generator, 3 rahf, 4 device, 5 scorers, 6 rahf.b, 7 rahf.c,
+    // 8 sampling .. 11 width, 12 output, 13 verify, 14 filter, ...
+    let rest = format!(
+        "verify: [rahf.c]\nfilter:\n  prompts: p.txt\n  samples: 2\n  score: \"{SPEC}\"\n  threshold: 0.3\ninpaint:\n  input: filter\n  score: rahf.b:overall\nguide:\n  prompts: p.txt\n  verify: []\n"
+    );
+    let (_t, path) = recipe(&scorers_yaml(), &rest);
+    let mut r = Recipe::load(&path).unwrap();
+    let f = r.filter.as_ref().unwrap();
+    assert_eq!((f.score.to_string(), f.verify.clone()), (SPEC.to_string(), vec!["rahf.c".to_string()]));
+    let i = r.inpaint.as_ref().unwrap();
+    assert_eq!((i.score.to_string(), i.verify.clone()), ("rahf.b:overall".to_string(), vec!["rahf.c".to_string()]), "the shared verify");
+    let g = r.guide.as_ref().unwrap();
+    assert_eq!((g.score.to_string(), g.verify.clone()), ("rahf:aesthetics".to_string(), vec![]), "a job's own verify wins");
+    let plan = r.dry_run(Default::default()).unwrap().lines.join("\n");
+    assert!(plan.contains("scorer     rahf.b = ") && plan.contains("scorer     rahf.c = "), "{plan}");
+    assert!(plan.contains(&format!("keep best with {SPEC} >= 0.3, held-out verifiers rahf.c")), "{plan}");
+    assert!(plan.contains("choose by rahf.b:overall, held-out verifiers rahf.c"), "{plan}");
+
+    // Relative scorer paths resolve against the recipe's folder.
+    let (t, path) = recipe("  scorers: {rahf.b: ../b}\n", "filter: {prompts: p.txt}\n");
+    let r = Recipe::parse(&path).unwrap();
+    assert_eq!(r.common.models.scorers["rahf.b"], t.path().parent().unwrap().join("b").display().to_string());
+}
+
+#[test]
+fn recipe_scorer_errors_point_at_their_yaml_line() {
+    let s = scorers_yaml();
+    // (models extra, rest, parse only?, line, column, field, message needles); lines as in the test above.
+    let cases: Vec<(String, String, bool, u64, u64, &str, Vec<&str>)> = vec![
+        (
+            s.clone(),
+            "filter:\n  prompts: p.txt\n  score: 0.5*rahf:plausibility+0.5*rahf:beauty\n".into(),
+            true,
+            15,
+            10,
+            "filter.score",
+            vec!["term `0.5*rahf:beauty`", "no score `beauty`"],
+        ),
+        (s.clone(), "filter:\n  prompts: p.txt\n  verify: [rahf]\n".into(), false, 15, 11, "filter.verify", vec!["`rahf` is in the score spec"]),
+        (s.clone(), "verify: [rahf.z]\nfilter:\n  prompts: p.txt\n".into(), false, 13, 9, "filter.verify", vec!["verifier `rahf.z`", "models.scorers.rahf.z"]),
+        (s.clone(), "verify: [hps]\nguide:\n  prompts: p.txt\n".into(), false, 13, 9, "guide.verify", vec!["unknown scorer `hps`"]),
+        (String::new(), "filter:\n  prompts: p.txt\n  score: rahf.b:overall\n".into(), false, 12, 10, "filter.score", vec!["`rahf.b`", "models.scorers.rahf.b"]),
+        ("  scorers:\n    nope: x\n".into(), "filter:\n  prompts: p.txt\n".into(), false, 6, 11, "models.scorers.nope", vec!["unknown scorer `nope`"]),
+        ("  scorers:\n    rahf: x\n".into(), "filter:\n  prompts: p.txt\n".into(), false, 6, 11, "models.scorers.rahf", vec!["models.rahf", "rahf.b"]),
+        ("  scorers:\n    rahf.b: ./nowhere\n".into(), "filter:\n  prompts: p.txt\n".into(), false, 6, 13, "models.scorers.rahf.b", vec!["nowhere"]),
+    ];
+    for (models_extra, rest, parse_only, line, column, field, needles) in cases {
+        let (_t, path) = recipe(&models_extra, &rest);
+        let e = if parse_only {
+            Recipe::parse(&path).unwrap_err()
+        } else {
+            let mut r = Recipe::load(&path).and_then(|mut r| r.dry_run(Default::default()).map(|_| r)).err();
+            r.take().unwrap_or_else(|| panic!("{rest}: no error"))
+        };
+        let shown = e.to_string();
+        let (l, c, fld, msg) = located(e);
+        assert_eq!((l, c, fld.as_str()), (line, column, field), "{rest}: {shown}");
+        for n in needles {
+            assert!(msg.contains(n), "{rest}: `{n}` not in {msg}");
+        }
+    }
+}

@@ -501,8 +501,8 @@ pub fn check_generator_with_vae(spec: &str, vae: Option<&str>) -> Result<Generat
 
 /// Every scorer checkpoint given (`models.rahf`, `models.scorers`): a known
 /// instance name, and its configs checked without loading weights; errors
-/// name the field. Returns one line per checkpoint, for `--dry-run`.
-pub fn check_scorer_checkpoints(m: &ModelOptions) -> Result<Vec<String>> {
+/// name the field. Returns (instance, checkpoint, description) of each, for `--dry-run`.
+pub fn check_scorer_checkpoints(m: &ModelOptions) -> Result<Vec<(String, String, String)>> {
     let mut lines = Vec::new();
     if m.scorers.contains_key("rahf") {
         return Err(Error::field(
@@ -513,7 +513,7 @@ pub fn check_scorer_checkpoints(m: &ModelOptions) -> Result<Vec<String>> {
     for (name, spec) in m.scorer_checkpoints() {
         let field = ModelOptions::scorer_field(&name);
         let about = scorers::check_scorer(&name, &spec).map_err(|e| Error::field(&field, e.to_string()))?;
-        lines.push(format!("{name}: {spec}: {about}"));
+        lines.push((name, spec, about));
     }
     Ok(lines)
 }
