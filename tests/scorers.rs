@@ -142,7 +142,7 @@ fn a_weighted_spec_differentiates_through_every_scorer() {
 // ------------------------------------------------------------ through the CLI
 
 use serde_json::Value;
-use std::process::{Command, Output};
+use std::process::Output;
 
 const SAMPLING: [&str; 10] = ["--steps", "2", "--height", "32", "--width", "32", "--seed", "5", "--device", "cpu"];
 /// Spec of the end-to-end runs: two scorer instances, weighted.
@@ -726,4 +726,157 @@ fn recipe_scorer_errors_point_at_their_yaml_line() {
             assert!(msg.contains(n), "{rest}: `{n}` not in {msg}");
         }
     }
+}
+
+// ------------------------------------------------------------ resuming
+
+/// Rewrites a run's manifest as the code before scorers wrote it: without
+/// the fields the scorer interface added (`raw`, `value`, ... at any depth).
+fn strip_to_old_format(out: &Path) {
+    fn strip(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                for k in ["raw", "value", "value_before", "value_after", "guided_raw", "unguided_raw", "guided_value", "unguided_value"] {
+                    m.remove(k);
+                }
+                m.values_mut().for_each(strip);
+            }
+            Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let text: String = std::fs::read_to_string(out.join("manifest.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            strip(&mut v);
+            let o = v.as_object_mut().unwrap();
+            match o.get("score").and_then(Value::as_str) {
+                // guide wrote the bare RAHF score name; inpaint wrote no spec.
+                Some(s) if s.starts_with("rahf:") && o.contains_key("strength") && !o.contains_key("mask_pixels") => {
+                    let bare = s.trim_start_matches("rahf:").to_string();
+                    o.insert("score".into(), bare.into());
+                }
+                Some(_) if o.contains_key("mask_pixels") => {
+                    o.remove("score");
+                }
+                _ => {}
+            }
+            serde_json::to_string(&v).unwrap() + "\n"
+        })
+        .collect();
+    assert!(!text.contains("\"raw\"") && !text.contains("_raw\""), "{text}");
+    std::fs::write(out.join("manifest.jsonl"), text).unwrap();
+}
+
+/// Runs made before scorers were pluggable (same settings.json, records
+/// without `raw`/`value`) resume: nothing is redone, and the summaries,
+/// data set and report read the old records as the new ones.
+#[test]
+fn runs_from_before_scorers_resume_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, _, _) = rahfs();
+    let gen = root().join("tests/fixtures/diffusion/sd-tiny").display().to_string();
+    let prompts = tmp.path().join("p.txt");
+    std::fs::write(&prompts, "a red cube\na cat on a mat\n").unwrap();
+    let common_flags = |out: &Path| {
+        let mut v = args(&["--model", &gen, "--rahf", a.to_str().unwrap()]);
+        v.extend(args(&SAMPLING));
+        v.extend(args(&["--json", "--out", out.to_str().unwrap()]));
+        v
+    };
+    let filter_out = tmp.path().join("filter");
+    let filter = {
+        let mut v = args(&["filter", "--prompts", prompts.to_str().unwrap(), "--samples", "2", "--threshold", "0.1"]);
+        v.extend(common_flags(&filter_out));
+        v
+    };
+    let guide_out = tmp.path().join("guide");
+    let guide = {
+        let mut v = args(&["guide", "--prompts", prompts.to_str().unwrap(), "--guidance-strength", "20"]);
+        v.extend(common_flags(&guide_out));
+        v
+    };
+    picture(32, 32, 4).save(tmp.path().join("x.png")).unwrap();
+    std::fs::write(tmp.path().join("in.jsonl"), "{\"image\": \"x.png\", \"prompt\": \"a red cat\"}\n").unwrap();
+    let inpaint_out = tmp.path().join("inpaint");
+    let inpaint = {
+        let mut v = args(&["inpaint", "--input", tmp.path().join("in.jsonl").to_str().unwrap(), "--mask-threshold", "0.45", "--dilate", "2", "--candidates", "2"]);
+        v.extend(common_flags(&inpaint_out));
+        v
+    };
+    // settings.json of a run with the default spec and no verifier: exactly the keys it always had.
+    fn old_keys(job: &[&'static str]) -> Vec<&'static str> {
+        let mut k: Vec<&'static str> = ["job", "generator", "rahf", "dtype", "rahf_dtype", "steps", "guidance_scale", "height", "width", "scheduler", "negative_prompt", "seed", "clip_skip"].to_vec();
+        k.extend(job);
+        k.sort();
+        k
+    }
+    for (cmd, out, own, score, count) in [
+        (&filter, &filter_out, old_keys(&["samples", "score", "threshold", "keep"]), Some("plausibility"), "done_now"),
+        (&guide, &guide_out, old_keys(&["strength", "every", "recurrence", "score", "images_per_prompt", "compare_unguided", "through_unet"]), Some("aesthetics"), "new"),
+        (&inpaint, &inpaint_out, old_keys(&["inpaint_generator", "mask_threshold", "dilate", "candidates", "strength"]), None, "new"),
+    ] {
+        ok(run(cmd));
+        let settings: Value = serde_json::from_str(&std::fs::read_to_string(out.join("settings.json")).unwrap()).unwrap();
+        let keys: Vec<&str> = settings.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, own, "{}", out.display());
+        assert_eq!(settings.get("score").and_then(Value::as_str), score);
+        // A rerun, then the same rerun on the records as the old code wrote them.
+        let now = ok(run(cmd));
+        let report = std::fs::read_to_string(out.join("report.html")).unwrap();
+        let files = common::tree(out);
+        strip_to_old_format(out);
+        let old = ok(run(cmd));
+        assert_eq!(old["figures"][count], 0, "{}: an old record was redone", out.display());
+        let figures = |v: &Value| {
+            let mut f = v["figures"].clone();
+            f.as_object_mut().unwrap().retain(|k, _| !k.contains("seconds"));
+            f
+        };
+        assert_eq!(figures(&old), figures(&now), "{}: the old records read differently", out.display());
+        assert_eq!(std::fs::read_to_string(out.join("report.html")).unwrap(), report, "{}", out.display());
+        let after = common::tree(out);
+        for (k, v) in &files {
+            if k != "manifest.jsonl" {
+                assert_eq!(after.get(k), Some(v), "{}: {k} changed", out.display());
+            }
+        }
+    }
+}
+
+/// A filter run with a weighted spec over two scorers and a verifier,
+/// SIGKILLed once its first prompt is recorded and rerun, ends with exactly
+/// the uninterrupted run's files.
+#[test]
+fn a_killed_run_with_a_spec_and_a_verifier_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("p.txt");
+    let text: String = (0..6).map(|i| format!("prompt {i} about a {}\n", ["cat", "dog", "red cube"][i % 3])).collect();
+    std::fs::write(&prompts, text).unwrap();
+    let cmd = |out: &Path| {
+        let mut c = common::bin();
+        c.args(filter_args(&prompts, out, &["--score", SPEC, "--verify", "rahf.c", "--threshold", "0.2", "--batch-size", "2"]));
+        c
+    };
+    let reference = tmp.path().join("reference");
+    assert!(cmd(&reference).output().unwrap().status.success());
+    let out = tmp.path().join("killed");
+    let mut child: std::process::Child =
+        cmd(&out).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let started = std::time::Instant::now();
+    let lines = || std::fs::read_to_string(out.join("manifest.jsonl")).map(|t| t.matches('\n').count()).unwrap_or(0);
+    while lines() < 1 {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it recorded a prompt");
+        assert!(started.elapsed().as_secs() < 300, "no prompt finished in 5 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done = lines();
+    assert!(done >= 1 && done < 6, "killed mid-run: {done} of 6 recorded");
+    let summary = ok(cmd(&out).output().unwrap());
+    assert_eq!(f(&summary["figures"]["skipped_from_manifest"]) as usize, done);
+    common::assert_same_tree(&reference, &out);
 }
