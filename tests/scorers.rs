@@ -880,3 +880,30 @@ fn a_killed_run_with_a_spec_and_a_verifier_resumes_exactly() {
     assert_eq!(f(&summary["figures"]["skipped_from_manifest"]) as usize, done);
     common::assert_same_tree(&reference, &out);
 }
+
+/// The README's normalisation table is what every registered scorer does.
+#[test]
+fn readme_states_the_normalisation_of_every_registered_scorer() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let start = readme.find("### Normalisation").expect("README has a normalisation section");
+    let section = &readme[start..];
+    let section = &section[..section.find("\n## ").unwrap_or(section.len())];
+    let rows: Vec<Vec<String>> = section
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| l.split('|').map(|c| c.trim().to_string()).collect())
+        .collect();
+    let unquote = |c: &str| c.trim().trim_matches('`').to_string();
+    for info in orchestrate::scorers::REGISTRY {
+        let row = rows
+            .iter()
+            .find(|r| unquote(&r[1]) == info.name)
+            .unwrap_or_else(|| panic!("README's normalisation table has no row for `{}`", info.name));
+        let names: Vec<String> = row[2].split(',').map(unquote).collect();
+        assert_eq!(names, info.score_names(), "{}: scores", info.name);
+        let (lo, hi): (f64, f64) = (row[4].parse().unwrap(), row[5].parse().unwrap());
+        for d in info.scores {
+            assert_eq!((d.normalization.lo, d.normalization.hi), (lo, hi), "{}:{}", info.name, d.name);
+        }
+    }
+}
