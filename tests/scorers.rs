@@ -18,24 +18,38 @@ fn root() -> PathBuf {
 /// same tiny backbones with other heads (`rahf init --seed 7` / `--seed 9`),
 /// so their scores differ from `a`'s and each other's (instances `rahf.b`,
 /// `rahf.c`).
+/// Made once under Cargo's test scratch folder and reused by later runs
+/// (each is a deterministic function of the committed fixtures).
 fn rahfs() -> &'static (PathBuf, PathBuf, PathBuf) {
     static DIRS: OnceLock<(PathBuf, PathBuf, PathBuf)> = OnceLock::new();
     DIRS.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap().keep();
-        let (a, b, c) = (tmp.join("rahf-a"), tmp.join("rahf-b"), tmp.join("rahf-c"));
-        common::import_tiny_rahf(&a);
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("scorers-test-rahf");
         let fx = root().join("tests/fixtures/rahf");
-        for (dir, seed) in [(&b, 7), (&c, 9)] {
-            orchestrate::rahf::init::init(
-                fx.join("vit").to_str().unwrap(),
-                fx.join("t5").to_str().unwrap(),
-                orchestrate::rahf::Variant::MultiHead,
-                seed,
-                dir,
-            )
-            .unwrap();
-        }
-        (a, b, c)
+        let make = |name: &str, seed: Option<u64>| {
+            let dir = base.join(name);
+            if !dir.join("model.safetensors").is_file() {
+                let partial = base.join(format!("{name}.partial-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&partial);
+                std::fs::create_dir_all(&base).unwrap();
+                match seed {
+                    None => common::import_tiny_rahf(&partial),
+                    Some(seed) => {
+                        orchestrate::rahf::init::init(
+                            fx.join("vit").to_str().unwrap(),
+                            fx.join("t5").to_str().unwrap(),
+                            orchestrate::rahf::Variant::MultiHead,
+                            seed,
+                            &partial,
+                        )
+                        .unwrap();
+                    }
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::rename(&partial, &dir).unwrap();
+            }
+            dir
+        };
+        (make("a", None), make("b", Some(7)), make("c", Some(9)))
     })
 }
 

@@ -25,7 +25,6 @@ use crate::jobs::manifest::Manifest;
 use crate::jobs::prompts::{read_prompts, PromptItem};
 use crate::jobs::runner::{Finished, ItemKey, Outcome, Producer};
 use crate::jobs::{CommonOptions, JobSummary, RunContext};
-use crate::rahf::Scores;
 use crate::scorers::{Comparison, RawScores, ScoreSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
@@ -189,18 +188,6 @@ pub struct ScoreRow {
     pub overall: Option<f64>,
 }
 
-impl From<&Scores> for ScoreRow {
-    fn from(s: &Scores) -> Self {
-        let f = |v: f64| if v.is_nan() { None } else { Some(v) };
-        ScoreRow {
-            plausibility: f(s.plausibility),
-            alignment: f(s.alignment),
-            aesthetics: f(s.aesthetics),
-            overall: f(s.overall),
-        }
-    }
-}
-
 impl ScoreRow {
     pub fn get(&self, kind: ScoreKind) -> Option<f64> {
         match kind {
@@ -227,16 +214,6 @@ impl ScoreRow {
     pub fn to_raw(&self) -> RawScores {
         let row = ScoreKind::ALL.iter().map(|&k| (k.name().to_string(), self.get(k))).collect();
         RawScores::from([("rahf".to_string(), row)])
-    }
-
-    pub fn to_scores(&self) -> Scores {
-        let nan = f64::NAN;
-        Scores {
-            plausibility: self.plausibility.unwrap_or(nan),
-            alignment: self.alignment.unwrap_or(nan),
-            aesthetics: self.aesthetics.unwrap_or(nan),
-            overall: self.overall.unwrap_or(nan),
-        }
     }
 }
 
