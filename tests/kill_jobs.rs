@@ -17,7 +17,7 @@
 //! hard-coded item ids.
 mod common;
 mod killing;
-use common::{bin, import_tiny_rahf};
+use common::{bin, import_tiny_rahf, picture};
 use killing::{files, freeze, kill9, leftovers};
 use serde_json::Value;
 use std::ffi::OsString;
@@ -215,18 +215,6 @@ fn collect_files(v: &Value, out: &mut Vec<String>) {
         Value::Array(a) => a.iter().for_each(|v| collect_files(v, out)),
         _ => {}
     }
-}
-
-/// A deterministic, structured picture (gradients and a block), so that the
-/// RAHF heatmap varies over it.
-fn picture(w: u32, h: u32, variant: u32) -> image::RgbImage {
-    image::RgbImage::from_fn(w, h, |x, y| {
-        let block = x > w / 3 && x < 2 * w / 3 && y > h / 4 && y < h / 2;
-        let r = ((x * 255) / w) as u8;
-        let g = ((y * 255) / h) as u8;
-        let b = if block { 255 } else { ((x * y * 7 + variant * 61) % 256) as u8 };
-        image::Rgb([r ^ (variant as u8).wrapping_mul(40), g, b])
-    })
 }
 
 #[test]

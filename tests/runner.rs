@@ -4,7 +4,7 @@
 //! one folder, deleted outputs, a failed validation, a foreign `--out`
 //! folder, seeds at the end of the range, and error texts.
 mod common;
-use common::{assert_same_tree, bin, import_tiny_rahf, tree};
+use common::{assert_same_tree, bin, copy_dir, import_tiny_rahf, tree};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -375,18 +375,6 @@ fn dry_run_makes_the_real_runs_checks() {
 
 fn ok_text(o: Output) {
     assert!(o.status.success(), "failed:\n{}", String::from_utf8_lossy(&o.stderr));
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let (p, q) = (e.path(), to.join(e.file_name()));
-        if p.is_dir() {
-            copy_dir(&p, &q);
-        } else {
-            std::fs::copy(&p, &q).unwrap();
-        }
-    }
 }
 
 fn set_json(path: &Path, pointer: &str, value: serde_json::Value) {

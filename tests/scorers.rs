@@ -3,6 +3,7 @@
 //! weighted spec over several scorer instances and a held-out verifier (a
 //! second RAHF: another folder, made by `rahf init`), on the tiny fixtures.
 mod common;
+use common::{copy_dir, picture};
 use orchestrate::rahf::FeedbackModel;
 use orchestrate::scorers::{check_batch_independence, image_to_pixels, ScoreSpec, Scorer, Scorers};
 use std::path::{Path, PathBuf};
@@ -55,17 +56,6 @@ fn rahfs() -> &'static (PathBuf, PathBuf, PathBuf) {
 
 fn load(dir: &Path) -> FeedbackModel {
     FeedbackModel::load(dir, Device::Cpu, Kind::Float).unwrap()
-}
-
-/// A deterministic, structured picture.
-fn picture(w: u32, h: u32, variant: u32) -> image::RgbImage {
-    image::RgbImage::from_fn(w, h, |x, y| {
-        let block = x > w / 3 && x < 2 * w / 3 && y > h / 4 && y < h / 2;
-        let r = ((x * 255) / w) as u8;
-        let g = ((y * 255) / h) as u8;
-        let b = if block { 255 } else { ((x * y * 7 + variant * 61) % 256) as u8 };
-        image::Rgb([r ^ (variant as u8).wrapping_mul(40), g, b])
-    })
 }
 
 /// Scores of an image alone and inside a batch agree to float32 rounding:
@@ -374,18 +364,6 @@ fn filter_keeps_by_a_weighted_spec_and_reports_a_held_out_verifier() {
     let msg = err(run(&fa_moved));
     assert!(msg.contains("settings.json") && msg.contains("scorers:") && msg.contains("rahf-c-copy"), "{msg}");
     assert_eq!(common::tree(&out), before, "a refused rerun changed the folder");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let (p, q) = (e.path(), to.join(e.file_name()));
-        if p.is_dir() {
-            copy_dir(&p, &q);
-        } else {
-            std::fs::copy(&p, &q).unwrap();
-        }
-    }
 }
 
 /// `choose` of the inpaint job: the strictly highest value, the original on ties.
@@ -707,7 +685,8 @@ fn recipes_take_specs_verifiers_and_scorer_checkpoints() {
 fn recipe_scorer_errors_point_at_their_yaml_line() {
     let s = scorers_yaml();
     // (models extra, rest, parse only?, line, column, field, message needles); lines as in the test above.
-    let cases: Vec<(String, String, bool, u64, u64, &str, Vec<&str>)> = vec![
+    type Case<'a> = (String, String, bool, u64, u64, &'a str, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
         (
             s.clone(),
             "filter:\n  prompts: p.txt\n  score: 0.5*rahf:plausibility+0.5*rahf:beauty\n".into(),
@@ -889,7 +868,7 @@ fn a_killed_run_with_a_spec_and_a_verifier_resumes_exactly() {
     child.kill().unwrap();
     child.wait().unwrap();
     let done = lines();
-    assert!(done >= 1 && done < 6, "killed mid-run: {done} of 6 recorded");
+    assert!((1..6).contains(&done), "killed mid-run: {done} of 6 recorded");
     let summary = ok(cmd(&out).output().unwrap());
     assert_eq!(f(&summary["figures"]["skipped_from_manifest"]) as usize, done);
     common::assert_same_tree(&reference, &out);

@@ -390,7 +390,7 @@ pub fn check_batch_independence(
             for (k, (a, b)) in mine.iter().zip(other.iter()).enumerate() {
                 let d = (a - b).abs();
                 worst = worst.max(d);
-                if !(d <= tol) {
+                if d.is_nan() || d > tol {
                     return Err(Error::Numerical(format!(
                         "{}: image {i}'s {} is {a} alone but {b} {what} (|diff| {d:e} > {tol:e})",
                         scorer.info().name,

@@ -136,10 +136,8 @@ impl ScoreSpec {
             }
             for t in self.terms.iter().filter(|t| t.scorer == name) {
                 let def = &info.scores[t.index()];
-                let mut v = def.normalization.apply_tensor(&raw.select(1, t.index() as i64).to_kind(Kind::Float));
-                if t.weight != 1.0 {
-                    v = v * t.weight;
-                }
+                let v = def.normalization.apply_tensor(&raw.select(1, t.index() as i64).to_kind(Kind::Float));
+                let v = if t.weight == 1.0 { v } else { v * t.weight };
                 total = Some(match total {
                     None => v,
                     Some(acc) => {

@@ -105,3 +105,28 @@ pub fn fixture_requests(run: &serde_json::Value) -> Vec<orchestrate::diffusion::
     }
     out
 }
+
+/// A deterministic, structured picture (gradients and a block), so that
+/// RAHF's heatmap varies over it; `variant` changes its colours.
+pub fn picture(w: u32, h: u32, variant: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let block = x > w / 3 && x < 2 * w / 3 && y > h / 4 && y < h / 2;
+        let r = ((x * 255) / w) as u8;
+        let g = ((y * 255) / h) as u8;
+        let b = if block { 255 } else { ((x * y * 7 + variant * 61) % 256) as u8 };
+        image::Rgb([r ^ (variant as u8).wrapping_mul(40), g, b])
+    })
+}
+
+/// Copies a folder tree.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let (p, q) = (e.path(), to.join(e.file_name()));
+        if p.is_dir() {
+            copy_dir(&p, &q);
+        } else {
+            std::fs::copy(&p, &q).unwrap();
+        }
+    }
+}
