@@ -62,17 +62,11 @@ pub fn normalized(raw: &RawScores) -> RawScores {
 
 fn record(item: &ScoreItem, s: &Scored, spec: Option<&ScoreSpec>) -> ScoreRecord {
     let rahf = s.predictions.get("rahf");
-    let g = |k: &str| crate::scorers::raw_value(&s.raw, "rahf", k);
     let text = |v: &serde_json::Value, k: &str| v.get(k).cloned();
     ScoreRecord {
         image: item.image.display().to_string(),
         prompt: item.prompt.clone(),
-        scores: rahf.map(|_| Scores {
-            plausibility: g("plausibility"),
-            alignment: g("alignment"),
-            aesthetics: g("aesthetics"),
-            overall: g("overall"),
-        }),
+        scores: crate::scorers::rahf::rahf_scores(&s.raw),
         misaligned_keywords: rahf
             .and_then(|p| text(&p.extra, "misaligned_keywords"))
             .and_then(|v| serde_json::from_value(v).ok()),

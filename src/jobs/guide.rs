@@ -11,13 +11,13 @@ use crate::diffusion::inpaint::to_rgb_images;
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings};
 use crate::error::{Error, Result};
 use crate::guidance::{GuidanceSettings, Guider, ScoreKind};
+use crate::jobs::filter::ScoreRow;
 use crate::scorers::{Comparison, RawScores, ScoreSpec, Scored};
 use crate::io::save_rgb;
 use crate::jobs::manifest::Manifest;
 use crate::jobs::prompts::{read_prompts, PromptItem};
 use crate::jobs::runner::{Finished, ItemKey, Outcome, Producer};
 use crate::jobs::{CommonOptions, JobSummary, RunContext};
-use crate::rahf::Scores;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -128,9 +128,9 @@ struct GuidedImage {
     seed: u64,
     guided_file: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    guided_scores: Option<Scores>,
+    guided_scores: Option<ScoreRow>,
     unguided_file: Option<String>,
-    unguided_scores: Option<Scores>,
+    unguided_scores: Option<ScoreRow>,
     #[serde(default, skip_serializing_if = "RawScores::is_empty")]
     guided_raw: RawScores,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -141,27 +141,6 @@ struct GuidedImage {
     unguided_value: Option<f64>,
 }
 
-/// RAHF's four scores as raw scores of the instance `rahf`.
-fn rahf_raw(s: &Scores) -> RawScores {
-    let row = [
-        ("plausibility", s.plausibility),
-        ("alignment", s.alignment),
-        ("aesthetics", s.aesthetics),
-        ("overall", s.overall),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), crate::scorers::stored(v)))
-    .collect();
-    RawScores::from([("rahf".to_string(), row)])
-}
-
-/// The instance `rahf`'s four scores out of raw scores, when it scored.
-fn rahf_scores(raw: &RawScores) -> Option<Scores> {
-    raw.get("rahf")?;
-    let g = |k: &str| crate::scorers::raw_value(raw, "rahf", k);
-    Some(Scores { plausibility: g("plausibility"), alignment: g("alignment"), aesthetics: g("aesthetics"), overall: g("overall") })
-}
-
 impl GuidedImage {
     /// Every raw score of the guided image (`guided`) or the unguided one.
     fn raw(&self, guided: bool) -> Option<RawScores> {
@@ -170,7 +149,7 @@ impl GuidedImage {
         } else {
             (self.unguided_raw.as_ref(), self.unguided_scores.as_ref())
         };
-        raw.cloned().or_else(|| scores.map(rahf_raw))
+        raw.cloned().or_else(|| scores.map(ScoreRow::to_raw))
     }
 
     /// The spec's value of the guided image (`guided`) or the unguided one.
@@ -347,9 +326,9 @@ impl crate::jobs::runner::Job for GuideJob<'_> {
             images.push(GuidedImage {
                 seed,
                 guided_file,
-                guided_scores: rahf_scores(&guided_raw),
+                guided_scores: ScoreRow::from_raw(&guided_raw),
                 unguided_file,
-                unguided_scores: unguided_raw.as_ref().and_then(rahf_scores),
+                unguided_scores: unguided_raw.as_ref().and_then(ScoreRow::from_raw),
                 guided_value: crate::scorers::stored(spec.value(&guided_raw)),
                 unguided_value: unguided_raw.as_ref().and_then(|r| crate::scorers::stored(spec.value(r))),
                 guided_raw,

@@ -422,10 +422,10 @@ fn raw_of(v: &serde_json::Value) -> RawScores {
     if let Some(raw) = v.get("raw").and_then(|r| serde_json::from_value::<RawScores>(r.clone()).ok()) {
         return raw;
     }
+    // A NaN score was written as null: it stays missing.
     let mut raw = RawScores::new();
     if let Some(s) = v.get("scores").and_then(|s| s.as_object()) {
-        let row = s.iter().map(|(k, x)| (k.clone(), x.as_f64())).collect();
-        raw.insert("rahf".into(), row);
+        raw.insert("rahf".into(), s.iter().map(|(k, x)| (k.clone(), x.as_f64())).collect());
     }
     raw
 }
@@ -713,9 +713,10 @@ fn write_item(out: &Path, p: Product, opts: &InpaintOptions, generator: &str) ->
     save_gray(&dir.join("mask.png"), &p.mask)?;
     save_rgb(&dir.join("original.png"), &p.original)?;
     let spec = &opts.score;
+    // RAHF always scores here (it makes the masks).
+    let nan = f64::NAN;
     let rahf = |raw: &RawScores| {
-        let g = |k: &str| crate::scorers::raw_value(raw, "rahf", k);
-        Scores { plausibility: g("plausibility"), alignment: g("alignment"), aesthetics: g("aesthetics"), overall: g("overall") }
+        crate::scorers::rahf::rahf_scores(raw).unwrap_or(Scores { plausibility: nan, alignment: nan, aesthetics: nan, overall: nan })
     };
     let mut candidates = Vec::with_capacity(p.candidates.len());
     for (k, (img, seed, raw)) in p.candidates.iter().enumerate() {

@@ -81,14 +81,12 @@ pub struct ScoreDef {
 pub struct ScorerInfo {
     /// The type name in flags, recipes and specs.
     pub name: &'static str,
-    /// One line for listings.
-    pub about: &'static str,
     /// The raw scores, in the order [`Prediction::scores`] and
     /// [`Scorer::scores_from_pixels`] give them.
     pub scores: &'static [ScoreDef],
     /// Names of the heatmaps [`Scorer::predict`] returns (empty for most).
     pub heatmaps: &'static [&'static str],
-    /// What `--scorer-model NAME=PATH` points at, for messages.
+    /// What `--scorer-model NAME=PATH` points at, for messages that ask for one.
     pub checkpoint: &'static str,
     /// Every check of a checkpoint that needs no weights (configs, tokenizer,
     /// weight files present); a one-line description on success. For `--dry-run`.

@@ -1,14 +1,13 @@
 //! RAHF as a scorer: four scores already in [0, 1] (normalised as they are),
 //! the implausibility and misalignment heatmaps, and the misaligned keywords.
-use super::{Affine, Prediction, ScoreDef, Scorer, ScorerInfo};
+use super::{raw_value, Affine, Prediction, RawScores, ScoreDef, Scorer, ScorerInfo};
 use crate::error::Result;
-use crate::rahf::FeedbackModel;
+use crate::rahf::{FeedbackModel, Scores};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 pub static INFO: ScorerInfo = ScorerInfo {
     name: "rahf",
-    about: "RAHF (Rich Human Feedback, CVPR 2024): plausibility, alignment, aesthetics, overall in [0, 1], two heatmaps",
     scores: &[
         ScoreDef { name: "plausibility", normalization: Affine::IDENTITY },
         ScoreDef { name: "alignment", normalization: Affine::IDENTITY },
@@ -20,6 +19,14 @@ pub static INFO: ScorerInfo = ScorerInfo {
     check,
     load,
 };
+
+/// The instance `rahf`'s four scores out of raw scores, when it scored (NaN
+/// for a score that is missing).
+pub fn rahf_scores(raw: &RawScores) -> Option<Scores> {
+    raw.get("rahf")?;
+    let g = |k: &str| raw_value(raw, "rahf", k);
+    Some(Scores { plausibility: g("plausibility"), alignment: g("alignment"), aesthetics: g("aesthetics"), overall: g("overall") })
+}
 
 fn check(spec: &str) -> Result<String> {
     crate::jobs::common::check_rahf(Path::new(spec))

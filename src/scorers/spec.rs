@@ -164,10 +164,11 @@ impl ScoreSpec {
 
 /// How to give the checkpoint of instance `name`, for messages.
 pub fn not_given(name: &str) -> String {
+    let what = type_of(name).map(|i| i.checkpoint).unwrap_or("its checkpoint");
     if name == "rahf" {
-        "no RAHF folder is given: set models.rahf (recipe) or --rahf".to_string()
+        format!("no RAHF folder is given: set models.rahf (recipe) or --rahf to {what}")
     } else {
-        format!("no checkpoint is given for it: set models.scorers.{name} (recipe) or --scorer-model {name}=PATH")
+        format!("no checkpoint is given for it: set models.scorers.{name} (recipe) or --scorer-model {name}=PATH to {what}")
     }
 }
 
