@@ -3,7 +3,7 @@
 use orchestrate::rahf::config::{RahfConfig, Variant};
 use orchestrate::rahf::heads::{HeatmapPredictor, ScorePredictor};
 use orchestrate::rahf::model::{PromptBatch, Rahf};
-use orchestrate::rahf::preprocess::{preprocess_u8, rgb_to_tensor};
+use orchestrate::rahf::preprocess::{normalize_pixels, vit_processor};
 use orchestrate::rahf::t5::T5;
 use orchestrate::rahf::tokenizer::RahfTokenizer;
 use orchestrate::rahf::vit::Vit;
@@ -299,60 +299,74 @@ fn prompts() -> Vec<String> {
         .collect()
 }
 
+/// tests/fixtures/rahf/make_pil_tf5_fixtures.py: five u8 images (three that
+/// need resizing, among them 128x96 and 300x211), their PIL `ViTImageProcessor`
+/// pixels and both variants' outputs on them, each item alone.
+fn reference_pil() -> (HashMap<String, Tensor>, serde_json::Value) {
+    let r = read_safetensors(&dir().join("reference_pil.safetensors")).unwrap().into_iter().collect();
+    let m = serde_json::from_str(&std::fs::read_to_string(dir().join("reference_pil.json")).unwrap()).unwrap();
+    (r, m)
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect()
+}
+
 #[test]
-fn preprocessing_matches_fixture_and_pil() {
-    let r = reference();
+fn u8_preprocessing_is_the_pil_vit_processor() {
+    let (r, m) = reference_pil();
     let cfg = config("multi_head");
+    let processor = vit_processor(&cfg);
     let min_std = cfg.image_std.iter().cloned().fold(f64::MAX, f64::min);
-    for i in 0..3 {
-        let x = preprocess_u8(&rgb_to_tensor(&rgb(&r, i), Device::Cpu), &cfg).squeeze_dim(0);
+    for (i, size) in m["sizes"].as_array().unwrap().iter().enumerate() {
+        let img = rgb(&r, i);
+        assert_eq!(ids(size), [img.width() as i64, img.height() as i64]);
+        let x = processor.preprocess(&img).squeeze_dim(0);
+        check(&format!("preprocess {i} ({}x{}) vs PIL", img.width(), img.height()), &x, &r[&format!("pixels_{i}")], 1e-6);
+        // Guidance's differentiable float path (torch's antialiased kernel, not
+        // rounded) stays within one u8 level of PIL, plus half a level of rounding.
+        let float = normalize_pixels(&(rgb_to_float(&img) / 255.0), &cfg).squeeze_dim(0);
         check(
-            &format!("preprocess {i} vs torch aa"),
-            &x,
+            &format!("float path {i} vs PIL"),
+            &float,
             &r[&format!("pixels_{i}")],
-            1e-6,
-        );
-        // Within one u8 level of transformers' PIL image processor (the reference's).
-        check(
-            &format!("preprocess {i} vs PIL"),
-            &x,
-            &r[&format!("pixels_pil_{i}")],
-            1.0 / 255.0 / min_std + 1e-6,
+            1.5 / 255.0 / min_std + 1e-6,
         );
     }
 }
 
+fn rgb_to_float(img: &image::RgbImage) -> Tensor {
+    let (w, h) = img.dimensions();
+    Tensor::from_slice(img.as_raw())
+        .view([h as i64, w as i64, 3])
+        .permute([2, 0, 1])
+        .unsqueeze(0)
+        .to_kind(Kind::Float)
+}
+
 #[test]
 fn predict_end_to_end_and_batch_independence() {
-    let r = reference();
-    let m = meta();
-    let images: Vec<_> = (0..3).map(|i| rgb(&r, i)).collect();
-    let prompts = prompts();
+    // u8 images of five sizes through `predict` (Pillow-exact preprocessing)
+    // against the PyTorch RAHF run on transformers' PIL processor output.
+    let (r, m) = reference_pil();
+    let prompts = strings(&m["prompts"]);
+    let images: Vec<_> = (0..prompts.len()).map(|i| rgb(&r, i)).collect();
     for name in ["multi_head", "augmented"] {
         let fm = feedback_model(name);
         let all = fm.predict(&images, &prompts).unwrap();
         let vm = &m["variants"][name];
-        // Reference rows, in item order.
-        let mut ref_rows = Vec::new();
-        for (b, idx) in batches(&m).iter().enumerate() {
-            for row in 0..idx.len() as i64 {
-                ref_rows.push((
-                    r[&format!("{name}_b{b}_scores")].get(row),
-                    r[&format!("{name}_b{b}_heatmaps")].get(row),
-                ));
-            }
-        }
         for (i, f) in all.iter().enumerate() {
+            let what = format!("{name} predict {i} ({}x{})", images[i].width(), images[i].height());
             let s = Tensor::from_slice(&[
                 f.scores.plausibility,
                 f.scores.alignment,
                 f.scores.aesthetics,
                 f.scores.overall,
             ]);
-            check(&format!("{name} predict scores {i}"), &s, &ref_rows[i].0, 1e-5);
+            check(&format!("{what} scores"), &s, &r[&format!("{name}_{i}_scores")], 2e-5);
             let h = Tensor::stack(&[&f.implausibility_heatmap, &f.misalignment_heatmap], 0);
-            check(&format!("{name} predict heatmaps {i}"), &h, &ref_rows[i].1, 1e-4);
-            assert_eq!(f.sequence, vm["sequences"][i].as_str().unwrap());
+            check(&format!("{what} heatmaps"), &h, &r[&format!("{name}_{i}_heatmaps")], 2e-5);
+            assert_eq!(f.sequence, vm["sequences"][i].as_str().unwrap(), "{what}");
             assert_eq!(f.heatmap_at("misalignment", 20, 30).unwrap().size(), vec![30, 20]);
         }
         assert_eq!(all[0].misaligned_keywords, vec!["red"]);

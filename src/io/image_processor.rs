@@ -89,12 +89,9 @@ pub struct ImageProcessor {
     /// (height, width).
     pub center_crop: Option<(u32, u32)>,
     pub rescale_factor: Option<f64>,
-    /// Per-channel mean and std, as the `f32` values numpy normalises with.
-    pub normalize: Option<([f32; 3], [f32; 3])>,
-}
-
-fn f32x3(v: [f64; 3]) -> [f32; 3] {
-    v.map(|x| x as f32)
+    /// Per-channel mean and std as the config gives them; normalising casts
+    /// them to `f32`, as numpy does.
+    pub normalize: Option<([f64; 3], [f64; 3])>,
 }
 
 impl ImageProcessor {
@@ -105,13 +102,13 @@ impl ImageProcessor {
                 resize: Some((ResizeTo::Exact { height: 224, width: 224 }, Filter::Bilinear)),
                 center_crop: None,
                 rescale_factor: Some(1.0 / 255.0),
-                normalize: Some((f32x3(IMAGENET_STANDARD_MEAN), f32x3(IMAGENET_STANDARD_STD))),
+                normalize: Some((IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD)),
             },
             ProcessorKind::Clip => ImageProcessor {
                 resize: Some((ResizeTo::ShortestEdge(224), Filter::Bicubic)),
                 center_crop: Some((224, 224)),
                 rescale_factor: Some(1.0 / 255.0),
-                normalize: Some((f32x3(OPENAI_CLIP_MEAN), f32x3(OPENAI_CLIP_STD))),
+                normalize: Some((OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)),
             },
         }
     }
@@ -123,7 +120,7 @@ impl ImageProcessor {
             resize: Some((ResizeTo::Exact { height, width }, Filter::Bilinear)),
             center_crop: None,
             rescale_factor: Some(rescale_factor),
-            normalize: Some((f32x3(mean), f32x3(std))),
+            normalize: Some((mean, std)),
         }
     }
 
@@ -193,7 +190,7 @@ impl ImageProcessor {
         let (mean, std) = p.normalize.expect("defaults normalise");
         p.normalize = if f.flag("do_normalize", true)? {
             let mean = f.channels("image_mean", mean, |_| true)?;
-            let std = f.channels("image_std", std, |s| s > 0.0)?;
+            let std = f.channels("image_std", std, |s| s as f32 > 0.0)?;
             Some((mean, std))
         } else {
             None
@@ -252,7 +249,7 @@ impl ImageProcessor {
                         None => px[c] as f32,
                     };
                     if let Some((mean, std)) = &self.normalize {
-                        v = (v - mean[c]) / std[c];
+                        v = (v - mean[c] as f32) / std[c] as f32;
                     }
                     data[((c as i64 * oh + y) * ow + x) as usize] = v;
                 }
@@ -336,7 +333,7 @@ impl Fields<'_> {
     }
 
     /// `image_mean` / `image_std`: a number or a list of 1 or 3, finite (and `ok`).
-    fn channels(&self, field: &str, default: [f32; 3], ok: impl Fn(f64) -> bool) -> Result<[f32; 3]> {
+    fn channels(&self, field: &str, default: [f64; 3], ok: impl Fn(f64) -> bool) -> Result<[f64; 3]> {
         let Some(v) = self.get(field) else { return Ok(default) };
         let values: Option<Vec<f64>> = match v {
             Value::Number(n) => n.as_f64().map(|x| vec![x]),
@@ -344,12 +341,12 @@ impl Fields<'_> {
             _ => None,
         };
         let values = values
-            .filter(|vs| (vs.len() == 1 || vs.len() == 3) && vs.iter().all(|&x| x.is_finite() && ok(x)))
+            .filter(|vs| (vs.len() == 1 || vs.len() == 3) && vs.iter().all(|&x| (x as f32).is_finite() && ok(x)))
             .ok_or_else(|| self.bad(field, "(must be 1 or 3 finite numbers; std positive)"))?;
         Ok(if values.len() == 1 {
-            [values[0] as f32; 3]
+            [values[0]; 3]
         } else {
-            [values[0] as f32, values[1] as f32, values[2] as f32]
+            [values[0], values[1], values[2]]
         })
     }
 }
