@@ -3,6 +3,8 @@
 //! torch.save'd state_dicts, with transformers 4 or 5 ViT names) reproduce the
 //! PyTorch reference; bad checkpoints
 //! (tests/fixtures/rahf_import/make_fixtures.py) are refused naming what is wrong.
+mod common;
+
 use orchestrate::rahf::model::PromptBatch;
 use orchestrate::rahf::FeedbackModel;
 use orchestrate::weights::read_safetensors;
@@ -96,14 +98,6 @@ fn reference() -> HashMap<String, Tensor> {
         .collect()
 }
 
-/// tests/fixtures/rahf/make_pil_tf5_fixtures.py: u8 images of five sizes and
-/// both variants' PyTorch outputs on transformers' PIL processor pixels.
-fn reference_pil() -> (HashMap<String, Tensor>, serde_json::Value) {
-    let r = read_safetensors(&rahf_dir().join("reference_pil.safetensors")).unwrap().into_iter().collect();
-    let m = serde_json::from_str(&std::fs::read_to_string(rahf_dir().join("reference_pil.json")).unwrap()).unwrap();
-    (r, m)
-}
-
 fn meta() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(rahf_dir().join("reference.json")).unwrap())
         .unwrap()
@@ -131,16 +125,6 @@ fn rgb(r: &HashMap<String, Tensor>, i: usize) -> image::RgbImage {
     let (h, w, _) = t.size3().unwrap();
     let data = Vec::<u8>::try_from(&t.flatten(0, -1)).unwrap();
     image::RgbImage::from_raw(w as u32, h as u32, data).unwrap()
-}
-
-fn check(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
-    assert_eq!(a.size(), b.size(), "{what}: shape");
-    let d = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[]);
-    println!("{what}: max abs diff {d:.3e}");
-    assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
 }
 
 fn safetensors_keys(path: &Path) -> HashMap<String, Tensor> {
@@ -182,25 +166,8 @@ fn imported_matches_reference(name: &str, checkpoint: &str) -> tempfile::TempDir
     let vm = &m["variants"][name];
     let prompts = prompts();
     // u8 images of five sizes (Pillow-exact preprocessing) against the PyTorch
-    // reference on transformers' PIL processor output (make_pil_tf5_fixtures.py).
-    let (rp, mp) = reference_pil();
-    let pil_prompts: Vec<String> =
-        mp["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
-    let images: Vec<_> = (0..pil_prompts.len()).map(|i| rgb(&rp, i)).collect();
-    let all = fm.predict(&images, &pil_prompts).unwrap();
-    for (i, f) in all.iter().enumerate() {
-        let what = format!("{name} imported from {checkpoint}, item {i} ({}x{})", images[i].width(), images[i].height());
-        let s = Tensor::from_slice(&[
-            f.scores.plausibility,
-            f.scores.alignment,
-            f.scores.aesthetics,
-            f.scores.overall,
-        ]);
-        check(&format!("{what} scores"), &s, &rp[&format!("{name}_{i}_scores")], 2e-5);
-        let h = Tensor::stack(&[&f.implausibility_heatmap, &f.misalignment_heatmap], 0);
-        check(&format!("{what} heatmaps"), &h, &rp[&format!("{name}_{i}_heatmaps")], 2e-5);
-        assert_eq!(f.sequence, mp["variants"][name]["sequences"][i].as_str().unwrap(), "{what}");
-    }
+    // reference on transformers' PIL processor output.
+    common::predict_matches_pil_reference(&fm, name, &format!("{name} imported from {checkpoint}"));
     let batches: Vec<Vec<usize>> = m["batches"]
         .as_array()
         .unwrap()
@@ -270,11 +237,10 @@ fn transformers5_checkpoint_imports_like_the_published_layout() {
         assert!(tb.get(k).is_some_and(|u| u.equal(t) && u.kind() == t.kind()), "{k} differs");
     }
     let _g = tch::no_grad_guard();
-    let (rp, mp) = reference_pil();
-    let images: Vec<_> = (0..2).map(|i| rgb(&rp, i + 3)).collect();
-    let prompts: Vec<String> = (3..5).map(|i| mp["prompts"][i].as_str().unwrap().to_string()).collect();
-    let fa = FeedbackModel::load(&a, Device::Cpu, Kind::Float).unwrap().predict(&images, &prompts).unwrap();
-    let fb = FeedbackModel::load(&b, Device::Cpu, Kind::Float).unwrap().predict(&images, &prompts).unwrap();
+    let r = common::rahf_reference_pil();
+    let (images, prompts) = (&r.images[3..], &r.prompts[3..]);
+    let fa = FeedbackModel::load(&a, Device::Cpu, Kind::Float).unwrap().predict(images, prompts).unwrap();
+    let fb = FeedbackModel::load(&b, Device::Cpu, Kind::Float).unwrap().predict(images, prompts).unwrap();
     for (x, y) in fa.iter().zip(&fb) {
         assert_eq!(x.scores, y.scores);
         assert!(x.implausibility_heatmap.equal(&y.implausibility_heatmap));

@@ -1,5 +1,7 @@
 //! RAHF parity with the PyTorch statement in tests/fixtures/rahf/make_fixtures.py
 //! (transformers 5.24 ViT/T5 + the heads), both variants.
+mod common;
+
 use orchestrate::rahf::config::{RahfConfig, Variant};
 use orchestrate::rahf::heads::{HeatmapPredictor, ScorePredictor};
 use orchestrate::rahf::model::{PromptBatch, Rahf};
@@ -299,39 +301,20 @@ fn prompts() -> Vec<String> {
         .collect()
 }
 
-/// tests/fixtures/rahf/make_pil_tf5_fixtures.py: five u8 images (three that
-/// need resizing, among them 128x96 and 300x211), their PIL `ViTImageProcessor`
-/// pixels and both variants' outputs on them, each item alone.
-fn reference_pil() -> (HashMap<String, Tensor>, serde_json::Value) {
-    let r = read_safetensors(&dir().join("reference_pil.safetensors")).unwrap().into_iter().collect();
-    let m = serde_json::from_str(&std::fs::read_to_string(dir().join("reference_pil.json")).unwrap()).unwrap();
-    (r, m)
-}
-
-fn strings(v: &serde_json::Value) -> Vec<String> {
-    v.as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect()
-}
-
 #[test]
 fn u8_preprocessing_is_the_pil_vit_processor() {
-    let (r, m) = reference_pil();
+    let r = common::rahf_reference_pil();
     let cfg = config("multi_head");
     let processor = vit_processor(&cfg);
     let min_std = cfg.image_std.iter().cloned().fold(f64::MAX, f64::min);
-    for (i, size) in m["sizes"].as_array().unwrap().iter().enumerate() {
-        let img = rgb(&r, i);
-        assert_eq!(ids(size), [img.width() as i64, img.height() as i64]);
-        let x = processor.preprocess(&img).squeeze_dim(0);
-        check(&format!("preprocess {i} ({}x{}) vs PIL", img.width(), img.height()), &x, &r[&format!("pixels_{i}")], 1e-6);
+    for (i, img) in r.images.iter().enumerate() {
+        let want = &r.tensors[&format!("pixels_{i}")];
+        let x = processor.preprocess(img).squeeze_dim(0);
+        check(&format!("preprocess {i} ({}x{}) vs PIL", img.width(), img.height()), &x, want, 1e-6);
         // Guidance's differentiable float path (torch's antialiased kernel, not
         // rounded) stays within one u8 level of PIL, plus half a level of rounding.
-        let float = normalize_pixels(&(rgb_to_float(&img) / 255.0), &cfg).squeeze_dim(0);
-        check(
-            &format!("float path {i} vs PIL"),
-            &float,
-            &r[&format!("pixels_{i}")],
-            1.5 / 255.0 / min_std + 1e-6,
-        );
+        let float = normalize_pixels(&(rgb_to_float(img) / 255.0), &cfg).squeeze_dim(0);
+        check(&format!("float path {i} vs PIL"), &float, want, 1.5 / 255.0 / min_std + 1e-6);
     }
 }
 
@@ -348,25 +331,12 @@ fn rgb_to_float(img: &image::RgbImage) -> Tensor {
 fn predict_end_to_end_and_batch_independence() {
     // u8 images of five sizes through `predict` (Pillow-exact preprocessing)
     // against the PyTorch RAHF run on transformers' PIL processor output.
-    let (r, m) = reference_pil();
-    let prompts = strings(&m["prompts"]);
-    let images: Vec<_> = (0..prompts.len()).map(|i| rgb(&r, i)).collect();
+    let r = common::rahf_reference_pil();
+    let (images, prompts) = (&r.images, &r.prompts);
     for name in ["multi_head", "augmented"] {
         let fm = feedback_model(name);
-        let all = fm.predict(&images, &prompts).unwrap();
-        let vm = &m["variants"][name];
-        for (i, f) in all.iter().enumerate() {
-            let what = format!("{name} predict {i} ({}x{})", images[i].width(), images[i].height());
-            let s = Tensor::from_slice(&[
-                f.scores.plausibility,
-                f.scores.alignment,
-                f.scores.aesthetics,
-                f.scores.overall,
-            ]);
-            check(&format!("{what} scores"), &s, &r[&format!("{name}_{i}_scores")], 2e-5);
-            let h = Tensor::stack(&[&f.implausibility_heatmap, &f.misalignment_heatmap], 0);
-            check(&format!("{what} heatmaps"), &h, &r[&format!("{name}_{i}_heatmaps")], 2e-5);
-            assert_eq!(f.sequence, vm["sequences"][i].as_str().unwrap(), "{what}");
+        let all = common::predict_matches_pil_reference(&fm, name, &format!("{name} predict"));
+        for f in &all {
             assert_eq!(f.heatmap_at("misalignment", 20, 30).unwrap().size(), vec![30, 20]);
         }
         assert_eq!(all[0].misaligned_keywords, vec!["red"]);
