@@ -1,7 +1,10 @@
 //! `orchestrate rahf import`, `orchestrate rahf init` and `orchestrate score`
 //! through the binary: the imported fixture checkpoints (tests/fixtures/rahf,
-//! torch.save'd state_dicts) reproduce the PyTorch reference; bad checkpoints
+//! torch.save'd state_dicts, with transformers 4 or 5 ViT names) reproduce the
+//! PyTorch reference; bad checkpoints
 //! (tests/fixtures/rahf_import/make_fixtures.py) are refused naming what is wrong.
+mod common;
+
 use orchestrate::rahf::model::PromptBatch;
 use orchestrate::rahf::FeedbackModel;
 use orchestrate::weights::read_safetensors;
@@ -124,24 +127,16 @@ fn rgb(r: &HashMap<String, Tensor>, i: usize) -> image::RgbImage {
     image::RgbImage::from_raw(w as u32, h as u32, data).unwrap()
 }
 
-fn check(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
-    assert_eq!(a.size(), b.size(), "{what}: shape");
-    let d = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[]);
-    println!("{what}: max abs diff {d:.3e}");
-    assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
-}
-
 fn safetensors_keys(path: &Path) -> HashMap<String, Tensor> {
     read_safetensors(path).unwrap().into_iter().collect()
 }
 
-fn imported_matches_reference(name: &str) {
+/// Imports `checkpoint` (a `name` model) and checks the folder against the
+/// checkpoint's tensors and the PyTorch reference; returns the folder's holder.
+fn imported_matches_reference(name: &str, checkpoint: &str) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join(name);
-    import(&rahf_dir().join(format!("{name}.pt")), &out);
+    import(&rahf_dir().join(checkpoint), &out);
 
     // Tied T5 embeddings stored once; the unused ViT pooler not written.
     let stored = safetensors_keys(&out.join("model.safetensors"));
@@ -170,45 +165,16 @@ fn imported_matches_reference(name: &str) {
     let m = meta();
     let vm = &m["variants"][name];
     let prompts = prompts();
-    let images: Vec<_> = (0..3).map(|i| rgb(&r, i)).collect();
-    let all = fm.predict(&images, &prompts).unwrap();
+    // u8 images of five sizes (Pillow-exact preprocessing) against the PyTorch
+    // reference on transformers' PIL processor output.
+    common::predict_matches_pil_reference(&fm, name, &format!("{name} imported from {checkpoint}"));
     let batches: Vec<Vec<usize>> = m["batches"]
         .as_array()
         .unwrap()
         .iter()
         .map(|b| ids(b).into_iter().map(|i| i as usize).collect())
         .collect();
-    let mut item = 0;
-    for (b, idx) in batches.iter().enumerate() {
-        for row in 0..idx.len() {
-            let f = &all[idx[row]];
-            let s = Tensor::from_slice(&[
-                f.scores.plausibility,
-                f.scores.alignment,
-                f.scores.aesthetics,
-                f.scores.overall,
-            ]);
-            let pre = format!("{name}_b{b}_");
-            check(
-                &format!("{name} imported scores, item {}", idx[row]),
-                &s,
-                &r[&format!("{pre}scores")].get(row as i64),
-                1e-5,
-            );
-            let h = Tensor::stack(&[&f.implausibility_heatmap, &f.misalignment_heatmap], 0);
-            check(
-                &format!("{name} imported heatmaps, item {}", idx[row]),
-                &h,
-                &r[&format!("{pre}heatmaps")].get(row as i64),
-                1e-4,
-            );
-            assert_eq!(
-                f.sequence,
-                vm["sequences"][item].as_str().unwrap(),
-                "{name} sequence {item}"
-            );
-            item += 1;
-        }
+    for idx in &batches {
         // Greedy token ids identical to transformers' generate.
         let toks = fm
             .tokenize(&idx.iter().map(|&i| prompts[i].clone()).collect::<Vec<_>>())
@@ -240,16 +206,60 @@ fn imported_matches_reference(name: &str) {
             );
         }
     }
+    tmp
 }
 
 #[test]
 fn imported_multi_head_matches_pytorch() {
-    imported_matches_reference("multi_head");
+    imported_matches_reference("multi_head", "multi_head.pt");
 }
 
 #[test]
 fn imported_augmented_matches_pytorch() {
-    imported_matches_reference("augmented");
+    imported_matches_reference("augmented", "augmented.pt");
+}
+
+/// A checkpoint saved under transformers >= 5 (ViT keys `vit.layers.N.attention.q_proj`,
+/// `mlp.fc1`, ...) imports to the same folder as the published 4.x-named one
+/// of the same weights, and scores identically.
+#[test]
+fn transformers5_checkpoint_imports_like_the_published_layout() {
+    let tf5 = imported_matches_reference("multi_head", "multi_head_tf5.pt");
+    let tf4 = tempfile::tempdir().unwrap();
+    import(&rahf_dir().join("multi_head.pt"), &tf4.path().join("multi_head"));
+    let (a, b) = (tf4.path().join("multi_head"), tf5.path().join("multi_head"));
+    for file in ["config.json", "tokenizer.json"] {
+        assert_eq!(std::fs::read(a.join(file)).unwrap(), std::fs::read(b.join(file)).unwrap(), "{file}");
+    }
+    let (ta, tb) = (safetensors_keys(&a.join("model.safetensors")), safetensors_keys(&b.join("model.safetensors")));
+    assert_eq!(ta.len(), tb.len());
+    for (k, t) in &ta {
+        assert!(tb.get(k).is_some_and(|u| u.equal(t) && u.kind() == t.kind()), "{k} differs");
+    }
+    let _g = tch::no_grad_guard();
+    let r = common::rahf_reference_pil();
+    let (images, prompts) = (&r.images[3..], &r.prompts[3..]);
+    let fa = FeedbackModel::load(&a, Device::Cpu, Kind::Float).unwrap().predict(images, prompts).unwrap();
+    let fb = FeedbackModel::load(&b, Device::Cpu, Kind::Float).unwrap().predict(images, prompts).unwrap();
+    for (x, y) in fa.iter().zip(&fb) {
+        assert_eq!(x.scores, y.scores);
+        assert!(x.implausibility_heatmap.equal(&y.implausibility_heatmap));
+        assert!(x.misalignment_heatmap.equal(&y.misalignment_heatmap));
+        assert_eq!(x.sequence, y.sequence);
+    }
+}
+
+#[test]
+fn import_refuses_a_checkpoint_mixing_vit_naming_schemes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = import_fails(&bad_dir().join("mixed_names.pt"), tmp.path());
+    for needle in [
+        "mixed_names.pt",
+        "mix transformers 4 names (`vit.encoder.layer.1.",
+        "transformers 5 names (`vit.layers.0.",
+    ] {
+        assert!(err.contains(needle), "`{needle}` not in:\n{err}");
+    }
 }
 
 #[test]

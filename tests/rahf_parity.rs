@@ -1,9 +1,11 @@
 //! RAHF parity with the PyTorch statement in tests/fixtures/rahf/make_fixtures.py
 //! (transformers 5.24 ViT/T5 + the heads), both variants.
+mod common;
+
 use orchestrate::rahf::config::{RahfConfig, Variant};
 use orchestrate::rahf::heads::{HeatmapPredictor, ScorePredictor};
 use orchestrate::rahf::model::{PromptBatch, Rahf};
-use orchestrate::rahf::preprocess::{preprocess_u8, rgb_to_tensor};
+use orchestrate::rahf::preprocess::{normalize_pixels, vit_processor};
 use orchestrate::rahf::t5::T5;
 use orchestrate::rahf::tokenizer::RahfTokenizer;
 use orchestrate::rahf::vit::Vit;
@@ -300,59 +302,41 @@ fn prompts() -> Vec<String> {
 }
 
 #[test]
-fn preprocessing_matches_fixture_and_pil() {
-    let r = reference();
+fn u8_preprocessing_is_the_pil_vit_processor() {
+    let r = common::rahf_reference_pil();
     let cfg = config("multi_head");
+    let processor = vit_processor(&cfg);
     let min_std = cfg.image_std.iter().cloned().fold(f64::MAX, f64::min);
-    for i in 0..3 {
-        let x = preprocess_u8(&rgb_to_tensor(&rgb(&r, i), Device::Cpu), &cfg).squeeze_dim(0);
-        check(
-            &format!("preprocess {i} vs torch aa"),
-            &x,
-            &r[&format!("pixels_{i}")],
-            1e-6,
-        );
-        // Within one u8 level of transformers' PIL image processor (the reference's).
-        check(
-            &format!("preprocess {i} vs PIL"),
-            &x,
-            &r[&format!("pixels_pil_{i}")],
-            1.0 / 255.0 / min_std + 1e-6,
-        );
+    for (i, img) in r.images.iter().enumerate() {
+        let want = &r.tensors[&format!("pixels_{i}")];
+        let x = processor.preprocess(img).squeeze_dim(0);
+        check(&format!("preprocess {i} ({}x{}) vs PIL", img.width(), img.height()), &x, want, 1e-6);
+        // Guidance's differentiable float path (torch's antialiased kernel, not
+        // rounded) stays within one u8 level of PIL, plus half a level of rounding.
+        let float = normalize_pixels(&(rgb_to_float(img) / 255.0), &cfg).squeeze_dim(0);
+        check(&format!("float path {i} vs PIL"), &float, want, 1.5 / 255.0 / min_std + 1e-6);
     }
+}
+
+fn rgb_to_float(img: &image::RgbImage) -> Tensor {
+    let (w, h) = img.dimensions();
+    Tensor::from_slice(img.as_raw())
+        .view([h as i64, w as i64, 3])
+        .permute([2, 0, 1])
+        .unsqueeze(0)
+        .to_kind(Kind::Float)
 }
 
 #[test]
 fn predict_end_to_end_and_batch_independence() {
-    let r = reference();
-    let m = meta();
-    let images: Vec<_> = (0..3).map(|i| rgb(&r, i)).collect();
-    let prompts = prompts();
+    // u8 images of five sizes through `predict` (Pillow-exact preprocessing)
+    // against the PyTorch RAHF run on transformers' PIL processor output.
+    let r = common::rahf_reference_pil();
+    let (images, prompts) = (&r.images, &r.prompts);
     for name in ["multi_head", "augmented"] {
         let fm = feedback_model(name);
-        let all = fm.predict(&images, &prompts).unwrap();
-        let vm = &m["variants"][name];
-        // Reference rows, in item order.
-        let mut ref_rows = Vec::new();
-        for (b, idx) in batches(&m).iter().enumerate() {
-            for row in 0..idx.len() as i64 {
-                ref_rows.push((
-                    r[&format!("{name}_b{b}_scores")].get(row),
-                    r[&format!("{name}_b{b}_heatmaps")].get(row),
-                ));
-            }
-        }
-        for (i, f) in all.iter().enumerate() {
-            let s = Tensor::from_slice(&[
-                f.scores.plausibility,
-                f.scores.alignment,
-                f.scores.aesthetics,
-                f.scores.overall,
-            ]);
-            check(&format!("{name} predict scores {i}"), &s, &ref_rows[i].0, 1e-5);
-            let h = Tensor::stack(&[&f.implausibility_heatmap, &f.misalignment_heatmap], 0);
-            check(&format!("{name} predict heatmaps {i}"), &h, &ref_rows[i].1, 1e-4);
-            assert_eq!(f.sequence, vm["sequences"][i].as_str().unwrap());
+        let all = common::predict_matches_pil_reference(&fm, name, &format!("{name} predict"));
+        for f in &all {
             assert_eq!(f.heatmap_at("misalignment", 20, 30).unwrap().size(), vec![30, 20]);
         }
         assert_eq!(all[0].misaligned_keywords, vec!["red"]);

@@ -1,6 +1,11 @@
 //! The one place where files are read and written: images (any PNG/JPEG in,
 //! 8-bit RGB out; PNG out), atomic fsynced writes, `.npy`, and SHA-256 digests
-//! of what a run wrote (verified on resume).
+//! of what a run wrote (verified on resume). [`resize`] resamples 8-bit images
+//! exactly as Pillow does; [`image_processor`] is HF's PIL image processors
+//! (ViT, CLIP) on top of it.
+pub mod image_processor;
+pub mod resize;
+
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};

@@ -7,6 +7,8 @@
 //! published model's).
 use crate::diffusion::unet::config::{MAX_LAYERS, MAX_SIZE};
 use crate::error::{read_json, Error, Result};
+use crate::io::image_processor::{ImageProcessor, ProcessorKind, ResizeTo};
+use crate::io::resize::Filter;
 use crate::nn::activation;
 use crate::weights::{ConfigCheck, Vb};
 use serde::{Deserialize, Serialize};
@@ -297,28 +299,6 @@ pub struct RahfConfig {
     pub t5: T5Config,
 }
 
-/// The fields of an HF `preprocessor_config.json` RAHF needs.
-#[derive(Debug, Deserialize)]
-struct PreprocessorConfig {
-    #[serde(default)]
-    size: Option<serde_json::Value>,
-    #[serde(default)]
-    image_mean: Option<Vec<f64>>,
-    #[serde(default)]
-    image_std: Option<Vec<f64>>,
-    #[serde(default)]
-    rescale_factor: Option<f64>,
-}
-
-fn three(v: Option<Vec<f64>>, path: &Path, field: &str, default: [f64; 3]) -> Result<[f64; 3]> {
-    match v {
-        None => Ok(default),
-        Some(v) if v.len() == 1 => Ok([v[0]; 3]),
-        Some(v) if v.len() == 3 => Ok([v[0], v[1], v[2]]),
-        Some(v) => Err(Error::unsupported(path.display().to_string(), field, format!("{v:?}"))),
-    }
-}
-
 impl RahfConfig {
     /// A config for a RAHF over the HF backbones in `vit_dir` and `t5_dir`
     /// (their `config.json`; the ViT's `preprocessor_config.json` when present),
@@ -341,29 +321,7 @@ impl RahfConfig {
         };
         let pp_path = vit_dir.join("preprocessor_config.json");
         if pp_path.exists() {
-            let pp: PreprocessorConfig = read_json(&pp_path)?;
-            cfg.image_mean = three(pp.image_mean, &pp_path, "image_mean", cfg.image_mean)?;
-            cfg.image_std = three(pp.image_std, &pp_path, "image_std", cfg.image_std)?;
-            if let Some(r) = pp.rescale_factor {
-                cfg.rescale_factor = r;
-            }
-            if let Some(size) = pp.size {
-                let side = match &size {
-                    serde_json::Value::Number(n) => n.as_i64(),
-                    serde_json::Value::Object(m) => match (m.get("height"), m.get("width")) {
-                        (Some(h), Some(w)) if h == w => h.as_i64(),
-                        _ => None,
-                    },
-                    _ => None,
-                };
-                cfg.image_size = side.ok_or_else(|| {
-                    Error::unsupported(
-                        pp_path.display().to_string(),
-                        "size",
-                        format!("{size} (need a square height/width)"),
-                    )
-                })?;
-            }
+            cfg.set_preprocessing(&ImageProcessor::load(&pp_path, ProcessorKind::Vit)?, &pp_path)?;
         }
         cfg.validate_file(&format!(
             "{} (with {})",
@@ -371,6 +329,40 @@ impl RahfConfig {
             t5_dir.join("config.json").display()
         ))?;
         Ok(cfg)
+    }
+
+    /// Takes size, rescale factor, mean and std from the ViT's image processor,
+    /// which must be one RAHF's preprocessing can be ([`crate::rahf::preprocess`]):
+    /// a BILINEAR resize to a square, no crop, rescale and normalise on.
+    fn set_preprocessing(&mut self, pp: &ImageProcessor, path: &Path) -> Result<()> {
+        let bad = |field: &str, value: String| Err(Error::unsupported(path.display().to_string(), field, value));
+        match pp.resize {
+            Some((ResizeTo::Exact { height, width }, Filter::Bilinear)) if height == width => {
+                self.image_size = height as i64;
+            }
+            Some((to, Filter::Bilinear)) => {
+                let given = match to {
+                    ResizeTo::Exact { height, width } => format!("height {height}, width {width}"),
+                    ResizeTo::ShortestEdge(s) => format!("shortest_edge {s}"),
+                };
+                return bad("size", format!("{given} (need a square height/width)"));
+            }
+            Some((_, f)) => return bad("resample", format!("{} (RAHF's ViT processor resizes BILINEAR, 2)", f.pil_code())),
+            None => return bad("do_resize", "false (RAHF resizes every image to the ViT's size)".into()),
+        }
+        if pp.center_crop.is_some() {
+            return bad("do_center_crop", "true (RAHF's ViT processor does not crop)".into());
+        }
+        let Some(rescale) = pp.rescale_factor else {
+            return bad("do_rescale", "false (RAHF rescales pixels)".into());
+        };
+        let Some((mean, std)) = pp.normalize else {
+            return bad("do_normalize", "false (RAHF normalises pixels)".into());
+        };
+        self.rescale_factor = rescale;
+        self.image_mean = mean;
+        self.image_std = std;
+        Ok(())
     }
 
     pub fn load(dir: &Path) -> Result<Self> {

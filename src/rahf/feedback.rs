@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::rahf::config::{RahfConfig, HEATMAP_TYPES};
 use crate::rahf::keywords::misaligned_keywords;
 use crate::rahf::model::{PromptBatch, Rahf};
-use crate::rahf::preprocess::{normalize_pixels, preprocess_u8, resize_heatmap, rgb_to_tensor};
+use crate::rahf::preprocess::{normalize_pixels, resize_heatmap, vit_processor};
 use crate::rahf::tokenizer::{PromptTokens, RahfTokenizer};
 use crate::weights::Weights;
 use std::collections::BTreeMap;
@@ -182,9 +182,11 @@ impl FeedbackModel {
     /// Feedback for RGB images (any size) and their prompts.
     pub fn predict(&self, images: &[image::RgbImage], prompts: &[String]) -> Result<Vec<Feedback>> {
         Self::check_lengths(images.len(), prompts)?;
+        // Pillow-exact, as the reference's PIL ViTImageProcessor (see `preprocess`).
+        let processor = vit_processor(&self.model.config);
         let pixels: Vec<Tensor> = images
             .iter()
-            .map(|im| preprocess_u8(&rgb_to_tensor(im, self.device), &self.model.config).to_kind(self.kind()))
+            .map(|im| processor.preprocess(im).to_device(self.device).to_kind(self.kind()))
             .collect();
         self.predict_normalized(&pixels, prompts)
     }

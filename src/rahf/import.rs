@@ -1,6 +1,8 @@
 //! `orchestrate rahf import`: a `torch.save(model.state_dict())` RAHF checkpoint
 //! (the published PyTorch reimplementation's layout) into an orchestrate RAHF
-//! folder: `config.json` + `model.safetensors` + `tokenizer.json`.
+//! folder: `config.json` + `model.safetensors` + `tokenizer.json`. The ViT's
+//! keys may carry transformers 4's names (the published checkpoint) or
+//! transformers 5's (a checkpoint saved today); both import to the same folder.
 //!
 //! Every key and shape is checked against what [`Rahf::load`] asks for under
 //! the configs of the two backbones, and all disagreements are reported in one
@@ -33,6 +35,61 @@ const TIED_TO_SHARED: [&str; 3] = [
     "t5.lm_head.weight",
 ];
 const SHARED: &str = "t5.shared.weight";
+
+/// The prefixes of a ViT layer's keys: transformers 4 (the published
+/// checkpoint, HF files) and transformers >= 5 (`model.state_dict()` today).
+const VIT4_LAYERS: &str = "vit.encoder.layer.";
+const VIT5_LAYERS: &str = "vit.layers.";
+
+/// transformers 5's in-memory names of a ViT layer's modules -> the 4.x names
+/// the importer (and HF's files) use. Layer norms keep their names.
+const VIT5_TO_VIT4: [(&str, &str); 6] = [
+    ("attention.q_proj.", "attention.attention.query."),
+    ("attention.k_proj.", "attention.attention.key."),
+    ("attention.v_proj.", "attention.attention.value."),
+    ("attention.o_proj.", "attention.output.dense."),
+    ("mlp.fc1.", "intermediate.dense."),
+    ("mlp.fc2.", "output.dense."),
+];
+
+/// The 4.x name of a transformers-5 ViT key (`vit.layers.3.mlp.fc1.weight` ->
+/// `vit.encoder.layer.3.intermediate.dense.weight`); `None` for any other key,
+/// or a layer key of a module this table does not know (which then stays as it
+/// is and is reported as unexpected under its own name).
+fn vit4_name(key: &str) -> Option<String> {
+    let rest = key.strip_prefix(VIT5_LAYERS)?;
+    let (n, sub) = rest.split_once('.')?;
+    if sub.starts_with("layernorm_before.") || sub.starts_with("layernorm_after.") {
+        return Some(format!("{VIT4_LAYERS}{n}.{sub}"));
+    }
+    VIT5_TO_VIT4
+        .iter()
+        .find_map(|(new, old)| sub.strip_prefix(new).map(|tail| format!("{VIT4_LAYERS}{n}.{old}{tail}")))
+}
+
+/// Accepts the ViT keys of either transformers generation: a checkpoint saved
+/// under transformers >= 5 has its layer keys renamed to the 4.x names. One
+/// that mixes both is refused, naming a key of each.
+pub fn vit_names_to_legacy(tensors: &mut [(String, Tensor)], checkpoint: &Path) -> Result<()> {
+    let new = tensors.iter().find(|(k, _)| k.starts_with(VIT5_LAYERS)).map(|(k, _)| k.clone());
+    let old = tensors.iter().find(|(k, _)| k.starts_with(VIT4_LAYERS)).map(|(k, _)| k.clone());
+    match (new, old) {
+        (Some(new), Some(old)) => Err(Error::Invalid(format!(
+            "{}: the ViT keys mix transformers 4 names (`{old}`) and transformers 5 names (`{new}`); \
+             a checkpoint saved by one version has only one kind",
+            checkpoint.display()
+        ))),
+        (Some(_), None) => {
+            for (k, _) in tensors.iter_mut() {
+                if let Some(legacy) = vit4_name(k) {
+                    *k = legacy;
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
 
 /// How a set of tensor names and shapes compares with what the model loads.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -324,6 +381,7 @@ pub fn import(checkpoint: &Path, vit: &str, t5: &str, out: &Path) -> Result<Impo
     // Fail on a bad --out before the (possibly long) read of the checkpoint.
     check_out(out)?;
     let mut tensors = load_state_dict(checkpoint)?;
+    vit_names_to_legacy(&mut tensors, checkpoint)?;
     let shapes: BTreeMap<String, Vec<i64>> =
         tensors.iter().map(|(k, t)| (k.clone(), t.size())).collect();
     if shapes.len() != tensors.len() {
@@ -369,6 +427,30 @@ pub fn import(checkpoint: &Path, vit: &str, t5: &str, out: &Path) -> Result<Impo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transformers5_vit_names_map_to_legacy() {
+        for (new, old) in [
+            ("vit.layers.0.attention.q_proj.weight", Some("vit.encoder.layer.0.attention.attention.query.weight")),
+            ("vit.layers.11.attention.v_proj.bias", Some("vit.encoder.layer.11.attention.attention.value.bias")),
+            ("vit.layers.2.attention.o_proj.weight", Some("vit.encoder.layer.2.attention.output.dense.weight")),
+            ("vit.layers.2.mlp.fc1.bias", Some("vit.encoder.layer.2.intermediate.dense.bias")),
+            ("vit.layers.2.mlp.fc2.weight", Some("vit.encoder.layer.2.output.dense.weight")),
+            ("vit.layers.5.layernorm_after.weight", Some("vit.encoder.layer.5.layernorm_after.weight")),
+            ("vit.layers.5.something_new.weight", None),
+            ("vit.layernorm.weight", None),
+            ("t5.encoder.block.0.layer.0.SelfAttention.q.weight", None),
+        ] {
+            assert_eq!(vit4_name(new).as_deref(), old, "{new}");
+        }
+        let t = || Tensor::zeros([1], (Kind::Float, Device::Cpu));
+        let mut mixed = vec![
+            ("vit.layers.0.mlp.fc1.weight".to_string(), t()),
+            ("vit.encoder.layer.1.intermediate.dense.weight".to_string(), t()),
+        ];
+        let e = vit_names_to_legacy(&mut mixed, Path::new("x.pt")).unwrap_err().to_string();
+        assert!(e.contains("x.pt") && e.contains("vit.layers.0.mlp.fc1.weight") && e.contains("vit.encoder.layer.1"), "{e}");
+    }
 
     #[test]
     fn tied_copies_dropped_only_when_identical() {

@@ -1,14 +1,19 @@
-//! Image preprocessing for the ViT, as tch ops so gradients reach the input pixels.
+//! Image preprocessing for the ViT: two paths, one per kind of input.
 //!
-//! The reference (`youweiliang/RichHF`, transformers 4) runs HF's `ViTImageProcessor`
-//! on a PIL image: PIL bilinear resize of the u8 image to the ViT size (PIL
-//! antialiases when downscaling and rounds each of its two separable passes to u8),
-//! ×1/255, (x - mean) / std. transformers 5's default ViT processor instead runs
-//! torch's antialiased bilinear kernel (the one torchvision designed to match PIL)
-//! on the u8 tensor. We use that torch kernel: from u8 images the result is rounded
-//! to whole u8 levels like a resized u8 image and is within one level of PIL's
-//! (checked by the fixture test); from float pixels (guidance) nothing is rounded,
-//! so the path stays differentiable.
+//! - **8-bit images** (`score`, `filter`, `inpaint`, `eval`, training batches):
+//!   exactly what the reference does. The public RAHF code (`youweiliang/RichHF`)
+//!   runs HF's `ViTImageProcessor` on a PIL image: Pillow BILINEAR resize to the
+//!   ViT size (antialiased when downscaling, each of its two separable passes
+//!   rounded to u8), ×`rescale_factor`, `(x - mean) / std`.
+//!   [`vit_processor`] is that, bit for bit, through
+//!   [`crate::io::image_processor`] and [`crate::io::resize`].
+//! - **Float pixels** (classifier guidance, [`normalize_pixels`]): the image is a
+//!   decoded latent that gradients must flow back to, so it is resized with
+//!   torch's antialiased bilinear kernel (the one torchvision designed to match
+//!   PIL, differentiable, nothing rounded) and normalised in the same graph.
+//!   On the same image it differs from the u8 path by about one u8 level where
+//!   it resizes, which guidance does not care about.
+use crate::io::image_processor::ImageProcessor;
 use crate::rahf::config::RahfConfig;
 use tch::{Device, Kind, Tensor};
 
@@ -33,30 +38,21 @@ fn resize(x: &Tensor, size: i64) -> Tensor {
 }
 
 /// Differentiable: `pixels` B x 3 x H x W in [0, 1] (any float kind) -> ViT input
-/// B x 3 x S x S, resized (antialiased bilinear) and normalised.
+/// B x 3 x S x S, resized with torch's antialiased bilinear kernel (not Pillow's:
+/// see the module doc) and normalised.
 pub fn normalize_pixels(pixels: &Tensor, cfg: &RahfConfig) -> Tensor {
     let x = resize(pixels, cfg.image_size);
     let (mean, std) = mean_std(cfg, x.device(), x.kind());
     (x - mean) / std
 }
 
-/// u8 images B x 3 x H x W (values 0..=255) -> ViT input, rounded to u8 levels
-/// after resizing like the reference's u8 pipeline.
-pub fn preprocess_u8(images: &Tensor, cfg: &RahfConfig) -> Tensor {
-    let x = images.to_kind(Kind::Float);
-    let x = resize(&x, cfg.image_size).round().clamp(0.0, 255.0) * cfg.rescale_factor;
-    let (mean, std) = mean_std(cfg, x.device(), Kind::Float);
-    (x - mean) / std
-}
-
-/// An RGB image as a 1 x 3 x H x W u8 tensor on `device`.
-pub fn rgb_to_tensor(img: &image::RgbImage, device: Device) -> Tensor {
-    let (w, h) = img.dimensions();
-    Tensor::from_slice(img.as_raw())
-        .view([h as i64, w as i64, 3])
-        .permute([2, 0, 1])
-        .unsqueeze(0)
-        .to_device(device)
+/// The `ViTImageProcessor` of a RAHF config: `image_size` square, BILINEAR,
+/// `rescale_factor`, `image_mean` / `image_std`. Its
+/// [`ImageProcessor::preprocess`] turns an RGB image (any size) into the ViT
+/// input, 1 x 3 x S x S `f32` on the CPU, as the reference's processor does.
+pub fn vit_processor(cfg: &RahfConfig) -> ImageProcessor {
+    let side = cfg.image_size as u32;
+    ImageProcessor::vit(side, side, cfg.rescale_factor, cfg.image_mean, cfg.image_std)
 }
 
 /// A model-resolution heatmap (H x W or B x H x W) resized bilinearly to `height` x `width`.

@@ -104,6 +104,57 @@ pub fn fixture_requests(run: &serde_json::Value) -> Vec<orchestrate::diffusion::
         }
     }
     out
+/// tests/fixtures/rahf/make_pil_tf5_fixtures.py: u8 images of five sizes (three
+/// that need resizing: 56x40 → 48, 128x96, 300x211), their prompts, their PIL
+/// `ViTImageProcessor` pixels (`pixels_{i}`) and both variants' PyTorch outputs
+/// on those pixels, each item alone (`{variant}_{i}_scores`, `_heatmaps`).
+pub struct PilReference {
+    pub tensors: std::collections::HashMap<String, tch::Tensor>,
+    pub meta: serde_json::Value,
+    pub images: Vec<image::RgbImage>,
+    pub prompts: Vec<String>,
+}
+
+pub fn rahf_reference_pil() -> PilReference {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rahf");
+    let tensors: std::collections::HashMap<_, _> =
+        orchestrate::weights::read_safetensors(&dir.join("reference_pil.safetensors")).unwrap().into_iter().collect();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference_pil.json")).unwrap()).unwrap();
+    let prompts: Vec<String> =
+        meta["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
+    let images = (0..prompts.len())
+        .map(|i| {
+            let t = &tensors[&format!("image_{i}")];
+            let (h, w, _) = t.size3().unwrap();
+            image::RgbImage::from_raw(w as u32, h as u32, Vec::<u8>::try_from(&t.flatten(0, -1)).unwrap()).unwrap()
+        })
+        .collect();
+    PilReference { tensors, meta, images, prompts }
+}
+
+/// `predict` of all the reference's items at once (Pillow-exact preprocessing)
+/// against the PyTorch outputs: scores and heatmaps within 2e-5, the same
+/// keyword sequences. `label` names the model in messages.
+pub fn predict_matches_pil_reference(
+    fm: &orchestrate::rahf::FeedbackModel,
+    variant: &str,
+    label: &str,
+) -> Vec<orchestrate::rahf::Feedback> {
+    let r = rahf_reference_pil();
+    let all = fm.predict(&r.images, &r.prompts).unwrap();
+    for (i, f) in all.iter().enumerate() {
+        let what = format!("{label} item {i} ({}x{})", r.images[i].width(), r.images[i].height());
+        let s = tch::Tensor::from_slice(&[f.scores.plausibility, f.scores.alignment, f.scores.aesthetics, f.scores.overall]);
+        let h = tch::Tensor::stack(&[&f.implausibility_heatmap, &f.misalignment_heatmap], 0);
+        for (part, got, want) in [("scores", &s, "scores"), ("heatmaps", &h, "heatmaps")] {
+            let d = max_abs_diff(got, &r.tensors[&format!("{variant}_{i}_{want}")]);
+            println!("{what} {part}: max abs diff {d:.3e}");
+            assert!(d <= 2e-5, "{what} {part}: max abs diff {d} > 2e-5");
+        }
+        assert_eq!(f.sequence, r.meta["variants"][variant]["sequences"][i].as_str().unwrap(), "{what}");
+    }
+    all
 }
 
 /// A deterministic, structured picture (gradients and a block), so that

@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::rahf::config::RahfConfig;
 use crate::rahf::model::{PromptBatch, PromptMasks};
-use crate::rahf::preprocess::{preprocess_u8, rgb_to_tensor};
+use crate::rahf::preprocess::vit_processor;
 use crate::rahf::tokenizer::{PromptTokens, RahfTokenizer};
 use crate::richhf::sample::{keyword_target, prompt_words, Heatmap, Sample};
 use tch::{Device, Kind, Tensor};
@@ -67,8 +67,9 @@ pub fn collate(samples: &[Sample], tokenizer: &RahfTokenizer, cfg: &RahfConfig, 
     let mut tokens = Vec::with_capacity(samples.len());
     let mut keyword_ids = Vec::with_capacity(samples.len());
     let mut keyword_valid = Vec::with_capacity(samples.len());
+    let processor = vit_processor(cfg);
     for s in samples {
-        pixels.push(preprocess_u8(&rgb_to_tensor(&s.image, Device::Cpu), cfg));
+        pixels.push(processor.preprocess(&s.image));
         maps.push(Tensor::cat(&[heatmap_tensor(&s.heatmaps[0], size), heatmap_tensor(&s.heatmaps[1], size)], 1));
         scores.extend_from_slice(&s.scores);
         tokens.push(tokenizer.prompt(&s.prompt, cfg.variant)?);
