@@ -19,6 +19,9 @@ pub mod report;
 pub mod richhf;
 pub mod rng;
 pub mod score;
+// Moves to src/scorers/mod.rs (`pub mod imagereward;`) when that module exists.
+#[path = "scorers/imagereward.rs"]
+pub mod imagereward;
 pub mod weights;
 
 pub use error::{Error, Result};
