@@ -179,7 +179,7 @@ fn rewrite_checkpoint(out: &Path, edit: impl Fn(&str, Vec<u8>) -> Vec<u8>) {
     let stored = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     for i in 0..zin.len() {
         let mut f = zin.by_index(i).unwrap();
-        let name = f.name().to_string();
+        let name = f.name().unwrap().to_string();
         let mut bytes = Vec::new();
         f.read_to_end(&mut bytes).unwrap();
         let bytes = edit(&name, bytes);
@@ -274,4 +274,25 @@ fn bad_inputs_are_errors() {
     assert!(m.score(px, &out_of_vocab, mask).unwrap_err().to_string().contains("vocabulary"));
     let too_long = Tensor::ones([4, 41], (Kind::Int64, Device::Cpu));
     assert!(m.score(px, &too_long, &too_long).unwrap_err().to_string().contains("max_position_embeddings"));
+}
+
+#[test]
+fn tokenizer_matches_blip_init_tokenizer() {
+    use orchestrate::imagereward::{ImageRewardTokenizer, MAX_PROMPT_TOKENS};
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("tokenizer_cases.json")).unwrap()).unwrap();
+    let tok = ImageRewardTokenizer::load(&dir().join("tiny/tokenizer.json")).unwrap();
+    assert_eq!(tok.vocab_size() as u64, cases["vocab_size"].as_u64().unwrap());
+    let list = cases["cases"].as_array().unwrap();
+    let prompts: Vec<&str> = list.iter().map(|c| c["prompt"].as_str().unwrap()).collect();
+    let (ids, mask) = tok.encode(&prompts).unwrap();
+    assert_eq!(ids.size(), [prompts.len() as i64, MAX_PROMPT_TOKENS as i64]);
+    for (i, c) in list.iter().enumerate() {
+        let want_ids: Vec<i64> = serde_json::from_value(c["input_ids"].clone()).unwrap();
+        let want_mask: Vec<i64> = serde_json::from_value(c["attention_mask"].clone()).unwrap();
+        assert_eq!(Vec::<i64>::try_from(ids.get(i as i64)).unwrap(), want_ids, "prompt {:?}", prompts[i]);
+        assert_eq!(Vec::<i64>::try_from(mask.get(i as i64)).unwrap(), want_mask, "prompt {:?}", prompts[i]);
+    }
+    let missing = ImageRewardTokenizer::load(&dir().join("tiny/no-such-tokenizer.json")).err().unwrap().to_string();
+    assert!(missing.contains("no-such-tokenizer.json") && missing.contains("bert-base-uncased"), "{missing}");
 }
