@@ -296,3 +296,26 @@ fn tokenizer_matches_blip_init_tokenizer() {
     let missing = ImageRewardTokenizer::load(&dir().join("tiny/no-such-tokenizer.json")).err().unwrap().to_string();
     assert!(missing.contains("no-such-tokenizer.json") && missing.contains("bert-base-uncased"), "{missing}");
 }
+
+/// Timing at the published size for scripts/bench/imagereward.py, which
+/// writes the files and runs this; checks the scores against PyTorch's too.
+#[test]
+#[ignore]
+fn bench_real_size() {
+    let Ok(d) = std::env::var("IMAGEREWARD_BENCH_DIR") else { return };
+    let d = PathBuf::from(d);
+    let reps: usize = std::env::var("IMAGEREWARD_BENCH_REPS").ok().and_then(|r| r.parse().ok()).unwrap_or(2);
+    let m = ImageReward::load_dir(&d, Device::Cpu).unwrap();
+    assert_eq!(m.vision_config().heads, 16);
+    let x: HashMap<String, Tensor> = read_safetensors(&d.join("inputs.safetensors")).unwrap().into_iter().collect();
+    let want: HashMap<String, Tensor> = read_safetensors(&d.join("scores.safetensors")).unwrap().into_iter().collect();
+    let _guard = tch::no_grad_guard();
+    let s = m.score(&x["pixel_values"], &x["input_ids"], &x["attention_mask"]).unwrap();
+    println!("max |diff| vs PyTorch at full size: {:e}", max_abs_diff(&s, &want["scores"]));
+    let t0 = std::time::Instant::now();
+    for _ in 0..reps {
+        let _ = m.score(&x["pixel_values"], &x["input_ids"], &x["attention_mask"]).unwrap();
+    }
+    let b = x["pixel_values"].size()[0] as f64;
+    println!("orchestrate: {:.2} images/s", b * reps as f64 / t0.elapsed().as_secs_f64());
+}
