@@ -26,6 +26,7 @@
 //! `check` and a `load`), and one line in [`REGISTRY`]. Nothing else changes:
 //! flags, recipes, specs, verifiers, records and reports follow the registry.
 pub mod compare;
+pub mod imagereward;
 pub mod rahf;
 pub mod spec;
 
