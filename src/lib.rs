@@ -19,6 +19,8 @@ pub mod report;
 pub mod richhf;
 pub mod rng;
 pub mod score;
+#[path = "scorers/models_mod.rs"]
+pub mod scorer_models;
 pub mod weights;
 
 pub use error::{Error, Result};
