@@ -336,11 +336,17 @@ impl ClipTextModel {
     /// position of the highest id (the first `<|endoftext|>`, CLIP's last
     /// vocabulary entry); otherwise the first position holding `eos_token_id`.
     pub fn pooled(&self, last_hidden_state: &Tensor, input_ids: &Tensor) -> Tensor {
-        let eos = self.config.eos_token_id.unwrap_or(DEFAULT_EOS_TOKEN_ID);
-        let ids = input_ids.to_device(last_hidden_state.device()).to_kind(tch::Kind::Int);
-        let positions = if eos == 2 { ids.argmax(-1, false) } else { ids.eq(eos).to_kind(tch::Kind::Int).argmax(-1, false) };
+        let positions = self.eos_positions(&input_ids.to_device(last_hidden_state.device()));
         let rows = Tensor::arange(last_hidden_state.size()[0], (tch::Kind::Int64, last_hidden_state.device()));
         last_hidden_state.index(&[Some(rows), Some(positions)])
+    }
+
+    /// The position [N] of the token each row of `input_ids` [N, L] is pooled
+    /// at (see [`Self::pooled`]).
+    pub fn eos_positions(&self, input_ids: &Tensor) -> Tensor {
+        let eos = self.config.eos_token_id.unwrap_or(DEFAULT_EOS_TOKEN_ID);
+        let ids = input_ids.to_kind(tch::Kind::Int);
+        if eos == 2 { ids.argmax(-1, false) } else { ids.eq(eos).to_kind(tch::Kind::Int).argmax(-1, false) }
     }
 
     /// SDXL's use of an encoder (diffusers' `encode_prompt` with

@@ -420,15 +420,34 @@ impl ClipModel {
     }
 
     /// `get_text_features`: the projected `<eos>` state, [B, projection_dim].
-    /// Prompts padded after their `<eos>` give the same embeddings as
-    /// unpadded ones (the text tower is causal), so a batch padded to 77
-    /// tokens matches the reference's `padding=True` per prompt.
+    ///
+    /// Each prompt is encoded at its own length, up to its `<eos>`, as the
+    /// references do (PickScore's processor call per prompt with
+    /// `padding=True`; torchmetrics on one pair): padding after the `<eos>`
+    /// cannot change the result (the text tower is causal), but a longer
+    /// sequence changes float rounding (about 1e-7 relative), and encoding
+    /// each prompt alone keeps a prompt's score independent of its batch.
     pub fn text_embeds(&self, input_ids: &Tensor) -> Result<Tensor> {
         let text = self.text_model()?;
         let c = &text.config;
         check_input_ids(input_ids, None, c.vocab_size, c.max_position_embeddings, &self.name())?;
         let ids = input_ids.to_kind(Kind::Int64).to_device(self.visual_projection.weight.device());
-        text.text_embeds(&ids).ok_or_else(|| Error::Invalid(format!("{}: no text_projection", self.name())))
+        let lengths = Vec::<i64>::try_from(text.eos_positions(&ids).to_device(Device::Cpu))
+            .map_err(|e| Error::torch("token positions", e))?;
+        let mut by_length: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
+        for (row, &pos) in lengths.iter().enumerate() {
+            by_length.entry(pos + 1).or_default().push(row as i64);
+        }
+        let (mut parts, mut order) = (Vec::new(), Vec::new());
+        for (len, rows) in by_length {
+            let index = Tensor::from_slice(&rows).to_device(ids.device());
+            let group = ids.index_select(0, &index).narrow(1, 0, len);
+            parts.push(text.text_embeds(&group).ok_or_else(|| Error::Invalid(format!("{}: no text_projection", self.name())))?);
+            order.extend(rows);
+        }
+        // Rows back in their input order.
+        let inverse = Tensor::from_slice(&order).argsort(0, false).to_device(ids.device());
+        Ok(Tensor::cat(&parts, 0).index_select(0, &inverse))
     }
 
     /// `logit_scale` as stored (its `exp()` is the similarity temperature).
