@@ -25,10 +25,17 @@
 //! (type name, scores with their normalisation, heatmap names, a config-only
 //! `check` and a `load`), and one line in [`REGISTRY`]. Nothing else changes:
 //! flags, recipes, specs, verifiers, records and reports follow the registry.
+pub mod aesthetic;
+pub mod clip;
 pub mod compare;
+pub mod embeds;
+pub mod hps;
 pub mod imagereward;
+pub mod open_clip;
+pub mod open_clip_tokenizer;
 pub mod rahf;
 pub mod spec;
+mod text_clean_tables;
 
 pub use compare::{Comparison, ComparisonRow};
 pub use spec::{parse_verify, ScoreSpec, Term};
