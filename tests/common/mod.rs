@@ -104,6 +104,8 @@ pub fn fixture_requests(run: &serde_json::Value) -> Vec<orchestrate::diffusion::
         }
     }
     out
+}
+
 /// tests/fixtures/rahf/make_pil_tf5_fixtures.py: u8 images of five sizes (three
 /// that need resizing: 56x40 → 48, 128x96, 300x211), their prompts, their PIL
 /// `ViTImageProcessor` pixels (`pixels_{i}`) and both variants' PyTorch outputs
