@@ -15,6 +15,9 @@ use crate::nn::Linear;
 use crate::rahf::torch_pickle::load_state_dict;
 use super::clip::ClipModel;
 use super::embeds::l2_normalize;
+use super::pixel::{float32_only, spec_paths, PixelModel, PixelScorer};
+use super::{Affine, ScoreDef, Scorer, ScorerInfo};
+use crate::io::image_processor::ImageProcessor;
 use crate::weights::{read_safetensors, Weights};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -118,5 +121,64 @@ impl Aesthetic {
     pub fn score(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let embeds = self.clip.image_embeds(pixel_values)?;
         Ok(self.mlp.forward(&l2_normalize(&embeds)))
+    }
+}
+
+// ------------------------------------------------------------ as a scorer
+
+/// `aesthetic`: the LAION aesthetic predictor v2.
+pub static INFO: ScorerInfo = ScorerInfo {
+    name: "aesthetic",
+    scores: &[ScoreDef { name: "aesthetic", normalization: Affine { lo: 1.0, hi: 10.0 } }],
+    heatmaps: &[],
+    checkpoint: "`MLP.pth,CLIP_DIR`: the predictor's MLP (e.g. sac+logos+ava1-l14-linearMSE.pth) and a CLIP ViT-L/14 \
+                 folder in transformers' layout (openai/clip-vit-large-patch14)",
+    check,
+    load,
+};
+
+const FORM: &str = "`MLP.pth,CLIP_DIR`";
+
+fn parts(spec: &str) -> Result<(PathBuf, PathBuf)> {
+    let p = spec_paths(INFO.name, spec, 2..=2, FORM)?;
+    if !p[1].is_dir() {
+        return Err(Error::Invalid(format!("scorer `aesthetic`: {} is not a CLIP folder ({FORM})", p[1].display())));
+    }
+    Ok((p[0].clone(), p[1].clone()))
+}
+
+fn check(spec: &str) -> Result<String> {
+    let (mlp, clip) = parts(spec)?;
+    let config = super::clip::ClipConfig::load(&clip.join("config.json"))?;
+    Ok(format!(
+        "{} on {}: CLIP {} px, projection {}",
+        mlp.display(),
+        clip.display(),
+        config.vision.image_size,
+        config.projection_dim
+    ))
+}
+
+fn load(spec: &str, device: Device, kind: Kind) -> Result<Box<dyn Scorer>> {
+    let (mlp, clip) = parts(spec)?;
+    float32_only(INFO.name, kind);
+    let model = Aesthetic::load(&clip, &mlp, device)?;
+    // The predictor's reference runs OpenAI's `clip.load` preprocessing.
+    let processor = ImageProcessor::torchvision_clip(model.clip.image_size() as u32);
+    Ok(PixelScorer::boxed(model, processor))
+}
+
+impl PixelModel for Aesthetic {
+    fn info(&self) -> &'static ScorerInfo {
+        &INFO
+    }
+
+    fn device(&self) -> Device {
+        self.mlp.layers[0].weight.device()
+    }
+
+    /// The prompt plays no part.
+    fn score(&self, pixel_values: &Tensor, _prompts: &[String]) -> Result<Tensor> {
+        Aesthetic::score(self, pixel_values)
     }
 }

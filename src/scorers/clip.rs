@@ -22,6 +22,9 @@ use crate::error::{read_json, Error, Result};
 use crate::nn::{activation, Conv2d, Embedding, LayerNorm, Linear};
 use crate::rahf::init::read_hf_weights;
 use super::embeds::{check_input_ids, check_pixel_values, paired_cosine};
+use super::pixel::{float32_only, spec_paths, PixelModel, PixelScorer};
+use super::{Affine, ScoreDef, Scorer, ScorerInfo};
+use crate::io::image_processor::{ImageProcessor, ProcessorKind, ResizeTo};
 use crate::weights::{ConfigCheck, Vb, Weights};
 use serde::Deserialize;
 use serde_json::Value;
@@ -527,5 +530,134 @@ impl PickScore {
     pub fn score(&self, pixel_values: &Tensor, input_ids: &Tensor) -> Result<Tensor> {
         let (image, text) = self.clip.pair_embeds(pixel_values, input_ids)?;
         Ok(self.clip.logit_scale()?.exp() * paired_cosine(&image, &text))
+    }
+}
+
+// ------------------------------------------------------------ as scorers
+
+/// `pickscore`: PickScore_v1 (`yuvalkirstain/PickScore_v1`).
+pub static PICKSCORE_INFO: ScorerInfo = ScorerInfo {
+    name: "pickscore",
+    scores: &[ScoreDef { name: "pickscore", normalization: Affine { lo: 16.0, hi: 24.0 } }],
+    heatmaps: &[],
+    checkpoint: "a PickScore_v1 folder (transformers CLIPModel), then `,PROCESSOR_DIR` when its tokenizer and \
+                 preprocessor_config.json are elsewhere (laion/CLIP-ViT-H-14-laion2B-s32B-b79K)",
+    check: |spec| check_clip_spec(&PICKSCORE_INFO, spec),
+    load: |spec, device, kind| load_clip_spec(&PICKSCORE_INFO, spec, device, kind),
+};
+
+/// `clipscore`: CLIPScore of any CLIP model in transformers' layout.
+pub static CLIPSCORE_INFO: ScorerInfo = ScorerInfo {
+    name: "clipscore",
+    scores: &[ScoreDef { name: "clipscore", normalization: Affine { lo: 15.0, hi: 40.0 } }],
+    heatmaps: &[],
+    checkpoint: "a CLIP folder in transformers' layout (e.g. openai/clip-vit-large-patch14), then `,PROCESSOR_DIR` \
+                 when its tokenizer and preprocessor_config.json are elsewhere",
+    check: |spec| check_clip_spec(&CLIPSCORE_INFO, spec),
+    load: |spec, device, kind| load_clip_spec(&CLIPSCORE_INFO, spec, device, kind),
+};
+
+/// `MODEL_DIR[,PROCESSOR_DIR]` of a CLIP-folder scorer.
+fn clip_dirs(info: &ScorerInfo, spec: &str) -> Result<(PathBuf, PathBuf)> {
+    let parts = spec_paths(info.name, spec, 1..=2, "`MODEL_DIR` or `MODEL_DIR,PROCESSOR_DIR`")?;
+    let model = parts[0].clone();
+    let processor = parts.get(1).cloned().unwrap_or_else(|| model.clone());
+    for d in [&model, &processor] {
+        if !d.is_dir() {
+            return Err(Error::Invalid(format!("scorer `{}`: {} is not a folder", info.name, d.display())));
+        }
+    }
+    Ok((model, processor))
+}
+
+/// The CLIP processor of a folder: its `preprocessor_config.json`, or
+/// `CLIPImageProcessor`'s defaults at the model's `image_size` when it has none.
+pub fn clip_processor(processor_dir: &Path, image_size: i64) -> Result<ImageProcessor> {
+    let path = processor_dir.join("preprocessor_config.json");
+    let p = if path.is_file() {
+        ImageProcessor::load(&path, ProcessorKind::Clip)?
+    } else {
+        let side = image_size as u32;
+        ImageProcessor {
+            resize: Some((ResizeTo::ShortestEdge(side), crate::io::resize::Filter::Bicubic)),
+            center_crop: Some((side, side)),
+            ..ImageProcessor::defaults(ProcessorKind::Clip)
+        }
+    };
+    let (w, h) = p.output_size(image_size as u32 * 3, image_size as u32 * 2);
+    if (w as i64, h as i64) != (image_size, image_size) {
+        return Err(Error::unsupported(
+            path.display().to_string(),
+            "size / crop_size",
+            format!("{w}x{h} images, but the vision tower takes {image_size}x{image_size}"),
+        ));
+    }
+    Ok(p)
+}
+
+fn check_clip_spec(info: &ScorerInfo, spec: &str) -> Result<String> {
+    let (model, processor) = clip_dirs(info, spec)?;
+    let config = ClipConfig::load(&model.join("config.json"))?;
+    if config.text.is_none() {
+        return Err(Error::unsupported(
+            config.source.clone(),
+            "model_type",
+            "clip_vision_model (an image tower alone; a text-image score needs a CLIPModel folder)",
+        ));
+    }
+    if !["model.safetensors", "pytorch_model.bin"].iter().any(|f| model.join(f).is_file()) {
+        return Err(Error::Missing { path: model.join("model.safetensors"), what: "CLIP weights (or pytorch_model.bin)".into() });
+    }
+    ClipTokenizer::load(&processor)?;
+    clip_processor(&processor, config.vision.image_size)?;
+    Ok(format!("{}: CLIPModel, {} px, projection {}", model.display(), config.vision.image_size, config.projection_dim))
+}
+
+fn load_clip_spec(info: &'static ScorerInfo, spec: &str, device: Device, kind: Kind) -> Result<Box<dyn Scorer>> {
+    let (model, processor_dir) = clip_dirs(info, spec)?;
+    float32_only(info.name, kind);
+    let clip = ClipModel::load(&model, Some(&processor_dir), device, Kind::Float)?;
+    let processor = clip_processor(&processor_dir, clip.image_size())?;
+    let model = if std::ptr::eq(info, &PICKSCORE_INFO) {
+        ClipRewardModel::Pick(PickScore { clip })
+    } else {
+        ClipRewardModel::Clip(ClipScore { clip })
+    };
+    Ok(PixelScorer::boxed(model, processor))
+}
+
+/// PickScore or CLIPScore over a loaded CLIP model.
+pub enum ClipRewardModel {
+    Pick(PickScore),
+    Clip(ClipScore),
+}
+
+impl ClipRewardModel {
+    fn clip(&self) -> &ClipModel {
+        match self {
+            ClipRewardModel::Pick(m) => &m.clip,
+            ClipRewardModel::Clip(m) => &m.clip,
+        }
+    }
+}
+
+impl PixelModel for ClipRewardModel {
+    fn info(&self) -> &'static ScorerInfo {
+        match self {
+            ClipRewardModel::Pick(_) => &PICKSCORE_INFO,
+            ClipRewardModel::Clip(_) => &CLIPSCORE_INFO,
+        }
+    }
+
+    fn device(&self) -> Device {
+        self.clip().visual_projection.weight.device()
+    }
+
+    fn score(&self, pixel_values: &Tensor, prompts: &[String]) -> Result<Tensor> {
+        let ids = self.clip().tokenize(prompts)?;
+        match self {
+            ClipRewardModel::Pick(m) => m.score(pixel_values, &ids),
+            ClipRewardModel::Clip(m) => m.score(pixel_values, &ids),
+        }
     }
 }

@@ -15,8 +15,11 @@ use crate::rahf::torch_pickle::load_checkpoint_state_dict;
 use super::embeds::{check_input_ids, paired_cosine};
 use super::open_clip::OpenClip;
 use super::open_clip_tokenizer::OpenClipTokenizer;
+use super::pixel::{float32_only, one_file_in, spec_paths, PixelModel, PixelScorer};
+use super::{Affine, ScoreDef, Scorer, ScorerInfo};
+use crate::io::image_processor::ImageProcessor;
 use crate::weights::{read_safetensors, Weights};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 /// The tensors of an open_clip checkpoint: a `.pt`/`.pth`/`.bin` training
@@ -74,5 +77,73 @@ impl HpsV2 {
         check_input_ids(input_ids, Some(pixel_values.size()[0]), self.model.arch.vocab_size, self.model.arch.context_length, &self.model.source)?;
         let text = self.model.encode_text(input_ids)?;
         Ok(paired_cosine(&image, &text))
+    }
+}
+
+// ------------------------------------------------------------ as a scorer
+
+/// `hpsv2`: HPS v2 / v2.1.
+pub static INFO: ScorerInfo = ScorerInfo {
+    name: "hpsv2",
+    scores: &[ScoreDef { name: "hpsv2", normalization: Affine { lo: 0.2, hi: 0.35 } }],
+    heatmaps: &[],
+    checkpoint: "`HPS.pt,BPE_VOCAB[,OPEN_CLIP_CONFIG]`: HPS_v2.1_compressed.pt, open_clip's bpe_simple_vocab_16e6.txt.gz \
+                 and optionally an open_clip model config (ViT-H-14.json); or a folder holding them",
+    check,
+    load,
+};
+
+const FORM: &str = "`HPS.pt,BPE_VOCAB.txt.gz[,OPEN_CLIP_CONFIG.json]` or a folder holding them";
+
+/// (checkpoint, vocabulary, optional config) of a spec.
+fn parts(spec: &str) -> Result<(PathBuf, PathBuf, Option<PathBuf>)> {
+    let p = spec_paths(INFO.name, spec, 1..=3, FORM)?;
+    if p.len() == 1 {
+        let dir = &p[0];
+        if !dir.is_dir() {
+            return Err(Error::Invalid(format!("scorer `hpsv2`: checkpoint `{spec}` is not {FORM}")));
+        }
+        let checkpoint = one_file_in(dir, "the HPS checkpoint (.pt, .pth or .safetensors)", |n| {
+            n.ends_with(".pt") || n.ends_with(".pth") || n.ends_with(".safetensors")
+        })?;
+        let vocab = one_file_in(dir, "open_clip's BPE vocabulary (.txt.gz)", |n| n.ends_with(".txt.gz"))?;
+        let config = dir.join("open_clip_config.json");
+        return Ok((checkpoint, vocab, config.is_file().then_some(config)));
+    }
+    if p.len() == 2 || p.len() == 3 {
+        return Ok((p[0].clone(), p[1].clone(), p.get(2).cloned()));
+    }
+    Err(Error::Invalid(format!("scorer `hpsv2`: checkpoint `{spec}` is not {FORM}")))
+}
+
+fn check(spec: &str) -> Result<String> {
+    let (checkpoint, vocab, config) = parts(spec)?;
+    if let Some(c) = &config {
+        super::open_clip::OpenClipArch::from_config_file(c)?;
+    }
+    Ok(format!("{} with {}", checkpoint.display(), vocab.display()))
+}
+
+fn load(spec: &str, device: Device, kind: Kind) -> Result<Box<dyn Scorer>> {
+    let (checkpoint, vocab, config) = parts(spec)?;
+    float32_only(INFO.name, kind);
+    let model = HpsV2::load(&checkpoint, &vocab, config.as_deref(), device)?;
+    // HPSv2's `preprocess_val`: open_clip's image_transform (OpenAI's CLIP transform).
+    let processor = ImageProcessor::torchvision_clip(model.model.arch.image_size as u32);
+    Ok(PixelScorer::boxed(model, processor))
+}
+
+impl PixelModel for HpsV2 {
+    fn info(&self) -> &'static ScorerInfo {
+        &INFO
+    }
+
+    fn device(&self) -> Device {
+        self.model.device()
+    }
+
+    fn score(&self, pixel_values: &Tensor, prompts: &[String]) -> Result<Tensor> {
+        let ids = self.tokenize(prompts)?.to_device(pixel_values.device());
+        HpsV2::score(self, pixel_values, &ids)
     }
 }

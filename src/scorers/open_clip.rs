@@ -23,7 +23,7 @@ use super::embeds::{check_input_ids, check_pixel_values};
 use crate::weights::{ConfigCheck, Vb};
 use serde_json::{Map, Value};
 use std::path::Path;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// open_clip's `LayerNorm` is `nn.LayerNorm` with its default epsilon.
 const LN_EPS: f64 = 1e-5;
@@ -440,6 +440,11 @@ impl OpenClip {
     /// `vb` is the state_dict's root; `config_file` an open_clip model config
     /// (`None`: the architecture is read off the shapes). Every tensor must be
     /// used.
+    /// Where the weights live.
+    pub fn device(&self) -> Device {
+        self.logit_scale.device()
+    }
+
     pub fn load(vb: &Vb, config_file: Option<&Path>) -> Result<Self> {
         let (arch, file) = match config_file {
             Some(p) => (OpenClipArch::from_config_file(p)?, p.display().to_string()),
