@@ -508,6 +508,15 @@ mod tests {
     }
 
     #[test]
+    fn crops_round_as_transformers_and_torchvision_do() {
+        // Python: (m // 2) and int(round(m / 2.0)) for margins 0..=7.
+        let floor: Vec<i64> = (0..8).map(|m| CropRounding::Floor.offset(16 + m, 16)).collect();
+        let even: Vec<i64> = (0..8).map(|m| CropRounding::HalfEven.offset(16 + m, 16)).collect();
+        assert_eq!(floor, [0, 0, 1, 1, 2, 2, 3, 3]);
+        assert_eq!(even, [0, 0, 1, 2, 2, 2, 3, 4]);
+    }
+
+    #[test]
     fn crop_pads_with_black_and_normalises_in_f32() {
         let img = image::RgbImage::from_pixel(3, 2, image::Rgb([255, 0, 51]));
         let p = ImageProcessor {

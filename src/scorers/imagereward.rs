@@ -781,9 +781,16 @@ fn check(spec: &str) -> Result<String> {
 }
 
 fn load(spec: &str, device: Device, kind: Kind) -> Result<Box<dyn Scorer>> {
-    let (dir, tokenizer) = parts(spec)?;
     float32_only(INFO.name, kind);
-    let model = ImageReward::load_dir(&dir, device)?;
+    load_scorer_with(spec, &LoadOptions { device, ..Default::default() })
+}
+
+/// The `imagereward` scorer of a checkpoint spec with explicit [`LoadOptions`]
+/// (the registry's `load` infers the ViT's heads, as for every published
+/// ImageReward: width / 64).
+pub fn load_scorer_with(spec: &str, opts: &LoadOptions) -> Result<Box<dyn Scorer>> {
+    let (dir, tokenizer) = parts(spec)?;
+    let model = ImageReward::load_with(&dir.join(CHECKPOINT_FILE), &dir.join(MED_CONFIG_FILE), opts)?;
     let tokenizer = ImageRewardTokenizer::load(&tokenizer)?;
     // ImageReward's `_transform(224)`: OpenAI's CLIP transform at the model's size.
     let processor = ImageProcessor::torchvision_clip(model.image_size() as u32);
