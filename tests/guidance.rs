@@ -2,6 +2,7 @@
 //! generator (`tests/fixtures/diffusion/sd-tiny`, 32x32 images) and the tiny
 //! multi-head RAHF model (`tests/fixtures/rahf`).
 mod common;
+use orchestrate::rahf::torch_pickle::load_state_dict;
 use common::max_abs_diff;
 use orchestrate::diffusion::pipeline::{
     to_rgb_bytes, ImageRequest, SamplingSettings, StableDiffusion,
@@ -13,7 +14,7 @@ use orchestrate::rahf::model::Rahf;
 use orchestrate::rahf::tokenizer::RahfTokenizer;
 use orchestrate::rahf::FeedbackModel;
 use orchestrate::scorers::Scorers;
-use orchestrate::weights::{read_safetensors, Weights};
+use orchestrate::weights::Weights;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -33,16 +34,10 @@ fn scorer() -> Scorers {
     let dir = fixtures().join("rahf");
     let mut cfg =
         RahfConfig::from_backbones(&dir.join("vit"), &dir.join("t5"), Variant::MultiHead).unwrap();
-    let weights = dir.join("multi_head.safetensors");
-    let shapes: HashMap<String, Vec<i64>> = read_safetensors(&weights)
-        .unwrap()
-        .into_iter()
-        .map(|(k, t)| (k, t.size()))
-        .collect();
+    let tensors = load_state_dict(&dir.join("multi_head.pt")).unwrap();
+    let shapes: HashMap<String, Vec<i64>> = tensors.iter().map(|(k, t)| (k.clone(), t.size())).collect();
     cfg.infer_heads(&shapes).unwrap();
-    let vb = Weights::load(&[weights], Device::Cpu, Kind::Float)
-        .unwrap()
-        .root();
+    let vb = Weights::from_tensors("multi_head.pt", tensors.into_iter().collect(), Device::Cpu, Kind::Float).root();
     let model = Rahf::load(&vb, &cfg).unwrap();
     let tokenizer = RahfTokenizer::load(&dir.join("t5/tokenizer.json"), &cfg).unwrap();
     Scorers::single("rahf", Box::new(FeedbackModel::new(model, tokenizer, Device::Cpu)))

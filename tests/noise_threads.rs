@@ -12,6 +12,7 @@
 //! results differed per run on a shared 2-core machine (wholly different
 //! noise: latents off by 1.5 to 110); with it, none.
 mod common;
+use orchestrate::rahf::torch_pickle::load_state_dict;
 use common::max_abs_diff;
 use image::{GrayImage, RgbImage};
 use orchestrate::diffusion::inpaint::InpaintSource;
@@ -50,11 +51,10 @@ fn load_pipe(name: &str) -> StableDiffusion {
 fn load_scorer() -> FeedbackModel {
     let dir = fixtures().join("rahf");
     let mut cfg = RahfConfig::from_backbones(&dir.join("vit"), &dir.join("t5"), Variant::MultiHead).unwrap();
-    let weights = dir.join("multi_head.safetensors");
-    let shapes: HashMap<String, Vec<i64>> =
-        read_safetensors(&weights).unwrap().into_iter().map(|(k, t)| (k, t.size())).collect();
+    let tensors = load_state_dict(&dir.join("multi_head.pt")).unwrap();
+    let shapes: HashMap<String, Vec<i64>> = tensors.iter().map(|(k, t)| (k.clone(), t.size())).collect();
     cfg.infer_heads(&shapes).unwrap();
-    let vb = Weights::load(&[weights], Device::Cpu, Kind::Float).unwrap().root();
+    let vb = Weights::from_tensors("multi_head.pt", tensors.into_iter().collect(), Device::Cpu, Kind::Float).root();
     let model = Rahf::load(&vb, &cfg).unwrap();
     let tokenizer = RahfTokenizer::load(&dir.join("t5/tokenizer.json"), &cfg).unwrap();
     FeedbackModel::new(model, tokenizer, Device::Cpu)

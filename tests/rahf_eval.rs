@@ -13,7 +13,7 @@ use orchestrate::rahf::{Feedback, FeedbackModel, Scores};
 use orchestrate::richhf::sample::prompt_words;
 use orchestrate::richhf::{Heatmap, Sample};
 use orchestrate::rng::Rng;
-use orchestrate::weights::{read_safetensors, Weights};
+use orchestrate::weights::Weights;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -318,15 +318,11 @@ fn fixture_dir() -> PathBuf {
 
 fn tiny_model(name: &str) -> FeedbackModel {
     let dir = fixture_dir();
-    let file = dir.join(format!("{name}.safetensors"));
+    let tensors = orchestrate::rahf::torch_pickle::load_state_dict(&dir.join(format!("{name}.pt"))).unwrap();
     let mut cfg = RahfConfig::from_backbones(&dir.join("vit"), &dir.join("t5"), name.parse().unwrap()).unwrap();
-    let shapes: HashMap<String, Vec<i64>> = read_safetensors(&file)
-        .unwrap()
-        .into_iter()
-        .map(|(k, t)| (k, t.size()))
-        .collect();
+    let shapes: HashMap<String, Vec<i64>> = tensors.iter().map(|(k, t)| (k.clone(), t.size())).collect();
     cfg.infer_heads(&shapes).unwrap();
-    let vb = Weights::load(&[file], Device::Cpu, Kind::Float).unwrap().root();
+    let vb = Weights::from_tensors(format!("{name}.pt"), tensors.into_iter().collect(), Device::Cpu, Kind::Float).root();
     let model = Rahf::load(&vb, &cfg).unwrap();
     let tok = RahfTokenizer::load(&dir.join("t5/tokenizer.json"), &model.config).unwrap();
     FeedbackModel::new(model, tok, Device::Cpu)

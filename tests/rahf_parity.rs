@@ -1,6 +1,7 @@
 //! RAHF parity with the PyTorch statement in tests/fixtures/rahf/make_fixtures.py
 //! (transformers 5.24 ViT/T5 + the heads), both variants.
 mod common;
+use orchestrate::rahf::torch_pickle::load_state_dict;
 
 use orchestrate::rahf::config::{RahfConfig, Variant};
 use orchestrate::rahf::heads::{HeatmapPredictor, ScorePredictor};
@@ -54,7 +55,7 @@ fn variant_of(name: &str) -> Variant {
 
 fn config(name: &str) -> RahfConfig {
     let mut cfg = RahfConfig::from_backbones(&dir().join("vit"), &dir().join("t5"), variant_of(name)).unwrap();
-    let shapes: HashMap<String, Vec<i64>> = read_safetensors(&dir().join(format!("{name}.safetensors")))
+    let shapes: HashMap<String, Vec<i64>> = load_state_dict(&dir().join(format!("{name}.pt")))
         .unwrap()
         .into_iter()
         .map(|(k, t)| (k, t.size()))
@@ -66,9 +67,8 @@ fn config(name: &str) -> RahfConfig {
 
 fn load(name: &str) -> (Rahf, Vb) {
     let cfg = config(name);
-    let vb = Weights::load(&[dir().join(format!("{name}.safetensors"))], Device::Cpu, Kind::Float)
-        .unwrap()
-        .root();
+    let tensors = load_state_dict(&dir().join(format!("{name}.pt"))).unwrap();
+    let vb = Weights::from_tensors(format!("{name}.pt"), tensors.into_iter().collect(), Device::Cpu, Kind::Float).root();
     let model = Rahf::load(&vb, &cfg).unwrap();
     (model, vb)
 }
@@ -402,7 +402,7 @@ fn save_load_is_bit_identical() {
     let r = reference();
     let name = "multi_head";
     let cfg = config(name);
-    let tensors = read_safetensors(&dir().join(format!("{name}.safetensors"))).unwrap();
+    let tensors = load_state_dict(&dir().join(format!("{name}.pt"))).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     write_safetensors(&tmp.path().join("model.safetensors"), &tensors).unwrap();
     cfg.save(tmp.path()).unwrap();
@@ -436,7 +436,7 @@ fn tied_embeddings_stored_once_load_the_same() {
     let r = reference();
     let name = "multi_head";
     let cfg = config(name);
-    let tensors: HashMap<String, Tensor> = read_safetensors(&dir().join(format!("{name}.safetensors")))
+    let tensors: HashMap<String, Tensor> = load_state_dict(&dir().join(format!("{name}.pt")))
         .unwrap()
         .into_iter()
         .filter(|(k, _)| {
@@ -487,7 +487,7 @@ fn long_prompt_is_truncated_keeping_eos() {
 #[test]
 fn wrong_shape_or_missing_key_is_named() {
     let cfg = config("augmented");
-    let orig: HashMap<String, Tensor> = read_safetensors(&dir().join("augmented.safetensors"))
+    let orig: HashMap<String, Tensor> = load_state_dict(&dir().join("augmented.pt"))
         .unwrap()
         .into_iter()
         .collect();
