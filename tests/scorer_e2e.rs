@@ -49,13 +49,7 @@ struct Case {
 
 fn case(name: &str, t: &HashMap<String, Tensor>, meta: &Value) -> Case {
     let prompts: Vec<String> = serde_json::from_value(meta[name]["prompts"].clone()).unwrap();
-    let images = (0..prompts.len())
-        .map(|i| {
-            let x = &t[&format!("{name}.image_{i}")];
-            let (h, w, _) = x.size3().unwrap();
-            image::RgbImage::from_raw(w as u32, h as u32, Vec::<u8>::try_from(&x.flatten(0, -1)).unwrap()).unwrap()
-        })
-        .collect();
+    let images = (0..prompts.len()).map(|i| common::rgb_from_hwc(&t[&format!("{name}.image_{i}")])).collect();
     Case { images, prompts }
 }
 

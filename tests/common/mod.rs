@@ -125,14 +125,14 @@ pub fn rahf_reference_pil() -> PilReference {
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference_pil.json")).unwrap()).unwrap();
     let prompts: Vec<String> =
         meta["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
-    let images = (0..prompts.len())
-        .map(|i| {
-            let t = &tensors[&format!("image_{i}")];
-            let (h, w, _) = t.size3().unwrap();
-            image::RgbImage::from_raw(w as u32, h as u32, Vec::<u8>::try_from(&t.flatten(0, -1)).unwrap()).unwrap()
-        })
-        .collect();
+    let images = (0..prompts.len()).map(|i| rgb_from_hwc(&tensors[&format!("image_{i}")])).collect();
     PilReference { tensors, meta, images, prompts }
+}
+
+/// An RGB image from an H x W x 3 `u8` tensor (how the fixture scripts store images).
+pub fn rgb_from_hwc(t: &tch::Tensor) -> image::RgbImage {
+    let (h, w, _) = t.size3().unwrap();
+    image::RgbImage::from_raw(w as u32, h as u32, Vec::<u8>::try_from(&t.flatten(0, -1)).unwrap()).unwrap()
 }
 
 /// `predict` of all the reference's items at once (Pillow-exact preprocessing)
