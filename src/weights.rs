@@ -115,8 +115,16 @@ pub fn read_safetensors_header(path: &Path) -> Result<Vec<(String, Kind, Vec<i64
 
 /// A stand-in of `shape` that holds one element (a broadcast zero): enough
 /// for every shape check a model load makes, without the data (`--dry-run`).
-pub fn shape_only(kind: Kind, shape: &[i64]) -> Tensor {
+/// A floating-point tensor is made in `target`, the dtype
+/// [`Weights::from_tensors`] will give it: casting a stand-in would
+/// allocate the whole tensor.
+pub fn shape_only(kind: Kind, target: Kind, shape: &[i64]) -> Tensor {
+    let kind = if is_float(kind) { target } else { kind };
     Tensor::zeros([], (kind, Device::Cpu)).expand(shape, false)
+}
+
+fn is_float(kind: Kind) -> bool {
+    matches!(kind, Kind::Half | Kind::Float | Kind::Double | Kind::BFloat16)
 }
 
 /// Writes tensors as safetensors (contiguous CPU copies), atomically.
@@ -154,7 +162,7 @@ impl Weights {
         let mut tensors = HashMap::new();
         for path in paths {
             for (name, k, shape) in read_safetensors_header(path)? {
-                tensors.insert(name, shape_only(k, &shape));
+                tensors.insert(name, shape_only(k, kind, &shape));
             }
         }
         let source = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
@@ -394,5 +402,27 @@ impl ConfigCheck<'_> {
             Some(_) => Ok(()),
             None => Err(self.err(field, value, format!("the weights have no `{}` tensor", p.prefix))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--dry-run` builds models from stand-ins: an fp16 file checked in
+    /// fp32 must not allocate its tensors.
+    #[test]
+    fn shape_stand_ins_hold_one_element_whatever_the_dtype() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let t = Tensor::ones([64, 32], (Kind::Half, Device::Cpu));
+        let ids = Tensor::arange(7, (Kind::Int64, Device::Cpu));
+        write_safetensors(&path, &[("w".into(), t), ("ids".into(), ids)]).unwrap();
+        let w = Weights::load_shapes(&[path], Device::Cpu, Kind::Float).unwrap();
+        let vb = w.root();
+        let t = vb.get("w", &[64, 32]).unwrap();
+        assert_eq!((t.kind(), t.stride()), (Kind::Float, vec![0, 0]));
+        let ids = vb.get("ids", &[7]).unwrap();
+        assert_eq!((ids.kind(), ids.stride()), (Kind::Int64, vec![0]));
     }
 }

@@ -147,6 +147,7 @@ fn refused(file: &Path, config: &Path) -> String {
     let load = StableDiffusion::load_source(&s, Device::Cpu, Kind::Float).err().map(|e| e.to_string());
     let (Some(dry), Some(load)) = (dry, load) else { panic!("{} was accepted", file.display()) };
     assert_eq!(dry, load, "the dry run and the load refuse differently");
+    eprintln!("refused: {load}");
     load
 }
 

@@ -93,8 +93,8 @@ impl ModelType {
     fn pipeline(self) -> &'static str {
         match self {
             ModelType::V1 | ModelType::V2 | ModelType::Inpainting | ModelType::InpaintingV2 => "SD 1.x/2.x",
-            ModelType::XlBase | ModelType::XlInpaint => "SDXL base (two text encoders)",
-            ModelType::XlRefiner => "SDXL refiner (text_encoder_2 only)",
+            ModelType::XlBase | ModelType::XlInpaint => "SDXL base, two text encoders",
+            ModelType::XlRefiner => "SDXL refiner, text_encoder_2 only",
         }
     }
 }
@@ -840,17 +840,18 @@ impl Plan {
             tracing::debug!("{path}: dropped, as diffusers does, {}: {why}", few(keys));
         }
         if vae_from_file && !parts.contains_key(&Part::Vae) {
-            return Err(Error::Missing {
-                path: file.path.clone(),
-                what: format!("the VAE (no `{VAE_PREFIX}*` tensors; give one with --vae DIR, recipes: models.vae)"),
-            });
+            return Err(Error::Invalid(format!(
+                "{path}: holds no VAE (no `{VAE_PREFIX}*` tensors): give one with --vae DIR (recipes: models.vae)"
+            )));
         }
         for (i, t) in text.iter().enumerate() {
             if !parts.contains_key(&Part::Text(i)) {
-                return Err(Error::Missing {
-                    path: file.path.clone(),
-                    what: format!("{} (no `{}*` tensors)", c.text_encoders[i].component, t.prefix),
-                });
+                return Err(Error::Invalid(format!(
+                    "{path}: holds no {} for this {} pipeline (no `{}*` tensors)",
+                    c.text_encoders[i].component,
+                    file.model_type.pipeline(),
+                    t.prefix
+                )));
             }
         }
         // Two file names for one model tensor (e.g. a CLIP stored with and
@@ -909,12 +910,12 @@ fn check_family(file: &SingleFile, c: &PipelineConfigs) -> Result<()> {
     let t = file.model_type;
     let config_family = match c.family {
         Family::Sd => "SD 1.x/2.x",
-        Family::Xl(_) if c.text_encoders.len() == 1 => "SDXL refiner (text_encoder_2 only)",
-        Family::Xl(_) => "SDXL base (two text encoders)",
+        Family::Xl(_) if c.text_encoders.len() == 1 => "SDXL refiner, text_encoder_2 only",
+        Family::Xl(_) => "SDXL base, two text encoders",
     };
     if t.pipeline() != config_family {
         return Err(Error::Invalid(format!(
-            "{}: a `{}` checkpoint (an {} pipeline), but the configs of {} are an {config_family} pipeline: pass --config naming a pipeline of its type (diffusers' default for `{}`: {})",
+            "{}: a checkpoint of type `{}` ({}), but the configs of {} describe an {config_family} pipeline: pass --config naming a pipeline of its type (diffusers' default for `{}`: {})",
             file.path.display(),
             t.name(),
             t.pipeline(),
@@ -1022,15 +1023,20 @@ fn apply(t: Tensor, op: Op, read: Read) -> Tensor {
 }
 
 /// The tensors of `file` that `plan` uses, read (or stood in for by their
-/// shapes), by file name.
-fn read_tensors(file: &SingleFile, wanted: impl Fn(&str) -> bool, read: Read) -> Result<HashMap<String, Tensor>> {
+/// shapes, floating-point ones in `kind`), by file name.
+fn read_tensors(
+    file: &SingleFile,
+    wanted: impl Fn(&str) -> bool,
+    read: Read,
+    kind: Kind,
+) -> Result<HashMap<String, Tensor>> {
     match read {
         Read::Tensors => Ok(read_safetensors_where(&file.path, wanted)?.into_iter().collect()),
         Read::ShapesOnly => Ok(file
             .tensors
             .iter()
             .filter(|(k, _)| wanted(k))
-            .map(|(k, t)| (k.clone(), shape_only(t.kind, &t.shape)))
+            .map(|(k, t)| (k.clone(), shape_only(t.kind, kind, &t.shape)))
             .collect()),
     }
 }
@@ -1072,7 +1078,10 @@ pub fn convert(
     let plan = Plan::new(file, c, vae_from_file)?;
     let wanted: std::collections::HashSet<&str> =
         plan.parts.values().flatten().map(|e| e.file_key.as_str()).collect();
-    let tensors = read_tensors(file, |k| wanted.contains(k), read)?;
+    if read == Read::ShapesOnly && kind != vae_kind {
+        return Err(Error::Invalid("a shapes-only check is made in one dtype".into()));
+    }
+    let tensors = read_tensors(file, |k| wanted.contains(k), read, kind)?;
     let unet = part_weights(file, &plan, Part::Unet, &tensors, device, kind, read);
     let vae = vae_from_file.then(|| part_weights(file, &plan, Part::Vae, &tensors, device, vae_kind, read));
     let text_encoders = (0..plan.text.len())
