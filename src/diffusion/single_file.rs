@@ -1174,6 +1174,64 @@ mod tests {
         assert!(l.forward("encoder.down.0.block.0.foo.weight").is_none());
     }
 
+    /// Every UNet, VAE and text-tower name of the fixtures converts to a
+    /// diffusers name whose reverse (what errors show for a missing tensor)
+    /// is the name again.
+    #[test]
+    fn fixture_names_round_trip() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut checked = 0;
+        for name in ["sd-tiny", "sd-tiny-unseen", "sd-tiny-inpaint", "sdxl-tiny", "sdxl-tiny-refiner", "sdxl-tiny-inpaint"] {
+            let recipe = root.join(format!("tests/fixtures/single_file/{name}.json"));
+            let recipe: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(recipe).unwrap()).unwrap();
+            let folder = root.join(recipe["folder"].as_str().unwrap());
+            let unet = UnetLayout::new(&UNetConfig::load(&folder.join("unet/config.json")).unwrap());
+            let vae = VaeLayout {
+                up_blocks: VaeConfig::load(&folder.join("vae/config.json")).unwrap().up_block_types.len(),
+            };
+            let text = |prefix: &'static str, projection: bool| TextSource {
+                prefix,
+                layout: if prefix.ends_with("transformer.") { TextLayout::Clip } else { TextLayout::OpenClip { projection } },
+                hidden: 0,
+                layers: usize::MAX,
+            };
+            let texts = [
+                text(SD1_CLIP, false),
+                text(SD2_OPEN_CLIP, false),
+                text(XL_CLIP, true),
+                text(XL_OPEN_CLIP, true),
+                text(REFINER_OPEN_CLIP, true),
+            ];
+            for entry in recipe["tensors"].as_array().unwrap() {
+                let key = entry[0].as_str().unwrap();
+                let back = if let Some(rest) = key.strip_prefix(UNET_PREFIX) {
+                    let d = unet.forward(rest).unwrap_or_else(|| panic!("{name}: {key}"));
+                    unet.reverse(&d).map(|r| format!("{UNET_PREFIX}{r}"))
+                } else if let Some(rest) = key.strip_prefix(VAE_PREFIX) {
+                    let (d, _) = vae.forward(rest).unwrap_or_else(|| panic!("{name}: {key}"));
+                    vae.reverse(&d).map(|r| format!("{VAE_PREFIX}{r}"))
+                } else if let Some(t) = texts.iter().find(|t| key.starts_with(t.prefix)) {
+                    match t.forward(&key[t.prefix.len()..]) {
+                        Conversion::To(names) => {
+                            for (d, _) in &names {
+                                assert_eq!(t.reverse(d).as_deref(), Some(key), "{name}: {key} -> {d}");
+                            }
+                            Some(key.to_string())
+                        }
+                        Conversion::Ignored(_) => Some(key.to_string()),
+                        Conversion::Unknown => panic!("{name}: {key}"),
+                    }
+                } else {
+                    assert!(ignored_top_level(key).is_some(), "{name}: {key}");
+                    Some(key.to_string())
+                };
+                assert_eq!(back.as_deref(), Some(key), "{name}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 2500, "{checked}");
+    }
+
     #[test]
     fn inference_refuses_what_it_does_not_run() {
         let p = Path::new("x.safetensors");
