@@ -9,7 +9,10 @@ use tch::Tensor;
 
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
+    /// A pipeline folder, cached repo id or single-file checkpoint.
     pub model: String,
+    /// The config source of a single-file `model` (`--config`).
+    pub config: Option<String>,
     pub prompts: Vec<String>,
     pub negative_prompt: String,
     pub seed: u64,
@@ -23,6 +26,8 @@ pub struct GenerateOptions {
     pub vae: Option<String>,
     /// An SDXL refiner taking over at `refiner_start` (`--refiner`).
     pub refiner: Option<String>,
+    /// The config source of a single-file refiner (`--refiner-config`).
+    pub refiner_config: Option<String>,
     pub refiner_start: f64,
     /// img2img: start from this image (at the sampling size), noised to `strength`.
     pub init_image: Option<PathBuf>,
@@ -39,6 +44,8 @@ pub struct ImageRecord {
     pub image_index: usize,
     pub seed: u64,
     pub model: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
     pub scheduler: String,
     pub steps: usize,
     pub guidance_scale: f64,
@@ -51,6 +58,8 @@ pub struct ImageRecord {
     pub vae: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refiner: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refiner_config: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refiner_start: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -93,8 +102,10 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
         None => None,
     };
     let options = crate::diffusion::generator::GeneratorOptions {
+        config: opts.config.clone(),
         vae: opts.vae.clone(),
         refiner: opts.refiner.clone().map(|r| (r, opts.refiner_start)),
+        refiner_config: opts.refiner_config.clone(),
     };
     let pipe = crate::diffusion::generator::load(&opts.model, &options, device, kind)?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
@@ -135,6 +146,7 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
                 image_index: *ii,
                 seed: req.seed,
                 model: opts.model.clone(),
+                config: opts.config.clone(),
                 scheduler: opts.settings.scheduler.to_string(),
                 steps: opts.settings.steps,
                 guidance_scale: opts.settings.guidance_scale,
@@ -145,6 +157,7 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
                 device: format!("{device:?}"),
                 vae: opts.vae.clone(),
                 refiner: opts.refiner.clone(),
+                refiner_config: opts.refiner.as_ref().and(opts.refiner_config.clone()),
                 refiner_start: opts.refiner.as_ref().map(|_| opts.refiner_start),
                 init_image: opts.init_image.as_ref().map(|p| p.display().to_string()),
                 strength: opts.init_image.as_ref().map(|_| opts.strength),

@@ -88,10 +88,9 @@ use crate::diffusion::core::{self, BatchNoise, Conditioning, NoiseSpec, Recurren
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
 use crate::diffusion::schedulers::config::PredictionType;
 use crate::diffusion::schedulers::{self, Scheduler, SchedulerKind};
-use crate::diffusion::vae::{AutoencoderKL, VaeConfig};
+use crate::diffusion::vae::AutoencoderKL;
 use crate::error::{Error, Result};
 use crate::scorers::{ScoreSpec, Scorers};
-use crate::weights::Weights;
 use tch::{Device, Kind, Tensor};
 
 /// RAHF's four scores by name (each is a score spec: `ScoreKind::Aesthetics.into()`).
@@ -229,10 +228,7 @@ impl<'a> Guider<'a> {
         let vae32 = if pipe.vae.kind() == Kind::Float {
             None
         } else {
-            let weights =
-                Weights::load(&crate::diffusion::model_dir::weights_in(&pipe.vae_dir)?, pipe.device, Kind::Float)?;
-            let config = VaeConfig::load(&pipe.vae_dir.join("config.json"))?;
-            Some(AutoencoderKL::load(weights.root(), config)?)
+            Some(pipe.load_vae(Kind::Float)?)
         };
         Ok(Guider {
             pipe,

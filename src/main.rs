@@ -1,6 +1,7 @@
 //! The `orchestrate` command line: parse, set up logging, call the library.
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use orchestrate::diffusion::model_dir::PipelineSource;
 
 mod train_cli;
 
@@ -67,9 +68,14 @@ fn run(cli: Cli) -> Result<()> {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// A diffusers pipeline folder, or an HF repo id (ORG/NAME[@REV]) found offline in the HF cache.
+    /// A diffusers pipeline folder, an HF repo id (ORG/NAME[@REV]) found offline in the HF cache,
+    /// or a single-file checkpoint (.safetensors in the original Stable Diffusion layout).
     #[arg(long)]
     model: String,
+    /// For a single-file --model: the diffusers folder or repo id whose configs, tokenizers and
+    /// scheduler are used (default: diffusers' default repo for the file's inferred type).
+    #[arg(long)]
+    config: Option<String>,
     /// The prompt; repeat the flag for several prompts.
     #[arg(long, required = true)]
     prompt: Vec<String>,
@@ -111,6 +117,9 @@ struct GenerateArgs {
     /// An SDXL refiner pipeline that finishes each image.
     #[arg(long)]
     refiner: Option<String>,
+    /// For a single-file --refiner: its config source (as --config).
+    #[arg(long)]
+    refiner_config: Option<String>,
     /// The fraction of the schedule the base runs before the refiner takes over.
     #[arg(long, default_value_t = 0.8)]
     refiner_start: f64,
@@ -125,18 +134,18 @@ struct GenerateArgs {
 /// The scheduler class a generator folder ships, when it is one implemented
 /// here (`None` for SD 1.5's PNDM, or when the folder cannot be read: the
 /// later checks name that error).
-fn folder_scheduler(model: &str) -> Option<String> {
-    orchestrate::jobs::common::check_generator(model).ok()?.default_scheduler.map(|k| k.name().to_string())
+fn folder_scheduler(source: &PipelineSource) -> Option<String> {
+    orchestrate::jobs::common::check_generator_source(source).ok()?.default_scheduler.map(|k| k.name().to_string())
 }
 
 /// `--height`/`--width` given, or the generator's native size for each left
 /// out (512 when the folder gives none or cannot be read: loading it later
 /// names that error).
-fn size_or_native(model: &str, height: Option<i64>, width: Option<i64>) -> (i64, i64) {
+fn size_or_native(source: &PipelineSource, height: Option<i64>, width: Option<i64>) -> (i64, i64) {
     let d = orchestrate::jobs::SamplingOptions::default();
     match (height, width) {
         (Some(h), Some(w)) => (h, w),
-        _ => match orchestrate::recipe::native_size(model) {
+        _ => match orchestrate::recipe::native_size(source) {
             Ok((h, w)) => (height.unwrap_or(h), width.unwrap_or(w)),
             Err(_) => (height.unwrap_or(d.height), width.unwrap_or(d.width)),
         },
@@ -145,11 +154,13 @@ fn size_or_native(model: &str, height: Option<i64>, width: Option<i64>) -> (i64,
 
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let name = a.scheduler.clone().or_else(|| folder_scheduler(&a.model)).unwrap_or_else(|| "ddim".into());
+    let source = PipelineSource { model: a.model.clone(), config: a.config.clone(), vae: None };
+    let name = a.scheduler.clone().or_else(|| folder_scheduler(&source)).unwrap_or_else(|| "ddim".into());
     let scheduler = name.parse().map_err(|e| anyhow::anyhow!("--scheduler {name}: {e}"))?;
-    let (height, width) = size_or_native(&a.model, a.height, a.width);
+    let (height, width) = size_or_native(&source, a.height, a.width);
     let opts = orchestrate::generate::GenerateOptions {
         model: a.model,
+        config: a.config,
         prompts: a.prompt,
         negative_prompt: a.negative_prompt,
         seed: a.seed,
@@ -168,6 +179,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         dtype: a.dtype,
         vae: a.vae,
         refiner: a.refiner,
+        refiner_config: a.refiner_config,
         refiner_start: a.refiner_start,
         init_image: a.init_image,
         strength: a.strength,
@@ -568,9 +580,13 @@ fn run_recipe(a: RunArgs) -> Result<()> {
 /// Models, sampling and output flags every job shares.
 #[derive(clap::Args)]
 struct JobArgs {
-    /// The generator: a diffusers folder or cached HF repo id.
+    /// The generator: a diffusers folder, cached HF repo id, or single-file checkpoint (.safetensors).
     #[arg(long)]
     model: String,
+    /// For a single-file --model: the diffusers folder or repo id whose configs, tokenizers and
+    /// scheduler are used (default: diffusers' default repo for the file's inferred type).
+    #[arg(long)]
+    config: Option<String>,
     /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json): the scorer `rahf`.
     #[arg(long)]
     rahf: Option<std::path::PathBuf>,
@@ -586,6 +602,9 @@ struct JobArgs {
     /// An SDXL refiner that finishes text-to-image samples (filter).
     #[arg(long)]
     refiner: Option<String>,
+    /// For a single-file --refiner: its config source (as --config).
+    #[arg(long)]
+    refiner_config: Option<String>,
     /// The fraction of the schedule the base runs before the refiner takes over.
     #[arg(long, default_value_t = 0.8)]
     refiner_start: f64,
@@ -633,16 +652,20 @@ impl JobArgs {
     fn into_options(self) -> Result<(orchestrate::jobs::CommonOptions, orchestrate::jobs::RunContext)> {
         use orchestrate::jobs::{CommonOptions, ModelOptions, RunContext, SamplingOptions, Shard};
         let d = SamplingOptions::default();
+        let source = PipelineSource { model: self.model.clone(), config: self.config.clone(), vae: None };
         // Each size left out is the generator's native one, as in recipes.
-        let (height, width) = size_or_native(&self.model, self.height, self.width);
+        let (height, width) = size_or_native(&source, self.height, self.width);
         // No --scheduler: the generator folder's own, when implemented here.
-        let scheduler = self.scheduler.unwrap_or_else(|| folder_scheduler(&self.model).unwrap_or(d.scheduler));
+        let scheduler = self.scheduler.unwrap_or_else(|| folder_scheduler(&source).unwrap_or(d.scheduler));
         let common = CommonOptions {
             models: ModelOptions {
                 generator: self.model,
+                config: self.config,
                 inpaint_generator: None,
+                inpaint_config: None,
                 vae: self.vae,
                 refiner: self.refiner,
+                refiner_config: self.refiner_config,
                 refiner_start: self.refiner_start,
                 rahf: self.rahf,
                 scorers: parse_scorer_models(&self.scorer_models)?,

@@ -38,7 +38,8 @@
 //! recipe keeps a map from field path to location, built from a second,
 //! located parse of the same text, to point those errors at the YAML too.
 use crate::error::{Error, Result};
-use crate::jobs::common::{check_generator, check_rahf};
+use crate::diffusion::model_dir::PipelineSource;
+use crate::jobs::common::{check_generator_source, check_rahf};
 use crate::jobs::filter::{self, FilterOptions};
 use crate::jobs::guide::{self, GuideOptions};
 use crate::jobs::inpaint::{self, InpaintOptions};
@@ -359,9 +360,14 @@ impl Recipe {
         let mut common = CommonOptions { models: raw.models, sampling: raw.sampling };
         common.models.generator = resolve_model_spec(&dir, &common.models.generator);
         common.models.inpaint_generator = common.models.inpaint_generator.map(|g| resolve_model_spec(&dir, &g));
+        let m = &mut common.models;
+        for spec in [&mut m.config, &mut m.inpaint_config, &mut m.refiner, &mut m.refiner_config, &mut m.vae] {
+            *spec = spec.take().map(|s| resolve_model_spec(&dir, &s));
+        }
         common.models.rahf = common.models.rahf.map(|r| resolve(&dir, &r));
         for spec in common.models.scorers.values_mut() {
-            *spec = resolve_model_spec(&dir, spec);
+            // A scorer checkpoint may name several files: `MLP.pth,CLIP_DIR`.
+            *spec = spec.split(',').map(|part| resolve_model_spec(&dir, part)).collect::<Vec<_>>().join(",");
         }
         // A job without its own `verify:` takes the shared one.
         let shared_verify = |job: &str, own: &mut Vec<String>| {
@@ -498,7 +504,8 @@ impl Recipe {
     /// recipe gives no `height`/`width` (needs the generator's configs).
     pub fn resolve_size(&mut self) -> Result<()> {
         if self.scheduler_from_model {
-            let info = self.at_field("models.generator", check_generator(&self.common.models.generator))?;
+            let source = self.common.models.source(&self.common.models.generator);
+            let info = self.at_field("models.generator", check_generator_source(&source))?;
             if let Some(kind) = info.default_scheduler {
                 self.common.sampling.scheduler = kind.name().to_string();
             }
@@ -507,7 +514,8 @@ impl Recipe {
         if !self.height_from_model && !self.width_from_model {
             return Ok(());
         }
-        let (h, w) = self.at_field("models.generator", native_size(&self.common.models.generator))?;
+        let source = self.common.models.source(&self.common.models.generator);
+        let (h, w) = self.at_field("models.generator", native_size(&source))?;
         if self.height_from_model {
             self.common.sampling.height = h;
         }
@@ -527,11 +535,11 @@ impl Recipe {
         self.validate()?;
         let mut lines = Vec::new();
         let m = self.common.models.clone();
-        let gen = self.at_field("models.generator", check_generator(&m.generator))?;
+        let gen = self.at_field("models.generator", check_generator_source(&m.source(&m.generator)))?;
         lines.push(format!("generator  {}", gen.describe(&m.generator)));
         if self.inpaint.is_some() {
             if let Some(spec) = &m.inpaint_generator {
-                let ig = self.at_field("models.inpaint_generator", check_generator(spec))?;
+                let ig = self.at_field("models.inpaint_generator", check_generator_source(&m.source(spec)))?;
                 lines.push(format!("inpaint    {}", ig.describe(spec)));
             }
         }
@@ -803,7 +811,8 @@ fn resolve_model_spec(dir: &Path, spec: &str) -> String {
         return spec.to_string();
     }
     let local = clean(&dir.join(p));
-    let repo_like = spec.matches('/').count() == 1 && !spec.starts_with('.') && !local.exists();
+    let file_like = crate::diffusion::single_file::has_checkpoint_extension(p);
+    let repo_like = spec.matches('/').count() == 1 && !spec.starts_with('.') && !local.exists() && !file_like;
     if repo_like {
         spec.to_string()
     } else {
@@ -870,8 +879,8 @@ fn strip_field(text: &str, field: &str) -> String {
 
 /// The generator's native image size: UNet `sample_size` times the VAE's
 /// downsampling factor, diffusers' default for `height`/`width`.
-pub fn native_size(spec: &str) -> Result<(i64, i64)> {
-    let info = check_generator(spec)?;
+pub fn native_size(source: &PipelineSource) -> Result<(i64, i64)> {
+    let info = check_generator_source(source)?;
     info.native_size.ok_or_else(|| {
         Error::Invalid(format!(
             "{}: the UNet config has no sample_size, so there is no default image size: set sampling.height and sampling.width",

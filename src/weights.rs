@@ -17,7 +17,14 @@ pub struct Weights {
     used: Mutex<BTreeSet<String>>,
     device: Device,
     kind: Kind,
+    /// For tensors renamed on load (a single-file checkpoint converted to
+    /// diffusers names): the name a tensor has, or would have, in the file,
+    /// which is what errors show.
+    origin: Option<Origin>,
 }
+
+/// Maps a tensor name the model asks for to its name in the file.
+pub type Origin = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 fn safetensors_kind(dtype: safetensors::Dtype) -> Option<Kind> {
     use safetensors::Dtype as D;
@@ -38,6 +45,11 @@ fn safetensors_kind(dtype: safetensors::Dtype) -> Option<Kind> {
 
 /// Reads every tensor of a safetensors file onto the CPU, keeping its dtype.
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    read_safetensors_where(path, |_| true)
+}
+
+/// Maps a safetensors file read-only.
+fn map_safetensors(path: &Path) -> Result<memmap2::Mmap> {
     let file = std::fs::File::open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::Missing { path: path.to_path_buf(), what: "weights file".into() }
@@ -47,21 +59,72 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     })?;
     // SAFETY: the mapping is read-only and dropped before we return; a file
     // truncated underneath us would be a user error we cannot guard against.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&mmap)
-        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+/// Each tensor of a parsed file with its libtorch dtype, or the error naming
+/// the tensor whose dtype libtorch cannot hold.
+fn tensor_kinds<'a>(
+    path: &Path,
+    st: &'a safetensors::SafeTensors<'a>,
+) -> Result<Vec<(String, Kind, safetensors::tensor::TensorView<'a>)>> {
     let mut out = Vec::with_capacity(st.len());
     for (name, view) in st.tensors() {
         let kind = safetensors_kind(view.dtype()).ok_or_else(|| Error::Safetensors {
             path: path.to_path_buf(),
             reason: format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()),
         })?;
+        out.push((name, kind, view));
+    }
+    Ok(out)
+}
+
+/// Reads the tensors of a safetensors file whose names `keep` accepts onto
+/// the CPU, keeping their dtypes; the others are never read.
+pub fn read_safetensors_where(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<(String, Tensor)>> {
+    let mmap = map_safetensors(path)?;
+    let st = safetensors::SafeTensors::deserialize(&mmap)
+        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+    let mut out = Vec::new();
+    for (name, kind, view) in tensor_kinds(path, &st)? {
+        if !keep(&name) {
+            continue;
+        }
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)
             .map_err(|e| Error::torch(format!("{}: tensor `{name}`", path.display()), e))?;
         out.push((name, t));
     }
     Ok(out)
+}
+
+/// The names, dtypes and shapes of a safetensors file's tensors, from its
+/// header alone (no tensor data is read).
+pub fn read_safetensors_header(path: &Path) -> Result<Vec<(String, Kind, Vec<i64>)>> {
+    let mmap = map_safetensors(path)?;
+    let st = safetensors::SafeTensors::deserialize(&mmap)
+        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+    Ok(tensor_kinds(path, &st)?
+        .into_iter()
+        .map(|(name, kind, view)| {
+            let shape = view.shape().iter().map(|&d| d as i64).collect();
+            (name, kind, shape)
+        })
+        .collect())
+}
+
+/// A stand-in of `shape` that holds one element (a broadcast zero): enough
+/// for every shape check a model load makes, without the data (`--dry-run`).
+/// A floating-point tensor is made in `target`, the dtype
+/// [`Weights::from_tensors`] will give it: casting a stand-in would
+/// allocate the whole tensor.
+pub fn shape_only(kind: Kind, target: Kind, shape: &[i64]) -> Tensor {
+    let kind = if is_float(kind) { target } else { kind };
+    Tensor::zeros([], (kind, Device::Cpu)).expand(shape, false)
+}
+
+fn is_float(kind: Kind) -> bool {
+    matches!(kind, Kind::Half | Kind::Float | Kind::Double | Kind::BFloat16)
 }
 
 /// Writes tensors as safetensors (contiguous CPU copies), atomically.
@@ -92,6 +155,20 @@ impl Weights {
         Ok(Self::from_tensors(source, tensors, device, kind))
     }
 
+    /// [`Self::load`] with stand-ins of each tensor's shape, read from the
+    /// files' headers ([`shape_only`]): for checks that build a model
+    /// without its data.
+    pub fn load_shapes(paths: &[PathBuf], device: Device, kind: Kind) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for path in paths {
+            for (name, k, shape) in read_safetensors_header(path)? {
+                tensors.insert(name, shape_only(k, kind, &shape));
+            }
+        }
+        let source = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        Ok(Self::from_tensors(source, tensors, device, kind))
+    }
+
     pub fn from_tensors(source: impl Into<String>, tensors: HashMap<String, Tensor>, device: Device, kind: Kind) -> Self {
         let tensors = tensors
             .into_iter()
@@ -100,7 +177,19 @@ impl Weights {
                 (n, t.to_device(device))
             })
             .collect();
-        Weights { source: source.into(), tensors, used: Mutex::new(BTreeSet::new()), device, kind }
+        Weights { source: source.into(), tensors, used: Mutex::new(BTreeSet::new()), device, kind, origin: None }
+    }
+
+    /// Errors name tensors as `origin` maps them (their names in the file
+    /// they were converted from).
+    pub fn with_origin(mut self, origin: Origin) -> Self {
+        self.origin = Some(origin);
+        self
+    }
+
+    /// A tensor's name as errors show it: its name in the file.
+    pub fn display_name(&self, name: &str) -> String {
+        self.origin.as_ref().and_then(|o| o(name)).unwrap_or_else(|| name.to_string())
     }
 
     pub fn source(&self) -> &str {
@@ -158,13 +247,18 @@ impl Vb {
         self.weights.tensors.contains_key(&self.path(name))
     }
 
+    /// `prefix.name` as errors show it (its name in the file it came from).
+    pub fn display(&self, name: &str) -> String {
+        self.weights.display_name(&self.path(name))
+    }
+
     /// The tensor `prefix.name`, checked against the expected shape.
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
         let t = self.get_any(name)?;
         if t.size() != shape {
             return Err(Error::TensorShape {
                 file: self.weights.source.clone(),
-                name: self.path(name),
+                name: self.display(name),
                 expected: shape.to_vec(),
                 found: t.size(),
             });
@@ -180,7 +274,7 @@ impl Vb {
                 self.weights.used.lock().unwrap().insert(full);
                 Ok(t.shallow_clone())
             }
-            None => Err(Error::TensorMissing { file: self.weights.source.clone(), name: full }),
+            None => Err(Error::TensorMissing { file: self.weights.source.clone(), name: self.weights.display_name(&full) }),
         }
     }
 
@@ -253,7 +347,7 @@ impl ConfigCheck<'_> {
             Some(shape) if shape.get(dim) != Some(&want) => Err(self.err(
                 field,
                 want,
-                format!("the weights' `{}` has shape {shape:?}", self.vb.path(name)),
+                format!("the weights' `{}` has shape {shape:?}", self.vb.display(name)),
             )),
             _ => Ok(()),
         }
@@ -265,7 +359,7 @@ impl ConfigCheck<'_> {
             Some(shape) if shape.len() != rank => Err(self.err(
                 field,
                 value,
-                format!("the weights' `{}` has shape {shape:?}", self.vb.path(name)),
+                format!("the weights' `{}` has shape {shape:?}", self.vb.display(name)),
             )),
             _ => Ok(()),
         }
@@ -278,6 +372,7 @@ impl ConfigCheck<'_> {
         let l = self.vb.pp(list);
         let found = l.indices();
         if let Some((i, name)) = found.range(want.max(0)..).next() {
+            let name = self.vb.weights().display_name(name);
             return Err(self.err(field, want, format!("the weights have entry {i} of `{}` (`{name}`)", l.prefix)));
         }
         if let Some(i) = (0..want).find(|i| !found.contains_key(i)) {
@@ -293,7 +388,9 @@ impl ConfigCheck<'_> {
     /// Nothing may be stored under `prefix` when `field` says the part is absent.
     pub fn absent(&self, prefix: &str, field: &str, value: impl std::fmt::Display) -> Result<()> {
         match self.vb.pp(prefix).first_under() {
-            Some(name) => Err(self.err(field, value, format!("the weights have `{name}`"))),
+            Some(name) => {
+                Err(self.err(field, value, format!("the weights have `{}`", self.vb.weights().display_name(&name))))
+            }
             None => Ok(()),
         }
     }
@@ -305,5 +402,27 @@ impl ConfigCheck<'_> {
             Some(_) => Ok(()),
             None => Err(self.err(field, value, format!("the weights have no `{}` tensor", p.prefix))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--dry-run` builds models from stand-ins: an fp16 file checked in
+    /// fp32 must not allocate its tensors.
+    #[test]
+    fn shape_stand_ins_hold_one_element_whatever_the_dtype() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let t = Tensor::ones([64, 32], (Kind::Half, Device::Cpu));
+        let ids = Tensor::arange(7, (Kind::Int64, Device::Cpu));
+        write_safetensors(&path, &[("w".into(), t), ("ids".into(), ids)]).unwrap();
+        let w = Weights::load_shapes(&[path], Device::Cpu, Kind::Float).unwrap();
+        let vb = w.root();
+        let t = vb.get("w", &[64, 32]).unwrap();
+        assert_eq!((t.kind(), t.stride()), (Kind::Float, vec![0, 0]));
+        let ids = vb.get("ids", &[7]).unwrap();
+        assert_eq!((ids.kind(), ids.stride()), (Kind::Int64, vec![0]));
     }
 }

@@ -83,9 +83,12 @@ fn common(generator_name: &str, steps: usize, batch_size: usize) -> CommonOption
     CommonOptions {
         models: ModelOptions {
             generator: generator(generator_name),
+            config: None,
             inpaint_generator: None,
+            inpaint_config: None,
             vae: None,
             refiner: None,
+            refiner_config: None,
             refiner_start: 0.8,
             rahf: Some(rahf_dir().to_path_buf()),
             scorers: Default::default(),

@@ -6,6 +6,7 @@
 //!
 //! Implemented by the UNet family ([`StableDiffusion`]: SD 1.x/2.x and SDXL).
 use crate::diffusion::inpaint::{InpaintMode, InpaintSource};
+use crate::diffusion::model_dir::PipelineSource;
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
 use crate::error::{Error, Result};
 use image::RgbImage;
@@ -13,7 +14,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 pub trait Generator: Send {
-    /// The pipeline folder it was loaded from.
+    /// The pipeline folder or single file it was loaded from.
     fn root(&self) -> &Path;
     /// The image size diffusers defaults to for this checkpoint (height, width).
     fn default_size(&self) -> (i64, i64);
@@ -40,7 +41,7 @@ pub trait Generator: Send {
 
 impl Generator for StableDiffusion {
     fn root(&self) -> &Path {
-        &self.dir.root
+        &self.checkpoint
     }
 
     fn default_size(&self) -> (i64, i64) {
@@ -84,19 +85,25 @@ impl Generator for StableDiffusion {
 /// What selects and modifies a generator besides its folder.
 #[derive(Debug, Clone, Default)]
 pub struct GeneratorOptions {
+    /// The config source of a single-file `spec` (`--config`).
+    pub config: Option<String>,
     /// A VAE folder replacing the pipeline's (`--vae`).
     pub vae: Option<String>,
     /// A refiner pipeline and the fraction of the schedule it takes over at.
     pub refiner: Option<(String, f64)>,
+    /// The config source of a single-file refiner (`--refiner-config`).
+    pub refiner_config: Option<String>,
 }
 
-/// Loads the generator in `spec` (a diffusers folder or cached repo id) with
-/// `options`, for its family.
+/// Loads the generator in `spec` (a diffusers folder, cached repo id or
+/// single-file checkpoint) with `options`, for its family.
 pub fn load(spec: &str, options: &GeneratorOptions, device: Device, kind: Kind) -> Result<Box<dyn Generator>> {
-    let vae = options.vae.as_deref();
-    let mut pipe = StableDiffusion::load_with_vae(spec, vae, device, kind)?;
+    let source = PipelineSource { model: spec.to_string(), config: options.config.clone(), vae: options.vae.clone() };
+    let mut pipe = StableDiffusion::load_source(&source, device, kind)?;
     if let Some((refiner, start)) = &options.refiner {
-        let refiner = StableDiffusion::load_with_vae(refiner, vae, device, kind)
+        let source =
+            PipelineSource { model: refiner.clone(), config: options.refiner_config.clone(), vae: options.vae.clone() };
+        let refiner = StableDiffusion::load_source(&source, device, kind)
             .map_err(|e| Error::Invalid(format!("refiner {refiner}: {e}")))?;
         pipe = pipe.with_refiner(refiner, *start)?;
     }

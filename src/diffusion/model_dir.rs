@@ -2,6 +2,7 @@
 //! or a Hugging Face repo id looked up offline in the HF cache.
 use crate::diffusion::clip::ClipTextConfig;
 use crate::diffusion::schedulers::SchedulerConfig;
+use crate::diffusion::single_file::{self, SingleFile};
 use crate::diffusion::tokenizer::ClipTokenizer;
 use crate::diffusion::unet::UNetConfig;
 use crate::diffusion::vae::VaeConfig;
@@ -211,11 +212,43 @@ pub struct TextEncoderConfig {
     pub config: ClipTextConfig,
 }
 
+/// Where a pipeline's weights are: its folder's component files, or a
+/// single-file checkpoint converted on load.
+#[derive(Debug, Clone)]
+pub enum WeightsSource {
+    Folder,
+    /// `vae`: whether the VAE is the file's too (not replaced by `--vae`).
+    SingleFile { file: std::sync::Arc<SingleFile>, vae: bool },
+}
+
+/// What a generator is loaded from: `model` (a pipeline folder, a cached
+/// repo id, or a single-file checkpoint), the config source of a single file
+/// (`--config`: a pipeline folder or repo id; by default diffusers' default
+/// repo for the file's type), and a VAE folder replacing the pipeline's (`--vae`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PipelineSource {
+    pub model: String,
+    pub config: Option<String>,
+    pub vae: Option<String>,
+}
+
+impl PipelineSource {
+    pub fn new(model: &str) -> Self {
+        PipelineSource { model: model.to_string(), config: None, vae: None }
+    }
+}
+
 /// The configs of a diffusers pipeline, read and cross-checked without
 /// loading any weights (see [`load_pipeline_configs`]).
 #[derive(Debug, Clone)]
 pub struct PipelineConfigs {
+    /// What `--model` named: the pipeline folder, or the single file.
+    pub root: PathBuf,
+    /// The folder the configs, tokenizers and scheduler come from: the
+    /// pipeline itself, or a single file's config source.
     pub dir: ModelDir,
+    /// Where the weights are.
+    pub weights: WeightsSource,
     pub family: Family,
     pub unet: UNetConfig,
     pub vae: VaeConfig,
@@ -288,7 +321,51 @@ pub fn load_pipeline_configs(spec: &str) -> Result<PipelineConfigs> {
 /// diffusers `AutoencoderKL` folder: `config.json` + weights), e.g. the
 /// fp16-fix SDXL VAE.
 pub fn load_pipeline_configs_with_vae(spec: &str, vae_override: Option<&str>) -> Result<PipelineConfigs> {
+    load_pipeline(&PipelineSource { model: spec.to_string(), config: None, vae: vae_override.map(str::to_string) })
+}
+
+/// [`load_pipeline_configs`] for any [`PipelineSource`]. A single-file
+/// checkpoint is read with the configs of its config source (every check
+/// above) and then checked against them from its header: the family, and
+/// that every tensor has its place (the shapes are checked when the models
+/// are built, see `StableDiffusion::check_weights`).
+pub fn load_pipeline(source: &PipelineSource) -> Result<PipelineConfigs> {
+    let spec = source.model.as_str();
+    let vae_override = source.vae.as_deref();
+    if single_file::is_single_file(spec) {
+        let file = SingleFile::open(Path::new(spec))?;
+        let t = file.model_type;
+        let (config, default) = match &source.config {
+            Some(c) => (c.clone(), false),
+            None => (t.default_config().to_string(), true),
+        };
+        let dir = ModelDir::open(&config).map_err(|e| {
+            let which = if default {
+                format!("diffusers' default config source for `{}` checkpoints; pass --config DIR_OR_REPO (recipes: models.config) to use another", t.name())
+            } else {
+                "its --config".to_string()
+            };
+            Error::Invalid(format!("{spec}: a `{}` single-file checkpoint, read with the configs of {config} ({which}): {e}", t.name()))
+        })?;
+        let mut c = configs_in(dir, vae_override, false)?;
+        c.root = PathBuf::from(spec);
+        single_file::check(&file, &c, vae_override.is_none())?;
+        c.weights = WeightsSource::SingleFile { file: std::sync::Arc::new(file), vae: vae_override.is_none() };
+        return Ok(c);
+    }
+    if let Some(config) = &source.config {
+        return Err(Error::Invalid(format!(
+            "--config {config}: a config source is for single-file checkpoints; {spec} is a pipeline with its own configs"
+        )));
+    }
     let dir = ModelDir::open(spec)?;
+    configs_in(dir, vae_override, true)
+}
+
+/// The configs of the pipeline folder `dir`; `weights` also checks that its
+/// weight files are there (not for a single file's config source, which
+/// needs none).
+fn configs_in(dir: ModelDir, vae_override: Option<&str>, weights: bool) -> Result<PipelineConfigs> {
     let model_index = dir.root.join("model_index.json");
     if !model_index.is_file() {
         return Err(Error::Missing { path: model_index, what: "a diffusers pipeline's model_index.json".into() });
@@ -310,6 +387,7 @@ pub fn load_pipeline_configs_with_vae(spec: &str, vae_override: Option<&str>) ->
         }
         None => (dir.component("vae")?, VaeConfig::load(&dir.config("vae", "config.json")?)?),
     };
+    let weights_source = WeightsSource::Folder;
     let scheduler = SchedulerConfig::load(&dir.config("scheduler", "scheduler_config.json")?)?;
     let flag = |field: &str, default: bool| -> Result<bool> {
         match index.get(field) {
@@ -360,14 +438,20 @@ pub fn load_pipeline_configs_with_vae(spec: &str, vae_override: Option<&str>) ->
             });
         }
     }
-    for component in ["unet"].iter().copied().chain(text_encoders.iter().map(|t| t.component.as_str())) {
+    let components: Vec<&str> = if weights {
+        ["unet"].iter().copied().chain(text_encoders.iter().map(|t| t.component.as_str())).collect()
+    } else {
+        Vec::new()
+    };
+    for component in components {
         for path in dir.weights(component, None)? {
             if !path.is_file() {
                 return Err(Error::Missing { path, what: format!("a weights shard of `{component}`") });
             }
         }
     }
-    for path in weights_in(&vae_dir)? {
+    let vae_weights = if weights || vae_override.is_some() { weights_in(&vae_dir)? } else { Vec::new() };
+    for path in vae_weights {
         if !path.is_file() {
             return Err(Error::Missing { path, what: "a weights shard of the VAE".into() });
         }
@@ -455,5 +539,16 @@ pub fn load_pipeline_configs_with_vae(spec: &str, vae_override: Option<&str>) ->
             ));
         }
     }
-    Ok(PipelineConfigs { dir, family, unet, vae, vae_dir, text_encoders, scheduler, inpainting })
+    Ok(PipelineConfigs {
+        root: dir.root.clone(),
+        dir,
+        weights: weights_source,
+        family,
+        unet,
+        vae,
+        vae_dir,
+        text_encoders,
+        scheduler,
+        inpainting,
+    })
 }

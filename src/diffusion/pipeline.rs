@@ -20,14 +20,15 @@
 //! (`denoising_start`) with each image's generator seeded afresh.
 use crate::diffusion::clip::ClipTextModel;
 use crate::diffusion::core::{self, BatchNoise, Conditioning, DenoiseLoop, NoiseSpec};
-use crate::diffusion::model_dir::{Family, ModelDir};
+use crate::diffusion::model_dir::{Family, ModelDir, PipelineConfigs, PipelineSource, WeightsSource};
+use crate::diffusion::single_file::{self, Read, SingleFile};
 use crate::diffusion::noise::GlobalGenerator;
 use crate::diffusion::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::diffusion::tokenizer::ClipTokenizer;
 use crate::diffusion::unet::{AddedCond, UNet2DConditionModel};
 use crate::diffusion::vae::AutoencoderKL;
 use crate::error::{Error, Result};
-use crate::weights::Weights;
+use crate::weights::{Vb, Weights};
 use image::RgbImage;
 use tch::{Device, Kind, Tensor};
 
@@ -40,15 +41,22 @@ pub struct TextEncoder {
 }
 
 pub struct StableDiffusion {
+    /// The folder its configs, tokenizers and scheduler come from (the
+    /// pipeline, or a single file's config source).
     pub dir: ModelDir,
+    /// What `--model` named: the pipeline folder, or the single file.
+    pub checkpoint: std::path::PathBuf,
     pub family: Family,
     /// SD: `text_encoder`; SDXL: `text_encoder`, `text_encoder_2`; the SDXL
     /// refiner: `text_encoder_2`.
     pub text_encoders: Vec<TextEncoder>,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
-    /// The VAE's folder (the pipeline's `vae/`, or `--vae`'s).
+    /// The VAE's folder (the pipeline's `vae/`, or `--vae`'s; for a single
+    /// file, its config source's `vae/`, which holds the config).
     pub vae_dir: std::path::PathBuf,
+    /// The single file the VAE's weights are in, if they are.
+    vae_file: Option<std::sync::Arc<SingleFile>>,
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
     pub kind: Kind,
@@ -111,48 +119,122 @@ impl StableDiffusion {
 
     /// [`Self::load`] with the VAE of another folder (`--vae`).
     pub fn load_with_vae(spec: &str, vae: Option<&str>, device: Device, kind: Kind) -> Result<Self> {
-        let c = crate::diffusion::model_dir::load_pipeline_configs_with_vae(spec, vae)?;
+        let source = PipelineSource { model: spec.to_string(), config: None, vae: vae.map(str::to_string) };
+        Self::load_source(&source, device, kind)
+    }
+
+    /// Loads a pipeline folder, cached repo id or single-file checkpoint
+    /// (with its config source), with `--vae`'s VAE when given.
+    pub fn load_source(source: &PipelineSource, device: Device, kind: Kind) -> Result<Self> {
+        let c = crate::diffusion::model_dir::load_pipeline(source)?;
+        Self::build(c, device, kind, Read::Tensors)
+    }
+
+    /// For `--dry-run`: builds every model of `c` from stand-ins of its
+    /// weights' shapes (the safetensors headers; no tensor data is read), so
+    /// the shape checks of a real load run, and for a single file that every
+    /// tensor has its place.
+    pub fn check_weights(c: PipelineConfigs) -> Result<()> {
+        Self::build(c, Device::Cpu, Kind::Float, Read::ShapesOnly).map(drop)
+    }
+
+    fn build(c: PipelineConfigs, device: Device, kind: Kind, read: Read) -> Result<Self> {
         let default_size = c.default_size();
-        let dir = c.dir;
-        let load = |component: &str| -> Result<Weights> { Weights::load(&dir.weights(component, None)?, device, kind) };
-        let mut text_encoders = Vec::new();
-        for t in c.text_encoders {
-            let tokenizer = ClipTokenizer::load(&dir.component(&t.tokenizer)?)?;
-            let model = ClipTextModel::load(load(&t.component)?.root(), t.config)?;
-            text_encoders.push(TextEncoder { component: t.component, tokenizer, model });
-        }
-        if let Family::Xl(_) = c.family {
-            let second = text_encoders.last().expect("load_pipeline_configs checks text_encoder_2");
-            if !second.model.has_projection() {
-                return Err(Error::Invalid(format!(
-                    "{}: SDXL's text_encoder_2 must be a CLIPTextModelWithProjection (no `text_projection.weight` in its weights)",
-                    dir.root.join(&second.component).display()
-                )));
-            }
-        }
-        let unet = UNet2DConditionModel::load(load("unet")?.root(), c.unet)?;
+        let dir = c.dir.clone();
         // diffusers' SDXL pipelines run a `force_upcast` VAE in float32 when
         // the pipeline is float16 (the SDXL VAE overflows in fp16).
         let vae_kind = match c.family {
             Family::Xl(_) if kind == Kind::Half && c.vae.force_upcast => Kind::Float,
             _ => kind,
         };
-        let vae_weights = Weights::load(&crate::diffusion::model_dir::weights_in(&c.vae_dir)?, device, vae_kind)?;
-        let vae = AutoencoderKL::load(vae_weights.root(), c.vae)?;
-        let vae_dir = c.vae_dir;
+        let folder = |paths: &[std::path::PathBuf], kind: Kind| -> Result<Weights> {
+            match read {
+                Read::Tensors => Weights::load(paths, device, kind),
+                Read::ShapesOnly => Weights::load_shapes(paths, device, kind),
+            }
+        };
+        // The weights of each part, and whether they come from a single
+        // file (whose every tensor must then be used).
+        let (unet_w, vae_w, text_w, file, vae_file) = match &c.weights {
+            WeightsSource::Folder => {
+                let texts = c
+                    .text_encoders
+                    .iter()
+                    .map(|t| folder(&dir.weights(&t.component, None)?, kind))
+                    .collect::<Result<Vec<_>>>()?;
+                (folder(&dir.weights("unet", None)?, kind)?, None, texts, None, None)
+            }
+            WeightsSource::SingleFile { file, vae } => {
+                let w = single_file::convert(file, &c, *vae, device, kind, vae_kind, read)?;
+                let vae_file = vae.then(|| file.clone());
+                (w.unet, w.vae, w.text_encoders, Some(file.clone()), vae_file)
+            }
+        };
+        let used = |vb: &Vb, what: &str, config: &str| match &file {
+            Some(_) => single_file::check_all_used(vb, what, config),
+            None => Ok(()),
+        };
+        let mut text_encoders = Vec::new();
+        for (t, w) in c.text_encoders.into_iter().zip(text_w) {
+            let tokenizer = ClipTokenizer::load(&dir.component(&t.tokenizer)?)?;
+            let source = t.config.source.clone();
+            let vb = w.root();
+            let model = ClipTextModel::load(vb.clone(), t.config)?;
+            used(&vb, &t.component, &source)?;
+            text_encoders.push(TextEncoder { component: t.component, tokenizer, model });
+        }
+        if let Family::Xl(_) = c.family {
+            let second = text_encoders.last().expect("load_pipeline_configs checks text_encoder_2");
+            if !second.model.has_projection() {
+                let place = match &file {
+                    Some(f) => f.path.display().to_string(),
+                    None => dir.root.join(&second.component).display().to_string(),
+                };
+                return Err(Error::Invalid(format!(
+                    "{place}: SDXL's text_encoder_2 must be a CLIPTextModelWithProjection (no `text_projection.weight` in its weights)"
+                )));
+            }
+        }
+        let unet_source = c.unet.source.clone();
+        let vb = unet_w.root();
+        let unet = UNet2DConditionModel::load(vb.clone(), c.unet)?;
+        used(&vb, "UNet", &unet_source)?;
+        let vae_w = match vae_w {
+            Some(w) => w,
+            None => folder(&crate::diffusion::model_dir::weights_in(&c.vae_dir)?, vae_kind)?,
+        };
+        let vae_source = c.vae.source.clone();
+        let vb = vae_w.root();
+        let vae = AutoencoderKL::load(vb.clone(), c.vae)?;
+        if vae_file.is_some() {
+            used(&vb, "VAE", &vae_source)?;
+        }
         Ok(StableDiffusion {
             dir,
+            checkpoint: c.root,
             family: c.family,
             text_encoders,
             unet,
             vae,
-            vae_dir,
+            vae_dir: c.vae_dir,
+            vae_file,
             scheduler_config: c.scheduler,
             device,
             kind,
             default_size,
             refiner: None,
         })
+    }
+
+    /// The VAE again, in `kind` (score guidance differentiates through a
+    /// float32 copy), from wherever the pipeline's came from.
+    pub fn load_vae(&self, kind: Kind) -> Result<AutoencoderKL> {
+        let config = self.vae.config.clone();
+        let weights = match &self.vae_file {
+            Some(file) => single_file::vae_weights(file, &config, self.device, kind)?,
+            None => Weights::load(&crate::diffusion::model_dir::weights_in(&self.vae_dir)?, self.device, kind)?,
+        };
+        AutoencoderKL::load(weights.root(), config)
     }
 
     /// Hands the last `1 - start` of every schedule to `refiner` (SDXL's
@@ -165,7 +247,7 @@ impl StableDiffusion {
         {
             return Err(Error::Invalid(format!(
                 "refiner {}: its latents ({} channels, scale {}) do not match the base's ({} channels, scale {})",
-                refiner.dir.root.display(),
+                refiner.checkpoint.display(),
                 refiner.latent_channels(),
                 refiner.vae.scale_factor(),
                 self.latent_channels(),
@@ -175,7 +257,7 @@ impl StableDiffusion {
         if refiner.unet.config.in_channels != refiner.latent_channels() {
             return Err(Error::Invalid(format!(
                 "refiner {}: an inpainting UNet cannot refine",
-                refiner.dir.root.display()
+                refiner.checkpoint.display()
             )));
         }
         self.refiner = Some(Box::new(Refiner { pipe: refiner, start }));
@@ -445,7 +527,7 @@ impl StableDiffusion {
         if !bool::try_from(images.isfinite().all()).unwrap_or(false) {
             return Err(Error::Numerical(format!(
                 "{}: the VAE decoded NaN/inf pixels ({:?}, force_upcast = {}). Its VAE overflows in this dtype: run with --dtype fp32 or bf16, or swap in a VAE that is safe in fp16 with --vae DIR (for SDXL: madebyollin/sdxl-vae-fp16-fix)",
-                self.dir.root.display(),
+                self.checkpoint.display(),
                 self.vae.kind(),
                 self.vae.config.force_upcast
             )));

@@ -1,4 +1,5 @@
 //! Settings and results every job shares.
+use crate::diffusion::model_dir::PipelineSource;
 use crate::diffusion::pipeline::{check_image_size, SamplingSettings};
 use crate::diffusion::schedulers::SchedulerKind;
 use crate::error::{Error, Result};
@@ -11,12 +12,21 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelOptions {
-    /// Text-to-image generator: a diffusers folder or a cached HF repo id.
+    /// Text-to-image generator: a diffusers folder, a cached HF repo id, or a
+    /// single-file checkpoint (`.safetensors` in the original SD layout).
     pub generator: String,
+    /// The config source of a single-file `generator`: a diffusers pipeline
+    /// folder or repo id whose configs, tokenizers and scheduler are used
+    /// (default: diffusers' default repo for the file's type).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
     /// Generator used by `inpaint` (a 9-channel inpainting checkpoint, or the
     /// plain generator, which then inpaints by latent blending). Defaults to `generator`.
     #[serde(default)]
     pub inpaint_generator: Option<String>,
+    /// The config source of a single-file `inpaint_generator`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inpaint_config: Option<String>,
     /// A VAE folder that replaces the generators' own (e.g. SDXL's
     /// fp16-fix VAE): a diffusers `AutoencoderKL` folder or cached repo id.
     #[serde(default)]
@@ -25,6 +35,9 @@ pub struct ModelOptions {
     /// `generate`) from `refiner_start` of the schedule on.
     #[serde(default)]
     pub refiner: Option<String>,
+    /// The config source of a single-file `refiner`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refiner_config: Option<String>,
     /// The fraction of the schedule the base runs before the refiner takes over.
     #[serde(default = "default_refiner_start")]
     pub refiner_start: f64,
@@ -49,6 +62,28 @@ pub struct ModelOptions {
 }
 
 impl ModelOptions {
+    /// Where `generator` (this job's: `generator` or `inpaint_generator`)
+    /// loads from: its config source and the VAE override.
+    pub fn source(&self, generator: &str) -> PipelineSource {
+        let config = if self.inpaint_generator.as_deref() == Some(generator) && self.inpaint_config.is_some() {
+            self.inpaint_config.clone()
+        } else if generator == self.generator {
+            self.config.clone()
+        } else {
+            None
+        };
+        PipelineSource { model: generator.to_string(), config, vae: self.vae.clone() }
+    }
+
+    /// Where the refiner loads from, when there is one.
+    pub fn refiner_source(&self) -> Option<PipelineSource> {
+        self.refiner.as_ref().map(|r| PipelineSource {
+            model: r.clone(),
+            config: self.refiner_config.clone(),
+            vae: self.vae.clone(),
+        })
+    }
+
     /// The device, the generator's dtype and RAHF's dtype. RAHF's `auto` is
     /// fp32 everywhere: its scores are compared with thresholds and each other.
     pub fn placement(&self) -> Result<(tch::Device, tch::Kind, tch::Kind)> {
@@ -268,8 +303,10 @@ impl CommonOptions {
         crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
         let m = &self.models;
         let options = crate::diffusion::generator::GeneratorOptions {
+            config: m.source(generator).config,
             vae: m.vae.clone(),
             refiner: m.refiner.clone().map(|r| (r, m.refiner_start)),
+            refiner_config: m.refiner_config.clone(),
         };
         let pipe = crate::diffusion::generator::load(generator, &options, device, kind)?;
         let scorers = Scorers::load(scorers, &|n| m.scorer_checkpoint(n), device, scorer_kind)?;
@@ -355,6 +392,16 @@ impl CommonOptions {
                 map.insert("refiner".into(), canonical(refiner).into());
                 map.insert("refiner_start".into(), self.models.refiner_start.into());
             }
+            // A single file's config source (its scheduler, tokenizers).
+            for (field, value) in [
+                ("config", &self.models.config),
+                ("inpaint_config", &self.models.inpaint_config),
+                ("refiner_config", &self.models.refiner_config),
+            ] {
+                if let Some(v) = value {
+                    map.insert(field.into(), canonical(v).into());
+                }
+            }
         }
         if let (Some(map), serde_json::Value::Object(own)) = (v.as_object_mut(), own) {
             map.extend(own);
@@ -394,8 +441,7 @@ impl CommonOptions {
         let rahf_dtype = if m.rahf_dtype == "auto" { "fp32" } else { &m.rahf_dtype };
         crate::device::parse_dtype(rahf_dtype, device).map_err(|e| Error::field("models.rahf_dtype", e.to_string()))?;
         let field = if Some(generator) == m.inpaint_generator.as_deref() { "models.inpaint_generator" } else { "models.generator" };
-        let info =
-            check_generator_with_vae(generator, m.vae.as_deref()).map_err(|e| Error::field(field, e.to_string()))?;
+        let info = check_generator_source(&m.source(generator)).map_err(|e| Error::field(field, e.to_string()))?;
         if let Some(k) = self.sampling.clip_skip {
             if k > info.max_clip_skip {
                 return Err(Error::field(
@@ -408,8 +454,8 @@ impl CommonOptions {
             if !(m.refiner_start > 0.0 && m.refiner_start < 1.0) {
                 return Err(Error::field("models.refiner_start", format!("{}: must be strictly between 0 and 1", m.refiner_start)));
             }
-            let r = check_generator_with_vae(refiner, m.vae.as_deref())
-                .map_err(|e| Error::field("models.refiner", e.to_string()))?;
+            let source = m.refiner_source().expect("a refiner is set");
+            let r = check_generator_source(&source).map_err(|e| Error::field("models.refiner", e.to_string()))?;
             if r.in_channels != r.latent_channels || r.latent_channels != info.latent_channels {
                 return Err(Error::field(
                     "models.refiner",
@@ -453,6 +499,9 @@ pub struct GeneratorInfo {
     pub family: &'static str,
     /// The folder's own scheduler, when implemented here.
     pub default_scheduler: Option<SchedulerKind>,
+    /// For a single-file checkpoint: its inferred type and the folder its
+    /// configs came from.
+    pub single_file: Option<(&'static str, PathBuf)>,
 }
 
 impl GeneratorInfo {
@@ -467,7 +516,11 @@ impl GeneratorInfo {
             None => String::new(),
         };
         let root = if std::path::Path::new(spec) == self.root { String::new() } else { format!(" = {}", self.root.display()) };
-        format!("{spec}{root} ({kind}{size})")
+        let file = match &self.single_file {
+            Some((t, config)) => format!("single-file `{t}` checkpoint, configs from {}; ", config.display()),
+            None => String::new(),
+        };
+        format!("{spec}{root} ({file}{kind}{size})")
     }
 }
 
@@ -480,8 +533,22 @@ pub fn check_generator(spec: &str) -> Result<GeneratorInfo> {
 
 /// [`check_generator`] with `--vae`'s folder in place of the pipeline's VAE.
 pub fn check_generator_with_vae(spec: &str, vae: Option<&str>) -> Result<GeneratorInfo> {
-    use crate::diffusion::model_dir::Family;
-    let c = crate::diffusion::model_dir::load_pipeline_configs_with_vae(spec, vae)?;
+    check_generator_source(&PipelineSource { model: spec.to_string(), config: None, vae: vae.map(str::to_string) })
+}
+
+/// [`check_generator`] for any source. A single-file checkpoint is checked
+/// from its header: every tensor's place and, building the models from
+/// stand-ins of the shapes, every shape (`StableDiffusion::check_weights`).
+pub fn check_generator_source(source: &PipelineSource) -> Result<GeneratorInfo> {
+    use crate::diffusion::model_dir::{Family, WeightsSource};
+    let c = crate::diffusion::model_dir::load_pipeline(source)?;
+    let single_file = match &c.weights {
+        WeightsSource::SingleFile { file, .. } => {
+            crate::diffusion::pipeline::StableDiffusion::check_weights(c.clone())?;
+            Some((file.model_type.name(), c.dir.root.clone()))
+        }
+        WeightsSource::Folder => None,
+    };
     let native_size = c.unet.sample_size_hw().map(|_| c.default_size());
     let family = match c.family {
         Family::Sd => "SD",
@@ -491,7 +558,8 @@ pub fn check_generator_with_vae(spec: &str, vae: Option<&str>) -> Result<Generat
     Ok(GeneratorInfo {
         default_scheduler: c.default_scheduler(),
         max_clip_skip: c.max_clip_skip(),
-        root: c.dir.root,
+        root: c.root,
+        single_file,
         in_channels: c.unet.in_channels,
         latent_channels: c.vae.latent_channels,
         native_size,
