@@ -23,10 +23,16 @@ pub struct ModelOptions {
     /// `generate`) from `refiner_start` of the schedule on.
     #[serde(default)]
     pub refiner: Option<String>,
+    /// The weights variant (`fp16`: `*.fp16.safetensors`) of the generators,
+    /// VAE and refiner, where a component has it (diffusers' `variant=`);
+    /// repo ids download only those weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
     /// The fraction of the schedule the base runs before the refiner takes over.
     #[serde(default = "default_refiner_start")]
     pub refiner_start: f64,
-    /// An orchestrate RAHF folder (`rahf import` / `rahf init` make one).
+    /// An orchestrate RAHF folder (`rahf import` / `rahf init` make one), or
+    /// a Hub repo id holding one.
     pub rahf: PathBuf,
     #[serde(default = "default_auto")]
     pub device: String,
@@ -215,6 +221,7 @@ impl CommonOptions {
         let options = crate::diffusion::generator::GeneratorOptions {
             vae: m.vae.clone(),
             refiner: m.refiner.clone().map(|r| (r, m.refiner_start)),
+            variant: m.variant.clone(),
         };
         let pipe = crate::diffusion::generator::load(generator, &options, device, kind)?;
         let rahf = crate::rahf::FeedbackModel::load(&self.models.rahf, device, rahf_kind)?;
@@ -247,6 +254,9 @@ impl CommonOptions {
         if let Some(map) = v.as_object_mut() {
             if let Some(vae) = &self.models.vae {
                 map.insert("vae".into(), canonical(vae).into());
+            }
+            if let Some(variant) = &self.models.variant {
+                map.insert("variant".into(), variant.clone().into());
             }
             if let Some(refiner) = &self.models.refiner {
                 map.insert("refiner".into(), canonical(refiner).into());
@@ -290,9 +300,13 @@ impl CommonOptions {
         crate::device::parse_dtype(&m.dtype, device).map_err(|e| Error::field("models.dtype", e.to_string()))?;
         let rahf_dtype = if m.rahf_dtype == "auto" { "fp32" } else { &m.rahf_dtype };
         crate::device::parse_dtype(rahf_dtype, device).map_err(|e| Error::field("models.rahf_dtype", e.to_string()))?;
+        if let Some(v) = &m.variant {
+            crate::diffusion::model_dir::check_variant(v).map_err(|e| Error::field("models.variant", e.to_string()))?;
+        }
+        let variant = m.variant.as_deref();
         let field = if Some(generator) == m.inpaint_generator.as_deref() { "models.inpaint_generator" } else { "models.generator" };
-        let info =
-            check_generator_with_vae(generator, m.vae.as_deref()).map_err(|e| Error::field(field, e.to_string()))?;
+        let info = check_generator_with(generator, m.vae.as_deref(), variant)
+            .map_err(|e| Error::field(field, e.to_string()))?;
         if let Some(k) = self.sampling.clip_skip {
             if k > info.max_clip_skip {
                 return Err(Error::field(
@@ -305,7 +319,7 @@ impl CommonOptions {
             if !(m.refiner_start > 0.0 && m.refiner_start < 1.0) {
                 return Err(Error::field("models.refiner_start", format!("{}: must be strictly between 0 and 1", m.refiner_start)));
             }
-            let r = check_generator_with_vae(refiner, m.vae.as_deref())
+            let r = check_generator_with(refiner, m.vae.as_deref(), variant)
                 .map_err(|e| Error::field("models.refiner", e.to_string()))?;
             if r.in_channels != r.latent_channels || r.latent_channels != info.latent_channels {
                 return Err(Error::field(
@@ -372,13 +386,14 @@ impl GeneratorInfo {
 /// `StableDiffusion::load` reads, the tokenizer, and the list of weight files
 /// (not the weights).
 pub fn check_generator(spec: &str) -> Result<GeneratorInfo> {
-    check_generator_with_vae(spec, None)
+    check_generator_with(spec, None, None)
 }
 
-/// [`check_generator`] with `--vae`'s folder in place of the pipeline's VAE.
-pub fn check_generator_with_vae(spec: &str, vae: Option<&str>) -> Result<GeneratorInfo> {
+/// [`check_generator`] with `--vae`'s folder in place of the pipeline's VAE,
+/// reading (and, for a repo id, fetching) the `variant` weights.
+pub fn check_generator_with(spec: &str, vae: Option<&str>, variant: Option<&str>) -> Result<GeneratorInfo> {
     use crate::diffusion::model_dir::Family;
-    let c = crate::diffusion::model_dir::load_pipeline_configs_with_vae(spec, vae)?;
+    let c = crate::diffusion::model_dir::load_pipeline_configs_with(spec, vae, variant)?;
     let native_size = c.unet.sample_size_hw().map(|_| c.default_size());
     let family = match c.family {
         Family::Sd => "SD",
