@@ -504,3 +504,26 @@ pub struct JobSummary {
     /// One line per figure, for people.
     pub lines: Vec<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(variant: Option<&str>) -> CommonOptions {
+        let yaml = format!(
+            "models: {{generator: g, rahf: r{}}}\n",
+            variant.map(|v| format!(", variant: {v}")).unwrap_or_default()
+        );
+        serde_saphyr::from_str(&yaml).unwrap()
+    }
+
+    #[test]
+    fn the_variant_is_a_setting_of_the_run() {
+        assert!(options(None).fingerprint("filter", serde_json::json!({})).get("variant").is_none());
+        let fp16 = options(Some("fp16"));
+        assert_eq!(fp16.models.variant.as_deref(), Some("fp16"));
+        assert_eq!(fp16.fingerprint("filter", serde_json::json!({}))["variant"], "fp16");
+        let e = options(Some("\"../x\"")).check_models("g").unwrap_err();
+        assert!(matches!(&e, Error::Field { field, .. } if field == "models.variant"), "{e}");
+    }
+}
