@@ -62,6 +62,9 @@ pub enum Error {
     /// the field when there is one.
     #[error("{path}:{line}:{column}: {message}")]
     Recipe { path: PathBuf, line: u64, column: u64, field: String, message: String },
+    /// A Hugging Face Hub download or cache lookup (names the URL or file).
+    #[error(transparent)]
+    Hub(#[from] crate::io::hub::HubError),
     /// A data set problem: the file, and the 0-based record in it when there is one.
     #[error("{}: {reason}", data_location(path, *record))]
     Data { path: PathBuf, record: Option<u64>, reason: String },

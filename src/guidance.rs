@@ -230,7 +230,11 @@ impl<'a> Guider<'a> {
             None
         } else {
             let weights =
-                Weights::load(&crate::diffusion::model_dir::weights_in(&pipe.vae_dir)?, pipe.device, Kind::Float)?;
+                Weights::load(
+                    &crate::diffusion::model_dir::weights_in_variant(&pipe.vae_dir, pipe.dir.variant.as_deref())?,
+                    pipe.device,
+                    Kind::Float,
+                )?;
             let config = VaeConfig::load(&pipe.vae_dir.join("config.json"))?;
             Some(AutoencoderKL::load(weights.root(), config)?)
         };

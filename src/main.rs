@@ -9,6 +9,10 @@ mod train_cli;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Refuse input images with more pixels than this (width x height), read from
+    /// their header before they are decoded.
+    #[arg(long, global = true, default_value_t = orchestrate::io::DEFAULT_MAX_PIXELS)]
+    max_pixels: u64,
 }
 
 #[derive(Subcommand)]
@@ -30,6 +34,8 @@ enum Command {
     Merge(MergeArgs),
     /// Run a YAML recipe: its filter, inpaint and guide jobs in that order (see recipes/).
     Run(RunArgs),
+    /// Download a Hub repo into the Hugging Face cache: the files a pipeline or model needs (or --all).
+    Download(DownloadArgs),
     /// What this binary sees: libtorch version, CUDA (or why not), devices, dtypes.
     Env {
         /// Print JSON instead of text.
@@ -52,7 +58,9 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    orchestrate::io::set_max_pixels(cli.max_pixels)?;
     match cli.command {
+        Command::Download(args) => download(args),
         Command::Env { json } => env(json),
         Command::Run(args) => run_recipe(args),
         Command::Generate(args) => generate(args),
@@ -66,10 +74,46 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 #[derive(clap::Args)]
+struct DownloadArgs {
+    /// ORG/NAME[@REVISION] (a branch, tag or commit; default main).
+    repo: String,
+    /// Fetch these weights (fp16: *.fp16.safetensors) where a component has them.
+    #[arg(long)]
+    variant: Option<String>,
+    /// Every file of the repo, not only what orchestrate reads.
+    #[arg(long)]
+    all: bool,
+}
+
+fn download(a: DownloadArgs) -> Result<()> {
+    use orchestrate::io::hub::{Hub, RepoRef, Want};
+    if let Some(v) = &a.variant {
+        orchestrate::diffusion::model_dir::check_variant(v)?;
+    }
+    let repo = RepoRef::parse(&a.repo)?;
+    let hub = Hub::from_env()?;
+    let snapshot = hub.resolve(&repo, &Want { variant: a.variant.clone(), all: a.all })?;
+    let bytes: u64 = snapshot.fetched.iter().map(|(_, n)| n).sum();
+    println!(
+        "{}@{}: {} files, {} downloaded ({bytes} bytes), {} already cached",
+        snapshot.repo,
+        snapshot.commit,
+        snapshot.files.len(),
+        snapshot.fetched.len(),
+        snapshot.files.len() - snapshot.fetched.len()
+    );
+    println!("{}", snapshot.dir.display());
+    Ok(())
+}
+
+#[derive(clap::Args)]
 struct GenerateArgs {
-    /// A diffusers pipeline folder, or an HF repo id (ORG/NAME[@REV]) found offline in the HF cache.
+    /// A diffusers pipeline folder, or an HF repo id (ORG/NAME[@REV]), downloaded into the HF cache when missing.
     #[arg(long)]
     model: String,
+    /// Weights variant of the models (fp16: *.fp16.safetensors), where a component has it.
+    #[arg(long)]
+    variant: Option<String>,
     /// The prompt; repeat the flag for several prompts.
     #[arg(long, required = true)]
     prompt: Vec<String>,
@@ -125,18 +169,18 @@ struct GenerateArgs {
 /// The scheduler class a generator folder ships, when it is one implemented
 /// here (`None` for SD 1.5's PNDM, or when the folder cannot be read: the
 /// later checks name that error).
-fn folder_scheduler(model: &str) -> Option<String> {
-    orchestrate::jobs::common::check_generator(model).ok()?.default_scheduler.map(|k| k.name().to_string())
+fn folder_scheduler(model: &str, variant: Option<&str>) -> Option<String> {
+    orchestrate::jobs::common::check_generator_with(model, None, variant).ok()?.default_scheduler.map(|k| k.name().to_string())
 }
 
 /// `--height`/`--width` given, or the generator's native size for each left
 /// out (512 when the folder gives none or cannot be read: loading it later
 /// names that error).
-fn size_or_native(model: &str, height: Option<i64>, width: Option<i64>) -> (i64, i64) {
+fn size_or_native(model: &str, variant: Option<&str>, height: Option<i64>, width: Option<i64>) -> (i64, i64) {
     let d = orchestrate::jobs::SamplingOptions::default();
     match (height, width) {
         (Some(h), Some(w)) => (h, w),
-        _ => match orchestrate::recipe::native_size(model) {
+        _ => match orchestrate::recipe::native_size(model, variant) {
             Ok((h, w)) => (height.unwrap_or(h), width.unwrap_or(w)),
             Err(_) => (height.unwrap_or(d.height), width.unwrap_or(d.width)),
         },
@@ -145,9 +189,13 @@ fn size_or_native(model: &str, height: Option<i64>, width: Option<i64>) -> (i64,
 
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let name = a.scheduler.clone().or_else(|| folder_scheduler(&a.model)).unwrap_or_else(|| "ddim".into());
+    if let Some(v) = &a.variant {
+        orchestrate::diffusion::model_dir::check_variant(v).map_err(|e| anyhow::anyhow!("--variant: {e}"))?;
+    }
+    let variant = a.variant.as_deref();
+    let name = a.scheduler.clone().or_else(|| folder_scheduler(&a.model, variant)).unwrap_or_else(|| "ddim".into());
     let scheduler = name.parse().map_err(|e| anyhow::anyhow!("--scheduler {name}: {e}"))?;
-    let (height, width) = size_or_native(&a.model, a.height, a.width);
+    let (height, width) = size_or_native(&a.model, variant, a.height, a.width);
     let opts = orchestrate::generate::GenerateOptions {
         model: a.model,
         prompts: a.prompt,
@@ -167,6 +215,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         device: a.device,
         dtype: a.dtype,
         vae: a.vae,
+        variant: a.variant,
         refiner: a.refiner,
         refiner_start: a.refiner_start,
         init_image: a.init_image,
@@ -178,7 +227,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 struct ScoreArgs {
-    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json): the scorer `rahf`.
+    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json), or a Hub repo id holding one: the scorer `rahf`.
     #[arg(long)]
     rahf: Option<std::path::PathBuf>,
     /// Another scorer's checkpoint, NAME=PATH (NAME: a scorer type or TYPE.LABEL, e.g. rahf.b); repeatable.
@@ -568,10 +617,13 @@ fn run_recipe(a: RunArgs) -> Result<()> {
 /// Models, sampling and output flags every job shares.
 #[derive(clap::Args)]
 struct JobArgs {
-    /// The generator: a diffusers folder or cached HF repo id.
+    /// The generator: a diffusers folder or an HF repo id (ORG/NAME[@REV]), downloaded into the HF cache when missing.
     #[arg(long)]
     model: String,
-    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json): the scorer `rahf`.
+    /// Weights variant of the models (fp16: *.fp16.safetensors), where a component has it.
+    #[arg(long)]
+    variant: Option<String>,
+    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json), or a Hub repo id holding one: the scorer `rahf`.
     #[arg(long)]
     rahf: Option<std::path::PathBuf>,
     /// Another scorer's checkpoint, NAME=PATH (NAME: a scorer type or TYPE.LABEL, e.g. rahf.b); repeatable.
@@ -633,15 +685,20 @@ impl JobArgs {
     fn into_options(self) -> Result<(orchestrate::jobs::CommonOptions, orchestrate::jobs::RunContext)> {
         use orchestrate::jobs::{CommonOptions, ModelOptions, RunContext, SamplingOptions, Shard};
         let d = SamplingOptions::default();
+        if let Some(v) = &self.variant {
+            orchestrate::diffusion::model_dir::check_variant(v).map_err(|e| anyhow::anyhow!("--variant: {e}"))?;
+        }
+        let variant = self.variant.as_deref();
         // Each size left out is the generator's native one, as in recipes.
-        let (height, width) = size_or_native(&self.model, self.height, self.width);
+        let (height, width) = size_or_native(&self.model, variant, self.height, self.width);
         // No --scheduler: the generator folder's own, when implemented here.
-        let scheduler = self.scheduler.unwrap_or_else(|| folder_scheduler(&self.model).unwrap_or(d.scheduler));
+        let scheduler = self.scheduler.unwrap_or_else(|| folder_scheduler(&self.model, variant).unwrap_or(d.scheduler));
         let common = CommonOptions {
             models: ModelOptions {
                 generator: self.model,
                 inpaint_generator: None,
                 vae: self.vae,
+                variant: self.variant,
                 refiner: self.refiner,
                 refiner_start: self.refiner_start,
                 rahf: self.rahf,

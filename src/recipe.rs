@@ -4,6 +4,7 @@
 //! ```yaml
 //! note: printed before the run         # optional
 //! models: {generator: ..., inpaint_generator: ..., rahf: ..., device: auto, dtype: auto, rahf_dtype: fp32,
+//!          variant: fp16,                          # optional: the weights variant
 //!          scorers: {rahf.b: ..., pickscore: ...}}   # other scorer checkpoints, by instance name
 //! sampling: {steps: 30, guidance_scale: 7.5, height: 512, width: 512, scheduler: dpm++2m,
 //!            seed: 0, batch_size: 4, negative_prompt: "", clip_skip: 1}
@@ -23,8 +24,9 @@
 //! * Relative paths (`output`, prompt lists, `inpaint.input`, `models.rahf`, and
 //!   model folders) resolve against the folder of the recipe file, so a recipe
 //!   means the same thing from whatever directory it is run. A model that is not
-//!   a folder there and reads `ORG/NAME[@REV]` is a Hugging Face repo id, looked
-//!   up offline in the HF cache.
+//!   a folder there and reads `ORG/NAME[@REV]` is a Hugging Face repo id, found
+//!   in the HF cache or downloaded into it (`models.variant: fp16` fetches
+//!   and reads the fp16 weights; `HF_HUB_OFFLINE=1`: the cache alone).
 //! * `inpaint.input: filter` inpaints what this recipe's `filter` keeps.
 //! * `sampling.height`/`width` left out default to the generator's native size
 //!   (UNet `sample_size` × VAE scale factor, as diffusers does), so the same
@@ -38,7 +40,7 @@
 //! recipe keeps a map from field path to location, built from a second,
 //! located parse of the same text, to point those errors at the YAML too.
 use crate::error::{Error, Result};
-use crate::jobs::common::{check_generator, check_rahf};
+use crate::jobs::common::{check_generator_with, check_rahf};
 use crate::jobs::filter::{self, FilterOptions};
 use crate::jobs::guide::{self, GuideOptions};
 use crate::jobs::inpaint::{self, InpaintOptions};
@@ -359,7 +361,7 @@ impl Recipe {
         let mut common = CommonOptions { models: raw.models, sampling: raw.sampling };
         common.models.generator = resolve_model_spec(&dir, &common.models.generator);
         common.models.inpaint_generator = common.models.inpaint_generator.map(|g| resolve_model_spec(&dir, &g));
-        common.models.rahf = common.models.rahf.map(|r| resolve(&dir, &r));
+        common.models.rahf = common.models.rahf.map(|r| PathBuf::from(resolve_model_spec(&dir, &r.to_string_lossy())));
         for spec in common.models.scorers.values_mut() {
             *spec = resolve_model_spec(&dir, spec);
         }
@@ -498,7 +500,8 @@ impl Recipe {
     /// recipe gives no `height`/`width` (needs the generator's configs).
     pub fn resolve_size(&mut self) -> Result<()> {
         if self.scheduler_from_model {
-            let info = self.at_field("models.generator", check_generator(&self.common.models.generator))?;
+            let m = &self.common.models;
+            let info = self.at_field("models.generator", check_generator_with(&m.generator, m.vae.as_deref(), m.variant.as_deref()))?;
             if let Some(kind) = info.default_scheduler {
                 self.common.sampling.scheduler = kind.name().to_string();
             }
@@ -507,7 +510,8 @@ impl Recipe {
         if !self.height_from_model && !self.width_from_model {
             return Ok(());
         }
-        let (h, w) = self.at_field("models.generator", native_size(&self.common.models.generator))?;
+        let m = &self.common.models;
+        let (h, w) = self.at_field("models.generator", native_size(&m.generator, m.variant.as_deref()))?;
         if self.height_from_model {
             self.common.sampling.height = h;
         }
@@ -527,11 +531,11 @@ impl Recipe {
         self.validate()?;
         let mut lines = Vec::new();
         let m = self.common.models.clone();
-        let gen = self.at_field("models.generator", check_generator(&m.generator))?;
+        let gen = self.at_field("models.generator", check_generator_with(&m.generator, m.vae.as_deref(), m.variant.as_deref()))?;
         lines.push(format!("generator  {}", gen.describe(&m.generator)));
         if self.inpaint.is_some() {
             if let Some(spec) = &m.inpaint_generator {
-                let ig = self.at_field("models.inpaint_generator", check_generator(spec))?;
+                let ig = self.at_field("models.inpaint_generator", check_generator_with(spec, m.vae.as_deref(), m.variant.as_deref()))?;
                 lines.push(format!("inpaint    {}", ig.describe(spec)));
             }
         }
@@ -870,8 +874,8 @@ fn strip_field(text: &str, field: &str) -> String {
 
 /// The generator's native image size: UNet `sample_size` times the VAE's
 /// downsampling factor, diffusers' default for `height`/`width`.
-pub fn native_size(spec: &str) -> Result<(i64, i64)> {
-    let info = check_generator(spec)?;
+pub fn native_size(spec: &str, variant: Option<&str>) -> Result<(i64, i64)> {
+    let info = check_generator_with(spec, None, variant)?;
     info.native_size.ok_or_else(|| {
         Error::Invalid(format!(
             "{}: the UNet config has no sample_size, so there is no default image size: set sampling.height and sampling.width",

@@ -88,15 +88,18 @@ pub struct GeneratorOptions {
     pub vae: Option<String>,
     /// A refiner pipeline and the fraction of the schedule it takes over at.
     pub refiner: Option<(String, f64)>,
+    /// The weights variant (`fp16`) of every model above, where it has one.
+    pub variant: Option<String>,
 }
 
 /// Loads the generator in `spec` (a diffusers folder or cached repo id) with
 /// `options`, for its family.
 pub fn load(spec: &str, options: &GeneratorOptions, device: Device, kind: Kind) -> Result<Box<dyn Generator>> {
     let vae = options.vae.as_deref();
-    let mut pipe = StableDiffusion::load_with_vae(spec, vae, device, kind)?;
+    let variant = options.variant.as_deref();
+    let mut pipe = StableDiffusion::load_with(spec, vae, variant, device, kind)?;
     if let Some((refiner, start)) = &options.refiner {
-        let refiner = StableDiffusion::load_with_vae(refiner, vae, device, kind)
+        let refiner = StableDiffusion::load_with(refiner, vae, variant, device, kind)
             .map_err(|e| Error::Invalid(format!("refiner {refiner}: {e}")))?;
         pipe = pipe.with_refiner(refiner, *start)?;
     }

@@ -111,10 +111,16 @@ impl StableDiffusion {
 
     /// [`Self::load`] with the VAE of another folder (`--vae`).
     pub fn load_with_vae(spec: &str, vae: Option<&str>, device: Device, kind: Kind) -> Result<Self> {
-        let c = crate::diffusion::model_dir::load_pipeline_configs_with_vae(spec, vae)?;
+        Self::load_with(spec, vae, None, device, kind)
+    }
+
+    /// [`Self::load_with_vae`] reading the `variant` weights (`fp16`) where
+    /// a component has them.
+    pub fn load_with(spec: &str, vae: Option<&str>, variant: Option<&str>, device: Device, kind: Kind) -> Result<Self> {
+        let c = crate::diffusion::model_dir::load_pipeline_configs_with(spec, vae, variant)?;
         let default_size = c.default_size();
         let dir = c.dir;
-        let load = |component: &str| -> Result<Weights> { Weights::load(&dir.weights(component, None)?, device, kind) };
+        let load = |component: &str| -> Result<Weights> { Weights::load(&dir.weights(component)?, device, kind) };
         let mut text_encoders = Vec::new();
         for t in c.text_encoders {
             let tokenizer = ClipTokenizer::load(&dir.component(&t.tokenizer)?)?;
@@ -137,7 +143,8 @@ impl StableDiffusion {
             Family::Xl(_) if kind == Kind::Half && c.vae.force_upcast => Kind::Float,
             _ => kind,
         };
-        let vae_weights = Weights::load(&crate::diffusion::model_dir::weights_in(&c.vae_dir)?, device, vae_kind)?;
+        let vae_files = crate::diffusion::model_dir::weights_in_variant(&c.vae_dir, dir.variant.as_deref())?;
+        let vae_weights = Weights::load(&vae_files, device, vae_kind)?;
         let vae = AutoencoderKL::load(vae_weights.root(), c.vae)?;
         let vae_dir = c.vae_dir;
         Ok(StableDiffusion {

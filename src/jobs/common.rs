@@ -25,12 +25,18 @@ pub struct ModelOptions {
     /// `generate`) from `refiner_start` of the schedule on.
     #[serde(default)]
     pub refiner: Option<String>,
+    /// The weights variant (`fp16`: `*.fp16.safetensors`) of the generators,
+    /// VAE and refiner, where a component has it (diffusers' `variant=`);
+    /// repo ids download only those weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
     /// The fraction of the schedule the base runs before the refiner takes over.
     #[serde(default = "default_refiner_start")]
     pub refiner_start: f64,
-    /// An orchestrate RAHF folder (`rahf import` / `rahf init` make one):
-    /// the scorer instance `rahf`. Needed by `inpaint` (its masks come from
-    /// RAHF's heatmap) and by any score spec or verifier that names `rahf`.
+    /// An orchestrate RAHF folder (`rahf import` / `rahf init` make one) or
+    /// a Hub repo id holding one: the scorer instance `rahf`. Needed by
+    /// `inpaint` (its masks come from RAHF's heatmap) and by any score spec
+    /// or verifier that names `rahf`.
     #[serde(default)]
     pub rahf: Option<PathBuf>,
     /// Every other scorer instance's checkpoint, by instance name (`TYPE` or
@@ -270,6 +276,7 @@ impl CommonOptions {
         let options = crate::diffusion::generator::GeneratorOptions {
             vae: m.vae.clone(),
             refiner: m.refiner.clone().map(|r| (r, m.refiner_start)),
+            variant: m.variant.clone(),
         };
         let pipe = crate::diffusion::generator::load(generator, &options, device, kind)?;
         let scorers = Scorers::load(scorers, &|n| m.scorer_checkpoint(n), device, scorer_kind)?;
@@ -351,6 +358,9 @@ impl CommonOptions {
             if let Some(vae) = &self.models.vae {
                 map.insert("vae".into(), canonical(vae).into());
             }
+            if let Some(variant) = &self.models.variant {
+                map.insert("variant".into(), variant.clone().into());
+            }
             if let Some(refiner) = &self.models.refiner {
                 map.insert("refiner".into(), canonical(refiner).into());
                 map.insert("refiner_start".into(), self.models.refiner_start.into());
@@ -393,9 +403,13 @@ impl CommonOptions {
         crate::device::parse_dtype(&m.dtype, device).map_err(|e| Error::field("models.dtype", e.to_string()))?;
         let rahf_dtype = if m.rahf_dtype == "auto" { "fp32" } else { &m.rahf_dtype };
         crate::device::parse_dtype(rahf_dtype, device).map_err(|e| Error::field("models.rahf_dtype", e.to_string()))?;
+        if let Some(v) = &m.variant {
+            crate::diffusion::model_dir::check_variant(v).map_err(|e| Error::field("models.variant", e.to_string()))?;
+        }
+        let variant = m.variant.as_deref();
         let field = if Some(generator) == m.inpaint_generator.as_deref() { "models.inpaint_generator" } else { "models.generator" };
-        let info =
-            check_generator_with_vae(generator, m.vae.as_deref()).map_err(|e| Error::field(field, e.to_string()))?;
+        let info = check_generator_with(generator, m.vae.as_deref(), variant)
+            .map_err(|e| Error::field(field, e.to_string()))?;
         if let Some(k) = self.sampling.clip_skip {
             if k > info.max_clip_skip {
                 return Err(Error::field(
@@ -408,7 +422,7 @@ impl CommonOptions {
             if !(m.refiner_start > 0.0 && m.refiner_start < 1.0) {
                 return Err(Error::field("models.refiner_start", format!("{}: must be strictly between 0 and 1", m.refiner_start)));
             }
-            let r = check_generator_with_vae(refiner, m.vae.as_deref())
+            let r = check_generator_with(refiner, m.vae.as_deref(), variant)
                 .map_err(|e| Error::field("models.refiner", e.to_string()))?;
             if r.in_channels != r.latent_channels || r.latent_channels != info.latent_channels {
                 return Err(Error::field(
@@ -475,13 +489,14 @@ impl GeneratorInfo {
 /// `StableDiffusion::load` reads, the tokenizer, and the list of weight files
 /// (not the weights).
 pub fn check_generator(spec: &str) -> Result<GeneratorInfo> {
-    check_generator_with_vae(spec, None)
+    check_generator_with(spec, None, None)
 }
 
-/// [`check_generator`] with `--vae`'s folder in place of the pipeline's VAE.
-pub fn check_generator_with_vae(spec: &str, vae: Option<&str>) -> Result<GeneratorInfo> {
+/// [`check_generator`] with `--vae`'s folder in place of the pipeline's VAE,
+/// reading (and, for a repo id, fetching) the `variant` weights.
+pub fn check_generator_with(spec: &str, vae: Option<&str>, variant: Option<&str>) -> Result<GeneratorInfo> {
     use crate::diffusion::model_dir::Family;
-    let c = crate::diffusion::model_dir::load_pipeline_configs_with_vae(spec, vae)?;
+    let c = crate::diffusion::model_dir::load_pipeline_configs_with(spec, vae, variant)?;
     let native_size = c.unet.sample_size_hw().map(|_| c.default_size());
     let family = match c.family {
         Family::Sd => "SD",
@@ -610,4 +625,27 @@ pub struct JobSummary {
     pub figures: serde_json::Value,
     /// One line per figure, for people.
     pub lines: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(variant: Option<&str>) -> CommonOptions {
+        let yaml = format!(
+            "models: {{generator: g, rahf: r{}}}\n",
+            variant.map(|v| format!(", variant: {v}")).unwrap_or_default()
+        );
+        serde_saphyr::from_str(&yaml).unwrap()
+    }
+
+    #[test]
+    fn the_variant_is_a_setting_of_the_run() {
+        assert!(options(None).fingerprint("filter", serde_json::json!({})).get("variant").is_none());
+        let fp16 = options(Some("fp16"));
+        assert_eq!(fp16.models.variant.as_deref(), Some("fp16"));
+        assert_eq!(fp16.fingerprint("filter", serde_json::json!({}))["variant"], "fp16");
+        let e = options(Some("\"../x\"")).check_models("g").unwrap_err();
+        assert!(matches!(&e, Error::Field { field, .. } if field == "models.variant"), "{e}");
+    }
 }
