@@ -11,7 +11,6 @@ use crate::diffusion::pipeline::{ImageRequest, SamplingSettings};
 use crate::error::{Error, Result};
 use crate::guidance::{GuidanceSettings, Guider, ScoreKind};
 use crate::io::save_rgb;
-use crate::jobs::manifest::Manifest;
 use crate::jobs::prompts::{read_prompts, PromptItem};
 use crate::jobs::runner::{Finished, ItemKey, Outcome, Producer};
 use crate::jobs::{CommonOptions, JobSummary, RunContext};
@@ -120,8 +119,9 @@ struct GuidedImage {
     unguided_scores: Option<Scores>,
 }
 
+/// One `manifest.jsonl` line of a guide run: a prompt's guided (and unguided) images.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct GuideRecord {
+pub struct GuideRecord {
     prompt: String,
     score: String,
     strength: f64,
@@ -301,20 +301,22 @@ pub fn run(opts: &GuideOptions, common: &CommonOptions, ctx: &RunContext) -> Res
     let items = prepare(opts, common, &ctx.out)?;
     let job = GuideJob { opts, common, settings: common.sampling.settings()?, guidance: opts.guidance()? };
     let outcome = crate::jobs::runner::run(&job, &ctx.out, ctx.shard, &settings_fingerprint(opts, common), items, true)?;
-    let recs = records(&outcome.folder.manifest, &outcome.folder.records_of(&outcome.keys))?;
+    let recs = records(outcome.folder.manifest.path(), &outcome.folder.records_of(&outcome.keys))?;
     let summary = summarize(&recs, ctx, &outcome)?;
-    write_guide_report(&recs, opts, common, ctx, &summary)?;
+    let settings = serde_json::json!({ "guide": opts, "models": common.models, "sampling": common.sampling });
+    write_guide_report(&ctx.out, "guide", settings, &recs, &summary)?;
     Ok(summary)
 }
 
-fn records(manifest: &Manifest, values: &[&serde_json::Value]) -> Result<Vec<(String, GuideRecord)>> {
+/// Manifest records (`values`, read from the manifest at `manifest`), typed: (id, record).
+pub fn records(manifest: &Path, values: &[&serde_json::Value]) -> Result<Vec<(String, GuideRecord)>> {
     values
         .iter()
         .map(|v| {
             let id = v["id"].as_str().unwrap_or_default().to_string();
             serde_json::from_value((*v).clone())
                 .map(|r| (id.clone(), r))
-                .map_err(|e| Error::corrupt(manifest.path(), None, format!("record `{id}` is not a guide record: {e}")))
+                .map_err(|e| Error::corrupt(manifest, None, format!("record `{id}` is not a guide record: {e}")))
         })
         .collect()
 }
@@ -323,6 +325,26 @@ fn records(manifest: &Manifest, values: &[&serde_json::Value]) -> Result<Vec<(St
 /// manifest, and seconds per image of each.
 fn summarize(recs: &[(String, GuideRecord)], ctx: &RunContext, outcome: &Outcome) -> Result<JobSummary> {
     let (new, skipped) = (outcome.done_now, outcome.done_before);
+    let (mut figures, record_lines) = record_figures(recs)?;
+    if let Some(map) = figures.as_object_mut() {
+        map.insert("new".into(), new.into());
+        map.insert("skipped_done".into(), skipped.into());
+        map.insert("redone".into(), outcome.redone.len().into());
+        map.insert("gone".into(), serde_json::json!(outcome.gone));
+    }
+    let n_imgs: usize = recs.iter().map(|(_, r)| r.images.len()).sum();
+    let mut lines =
+        vec![format!("guide: {} prompts, {n_imgs} images in {} ({new} new, {skipped} already done)", recs.len(), ctx.out.display())];
+    lines.extend(record_lines);
+    if !outcome.gone.is_empty() {
+        lines.push(format!("{} finished prompt(s) no longer in the prompt list: left out of these figures", outcome.gone.len()));
+    }
+    Ok(JobSummary { job: "guide".into(), out: ctx.out.clone(), figures, lines })
+}
+
+/// What the records of a guide folder say (a run's or a merge's): guided
+/// against unguided scores and seconds per image, as figures and lines.
+pub fn record_figures(recs: &[(String, GuideRecord)]) -> Result<(serde_json::Value, Vec<String>)> {
     let (mut guided, mut unguided, mut gains) = (Vec::new(), Vec::new(), Vec::new());
     let (mut g_secs, mut u_secs, mut n_imgs, mut n_unguided_imgs) = (0.0, 0.0, 0usize, 0usize);
     let mut score_name = String::from("aesthetics");
@@ -351,10 +373,6 @@ fn summarize(recs: &[(String, GuideRecord)], ctx: &RunContext, outcome: &Outcome
     let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
     let figures = serde_json::json!({
         "prompts": recs.len(),
-        "new": new,
-        "skipped_done": skipped,
-        "redone": outcome.redone.len(),
-        "gone": outcome.gone,
         "images": n_imgs,
         "score": score_name,
         "mean_guided": mg,
@@ -365,8 +383,7 @@ fn summarize(recs: &[(String, GuideRecord)], ctx: &RunContext, outcome: &Outcome
         "guided_seconds_per_image": per(g_secs, n_imgs),
         "unguided_seconds_per_image": per(u_secs, n_unguided_imgs),
     });
-    let mut lines = vec![
-        format!("guide: {} prompts, {n_imgs} images in {} ({new} new, {skipped} already done)", recs.len(), ctx.out.display()),
+    let lines = vec![
         format!(
             "mean {score_name}: guided {} vs unguided {} (gain {}; guided higher on {improved} of {} seeds)",
             fmt(mg),
@@ -380,17 +397,15 @@ fn summarize(recs: &[(String, GuideRecord)], ctx: &RunContext, outcome: &Outcome
             fmt(per(u_secs, n_unguided_imgs))
         ),
     ];
-    if !outcome.gone.is_empty() {
-        lines.push(format!("{} finished prompt(s) no longer in the prompt list: left out of these figures", outcome.gone.len()));
-    }
-    Ok(JobSummary { job: "guide".into(), out: ctx.out.clone(), figures, lines })
+    Ok((figures, lines))
 }
 
-fn write_guide_report(
+/// `report.html` from the records; `merge` writes it for merged shards (`job` names which).
+pub fn write_guide_report(
+    out: &Path,
+    job: &str,
+    settings: serde_json::Value,
     recs: &[(String, GuideRecord)],
-    opts: &GuideOptions,
-    common: &CommonOptions,
-    ctx: &RunContext,
     summary: &JobSummary,
 ) -> Result<()> {
     use crate::report::{write_report, Report, ReportImage, ReportRow};
@@ -413,12 +428,12 @@ fn write_guide_report(
         rows.push(ReportRow { prompt: r.prompt.clone(), id: id.clone(), images, note: None });
     }
     let report = Report {
-        title: format!("guide — {}", ctx.out.display()),
-        job: "guide".into(),
-        settings: serde_json::json!({ "guide": opts, "models": common.models, "sampling": common.sampling }),
+        title: format!("{job} — {}", out.display()),
+        job: job.into(),
+        settings,
         summary: summary.lines.clone(),
         rows,
     };
-    write_report(&ctx.out, &report)?;
+    write_report(out, &report)?;
     Ok(())
 }

@@ -370,7 +370,8 @@ pub fn run(opts: &InpaintOptions, common: &CommonOptions, ctx: &RunContext) -> R
     let records: Vec<serde_json::Value> = outcome.folder.records_of(&outcome.keys).into_iter().cloned().collect();
     let mode = records.iter().find_map(|r| r.get("inpaint_mode").and_then(|m| m.as_str()).map(str::to_string));
     let summary = summarize(&records, &outcome, ctx, &generator, mode);
-    write_inpaint_report(&records, opts, common, ctx, &summary)?;
+    let settings = serde_json::json!({ "inpaint": opts, "models": common.models, "sampling": common.sampling });
+    write_inpaint_report(&ctx.out, "inpaint", settings, &records, &summary)?;
     Ok(summary)
 }
 
@@ -463,12 +464,13 @@ impl crate::jobs::runner::Job for InpaintJob<'_> {
     }
 }
 
-/// `report.html`, rebuilt from the whole manifest so a resumed run shows every item.
-fn write_inpaint_report(
+/// `report.html`, rebuilt from the whole manifest so a resumed run shows
+/// every item; `merge` writes it for merged shards (`job` names which).
+pub fn write_inpaint_report(
+    out: &Path,
+    job: &str,
+    settings: serde_json::Value,
     records: &[serde_json::Value],
-    opts: &InpaintOptions,
-    common: &CommonOptions,
-    ctx: &RunContext,
     summary: &JobSummary,
 ) -> Result<()> {
     use crate::report::{write_report, Report, ReportImage, ReportRow};
@@ -499,13 +501,13 @@ fn write_inpaint_report(
         })
         .collect();
     let report = Report {
-        title: format!("inpaint — {}", ctx.out.display()),
-        job: "inpaint".into(),
-        settings: serde_json::json!({ "inpaint": opts, "models": common.models, "sampling": common.sampling }),
+        title: format!("{job} — {}", out.display()),
+        job: job.into(),
+        settings,
         summary: summary.lines.clone(),
         rows,
     };
-    write_report(&ctx.out, &report)?;
+    write_report(out, &report)?;
     Ok(())
 }
 
@@ -694,7 +696,6 @@ fn write_item(out: &Path, p: Product, opts: &InpaintOptions, generator: &str) ->
 }
 
 /// Figures over every item of the run folder's manifest (earlier runs included).
-#[allow(clippy::too_many_arguments)]
 fn summarize(
     records: &[serde_json::Value],
     outcome: &Outcome,
@@ -703,6 +704,38 @@ fn summarize(
     mode: Option<String>,
 ) -> JobSummary {
     let (new, skipped, in_shard) = (outcome.done_now, outcome.done_before, outcome.keys.len());
+    let (mut figures, record_lines) = record_figures(records);
+    if let Some(map) = figures.as_object_mut() {
+        for (k, v) in [
+            ("new", serde_json::json!(new)),
+            ("skipped_done", serde_json::json!(skipped)),
+            ("redone", serde_json::json!(outcome.redone.len())),
+            ("gone", serde_json::json!(outcome.gone)),
+            ("in_shard", serde_json::json!(in_shard)),
+            ("generator", serde_json::json!(generator)),
+            ("inpaint_mode", serde_json::json!(mode)),
+            ("manifest", serde_json::json!(ctx.out.join(crate::jobs::manifest::MANIFEST_FILE))),
+        ] {
+            map.insert(k.into(), v);
+        }
+    }
+    let mut lines =
+        vec![format!("inpaint: {} items in {} ({new} new, {skipped} already done)", records.len(), ctx.out.display())];
+    lines.extend(record_lines);
+    if !outcome.gone.is_empty() {
+        lines.push(format!("{} finished item(s) no longer in the input: left out of these figures", outcome.gone.len()));
+    }
+    JobSummary {
+        job: "inpaint".into(),
+        out: ctx.out.clone(),
+        figures,
+        lines,
+    }
+}
+
+/// What the records of an inpaint folder say (a run's or a merge's): masks,
+/// wins and mean plausibility before and after, as figures and lines.
+pub fn record_figures(records: &[serde_json::Value]) -> (serde_json::Value, Vec<String>) {
     let flag = |r: &serde_json::Value, k: &str| r.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
     let num = |r: &serde_json::Value, k: &str| {
         r.get(k).and_then(|v| v.as_f64()).filter(|v| v.is_finite())
@@ -720,26 +753,14 @@ fn summarize(
     let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
     let figures = serde_json::json!({
         "items": items,
-        "new": new,
-        "skipped_done": skipped,
-        "redone": outcome.redone.len(),
-        "gone": outcome.gone,
-        "in_shard": in_shard,
         "empty_masks": empty,
         "inpainted": inpainted,
         "candidate_won": won,
         "candidate_win_rate": win_rate,
         "mean_plausibility_before": before,
         "mean_plausibility_after": after,
-        "generator": generator,
-        "inpaint_mode": mode,
-        "manifest": ctx.out.join(crate::jobs::manifest::MANIFEST_FILE),
     });
-    let mut lines = vec![
-        format!(
-            "inpaint: {items} items in {} ({new} new, {skipped} already done)",
-            ctx.out.display()
-        ),
+    let lines = vec![
         format!("empty masks (kept as they were): {empty}; inpainted: {inpainted}"),
         format!(
             "a candidate beat the original in {won} of {inpainted} inpainted items ({})",
@@ -751,15 +772,7 @@ fn summarize(
             fmt(after)
         ),
     ];
-    if !outcome.gone.is_empty() {
-        lines.push(format!("{} finished item(s) no longer in the input: left out of these figures", outcome.gone.len()));
-    }
-    JobSummary {
-        job: "inpaint".into(),
-        out: ctx.out.clone(),
-        figures,
-        lines,
-    }
+    (figures, lines)
 }
 
 #[cfg(test)]
