@@ -159,24 +159,12 @@ pub fn merge(out: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<JobS
     if shards.is_empty() {
         return Err(Error::Invalid("merge: no shard folders given".into()));
     }
-    // Every shard must come from one job and the same settings, or the union means nothing.
-    let plans: Vec<Plan> = shards.iter().map(|d| read_plan(d)).collect::<Result<_>>()?;
-    let first = &plans[0];
-    let job = first.job.clone();
+    // Every shard must come from the same settings and one job, or the union means nothing.
     let mut settings: Option<(PathBuf, serde_json::Value)> = None;
-    for (dir, p) in shards.iter().zip(&plans) {
-        if p.job != job {
-            return Err(Error::Invalid(format!(
-                "{} is a {} run but {} a {} run: merge joins the shards of one job",
-                first.path.display(),
-                job,
-                p.path.display(),
-                p.job
-            )));
-        }
+    for dir in shards {
         let path = dir.join(SETTINGS_FILE);
         if !path.is_file() {
-            return Err(Error::Missing { path, what: format!("the settings of a {job} run") });
+            return Err(Error::Missing { path, what: "the settings of a filter, inpaint or guide run".into() });
         }
         let s: serde_json::Value = crate::error::read_json(&path)?;
         match &settings {
@@ -191,12 +179,25 @@ pub fn merge(out: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<JobS
             Some(_) => {}
         }
     }
+    let plans: Vec<Plan> = shards.iter().map(|d| read_plan(d)).collect::<Result<_>>()?;
+    let first = &plans[0];
+    let job = first.job.clone();
+    if let Some(p) = plans.iter().find(|p| p.job != job) {
+        return Err(Error::Invalid(format!(
+            "{} is a {} run but {} a {} run: merge joins the shards of one job",
+            first.path.display(),
+            job,
+            p.path.display(),
+            p.job
+        )));
+    }
     // ... and from one item list, split one way, every shard once.
+    let lists = if job == "inpaint" { "input lists (the input edited, or its images replaced" } else { "prompt lists (edited" };
     let mut by_index: BTreeMap<usize, &Plan> = BTreeMap::new();
     for p in &plans {
         if p.inputs != first.inputs {
             return Err(Error::Invalid(format!(
-                "{} and {}: the shards were made from different item lists (prompts or inputs edited between runs?); rerun the stale shards",
+                "{} and {}: the shards were made from different {lists} between runs?); rerun the stale shards",
                 first.path.display(),
                 p.path.display()
             )));
