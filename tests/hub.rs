@@ -21,23 +21,11 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/diffusion").join(name)
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 /// sd-tiny as a pipeline repo on the Hub looks: with a safety checker, a
 /// feature extractor, `.bin` weights and a README, none of which orchestrate reads.
 fn served_sd_tiny(dir: &Path) -> PathBuf {
     let root = dir.join("served-sd-tiny");
-    copy_dir(&fixture("sd-tiny"), &root);
+    common::copy_dir(&fixture("sd-tiny"), &root);
     let index_path = root.join("model_index.json");
     let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
     index["safety_checker"] = serde_json::json!(["stable_diffusion", "StableDiffusionSafetyChecker"]);

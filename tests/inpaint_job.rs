@@ -86,6 +86,7 @@ fn common(generator_name: &str, steps: usize, batch_size: usize) -> CommonOption
             inpaint_generator: None,
             vae: None,
             refiner: None,
+            variant: None,
             refiner_start: 0.8,
             rahf: Some(rahf_dir().to_path_buf()),
             scorers: Default::default(),

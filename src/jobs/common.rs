@@ -3,6 +3,7 @@ use crate::diffusion::pipeline::{check_image_size, SamplingSettings};
 use crate::diffusion::schedulers::SchedulerKind;
 use crate::error::{Error, Result};
 use crate::scorers::{self, ScoreSpec, Scorers};
+pub use crate::jobs::shard::Shard;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -549,61 +550,6 @@ pub struct CommonOptions {
     pub models: ModelOptions,
     #[serde(default)]
     pub sampling: SamplingOptions,
-}
-
-/// `--shard i/n`: this process takes prompts whose index % n == i.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Shard {
-    pub index: usize,
-    pub count: usize,
-}
-
-impl Default for Shard {
-    fn default() -> Self {
-        Shard { index: 0, count: 1 }
-    }
-}
-
-impl Shard {
-    /// `i/n` with 0 <= i < n.
-    pub fn parse(spec: &str) -> Result<Shard> {
-        let bad = || Error::Invalid(format!("--shard `{spec}`: expected i/n with 0 <= i < n"));
-        let (i, n) = spec.split_once('/').ok_or_else(bad)?;
-        let (index, count) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
-        if count == 0 || index >= count {
-            return Err(bad());
-        }
-        Ok(Shard { index, count })
-    }
-
-    /// From the scheduler's array environment: SLURM_ARRAY_TASK_ID /
-    /// SLURM_ARRAY_TASK_COUNT, or Kubernetes' JOB_COMPLETION_INDEX with
-    /// ORCHESTRATE_SHARDS (Kubernetes does not export the count). None when unset.
-    pub fn from_env() -> Result<Option<Shard>> {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        let pair = match (var("SLURM_ARRAY_TASK_ID"), var("SLURM_ARRAY_TASK_COUNT")) {
-            (Some(i), Some(n)) => Some((i, n, "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT")),
-            _ => match (var("JOB_COMPLETION_INDEX"), var("ORCHESTRATE_SHARDS")) {
-                (Some(i), Some(n)) => Some((i, n, "JOB_COMPLETION_INDEX/ORCHESTRATE_SHARDS")),
-                (Some(_), None) => {
-                    return Err(Error::Invalid(
-                        "JOB_COMPLETION_INDEX is set but the shard count is not: set ORCHESTRATE_SHARDS or pass --shard i/n".into(),
-                    ))
-                }
-                _ => None,
-            },
-        };
-        match pair {
-            None => Ok(None),
-            Some((i, n, from)) => Shard::parse(&format!("{i}/{n}"))
-                .map(Some)
-                .map_err(|e| Error::Invalid(format!("{from}: {e}"))),
-        }
-    }
-
-    pub fn takes(&self, prompt_index: usize) -> bool {
-        prompt_index % self.count == self.index
-    }
 }
 
 /// Where a job writes and how it reports.
