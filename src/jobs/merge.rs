@@ -54,8 +54,15 @@ fn read_shard(dir: &Path) -> Result<HashMap<String, serde_json::Value>> {
 
 /// Puts `from`'s bytes at `to`: a hard link (through a `.partial` name and a
 /// rename, so `to` is never half there), or a copy across file systems.
-/// Returns whether it linked.
+/// Returns whether it linked. `to` already a link to `from` (a merge run
+/// again) is left as it is: renaming a link over another link to the same
+/// file does nothing, and would leave the `.partial` name behind.
 fn link_or_copy(from: &Path, to: &Path) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    if id(to).is_some() && id(to) == id(from) {
+        return Ok(true);
+    }
     if let Some(dir) = to.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
