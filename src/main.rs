@@ -17,7 +17,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Sample images from a Stable Diffusion-family model (diffusers folder or cached HF repo id).
+    /// Sample images from a Stable Diffusion-family model (a diffusers folder, or an HF repo id downloaded into the HF cache when missing).
     Generate(GenerateArgs),
     /// Every given scorer's scores for existing images (RAHF: four scores, two heatmaps, misaligned keywords).
     Score(ScoreArgs),
@@ -363,10 +363,10 @@ struct RahfImportArgs {
     /// The PyTorch checkpoint (zip format, as torch.save writes it); never executed.
     #[arg(long)]
     checkpoint: std::path::PathBuf,
-    /// The ViT backbone's HF folder (config.json, preprocessor_config.json), or a cached HF repo id.
+    /// The ViT backbone's HF folder (config.json, preprocessor_config.json), or an HF repo id (downloaded into the HF cache when missing).
     #[arg(long)]
     vit: String,
-    /// The T5 backbone's HF folder (config.json, tokenizer.json), or a cached HF repo id.
+    /// The T5 backbone's HF folder (config.json, tokenizer.json), or an HF repo id (downloaded into the HF cache when missing).
     #[arg(long)]
     t5: String,
     /// The folder to create (must not exist, or be empty).
@@ -376,10 +376,10 @@ struct RahfImportArgs {
 
 #[derive(clap::Args)]
 struct RahfInitArgs {
-    /// HF ViTModel or ViTForImageClassification folder, or a cached HF repo id.
+    /// HF ViTModel or ViTForImageClassification folder, or an HF repo id (downloaded into the HF cache when missing).
     #[arg(long)]
     vit: String,
-    /// HF T5ForConditionalGeneration folder (with tokenizer.json), or a cached HF repo id.
+    /// HF T5ForConditionalGeneration folder (with tokenizer.json), or an HF repo id (downloaded into the HF cache when missing).
     #[arg(long)]
     t5: String,
     /// augmented or multi-head.

@@ -92,7 +92,7 @@ pub struct GeneratorOptions {
     pub variant: Option<String>,
 }
 
-/// Loads the generator in `spec` (a diffusers folder or cached repo id) with
+/// Loads the generator in `spec` (a diffusers folder or repo id) with
 /// `options`, for its family.
 pub fn load(spec: &str, options: &GeneratorOptions, device: Device, kind: Kind) -> Result<Box<dyn Generator>> {
     let vae = options.vae.as_deref();

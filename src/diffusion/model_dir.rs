@@ -287,7 +287,7 @@ fn has_component(index: &serde_json::Value, name: &str) -> bool {
     index.get(name).and_then(|v| v.as_array()).is_some_and(|a| a.iter().any(|x| !x.is_null()))
 }
 
-/// For `--dry-run`: every check of a pipeline folder (or cached repo id) that
+/// For `--dry-run`: every check of a pipeline folder (or repo id) that
 /// needs no weights. Each component's config is read and validated (the same
 /// `load` the pipeline uses), the tokenizers are loaded, the weights files are
 /// located, and the components are checked against each other:

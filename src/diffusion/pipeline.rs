@@ -100,7 +100,7 @@ pub const AESTHETIC_SCORE: f64 = 6.0;
 pub const NEGATIVE_AESTHETIC_SCORE: f64 = 2.5;
 
 impl StableDiffusion {
-    /// Loads every component of a diffusers pipeline folder (or cached repo id).
+    /// Loads every component of a diffusers pipeline folder (or repo id).
     /// Every config is read, validated and cross-checked first
     /// ([`crate::diffusion::model_dir::load_pipeline_configs`], what
     /// `--dry-run` runs), so a bad checkpoint is an error naming its file and

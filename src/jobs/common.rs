@@ -12,14 +12,14 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelOptions {
-    /// Text-to-image generator: a diffusers folder or a cached HF repo id.
+    /// Text-to-image generator: a diffusers folder or an HF repo id (downloaded when missing).
     pub generator: String,
     /// Generator used by `inpaint` (a 9-channel inpainting checkpoint, or the
     /// plain generator, which then inpaints by latent blending). Defaults to `generator`.
     #[serde(default)]
     pub inpaint_generator: Option<String>,
     /// A VAE folder that replaces the generators' own (e.g. SDXL's
-    /// fp16-fix VAE): a diffusers `AutoencoderKL` folder or cached repo id.
+    /// fp16-fix VAE): a diffusers `AutoencoderKL` folder or repo id.
     #[serde(default)]
     pub vae: Option<String>,
     /// An SDXL refiner that finishes text-to-image samples (`filter`,
