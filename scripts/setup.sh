@@ -53,6 +53,16 @@ if [[ ! -x /usr/bin/chromium ]]; then
     fi
 fi
 
+# tests/slurm.rs runs a one-node Slurm cluster (Debian's slurm-wlm and munge);
+# its daemons run as root, so only a root setup installs them. A failed install
+# warns: the test installs them itself, and fails under CI=true if it cannot.
+if [[ "$(id -u)" -eq 0 ]] && ! command -v slurmctld >/dev/null; then
+    echo "setup: installing Debian's slurm-wlm and munge (tests/slurm.rs)"
+    if ! "$ROOT/scripts/slurm/local-cluster.sh" install; then
+        echo "setup: WARNING: could not install slurm-wlm and munge; tests/slurm.rs fails under CI=true and skips otherwise" >&2
+    fi
+fi
+
 if [[ "${1:-}" == "--fixtures" ]]; then
     "$VENV/bin/pip" install --quiet --no-input -r "$ROOT/tests/fixtures/requirements.txt"
     echo "setup: fixture requirements installed into $VENV"

@@ -5,8 +5,9 @@
 //! merge with `--dependency=afterok:<array>`, for filter and then for inpaint
 //! of what filter kept), and the merged outputs compared with an unsharded run.
 //!
-//! Needs root and apt-get (or Slurm and munge installed). Without them it
-//! fails under `CI=true` and skips with a message elsewhere. Every wait has a
+//! Needs root and apt-get (or Slurm and munge installed: scripts/setup.sh
+//! installs them when run as root). Without them, or when the install fails,
+//! it fails under `CI=true` and skips with a message elsewhere. Every wait has a
 //! limit (the install, the cluster's start, each job), and the daemons are
 //! stopped at the end, even when the test fails; tests on one machine that
 //! want the cluster take turns on a lock file.
@@ -41,9 +42,22 @@ fn unavailable() -> Option<String> {
     None
 }
 
-/// `None` (after saying why) when the test should skip.
+/// `None` (after saying why) when the test should skip: no root, or Slurm
+/// neither installed nor installable (`local-cluster.sh install`, apt-get).
+/// Under `CI=true` each of those fails the test instead.
 fn usable() -> Option<()> {
-    match unavailable() {
+    let why = unavailable().or_else(|| {
+        if Path::new("/usr/sbin/slurmctld").exists() && Path::new("/usr/bin/sbatch").exists() {
+            return None;
+        }
+        let mut c = Command::new(script());
+        c.arg("install");
+        // Installing the packages is the long part (a minute or two).
+        let o = wait_limited(piped(c), Duration::from_secs(1200));
+        (!o.status.success())
+            .then(|| format!("installing slurm-wlm and munge failed:\n{}{}", text(&o.stdout), text(&o.stderr)))
+    });
+    match why {
         None => Some(()),
         Some(why) => {
             assert!(!ci(), "tests/slurm.rs cannot run under CI=true: {why}");
@@ -89,8 +103,7 @@ impl Cluster {
         let cluster = Cluster { _turn: turn };
         let mut c = Command::new(script());
         c.arg("start");
-        // Installing the packages is the long part (a minute or two).
-        let o = wait_limited(piped(c), Duration::from_secs(1200));
+        let o = wait_limited(piped(c), Duration::from_secs(300));
         assert!(o.status.success(), "local-cluster.sh start failed:\n{}{}", text(&o.stdout), text(&o.stderr));
         cluster
     }

@@ -7,6 +7,7 @@
 #                                           /etc/slurm/slurm.conf, create the munge key,
 #                                           start munged, slurmctld and slurmd, and wait
 #                                           until sinfo shows the node idle
+#   scripts/slurm/local-cluster.sh install  only install slurm-wlm and munge (scripts/setup.sh calls it as root)
 #   scripts/slurm/local-cluster.sh stop     cancel every job, stop the daemons it started
 #   scripts/slurm/local-cluster.sh status   sinfo and squeue
 #
@@ -194,7 +195,8 @@ stop() {
 
 case "${1:-}" in
     start) start ;;
+    install) install_packages ;;
     stop) stop ;;
     status) sinfo; squeue ;;
-    *) die "usage: $0 start|stop|status" ;;
+    *) die "usage: $0 start|install|stop|status" ;;
 esac
