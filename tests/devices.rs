@@ -4,36 +4,16 @@
 //! its own error, and the same command run again resumes.
 mod common;
 
-use common::{assert_same_merged, import_tiny_rahf, run_bin_limited, tree};
+use common::{assert_same_merged, run_bin_limited, tree};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(600);
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// filter -> inpaint (of what filter keeps) -> guide, on the tiny models, CPU.
 fn recipe(dir: &Path) -> PathBuf {
-    let rahf = dir.join("rahf");
-    import_tiny_rahf(&rahf);
-    std::fs::write(dir.join("prompts.txt"), "a photo of a cat\na red bicycle\na blue house\n").unwrap();
-    let text = format!(
-        "models:\n  generator: {gen}\n  inpaint_generator: {inp}\n  rahf: {rahf}\n  device: cpu\n\
-         sampling:\n  steps: 3\n  scheduler: ddim\n  seed: 7\n  batch_size: 2\n\
-         output: out\n\
-         filter:\n  prompts: prompts.txt\n  samples: 2\n  threshold: 0.0\n  keep: all-above\n\
-         inpaint:\n  input: filter\n  mask_threshold: 0.3\n  dilate: 2\n  candidates: 2\n\
-         guide:\n  prompts: prompts.txt\n  strength: 1.0\n  every: 2\n  compare_unguided: true\n",
-        gen = repo().join("tests/fixtures/diffusion/sd-tiny").display(),
-        inp = repo().join("tests/fixtures/diffusion/sd-tiny-inpaint").display(),
-        rahf = rahf.display(),
-    );
-    let path = dir.join("r.yaml");
-    std::fs::write(&path, text).unwrap();
-    path
+    common::tiny_pipeline_recipe(dir, "guide:\n  prompts: prompts.txt\n  strength: 1.0\n  every: 2\n  compare_unguided: true\n")
 }
 
 fn run(args: &[&OsStr]) -> std::process::Output {

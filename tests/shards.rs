@@ -6,7 +6,7 @@
 //! its run.
 mod common;
 
-use common::{assert_same_merged, import_tiny_rahf, run_bin_limited, wait_limited};
+use common::{assert_same_merged, run_bin_limited, wait_limited};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -14,27 +14,8 @@ use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(600);
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn recipe(dir: &Path) -> PathBuf {
-    let rahf = dir.join("rahf");
-    import_tiny_rahf(&rahf);
-    std::fs::write(dir.join("prompts.txt"), "a photo of a cat\na red bicycle\na blue house\n").unwrap();
-    let text = format!(
-        "models:\n  generator: {gen}\n  inpaint_generator: {inp}\n  rahf: {rahf}\n  device: cpu\n\
-         sampling:\n  steps: 3\n  scheduler: ddim\n  batch_size: 2\n\
-         output: out\n\
-         filter:\n  prompts: prompts.txt\n  samples: 2\n  threshold: 0.0\n  keep: all-above\n\
-         inpaint:\n  input: filter\n  mask_threshold: 0.3\n  dilate: 2\n  candidates: 2\n",
-        gen = repo().join("tests/fixtures/diffusion/sd-tiny").display(),
-        inp = repo().join("tests/fixtures/diffusion/sd-tiny-inpaint").display(),
-        rahf = rahf.display(),
-    );
-    let path = dir.join("r.yaml");
-    std::fs::write(&path, text).unwrap();
-    path
+    common::tiny_pipeline_recipe(dir, "")
 }
 
 fn text(b: &[u8]) -> String {

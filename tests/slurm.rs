@@ -13,7 +13,7 @@
 //! want the cluster take turns on a lock file.
 mod common;
 
-use common::{assert_same_merged, import_tiny_rahf, wait_limited};
+use common::{assert_same_merged, wait_limited};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -175,24 +175,7 @@ fn a_recipe_through_slurm_arrays_and_merges_equals_the_unsharded_run() {
     let began = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().canonicalize().unwrap();
-    let rahf = root.join("rahf");
-    import_tiny_rahf(&rahf);
-    std::fs::write(root.join("prompts.txt"), "a photo of a cat\na red bicycle\na blue house\n").unwrap();
-    let recipe = root.join("r.yaml");
-    std::fs::write(
-        &recipe,
-        format!(
-            "models:\n  generator: {gen}\n  inpaint_generator: {inp}\n  rahf: {rahf}\n  device: cpu\n\
-             sampling:\n  steps: 3\n  scheduler: ddim\n  batch_size: 2\n\
-             output: out\n\
-             filter:\n  prompts: prompts.txt\n  samples: 2\n  threshold: 0.0\n  keep: all-above\n\
-             inpaint:\n  input: filter\n  mask_threshold: 0.3\n  dilate: 2\n  candidates: 2\n",
-            gen = repo().join("tests/fixtures/diffusion/sd-tiny").display(),
-            inp = repo().join("tests/fixtures/diffusion/sd-tiny-inpaint").display(),
-            rahf = rahf.display(),
-        ),
-    )
-    .unwrap();
+    let recipe = common::tiny_pipeline_recipe(&root, "");
     let out = root.join("out");
 
     let _cluster = Cluster::start();

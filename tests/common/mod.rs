@@ -130,6 +130,30 @@ pub fn import_tiny_rahf(out: &Path) {
         .unwrap();
 }
 
+/// A filter -> inpaint (of what filter keeps) recipe `dir/r.yaml` on the tiny
+/// models, CPU, over three prompts, with its tiny RAHF in `dir/rahf` and
+/// `extra` YAML appended (a guide section, say): what the shard, Slurm and
+/// device tests run sharded and whole.
+pub fn tiny_pipeline_recipe(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rahf = dir.join("rahf");
+    import_tiny_rahf(&rahf);
+    std::fs::write(dir.join("prompts.txt"), "a photo of a cat\na red bicycle\na blue house\n").unwrap();
+    let text = format!(
+        "models:\n  generator: {gen}\n  inpaint_generator: {inp}\n  rahf: {rahf}\n  device: cpu\n\
+         sampling:\n  steps: 3\n  scheduler: ddim\n  seed: 7\n  batch_size: 2\n\
+         output: out\n\
+         filter:\n  prompts: prompts.txt\n  samples: 2\n  threshold: 0.0\n  keep: all-above\n\
+         inpaint:\n  input: filter\n  mask_threshold: 0.3\n  dilate: 2\n  candidates: 2\n{extra}",
+        gen = repo.join("tests/fixtures/diffusion/sd-tiny").display(),
+        inp = repo.join("tests/fixtures/diffusion/sd-tiny-inpaint").display(),
+        rahf = rahf.display(),
+    );
+    let path = dir.join("r.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// The `orchestrate` binary, logging at warn, with no scheduler's shard
 /// environment (a test that wants a shard says so).
 pub fn bin() -> std::process::Command {
