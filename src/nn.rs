@@ -96,3 +96,26 @@ pub fn activation(name: &str, x: &Tensor) -> Option<Tensor> {
         _ => return None,
     })
 }
+
+/// Multi-head scaled dot-product attention over already projected `q`, `k`,
+/// `v` ([B, T, D] each, `D = heads * head_dim`), scale `head_dim^-0.5`, with
+/// a causal mask when asked; returns [B, T, D] before the output projection.
+/// The same kernel PyTorch's `nn.MultiheadAttention` and transformers' CLIP
+/// attention call.
+pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64, causal: bool) -> Tensor {
+    let (b, t, d) = q.size3().expect("attention inputs are [batch, tokens, dim]");
+    let head_dim = d / heads;
+    let split = |y: &Tensor| y.view([b, -1, heads, head_dim]).transpose(1, 2);
+    let scale = (head_dim as f64).powf(-0.5);
+    let y = Tensor::scaled_dot_product_attention(
+        &split(q),
+        &split(k),
+        &split(v),
+        None::<Tensor>,
+        0.0,
+        causal,
+        scale,
+        false,
+    );
+    y.transpose(1, 2).reshape([b, t, d])
+}

@@ -2,7 +2,7 @@
 //! `text_encoder/` folder: token + position embeddings, pre-norm transformer
 //! layers with causal self-attention, final layer norm.
 use crate::error::{read_json, Error, Result};
-use crate::nn::{activation, Embedding, LayerNorm, Linear};
+use crate::nn::{activation, multi_head_attention, Embedding, LayerNorm, Linear};
 use crate::diffusion::unet::config::{MAX_LAYERS, MAX_SIZE};
 use crate::weights::{ConfigCheck, Vb};
 use serde::Deserialize;
@@ -144,19 +144,45 @@ impl ClipTextConfig {
     pub fn head_dim(&self) -> i64 {
         self.hidden_size / self.num_attention_heads
     }
+
+    /// The sizes of the (causal) text encoder layers.
+    pub fn dims(&self) -> EncoderDims {
+        EncoderDims {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_attention_heads: self.num_attention_heads,
+            layer_norm_eps: self.layer_norm_eps,
+            hidden_act: self.hidden_act.clone(),
+            causal: true,
+        }
+    }
 }
 
+/// The sizes of one CLIP encoder stack: the text tower (causal) or the
+/// vision tower of transformers' `CLIPModel` (bidirectional).
+#[derive(Debug, Clone)]
+pub struct EncoderDims {
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_attention_heads: i64,
+    pub layer_norm_eps: f64,
+    /// Validated by the config that gave it (see [`activation`]).
+    pub hidden_act: String,
+    pub causal: bool,
+}
+
+/// `self_attn.{q,k,v,out}_proj` of transformers' `CLIPAttention`.
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
     out_proj: Linear,
     heads: i64,
-    head_dim: i64,
+    causal: bool,
 }
 
 impl Attention {
-    fn load(vb: &Vb, c: &ClipTextConfig) -> Result<Self> {
+    fn load(vb: &Vb, c: &EncoderDims) -> Result<Self> {
         let d = c.hidden_size;
         Ok(Attention {
             q_proj: Linear::load(&vb.pp("q_proj"), d, d, true)?,
@@ -164,37 +190,28 @@ impl Attention {
             v_proj: Linear::load(&vb.pp("v_proj"), d, d, true)?,
             out_proj: Linear::load(&vb.pp("out_proj"), d, d, true)?,
             heads: c.num_attention_heads,
-            head_dim: c.head_dim(),
+            causal: c.causal,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let (b, t, d) = x
-            .size3()
-            .expect("CLIP hidden states are [batch, tokens, dim]");
-        let split = |y: Tensor| y.view([b, t, self.heads, self.head_dim]).transpose(1, 2);
-        let q = split(self.q_proj.forward(x));
-        let k = split(self.k_proj.forward(x));
-        let v = split(self.v_proj.forward(x));
         // CLIP's text transformer is causal: a token sees only itself and
         // what precedes it. SD pipelines pass no padding mask (padding is
         // after the <eos>, so causality already hides it from real tokens).
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            true,
-            scale,
-            false,
+        // The vision transformer attends everywhere.
+        let y = multi_head_attention(
+            &self.q_proj.forward(x),
+            &self.k_proj.forward(x),
+            &self.v_proj.forward(x),
+            self.heads,
+            self.causal,
         );
-        self.out_proj.forward(&y.transpose(1, 2).reshape([b, t, d]))
+        self.out_proj.forward(&y)
     }
 }
 
-struct EncoderLayer {
+/// One `encoder.layers.N` of a CLIP tower (text or vision).
+pub struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: Attention,
     layer_norm2: LayerNorm,
@@ -204,7 +221,7 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(vb: &Vb, c: &ClipTextConfig) -> Result<Self> {
+    pub fn load(vb: &Vb, c: &EncoderDims) -> Result<Self> {
         Ok(EncoderLayer {
             layer_norm1: LayerNorm::load(&vb.pp("layer_norm1"), c.hidden_size, c.layer_norm_eps)?,
             self_attn: Attention::load(&vb.pp("self_attn"), c)?,
@@ -225,7 +242,7 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
         let x = x + self.self_attn.forward(&self.layer_norm1.forward(x));
         let h = self.fc1.forward(&self.layer_norm2.forward(&x));
         // The name was validated when the config was loaded.
@@ -281,8 +298,9 @@ impl ClipTextModel {
             config.hidden_size,
         )?;
         let layers_vb = vb.pp("encoder").pp("layers");
+        let dims = config.dims();
         let layers = (0..config.num_hidden_layers)
-            .map(|i| EncoderLayer::load(&layers_vb.pp(i), &config))
+            .map(|i| EncoderLayer::load(&layers_vb.pp(i), &dims))
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::load(
             &vb.pp("final_layer_norm"),
@@ -318,11 +336,17 @@ impl ClipTextModel {
     /// position of the highest id (the first `<|endoftext|>`, CLIP's last
     /// vocabulary entry); otherwise the first position holding `eos_token_id`.
     pub fn pooled(&self, last_hidden_state: &Tensor, input_ids: &Tensor) -> Tensor {
-        let eos = self.config.eos_token_id.unwrap_or(DEFAULT_EOS_TOKEN_ID);
-        let ids = input_ids.to_device(last_hidden_state.device()).to_kind(tch::Kind::Int);
-        let positions = if eos == 2 { ids.argmax(-1, false) } else { ids.eq(eos).to_kind(tch::Kind::Int).argmax(-1, false) };
+        let positions = self.eos_positions(&input_ids.to_device(last_hidden_state.device()));
         let rows = Tensor::arange(last_hidden_state.size()[0], (tch::Kind::Int64, last_hidden_state.device()));
         last_hidden_state.index(&[Some(rows), Some(positions)])
+    }
+
+    /// The position [N] of the token each row of `input_ids` [N, L] is pooled
+    /// at (see [`Self::pooled`]).
+    pub fn eos_positions(&self, input_ids: &Tensor) -> Tensor {
+        let eos = self.config.eos_token_id.unwrap_or(DEFAULT_EOS_TOKEN_ID);
+        let ids = input_ids.to_kind(tch::Kind::Int);
+        if eos == 2 { ids.argmax(-1, false) } else { ids.eq(eos).to_kind(tch::Kind::Int).argmax(-1, false) }
     }
 
     /// SDXL's use of an encoder (diffusers' `encode_prompt` with
@@ -339,6 +363,15 @@ impl ClipTextModel {
             proj.forward(&self.pooled(&last, input_ids))
         });
         (states.swap_remove(n - 2 - skip), text_embeds)
+    }
+
+    /// transformers' `get_text_features`: `text_projection` of the pooled
+    /// `<eos>` state of the last layer (after `final_layer_norm`), [N, P];
+    /// `None` for a plain `CLIPTextModel`, which has no projection.
+    pub fn text_embeds(&self, input_ids: &Tensor) -> Option<Tensor> {
+        let proj = self.text_projection.as_ref()?;
+        let last = self.encode(input_ids, None);
+        Some(proj.forward(&self.pooled(&last, input_ids)))
     }
 
     /// Checks a `clip_skip` value against this model's depth.

@@ -212,6 +212,31 @@ impl ClipTokenizer {
         Ok(this)
     }
 
+    /// A tokenizer from a ready pipeline (special tokens already added), which
+    /// truncates to `max_len` keeping `<eos>` last and pads with `pad_id`
+    /// (`pad_token` only names it; it need not be a special token).
+    pub(crate) fn from_pipeline(
+        tokenizer: Tokenizer,
+        source: &Path,
+        max_len: usize,
+        pad: (&str, u32),
+        bos_id: u32,
+        eos_id: u32,
+    ) -> Result<Self> {
+        let mut this = ClipTokenizer {
+            fixed: tokenizer.clone(),
+            tokenizer,
+            path: source.to_path_buf(),
+            max_len,
+            pad_id: pad.1,
+            pad_token: pad.0.to_string(),
+            bos_id,
+            eos_id,
+        };
+        this.fixed = this.truncating_padding(max_len)?;
+        Ok(this)
+    }
+
     /// A copy of the tokenizer that truncates and pads to `max_len`.
     fn truncating_padding(&self, max_len: usize) -> Result<Tokenizer> {
         let mut tok = self.tokenizer.clone();
@@ -320,15 +345,34 @@ fn build_from_vocab(
         .fuse_unk(false)
         .build()
         .map_err(|e| tok_err(dir, e))?;
-    let mut tok = Tokenizer::new(bpe);
-    let whitespace =
-        Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(|e| tok_err(dir, e))?;
-    tok.with_normalizer(Some(NormSequence::new(vec![
-        NFC.into(),
-        whitespace.into(),
-        Lowercase.into(),
-    ])))
-    .map_err(|e| tok_err(dir, e))?;
+    let tok = Tokenizer::new(bpe);
+    let bos_id = vocab_id(&tok, bos, &vocab)?;
+    let eos_id = vocab_id(&tok, eos, &vocab)?;
+    clip_pipeline(tok, (&bos.content, bos_id), (&eos.content, eos_id), true, dir)
+}
+
+/// CLIP's pipeline around a BPE model with `</w>` word ends: (when
+/// `normalize`) NFC, whitespace collapse and lowercase; CLIP's split regex,
+/// then byte-level; `<bos> … <eos>` around each text. Without `normalize`
+/// the caller cleans the text itself (open_clip's tokenizer does).
+pub(crate) fn clip_pipeline(
+    mut tok: Tokenizer,
+    bos: (&str, u32),
+    eos: (&str, u32),
+    normalize: bool,
+    source: &Path,
+) -> Result<Tokenizer> {
+    let dir = source;
+    if normalize {
+        let whitespace =
+            Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(|e| tok_err(dir, e))?;
+        tok.with_normalizer(Some(NormSequence::new(vec![
+            NFC.into(),
+            whitespace.into(),
+            Lowercase.into(),
+        ])))
+        .map_err(|e| tok_err(dir, e))?;
+    }
     let split = Split::new(
         SplitPattern::Regex(CLIP_SPLIT_REGEX.into()),
         SplitDelimiterBehavior::Removed,
@@ -340,10 +384,8 @@ fn build_from_vocab(
         ByteLevel::new(false, true, true).into(),
     ])));
     tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
-    let bos_id = vocab_id(&tok, bos, &vocab)?;
-    let eos_id = vocab_id(&tok, eos, &vocab)?;
     tok.with_post_processor(Some(
-        RobertaProcessing::new((eos.content.clone(), eos_id), (bos.content.clone(), bos_id))
+        RobertaProcessing::new((eos.0.to_string(), eos.1), (bos.0.to_string(), bos.1))
             .trim_offsets(false)
             .add_prefix_space(false),
     ));

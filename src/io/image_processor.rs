@@ -92,6 +92,37 @@ pub struct ImageProcessor {
     /// Per-channel mean and std as the config gives them; normalising casts
     /// them to `f32`, as numpy does.
     pub normalize: Option<([f64; 3], [f64; 3])>,
+    /// How the center crop's top-left corner is rounded.
+    pub crop_rounding: CropRounding,
+}
+
+/// Where a center crop starts when the margin is odd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CropRounding {
+    /// transformers: `(size - crop) // 2`.
+    Floor,
+    /// torchvision's `CenterCrop`: `int(round((size - crop) / 2.0))`, Python's
+    /// round half to even.
+    HalfEven,
+}
+
+impl CropRounding {
+    /// The first kept row (or column) of a `size`-long side cropped to `crop`.
+    pub fn offset(self, size: i64, crop: i64) -> i64 {
+        let margin = size - crop;
+        match self {
+            CropRounding::Floor => margin.div_euclid(2),
+            CropRounding::HalfEven => {
+                let half = margin.div_euclid(2);
+                // margin odd: x.5, rounded to the even neighbour.
+                if margin.rem_euclid(2) == 1 && half % 2 != 0 {
+                    half + 1
+                } else {
+                    half
+                }
+            }
+        }
+    }
 }
 
 impl ImageProcessor {
@@ -103,12 +134,14 @@ impl ImageProcessor {
                 center_crop: None,
                 rescale_factor: Some(1.0 / 255.0),
                 normalize: Some((IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD)),
+                crop_rounding: CropRounding::Floor,
             },
             ProcessorKind::Clip => ImageProcessor {
                 resize: Some((ResizeTo::ShortestEdge(224), Filter::Bicubic)),
                 center_crop: Some((224, 224)),
                 rescale_factor: Some(1.0 / 255.0),
                 normalize: Some((OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)),
+                crop_rounding: CropRounding::Floor,
             },
         }
     }
@@ -121,6 +154,22 @@ impl ImageProcessor {
             center_crop: None,
             rescale_factor: Some(rescale_factor),
             normalize: Some((mean, std)),
+            crop_rounding: CropRounding::Floor,
+        }
+    }
+
+    /// The torchvision transform of OpenAI's CLIP, which BLIP (ImageReward),
+    /// open_clip (HPS v2) and the LAION aesthetic predictor copy:
+    /// `Resize(size, BICUBIC)` (shortest side, on a PIL image), `CenterCrop(size)`,
+    /// `ToTensor()`, `Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)`. It differs
+    /// from `CLIPImageProcessor` only in the crop's rounding.
+    pub fn torchvision_clip(size: u32) -> Self {
+        ImageProcessor {
+            resize: Some((ResizeTo::ShortestEdge(size), Filter::Bicubic)),
+            center_crop: Some((size, size)),
+            rescale_factor: Some(1.0 / 255.0),
+            normalize: Some((OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)),
+            crop_rounding: CropRounding::HalfEven,
         }
     }
 
@@ -227,7 +276,7 @@ impl ImageProcessor {
         let (oh, ow, top, left) = match self.center_crop {
             Some((ch, cw)) => {
                 let (ch, cw) = (ch as i64, cw as i64);
-                (ch, cw, (ih - ch).div_euclid(2), (iw - cw).div_euclid(2))
+                (ch, cw, self.crop_rounding.offset(ih, ch), self.crop_rounding.offset(iw, cw))
             }
             None => (ih, iw, 0, 0),
         };
@@ -256,6 +305,61 @@ impl ImageProcessor {
             }
         }
         Tensor::from_slice(&data).view([1, 3, oh, ow])
+    }
+
+    /// The same steps on float pixels, differentiably (what `guide` needs):
+    /// `pixels` B x 3 x H x W in [0, 1] (8-bit levels / 255), any float kind
+    /// and device. The resize uses torch's antialiased kernels (bicubic or
+    /// bilinear; torchvision's `Resize` on tensors), close to Pillow's but not
+    /// bit-equal; cropping, rescaling and normalising are the same as
+    /// [`Self::preprocess`]. Nothing is done to a side already at its size.
+    pub fn preprocess_float(&self, pixels: &Tensor) -> Result<Tensor> {
+        let size = pixels.size();
+        if size.len() != 4 || size[1] != 3 || size[2] < 1 || size[3] < 1 {
+            return Err(Error::Invalid(format!("pixels of shape {size:?}: expected B x 3 x H x W")));
+        }
+        let mut x = pixels.shallow_clone();
+        if let Some((to, filter)) = self.resize {
+            let (w, h) = to.output_size(size[3] as u32, size[2] as u32);
+            let out = [h as i64, w as i64];
+            if out != [size[2], size[3]] {
+                x = match filter {
+                    Filter::Bicubic => x.internal_upsample_bicubic2d_aa(out, false, None, None),
+                    Filter::Bilinear => x.internal_upsample_bilinear2d_aa(out, false, None, None),
+                    other => {
+                        return Err(Error::Invalid(format!(
+                            "the differentiable path resizes bicubically or bilinearly, not with {other:?}"
+                        )))
+                    }
+                };
+            }
+        }
+        if let Some((ch, cw)) = self.center_crop {
+            let (ih, iw) = (x.size()[2], x.size()[3]);
+            let (ch, cw) = (ch as i64, cw as i64);
+            if ch > ih || cw > iw {
+                // Padding with black, as the 8-bit path does.
+                let (top, left) = (self.crop_rounding.offset(ih, ch), self.crop_rounding.offset(iw, cw));
+                x = x.constant_pad_nd([-left, cw - iw + left, -top, ch - ih + top]);
+            } else {
+                x = x
+                    .narrow(2, self.crop_rounding.offset(ih, ch), ch)
+                    .narrow(3, self.crop_rounding.offset(iw, cw), cw);
+            }
+        }
+        // [0, 1] pixels are levels / 255; the processor multiplies levels by rescale_factor.
+        let scale = self.rescale_factor.map_or(255.0, |r| 255.0 * r);
+        if scale != 1.0 {
+            x = x * scale;
+        }
+        if let Some((mean, std)) = &self.normalize {
+            let (device, kind) = (x.device(), x.kind());
+            let col = |v: &[f64; 3]| {
+                Tensor::from_slice(&v.map(|c| c as f32)).to_kind(kind).to_device(device).view([1, 3, 1, 1])
+            };
+            x = (x - col(mean)) / col(std);
+        }
+        Ok(x)
     }
 }
 
@@ -411,6 +515,7 @@ mod tests {
             center_crop: Some((4, 3)),
             rescale_factor: Some(1.0 / 255.0),
             normalize: Some(([0.5; 3], [0.25; 3])),
+            crop_rounding: CropRounding::Floor,
         };
         let t = p.preprocess(&img);
         assert_eq!(t.size(), [1, 3, 4, 3]);

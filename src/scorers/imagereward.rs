@@ -24,6 +24,9 @@
 use crate::error::{read_json, Error, Result};
 use crate::nn::{activation, Conv2d, Embedding, LayerNorm, Linear};
 use crate::rahf::torch_pickle::load_state_dict;
+use super::pixel::{float32_only, spec_paths, PixelModel, PixelScorer};
+use super::{Affine, ScoreDef, Scorer, ScorerInfo};
+use crate::io::image_processor::ImageProcessor;
 use crate::weights::{ConfigCheck, Vb, Weights};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -725,5 +728,86 @@ impl ImageRewardTokenizer {
         let b = prompts.len() as i64;
         let shape = [b, MAX_PROMPT_TOKENS as i64];
         Ok((Tensor::from_slice(&ids).view(shape), Tensor::from_slice(&mask).view(shape)))
+    }
+}
+
+// ------------------------------------------------------------ as a scorer
+
+/// `imagereward`: ImageReward v1.0.
+pub static INFO: ScorerInfo = ScorerInfo {
+    name: "imagereward",
+    scores: &[ScoreDef { name: "imagereward", normalization: Affine { lo: -2.0, hi: 2.0 } }],
+    heatmaps: &[],
+    checkpoint: "a folder with ImageReward.pt and med_config.json (THUDM/ImageReward) and bert-base-uncased's \
+                 tokenizer.json, or `DIR,TOKENIZER.json` when the tokenizer is elsewhere",
+    check,
+    load,
+};
+
+const FORM: &str = "`DIR` or `DIR,TOKENIZER.json`";
+
+/// (folder, tokenizer file) of a spec.
+fn parts(spec: &str) -> Result<(PathBuf, PathBuf)> {
+    let p = spec_paths(INFO.name, spec, 1..=2, FORM)?;
+    if !p[0].is_dir() {
+        return Err(Error::Invalid(format!("scorer `imagereward`: {} is not a folder ({FORM})", p[0].display())));
+    }
+    let tokenizer = match p.get(1) {
+        Some(t) if t.is_dir() => t.join(TOKENIZER_FILE),
+        Some(t) => t.clone(),
+        None => p[0].join(TOKENIZER_FILE),
+    };
+    Ok((p[0].clone(), tokenizer))
+}
+
+fn check(spec: &str) -> Result<String> {
+    let (dir, tokenizer) = parts(spec)?;
+    let med = MedConfig::read(&dir.join(MED_CONFIG_FILE))?;
+    let checkpoint = dir.join(CHECKPOINT_FILE);
+    if !checkpoint.is_file() {
+        return Err(Error::Missing { path: checkpoint, what: "ImageReward's checkpoint".into() });
+    }
+    let tok = ImageRewardTokenizer::load(&tokenizer)?;
+    if tok.vocab_size() as i64 > med.vocab_size {
+        return Err(Error::Invalid(format!(
+            "{}: {} token ids, but {} embeds {} (vocab_size)",
+            tokenizer.display(),
+            tok.vocab_size(),
+            dir.join(MED_CONFIG_FILE).display(),
+            med.vocab_size
+        )));
+    }
+    Ok(format!("{}: BERT hidden {}, {} layers", dir.display(), med.hidden_size, med.num_hidden_layers))
+}
+
+fn load(spec: &str, device: Device, kind: Kind) -> Result<Box<dyn Scorer>> {
+    let (dir, tokenizer) = parts(spec)?;
+    float32_only(INFO.name, kind);
+    let model = ImageReward::load_dir(&dir, device)?;
+    let tokenizer = ImageRewardTokenizer::load(&tokenizer)?;
+    // ImageReward's `_transform(224)`: OpenAI's CLIP transform at the model's size.
+    let processor = ImageProcessor::torchvision_clip(model.image_size() as u32);
+    Ok(PixelScorer::boxed(ImageRewardScorer { model, tokenizer }, processor))
+}
+
+/// ImageReward with its tokenizer.
+pub struct ImageRewardScorer {
+    pub model: ImageReward,
+    pub tokenizer: ImageRewardTokenizer,
+}
+
+impl PixelModel for ImageRewardScorer {
+    fn info(&self) -> &'static ScorerInfo {
+        &INFO
+    }
+
+    fn device(&self) -> Device {
+        self.model.device()
+    }
+
+    fn score(&self, pixel_values: &Tensor, prompts: &[String]) -> Result<Tensor> {
+        let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let (ids, mask) = self.tokenizer.encode(&prompts)?;
+        self.model.score(pixel_values, &ids, &mask)
     }
 }

@@ -25,10 +25,18 @@
 //! (type name, scores with their normalisation, heatmap names, a config-only
 //! `check` and a `load`), and one line in [`REGISTRY`]. Nothing else changes:
 //! flags, recipes, specs, verifiers, records and reports follow the registry.
+pub mod aesthetic;
+pub mod clip;
 pub mod compare;
+pub mod embeds;
+pub mod hps;
 pub mod imagereward;
+pub mod open_clip;
+pub mod open_clip_tokenizer;
+pub mod pixel;
 pub mod rahf;
 pub mod spec;
+mod text_clean_tables;
 
 pub use compare::{Comparison, ComparisonRow};
 pub use spec::{parse_verify, ScoreSpec, Term};
@@ -38,7 +46,14 @@ use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 /// Every scorer type, in the order listings show them. A new scorer is one line here.
-pub static REGISTRY: &[&ScorerInfo] = &[&rahf::INFO];
+pub static REGISTRY: &[&ScorerInfo] = &[
+    &rahf::INFO,
+    &clip::PICKSCORE_INFO,
+    &hps::INFO,
+    &imagereward::INFO,
+    &aesthetic::INFO,
+    &clip::CLIPSCORE_INFO,
+];
 
 /// A fixed affine map from a raw score to its normalised value:
 /// `(raw - lo) / (hi - lo)`, so `lo` maps to 0 and `hi` to 1. Not clamped: the
@@ -422,7 +437,7 @@ mod tests {
         assert_eq!(type_of("rahf.b").unwrap().name, "rahf");
         assert_eq!(type_of("rahf.judge_2").unwrap().name, "rahf");
         let e = type_of("beauty").unwrap_err().to_string();
-        assert!(e.contains("beauty") && e.contains("known scorers: rahf"), "{e}");
+        assert!(e.contains("beauty") && e.contains("known scorers: rahf, pickscore"), "{e}");
         assert!(type_of("rahf.").is_err());
         assert!(type_of("rahf.a:b").is_err());
         assert!(type_of("rahf.a b").is_err());

@@ -29,6 +29,20 @@ fn pickle_err(path: &Path, reason: impl Into<String>) -> Error {
 /// Reads a torch.save'd state_dict (zip format) onto the CPU, each tensor
 /// contiguous, with its saved dtype. Keys in file order.
 pub fn load_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    load_state_dict_under(path, None)
+}
+
+/// As [`load_state_dict`] for a training checkpoint that keeps the state_dict
+/// under a key of its top-level dict (`torch.save({"epoch": 3, "state_dict":
+/// model.state_dict()})`, as open_clip's training and HPSv2 save): the dict
+/// under `key` when the file has one, else the top-level dict itself. The
+/// other entries (ints, strings, an optimizer's state) are parsed with the
+/// same restrictions but not read, and their tensors' storages are skipped.
+pub fn load_checkpoint_state_dict(path: &Path, key: &str) -> Result<Vec<(String, Tensor)>> {
+    load_state_dict_under(path, Some(key))
+}
+
+fn load_state_dict_under(path: &Path, key: Option<&str>) -> Result<Vec<(String, Tensor)>> {
     let file = File::open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::Missing {
@@ -63,7 +77,12 @@ pub fn load_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let pickle = read_entry(path, &mut archive, &format!("{dir}/data.pkl"))?;
     let top = unpickle::unpickle(&pickle)
         .map_err(|e| pickle_err(path, format!("{dir}/data.pkl: {e}")))?;
-    let entries = unpickle::state_dict_entries(&top).map_err(|e| pickle_err(path, e))?;
+    let nested = key.and_then(|k| unpickle::dict_entry(&top, k));
+    let entries = match (&nested, key) {
+        (Some(dict), Some(k)) => unpickle::state_dict_entries(dict).map_err(|e| pickle_err(path, format!("`{k}`: {e}")))?,
+        _ => unpickle::state_dict_entries(&top).map_err(|e| pickle_err(path, e))?,
+    };
+    drop(nested);
     drop(top);
 
     // Read each storage once, however many tensors view it (tied weights),

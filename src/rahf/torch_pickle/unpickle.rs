@@ -726,6 +726,17 @@ fn persistent_load(pid: &Value) -> Result<StorageRef, String> {
 }
 
 /// The `(name, tensor)` entries of a state_dict, in file order.
+/// The value under the string key `key` of a top-level dict, if there is one
+/// (a training checkpoint's `{"epoch": .., "state_dict": {..}}`).
+pub(super) fn dict_entry(top: &Value, key: &str) -> Option<Value> {
+    let Value::Dict(dict) = top else { return None };
+    let dict = dict.borrow();
+    dict.entries.iter().find_map(|(k, v)| match k {
+        Value::Str(name) if &**name == key => Some(v.clone()),
+        _ => None,
+    })
+}
+
 pub(super) fn state_dict_entries(top: &Value) -> Result<Vec<(String, Rc<TensorRef>)>, String> {
     let Value::Dict(dict) = top else {
         return Err(format!(
