@@ -30,6 +30,16 @@ ln -sfn "$VENV" "$ROOT/.venv"
 ln -sfn "$TORCH_DIR" "$ROOT/.libtorch"
 echo "setup: libtorch $TORCH_VERSION at $TORCH_DIR"
 
+# tests/hub.rs compares the Hugging Face cache our downloads write with the one
+# Python's huggingface_hub writes (the version pinned in tests/fixtures/requirements.txt).
+HF_HUB_VERSION=2.4.0
+if ! "$VENV/bin/python" -c "import sys, huggingface_hub; sys.exit(huggingface_hub.__version__ != '$HF_HUB_VERSION')" 2>/dev/null; then
+    echo "setup: installing huggingface_hub==$HF_HUB_VERSION into $VENV (tests/hub.rs)"
+    if ! "$VENV/bin/pip" install --quiet --no-input "huggingface_hub==$HF_HUB_VERSION"; then
+        echo "setup: WARNING: could not install huggingface_hub; tests/hub.rs's Python comparison fails under CI=true and skips otherwise" >&2
+    fi
+fi
+
 # tests/report.rs renders report.html in headless Chromium (Debian's package).
 # Only that test needs it, so a failed install warns instead of stopping setup;
 # the test then fails under CI=true and skips with a message elsewhere.
@@ -40,6 +50,16 @@ if [[ ! -x /usr/bin/chromium ]]; then
            $SUDO env DEBIAN_FRONTEND=noninteractive \
                apt-get install -y -qq --no-install-recommends chromium; }; then
         echo "setup: WARNING: could not install chromium; tests/report.rs fails under CI=true and skips otherwise" >&2
+    fi
+fi
+
+# tests/slurm.rs runs a one-node Slurm cluster (Debian's slurm-wlm and munge);
+# its daemons run as root, so only a root setup installs them. A failed install
+# warns: the test installs them itself, and fails under CI=true if it cannot.
+if [[ "$(id -u)" -eq 0 ]] && ! command -v slurmctld >/dev/null; then
+    echo "setup: installing Debian's slurm-wlm and munge (tests/slurm.rs)"
+    if ! "$ROOT/scripts/slurm/local-cluster.sh" install; then
+        echo "setup: WARNING: could not install slurm-wlm and munge; tests/slurm.rs fails under CI=true and skips otherwise" >&2
     fi
 fi
 

@@ -62,6 +62,15 @@ pub enum Error {
     /// the field when there is one.
     #[error("{path}:{line}:{column}: {message}")]
     Recipe { path: PathBuf, line: u64, column: u64, field: String, message: String },
+    /// A Hugging Face Hub download or cache lookup (names the URL or file).
+    #[error(transparent)]
+    Hub(#[from] crate::io::hub::HubError),
+    /// A `--shard` value, or the scheduler environment `--shard auto` reads.
+    #[error(transparent)]
+    Shard(#[from] crate::jobs::shard::ShardError),
+    /// A worker process of `run --devices` failed: what it ran, where, and its own error.
+    #[error("{job} shard {shard} on {device} failed: {message}")]
+    Worker { job: String, shard: String, device: String, message: String },
     /// A data set problem: the file, and the 0-based record in it when there is one.
     #[error("{}: {reason}", data_location(path, *record))]
     Data { path: PathBuf, record: Option<u64>, reason: String },

@@ -24,6 +24,8 @@ pub struct GenerateOptions {
     pub dtype: String,
     /// A VAE folder replacing the pipeline's (`--vae`).
     pub vae: Option<String>,
+    /// The weights variant (`--variant fp16`) of the models, where they have it.
+    pub variant: Option<String>,
     /// An SDXL refiner taking over at `refiner_start` (`--refiner`).
     pub refiner: Option<String>,
     /// The config source of a single-file refiner (`--refiner-config`).
@@ -56,6 +58,8 @@ pub struct ImageRecord {
     pub device: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vae: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refiner: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -106,6 +110,7 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
         vae: opts.vae.clone(),
         refiner: opts.refiner.clone().map(|r| (r, opts.refiner_start)),
         refiner_config: opts.refiner_config.clone(),
+        variant: opts.variant.clone(),
     };
     let pipe = crate::diffusion::generator::load(&opts.model, &options, device, kind)?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
@@ -156,6 +161,7 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
                 dtype: format!("{kind:?}"),
                 device: format!("{device:?}"),
                 vae: opts.vae.clone(),
+                variant: opts.variant.clone(),
                 refiner: opts.refiner.clone(),
                 refiner_config: opts.refiner.as_ref().and(opts.refiner_config.clone()),
                 refiner_start: opts.refiner.as_ref().map(|_| opts.refiner_start),

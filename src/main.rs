@@ -10,11 +10,15 @@ mod train_cli;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Refuse input images with more pixels than this (width x height), read from
+    /// their header before they are decoded.
+    #[arg(long, global = true, default_value_t = orchestrate::io::DEFAULT_MAX_PIXELS)]
+    max_pixels: u64,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Sample images from a Stable Diffusion-family model (diffusers folder or cached HF repo id).
+    /// Sample images from a Stable Diffusion-family model (a diffusers folder, or an HF repo id downloaded into the HF cache when missing).
     Generate(GenerateArgs),
     /// Every given scorer's scores for existing images (RAHF: four scores, two heatmaps, misaligned keywords).
     Score(ScoreArgs),
@@ -27,10 +31,12 @@ enum Command {
     Filter(FilterArgs),
     /// Sample with a RAHF score (aesthetics by default) as classifier guidance; compare with unguided.
     Guide(GuideArgs),
-    /// Join the output folders of `filter --shard i/n` runs into one dataset.
+    /// Join the output folders of one job's `--shard i/n` runs (filter, inpaint or guide) into the unsharded result.
     Merge(MergeArgs),
     /// Run a YAML recipe: its filter, inpaint and guide jobs in that order (see recipes/).
     Run(RunArgs),
+    /// Download a Hub repo into the Hugging Face cache: the files a pipeline or model needs (or --all).
+    Download(DownloadArgs),
     /// What this binary sees: libtorch version, CUDA (or why not), devices, dtypes.
     Env {
         /// Print JSON instead of text.
@@ -53,7 +59,9 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    orchestrate::io::set_max_pixels(cli.max_pixels)?;
     match cli.command {
+        Command::Download(args) => download(args),
         Command::Env { json } => env(json),
         Command::Run(args) => run_recipe(args),
         Command::Generate(args) => generate(args),
@@ -67,15 +75,51 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 #[derive(clap::Args)]
+struct DownloadArgs {
+    /// ORG/NAME[@REVISION] (a branch, tag or commit; default main).
+    repo: String,
+    /// Fetch these weights (fp16: *.fp16.safetensors) where a component has them.
+    #[arg(long)]
+    variant: Option<String>,
+    /// Every file of the repo, not only what orchestrate reads.
+    #[arg(long)]
+    all: bool,
+}
+
+fn download(a: DownloadArgs) -> Result<()> {
+    use orchestrate::io::hub::{Hub, RepoRef, Want};
+    if let Some(v) = &a.variant {
+        orchestrate::diffusion::model_dir::check_variant(v)?;
+    }
+    let repo = RepoRef::parse(&a.repo)?;
+    let hub = Hub::from_env()?;
+    let snapshot = hub.resolve(&repo, &Want { variant: a.variant.clone(), all: a.all, configs_only: false })?;
+    let bytes: u64 = snapshot.fetched.iter().map(|(_, n)| n).sum();
+    println!(
+        "{}@{}: {} files, {} downloaded ({bytes} bytes), {} already cached",
+        snapshot.repo,
+        snapshot.commit,
+        snapshot.files.len(),
+        snapshot.fetched.len(),
+        snapshot.files.len() - snapshot.fetched.len()
+    );
+    println!("{}", snapshot.dir.display());
+    Ok(())
+}
+
+#[derive(clap::Args)]
 struct GenerateArgs {
-    /// A diffusers pipeline folder, an HF repo id (ORG/NAME[@REV]) found offline in the HF cache,
-    /// or a single-file checkpoint (.safetensors in the original Stable Diffusion layout).
+    /// A diffusers pipeline folder, an HF repo id (ORG/NAME[@REV]) downloaded into the HF cache when
+    /// missing, or a single-file checkpoint (.safetensors in the original Stable Diffusion layout).
     #[arg(long)]
     model: String,
     /// For a single-file --model: the diffusers folder or repo id whose configs, tokenizers and
     /// scheduler are used (default: diffusers' default repo for the file's inferred type).
     #[arg(long)]
     config: Option<String>,
+    /// Weights variant of the models (fp16: *.fp16.safetensors), where a component has it.
+    #[arg(long)]
+    variant: Option<String>,
     /// The prompt; repeat the flag for several prompts.
     #[arg(long, required = true)]
     prompt: Vec<String>,
@@ -154,7 +198,11 @@ fn size_or_native(source: &PipelineSource, height: Option<i64>, width: Option<i6
 
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let source = PipelineSource { model: a.model.clone(), config: a.config.clone(), vae: None };
+    if let Some(v) = &a.variant {
+        orchestrate::diffusion::model_dir::check_variant(v).map_err(|e| anyhow::anyhow!("--variant: {e}"))?;
+    }
+    let source =
+        PipelineSource { model: a.model.clone(), config: a.config.clone(), vae: None, variant: a.variant.clone() };
     let name = a.scheduler.clone().or_else(|| folder_scheduler(&source)).unwrap_or_else(|| "ddim".into());
     let scheduler = name.parse().map_err(|e| anyhow::anyhow!("--scheduler {name}: {e}"))?;
     let (height, width) = size_or_native(&source, a.height, a.width);
@@ -178,6 +226,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         device: a.device,
         dtype: a.dtype,
         vae: a.vae,
+        variant: a.variant,
         refiner: a.refiner,
         refiner_config: a.refiner_config,
         refiner_start: a.refiner_start,
@@ -190,7 +239,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 struct ScoreArgs {
-    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json): the scorer `rahf`.
+    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json), or a Hub repo id holding one: the scorer `rahf`.
     #[arg(long)]
     rahf: Option<std::path::PathBuf>,
     /// Another scorer's checkpoint, NAME=PATH (NAME: a scorer type or TYPE.LABEL, e.g. rahf.b); repeatable.
@@ -326,10 +375,10 @@ struct RahfImportArgs {
     /// The PyTorch checkpoint (zip format, as torch.save writes it); never executed.
     #[arg(long)]
     checkpoint: std::path::PathBuf,
-    /// The ViT backbone's HF folder (config.json, preprocessor_config.json), or a cached HF repo id.
+    /// The ViT backbone's HF folder (config.json, preprocessor_config.json), or an HF repo id (downloaded into the HF cache when missing).
     #[arg(long)]
     vit: String,
-    /// The T5 backbone's HF folder (config.json, tokenizer.json), or a cached HF repo id.
+    /// The T5 backbone's HF folder (config.json, tokenizer.json), or an HF repo id (downloaded into the HF cache when missing).
     #[arg(long)]
     t5: String,
     /// The folder to create (must not exist, or be empty).
@@ -339,10 +388,10 @@ struct RahfImportArgs {
 
 #[derive(clap::Args)]
 struct RahfInitArgs {
-    /// HF ViTModel or ViTForImageClassification folder, or a cached HF repo id.
+    /// HF ViTModel or ViTForImageClassification folder, or an HF repo id (downloaded into the HF cache when missing).
     #[arg(long)]
     vit: String,
-    /// HF T5ForConditionalGeneration folder (with tokenizer.json), or a cached HF repo id.
+    /// HF T5ForConditionalGeneration folder (with tokenizer.json), or an HF repo id (downloaded into the HF cache when missing).
     #[arg(long)]
     t5: String,
     /// augmented or multi-head.
@@ -480,12 +529,24 @@ fn filter(a: FilterArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 struct MergeArgs {
-    /// The merged dataset's folder (created; an earlier merge there is replaced).
-    #[arg(long)]
-    out: std::path::PathBuf,
-    /// The `filter --out` folders of the shards: every shard of one run, each finished.
-    #[arg(required = true)]
+    /// The merged folder (created; an earlier merge there is replaced).
+    #[arg(long, required_unless_present = "recipe", conflicts_with = "recipe")]
+    out: Option<std::path::PathBuf>,
+    /// The output folders of one job's shards (filter, inpaint or guide --shard i/n): every shard of one run, each finished.
+    #[arg(required_unless_present = "recipe", conflicts_with = "recipe")]
     shards: Vec<std::path::PathBuf>,
+    /// Instead of --out and folders: merge a recipe's shards, output/JOB/shard-i-of-n/ into output/JOB/.
+    #[arg(long)]
+    recipe: Option<std::path::PathBuf>,
+    /// With --recipe: only this job (filter, inpaint or guide); default every job of the recipe, in order.
+    #[arg(long, requires = "recipe")]
+    job: Option<String>,
+    /// With --recipe: the shard count (default: the one count found under output/JOB/).
+    #[arg(long = "shards", id = "shard_count", value_name = "N", requires = "recipe")]
+    shard_count: Option<usize>,
+    /// With --recipe: the recipe's outputs are under this folder instead of its `output` (as given to run --output).
+    #[arg(long, requires = "recipe")]
+    output: Option<std::path::PathBuf>,
     /// Merge what is there even when shards are missing or unfinished (said in the summary).
     #[arg(long)]
     allow_partial: bool,
@@ -495,8 +556,33 @@ struct MergeArgs {
 }
 
 fn merge(a: MergeArgs) -> Result<()> {
-    let summary = orchestrate::jobs::merge::merge(&a.out, &a.shards, a.allow_partial)?;
-    print_job_summary(&summary, a.json)
+    use orchestrate::jobs::merge::{merge, shard_folders};
+    let Some(recipe_file) = &a.recipe else {
+        let out = a.out.as_ref().expect("clap requires --out without --recipe");
+        let summary = merge(out, &a.shards, a.allow_partial)?;
+        return print_job_summary(&summary, a.json);
+    };
+    let mut recipe = orchestrate::recipe::Recipe::parse(recipe_file)?;
+    if let Some(out) = a.output {
+        recipe.set_output(out);
+    }
+    let mut summaries = Vec::new();
+    for job in recipe.selected_jobs(a.job.as_deref())? {
+        let dir = orchestrate::recipe::job_dir(&recipe.output, job, orchestrate::jobs::Shard::default());
+        let shards = shard_folders(&dir, a.shard_count)?;
+        let summary = merge(&dir, &shards, a.allow_partial)?;
+        if !a.json {
+            println!("{job} -> {}", dir.display());
+            for line in &summary.lines {
+                println!("  {line}");
+            }
+        }
+        summaries.push(summary);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"recipe": recipe_file, "jobs": summaries}))?);
+    }
+    Ok(())
 }
 
 fn print_job_summary(summary: &orchestrate::jobs::JobSummary, json: bool) -> Result<()> {
@@ -517,40 +603,113 @@ struct RunArgs {
     /// Check everything that needs no sampling (fields, files, model configs) and print what would run.
     #[arg(long)]
     dry_run: bool,
-    /// i/n: take prompts whose position % n == i (default from SLURM_ARRAY_TASK_ID/COUNT or JOB_COMPLETION_INDEX).
-    #[arg(long)]
+    /// i/n: take the items whose position % n == i; `auto`: i and n from a Slurm array
+    /// (SLURM_ARRAY_TASK_*), a Kubernetes Indexed Job (JOB_COMPLETION_INDEX + ORCHESTRATE_SHARDS)
+    /// or an AWS Batch array job (AWS_BATCH_JOB_ARRAY_INDEX/_SIZE). Default: the whole run.
+    #[arg(long, conflicts_with = "devices")]
     shard: Option<String>,
+    /// Only this job of the recipe: filter, inpaint or guide (a sharded run of a recipe whose
+    /// inpaint reads its filter goes one job at a time, merged in between).
+    #[arg(long)]
+    job: Option<String>,
+    /// Run on this device instead of the recipe's models.device (auto, cpu, cuda or cuda:N).
+    #[arg(long, conflicts_with = "devices")]
+    device: Option<String>,
+    /// One worker process per device over the shards, each job merged before the next:
+    /// `all` (every CUDA device), or a list like cuda:0,cuda:1 or cpu,cpu.
+    #[arg(long)]
+    devices: Option<String>,
+    /// Print the recipe's jobs, one per line, in the order they run, and stop.
+    #[arg(long)]
+    list_jobs: bool,
     /// Print the summaries as JSON.
     #[arg(long)]
     json: bool,
     /// Write under this folder instead of the recipe's `output`.
     #[arg(long)]
     output: Option<std::path::PathBuf>,
+    /// A worker of `--devices`: progress as JSON lines on stdout, nothing else there.
+    #[arg(long, hide = true)]
+    worker: bool,
+    /// The share of the machine's cores this process may use on the CPU (set for `--devices cpu,...` workers).
+    #[arg(long, hide = true)]
+    cpu_cores: Option<usize>,
+}
+
+/// A worker of `run --devices` stops when the process that started it is
+/// gone (killed, say), rather than go on alone: checked every second.
+fn stop_with_parent() {
+    let parent = std::os::unix::process::parent_id();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        if std::os::unix::process::parent_id() != parent {
+            eprintln!("error: the orchestrate process that started this worker is gone; stopping (a rerun resumes)");
+            std::process::exit(1);
+        }
+    });
 }
 
 fn run_recipe(a: RunArgs) -> Result<()> {
     use orchestrate::jobs::Shard;
     let mut recipe = orchestrate::recipe::Recipe::load(&a.recipe)?;
-    if let Some(out) = a.output {
-        recipe.set_output(out);
-    }
-    let note = |r: &orchestrate::recipe::Recipe| {
-        if let Some(n) = &r.note {
-            for line in n.trim_end().lines() {
-                println!("note: {line}");
-            }
+    if a.list_jobs {
+        for job in recipe.jobs() {
+            println!("{job}");
         }
-    };
-    let shard = match &a.shard {
-        Some(s) => Shard::parse(s)?,
-        None => Shard::from_env()?.unwrap_or_default(),
-    };
+        return Ok(());
+    }
+    if let Some(out) = &a.output {
+        recipe.set_output(out.clone());
+    }
+    if let Some(device) = &a.device {
+        orchestrate::device::parse_device(device)?;
+        recipe.common.models.device = device.clone();
+    }
+    if let Some(k) = a.cpu_cores {
+        orchestrate::jobs::stages::set_cpu_cores(k);
+    }
+    if a.worker {
+        orchestrate::progress::report_as_lines();
+        stop_with_parent();
+        let shard = Shard::resolve(a.shard.as_deref())?;
+        recipe.run(shard, a.job.as_deref(), true, &mut |_| {})?;
+        return Ok(());
+    }
+    if let Some(spec) = &a.devices {
+        let devices = orchestrate::jobs::devices::parse_devices(spec)?;
+        if a.dry_run {
+            let plan = recipe.dry_run(Shard::default(), a.job.as_deref())?;
+            note_lines(&recipe);
+            for line in &plan.lines {
+                println!("{line}");
+            }
+            println!("devices    {} worker(s): {}", devices.len(), devices.join(", "));
+            println!("dry run: {} checked; nothing was sampled", a.recipe.display());
+            return Ok(());
+        }
+        let workers = orchestrate::jobs::devices::Workers {
+            exe: std::env::current_exe()?,
+            recipe: a.recipe.clone(),
+            output: a.output.clone(),
+            devices,
+        };
+        if !a.json {
+            note_lines(&recipe);
+        }
+        let summaries = orchestrate::jobs::devices::run(&mut recipe, &workers, a.job.as_deref(), a.json, &mut |s| {
+            if !a.json {
+                print_stage(s);
+            }
+        })?;
+        return finish_run(&a, &recipe, summaries);
+    }
+    let shard = Shard::resolve(a.shard.as_deref())?;
     if a.dry_run {
-        let plan = recipe.dry_run(shard)?;
+        let plan = recipe.dry_run(shard, a.job.as_deref())?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&serde_json::json!({"recipe": a.recipe, "dry_run": plan.lines, "note": recipe.note}))?);
         } else {
-            note(&recipe);
+            note_lines(&recipe);
             for line in &plan.lines {
                 println!("{line}");
             }
@@ -559,20 +718,39 @@ fn run_recipe(a: RunArgs) -> Result<()> {
         return Ok(());
     }
     if !a.json {
-        note(&recipe);
+        note_lines(&recipe);
     }
-    let summaries = recipe.run(shard, a.json, &mut |s| {
+    let summaries = recipe.run(shard, a.job.as_deref(), a.json, &mut |s| {
         if !a.json {
-            println!("{} -> {}", s.job, s.out.display());
-            for line in &s.lines {
-                println!("  {line}");
-            }
+            print_stage(s);
         }
     })?;
+    finish_run(&a, &recipe, summaries)
+}
+
+/// A recipe's note, line by line.
+fn note_lines(r: &orchestrate::recipe::Recipe) {
+    if let Some(n) = &r.note {
+        for line in n.trim_end().lines() {
+            println!("note: {line}");
+        }
+    }
+}
+
+/// One job's summary as `run` prints it when the job ends.
+fn print_stage(s: &orchestrate::jobs::JobSummary) {
+    println!("{} -> {}", s.job, s.out.display());
+    for line in &s.lines {
+        println!("  {line}");
+    }
+}
+
+/// The end of `run`: the JSON summaries, or the note again.
+fn finish_run(a: &RunArgs, recipe: &orchestrate::recipe::Recipe, summaries: Vec<orchestrate::jobs::JobSummary>) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({"recipe": a.recipe, "note": recipe.note, "jobs": summaries}))?);
     } else {
-        note(&recipe);
+        note_lines(recipe);
     }
     Ok(())
 }
@@ -580,14 +758,18 @@ fn run_recipe(a: RunArgs) -> Result<()> {
 /// Models, sampling and output flags every job shares.
 #[derive(clap::Args)]
 struct JobArgs {
-    /// The generator: a diffusers folder, cached HF repo id, or single-file checkpoint (.safetensors).
+    /// The generator: a diffusers folder, an HF repo id (ORG/NAME[@REV]) downloaded into the HF cache
+    /// when missing, or a single-file checkpoint (.safetensors).
     #[arg(long)]
     model: String,
     /// For a single-file --model: the diffusers folder or repo id whose configs, tokenizers and
     /// scheduler are used (default: diffusers' default repo for the file's inferred type).
     #[arg(long)]
     config: Option<String>,
-    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json): the scorer `rahf`.
+    /// Weights variant of the models (fp16: *.fp16.safetensors), where a component has it.
+    #[arg(long)]
+    variant: Option<String>,
+    /// An orchestrate RAHF folder (config.json, model.safetensors, tokenizer.json), or a Hub repo id holding one: the scorer `rahf`.
     #[arg(long)]
     rahf: Option<std::path::PathBuf>,
     /// Another scorer's checkpoint, NAME=PATH (NAME: a scorer type or TYPE.LABEL, e.g. rahf.b); repeatable.
@@ -640,7 +822,8 @@ struct JobArgs {
     rahf_dtype: String,
     #[arg(long)]
     out: std::path::PathBuf,
-    /// i/n: take prompts whose position % n == i (default from SLURM_ARRAY_TASK_ID/COUNT or JOB_COMPLETION_INDEX).
+    /// i/n: take the items whose position % n == i; `auto`: from a Slurm, Kubernetes Indexed Job
+    /// or AWS Batch array's environment (see `run --help`). Default: the whole run.
     #[arg(long)]
     shard: Option<String>,
     /// Print the summary as JSON.
@@ -652,7 +835,15 @@ impl JobArgs {
     fn into_options(self) -> Result<(orchestrate::jobs::CommonOptions, orchestrate::jobs::RunContext)> {
         use orchestrate::jobs::{CommonOptions, ModelOptions, RunContext, SamplingOptions, Shard};
         let d = SamplingOptions::default();
-        let source = PipelineSource { model: self.model.clone(), config: self.config.clone(), vae: None };
+        if let Some(v) = &self.variant {
+            orchestrate::diffusion::model_dir::check_variant(v).map_err(|e| anyhow::anyhow!("--variant: {e}"))?;
+        }
+        let source = PipelineSource {
+            model: self.model.clone(),
+            config: self.config.clone(),
+            vae: None,
+            variant: self.variant.clone(),
+        };
         // Each size left out is the generator's native one, as in recipes.
         let (height, width) = size_or_native(&source, self.height, self.width);
         // No --scheduler: the generator folder's own, when implemented here.
@@ -664,6 +855,7 @@ impl JobArgs {
                 inpaint_generator: None,
                 inpaint_config: None,
                 vae: self.vae,
+                variant: self.variant,
                 refiner: self.refiner,
                 refiner_config: self.refiner_config,
                 refiner_start: self.refiner_start,
@@ -685,10 +877,7 @@ impl JobArgs {
                 batch_size: self.batch_size.unwrap_or(d.batch_size),
             },
         };
-        let shard = match &self.shard {
-            Some(s) => Shard::parse(s)?,
-            None => Shard::from_env()?.unwrap_or_default(),
-        };
+        let shard = Shard::resolve(self.shard.as_deref())?;
         Ok((common, RunContext { out: self.out, shard, json: self.json }))
     }
 }

@@ -4,6 +4,7 @@
 //! ```yaml
 //! note: printed before the run         # optional
 //! models: {generator: ..., inpaint_generator: ..., rahf: ..., device: auto, dtype: auto, rahf_dtype: fp32,
+//!          variant: fp16,                          # optional: the weights variant
 //!          scorers: {rahf.b: ..., pickscore: ...}}   # other scorer checkpoints, by instance name
 //! sampling: {steps: 30, guidance_scale: 7.5, height: 512, width: 512, scheduler: dpm++2m,
 //!            seed: 0, batch_size: 4, negative_prompt: "", clip_skip: 1}
@@ -23,14 +24,20 @@
 //! * Relative paths (`output`, prompt lists, `inpaint.input`, `models.rahf`, and
 //!   model folders) resolve against the folder of the recipe file, so a recipe
 //!   means the same thing from whatever directory it is run. A model that is not
-//!   a folder there and reads `ORG/NAME[@REV]` is a Hugging Face repo id, looked
-//!   up offline in the HF cache.
+//!   a folder there and reads `ORG/NAME[@REV]` is a Hugging Face repo id, found
+//!   in the HF cache or downloaded into it (`models.variant: fp16` fetches
+//!   and reads the fp16 weights; `HF_HUB_OFFLINE=1`: the cache alone).
 //! * `inpaint.input: filter` inpaints what this recipe's `filter` keeps.
 //! * `sampling.height`/`width` left out default to the generator's native size
 //!   (UNet `sample_size` × VAE scale factor, as diffusers does), so the same
 //!   recipe suits a tiny test model and SD 1.5 alike.
 //! * With `--shard i/n` (n > 1), job X writes into `output/X/shard-i-of-n/`;
-//!   `orchestrate merge` joins filter shards.
+//!   `orchestrate merge` (`--recipe R --job X`) joins them into `output/X/`.
+//! * Jobs are stages: a job that reads another's output (`inpaint.input:
+//!   filter`) reads its whole result — the unsharded run's, or the merge of
+//!   its shards. A sharded run of such a recipe therefore goes one job at a
+//!   time (`--job`), each merged before the next ([`Recipe::check_stages`]);
+//!   `run --devices` and `scripts/slurm/submit.sh` do exactly that.
 //!
 //! Every error names `file:line:column` and the field's YAML path. Syntax,
 //! type and unknown-field errors come from the deserializer with a location;
@@ -364,7 +371,7 @@ impl Recipe {
         for spec in [&mut m.config, &mut m.inpaint_config, &mut m.refiner, &mut m.refiner_config, &mut m.vae] {
             *spec = spec.take().map(|s| resolve_model_spec(&dir, &s));
         }
-        common.models.rahf = common.models.rahf.map(|r| resolve(&dir, &r));
+        common.models.rahf = common.models.rahf.map(|r| PathBuf::from(resolve_model_spec(&dir, &r.to_string_lossy())));
         for spec in common.models.scorers.values_mut() {
             // A scorer checkpoint may name several files: `MLP.pth,CLIP_DIR`.
             *spec = spec.split(',').map(|part| resolve_model_spec(&dir, part)).collect::<Vec<_>>().join(",");
@@ -531,8 +538,11 @@ impl Recipe {
     /// model config (validated) and `clip_skip` against the text encoder, the
     /// prompt lists and ids, each job's output folder (not a file, not a
     /// foreign folder, no earlier run with other settings). Returns what would run.
-    pub fn dry_run(&mut self, shard: Shard) -> Result<DryRun> {
+    /// `only`: the one job `--job` names (all of the recipe's when `None`).
+    pub fn dry_run(&mut self, shard: Shard, only: Option<&str>) -> Result<DryRun> {
         self.validate()?;
+        let jobs = self.selected_jobs(only)?;
+        self.check_stages(shard, only)?;
         let mut lines = Vec::new();
         let m = self.common.models.clone();
         let gen = self.at_field("models.generator", check_generator_source(&m.source(&m.generator)))?;
@@ -570,21 +580,19 @@ impl Recipe {
         ));
         let c = &self.common;
         let located = |r: Result<()>| r.map_err(|e| self.locate_field(e));
-        if let Some(f) = &self.filter {
+        let selected = |job: &str| jobs.contains(&job);
+        if let Some(f) = self.filter.as_ref().filter(|_| selected("filter")) {
             located(filter::prepare(f, c, &job_dir(&self.output, "filter", shard)).map(|_| ()))?;
         }
-        if let Some(i) = &self.inpaint {
-            let (out, pending) = if self.inpaint_from_filter {
-                (job_dir(&self.output, "inpaint", shard), true)
-            } else {
-                (job_dir(&self.output, "inpaint", shard), false)
-            };
-            located(inpaint::prepare(i, c, &out, pending).map(|_| ()))?;
+        if let Some(i) = self.inpaint.as_ref().filter(|_| selected("inpaint")) {
+            // With `input: filter` the filter stage makes the input, unless it is there already.
+            let pending = self.inpaint_from_filter && finished_result(&i.input, "filter").is_err();
+            located(inpaint::prepare(i, c, &job_dir(&self.output, "inpaint", shard), pending).map(|_| ()))?;
         }
-        if let Some(g) = &self.guide {
+        if let Some(g) = self.guide.as_ref().filter(|_| selected("guide")) {
             located(guide::prepare(g, c, &job_dir(&self.output, "guide", shard)).map(|_| ()))?;
         }
-        lines.extend(self.plan()?);
+        lines.extend(self.plan()?.into_iter().filter(|l| jobs.iter().any(|j| l.starts_with(j))));
         Ok(DryRun { lines })
     }
 
@@ -642,62 +650,95 @@ impl Recipe {
         Ok(lines)
     }
 
-    /// Runs the jobs in order; `done` sees each job's summary as it finishes.
-    pub fn run(&mut self, shard: Shard, json: bool, done: &mut dyn FnMut(&JobSummary)) -> Result<Vec<JobSummary>> {
-        self.validate()?;
-        self.resolve_size()?;
-        let mut summaries = Vec::new();
-        let ctx = |job: &str| RunContext { out: job_dir(&self.output, job, shard), shard, json };
-        if let Some(f) = &self.filter {
-            let s = filter::run(f, &self.common, &ctx("filter")).map_err(|e| self.locate_field(e))?;
-            done(&s);
-            summaries.push(s);
+    /// The jobs `--job` selects: `only` (which the recipe must have), else all of them in order.
+    pub fn selected_jobs(&self, only: Option<&str>) -> Result<Vec<&'static str>> {
+        let jobs = self.jobs();
+        match only {
+            None => Ok(jobs),
+            Some(j) => match jobs.iter().find(|x| **x == j) {
+                Some(x) => Ok(vec![*x]),
+                None if ["filter", "inpaint", "guide"].contains(&j) => Err(Error::Invalid(format!(
+                    "--job {j}: {} has no `{j}` section (it runs {})",
+                    self.file.display(),
+                    jobs.join(", ")
+                ))),
+                None => Err(Error::Invalid(format!("--job `{j}`: expected filter, inpaint or guide"))),
+            },
         }
-        if let Some(i) = &self.inpaint {
-            let mut i = i.clone();
-            if self.inpaint_from_filter {
-                // Each shard inpaints what its own filter shard kept.
-                i.input = job_dir(&self.output, "filter", shard);
-                if kept_nothing(&i.input)? {
-                    let out = job_dir(&self.output, "inpaint", shard);
-                    let s = JobSummary {
-                        job: "inpaint".into(),
-                        out,
-                        figures: serde_json::json!({"skipped": "filter kept no image"}),
-                        lines: vec!["skipped: filter kept no image, so there is nothing to inpaint".into()],
-                    };
-                    done(&s);
-                    summaries.push(s);
-                    return self.run_guide(shard, json, done, summaries);
-                }
-                // The whole set was taken by the filter shard already.
-                let s = inpaint::run(&i, &self.common, &RunContext { shard: Shard::default(), ..ctx("inpaint") })
-                    .map_err(|e| self.locate_field(e))?;
-                done(&s);
-                summaries.push(s);
-            } else {
-                let s = inpaint::run(&i, &self.common, &ctx("inpaint")).map_err(|e| self.locate_field(e))?;
-                done(&s);
-                summaries.push(s);
-            }
-        }
-        self.run_guide(shard, json, done, summaries)
     }
 
-    fn run_guide(
-        &self,
+    /// The stage rule of sharded runs: a job that reads another job's
+    /// output (`inpaint.input: filter`) reads its merged result, so a run of
+    /// one shard (n > 1) cannot go on from its own filter shard into inpaint;
+    /// it runs one job at a time (`--job`), with a merge in between.
+    pub fn check_stages(&self, shard: Shard, only: Option<&str>) -> Result<()> {
+        if shard.count > 1 && only.is_none() && self.inpaint_from_filter {
+            return Err(Error::Invalid(format!(
+                "{}: inpaint reads this recipe's filter output (`inpaint.input: filter`), so a sharded run takes one job \
+                 at a time: `run --shard i/n --job filter` on every shard, `orchestrate merge --recipe {} --job filter`, \
+                 then `--job inpaint` the same way (scripts/slurm/submit.sh and `run --devices` do this)",
+                self.file.display(),
+                self.file.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs the jobs in order (`only`: just that one); `done` sees each job's
+    /// summary as it finishes. See [`Recipe::check_stages`] for shards.
+    pub fn run(
+        &mut self,
         shard: Shard,
+        only: Option<&str>,
         json: bool,
         done: &mut dyn FnMut(&JobSummary),
-        mut summaries: Vec<JobSummary>,
     ) -> Result<Vec<JobSummary>> {
-        if let Some(g) = &self.guide {
-            let ctx = RunContext { out: job_dir(&self.output, "guide", shard), shard, json };
-            let s = guide::run(g, &self.common, &ctx).map_err(|e| self.locate_field(e))?;
+        self.validate()?;
+        self.resolve_size()?;
+        let jobs = self.selected_jobs(only)?;
+        self.check_stages(shard, only)?;
+        let mut summaries = Vec::new();
+        for job in jobs {
+            let s = match self.skipped(job)? {
+                Some(s) => s,
+                None => self.run_job(job, shard, json)?,
+            };
             done(&s);
             summaries.push(s);
         }
         Ok(summaries)
+    }
+
+    /// The summary of a job that has nothing to do: inpaint when this
+    /// recipe's filter kept no image. `None` when the job is to run.
+    pub fn skipped(&self, job: &str) -> Result<Option<JobSummary>> {
+        match (&self.inpaint, job) {
+            (Some(i), "inpaint") if self.inpaint_from_filter => {
+                finished_result(&i.input, "filter")?;
+                if kept_nothing(&i.input)? {
+                    return Ok(Some(JobSummary {
+                        job: "inpaint".into(),
+                        out: job_dir(&self.output, "inpaint", Shard::default()),
+                        figures: serde_json::json!({"skipped": "filter kept no image"}),
+                        lines: vec!["skipped: filter kept no image, so there is nothing to inpaint".into()],
+                    }));
+                }
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Runs one job of the recipe (its shard `shard`) into `output/JOB[/shard-i-of-n]`.
+    pub fn run_job(&self, job: &str, shard: Shard, json: bool) -> Result<JobSummary> {
+        let ctx = RunContext { out: job_dir(&self.output, job, shard), shard, json };
+        let r = match (job, &self.filter, &self.inpaint, &self.guide) {
+            ("filter", Some(f), _, _) => filter::run(f, &self.common, &ctx),
+            ("inpaint", _, Some(i), _) => inpaint::run(i, &self.common, &ctx),
+            ("guide", _, _, Some(g)) => guide::run(g, &self.common, &ctx),
+            _ => return Err(Error::Invalid(format!("{}: no `{job}` job in this recipe", self.file.display()))),
+        };
+        r.map_err(|e| self.locate_field(e))
     }
 
     /// Points an `Error::Field` at its field's line (or, when the recipe does
@@ -747,6 +788,29 @@ fn verify_note(verify: &[String]) -> String {
     } else {
         format!(", held-out verifiers {}", verify.join(", "))
     }
+}
+
+/// Refuses a folder that holds no finished, whole result of `job` (a run
+/// without `--shard`, or a merge): what a later stage reads.
+pub fn finished_result(dir: &Path, job: &str) -> Result<()> {
+    let plan = dir.join(crate::jobs::runner::PLAN_FILE);
+    let not_yet = |why: &str| {
+        Error::Invalid(format!(
+            "{}: {why}; run the {job} stage first (after a sharded one, `orchestrate merge --recipe RECIPE --job {job}`)",
+            dir.display()
+        ))
+    };
+    if !plan.is_file() {
+        return Err(not_yet(&format!("no {job} result yet (no {})", crate::jobs::runner::PLAN_FILE)));
+    }
+    let v: serde_json::Value = crate::error::read_json(&plan)?;
+    if v["job"] != job {
+        return Err(not_yet(&format!("holds a `{}` run, not a {job} run", v["job"].as_str().unwrap_or("?"))));
+    }
+    if v["shard"]["count"].as_u64() != Some(1) {
+        return Err(not_yet(&format!("holds shard {}/{} only, not the whole result", v["shard"]["index"], v["shard"]["count"])));
+    }
+    Ok(())
 }
 
 /// Whether a filter output folder's kept set is empty.

@@ -89,6 +89,7 @@ fn common(generator_name: &str, steps: usize, batch_size: usize) -> CommonOption
             vae: None,
             refiner: None,
             refiner_config: None,
+            variant: None,
             refiner_start: 0.8,
             rahf: Some(rahf_dir().to_path_buf()),
             scorers: Default::default(),

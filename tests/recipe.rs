@@ -216,7 +216,7 @@ fn dry_run_of_ci_recipe_succeeds() {
     tiny_rahf();
     let mut r = Recipe::load(&repo().join("recipes/ci.yaml")).unwrap();
     assert!(r.height_from_model && r.width_from_model);
-    let plan = r.dry_run(orchestrate::jobs::Shard::default()).unwrap();
+    let plan = r.dry_run(orchestrate::jobs::Shard::default(), None).unwrap();
     // The tiny generator's native size replaces the 512 default.
     assert_eq!((r.common.sampling.height, r.common.sampling.width), (32, 32));
     let text = plan.lines.join("\n");
@@ -240,7 +240,7 @@ fn dry_run_names_a_missing_model_folder() {
     let text = tiny_recipe("").replace(&tiny_rahf().display().to_string(), "no-such-rahf");
     let (_t, path) = recipe_in_tempdir("r.yaml", &text);
     let mut r = Recipe::load(&path).unwrap();
-    let (line, col, field, msg) = recipe_error(r.dry_run(orchestrate::jobs::Shard::default()).unwrap_err());
+    let (line, col, field, msg) = recipe_error(r.dry_run(orchestrate::jobs::Shard::default(), None).unwrap_err());
     assert_eq!((line, col, field.as_str()), (3, 9, "models.rahf"));
     assert!(msg.contains("no-such-rahf"), "{msg}");
 }
@@ -263,7 +263,7 @@ fn every_committed_recipe_parses() {
         if uses_hf_ids {
             // Real checkpoints by repo id: the models (and what other recipes
             // make) may be absent here; everything else must check out.
-            if let Err(e) = r.validate().and_then(|_| r.dry_run(orchestrate::jobs::Shard::default()).map(|_| ())) {
+            if let Err(e) = r.validate().and_then(|_| r.dry_run(orchestrate::jobs::Shard::default(), None).map(|_| ())) {
                 let shown = e.to_string();
                 assert!(
                     shown.contains("Hugging Face cache") || shown.contains("not found"),
@@ -272,7 +272,7 @@ fn every_committed_recipe_parses() {
                 );
             }
         } else {
-            r.dry_run(orchestrate::jobs::Shard::default()).unwrap_or_else(|e| panic!("{e}"));
+            r.dry_run(orchestrate::jobs::Shard::default(), None).unwrap_or_else(|e| panic!("{e}"));
         }
     }
     names.sort();

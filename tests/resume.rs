@@ -92,6 +92,8 @@ fn filter_cmd(root: &Path, out: &Path, extra: &[&str]) -> Command {
     .env_remove("SLURM_ARRAY_TASK_ID")
     .env_remove("SLURM_ARRAY_TASK_COUNT")
     .env_remove("JOB_COMPLETION_INDEX")
+    .env_remove("AWS_BATCH_JOB_ARRAY_INDEX")
+    .env_remove("AWS_BATCH_JOB_ARRAY_SIZE")
     .env_remove("ORCHESTRATE_SHARDS");
     c
 }
@@ -218,9 +220,13 @@ fn shards_cover_every_prompt_once_and_merge_into_the_unsharded_dataset() {
         let spec = format!("{i}/3");
         let mut cmd = filter_cmd(&s.root, &out, &[]);
         if i == 1 {
-            // The shard from a SLURM array's environment.
-            cmd.env("SLURM_ARRAY_TASK_ID", "1")
-                .env("SLURM_ARRAY_TASK_COUNT", "3");
+            // The shard from a Slurm array's environment (--array=1-3: task 2 is shard 1/3).
+            cmd.env("SLURM_ARRAY_TASK_ID", "2")
+                .env("SLURM_ARRAY_TASK_MIN", "1")
+                .env("SLURM_ARRAY_TASK_MAX", "3")
+                .env("SLURM_ARRAY_TASK_STEP", "1")
+                .env("SLURM_ARRAY_TASK_COUNT", "3")
+                .args(["--shard", "auto"]);
         } else {
             cmd.args(["--shard", &spec]);
         }

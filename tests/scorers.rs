@@ -670,7 +670,7 @@ fn recipes_take_specs_verifiers_and_scorer_checkpoints() {
     assert_eq!((i.score.to_string(), i.verify.clone()), ("rahf.b:overall".to_string(), vec!["rahf.c".to_string()]), "the shared verify");
     let g = r.guide.as_ref().unwrap();
     assert_eq!((g.score.to_string(), g.verify.clone()), ("rahf:aesthetics".to_string(), vec![]), "a job's own verify wins");
-    let plan = r.dry_run(Default::default()).unwrap().lines.join("\n");
+    let plan = r.dry_run(Default::default(), None).unwrap().lines.join("\n");
     assert!(plan.contains("scorer     rahf.b = ") && plan.contains("scorer     rahf.c = "), "{plan}");
     assert!(plan.contains(&format!("keep best with {SPEC} >= 0.3, held-out verifiers rahf.c")), "{plan}");
     assert!(plan.contains("choose by rahf.b:overall, held-out verifiers rahf.c"), "{plan}");
@@ -709,7 +709,7 @@ fn recipe_scorer_errors_point_at_their_yaml_line() {
         let e = if parse_only {
             Recipe::parse(&path).unwrap_err()
         } else {
-            let mut r = Recipe::load(&path).and_then(|mut r| r.dry_run(Default::default()).map(|_| r)).err();
+            let mut r = Recipe::load(&path).and_then(|mut r| r.dry_run(Default::default(), None).map(|_| r)).err();
             r.take().unwrap_or_else(|| panic!("{rest}: no error"))
         };
         let shown = e.to_string();

@@ -93,16 +93,23 @@ pub struct GeneratorOptions {
     pub refiner: Option<(String, f64)>,
     /// The config source of a single-file refiner (`--refiner-config`).
     pub refiner_config: Option<String>,
+    /// The weights variant (`fp16`) of every model above, where it has one.
+    pub variant: Option<String>,
 }
 
 /// Loads the generator in `spec` (a diffusers folder, cached repo id or
 /// single-file checkpoint) with `options`, for its family.
 pub fn load(spec: &str, options: &GeneratorOptions, device: Device, kind: Kind) -> Result<Box<dyn Generator>> {
-    let source = PipelineSource { model: spec.to_string(), config: options.config.clone(), vae: options.vae.clone() };
+    let source = PipelineSource {
+        model: spec.to_string(),
+        config: options.config.clone(),
+        vae: options.vae.clone(),
+        variant: options.variant.clone(),
+    };
     let mut pipe = StableDiffusion::load_source(&source, device, kind)?;
     if let Some((refiner, start)) = &options.refiner {
         let source =
-            PipelineSource { model: refiner.clone(), config: options.refiner_config.clone(), vae: options.vae.clone() };
+            PipelineSource { model: refiner.clone(), config: options.refiner_config.clone(), ..source.clone() };
         let refiner = StableDiffusion::load_source(&source, device, kind)
             .map_err(|e| Error::Invalid(format!("refiner {refiner}: {e}")))?;
         pipe = pipe.with_refiner(refiner, *start)?;

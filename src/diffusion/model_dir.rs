@@ -1,5 +1,6 @@
 //! Finding a diffusers pipeline folder and its component files: a local folder,
-//! or a Hugging Face repo id looked up offline in the HF cache.
+//! or a Hugging Face repo id in the HF cache, downloaded there when missing
+//! (`crate::io::hub`).
 use crate::diffusion::clip::ClipTextConfig;
 use crate::diffusion::schedulers::SchedulerConfig;
 use crate::diffusion::single_file::{self, SingleFile};
@@ -13,69 +14,91 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct ModelDir {
     pub root: PathBuf,
+    /// The weights variant to read (`fp16`: `*.fp16.safetensors`), as
+    /// diffusers' `variant=`; components without it use their plain weights.
+    pub variant: Option<String>,
 }
 
-/// `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`, as
-/// huggingface_hub resolves it.
+/// `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`,
+/// else `~/.cache/huggingface/hub`, as huggingface_hub resolves it.
 pub fn hf_hub_cache() -> PathBuf {
-    if let Some(p) = std::env::var_os("HF_HUB_CACHE").or_else(|| std::env::var_os("HUGGINGFACE_HUB_CACHE")) {
-        return PathBuf::from(p);
-    }
-    if let Some(home) = std::env::var_os("HF_HOME") {
-        return PathBuf::from(home).join("hub");
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("huggingface").join("hub")
+    crate::io::hub::hub_cache()
 }
 
-/// Resolves `ORG/NAME[@REV]` to a snapshot folder in the HF cache, offline:
-/// the revision named (a branch under `refs/` or a commit), else `refs/main`,
-/// else the only snapshot present.
-pub fn resolve_hf_repo(spec: &str) -> Result<PathBuf> {
-    let (repo, rev) = match spec.split_once('@') {
-        Some((r, v)) => (r, Some(v)),
-        None => (spec, None),
-    };
-    let cache = hf_hub_cache();
-    let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
-    if !repo_dir.is_dir() {
-        return Err(Error::Missing {
-            path: repo_dir,
-            what: format!("`{spec}` is neither a local folder nor a repo in the Hugging Face cache (downloads are not attempted; set HF_HOME or pass a folder)"),
-        });
-    }
-    let snapshots = repo_dir.join("snapshots");
-    let rev_name = rev.unwrap_or("main");
-    let refs_file = repo_dir.join("refs").join(rev_name);
-    let commit = if refs_file.is_file() {
-        Some(std::fs::read_to_string(&refs_file).map_err(|e| Error::io(&refs_file, e))?.trim().to_string())
+/// Whether `spec` reads as a Hub repo id `ORG/NAME[@REV]` (one `/` before
+/// any `@`, not a relative or absolute path).
+pub fn looks_like_repo_id(spec: &str) -> bool {
+    let repo = spec.split_once('@').map_or(spec, |(r, _)| r);
+    repo.matches('/').count() == 1 && !spec.starts_with('.') && !spec.starts_with('/') && !spec.starts_with('~')
+}
+
+/// A weights variant name (`fp16`, `non_ema`, `bf16`, ...): letters,
+/// digits, `_` and `-`, as `--variant` / `models.variant` take it.
+pub fn check_variant(variant: &str) -> Result<()> {
+    let ok = !variant.is_empty()
+        && variant.len() <= 64
+        && variant.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
     } else {
-        rev.map(str::to_string)
-    };
-    if let Some(commit) = commit {
-        let dir = snapshots.join(&commit);
-        if dir.is_dir() {
-            return Ok(dir);
-        }
-        return Err(Error::Missing { path: dir, what: format!("snapshot `{commit}` of `{repo}`") });
-    }
-    let entries: Vec<PathBuf> = std::fs::read_dir(&snapshots)
-        .map_err(|e| Error::io(&snapshots, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    match entries.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => Err(Error::Missing { path: snapshots, what: format!("any snapshot of `{repo}`") }),
-        _ => Err(Error::Invalid(format!(
-            "{}: several snapshots of `{repo}` and no refs/main; name one as {repo}@COMMIT",
-            snapshots.display()
-        ))),
+        Err(Error::Invalid(format!("variant `{variant}`: expected a name like fp16 (letters, digits, `_`, `-`)")))
     }
 }
 
-/// A folder if `spec` is one, else an HF repo id in the cache.
+/// Resolves `ORG/NAME[@REV]` to its snapshot in the Hugging Face cache,
+/// downloading the files the model needs when they are missing (see
+/// [`crate::io::hub`]; `HF_HUB_OFFLINE=1`: the cache alone). A repo resolves
+/// once per process: later calls reuse the answer.
+pub fn resolve_hf_repo(spec: &str) -> Result<PathBuf> {
+    resolve_hf_repo_variant(spec, None)
+}
+
+/// [`resolve_hf_repo`] fetching `variant` weights (`fp16`).
+pub fn resolve_hf_repo_variant(spec: &str, variant: Option<&str>) -> Result<PathBuf> {
+    resolve_hf_repo_wanting(spec, &crate::io::hub::Want { variant: variant.map(str::to_string), ..Default::default() })
+}
+
+/// [`resolve_hf_repo`] fetching what `want` says.
+fn resolve_hf_repo_wanting(spec: &str, want: &crate::io::hub::Want) -> Result<PathBuf> {
+    use crate::io::hub::{Hub, RepoRef};
+    let variant = want.variant.as_deref();
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    static RESOLVED: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    if let Some(v) = variant {
+        check_variant(v)?;
+    }
+    let repo = RepoRef::parse(spec)?;
+    let hub = Hub::from_env()?;
+    let key = format!(
+        "{}\n{}\n{}\n{spec}\n{}\n{}",
+        hub.cache.display(),
+        hub.endpoint,
+        hub.offline,
+        variant.unwrap_or(""),
+        want.configs_only
+    );
+    if let Some(dir) = RESOLVED.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        if dir.is_dir() {
+            return Ok(dir.clone());
+        }
+    }
+    let snapshot = hub.resolve(&repo, want)?;
+    if !snapshot.fetched.is_empty() {
+        let bytes: u64 = snapshot.fetched.iter().map(|(_, n)| n).sum();
+        tracing::info!("{spec}: downloaded {} files ({bytes} bytes) into {}", snapshot.fetched.len(), snapshot.dir.display());
+    }
+    RESOLVED.lock().unwrap_or_else(|p| p.into_inner()).insert(key, snapshot.dir.clone());
+    Ok(snapshot.dir)
+}
+
+/// A folder if `spec` is one, else an HF repo id (fetched into the cache when needed).
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
+    resolve_model_variant(spec, None)
+}
+
+/// [`resolve_model`] with the weights `variant` a repo id should fetch.
+pub fn resolve_model_variant(spec: &str, variant: Option<&str>) -> Result<PathBuf> {
     let p = Path::new(spec);
     if p.is_dir() {
         return Ok(p.to_path_buf());
@@ -83,16 +106,32 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     if p.exists() {
         return Err(Error::Invalid(format!("{spec}: expected a model folder, found a file")));
     }
-    if spec.matches('/').count() == 1 && !spec.starts_with('.') && !spec.starts_with('/') {
-        return resolve_hf_repo(spec);
+    if looks_like_repo_id(spec) {
+        return resolve_hf_repo_variant(spec, variant);
     }
     Err(Error::Missing { path: p.to_path_buf(), what: "model folder".into() })
 }
 
 impl ModelDir {
     pub fn open(spec: &str) -> Result<Self> {
-        let root = resolve_model(spec)?;
-        Ok(ModelDir { root })
+        Self::open_variant(spec, None)
+    }
+
+    /// A pipeline folder, or a repo id of which only the configs, tokenizers
+    /// and scheduler are fetched (a single file's config source).
+    pub fn open_configs(spec: &str) -> Result<Self> {
+        let p = Path::new(spec);
+        if !p.is_dir() && !p.exists() && looks_like_repo_id(spec) {
+            let want = crate::io::hub::Want { configs_only: true, ..Default::default() };
+            return Ok(ModelDir { root: resolve_hf_repo_wanting(spec, &want)?, variant: None });
+        }
+        Self::open(spec)
+    }
+
+    /// A pipeline folder or repo id, reading `variant` weights.
+    pub fn open_variant(spec: &str, variant: Option<&str>) -> Result<Self> {
+        let root = resolve_model_variant(spec, variant)?;
+        Ok(ModelDir { root, variant: variant.map(str::to_string) })
     }
 
     /// A component's folder (`unet`, `vae`, ...), which must exist.
@@ -113,9 +152,9 @@ impl ModelDir {
     }
 
     /// The safetensors file(s) of a component: a single file, or the shards an
-    /// `.index.json` lists. `variant` picks e.g. `fp16` files when present.
-    pub fn weights(&self, component: &str, variant: Option<&str>) -> Result<Vec<PathBuf>> {
-        weights_in_variant(&self.component(component)?, variant)
+    /// `.index.json` lists; the folder's `variant` first when it has one.
+    pub fn weights(&self, component: &str) -> Result<Vec<PathBuf>> {
+        weights_in_variant(&self.component(component)?, self.variant.as_deref())
     }
 }
 
@@ -124,24 +163,32 @@ pub fn weights_in(dir: &Path) -> Result<Vec<PathBuf>> {
     weights_in_variant(dir, None)
 }
 
-fn weights_in_variant(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
-    let dir = dir.to_path_buf();
-    let stems = ["diffusion_pytorch_model", "model"];
-    let mut candidates = Vec::new();
-    for stem in stems {
+/// The weights file names tried in a component folder, in order (what the
+/// Hub download fetches, too): diffusers' then transformers' name; with a
+/// variant, its file and index (diffusers' `….safetensors.index.fp16.json`
+/// and the legacy `….fp16.index.json`) before the plain ones.
+pub fn weight_file_candidates(variant: Option<&str>) -> Vec<String> {
+    let mut out = Vec::new();
+    for stem in ["diffusion_pytorch_model", "model"] {
         if let Some(v) = variant {
-            candidates.push(format!("{stem}.{v}.safetensors"));
+            out.push(format!("{stem}.{v}.safetensors"));
+            out.push(format!("{stem}.safetensors.index.{v}.json"));
+            out.push(format!("{stem}.safetensors.{v}.index.json"));
         }
-        candidates.push(format!("{stem}.safetensors"));
+        out.push(format!("{stem}.safetensors"));
+        out.push(format!("{stem}.safetensors.index.json"));
     }
+    out
+}
+
+/// [`weights_in`], `variant` first.
+pub fn weights_in_variant(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    let dir = dir.to_path_buf();
+    let candidates = weight_file_candidates(variant);
     for name in &candidates {
         let path = dir.join(name);
         if path.is_file() {
-            return Ok(vec![path]);
-        }
-        let index = dir.join(format!("{name}.index.json"));
-        if index.is_file() {
-            return shards_from_index(&index);
+            return if name.ends_with(".json") { shards_from_index(&path) } else { Ok(vec![path]) };
         }
     }
     let has_bin = ["diffusion_pytorch_model.bin", "pytorch_model.bin"].iter().any(|b| dir.join(b).is_file());
@@ -224,17 +271,20 @@ pub enum WeightsSource {
 /// What a generator is loaded from: `model` (a pipeline folder, a cached
 /// repo id, or a single-file checkpoint), the config source of a single file
 /// (`--config`: a pipeline folder or repo id; by default diffusers' default
-/// repo for the file's type), and a VAE folder replacing the pipeline's (`--vae`).
+/// repo for the file's type), a VAE folder replacing the pipeline's (`--vae`)
+/// and the weights variant (`--variant`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PipelineSource {
     pub model: String,
     pub config: Option<String>,
     pub vae: Option<String>,
+    /// The weights variant to read (`--variant fp16`), for a pipeline folder or repo id.
+    pub variant: Option<String>,
 }
 
 impl PipelineSource {
     pub fn new(model: &str) -> Self {
-        PipelineSource { model: model.to_string(), config: None, vae: None }
+        PipelineSource { model: model.to_string(), ..Default::default() }
     }
 }
 
@@ -297,7 +347,7 @@ fn has_component(index: &serde_json::Value, name: &str) -> bool {
     index.get(name).and_then(|v| v.as_array()).is_some_and(|a| a.iter().any(|x| !x.is_null()))
 }
 
-/// For `--dry-run`: every check of a pipeline folder (or cached repo id) that
+/// For `--dry-run`: every check of a pipeline folder (or repo id) that
 /// needs no weights. Each component's config is read and validated (the same
 /// `load` the pipeline uses), the tokenizers are loaded, the weights files are
 /// located, and the components are checked against each other:
@@ -321,7 +371,18 @@ pub fn load_pipeline_configs(spec: &str) -> Result<PipelineConfigs> {
 /// diffusers `AutoencoderKL` folder: `config.json` + weights), e.g. the
 /// fp16-fix SDXL VAE.
 pub fn load_pipeline_configs_with_vae(spec: &str, vae_override: Option<&str>) -> Result<PipelineConfigs> {
-    load_pipeline(&PipelineSource { model: spec.to_string(), config: None, vae: vae_override.map(str::to_string) })
+    load_pipeline_configs_with(spec, vae_override, None)
+}
+
+/// [`load_pipeline_configs_with_vae`] reading the `variant` weights (`fp16`)
+/// of the pipeline and of the `--vae` folder.
+pub fn load_pipeline_configs_with(spec: &str, vae_override: Option<&str>, variant: Option<&str>) -> Result<PipelineConfigs> {
+    load_pipeline(&PipelineSource {
+        model: spec.to_string(),
+        config: None,
+        vae: vae_override.map(str::to_string),
+        variant: variant.map(str::to_string),
+    })
 }
 
 /// [`load_pipeline_configs`] for any [`PipelineSource`]. A single-file
@@ -339,7 +400,8 @@ pub fn load_pipeline(source: &PipelineSource) -> Result<PipelineConfigs> {
             Some(c) => (c.clone(), false),
             None => (t.default_config().to_string(), true),
         };
-        let dir = ModelDir::open(&config).map_err(|e| {
+        // The config source is read for its configs only: no weights are fetched.
+        let dir = ModelDir::open_configs(&config).map_err(|e| {
             let which = if default {
                 format!("diffusers' default config source for `{}` checkpoints; pass --config DIR_OR_REPO (recipes: models.config) to use another", t.name())
             } else {
@@ -347,7 +409,7 @@ pub fn load_pipeline(source: &PipelineSource) -> Result<PipelineConfigs> {
             };
             Error::Invalid(format!("{spec}: a `{}` single-file checkpoint, read with the configs of {config} ({which}): {e}", t.name()))
         })?;
-        let mut c = configs_in(dir, vae_override, false)?;
+        let mut c = configs_in(dir, vae_override, false, source.variant.as_deref())?;
         c.root = PathBuf::from(spec);
         single_file::check(&file, &c, vae_override.is_none())?;
         c.weights = WeightsSource::SingleFile { file: std::sync::Arc::new(file), vae: vae_override.is_none() };
@@ -358,14 +420,15 @@ pub fn load_pipeline(source: &PipelineSource) -> Result<PipelineConfigs> {
             "--config {config}: a config source is for single-file checkpoints; {spec} is a pipeline with its own configs"
         )));
     }
-    let dir = ModelDir::open(spec)?;
-    configs_in(dir, vae_override, true)
+    let variant = source.variant.as_deref();
+    let dir = ModelDir::open_variant(spec, variant)?;
+    configs_in(dir, vae_override, true, variant)
 }
 
 /// The configs of the pipeline folder `dir`; `weights` also checks that its
 /// weight files are there (not for a single file's config source, which
 /// needs none).
-fn configs_in(dir: ModelDir, vae_override: Option<&str>, weights: bool) -> Result<PipelineConfigs> {
+fn configs_in(dir: ModelDir, vae_override: Option<&str>, weights: bool, variant: Option<&str>) -> Result<PipelineConfigs> {
     let model_index = dir.root.join("model_index.json");
     if !model_index.is_file() {
         return Err(Error::Missing { path: model_index, what: "a diffusers pipeline's model_index.json".into() });
@@ -375,7 +438,7 @@ fn configs_in(dir: ModelDir, vae_override: Option<&str>, weights: bool) -> Resul
     let unet = UNetConfig::load(&dir.config("unet", "config.json")?)?;
     let (vae_dir, vae) = match vae_override {
         Some(v) => {
-            let root = resolve_model(v)?;
+            let root = resolve_model_variant(v, variant)?;
             // A VAE repo is the component folder itself; a pipeline folder has it under vae/.
             let folder = if root.join("config.json").is_file() { root } else { root.join("vae") };
             let config = folder.join("config.json");
@@ -444,13 +507,13 @@ fn configs_in(dir: ModelDir, vae_override: Option<&str>, weights: bool) -> Resul
         Vec::new()
     };
     for component in components {
-        for path in dir.weights(component, None)? {
+        for path in dir.weights(component)? {
             if !path.is_file() {
                 return Err(Error::Missing { path, what: format!("a weights shard of `{component}`") });
             }
         }
     }
-    let vae_weights = if weights || vae_override.is_some() { weights_in(&vae_dir)? } else { Vec::new() };
+    let vae_weights = if weights || vae_override.is_some() { weights_in_variant(&vae_dir, variant)? } else { Vec::new() };
     for path in vae_weights {
         if !path.is_file() {
             return Err(Error::Missing { path, what: "a weights shard of the VAE".into() });

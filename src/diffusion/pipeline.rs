@@ -108,7 +108,7 @@ pub const AESTHETIC_SCORE: f64 = 6.0;
 pub const NEGATIVE_AESTHETIC_SCORE: f64 = 2.5;
 
 impl StableDiffusion {
-    /// Loads every component of a diffusers pipeline folder (or cached repo id).
+    /// Loads every component of a diffusers pipeline folder (or repo id).
     /// Every config is read, validated and cross-checked first
     /// ([`crate::diffusion::model_dir::load_pipeline_configs`], what
     /// `--dry-run` runs), so a bad checkpoint is an error naming its file and
@@ -119,7 +119,18 @@ impl StableDiffusion {
 
     /// [`Self::load`] with the VAE of another folder (`--vae`).
     pub fn load_with_vae(spec: &str, vae: Option<&str>, device: Device, kind: Kind) -> Result<Self> {
-        let source = PipelineSource { model: spec.to_string(), config: None, vae: vae.map(str::to_string) };
+        Self::load_with(spec, vae, None, device, kind)
+    }
+
+    /// [`Self::load_with_vae`] reading the `variant` weights (`fp16`) where
+    /// a component has them.
+    pub fn load_with(spec: &str, vae: Option<&str>, variant: Option<&str>, device: Device, kind: Kind) -> Result<Self> {
+        let source = PipelineSource {
+            model: spec.to_string(),
+            config: None,
+            vae: vae.map(str::to_string),
+            variant: variant.map(str::to_string),
+        };
         Self::load_source(&source, device, kind)
     }
 
@@ -160,9 +171,9 @@ impl StableDiffusion {
                 let texts = c
                     .text_encoders
                     .iter()
-                    .map(|t| folder(&dir.weights(&t.component, None)?, kind))
+                    .map(|t| folder(&dir.weights(&t.component)?, kind))
                     .collect::<Result<Vec<_>>>()?;
-                (folder(&dir.weights("unet", None)?, kind)?, None, texts, None, None)
+                (folder(&dir.weights("unet")?, kind)?, None, texts, None, None)
             }
             WeightsSource::SingleFile { file, vae } => {
                 let w = single_file::convert(file, &c, *vae, device, kind, vae_kind, read)?;
@@ -201,7 +212,7 @@ impl StableDiffusion {
         used(&vb, "UNet", &unet_source)?;
         let vae_w = match vae_w {
             Some(w) => w,
-            None => folder(&crate::diffusion::model_dir::weights_in(&c.vae_dir)?, vae_kind)?,
+            None => folder(&crate::diffusion::model_dir::weights_in_variant(&c.vae_dir, dir.variant.as_deref())?, vae_kind)?,
         };
         let vae_source = c.vae.source.clone();
         let vb = vae_w.root();
@@ -232,7 +243,7 @@ impl StableDiffusion {
         let config = self.vae.config.clone();
         let weights = match &self.vae_file {
             Some(file) => single_file::vae_weights(file, &config, self.device, kind)?,
-            None => Weights::load(&crate::diffusion::model_dir::weights_in(&self.vae_dir)?, self.device, kind)?,
+            None => Weights::load(&crate::diffusion::model_dir::weights_in_variant(&self.vae_dir, self.dir.variant.as_deref())?, self.device, kind)?,
         };
         AutoencoderKL::load(weights.root(), config)
     }

@@ -1,10 +1,17 @@
-//! The one place where files are read and written: images (any PNG/JPEG in,
-//! 8-bit RGB out; PNG out), atomic fsynced writes, `.npy`, and SHA-256 digests
-//! of what a run wrote (verified on resume). [`resize`] resamples 8-bit images
-//! exactly as Pillow does; [`image_processor`] is HF's PIL image processors
-//! (ViT, CLIP) on top of it.
+//! The one place where files are read and written: images (PNG, JPEG, WebP
+//! in, any mode, as 8-bit RGB: [`images`]; PNG out), atomic fsynced writes,
+//! `.npy`, SHA-256 digests of what a run wrote (verified on resume), and the
+//! Hugging Face Hub cache and its downloads ([`hub`]). [`resize`] resamples
+//! 8-bit images exactly as Pillow does; [`image_processor`] is HF's PIL image
+//! processors (ViT, CLIP) on top of it.
+pub mod hub;
 pub mod image_processor;
+pub mod images;
 pub mod resize;
+
+pub use images::{
+    decode_rgb, decode_rgb_with_notes, load_rgb, load_rgb_with_digest, max_pixels, set_max_pixels, DEFAULT_MAX_PIXELS,
+};
 
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
@@ -55,41 +62,6 @@ pub fn write_npy(path: &Path, map: &Tensor) -> Result<()> {
         bytes.extend_from_slice(&v.to_le_bytes());
     }
     write_atomic(path, &bytes)
-}
-
-/// Reads an image as 8-bit RGB. Opaque RGBA is accepted (alpha dropped);
-/// anything else is refused by name rather than converted silently.
-pub fn load_rgb(path: &Path) -> Result<image::RgbImage> {
-    Ok(load_rgb_with_digest(path)?.0)
-}
-
-/// [`load_rgb`], and the hex SHA-256 of the file's bytes as they were read.
-pub fn load_rgb_with_digest(path: &Path) -> Result<(image::RgbImage, String)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let sha = sha256_hex(&bytes);
-    Ok((decode_rgb(&bytes, path)?, sha))
-}
-
-/// Decodes image bytes (`path` names them in errors) as 8-bit RGB; see [`load_rgb`].
-pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<image::RgbImage> {
-    let img = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
-        .decode()
-        .map_err(|e| Error::Image { path: path.to_path_buf(), reason: e.to_string() })?;
-    match img {
-        image::DynamicImage::ImageRgb8(rgb) => Ok(rgb),
-        image::DynamicImage::ImageRgba8(rgba) if rgba.pixels().all(|p| p.0[3] == 255) => {
-            Ok(image::DynamicImage::ImageRgba8(rgba).to_rgb8())
-        }
-        other => Err(Error::Image {
-            path: path.to_path_buf(),
-            reason: format!(
-                "expected an 8-bit RGB image, found {:?}; convert it to RGB first (RAHF was trained on RGB)",
-                other.color()
-            ),
-        }),
-    }
 }
 
 fn png_bytes(width: u32, height: u32, raw: &[u8], color: image::ExtendedColorType, path: &Path) -> Result<Vec<u8>> {

@@ -4,6 +4,7 @@ use crate::diffusion::pipeline::{check_image_size, SamplingSettings};
 use crate::diffusion::schedulers::SchedulerKind;
 use crate::error::{Error, Result};
 use crate::scorers::{self, ScoreSpec, Scorers};
+pub use crate::jobs::shard::Shard;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,8 +13,9 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelOptions {
-    /// Text-to-image generator: a diffusers folder, a cached HF repo id, or a
-    /// single-file checkpoint (`.safetensors` in the original SD layout).
+    /// Text-to-image generator: a diffusers folder, an HF repo id (downloaded
+    /// when missing), or a single-file checkpoint (`.safetensors` in the
+    /// original SD layout).
     pub generator: String,
     /// The config source of a single-file `generator`: a diffusers pipeline
     /// folder or repo id whose configs, tokenizers and scheduler are used
@@ -28,7 +30,7 @@ pub struct ModelOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inpaint_config: Option<String>,
     /// A VAE folder that replaces the generators' own (e.g. SDXL's
-    /// fp16-fix VAE): a diffusers `AutoencoderKL` folder or cached repo id.
+    /// fp16-fix VAE): a diffusers `AutoencoderKL` folder or repo id.
     #[serde(default)]
     pub vae: Option<String>,
     /// An SDXL refiner that finishes text-to-image samples (`filter`,
@@ -38,12 +40,18 @@ pub struct ModelOptions {
     /// The config source of a single-file `refiner`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refiner_config: Option<String>,
+    /// The weights variant (`fp16`: `*.fp16.safetensors`) of the generators,
+    /// VAE and refiner, where a component has it (diffusers' `variant=`);
+    /// repo ids download only those weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
     /// The fraction of the schedule the base runs before the refiner takes over.
     #[serde(default = "default_refiner_start")]
     pub refiner_start: f64,
-    /// An orchestrate RAHF folder (`rahf import` / `rahf init` make one):
-    /// the scorer instance `rahf`. Needed by `inpaint` (its masks come from
-    /// RAHF's heatmap) and by any score spec or verifier that names `rahf`.
+    /// An orchestrate RAHF folder (`rahf import` / `rahf init` make one) or
+    /// a Hub repo id holding one: the scorer instance `rahf`. Needed by
+    /// `inpaint` (its masks come from RAHF's heatmap) and by any score spec
+    /// or verifier that names `rahf`.
     #[serde(default)]
     pub rahf: Option<PathBuf>,
     /// Every other scorer instance's checkpoint, by instance name (`TYPE` or
@@ -72,7 +80,7 @@ impl ModelOptions {
         } else {
             None
         };
-        PipelineSource { model: generator.to_string(), config, vae: self.vae.clone() }
+        PipelineSource { model: generator.to_string(), config, vae: self.vae.clone(), variant: self.variant.clone() }
     }
 
     /// Where the refiner loads from, when there is one.
@@ -81,6 +89,7 @@ impl ModelOptions {
             model: r.clone(),
             config: self.refiner_config.clone(),
             vae: self.vae.clone(),
+            variant: self.variant.clone(),
         })
     }
 
@@ -307,6 +316,7 @@ impl CommonOptions {
             vae: m.vae.clone(),
             refiner: m.refiner.clone().map(|r| (r, m.refiner_start)),
             refiner_config: m.refiner_config.clone(),
+            variant: m.variant.clone(),
         };
         let pipe = crate::diffusion::generator::load(generator, &options, device, kind)?;
         let scorers = Scorers::load(scorers, &|n| m.scorer_checkpoint(n), device, scorer_kind)?;
@@ -388,6 +398,9 @@ impl CommonOptions {
             if let Some(vae) = &self.models.vae {
                 map.insert("vae".into(), canonical(vae).into());
             }
+            if let Some(variant) = &self.models.variant {
+                map.insert("variant".into(), variant.clone().into());
+            }
             if let Some(refiner) = &self.models.refiner {
                 map.insert("refiner".into(), canonical(refiner).into());
                 map.insert("refiner_start".into(), self.models.refiner_start.into());
@@ -440,6 +453,9 @@ impl CommonOptions {
         crate::device::parse_dtype(&m.dtype, device).map_err(|e| Error::field("models.dtype", e.to_string()))?;
         let rahf_dtype = if m.rahf_dtype == "auto" { "fp32" } else { &m.rahf_dtype };
         crate::device::parse_dtype(rahf_dtype, device).map_err(|e| Error::field("models.rahf_dtype", e.to_string()))?;
+        if let Some(v) = &m.variant {
+            crate::diffusion::model_dir::check_variant(v).map_err(|e| Error::field("models.variant", e.to_string()))?;
+        }
         let field = if Some(generator) == m.inpaint_generator.as_deref() { "models.inpaint_generator" } else { "models.generator" };
         let info = check_generator_source(&m.source(generator)).map_err(|e| Error::field(field, e.to_string()))?;
         if let Some(k) = self.sampling.clip_skip {
@@ -528,12 +544,23 @@ impl GeneratorInfo {
 /// `StableDiffusion::load` reads, the tokenizer, and the list of weight files
 /// (not the weights).
 pub fn check_generator(spec: &str) -> Result<GeneratorInfo> {
-    check_generator_with_vae(spec, None)
+    check_generator_with(spec, None, None)
 }
 
 /// [`check_generator`] with `--vae`'s folder in place of the pipeline's VAE.
 pub fn check_generator_with_vae(spec: &str, vae: Option<&str>) -> Result<GeneratorInfo> {
-    check_generator_source(&PipelineSource { model: spec.to_string(), config: None, vae: vae.map(str::to_string) })
+    check_generator_with(spec, vae, None)
+}
+
+/// [`check_generator_with_vae`] reading (and, for a repo id, fetching) the
+/// `variant` weights.
+pub fn check_generator_with(spec: &str, vae: Option<&str>, variant: Option<&str>) -> Result<GeneratorInfo> {
+    check_generator_source(&PipelineSource {
+        model: spec.to_string(),
+        config: None,
+        vae: vae.map(str::to_string),
+        variant: variant.map(str::to_string),
+    })
 }
 
 /// [`check_generator`] for any source. A single-file checkpoint is checked
@@ -604,61 +631,6 @@ pub struct CommonOptions {
     pub sampling: SamplingOptions,
 }
 
-/// `--shard i/n`: this process takes prompts whose index % n == i.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Shard {
-    pub index: usize,
-    pub count: usize,
-}
-
-impl Default for Shard {
-    fn default() -> Self {
-        Shard { index: 0, count: 1 }
-    }
-}
-
-impl Shard {
-    /// `i/n` with 0 <= i < n.
-    pub fn parse(spec: &str) -> Result<Shard> {
-        let bad = || Error::Invalid(format!("--shard `{spec}`: expected i/n with 0 <= i < n"));
-        let (i, n) = spec.split_once('/').ok_or_else(bad)?;
-        let (index, count) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
-        if count == 0 || index >= count {
-            return Err(bad());
-        }
-        Ok(Shard { index, count })
-    }
-
-    /// From the scheduler's array environment: SLURM_ARRAY_TASK_ID /
-    /// SLURM_ARRAY_TASK_COUNT, or Kubernetes' JOB_COMPLETION_INDEX with
-    /// ORCHESTRATE_SHARDS (Kubernetes does not export the count). None when unset.
-    pub fn from_env() -> Result<Option<Shard>> {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        let pair = match (var("SLURM_ARRAY_TASK_ID"), var("SLURM_ARRAY_TASK_COUNT")) {
-            (Some(i), Some(n)) => Some((i, n, "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT")),
-            _ => match (var("JOB_COMPLETION_INDEX"), var("ORCHESTRATE_SHARDS")) {
-                (Some(i), Some(n)) => Some((i, n, "JOB_COMPLETION_INDEX/ORCHESTRATE_SHARDS")),
-                (Some(_), None) => {
-                    return Err(Error::Invalid(
-                        "JOB_COMPLETION_INDEX is set but the shard count is not: set ORCHESTRATE_SHARDS or pass --shard i/n".into(),
-                    ))
-                }
-                _ => None,
-            },
-        };
-        match pair {
-            None => Ok(None),
-            Some((i, n, from)) => Shard::parse(&format!("{i}/{n}"))
-                .map(Some)
-                .map_err(|e| Error::Invalid(format!("{from}: {e}"))),
-        }
-    }
-
-    pub fn takes(&self, prompt_index: usize) -> bool {
-        prompt_index % self.count == self.index
-    }
-}
-
 /// Where a job writes and how it reports.
 #[derive(Debug, Clone)]
 pub struct RunContext {
@@ -678,4 +650,27 @@ pub struct JobSummary {
     pub figures: serde_json::Value,
     /// One line per figure, for people.
     pub lines: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(variant: Option<&str>) -> CommonOptions {
+        let yaml = format!(
+            "models: {{generator: g, rahf: r{}}}\n",
+            variant.map(|v| format!(", variant: {v}")).unwrap_or_default()
+        );
+        serde_saphyr::from_str(&yaml).unwrap()
+    }
+
+    #[test]
+    fn the_variant_is_a_setting_of_the_run() {
+        assert!(options(None).fingerprint("filter", serde_json::json!({})).get("variant").is_none());
+        let fp16 = options(Some("fp16"));
+        assert_eq!(fp16.models.variant.as_deref(), Some("fp16"));
+        assert_eq!(fp16.fingerprint("filter", serde_json::json!({}))["variant"], "fp16");
+        let e = options(Some("\"../x\"")).check_models("g").unwrap_err();
+        assert!(matches!(&e, Error::Field { field, .. } if field == "models.variant"), "{e}");
+    }
 }

@@ -14,7 +14,6 @@ use crate::guidance::{GuidanceSettings, Guider, ScoreKind};
 use crate::jobs::filter::ScoreRow;
 use crate::scorers::{Comparison, RawScores, ScoreSpec, Scored};
 use crate::io::save_rgb;
-use crate::jobs::manifest::Manifest;
 use crate::jobs::prompts::{read_prompts, PromptItem};
 use crate::jobs::runner::{Finished, ItemKey, Outcome, Producer};
 use crate::jobs::{CommonOptions, JobSummary, RunContext};
@@ -159,8 +158,9 @@ impl GuidedImage {
     }
 }
 
+/// One `manifest.jsonl` line of a guide run: a prompt's guided (and unguided) images.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct GuideRecord {
+pub struct GuideRecord {
     prompt: String,
     score: String,
     strength: f64,
@@ -358,28 +358,30 @@ pub fn run(opts: &GuideOptions, common: &CommonOptions, ctx: &RunContext) -> Res
     let items = prepare(opts, common, &ctx.out)?;
     let job = GuideJob { opts, common, settings: common.sampling.settings()?, guidance: opts.guidance()? };
     let outcome = crate::jobs::runner::run(&job, &ctx.out, ctx.shard, &settings_fingerprint(opts, common), items, true)?;
-    let recs = records(&outcome.folder.manifest, &outcome.folder.records_of(&outcome.keys))?;
+    let recs = records(outcome.folder.manifest.path(), &outcome.folder.records_of(&outcome.keys))?;
     let comparison = guided_vs_unguided(&opts.score, &opts.verify, &recs);
-    let summary = summarize(&recs, ctx, &outcome, &opts.score, &comparison)?;
-    write_guide_report(&recs, opts, common, ctx, &summary, comparison)?;
+    let summary = summarize(&recs, ctx, &outcome, &opts.score, &comparison);
+    let settings = serde_json::json!({ "guide": opts, "models": common.models, "sampling": common.sampling });
+    write_guide_report(&ctx.out, "guide", settings, &opts.score, &recs, &summary, comparison)?;
     Ok(summary)
 }
 
-fn records(manifest: &Manifest, values: &[&serde_json::Value]) -> Result<Vec<(String, GuideRecord)>> {
+/// Manifest records (`values`, read from the manifest at `manifest`), typed: (id, record).
+pub fn records(manifest: &Path, values: &[&serde_json::Value]) -> Result<Vec<(String, GuideRecord)>> {
     values
         .iter()
         .map(|v| {
             let id = v["id"].as_str().unwrap_or_default().to_string();
             serde_json::from_value((*v).clone())
                 .map(|r| (id.clone(), r))
-                .map_err(|e| Error::corrupt(manifest.path(), None, format!("record `{id}` is not a guide record: {e}")))
+                .map_err(|e| Error::corrupt(manifest, None, format!("record `{id}` is not a guide record: {e}")))
         })
         .collect()
 }
 
 /// The spec's value and every verifier's scores, unguided vs guided, over the
 /// seeds sampled both ways.
-fn guided_vs_unguided(spec: &ScoreSpec, verify: &[String], recs: &[(String, GuideRecord)]) -> Comparison {
+pub fn guided_vs_unguided(spec: &ScoreSpec, verify: &[String], recs: &[(String, GuideRecord)]) -> Comparison {
     let pairs: Vec<(RawScores, RawScores)> = recs
         .iter()
         .flat_map(|(_, r)| r.images.iter())
@@ -398,8 +400,28 @@ fn summarize(
     outcome: &Outcome,
     spec: &ScoreSpec,
     comparison: &Comparison,
-) -> Result<JobSummary> {
+) -> JobSummary {
     let (new, skipped) = (outcome.done_now, outcome.done_before);
+    let (mut figures, record_lines) = record_figures(recs, spec, comparison);
+    if let Some(map) = figures.as_object_mut() {
+        map.insert("new".into(), new.into());
+        map.insert("skipped_done".into(), skipped.into());
+        map.insert("redone".into(), outcome.redone.len().into());
+        map.insert("gone".into(), serde_json::json!(outcome.gone));
+    }
+    let n_imgs: usize = recs.iter().map(|(_, r)| r.images.len()).sum();
+    let mut lines =
+        vec![format!("guide: {} prompts, {n_imgs} images in {} ({new} new, {skipped} already done)", recs.len(), ctx.out.display())];
+    lines.extend(record_lines);
+    if !outcome.gone.is_empty() {
+        lines.push(format!("{} finished prompt(s) no longer in the prompt list: left out of these figures", outcome.gone.len()));
+    }
+    JobSummary { job: "guide".into(), out: ctx.out.clone(), figures, lines }
+}
+
+/// What the records of a guide folder say (a run's or a merge's): guided
+/// against unguided scores and seconds per image, as figures and lines.
+pub fn record_figures(recs: &[(String, GuideRecord)], spec: &ScoreSpec, comparison: &Comparison) -> (serde_json::Value, Vec<String>) {
     let (mut guided, mut unguided, mut gains) = (Vec::new(), Vec::new(), Vec::new());
     let (mut g_secs, mut u_secs, mut n_imgs, mut n_unguided_imgs) = (0.0, 0.0, 0usize, 0usize);
     let score_name = spec.to_string();
@@ -426,10 +448,6 @@ fn summarize(
     let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
     let figures = serde_json::json!({
         "prompts": recs.len(),
-        "new": new,
-        "skipped_done": skipped,
-        "redone": outcome.redone.len(),
-        "gone": outcome.gone,
         "images": n_imgs,
         "score": score_name,
         "mean_guided": mg,
@@ -442,7 +460,6 @@ fn summarize(
         "comparison": comparison.figures(),
     });
     let mut lines = vec![
-        format!("guide: {} prompts, {n_imgs} images in {} ({new} new, {skipped} already done)", recs.len(), ctx.out.display()),
         format!(
             "mean {score_name}: guided {} vs unguided {} (gain {}; guided higher on {improved} of {} seeds)",
             fmt(mg),
@@ -457,22 +474,20 @@ fn summarize(
         ),
     ];
     lines.extend(comparison.lines());
-    if !outcome.gone.is_empty() {
-        lines.push(format!("{} finished prompt(s) no longer in the prompt list: left out of these figures", outcome.gone.len()));
-    }
-    Ok(JobSummary { job: "guide".into(), out: ctx.out.clone(), figures, lines })
+    (figures, lines)
 }
 
-fn write_guide_report(
+/// `report.html` from the records; `merge` writes it for merged shards (`job` names which).
+pub fn write_guide_report(
+    out: &Path,
+    job: &str,
+    settings: serde_json::Value,
+    spec: &ScoreSpec,
     recs: &[(String, GuideRecord)],
-    opts: &GuideOptions,
-    common: &CommonOptions,
-    ctx: &RunContext,
     summary: &JobSummary,
     comparison: Comparison,
 ) -> Result<()> {
     use crate::report::{write_report, Report, ReportImage, ReportRow};
-    let spec = &opts.score;
     let mut rows = Vec::new();
     for (id, r) in recs {
         let mut images = Vec::new();
@@ -496,13 +511,13 @@ fn write_guide_report(
         rows.push(ReportRow { prompt: r.prompt.clone(), id: id.clone(), images, note: None });
     }
     let report = Report {
-        title: format!("guide — {}", ctx.out.display()),
-        job: "guide".into(),
-        settings: serde_json::json!({ "guide": opts, "models": common.models, "sampling": common.sampling }),
+        title: format!("{job} — {}", out.display()),
+        job: job.into(),
+        settings,
         summary: summary.lines.clone(),
         comparison: Some(comparison),
         rows,
     };
-    write_report(&ctx.out, &report)?;
+    write_report(out, &report)?;
     Ok(())
 }

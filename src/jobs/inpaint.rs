@@ -77,7 +77,7 @@ pub struct InpaintOptions {
     pub verify: Vec<String>,
 }
 
-fn default_score() -> ScoreSpec {
+pub fn default_score() -> ScoreSpec {
     crate::rahf::ScoreKind::Plausibility.into()
 }
 
@@ -411,7 +411,8 @@ pub fn run(opts: &InpaintOptions, common: &CommonOptions, ctx: &RunContext) -> R
     let mode = records.iter().find_map(|r| r.get("inpaint_mode").and_then(|m| m.as_str()).map(str::to_string));
     let comparison = chosen_vs_original(&opts.score, &opts.verify, &records);
     let summary = summarize(&records, &outcome, ctx, &generator, mode, &opts.score, &comparison);
-    write_inpaint_report(&records, opts, common, ctx, &summary, comparison)?;
+    let settings = serde_json::json!({ "inpaint": opts, "models": common.models, "sampling": common.sampling });
+    write_inpaint_report(&ctx.out, "inpaint", settings, &opts.score, &records, &summary, comparison)?;
     Ok(summary)
 }
 
@@ -446,7 +447,7 @@ fn chosen_of(r: &serde_json::Value) -> &serde_json::Value {
 }
 
 /// The spec's value and every verifier's scores, original vs chosen.
-fn chosen_vs_original(spec: &ScoreSpec, verify: &[String], records: &[serde_json::Value]) -> Comparison {
+pub fn chosen_vs_original(spec: &ScoreSpec, verify: &[String], records: &[serde_json::Value]) -> Comparison {
     let before: Vec<RawScores> = records.iter().map(|r| raw_of(&r["original"])).collect();
     let after: Vec<RawScores> = records.iter().map(|r| raw_of(chosen_of(r))).collect();
     Comparison::build(spec, verify, "original", "chosen", &before.iter().collect::<Vec<_>>(), &after.iter().collect::<Vec<_>>())
@@ -543,17 +544,18 @@ impl crate::jobs::runner::Job for InpaintJob<'_> {
     }
 }
 
-/// `report.html`, rebuilt from the whole manifest so a resumed run shows every item.
-fn write_inpaint_report(
+/// `report.html`, rebuilt from the whole manifest so a resumed run shows
+/// every item; `merge` writes it for merged shards (`job` names which).
+pub fn write_inpaint_report(
+    out: &Path,
+    job: &str,
+    settings: serde_json::Value,
+    spec: &ScoreSpec,
     records: &[serde_json::Value],
-    opts: &InpaintOptions,
-    common: &CommonOptions,
-    ctx: &RunContext,
     summary: &JobSummary,
     comparison: Comparison,
 ) -> Result<()> {
     use crate::report::{write_report, Report, ReportImage, ReportRow};
-    let spec = &opts.score;
     let text = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
     let rows = records
         .iter()
@@ -578,14 +580,14 @@ fn write_inpaint_report(
         })
         .collect();
     let report = Report {
-        title: format!("inpaint — {}", ctx.out.display()),
-        job: "inpaint".into(),
-        settings: serde_json::json!({ "inpaint": opts, "models": common.models, "sampling": common.sampling }),
+        title: format!("{job} — {}", out.display()),
+        job: job.into(),
+        settings,
         summary: summary.lines.clone(),
         comparison: Some(comparison),
         rows,
     };
-    write_report(&ctx.out, &report)?;
+    write_report(out, &report)?;
     Ok(())
 }
 
@@ -787,7 +789,6 @@ fn write_item(out: &Path, p: Product, opts: &InpaintOptions, generator: &str) ->
 }
 
 /// Figures over every item of the run folder's manifest (earlier runs included).
-#[allow(clippy::too_many_arguments)]
 fn summarize(
     records: &[serde_json::Value],
     outcome: &Outcome,
@@ -798,6 +799,39 @@ fn summarize(
     comparison: &Comparison,
 ) -> JobSummary {
     let (new, skipped, in_shard) = (outcome.done_now, outcome.done_before, outcome.keys.len());
+    let (mut figures, record_lines) = record_figures(records, spec, comparison);
+    if let Some(map) = figures.as_object_mut() {
+        for (k, v) in [
+            ("new", serde_json::json!(new)),
+            ("skipped_done", serde_json::json!(skipped)),
+            ("redone", serde_json::json!(outcome.redone.len())),
+            ("gone", serde_json::json!(outcome.gone)),
+            ("in_shard", serde_json::json!(in_shard)),
+            ("generator", serde_json::json!(generator)),
+            ("inpaint_mode", serde_json::json!(mode)),
+            ("manifest", serde_json::json!(ctx.out.join(crate::jobs::manifest::MANIFEST_FILE))),
+        ] {
+            map.insert(k.into(), v);
+        }
+    }
+    let mut lines =
+        vec![format!("inpaint: {} items in {} ({new} new, {skipped} already done)", records.len(), ctx.out.display())];
+    lines.extend(record_lines);
+    if !outcome.gone.is_empty() {
+        lines.push(format!("{} finished item(s) no longer in the input: left out of these figures", outcome.gone.len()));
+    }
+    JobSummary {
+        job: "inpaint".into(),
+        out: ctx.out.clone(),
+        figures,
+        lines,
+    }
+}
+
+/// What the records of an inpaint folder say (a run's or a merge's): masks,
+/// wins, mean plausibility and the spec's value before and after, and the
+/// verifiers' `comparison`, as figures and lines.
+pub fn record_figures(records: &[serde_json::Value], spec: &ScoreSpec, comparison: &Comparison) -> (serde_json::Value, Vec<String>) {
     let flag = |r: &serde_json::Value, k: &str| r.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
     let num = |r: &serde_json::Value, k: &str| {
         r.get(k).and_then(|v| v.as_f64()).filter(|v| v.is_finite())
@@ -821,11 +855,6 @@ fn summarize(
     let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
     let figures = serde_json::json!({
         "items": items,
-        "new": new,
-        "skipped_done": skipped,
-        "redone": outcome.redone.len(),
-        "gone": outcome.gone,
-        "in_shard": in_shard,
         "empty_masks": empty,
         "inpainted": inpainted,
         "candidate_won": won,
@@ -836,15 +865,8 @@ fn summarize(
         "mean_value_before": value_before,
         "mean_value_after": value_after,
         "comparison": comparison.figures(),
-        "generator": generator,
-        "inpaint_mode": mode,
-        "manifest": ctx.out.join(crate::jobs::manifest::MANIFEST_FILE),
     });
     let mut lines = vec![
-        format!(
-            "inpaint: {items} items in {} ({new} new, {skipped} already done)",
-            ctx.out.display()
-        ),
         format!("empty masks (kept as they were): {empty}; inpainted: {inpainted}"),
         format!(
             "a candidate beat the original in {won} of {inpainted} inpainted items ({})",
@@ -857,15 +879,7 @@ fn summarize(
         ),
     ];
     lines.extend(comparison.lines());
-    if !outcome.gone.is_empty() {
-        lines.push(format!("{} finished item(s) no longer in the input: left out of these figures", outcome.gone.len()));
-    }
-    JobSummary {
-        job: "inpaint".into(),
-        out: ctx.out.clone(),
-        figures,
-        lines,
-    }
+    (figures, lines)
 }
 
 #[cfg(test)]

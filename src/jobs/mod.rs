@@ -12,6 +12,7 @@
 //!   `run --dry-run`;
 //! * `run(opts: &XOptions, common: &CommonOptions, ctx: &RunContext) -> Result<JobSummary>`.
 pub mod common;
+pub mod devices;
 pub mod guide;
 pub mod filter;
 pub mod inpaint;
@@ -19,6 +20,7 @@ pub mod manifest;
 pub mod merge;
 pub mod prompts;
 pub mod runner;
+pub mod shard;
 pub mod stages;
 
 pub use common::{CommonOptions, JobSummary, ModelOptions, RunContext, SamplingOptions, Shard};

@@ -101,13 +101,20 @@ pub trait Job: Sync {
 }
 
 /// Refuses an output path the runner must not write into: a file, or a
-/// non-empty folder that holds no run. Used by `--dry-run` too.
+/// non-empty folder that holds no run. Shard folders (`shard-i-of-n/`, what
+/// `--shard` runs of a recipe write under the job's folder) do not count: the
+/// merge of those shards, or a whole run, goes beside them. Used by
+/// `--dry-run` too.
 pub fn check_out(out: &Path) -> Result<()> {
     if out.exists() && !out.is_dir() {
         return Err(Error::Invalid(format!("{}: the output path is a file, not a folder", out.display())));
     }
     let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
-    let names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = entries
+        .flatten()
+        .filter(|e| !(e.file_type().is_ok_and(|t| t.is_dir()) && shard_folder(&e.file_name().to_string_lossy()).is_some()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     let is_run = names.iter().any(|n| n == MANIFEST_FILE || n == SETTINGS_FILE || n == LOCK_FILE);
     if !names.is_empty() && !is_run {
         return Err(Error::Invalid(format!(
@@ -117,6 +124,13 @@ pub fn check_out(out: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The shard of a folder named `shard-i-of-n` (see `recipe::job_dir`).
+pub fn shard_folder(name: &str) -> Option<Shard> {
+    let (i, n) = name.strip_prefix("shard-")?.split_once("-of-")?;
+    let (index, count) = (i.parse().ok()?, n.parse().ok()?);
+    (index < count).then_some(Shard { index, count })
 }
 
 /// Checks `settings` against the `settings.json` of an earlier run in `out`,
@@ -238,6 +252,9 @@ impl RunFolder {
                 continue;
             }
             let dir_name = e.file_name().to_string_lossy().into_owned();
+            if shard_folder(&dir_name).is_some() && !ids.contains(dir_name.as_str()) {
+                continue; // a shard's own run folder, under its own lock
+            }
             let item_dir = ids.contains(dir_name.as_str());
             for (p, stem) in partials(&e.path()) {
                 if item_dir || owned(&stem) || stem == "metadata.jsonl" {

@@ -58,12 +58,29 @@ where
 /// (measured in `filter`: 4x slower on 2 cores). Idempotent: the count comes
 /// from the core count, not from the current setting, so jobs run one after
 /// another in a recipe do not keep lowering it.
+///
+/// A process given a share of the cores ([`set_cpu_cores`]: a CPU worker
+/// of `run --devices cpu,cpu`) counts only those, and takes at least one thread.
 pub fn leave_a_core_for_the_cpu_stage(device: tch::Device) {
     if device != tch::Device::Cpu {
+        return;
+    }
+    let share = CPU_CORES.load(std::sync::atomic::Ordering::Relaxed);
+    if share > 0 {
+        tch::set_num_threads(share.saturating_sub(1).max(1) as i32);
         return;
     }
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     if cores > 1 {
         tch::set_num_threads((cores - 1) as i32);
     }
+}
+
+/// The cores this process may use on the CPU (0: all the machine's).
+static CPU_CORES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Gives this process `cores` of the machine's cores for libtorch on the CPU
+/// (the rest belong to other workers of the same run).
+pub fn set_cpu_cores(cores: usize) {
+    CPU_CORES.store(cores, std::sync::atomic::Ordering::Relaxed);
 }

@@ -13,7 +13,7 @@ use crate::rahf::preprocess::{normalize_pixels, resize_heatmap, vit_processor};
 use crate::rahf::tokenizer::{PromptTokens, RahfTokenizer};
 use crate::weights::Weights;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -90,12 +90,24 @@ fn prompt_batch(tokens: &[PromptTokens], idx: &[usize], device: Device) -> Promp
 /// `config.json` validated ([`RahfConfig::validate_file`]), `tokenizer.json`
 /// loaded and its ids inside the T5 vocabulary, `model.safetensors` present.
 pub fn check_rahf_dir(dir: &Path) -> Result<RahfConfig> {
+    let dir = &resolve_rahf_dir(dir)?;
     let (config, _) = check_rahf_folder(dir)?;
     let weights = dir.join("model.safetensors");
     if !weights.is_file() {
         return Err(Error::Missing { path: weights, what: "RAHF weights".into() });
     }
     Ok(config)
+}
+
+/// A RAHF folder as given, or, when no such path exists and it reads as
+/// `ORG/NAME[@REV]`, that Hub repo's snapshot (fetched into the HF cache).
+pub fn resolve_rahf_dir(dir: &Path) -> Result<PathBuf> {
+    match dir.to_str() {
+        Some(spec) if !dir.exists() && crate::diffusion::model_dir::looks_like_repo_id(spec) => {
+            crate::diffusion::model_dir::resolve_hf_repo(spec)
+        }
+        _ => Ok(dir.to_path_buf()),
+    }
 }
 
 fn check_rahf_folder(dir: &Path) -> Result<(RahfConfig, RahfTokenizer)> {
@@ -134,6 +146,7 @@ impl FeedbackModel {
     /// The config is checked as [`check_rahf_dir`] does, then against the
     /// weights (widths, layer counts) before the network is built.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let dir = &resolve_rahf_dir(dir)?;
         let (config, tokenizer) = check_rahf_folder(dir)?;
         let weights = Weights::load(&[dir.join("model.safetensors")], device, kind)?;
         let vb = weights.root();

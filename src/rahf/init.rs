@@ -175,7 +175,7 @@ impl fmt::Display for InitReport {
     }
 }
 
-/// `rahf init`: backbones from `vit` and `t5` (folders or cached HF repo ids),
+/// `rahf init`: backbones from `vit` and `t5` (folders or HF repo ids),
 /// new parameters from `seed`, written to `out`.
 pub fn init(vit: &str, t5: &str, variant: Variant, seed: u64, out: &Path) -> Result<InitReport> {
     let vit_dir = resolve_backbone("--vit", vit)?;

@@ -190,9 +190,7 @@ impl ImageFolder {
             },
             _ => Error::io(&entry.path, e),
         })?;
-        let img = image::load_from_memory(&bytes)
-            .map_err(|e| Error::Image { path: entry.path.clone(), reason: e.to_string() })?;
-        Ok(img.to_rgb8())
+        crate::io::decode_rgb(&bytes, &entry.path)
     }
 }
 

@@ -205,7 +205,7 @@ pub fn type_of(instance: &str) -> Result<&'static ScorerInfo> {
     })
 }
 
-/// Loads the checkpoint `spec` (a folder, a file or a cached repo id, as the
+/// Loads the checkpoint `spec` (a folder, a file or a repo id, as the
 /// type reads it) of the scorer instance `name` on `device` in `kind`.
 pub fn load_scorer(name: &str, spec: &str, device: Device, kind: Kind) -> Result<Box<dyn Scorer>> {
     let info = type_of(name)?;

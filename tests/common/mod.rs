@@ -32,7 +32,67 @@ pub fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 /// Byte-identical output folders; names the files that differ.
 pub fn assert_same_tree(a: &Path, b: &Path) {
-    let (ta, tb) = (tree(a), tree(b));
+    assert_same_maps(a, b, tree(a), tree(b));
+}
+
+/// [`tree`] without the shard folders (`shard-i-of-n/`) at the top of `dir`:
+/// what a merge of them made there.
+pub fn merged_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let is_shard = |k: &str| {
+        let top = k.split('/').next().unwrap_or("");
+        top.strip_prefix("shard-").is_some_and(|r| r.contains("-of-")) && k.contains('/')
+    };
+    tree(dir).into_iter().filter(|(k, _)| !is_shard(k)).collect()
+}
+
+/// A merged folder (`a`, shard folders beside) holds the files of an unsharded run's (`b`), byte for byte.
+pub fn assert_same_merged(a: &Path, b: &Path) {
+    assert_same_maps(a, b, merged_tree(a), merged_tree(b));
+}
+
+/// The `orchestrate` binary, logging at warn, with no scheduler's shard
+/// environment, run in `dir` with a wall-clock limit: a run past `limit`
+/// is killed and fails the test with what it printed.
+pub fn run_bin_limited(args: &[&std::ffi::OsStr], limit: std::time::Duration) -> std::process::Output {
+    let mut c = bin();
+    c.args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    wait_limited(c, limit)
+}
+
+/// Runs `cmd` (stdout and stderr piped) to its end, or kills it after `limit`
+/// and fails with its output: no test here can hang.
+pub fn wait_limited(mut cmd: std::process::Command, limit: std::time::Duration) -> std::process::Output {
+    use std::io::Read;
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let reader = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = child.stdout.take().map(|o| reader(Box::new(o)));
+    let err = child.stderr.take().map(|e| reader(Box::new(e)));
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let text = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
+                h.map(|h| String::from_utf8_lossy(&h.join().unwrap()).into_owned()).unwrap_or_default()
+            };
+            panic!("{cmd:?} ran past {limit:?} and was killed\nstdout:\n{}\nstderr:\n{}", text(out), text(err));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let bytes = |h: Option<std::thread::JoinHandle<Vec<u8>>>| h.map(|h| h.join().unwrap()).unwrap_or_default();
+    std::process::Output { status, stdout: bytes(out), stderr: bytes(err) }
+}
+
+fn assert_same_maps(a: &Path, b: &Path, ta: BTreeMap<String, Vec<u8>>, tb: BTreeMap<String, Vec<u8>>) {
     assert_eq!(
         ta.keys().collect::<Vec<_>>(),
         tb.keys().collect::<Vec<_>>(),
@@ -72,6 +132,30 @@ pub fn import_tiny_rahf(out: &Path) {
         .unwrap();
 }
 
+/// A filter -> inpaint (of what filter keeps) recipe `dir/r.yaml` on the tiny
+/// models, CPU, over three prompts, with its tiny RAHF in `dir/rahf` and
+/// `extra` YAML appended (a guide section, say): what the shard, Slurm and
+/// device tests run sharded and whole.
+pub fn tiny_pipeline_recipe(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rahf = dir.join("rahf");
+    import_tiny_rahf(&rahf);
+    std::fs::write(dir.join("prompts.txt"), "a photo of a cat\na red bicycle\na blue house\n").unwrap();
+    let text = format!(
+        "models:\n  generator: {gen}\n  inpaint_generator: {inp}\n  rahf: {rahf}\n  device: cpu\n\
+         sampling:\n  steps: 3\n  scheduler: ddim\n  seed: 7\n  batch_size: 2\n\
+         output: out\n\
+         filter:\n  prompts: prompts.txt\n  samples: 2\n  threshold: 0.0\n  keep: all-above\n\
+         inpaint:\n  input: filter\n  mask_threshold: 0.3\n  dilate: 2\n  candidates: 2\n{extra}",
+        gen = repo.join("tests/fixtures/diffusion/sd-tiny").display(),
+        inp = repo.join("tests/fixtures/diffusion/sd-tiny-inpaint").display(),
+        rahf = rahf.display(),
+    );
+    let path = dir.join("r.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// The `orchestrate` binary, logging at warn, with no scheduler's shard
 /// environment (a test that wants a shard says so).
 pub fn bin() -> std::process::Command {
@@ -80,6 +164,8 @@ pub fn bin() -> std::process::Command {
         .env_remove("SLURM_ARRAY_TASK_ID")
         .env_remove("SLURM_ARRAY_TASK_COUNT")
         .env_remove("JOB_COMPLETION_INDEX")
+        .env_remove("AWS_BATCH_JOB_ARRAY_INDEX")
+        .env_remove("AWS_BATCH_JOB_ARRAY_SIZE")
         .env_remove("ORCHESTRATE_SHARDS");
     c
 }
