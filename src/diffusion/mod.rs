@@ -9,6 +9,7 @@ pub mod model_dir;
 pub mod noise;
 pub mod pipeline;
 pub mod schedulers;
+pub mod tiny_vae;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
