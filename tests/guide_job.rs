@@ -13,6 +13,18 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_orchestrate"))
 }
 
+/// `guide` on the tiny SD pipeline with `rahf` and `prompts`.
+fn guide(rahf: &Path, prompts: &Path) -> Command {
+    let mut c = bin();
+    c.args(["guide", "--model"])
+        .arg(root().join("tests/fixtures/diffusion/sd-tiny"))
+        .arg("--rahf")
+        .arg(rahf)
+        .arg("--prompts")
+        .arg(prompts);
+    c
+}
+
 fn tiny_rahf(dir: &Path) -> PathBuf {
     let out = dir.join("rahf");
     common::import_tiny_rahf(&out);
@@ -27,13 +39,7 @@ fn guidance_raises_the_score_and_resumes() {
     std::fs::write(&prompts, "a red cat\na blue dog on a chair\n").unwrap();
     let out = tmp.path().join("out");
     let run = || {
-        bin()
-            .args(["guide", "--model"])
-            .arg(root().join("tests/fixtures/diffusion/sd-tiny"))
-            .arg("--rahf")
-            .arg(&rahf)
-            .arg("--prompts")
-            .arg(&prompts)
+        guide(&rahf, &prompts)
             .args(["--images-per-prompt", "2", "--steps", "4", "--height", "32", "--width", "32"])
             .args(["--guidance-strength", "50", "--seed", "11", "--json", "--out"])
             .arg(&out)
@@ -107,13 +113,7 @@ fn a_tiny_decoder_guides_and_a_mismatched_one_is_refused() {
     std::fs::write(&prompts, "a red cat\n").unwrap();
     let taesd = root().join("tests/fixtures/taesd/sd-tiny-taesd");
     let run = |out: &Path, decoder: &str| {
-        bin()
-            .args(["guide", "--model"])
-            .arg(root().join("tests/fixtures/diffusion/sd-tiny"))
-            .arg("--rahf")
-            .arg(&rahf)
-            .arg("--prompts")
-            .arg(&prompts)
+        guide(&rahf, &prompts)
             .args(["--steps", "4", "--height", "32", "--width", "32", "--guidance-strength", "50", "--seed", "11"])
             .args(["--guide-decoder", decoder, "--json", "--out"])
             .arg(out)
