@@ -84,13 +84,27 @@
 //! backward (with `through_unet`) runs in the UNet's dtype. All decoding for
 //! the gradient goes through [`Guider::decode_pixels`], the single place where a
 //! checkpointed or tiled decode would be swapped in for large images.
+//!
+//! # The decoder of the gradient path
+//! By default x̂0 is decoded by the pipeline's own VAE. [`GuideDecoder::Tiny`]
+//! (`--guide-decoder tiny:DIR`) decodes it with a tiny autoencoder instead
+//! (diffusers' `AutoencoderTiny`, a TAESD trained for the model family; always
+//! float32), which makes the decode and its backward far cheaper. It sees
+//! x̂0 / its own `scaling_factor` (1.0 for every published TAESD), exactly
+//! what diffusers' pipelines hand `vae.decode` when a TAESD is their VAE:
+//! TAESD decodes the UNet's latents directly. Only the gradient sees its
+//! pixels; the final image is still decoded by the pipeline's VAE. Its latent
+//! channels and scale factor must be the pipeline VAE's (checked on loading).
 use crate::diffusion::core::{self, BatchNoise, Conditioning, NoiseSpec, RecurrenceSpec};
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
 use crate::diffusion::schedulers::config::PredictionType;
 use crate::diffusion::schedulers::{self, Scheduler, SchedulerKind};
+use crate::diffusion::tiny_vae::AutoencoderTiny;
 use crate::diffusion::vae::AutoencoderKL;
 use crate::error::{Error, Result};
 use crate::scorers::{ScoreSpec, Scorers};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
 /// RAHF's four scores by name (each is a score spec: `ScoreKind::Aesthetics.into()`).
@@ -142,6 +156,59 @@ impl GuidanceSettings {
 
     pub fn guides(&self, step: usize) -> bool {
         step.is_multiple_of(self.every)
+    }
+}
+
+/// What decodes x̂0 into pixels for the score's gradient (`--guide-decoder`,
+/// recipes `guide.decoder`; see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum GuideDecoder {
+    /// `vae`: the pipeline's own VAE.
+    #[default]
+    Vae,
+    /// `tiny:DIR`: a diffusers `AutoencoderTiny` (TAESD) folder.
+    Tiny(PathBuf),
+}
+
+impl GuideDecoder {
+    pub fn is_vae(&self) -> bool {
+        *self == GuideDecoder::Vae
+    }
+}
+
+impl std::str::FromStr for GuideDecoder {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        match text.split_once(':') {
+            _ if text == "vae" => Ok(GuideDecoder::Vae),
+            Some(("tiny", dir)) if !dir.is_empty() => Ok(GuideDecoder::Tiny(PathBuf::from(dir))),
+            _ => Err(Error::Invalid(format!(
+                "`{text}`: expected `vae` (the pipeline's VAE) or `tiny:DIR` (a diffusers AutoencoderTiny folder, a TAESD)"
+            ))),
+        }
+    }
+}
+
+impl TryFrom<String> for GuideDecoder {
+    type Error = String;
+    fn try_from(text: String) -> std::result::Result<Self, String> {
+        text.parse().map_err(|e: Error| e.to_string())
+    }
+}
+
+impl std::fmt::Display for GuideDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuideDecoder::Vae => f.write_str("vae"),
+            GuideDecoder::Tiny(dir) => write!(f, "tiny:{}", dir.display()),
+        }
+    }
+}
+
+impl From<GuideDecoder> for String {
+    fn from(d: GuideDecoder) -> String {
+        d.to_string()
     }
 }
 
@@ -218,22 +285,41 @@ fn output_shift_factor(prediction: PredictionType, level: Level, strength: f64) 
 pub struct Guider<'a> {
     pipe: &'a StableDiffusion,
     scorers: &'a Scorers,
-    /// A float32 copy of the VAE when the pipeline's is not float32.
+    /// A float32 copy of the VAE when the pipeline's is not float32 (and no
+    /// tiny decoder replaces it).
     vae32: Option<AutoencoderKL>,
+    /// The tiny decoder of the gradient path, float32 ([`GuideDecoder::Tiny`]).
+    tiny: Option<AutoencoderTiny>,
 }
 
 impl<'a> Guider<'a> {
     /// `scorers` must hold every scorer of the spec a sampling call guides on.
+    /// The gradient decodes with the pipeline's VAE.
     pub fn new(pipe: &'a StableDiffusion, scorers: &'a Scorers) -> Result<Self> {
-        let vae32 = if pipe.vae.kind() == Kind::Float {
-            None
-        } else {
-            Some(pipe.load_vae(Kind::Float)?)
+        Self::with_decoder(pipe, scorers, &GuideDecoder::Vae)
+    }
+
+    /// [`Self::new`] with `decoder` on the gradient path; a tiny decoder of
+    /// another latent space than the pipeline VAE's is refused before its
+    /// weights are read.
+    pub fn with_decoder(pipe: &'a StableDiffusion, scorers: &'a Scorers, decoder: &GuideDecoder) -> Result<Self> {
+        let (vae32, tiny) = match decoder {
+            GuideDecoder::Tiny(dir) => {
+                AutoencoderTiny::check_dir(dir)?.check_latent_space(
+                    pipe.vae.config.latent_channels,
+                    pipe.vae.scale_factor(),
+                    &pipe.vae_dir.display().to_string(),
+                )?;
+                (None, Some(AutoencoderTiny::load_dir(dir, pipe.device, Kind::Float)?))
+            }
+            GuideDecoder::Vae if pipe.vae.kind() == Kind::Float => (None, None),
+            GuideDecoder::Vae => (Some(pipe.load_vae(Kind::Float)?), None),
         };
         Ok(Guider {
             pipe,
             scorers,
             vae32,
+            tiny,
         })
     }
 
@@ -388,15 +474,20 @@ impl<'a> Guider<'a> {
         })
     }
 
-    /// x̂0 latents (not yet divided by the scaling factor) to differentiable
-    /// pixels in [0, 1], float32, as the pipeline's `decode_latents` makes them.
+    /// x̂0 latents (not yet divided by a scaling factor) to differentiable
+    /// pixels in [0, 1], float32, as the pipeline's `decode_latents` makes them,
+    /// with the pipeline's VAE or the tiny decoder (each divides by its own
+    /// config's `scaling_factor`, as diffusers' pipelines do).
     /// A checkpointed or tiled decode for large images replaces this body.
     pub fn decode_pixels(&self, x0: &Tensor) -> Tensor {
-        let vae = self.vae();
-        let image = vae
-            .decode(&(x0 / vae.config.scaling_factor))
-            .to_kind(Kind::Float);
-        (image / 2.0 + 0.5).clamp(0.0, 1.0)
+        let image = match &self.tiny {
+            Some(tiny) => tiny.decode(&(x0 / tiny.config.scaling_factor)),
+            None => {
+                let vae = self.vae();
+                vae.decode(&(x0 / vae.config.scaling_factor))
+            }
+        };
+        (image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0)
     }
 }
 

@@ -909,6 +909,10 @@ struct GuideArgs {
     /// Hold the UNet output constant in the gradient (cheaper; not Universal Guidance's exact gradient).
     #[arg(long)]
     no_unet_gradient: bool,
+    /// What decodes the predicted image for the gradient: `vae` (the pipeline's) or `tiny:DIR`, a diffusers
+    /// AutoencoderTiny (TAESD) folder of the pipeline's latent space; the final images still come from the VAE.
+    #[arg(long, default_value = "vae")]
+    guide_decoder: String,
     #[command(flatten)]
     job: JobArgs,
 }
@@ -924,6 +928,10 @@ fn guide(a: GuideArgs) -> Result<()> {
         images_per_prompt: a.images_per_prompt,
         compare_unguided: !a.no_compare,
         through_unet: !a.no_unet_gradient,
+        decoder: a
+            .guide_decoder
+            .parse()
+            .map_err(|e| orchestrate::error::Error::Invalid(format!("--guide-decoder {e}")))?,
         verify: verify_list(&a.job.verify)?,
     };
     let (common, ctx) = a.job.into_options()?;

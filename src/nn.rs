@@ -93,6 +93,7 @@ pub fn activation(name: &str, x: &Tensor) -> Option<Tensor> {
         "quick_gelu" => x * (x * 1.702).sigmoid(),
         "relu" => x.relu(),
         "silu" | "swish" => x.silu(),
+        "mish" => x.mish(),
         _ => return None,
     })
 }

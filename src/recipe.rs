@@ -14,7 +14,7 @@
 //! inpaint: {input: filter, mask_threshold: 0.5, dilate: 16, candidates: 4, strength: 1.0,
 //!           score: "0.7*rahf:plausibility+0.3*rahf.b:aesthetics", verify: []}
 //! guide: {prompts: ..., strength: 1.0, every: 1, recurrence: 1, score: aesthetics, images_per_prompt: 1,
-//!         compare_unguided: true, through_unet: true}
+//!         compare_unguided: true, through_unet: true, decoder: vae}   # decoder: tiny:DIR (a TAESD)
 //! ```
 //!
 //! * `score` is a score spec (`crate::scorers::spec`); `verify` a list of
@@ -412,6 +412,9 @@ impl Recipe {
         };
         let guide = raw.guide.map(|mut g| {
             g.prompts = resolve(&dir, &g.prompts);
+            if let crate::guidance::GuideDecoder::Tiny(d) = &mut g.decoder {
+                *d = resolve(&dir, d);
+            }
             shared_verify("guide", &mut g.verify);
             g
         });
@@ -635,7 +638,7 @@ impl Recipe {
         if let Some(g) = &self.guide {
             let n = read_prompts(&g.prompts)?.len();
             lines.push(format!(
-                "guide      {n} prompts from {} x {} image(s): {} guidance, strength {}, every {} step(s), recurrence {}{}{} -> {}",
+                "guide      {n} prompts from {} x {} image(s): {} guidance, strength {}, every {} step(s), recurrence {}{}{}{} -> {}",
                 g.prompts.display(),
                 g.images_per_prompt,
                 g.score,
@@ -643,6 +646,10 @@ impl Recipe {
                 g.every,
                 g.recurrence,
                 if g.compare_unguided { ", compared with unguided" } else { "" },
+                match &g.decoder {
+                    crate::guidance::GuideDecoder::Tiny(d) => format!(", gradient through the tiny decoder {}", d.display()),
+                    crate::guidance::GuideDecoder::Vae => String::new(),
+                },
                 verify_note(&g.verify),
                 job_dir(&self.output, "guide", Shard::default()).display()
             ));

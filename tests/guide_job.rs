@@ -13,6 +13,18 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_orchestrate"))
 }
 
+/// `guide` on the tiny SD pipeline with `rahf` and `prompts`.
+fn guide(rahf: &Path, prompts: &Path) -> Command {
+    let mut c = bin();
+    c.args(["guide", "--model"])
+        .arg(root().join("tests/fixtures/diffusion/sd-tiny"))
+        .arg("--rahf")
+        .arg(rahf)
+        .arg("--prompts")
+        .arg(prompts);
+    c
+}
+
 fn tiny_rahf(dir: &Path) -> PathBuf {
     let out = dir.join("rahf");
     common::import_tiny_rahf(&out);
@@ -27,13 +39,7 @@ fn guidance_raises_the_score_and_resumes() {
     std::fs::write(&prompts, "a red cat\na blue dog on a chair\n").unwrap();
     let out = tmp.path().join("out");
     let run = || {
-        bin()
-            .args(["guide", "--model"])
-            .arg(root().join("tests/fixtures/diffusion/sd-tiny"))
-            .arg("--rahf")
-            .arg(&rahf)
-            .arg("--prompts")
-            .arg(&prompts)
+        guide(&rahf, &prompts)
             .args(["--images-per-prompt", "2", "--steps", "4", "--height", "32", "--width", "32"])
             .args(["--guidance-strength", "50", "--seed", "11", "--json", "--out"])
             .arg(&out)
@@ -92,4 +98,70 @@ fn bad_guide_settings_are_named() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(needle), "{flag} {value}: {err}");
     }
+}
+
+/// `--guide-decoder tiny:DIR` decodes x̂0 with a TAESD of the pipeline's
+/// latent space for the gradient: it runs end to end, guides (the images
+/// differ from unguided ones and from VAE-guided ones), is part of the run's
+/// settings, and a decoder of another latent space is refused before anything
+/// is written.
+#[test]
+fn a_tiny_decoder_guides_and_a_mismatched_one_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rahf = tiny_rahf(tmp.path());
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "a red cat\n").unwrap();
+    let taesd = root().join("tests/fixtures/taesd/sd-tiny-taesd");
+    let run = |out: &Path, decoder: &str| {
+        guide(&rahf, &prompts)
+            .args(["--steps", "4", "--height", "32", "--width", "32", "--guidance-strength", "50", "--seed", "11"])
+            .args(["--guide-decoder", decoder, "--json", "--out"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let tiny = format!("tiny:{}", taesd.display());
+    let (out_tiny, out_vae) = (tmp.path().join("tiny"), tmp.path().join("vae"));
+    for (out, decoder) in [(&out_tiny, tiny.as_str()), (&out_vae, "vae")] {
+        let o = run(out, decoder);
+        assert!(o.status.success(), "{decoder}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let id = &orchestrate::jobs::prompts::read_prompts(&prompts).unwrap()[0].id;
+    let img = |out: &Path, dir: &str| image::open(out.join(format!("{dir}/{id}_0.png"))).unwrap().to_rgb8();
+    assert_ne!(img(&out_tiny, "guided"), img(&out_tiny, "unguided"), "the tiny decoder's gradient changed nothing");
+    assert_ne!(img(&out_tiny, "guided"), img(&out_vae, "guided"), "the tiny decoder was not used");
+    // The final images come from the full VAE: unguided ones are the same.
+    assert_eq!(img(&out_tiny, "unguided"), img(&out_vae, "unguided"));
+
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_tiny.join("settings.json")).unwrap()).unwrap();
+    let recorded = settings["decoder"].as_str().unwrap();
+    assert!(recorded.starts_with("tiny:") && recorded.ends_with("sd-tiny-taesd"), "{recorded}");
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_vae.join("settings.json")).unwrap()).unwrap();
+    assert!(settings.get("decoder").is_none(), "the default adds nothing to the settings");
+    // Another decoder on the same folder is other settings.
+    let o = run(&out_tiny, "vae");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("decoder"), "{err}");
+
+    // A TAESD of another latent space (3 channels here) is refused, naming
+    // the option, before anything is written.
+    let bad = tmp.path().join("taesd-3ch");
+    common::copy_dir(&taesd, &bad);
+    let config = bad.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    v["latent_channels"] = 3.into();
+    std::fs::write(&config, v.to_string()).unwrap();
+    let out_bad = tmp.path().join("bad");
+    let o = run(&out_bad, &format!("tiny:{}", bad.display()));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a 3-channel decoder was accepted");
+    assert!(err.contains("guide.decoder") && err.contains("3 latent channels") && err.contains("4 latent channels"), "{err}");
+    assert!(!out_bad.exists(), "a refused run wrote {}", out_bad.display());
+    // So is a value that is neither `vae` nor `tiny:DIR`.
+    let o = run(&out_bad, "taesd");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--guide-decoder") && err.contains("tiny:DIR"), "{err}");
+    assert!(!out_bad.exists());
 }

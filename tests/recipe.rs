@@ -1,6 +1,7 @@
 //! YAML recipes: errors carry file:line:column and the field's path, relative
 //! paths resolve against the recipe's folder, `--dry-run` checks files and
 //! model configs, every committed recipe parses, and `recipes/ci.yaml` runs.
+mod common;
 use orchestrate::recipe::Recipe;
 use orchestrate::Error;
 use std::path::{Path, PathBuf};
@@ -310,4 +311,44 @@ fn run_ci_recipe(recipe: &str) -> tempfile::TempDir {
         assert!(stdout.contains(&format!("{job} -> ")), "no {job} summary in:\n{stdout}");
     }
     out
+}
+
+/// `guide.decoder: tiny:DIR` resolves DIR against the recipe's folder; a
+/// value that is neither `vae` nor `tiny:DIR`, and a TAESD of another latent
+/// space, are located at the field.
+#[test]
+fn guide_decoder_resolves_and_is_checked() {
+    let r = repo();
+    let guide = |decoder: &str| {
+        format!(
+            "models:\n  generator: {gen}\n  rahf: {rahf}\n  device: cpu\nsampling:\n  steps: 2\noutput: out\n\
+             guide:\n  prompts: prompts.txt\n  decoder: {decoder}\n",
+            gen = r.join("tests/fixtures/diffusion/sd-tiny").display(),
+            rahf = tiny_rahf().display(),
+        )
+    };
+    let (tmp, path) = recipe_in_tempdir("r.yaml", &guide("tiny:taesd"));
+    common::copy_dir(&r.join("tests/fixtures/taesd/sd-tiny-taesd"), &tmp.path().join("taesd"));
+    let mut recipe = Recipe::load(&path).unwrap();
+    assert_eq!(
+        recipe.guide.as_ref().unwrap().decoder,
+        orchestrate::guidance::GuideDecoder::Tiny(tmp.path().join("taesd"))
+    );
+    let plan = recipe.dry_run(orchestrate::jobs::Shard::default()).unwrap().lines.join("\n");
+    assert!(plan.contains("tiny decoder"), "{plan}");
+
+    let (_t, path) = recipe_in_tempdir("r.yaml", &guide("taesd"));
+    let (line, col, field, msg) = recipe_error(Recipe::parse(&path).unwrap_err());
+    assert_eq!((line, col, field.as_str()), (10, 12, "guide.decoder"), "{msg}");
+    assert!(msg.contains("tiny:DIR"), "{msg}");
+
+    // Another latent space: refused by the dry run, at the field.
+    let config = tmp.path().join("taesd/config.json");
+    let text = std::fs::read_to_string(&config).unwrap().replace("\"latent_channels\": 4", "\"latent_channels\": 3");
+    std::fs::write(&config, text).unwrap();
+    let (_t2, path) = recipe_in_tempdir("r.yaml", &guide(&format!("tiny:{}", tmp.path().join("taesd").display())));
+    let err = Recipe::load(&path).unwrap().dry_run(orchestrate::jobs::Shard::default()).unwrap_err();
+    let (line, _, field, msg) = recipe_error(err);
+    assert_eq!((line, field.as_str()), (10, "guide.decoder"), "{msg}");
+    assert!(msg.contains("3 latent channels"), "{msg}");
 }

@@ -10,6 +10,7 @@ pub mod noise;
 pub mod pipeline;
 pub mod schedulers;
 pub mod single_file;
+pub mod tiny_vae;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

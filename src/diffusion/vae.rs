@@ -98,6 +98,11 @@ impl VaeConfig {
         Ok(config)
     }
 
+    /// Pixels per latent along each side.
+    pub fn scale_factor(&self) -> i64 {
+        1 << (self.block_out_channels.len() - 1)
+    }
+
     /// Checks sizes, counts and numbers, naming `file` and the field.
     pub fn validate(&self, file: &str) -> Result<()> {
         let size = |field: &str, v: i64| -> Result<()> {
@@ -655,7 +660,7 @@ impl AutoencoderKL {
 
     /// Pixels per latent along each side.
     pub fn scale_factor(&self) -> i64 {
-        1 << (self.config.block_out_channels.len() - 1)
+        self.config.scale_factor()
     }
 
     pub fn kind(&self) -> Kind {

@@ -508,6 +508,10 @@ pub struct GeneratorInfo {
     pub root: PathBuf,
     pub in_channels: i64,
     pub latent_channels: i64,
+    /// Pixels per latent along each side (the VAE's).
+    pub vae_scale_factor: i64,
+    /// The VAE folder (`--vae`'s when given).
+    pub vae_dir: PathBuf,
     /// The largest `clip_skip` the text encoders allow.
     pub max_clip_skip: usize,
     pub native_size: Option<(i64, i64)>,
@@ -589,6 +593,8 @@ pub fn check_generator_source(source: &PipelineSource) -> Result<GeneratorInfo> 
         single_file,
         in_channels: c.unet.in_channels,
         latent_channels: c.vae.latent_channels,
+        vae_scale_factor: c.vae.scale_factor(),
+        vae_dir: c.vae_dir,
         native_size,
         family,
     })

@@ -10,7 +10,7 @@
 use crate::diffusion::inpaint::to_rgb_images;
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings};
 use crate::error::{Error, Result};
-use crate::guidance::{GuidanceSettings, Guider, ScoreKind};
+use crate::guidance::{GuideDecoder, GuidanceSettings, Guider, ScoreKind};
 use crate::jobs::filter::ScoreRow;
 use crate::scorers::{Comparison, RawScores, ScoreSpec, Scored};
 use crate::io::save_rgb;
@@ -49,6 +49,10 @@ pub struct GuideOptions {
     /// holds the UNet output constant, about a third cheaper.
     #[serde(default = "yes")]
     pub through_unet: bool,
+    /// What decodes x̂0 for the gradient: `vae` (the pipeline's, default) or
+    /// `tiny:DIR` (a TAESD folder; the final images still come from the VAE).
+    #[serde(default, skip_serializing_if = "GuideDecoder::is_vae")]
+    pub decoder: GuideDecoder,
     /// Held-out verifiers: scorer instances that score every image but give
     /// no gradient; the summary compares guided with unguided on each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -81,6 +85,7 @@ impl GuideOptions {
             images_per_prompt: 1,
             compare_unguided: true,
             through_unet: true,
+            decoder: GuideDecoder::Vae,
             verify: Vec::new(),
         }
     }
@@ -197,6 +202,11 @@ pub fn settings_fingerprint(opts: &GuideOptions, common: &CommonOptions) -> serd
         .expect("an object")
         .clone(),
     );
+    // Only when set, so the settings of runs made before it existed still match.
+    if let GuideDecoder::Tiny(dir) = &opts.decoder {
+        let dir = crate::jobs::common::canonical(&dir.to_string_lossy());
+        own.insert("decoder".into(), format!("tiny:{dir}").into());
+    }
     common.fingerprint("guide", serde_json::Value::Object(own))
 }
 
@@ -206,7 +216,15 @@ pub fn prepare(opts: &GuideOptions, common: &CommonOptions, out: &Path) -> Resul
     common.refuse_refiner("guide")?;
     common.check_scoring("guide", &opts.score, &opts.verify, false)?;
     let fingerprint = settings_fingerprint(opts, common);
-    common.check_run(out, &fingerprint, &common.models.generator, opts.images_per_prompt, "guide.images_per_prompt")?;
+    let info =
+        common.check_run(out, &fingerprint, &common.models.generator, opts.images_per_prompt, "guide.images_per_prompt")?;
+    if let GuideDecoder::Tiny(dir) = &opts.decoder {
+        crate::diffusion::tiny_vae::AutoencoderTiny::check_dir(dir)
+            .and_then(|c| {
+                c.check_latent_space(info.latent_channels, info.vae_scale_factor, &info.vae_dir.display().to_string())
+            })
+            .map_err(|e| Error::field("guide.decoder", e.to_string()))?;
+    }
     read_prompts(&opts.prompts)
 }
 
@@ -296,7 +314,7 @@ impl crate::jobs::runner::Job for GuideJob<'_> {
         let pipe = m.pipe.guidance_pipeline().ok_or_else(|| {
             Error::Invalid(format!("{}: score guidance is not available for this generator family", m.pipe.root().display()))
         })?;
-        let guider = Guider::new(pipe, &m.scorers)?;
+        let guider = Guider::with_decoder(pipe, &m.scorers, &self.opts.decoder)?;
         Ok(Box::new(move |item| Ok(vec![self.guide_one(m, &guider, item)?])))
     }
 
