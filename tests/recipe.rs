@@ -334,7 +334,7 @@ fn guide_decoder_resolves_and_is_checked() {
         recipe.guide.as_ref().unwrap().decoder,
         orchestrate::guidance::GuideDecoder::Tiny(tmp.path().join("taesd"))
     );
-    let plan = recipe.dry_run(orchestrate::jobs::Shard::default()).unwrap().lines.join("\n");
+    let plan = recipe.dry_run(orchestrate::jobs::Shard::default(), None).unwrap().lines.join("\n");
     assert!(plan.contains("tiny decoder"), "{plan}");
 
     let (_t, path) = recipe_in_tempdir("r.yaml", &guide("taesd"));
@@ -347,7 +347,7 @@ fn guide_decoder_resolves_and_is_checked() {
     let text = std::fs::read_to_string(&config).unwrap().replace("\"latent_channels\": 4", "\"latent_channels\": 3");
     std::fs::write(&config, text).unwrap();
     let (_t2, path) = recipe_in_tempdir("r.yaml", &guide(&format!("tiny:{}", tmp.path().join("taesd").display())));
-    let err = Recipe::load(&path).unwrap().dry_run(orchestrate::jobs::Shard::default()).unwrap_err();
+    let err = Recipe::load(&path).unwrap().dry_run(orchestrate::jobs::Shard::default(), None).unwrap_err();
     let (line, _, field, msg) = recipe_error(err);
     assert_eq!((line, field.as_str()), (10, "guide.decoder"), "{msg}");
     assert!(msg.contains("3 latent channels"), "{msg}");
