@@ -93,7 +93,7 @@ fn download(a: DownloadArgs) -> Result<()> {
     }
     let repo = RepoRef::parse(&a.repo)?;
     let hub = Hub::from_env()?;
-    let snapshot = hub.resolve(&repo, &Want { variant: a.variant.clone(), all: a.all, configs_only: false })?;
+    let snapshot = hub.resolve(&repo, &Want { variant: a.variant.clone(), all: a.all, ..Default::default() })?;
     let bytes: u64 = snapshot.fetched.iter().map(|(_, n)| n).sum();
     println!(
         "{}@{}: {} files, {} downloaded ({bytes} bytes), {} already cached",

@@ -460,3 +460,61 @@ fn python_huggingface_hub_writes_the_same_cache_tree() {
     offline.offline = true;
     assert_eq!(fetch(&offline).unwrap().files, s.files);
 }
+
+/// Scorer checkpoints by repo id: a CLIP folder (`ORG/NAME`: its configs,
+/// tokenizer and safetensors weights) and one file of a repo
+/// (`ORG/NAME/FILE`: that file alone) score as the local files do.
+#[test]
+fn scorer_checkpoints_are_fetched_by_repo_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let scorers = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/scorers");
+    let clip = tmp.path().join("served-clip");
+    common::copy_dir(&scorers.join("clip-tiny"), &clip);
+    std::fs::write(clip.join("README.md"), "# clip-tiny\n").unwrap();
+    std::fs::write(clip.join("pytorch_model.bin"), b"not read: pickled weights").unwrap();
+    let clip_commit = server.serve("org/clip-tiny", &clip);
+    let mlp = tmp.path().join("served-mlp");
+    std::fs::create_dir_all(&mlp).unwrap();
+    std::fs::copy(scorers.join("aesthetic-tiny.pth"), mlp.join("aesthetic-tiny.pth")).unwrap();
+    std::fs::write(mlp.join("other.pth"), b"not fetched").unwrap();
+    let mlp_commit = server.serve("org/aesthetic", &mlp);
+    let cache = tmp.path().join("hub");
+    let home = tmp.path().join("hf-home");
+    let img = tmp.path().join("i.png");
+    common::picture(40, 32, 1).save(&img).unwrap();
+
+    let score = |clip_spec: &str, mlp_spec: &str| -> serde_json::Value {
+        let o = orchestrate(&server.url(), &cache, &home)
+            .args(["score", "--scorer-model", &format!("clipscore={clip_spec}")])
+            .args(["--scorer-model", &format!("aesthetic={mlp_spec},{clip_spec}")])
+            .args(["--score", "0.5*clipscore+0.5*aesthetic", "--prompt", "a red dog"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(String::from_utf8(o.stdout).unwrap().lines().next().unwrap()).unwrap()
+    };
+    let local = score(scorers.join("clip-tiny").to_str().unwrap(), scorers.join("aesthetic-tiny.pth").to_str().unwrap());
+    let remote = score("org/clip-tiny", "org/aesthetic/aesthetic-tiny.pth");
+    assert_eq!(remote["raw"], local["raw"], "the fetched checkpoints score otherwise than the local files");
+    assert!(local["raw"]["clipscore"]["clipscore"].is_number() && local["raw"]["aesthetic"]["aesthetic"].is_number());
+
+    let snapshot = |repo: &str, commit: &str| -> Vec<String> {
+        common::tree(&cache.join(format!("models--org--{repo}")).join("snapshots").join(commit)).into_keys().collect()
+    };
+    let mut want: Vec<String> = common::tree(&scorers.join("clip-tiny")).into_keys().collect();
+    want.sort();
+    assert_eq!(snapshot("clip-tiny", &clip_commit), want, "only the folder's configs, tokenizer and safetensors weights");
+    assert_eq!(snapshot("aesthetic", &mlp_commit), ["aesthetic-tiny.pth"], "only the named file");
+
+    // A file the repo does not have is named.
+    let o = orchestrate(&server.url(), &cache, &home)
+        .args(["score", "--scorer-model", "aesthetic=org/aesthetic/nope.pth,org/clip-tiny", "--score", "aesthetic"])
+        .args(["--prompt", "x"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("nope.pth"), "{err}");
+}

@@ -58,6 +58,18 @@ pub fn resolve_hf_repo_variant(spec: &str, variant: Option<&str>) -> Result<Path
     resolve_hf_repo_wanting(spec, &crate::io::hub::Want { variant: variant.map(str::to_string), ..Default::default() })
 }
 
+/// The snapshot folder of the repo `spec` (`ORG/NAME[@REV]`) holding
+/// `files` (paths inside the repo), fetched when missing.
+pub fn resolve_hf_repo_files(spec: &str, files: &[String]) -> Result<PathBuf> {
+    resolve_hf_repo_wanting(spec, &crate::io::hub::Want { files: files.to_vec(), ..Default::default() })
+}
+
+/// The snapshot folder of the repo `spec` with its configs, tokenizer and
+/// processor files only, fetched when missing.
+pub fn resolve_hf_repo_configs(spec: &str) -> Result<PathBuf> {
+    resolve_hf_repo_wanting(spec, &crate::io::hub::Want { configs_only: true, ..Default::default() })
+}
+
 /// [`resolve_hf_repo`] fetching what `want` says.
 fn resolve_hf_repo_wanting(spec: &str, want: &crate::io::hub::Want) -> Result<PathBuf> {
     use crate::io::hub::{Hub, RepoRef};
@@ -71,12 +83,13 @@ fn resolve_hf_repo_wanting(spec: &str, want: &crate::io::hub::Want) -> Result<Pa
     let repo = RepoRef::parse(spec)?;
     let hub = Hub::from_env()?;
     let key = format!(
-        "{}\n{}\n{}\n{spec}\n{}\n{}",
+        "{}\n{}\n{}\n{spec}\n{}\n{}\n{}",
         hub.cache.display(),
         hub.endpoint,
         hub.offline,
         variant.unwrap_or(""),
-        want.configs_only
+        want.configs_only,
+        want.files.join("\n")
     );
     if let Some(dir) = RESOLVED.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         if dir.is_dir() {
@@ -122,8 +135,7 @@ impl ModelDir {
     pub fn open_configs(spec: &str) -> Result<Self> {
         let p = Path::new(spec);
         if !p.is_dir() && !p.exists() && looks_like_repo_id(spec) {
-            let want = crate::io::hub::Want { configs_only: true, ..Default::default() };
-            return Ok(ModelDir { root: resolve_hf_repo_wanting(spec, &want)?, variant: None });
+            return Ok(ModelDir { root: resolve_hf_repo_configs(spec)?, variant: None });
         }
         Self::open(spec)
     }

@@ -15,7 +15,7 @@ use crate::nn::Linear;
 use crate::rahf::torch_pickle::load_state_dict;
 use super::clip::ClipModel;
 use super::embeds::l2_normalize;
-use super::pixel::{float32_only, spec_paths, PixelModel, PixelScorer};
+use super::pixel::{float32_only, spec_paths, Part, PixelModel, PixelScorer};
 use super::{Affine, ScoreDef, Scorer, ScorerInfo};
 use crate::io::image_processor::ImageProcessor;
 use crate::weights::{read_safetensors, Weights};
@@ -140,7 +140,7 @@ pub static INFO: ScorerInfo = ScorerInfo {
 const FORM: &str = "`MLP.pth,CLIP_DIR`";
 
 fn parts(spec: &str) -> Result<(PathBuf, PathBuf)> {
-    let p = spec_paths(INFO.name, spec, 2..=2, FORM)?;
+    let p = spec_paths(INFO.name, spec, 2, &[Part::File, Part::Model], FORM)?;
     if !p[1].is_dir() {
         return Err(Error::Invalid(format!("scorer `aesthetic`: {} is not a CLIP folder ({FORM})", p[1].display())));
     }

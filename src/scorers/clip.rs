@@ -22,7 +22,7 @@ use crate::error::{read_json, Error, Result};
 use crate::nn::{activation, Conv2d, Embedding, LayerNorm, Linear};
 use crate::rahf::init::read_hf_weights;
 use super::embeds::{check_input_ids, check_pixel_values, paired_cosine};
-use super::pixel::{float32_only, spec_paths, PixelModel, PixelScorer};
+use super::pixel::{float32_only, spec_paths, Part, PixelModel, PixelScorer};
 use super::{Affine, ScoreDef, Scorer, ScorerInfo};
 use crate::io::image_processor::{ImageProcessor, ProcessorKind, ResizeTo};
 use crate::weights::{ConfigCheck, Vb, Weights};
@@ -559,7 +559,7 @@ pub static CLIPSCORE_INFO: ScorerInfo = ScorerInfo {
 
 /// `MODEL_DIR[,PROCESSOR_DIR]` of a CLIP-folder scorer.
 fn clip_dirs(info: &ScorerInfo, spec: &str) -> Result<(PathBuf, PathBuf)> {
-    let parts = spec_paths(info.name, spec, 1..=2, "`MODEL_DIR` or `MODEL_DIR,PROCESSOR_DIR`")?;
+    let parts = spec_paths(info.name, spec, 1, &[Part::Model, Part::Configs], "`MODEL_DIR` or `MODEL_DIR,PROCESSOR_DIR`")?;
     let model = parts[0].clone();
     let processor = parts.get(1).cloned().unwrap_or_else(|| model.clone());
     for d in [&model, &processor] {

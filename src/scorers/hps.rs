@@ -15,7 +15,7 @@ use crate::rahf::torch_pickle::load_checkpoint_state_dict;
 use super::embeds::{check_input_ids, paired_cosine};
 use super::open_clip::OpenClip;
 use super::open_clip_tokenizer::OpenClipTokenizer;
-use super::pixel::{float32_only, one_file_in, spec_paths, PixelModel, PixelScorer};
+use super::pixel::{float32_only, one_file_in, spec_paths, Part, PixelModel, PixelScorer};
 use super::{Affine, ScoreDef, Scorer, ScorerInfo};
 use crate::io::image_processor::ImageProcessor;
 use crate::weights::{read_safetensors, Weights};
@@ -97,7 +97,7 @@ const FORM: &str = "`HPS.pt,BPE_VOCAB.txt.gz[,OPEN_CLIP_CONFIG.json]` or a folde
 
 /// (checkpoint, vocabulary, optional config) of a spec.
 fn parts(spec: &str) -> Result<(PathBuf, PathBuf, Option<PathBuf>)> {
-    let p = spec_paths(INFO.name, spec, 1..=3, FORM)?;
+    let p = spec_paths(INFO.name, spec, 1, &[Part::File, Part::File, Part::File], FORM)?;
     if p.len() == 1 {
         let dir = &p[0];
         if !dir.is_dir() {

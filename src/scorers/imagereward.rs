@@ -24,7 +24,7 @@
 use crate::error::{read_json, Error, Result};
 use crate::nn::{activation, Conv2d, Embedding, LayerNorm, Linear};
 use crate::rahf::torch_pickle::load_state_dict;
-use super::pixel::{float32_only, spec_paths, PixelModel, PixelScorer};
+use super::pixel::{float32_only, spec_paths, Part, PixelModel, PixelScorer};
 use super::{Affine, ScoreDef, Scorer, ScorerInfo};
 use crate::io::image_processor::ImageProcessor;
 use crate::weights::{ConfigCheck, Vb, Weights};
@@ -748,7 +748,7 @@ const FORM: &str = "`DIR` or `DIR,TOKENIZER.json`";
 
 /// (folder, tokenizer file) of a spec.
 fn parts(spec: &str) -> Result<(PathBuf, PathBuf)> {
-    let p = spec_paths(INFO.name, spec, 1..=2, FORM)?;
+    let p = spec_paths(INFO.name, spec, 1, &[Part::Files(&[CHECKPOINT_FILE, MED_CONFIG_FILE]), Part::Files(&[TOKENIZER_FILE])], FORM)?;
     if !p[0].is_dir() {
         return Err(Error::Invalid(format!("scorer `imagereward`: {} is not a folder ({FORM})", p[0].display())));
     }

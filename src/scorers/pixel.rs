@@ -81,19 +81,68 @@ pub fn float32_only(name: &str, kind: Kind) {
     }
 }
 
-/// The parts of a checkpoint spec `A,B,...`: paths, each required to exist.
-/// `what` describes the expected form for messages.
-pub fn spec_paths(name: &str, spec: &str, count: std::ops::RangeInclusive<usize>, what: &str) -> Result<Vec<PathBuf>> {
-    let parts: Vec<PathBuf> = spec.split(',').map(|p| PathBuf::from(p.trim())).collect();
-    if !count.contains(&parts.len()) || parts.iter().any(|p| p.as_os_str().is_empty()) {
+/// What one part of a checkpoint spec names, for finding it on the Hub when
+/// it is not a local path.
+#[derive(Clone, Copy, Debug)]
+pub enum Part {
+    /// A model folder: `ORG/NAME[@REV]` fetches its configs and safetensors weights.
+    Model,
+    /// A processor / tokenizer folder: `ORG/NAME[@REV]` fetches its configs only.
+    Configs,
+    /// A folder of these files: `ORG/NAME[@REV]` fetches exactly them.
+    Files(&'static [&'static str]),
+    /// One file: `ORG/NAME[@REV]/PATH` fetches it.
+    File,
+}
+
+/// `ORG/NAME[@REV]/PATH` split into the repo and the path inside it.
+fn repo_and_path(part: &str) -> Option<(String, String)> {
+    let mut it = part.splitn(3, '/');
+    let (org, name, path) = (it.next()?, it.next()?, it.next()?);
+    let repo = format!("{org}/{name}");
+    (crate::diffusion::model_dir::looks_like_repo_id(&repo) && !path.is_empty()).then(|| (repo, path.to_string()))
+}
+
+/// A part that is not a local path, found (and fetched) in the Hugging Face
+/// cache as `kind` says; `None` when it does not look like a repo reference.
+fn from_hub(part: &str, kind: Part) -> Option<Result<PathBuf>> {
+    use crate::diffusion::model_dir::{looks_like_repo_id, resolve_hf_repo_configs, resolve_hf_repo_files, resolve_model};
+    if looks_like_repo_id(part) {
+        return match kind {
+            Part::Model => Some(resolve_model(part)),
+            Part::Configs => Some(resolve_hf_repo_configs(part)),
+            Part::Files(files) => {
+                Some(resolve_hf_repo_files(part, &files.iter().map(|f| f.to_string()).collect::<Vec<_>>()))
+            }
+            Part::File => None,
+        };
+    }
+    let (repo, path) = repo_and_path(part)?;
+    Some(resolve_hf_repo_files(&repo, std::slice::from_ref(&path)).map(|dir| dir.join(path)))
+}
+
+/// The parts of a checkpoint spec `A,B,...` (at least `min`, one per entry
+/// of `kinds` at most), each a local path or, when no such path exists, a
+/// Hub reference (`ORG/NAME[@REV]` or `ORG/NAME[@REV]/FILE`) fetched into
+/// the Hugging Face cache as its [`Part`] says. `what` describes the form.
+pub fn spec_paths(name: &str, spec: &str, min: usize, kinds: &[Part], what: &str) -> Result<Vec<PathBuf>> {
+    let parts: Vec<&str> = spec.split(',').map(str::trim).collect();
+    if parts.len() < min || parts.len() > kinds.len() || parts.iter().any(|p| p.is_empty()) {
         return Err(Error::Invalid(format!("scorer `{name}`: checkpoint `{spec}` is not {what}")));
     }
-    for p in &parts {
-        if !p.exists() {
-            return Err(Error::Missing { path: p.clone(), what: format!("the `{name}` checkpoint ({what})") });
+    let mut out = Vec::with_capacity(parts.len());
+    for (part, kind) in parts.into_iter().zip(kinds) {
+        let p = PathBuf::from(part);
+        if p.exists() {
+            out.push(p);
+            continue;
+        }
+        match from_hub(part, *kind) {
+            Some(found) => out.push(found.map_err(|e| Error::Invalid(format!("scorer `{name}`: `{part}`: {e}")))?),
+            None => return Err(Error::Missing { path: p, what: format!("the `{name}` checkpoint ({what})") }),
         }
     }
-    Ok(parts)
+    Ok(out)
 }
 
 /// The one file in `dir` whose name satisfies `pick`, or an error naming

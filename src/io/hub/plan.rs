@@ -19,6 +19,9 @@ pub struct Want {
     /// single-file checkpoint's config source is read for (as diffusers'
     /// `from_single_file` fetches it).
     pub configs_only: bool,
+    /// These files of the repo and nothing else (a scorer's `ORG/NAME/FILE`);
+    /// each must be in the repo.
+    pub files: Vec<String>,
 }
 
 /// The files to fetch, sorted, and what a user should know about the choice.
@@ -69,6 +72,14 @@ pub fn plan_files(
     let fail = |message: String| HubError::Plan { repo: label.to_string(), message };
     if want.all {
         return Ok(Plan { files: listing.iter().cloned().collect(), notes: Vec::new() });
+    }
+    if !want.files.is_empty() {
+        for f in &want.files {
+            if !listing.contains(f) {
+                return Err(fail(format!("the repo has no file `{f}`")));
+            }
+        }
+        return Ok(Plan { files: want.files.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect(), notes: Vec::new() });
     }
     let mut plan = Plan::default();
     let mut files = BTreeSet::new();
@@ -249,6 +260,10 @@ mod tests {
         let configs = run(SD_FILES, &Want { configs_only: true, ..Default::default() }, SD).unwrap();
         assert!(!configs.files.is_empty() && configs.files.iter().all(|f| !is_weight_file(f) && !is_weight_index(f)), "{:?}", configs.files);
         assert!(configs.files.iter().any(|f| f == "unet/config.json"), "{:?}", configs.files);
+        let one = run(SD_FILES, &Want { files: vec!["unet/config.json".into()], ..Default::default() }, SD).unwrap();
+        assert_eq!(one.files, ["unet/config.json"]);
+        let e = run(SD_FILES, &Want { files: vec!["nope.pt".into()], ..Default::default() }, SD).unwrap_err().to_string();
+        assert!(e.contains("no file `nope.pt`"), "{e}");
         let all = run(SD_FILES, &Want { all: true, ..Default::default() }, SD).unwrap();
         assert_eq!(all.files.len(), SD_FILES.len());
     }
