@@ -518,3 +518,40 @@ fn scorer_checkpoints_are_fetched_by_repo_id() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("nope.pth"), "{err}");
 }
+
+/// A single-file checkpoint's config source given as a repo id: only its
+/// configs, tokenizer and scheduler are fetched (as `from_single_file`
+/// does), and the file samples as the folder.
+#[test]
+fn a_single_files_config_repo_is_fetched_without_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let served = served_sd_tiny(tmp.path());
+    let commit = server.serve(REPO, &served);
+    let cache = tmp.path().join("hub");
+    let home = tmp.path().join("hf-home");
+    let file = common::single_file::write("sd-tiny", tmp.path());
+    let o = orchestrate(&server.url(), &cache, &home)
+        .args(["generate", "--model"])
+        .arg(&file)
+        .args(["--config", REPO, "--prompt", "a red cube", "--seed", "3", "--steps", "2", "--height", "64", "--width", "64"])
+        .args(["--scheduler", "ddim", "--device", "cpu", "--images-per-prompt", "2", "--out"])
+        .arg(tmp.path().join("out"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pngs = |dir: &Path| -> Vec<Vec<u8>> {
+        let mut p: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
+        p.sort();
+        p.iter().map(|p| std::fs::read(p).unwrap()).collect()
+    };
+    let from_folder = generate(orchestrate(&server.url(), &cache, &home), fixture("sd-tiny").to_str().unwrap(), &tmp.path().join("folder"));
+    assert_eq!(pngs(&tmp.path().join("out")), from_folder, "the single file samples otherwise than its folder");
+    let snapshot: Vec<String> =
+        common::tree(&cache.join("models--org--sd-tiny").join("snapshots").join(&commit)).into_keys().collect();
+    assert!(!snapshot.is_empty());
+    for f in &snapshot {
+        assert!(!f.ends_with(".safetensors") && !f.ends_with(".bin"), "weights fetched for a config source: {f}");
+    }
+    assert!(snapshot.iter().any(|f| f == "unet/config.json") && snapshot.iter().any(|f| f == "tokenizer/vocab.json"), "{snapshot:?}");
+}
