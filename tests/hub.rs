@@ -136,10 +136,17 @@ fn generate(mut c: std::process::Command, model: &str, out: &Path) -> Vec<Vec<u8
         .output()
         .unwrap();
     assert!(o.status.success(), "generate --model {model}: {}", String::from_utf8_lossy(&o.stderr));
-    let mut pngs: Vec<PathBuf> = std::fs::read_dir(out).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
-    pngs.sort();
-    assert_eq!(pngs.len(), 2);
-    pngs.iter().map(|p| std::fs::read(p).unwrap()).collect()
+    let images = pngs(out);
+    assert_eq!(images.len(), 2);
+    images
+}
+
+/// The bytes of the PNGs in `dir`, by name.
+fn pngs(dir: &Path) -> Vec<Vec<u8>> {
+    let mut p: Vec<PathBuf> =
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
+    p.sort();
+    p.iter().map(|p| std::fs::read(p).unwrap()).collect()
 }
 
 #[test]
@@ -540,11 +547,6 @@ fn a_single_files_config_repo_is_fetched_without_weights() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let pngs = |dir: &Path| -> Vec<Vec<u8>> {
-        let mut p: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
-        p.sort();
-        p.iter().map(|p| std::fs::read(p).unwrap()).collect()
-    };
     let from_folder = generate(orchestrate(&server.url(), &cache, &home), fixture("sd-tiny").to_str().unwrap(), &tmp.path().join("folder"));
     assert_eq!(pngs(&tmp.path().join("out")), from_folder, "the single file samples otherwise than its folder");
     let snapshot: Vec<String> =
