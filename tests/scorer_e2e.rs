@@ -187,3 +187,60 @@ fn every_public_scorer_is_registered() {
         assert!(scorers::info(name).unwrap().single());
     }
 }
+
+/// The public scorers in the jobs: `guide` climbs a weighted spec of two of
+/// them through their differentiable paths, `filter` keeps by PickScore with
+/// HPS v2 as the held-out verifier of both.
+#[test]
+fn the_jobs_take_public_scorers_in_specs_and_as_verifiers() {
+    let (_, meta) = e2e();
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("p.txt");
+    std::fs::write(&prompts, "a red cat\na blue dog on a chair\n").unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/diffusion/sd-tiny");
+    let run = |job: &str, args: &[String], out: &Path| -> Value {
+        let o = common::bin()
+            .args([job, "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()])
+            .args(["--steps", "3", "--height", "32", "--width", "32", "--seed", "5"])
+            .args(args)
+            .args(["--json", "--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{job}: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let models: Vec<String> = ["clipscore", "aesthetic", "pickscore", "hpsv2"]
+        .iter()
+        .flat_map(|n| ["--scorer-model".to_string(), format!("{n}={}", spec(n, &meta))])
+        .collect();
+
+    let mut args = models.clone();
+    args.extend(
+        ["--score", "0.5*clipscore+0.5*aesthetic", "--verify", "hpsv2", "--guidance-strength", "20", "--images-per-prompt", "2"]
+            .map(String::from),
+    );
+    let out = tmp.path().join("guide");
+    let summary = run("guide", &args, &out);
+    let f = &summary["figures"];
+    assert_eq!(f["images"], 4);
+    let (g, u) = (f["mean_guided"].as_f64().unwrap(), f["mean_unguided"].as_f64().unwrap());
+    assert!(g.is_finite() && u.is_finite() && g > u, "guided {g} should beat unguided {u}");
+    let manifest = std::fs::read_to_string(out.join("manifest.jsonl")).unwrap();
+    for line in manifest.lines() {
+        let r: Value = serde_json::from_str(line).unwrap();
+        for im in r["images"].as_array().unwrap() {
+            for side in ["guided_raw", "unguided_raw"] {
+                for inst in ["clipscore", "aesthetic", "hpsv2"] {
+                    assert!(im[side][inst][inst].is_number(), "{side}.{inst} missing in {im}");
+                }
+            }
+        }
+    }
+
+    let mut args = models;
+    args.extend(["--score", "pickscore", "--verify", "hpsv2", "--samples", "2", "--threshold", "0", "--keep", "all-above"].map(String::from));
+    let out = tmp.path().join("filter");
+    let summary = run("filter", &args, &out);
+    let text = summary.to_string();
+    assert!(text.contains("pickscore") && text.contains("hpsv2"), "{text}");
+}
