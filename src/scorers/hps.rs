@@ -110,10 +110,8 @@ fn parts(spec: &str) -> Result<(PathBuf, PathBuf, Option<PathBuf>)> {
         let config = dir.join("open_clip_config.json");
         return Ok((checkpoint, vocab, config.is_file().then_some(config)));
     }
-    if p.len() == 2 || p.len() == 3 {
-        return Ok((p[0].clone(), p[1].clone(), p.get(2).cloned()));
-    }
-    Err(Error::Invalid(format!("scorer `hpsv2`: checkpoint `{spec}` is not {FORM}")))
+    // Two or three parts (spec_paths enforces the count).
+    Ok((p[0].clone(), p[1].clone(), p.get(2).cloned()))
 }
 
 fn check(spec: &str) -> Result<String> {
