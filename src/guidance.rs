@@ -95,6 +95,16 @@
 //! TAESD decodes the UNet's latents directly. Only the gradient sees its
 //! pixels; the final image is still decoded by the pipeline's VAE. Its latent
 //! channels and scale factor must be the pipeline VAE's (checked on loading).
+//!
+//! # A region, and the other method
+//! [`GuidanceSettings::region`] guides only inside a predicted heatmap's
+//! region of x̂0, recomputed at every guided step, and keeps the unguided
+//! trajectory elsewhere ([`region`]). [`noise`] is the other way to climb a
+//! score: gradient ascent on the initial noise through the whole sampler
+//! (for one- and few-step checkpoints).
+pub mod noise;
+pub mod region;
+
 use crate::diffusion::core::{self, BatchNoise, Conditioning, NoiseSpec, RecurrenceSpec};
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
 use crate::diffusion::schedulers::config::PredictionType;
@@ -103,6 +113,8 @@ use crate::diffusion::tiny_vae::AutoencoderTiny;
 use crate::diffusion::vae::AutoencoderKL;
 use crate::error::{Error, Result};
 use crate::scorers::{ScoreSpec, Scorers};
+use image::GrayImage;
+pub use region::{Region, RegionKind};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
@@ -122,6 +134,8 @@ pub struct GuidanceSettings {
     pub recurrence: usize,
     /// Differentiate through the UNet (UG's gradient) or hold its output constant.
     pub through_unet: bool,
+    /// Guide only inside a predicted heatmap's region ([`region`]); `None`: everywhere.
+    pub region: Option<Region>,
 }
 
 impl GuidanceSettings {
@@ -133,6 +147,7 @@ impl GuidanceSettings {
             every: 1,
             recurrence: 1,
             through_unet: true,
+            region: None,
         }
     }
 
@@ -150,6 +165,9 @@ impl GuidanceSettings {
             return Err(Error::Invalid(
                 "--recurrence 0: must be at least 1 (1 = no recurrence)".into(),
             ));
+        }
+        if let Some(r) = &self.region {
+            r.validate()?;
         }
         Ok(())
     }
@@ -219,8 +237,40 @@ pub struct GuidanceStep {
     pub pass: usize,
     /// Per image, the spec's value for the decoded x̂0 before the update.
     pub scores: Vec<f64>,
-    /// Per image, the L2 norm of ∇ score w.r.t. the latents.
+    /// Per image, the L2 norm of ∇ score w.r.t. the latents (inside the
+    /// region, when guidance has one).
     pub grad_norms: Vec<f64>,
+    /// Per image, the fraction of the latents inside the guided region
+    /// (`None` without a region).
+    pub region_fraction: Option<Vec<f64>>,
+}
+
+/// What [`Guider::sample_detailed`] returns besides the guided images.
+pub struct GuidedImages {
+    /// Guided images in [0, 1], [B, 3, H, W], float32 on the CPU.
+    pub guided: Tensor,
+    /// With a region: the unguided trajectory sampled alongside (the same
+    /// images as [`StableDiffusion::sample`] gives for these requests).
+    pub unguided: Option<Tensor>,
+    /// With a region: each image's region at its last guided step, the
+    /// latent cells it guided at pixel size (255 inside).
+    pub masks: Vec<GrayImage>,
+    /// The final latents of both, before decoding.
+    pub latents: Tensor,
+    pub unguided_latents: Option<Tensor>,
+    /// UNet calls on the batch: forward evaluations (the unguided trajectory
+    /// of a region included) and backward passes.
+    pub unet_forwards: usize,
+    pub unet_backwards: usize,
+}
+
+/// Final latents of a guided loop, and what a region added.
+struct GuidedLatents {
+    latents: Tensor,
+    unguided: Option<Tensor>,
+    masks: Vec<GrayImage>,
+    unet_forwards: usize,
+    unet_backwards: usize,
 }
 
 /// A noise level in the scheduler's own parameterisation: sample = a·x0 + k·ε.
@@ -336,8 +386,28 @@ impl<'a> Guider<'a> {
         guidance: &GuidanceSettings,
         on_step: &mut dyn FnMut(&GuidanceStep),
     ) -> Result<Tensor> {
-        let latents = self.sample_latents(requests, settings, guidance, on_step)?;
-        Ok(self.pipe.decode_latents(&latents))
+        Ok(self.sample_detailed(requests, settings, guidance, on_step)?.guided)
+    }
+
+    /// [`Self::sample`], with the unguided images and the region masks that
+    /// a region's guidance makes along the way.
+    pub fn sample_detailed(
+        &self,
+        requests: &[ImageRequest],
+        settings: &SamplingSettings,
+        guidance: &GuidanceSettings,
+        on_step: &mut dyn FnMut(&GuidanceStep),
+    ) -> Result<GuidedImages> {
+        let run = self.run(requests, settings, guidance, on_step)?;
+        Ok(GuidedImages {
+            guided: self.pipe.decode_latents(&run.latents),
+            unguided: run.unguided.as_ref().map(|l| self.pipe.decode_latents(l)),
+            masks: run.masks,
+            latents: run.latents,
+            unguided_latents: run.unguided,
+            unet_forwards: run.unet_forwards,
+            unet_backwards: run.unet_backwards,
+        })
     }
 
     /// The guided denoising loop: final latents, as
@@ -349,6 +419,16 @@ impl<'a> Guider<'a> {
         guidance: &GuidanceSettings,
         on_step: &mut dyn FnMut(&GuidanceStep),
     ) -> Result<Tensor> {
+        Ok(self.run(requests, settings, guidance, on_step)?.latents)
+    }
+
+    fn run(
+        &self,
+        requests: &[ImageRequest],
+        settings: &SamplingSettings,
+        guidance: &GuidanceSettings,
+        on_step: &mut dyn FnMut(&GuidanceStep),
+    ) -> Result<GuidedLatents> {
         let pipe = self.pipe;
         guidance.validate()?;
         core::check_settings(settings)?;
@@ -388,13 +468,30 @@ impl<'a> Guider<'a> {
         let mut latents = noise.latents() * scheduler.init_noise_sigma();
 
         let levels: Vec<Level> = (0..=n).map(|i| level(scheduler.as_ref(), i)).collect();
+        // A region runs the unguided trajectory alongside, with its own
+        // scheduler (DPM-Solver keeps a history) and the same noise.
+        let region = guidance.region.as_ref().filter(|_| guidance.strength != 0.0);
+        let mut unguided = match region {
+            Some(_) => Some((schedulers::build(settings.scheduler, &pipe.scheduler_config, settings.steps)?, latents.shallow_clone())),
+            None => None,
+        };
+        let mut mask: Option<Tensor> = None;
+        let mut masks = Vec::new();
+        let (mut forwards, mut backwards) = (0, 0);
         let _no_grad = tch::no_grad_guard();
         for i in 0..n {
+            forwards += unguided.is_some() as usize;
+            let next_unguided = unguided.as_mut().map(|(s, l)| {
+                let out = cond.model_output(&pipe.unet, s.as_ref(), i, l, None);
+                s.step(&out, i, l, noise.step(i).as_ref())
+            });
             let guided = guidance.guides(i);
             let passes = if guided { guidance.recurrence } else { 1 };
             for pass in 0..passes {
+                forwards += 1;
                 let out = if guided && guidance.strength != 0.0 {
-                    let (out, grad, scores) = self.score_gradient(
+                    backwards += guidance.through_unet as usize;
+                    let (out, mut grad, scores, pixels) = self.score_gradient(
                         scheduler.as_ref(),
                         i,
                         &latents,
@@ -402,6 +499,18 @@ impl<'a> Guider<'a> {
                         &prompts,
                         guidance,
                     )?;
+                    let region_fraction = match region {
+                        Some(r) => {
+                            let (images, m) =
+                                region::masks(r, self.scorers, &pixels, &prompts, pipe.vae.scale_factor(), grad.device())?;
+                            grad = &grad * &m;
+                            masks = images;
+                            let f = region::fractions(&m);
+                            mask = Some(m);
+                            Some(f)
+                        }
+                        None => None,
+                    };
                     let grad_norms = per_image_norms(&grad);
                     if let Some(b) = grad_norms.iter().position(|g| !g.is_finite()) {
                         return Err(Error::Numerical(format!(
@@ -414,6 +523,7 @@ impl<'a> Guider<'a> {
                         pass,
                         scores,
                         grad_norms,
+                        region_fraction,
                     });
                     let factor = output_shift_factor(prediction, levels[i], guidance.strength);
                     (out.to_kind(Kind::Float) + grad.to_device(out.device()) * factor)
@@ -429,15 +539,27 @@ impl<'a> Guider<'a> {
                 latents = if pass + 1 < passes {
                     renoise(&next, levels[i + 1], levels[i], &noise.renoise(i, pass))
                 } else {
-                    next
+                    match (&next_unguided, &mask) {
+                        (Some(u), Some(m)) => region::blend(&next, u, m),
+                        _ => next,
+                    }
                 };
             }
+            if let (Some((_, l)), Some(next)) = (unguided.as_mut(), next_unguided) {
+                *l = next;
+            }
         }
-        Ok(latents)
+        Ok(GuidedLatents {
+            latents,
+            unguided: unguided.map(|(_, l)| l),
+            masks,
+            unet_forwards: forwards,
+            unet_backwards: backwards,
+        })
     }
 
-    /// The model output (detached), ∇ value w.r.t. the latents (float32) and the
-    /// per-image spec values of the decoded x̂0.
+    /// The model output (detached), ∇ value w.r.t. the latents (float32), the
+    /// per-image spec values of the decoded x̂0 and its pixels (detached).
     fn score_gradient(
         &self,
         scheduler: &dyn Scheduler,
@@ -446,7 +568,7 @@ impl<'a> Guider<'a> {
         cond: &Conditioning,
         prompts: &[String],
         guidance: &GuidanceSettings,
-    ) -> Result<(Tensor, Tensor, Vec<f64>)> {
+    ) -> Result<(Tensor, Tensor, Vec<f64>, Tensor)> {
         tch::with_grad(|| {
             let leaf = latents
                 .detach()
@@ -470,7 +592,7 @@ impl<'a> Guider<'a> {
             let values =
                 Vec::<f64>::try_from(scores.detach().to_kind(Kind::Double).to_device(Device::Cpu))
                     .map_err(|e| Error::torch("guidance scores", e))?;
-            Ok((out.detach(), grads.remove(0), values))
+            Ok((out.detach(), grads.remove(0), values, pixels.detach()))
         })
     }
 

@@ -903,9 +903,36 @@ struct GuideArgs {
     /// Images per prompt (seeds seed, seed+1, ...).
     #[arg(long, default_value_t = 1)]
     images_per_prompt: usize,
-    /// Do not also sample each seed unguided for comparison.
+    /// Do not also sample each seed unguided for comparison (`--compare none`).
     #[arg(long)]
     no_compare: bool,
+    /// What the guided images are compared with: `unguided` (each seed sampled without guidance), `best-of-n` (also
+    /// the best of as many unguided seeds as the guided image's time buys, by the same score) or `none`.
+    #[arg(long, default_value = "unguided", value_parser = ["unguided", "best-of-n", "none"])]
+    compare: String,
+    /// `gradient`: the score's gradient as guidance at sampling steps; `noise`: gradient ascent on the initial noise
+    /// through the whole sampler (ReNO; for one- and few-step checkpoints).
+    #[arg(long, default_value = "gradient")]
+    method: String,
+    /// Guide only inside RAHF's predicted `implausibility` or `misalignment` region of the predicted image,
+    /// recomputed at every guided step (needs --rahf); the rest follows the unguided trajectory.
+    #[arg(long)]
+    region: Option<String>,
+    /// The region's heatmap threshold (as in inpaint).
+    #[arg(long, default_value_t = 0.5)]
+    mask_threshold: f64,
+    /// The region's dilation radius in image pixels (as in inpaint).
+    #[arg(long, default_value_t = 16)]
+    dilate: u32,
+    /// `--method noise`: gradient steps on the noise.
+    #[arg(long, default_value_t = 10)]
+    iterations: usize,
+    /// `--method noise`: RMS change of the noise per step.
+    #[arg(long, default_value_t = 0.05)]
+    lr: f64,
+    /// `--method noise`: weight of the noise-norm regulariser.
+    #[arg(long, default_value_t = 1.0)]
+    regularizer: f64,
     /// Hold the UNet output constant in the gradient (cheaper; not Universal Guidance's exact gradient).
     #[arg(long)]
     no_unet_gradient: bool,
@@ -926,13 +953,25 @@ fn guide(a: GuideArgs) -> Result<()> {
         recurrence: a.recurrence,
         score: a.score.parse()?,
         images_per_prompt: a.images_per_prompt,
-        compare_unguided: !a.no_compare,
+        compare_unguided: !a.no_compare && a.compare != "none",
         through_unet: !a.no_unet_gradient,
         decoder: a
             .guide_decoder
             .parse()
             .map_err(|e| orchestrate::error::Error::Invalid(format!("--guide-decoder {e}")))?,
         verify: verify_list(&a.job.verify)?,
+        method: a.method.parse().map_err(|e| orchestrate::error::Error::Invalid(format!("--method {e}")))?,
+        region: a
+            .region
+            .map(|r| r.parse())
+            .transpose()
+            .map_err(|e| orchestrate::error::Error::Invalid(format!("--region {e}")))?,
+        mask_threshold: a.mask_threshold,
+        dilate: a.dilate,
+        iterations: a.iterations,
+        lr: a.lr,
+        regularizer: a.regularizer,
+        best_of_n: a.compare == "best-of-n",
     };
     let (common, ctx) = a.job.into_options()?;
     let json = ctx.json;

@@ -14,7 +14,9 @@
 //! inpaint: {input: filter, mask_threshold: 0.5, dilate: 16, candidates: 4, strength: 1.0,
 //!           score: "0.7*rahf:plausibility+0.3*rahf.b:aesthetics", verify: []}
 //! guide: {prompts: ..., strength: 1.0, every: 1, recurrence: 1, score: aesthetics, images_per_prompt: 1,
-//!         compare_unguided: true, through_unet: true, decoder: vae}   # decoder: tiny:DIR (a TAESD)
+//!         compare_unguided: true, through_unet: true, decoder: vae,   # decoder: tiny:DIR (a TAESD)
+//!         method: gradient, region: implausibility, mask_threshold: 0.5, dilate: 16,  # region: optional
+//!         best_of_n: false}   # method: noise takes iterations: 10, lr: 0.05, regularizer: 1.0
 //! ```
 //!
 //! * `score` is a score spec (`crate::scorers::spec`); `verify` a list of
@@ -637,15 +639,28 @@ impl Recipe {
         }
         if let Some(g) = &self.guide {
             let n = read_prompts(&g.prompts)?.len();
+            let method = match g.method {
+                crate::jobs::guide::GuideMethod::Gradient => format!(
+                    "{} guidance, strength {}, every {} step(s), recurrence {}{}",
+                    g.score,
+                    g.strength,
+                    g.every,
+                    g.recurrence,
+                    g.region.map_or(String::new(), |r| format!(", only inside the {r} region"))
+                ),
+                crate::jobs::guide::GuideMethod::Noise => {
+                    format!("{} noise optimisation, {} iterations, lr {}", g.score, g.iterations, g.lr)
+                }
+            };
+            let compare = match (g.compare_unguided, g.best_of_n) {
+                (true, true) => ", compared with unguided and best-of-N at equal time",
+                (true, false) => ", compared with unguided",
+                _ => "",
+            };
             lines.push(format!(
-                "guide      {n} prompts from {} x {} image(s): {} guidance, strength {}, every {} step(s), recurrence {}{}{}{} -> {}",
+                "guide      {n} prompts from {} x {} image(s): {method}{compare}{}{} -> {}",
                 g.prompts.display(),
                 g.images_per_prompt,
-                g.score,
-                g.strength,
-                g.every,
-                g.recurrence,
-                if g.compare_unguided { ", compared with unguided" } else { "" },
                 match &g.decoder {
                     crate::guidance::GuideDecoder::Tiny(d) => format!(", gradient through the tiny decoder {}", d.display()),
                     crate::guidance::GuideDecoder::Vae => String::new(),

@@ -43,8 +43,8 @@ pub struct Report {
     pub summary: Vec<String>,
     /// The optimised score and every held-out verifier, before and after
     /// (filter: all vs kept; inpaint: original vs chosen; guide: unguided vs
-    /// guided), shown as a table at the top.
-    pub comparison: Option<Comparison>,
+    /// guided, and best-of-N vs guided), each shown as a table at the top.
+    pub comparisons: Vec<Comparison>,
     /// One row per prompt, in this order.
     pub rows: Vec<ReportRow>,
 }
@@ -193,7 +193,7 @@ pub fn render(report: &Report) -> Result<String> {
         }
         h.push_str("</ul></section>\n");
     }
-    if let Some(c) = report.comparison.as_ref().filter(|c| !c.rows.is_empty()) {
+    for c in report.comparisons.iter().filter(|c| !c.rows.is_empty()) {
         render_comparison(&mut h, c);
     }
     let settings = flatten_settings(&report.settings);
@@ -221,7 +221,12 @@ pub fn render(report: &Report) -> Result<String> {
 /// The optimised score and the held-out verifiers, before and after.
 fn render_comparison(h: &mut String, c: &Comparison) {
     let num = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
-    h.push_str("<section class=\"panel comparison\"><h2>Optimised and held-out scores</h2><table>\n");
+    let _ = writeln!(
+        h,
+        "<section class=\"panel comparison\"><h2>Optimised and held-out scores: {} vs {}</h2><table>",
+        esc(&c.before),
+        esc(&c.after)
+    );
     let _ = writeln!(
         h,
         "<tr><th>score</th><th>role</th><th>{}</th><th>{}</th><th>change</th></tr>",

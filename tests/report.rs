@@ -63,7 +63,7 @@ fn sample(dir: &Path) -> (Report, usize) {
             "3 prompts, 2 inpainted, 1 kept as it was".into(),
             "mean plausibility 0.412 → 0.618 <after>".into(),
         ],
-        comparison: Some(comparison()),
+        comparisons: vec![comparison()],
         rows: vec![
             ReportRow {
                 prompt: HOSTILE_PROMPT.into(),

@@ -595,7 +595,7 @@ pub fn write_filter_report(
         job: job.into(),
         settings,
         summary: summary.lines.clone(),
-        comparison: Some(comparison),
+        comparisons: vec![comparison],
         rows,
     };
     write_report(out, &report)?;

@@ -81,7 +81,7 @@ pub fn default_score() -> ScoreSpec {
     crate::rahf::ScoreKind::Plausibility.into()
 }
 
-fn default_mask_threshold() -> f64 {
+pub fn default_mask_threshold() -> f64 {
     0.5
 }
 
@@ -91,7 +91,7 @@ fn default_mask_threshold() -> f64 {
 /// repainted cell and give the model a band of context to blend the seam.
 /// RAHF's heatmaps are themselves smooth (upsampled from 16 px patches), so
 /// their thresholded edge is only accurate to about that much anyway.
-fn default_dilate() -> u32 {
+pub fn default_dilate() -> u32 {
     16
 }
 
@@ -584,7 +584,7 @@ pub fn write_inpaint_report(
         job: job.into(),
         settings,
         summary: summary.lines.clone(),
-        comparison: Some(comparison),
+        comparisons: vec![comparison],
         rows,
     };
     write_report(out, &report)?;

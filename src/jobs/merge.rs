@@ -322,7 +322,7 @@ pub fn merge(out: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<JobS
         Inpaint,
         Guide(Vec<(String, crate::jobs::guide::GuideRecord)>),
     }
-    let (report, comparison) = match job.as_str() {
+    let (report, mut comparisons) = match job.as_str() {
         "filter" => {
             let typed: Vec<PromptRecord> = merged
                 .iter()
@@ -350,18 +350,18 @@ pub fn merge(out: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<JobS
                 }),
                 kept_lines,
             ));
-            (Report::Filter(typed), comparison)
+            (Report::Filter(typed), vec![comparison])
         }
         "inpaint" => {
             let comparison = crate::jobs::inpaint::chosen_vs_original(&spec, &verify, &merged);
             add(crate::jobs::inpaint::record_figures(&merged, &spec, &comparison));
-            (Report::Inpaint, comparison)
+            (Report::Inpaint, vec![comparison])
         }
         _ => {
             let recs = crate::jobs::guide::records(&first.path, &merged.iter().collect::<Vec<_>>())?;
-            let comparison = crate::jobs::guide::guided_vs_unguided(&spec, &verify, &recs);
-            add(crate::jobs::guide::record_figures(&recs, &spec, &comparison));
-            (Report::Guide(recs), comparison)
+            let comparisons = crate::jobs::guide::comparisons(&spec, &verify, &recs);
+            add(crate::jobs::guide::record_figures(&recs, &spec, &comparisons));
+            (Report::Guide(recs), comparisons)
         }
     };
     lines.extend(warnings.iter().map(|w| format!("INCOMPLETE: {w}")));
@@ -370,13 +370,13 @@ pub fn merge(out: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<JobS
     match report {
         Report::Filter(typed) => {
             let unkept = format!("nothing reached {} {}", shard_settings["score"], shard_settings["threshold"]).replace('"', "");
-            crate::jobs::filter::write_filter_report(out, "merge", settings, &unkept, &spec, &typed, &summary, comparison)?
+            crate::jobs::filter::write_filter_report(out, "merge", settings, &unkept, &spec, &typed, &summary, comparisons.remove(0))?
         }
         Report::Inpaint => {
-            crate::jobs::inpaint::write_inpaint_report(out, "merge", settings, &spec, &merged, &summary, comparison)?
+            crate::jobs::inpaint::write_inpaint_report(out, "merge", settings, &spec, &merged, &summary, comparisons.remove(0))?
         }
         Report::Guide(recs) => {
-            crate::jobs::guide::write_guide_report(out, "merge", settings, &spec, &recs, &summary, comparison)?
+            crate::jobs::guide::write_guide_report(out, "merge", settings, &spec, &recs, &summary, comparisons)?
         }
     }
 

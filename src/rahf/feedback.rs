@@ -253,6 +253,29 @@ impl FeedbackModel {
             .collect())
     }
 
+    /// Heatmaps B x 2 x h x w (implausibility, misalignment; float32 on the
+    /// CPU, at the model's resolution) of `pixels` B x 3 x H x W in [0, 1],
+    /// without gradients or keyword decoding; bucketed by prompt length like
+    /// `predict`, so each row is what the item gives alone.
+    pub fn heatmaps_from_pixels(&self, pixels: &Tensor, prompts: &[String]) -> Result<Tensor> {
+        let b = pixels.size()[0] as usize;
+        Self::check_lengths(b, prompts)?;
+        let _guard = tch::no_grad_guard();
+        let tokens = self.tokenize(prompts)?;
+        let px = normalize_pixels(pixels, &self.model.config);
+        let mut rows: Vec<Option<Tensor>> = (0..b).map(|_| None).collect();
+        for idx in group_by_lengths(&tokens) {
+            let sel = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(px.device());
+            let res = self.model.forward(&px.index_select(0, &sel), &prompt_batch(&tokens, &idx, self.device))?;
+            let maps = res.heatmaps.to_kind(Kind::Float).to_device(Device::Cpu);
+            for (r, &i) in idx.iter().enumerate() {
+                rows[i] = Some(maps.get(r as i64));
+            }
+        }
+        let rows: Vec<Tensor> = rows.into_iter().map(|r| r.expect("every item is in one bucket")).collect();
+        Ok(Tensor::stack(&rows, 0))
+    }
+
     /// Differentiable scores B x 4 (plausibility, alignment, aesthetics, overall) of
     /// `pixels` B x 3 x H x W in [0, 1] for classifier guidance: resize and
     /// normalisation included, bucketed by prompt length like `predict`.

@@ -174,6 +174,24 @@ pub trait Scorer: Send {
     /// device and dtype, possibly requiring grad; the scorer's resize and
     /// normalisation are part of the graph, so gradients reach `pixels`.
     fn scores_from_pixels(&self, pixels: &Tensor, prompts: &[String]) -> Result<Tensor>;
+
+    /// The heatmap `name` (one of [`ScorerInfo::heatmaps`]) of float `pixels`
+    /// B x 3 x H x W in [0, 1], without gradients and without anything else
+    /// [`Scorer::predict`] computes: B x h x w float32 in [0, 1] on the CPU,
+    /// at the model's resolution. Types without heatmaps refuse, naming the
+    /// ones that have them.
+    fn heatmaps_from_pixels(&self, _pixels: &Tensor, _prompts: &[String], name: &str) -> Result<Tensor> {
+        Err(Error::Invalid(format!(
+            "scorer `{}` predicts no heatmap (asked for `{name}`); heatmaps come from: {}",
+            self.info().name,
+            REGISTRY
+                .iter()
+                .filter(|i| !i.heatmaps.is_empty())
+                .map(|i| format!("{} ({})", i.name, i.heatmaps.join(", ")))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )))
+    }
 }
 
 /// The known type names, for messages: `rahf, pickscore, ...`.

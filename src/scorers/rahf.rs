@@ -59,6 +59,18 @@ impl Scorer for FeedbackModel {
         let px = pixels.to_device(w.device()).to_kind(w.kind());
         Ok(FeedbackModel::scores_from_pixels(self, &px, prompts)?.to_kind(Kind::Float))
     }
+
+    fn heatmaps_from_pixels(&self, pixels: &Tensor, prompts: &[String], name: &str) -> Result<Tensor> {
+        let Some(index) = INFO.heatmaps.iter().position(|h| *h == name) else {
+            return Err(crate::error::Error::Invalid(format!(
+                "rahf has no heatmap `{name}`; it has {}",
+                INFO.heatmaps.join(", ")
+            )));
+        };
+        let w = &self.model.visual_token_projection.weight;
+        let px = pixels.detach().to_device(w.device()).to_kind(w.kind());
+        Ok(FeedbackModel::heatmaps_from_pixels(self, &px, prompts)?.select(1, index as i64).contiguous())
+    }
 }
 
 #[cfg(test)]

@@ -71,6 +71,14 @@ impl SchedulerKind {
     ];
 
     /// The CLI / recipe name.
+    /// Whether its [`Scheduler::step`] reads state left by earlier steps (a
+    /// multistep solver's history). Noise optimisation recomputes steps one
+    /// at a time in its backward pass, which needs steps that depend on their
+    /// arguments only.
+    pub fn keeps_history(self) -> bool {
+        matches!(self, SchedulerKind::DpmPlusPlus2M)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             SchedulerKind::Ddim => "ddim",

@@ -1,0 +1,295 @@
+//! Noise optimisation (`guide --method noise`), after ReNO (Eyring et al.
+//! 2024, "ReNO: Enhancing One-step Text-to-Image Models through Reward-based
+//! Noise Optimization"): gradient ascent on an image's initial noise through
+//! the whole sampler and the decoder, for one- and few-step checkpoints.
+//!
+//! # One iteration
+//! From the noise `x` (the image's seeded initial latents, float32) the
+//! sampler runs as [`StableDiffusion::sample`] does (same conditioning, CFG,
+//! scheduler and step noise), the final latents are decoded by the gradient
+//! path's decoder ([`Guider::decode_pixels`]) and scored by the spec; `g` is
+//! the gradient of the spec's value with respect to `x`. The noise then moves
+//!
+//! ```text
+//! x ← x + lr · ( g / rms(g) − λ · ∇R(x) ),    R(x) = ‖x‖²/2 − (d−1)·ln ‖x‖
+//! ```
+//!
+//! per image (`d` its number of elements). R is the negative log-density of
+//! ‖x‖ under the χ distribution with d degrees of freedom that Gaussian noise
+//! of that size follows (ReNO's norm regulariser): it is flat where
+//! ‖x‖² = d − 1, so it keeps the noise at the norm the model was trained on.
+//! Dividing by the gradient's RMS makes `lr` the RMS change of the noise per
+//! iteration whatever the scorer's scale (ReNO clips the gradient's norm for
+//! the same reason), and λ the regulariser's pull per unit of that change.
+//!
+//! Iteration 0 is the seeded noise itself, so its image is the unguided
+//! image, bit for bit, and comes for free. Every iteration's value is
+//! recorded; the image kept is the best iteration's (the first on ties), as
+//! ReNO keeps its best.
+//!
+//! # Memory: checkpointed steps
+//! The forward pass runs without gradients and keeps only each step's input
+//! latents. The backward pass then walks the steps in reverse, recomputing
+//! one step at a time with gradients and pulling the gradient through it
+//! (a vector–Jacobian product), so at most one UNet call's activations are
+//! held, whatever the number of steps. That needs steps that depend on their
+//! arguments only ([`SchedulerKind::keeps_history`]): DDIM, Euler and Euler
+//! ancestral (whose step noise is drawn once per image, as in sampling);
+//! DPM-Solver++ is refused.
+use super::Guider;
+use crate::diffusion::core::{BatchNoise, Conditioning, NoiseSpec};
+use crate::diffusion::pipeline::{ImageRequest, SamplingSettings};
+use crate::diffusion::schedulers::{self, Scheduler, SchedulerKind};
+use crate::error::{Error, Result};
+use crate::scorers::ScoreSpec;
+use tch::{Device, Kind, Tensor};
+
+/// `guide --method noise` settings (see the module docs).
+#[derive(Debug, Clone)]
+pub struct NoiseOptimisation {
+    /// What to climb.
+    pub score: ScoreSpec,
+    /// Gradient steps after iteration 0 (the seeded noise).
+    pub iterations: usize,
+    /// RMS change of the noise per iteration.
+    pub lr: f64,
+    /// λ, the weight of the norm regulariser.
+    pub regularizer: f64,
+}
+
+impl NoiseOptimisation {
+    pub fn validate(&self) -> Result<()> {
+        if self.iterations == 0 || self.iterations > 1000 {
+            return Err(Error::Invalid(format!("--iterations {}: must be in 1..=1000", self.iterations)));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 10.0) {
+            return Err(Error::Invalid(format!("--lr {}: must be in (0, 10]", self.lr)));
+        }
+        if !(self.regularizer.is_finite() && self.regularizer >= 0.0) {
+            return Err(Error::Invalid(format!("--regularizer {}: must be a finite number >= 0", self.regularizer)));
+        }
+        Ok(())
+    }
+
+    /// Refuses a scheduler whose steps depend on earlier ones (see the module docs).
+    pub fn check_scheduler(&self, scheduler: SchedulerKind) -> Result<()> {
+        if scheduler.keeps_history() {
+            return Err(Error::Invalid(format!(
+                "--method noise: the scheduler `{scheduler}` keeps a multistep history, and noise optimisation \
+                 recomputes steps one at a time; use ddim, euler or euler-a"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What one iteration saw.
+#[derive(Debug, Clone)]
+pub struct NoiseIteration {
+    pub iteration: usize,
+    /// Per image, the spec's value of this iteration's image.
+    pub scores: Vec<f64>,
+    /// Per image, ‖x‖ / √d (1 for in-distribution noise).
+    pub noise_norms: Vec<f64>,
+}
+
+/// The result of [`Guider::optimise_noise`].
+pub struct OptimisedNoise {
+    /// Per image, the best iteration's image, [B, 3, H, W] in [0, 1], float32 on the CPU.
+    pub images: Tensor,
+    /// Iteration 0's images: the unguided samples of these requests.
+    pub unguided: Tensor,
+    /// Per image, the spec's value at every iteration (0 = the seeded noise).
+    pub values: Vec<Vec<f64>>,
+    /// Per image, the iteration whose image is kept.
+    pub best: Vec<usize>,
+    /// UNet calls made: forward evaluations and backward passes.
+    pub unet_forwards: usize,
+    pub unet_backwards: usize,
+}
+
+impl Guider<'_> {
+    /// Optimises each request's initial noise for `opt.score` (see the module docs).
+    pub fn optimise_noise(
+        &self,
+        requests: &[ImageRequest],
+        settings: &SamplingSettings,
+        opt: &NoiseOptimisation,
+        on_iteration: &mut dyn FnMut(&NoiseIteration),
+    ) -> Result<OptimisedNoise> {
+        let pipe = self.pipe;
+        opt.validate()?;
+        crate::diffusion::core::check_settings(settings)?;
+        if requests.is_empty() {
+            return Err(Error::Invalid("noise optimisation needs at least one image request".into()));
+        }
+        opt.check_scheduler(settings.scheduler)?;
+        let mut scheduler = schedulers::build(settings.scheduler, &pipe.scheduler_config, settings.steps)?;
+        for name in opt.score.scorers() {
+            self.scorers.require(&name)?;
+        }
+        let cond = Conditioning::encode(pipe, requests, settings)?;
+        let prompts: Vec<String> = requests.iter().map(|r| r.prompt.clone()).collect();
+        let noise = BatchNoise::draw(requests, &NoiseSpec::for_sampling(pipe, settings, scheduler.as_ref()), pipe.device);
+        let kind = noise.latents().kind();
+        let mut x = noise.latents().to_kind(Kind::Float);
+        let b = requests.len();
+        let d = (x.numel() / b) as f64;
+
+        let mut values: Vec<Vec<f64>> = vec![Vec::new(); b];
+        let mut best_latents: Option<Tensor> = None;
+        let mut best_values = vec![f64::NEG_INFINITY; b];
+        let mut best = vec![0usize; b];
+        let mut unguided = None;
+        let (mut forwards, mut backwards) = (0, 0);
+        for it in 0..=opt.iterations {
+            // Forward without gradients, keeping each step's input.
+            let (inputs, last) = tch::no_grad(|| {
+                let mut latents = x.to_kind(kind) * scheduler.init_noise_sigma();
+                let mut inputs = Vec::new();
+                for i in 0..scheduler.timesteps().len() {
+                    let out = cond.model_output(&pipe.unet, scheduler.as_ref(), i, &latents, None);
+                    let next = scheduler.step(&out, i, &latents, noise.step(i).as_ref());
+                    inputs.push(std::mem::replace(&mut latents, next));
+                }
+                (inputs, latents)
+            });
+            forwards += inputs.len();
+            if it == 0 {
+                unguided = Some(last.shallow_clone());
+            }
+            let last_iteration = it == opt.iterations;
+            let (scores, g_last) = self.value_and_gradient(&last, &prompts, &opt.score, !last_iteration)?;
+            for (k, &v) in scores.iter().enumerate() {
+                values[k].push(v);
+            }
+            let norms = per_image_rms(&x);
+            on_iteration(&NoiseIteration { iteration: it, scores: scores.clone(), noise_norms: norms });
+            // Keep each image's best latents so far.
+            let better: Vec<bool> = scores.iter().zip(&best_values).map(|(v, b)| *v > *b).collect();
+            if better.iter().any(|&m| m) {
+                let pick = Tensor::from_slice(&better.iter().map(|&m| m as u8 as f32).collect::<Vec<_>>())
+                    .view([b as i64, 1, 1, 1])
+                    .to_device(last.device());
+                best_latents = Some(match &best_latents {
+                    None => last.shallow_clone(),
+                    Some(prev) => super::region::blend(&last, prev, &pick),
+                });
+                for (k, m) in better.iter().enumerate() {
+                    if *m {
+                        best_values[k] = scores[k];
+                        best[k] = it;
+                    }
+                }
+            }
+            let Some(mut g) = g_last else { break };
+            if let Some(k) = scores.iter().position(|v| !v.is_finite()) {
+                return Err(Error::Numerical(format!(
+                    "noise optimisation: the {} value of image {k} (seed {}) is not finite at iteration {it}",
+                    opt.score, requests[k].seed
+                )));
+            }
+            // Backward through the steps, one recomputed step at a time.
+            for (i, input) in inputs.iter().enumerate().rev() {
+                g = step_vjp(&cond, pipe, scheduler.as_mut(), i, input, &noise, &g)?;
+                backwards += 1;
+            }
+            let g = g * scheduler.init_noise_sigma();
+            let g_rms = per_image_rms(&g);
+            if let Some(k) = g_rms.iter().position(|v| !v.is_finite()) {
+                return Err(Error::Numerical(format!(
+                    "noise optimisation: the {} gradient of image {k} (seed {}) is not finite at iteration {it}",
+                    opt.score, requests[k].seed
+                )));
+            }
+            let dev = x.device();
+            let col = |v: Vec<f64>| Tensor::from_slice(&v).to_kind(Kind::Float).view([b as i64, 1, 1, 1]).to_device(dev);
+            let direction = &g / col(g_rms.iter().map(|r| r.max(1e-30)).collect());
+            // ∇R = x·(1 − (d−1)/‖x‖²)
+            let sq: Vec<f64> = per_image_rms(&x).iter().map(|r| r * r * d).collect();
+            let reg = &x * col(sq.iter().map(|s| 1.0 - (d - 1.0) / s.max(1e-30)).collect());
+            x = &x + (direction - reg * opt.regularizer) * opt.lr;
+        }
+        let best_latents = best_latents.expect("iteration 0 always sets the best");
+        Ok(OptimisedNoise {
+            images: pipe.decode_latents(&best_latents),
+            unguided: pipe.decode_latents(&unguided.expect("iteration 0 ran")),
+            values,
+            best,
+            unet_forwards: forwards * if cond.cfg() { 2 } else { 1 },
+            unet_backwards: backwards * if cond.cfg() { 2 } else { 1 },
+        })
+    }
+
+    /// The spec's per-image values of final latents and, when `gradient`, their
+    /// gradient with respect to those latents (float32).
+    fn value_and_gradient(
+        &self,
+        latents: &Tensor,
+        prompts: &[String],
+        spec: &ScoreSpec,
+        gradient: bool,
+    ) -> Result<(Vec<f64>, Option<Tensor>)> {
+        tch::with_grad(|| {
+            let leaf = latents.detach().to_kind(Kind::Float).set_requires_grad(gradient);
+            let pixels = self.decode_pixels(&leaf);
+            let scores = spec.value_from_pixels(self.scorers, &pixels, prompts)?.to_kind(Kind::Float);
+            let values = Vec::<f64>::try_from(scores.detach().to_kind(Kind::Double).to_device(Device::Cpu))
+                .map_err(|e| Error::torch("noise optimisation scores", e))?;
+            if !gradient {
+                return Ok((values, None));
+            }
+            let mut grads = Tensor::f_run_backward(&[&scores.sum(Kind::Float)], &[&leaf], false, false)
+                .map_err(|e| Error::torch("noise optimisation: backward through the decoder and the scorers", e))?;
+            Ok((values, Some(grads.remove(0))))
+        })
+    }
+}
+
+/// The gradient with respect to step `i`'s input of ⟨step output, `g`⟩:
+/// step `i` recomputed with gradients from its saved input.
+fn step_vjp(
+    cond: &Conditioning,
+    pipe: &crate::diffusion::pipeline::StableDiffusion,
+    scheduler: &mut dyn Scheduler,
+    i: usize,
+    input: &Tensor,
+    noise: &BatchNoise,
+    g: &Tensor,
+) -> Result<Tensor> {
+    tch::with_grad(|| {
+        let leaf = input.detach().to_kind(Kind::Float).set_requires_grad(true);
+        let lat = leaf.to_kind(input.kind());
+        let out = cond.model_output(&pipe.unet, scheduler, i, &lat, None);
+        let next = scheduler.step(&out, i, &lat, noise.step(i).as_ref());
+        let objective = (next.to_kind(Kind::Float) * g.detach()).sum(Kind::Float);
+        let mut grads = Tensor::f_run_backward(&[&objective], &[&leaf], false, false)
+            .map_err(|e| Error::torch(format!("noise optimisation: backward through step {i}"), e))?;
+        Ok(grads.remove(0))
+    })
+}
+
+/// Per image, the root mean square of its elements.
+fn per_image_rms(t: &Tensor) -> Vec<f64> {
+    let r = t.to_kind(Kind::Double).flatten(1, -1).square().mean_dim(1, false, Kind::Double).sqrt().to_device(Device::Cpu);
+    Vec::<f64>::try_from(r).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_checked() {
+        let ok = NoiseOptimisation { score: crate::rahf::ScoreKind::Aesthetics.into(), iterations: 5, lr: 0.05, regularizer: 1.0 };
+        assert!(ok.validate().is_ok());
+        for bad in [
+            NoiseOptimisation { iterations: 0, ..ok.clone() },
+            NoiseOptimisation { lr: 0.0, ..ok.clone() },
+            NoiseOptimisation { lr: f64::NAN, ..ok.clone() },
+            NoiseOptimisation { regularizer: -1.0, ..ok.clone() },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+}
