@@ -4,6 +4,16 @@ pipeline), with the gradient decoded by the full VAE and by a TAESD of the
 real layout (diffusers' AutoencoderTiny defaults, random weights:
 `--guide-decoder tiny:DIR`).
 
+Also timed there: heatmap-masked guidance (`--region`, with the tiny
+decoder; threshold 0, so its cost is the method's whatever the random
+heatmap marks), and noise optimisation (`--method noise`, 5 iterations) on
+a few-step setting (2 Euler-a steps, no CFG: SD-Turbo's), against unguided
+sampling of that setting. Every run's peak resident memory is reported
+(`wait4`'s ru_maxrss); `--memory` adds guidance at 512x512 (2 steps: the
+peak does not grow with the step count), and `--methods` runs each method
+with `--compare best-of-n` on the tiny fixture models (the quickstart's size)
+over 8 prompts: does guidance beat random search at equal time?
+
 The scorer is the tiny RAHF fixture (tests/fixtures/rahf), so the figures are
 the generator's side of the cost: UNet forward and backward, decode and its
 backward; a real scorer adds its own forward and backward to the guided side.
@@ -12,7 +22,7 @@ Not a test: run by hand,
 
     scripts/setup.sh --fixtures
     cargo build --release
-    .venv/bin/python scripts/bench/guide.py [--size 256] [--steps 10] [--device cpu]
+    .venv/bin/python scripts/bench/guide.py [--size 256] [--steps 10] [--device cpu] [--memory] [--methods]
 
 Timings are the `guided_seconds_per_image` / `unguided_seconds_per_image` of
 `orchestrate guide --json` (sampling only: no model loading, no scoring of the
@@ -22,6 +32,8 @@ figure is the mean over both runs.
 import argparse
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -52,6 +64,20 @@ def build_taesd(folder: Path):
     AutoencoderTiny().save_pretrained(folder, safe_serialization=True)
 
 
+def peak_mib(bin_, args):
+    """Runs orchestrate and returns (--json output, peak RSS in MiB) from the kernel's accounting of that child."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([bin_, *args], stdout=out, stderr=err, text=True, env={**os.environ, "RUST_LOG": "warn"})
+        # wait4 gives this child's own rusage (ru_maxrss in KiB on Linux).
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            sys.exit(f"orchestrate {args[0]} failed:\n{err.read()}")
+        return json.loads(out.read()), usage.ru_maxrss / 1024
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=256)
@@ -59,12 +85,17 @@ def main():
     ap.add_argument("--images", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bin", default=str(ROOT / "target/release/orchestrate"))
+    ap.add_argument("--memory", action="store_true",
+                    help="also measure peak memory of guidance at 512x512 (2 steps: the peak does not grow with steps)")
+    ap.add_argument("--methods", action="store_true",
+                    help="also compare the methods with best-of-N at equal time on the tiny fixture models")
     args = ap.parse_args()
 
     generate = bench_module("generate")
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(FIX / "diffusion/sd-tiny/tokenizer")
+    report = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         generate.build_pipeline(tmp / "sd15-random", len(tokenizer))
@@ -81,27 +112,95 @@ def main():
                                "--vit", str(FIX / "rahf/vit"), "--t5", str(FIX / "rahf/t5"), "--out", str(rahf)])
         prompts = tmp / "prompts.txt"
         prompts.write_text("a photo of a cat\n")
-        results = {}
-        for name, decoder in [("vae", "vae"), ("taesd", f"tiny:{tmp / 'taesd-random'}")]:
-            out = json.loads(orchestrate(args.bin, [
-                "guide", "--model", str(tmp / "sd15-random"), "--rahf", str(rahf), "--prompts", str(prompts),
+        taesd = f"tiny:{tmp / 'taesd-random'}"
+
+        def guide(name, size, steps, extra, model=None, prompts_file=None, rahf_dir=None):
+            return peak_mib(args.bin, [
+                "guide", "--model", str(model or tmp / "sd15-random"), "--rahf", str(rahf_dir or rahf),
+                "--prompts", str(prompts_file or prompts),
                 "--images-per-prompt", str(args.images), "--batch-size", str(args.images),
-                "--steps", str(args.steps), "--height", str(args.size), "--width", str(args.size),
-                "--scheduler", "ddim", "--guidance-strength", "10", "--guide-decoder", decoder,
-                "--device", args.device, "--out", str(tmp / f"out-{name}"), "--json",
-            ]))["figures"]
-            results[name] = (out["guided_seconds_per_image"], out["unguided_seconds_per_image"])
-        unguided = sum(u for _, u in results.values()) / len(results)
-        print(json.dumps({
+                "--steps", str(steps), "--height", str(size), "--width", str(size),
+                "--device", args.device, "--out", str(tmp / f"out-{name}"), "--json", *extra,
+            ])
+
+        ddim = ["--scheduler", "ddim", "--guidance-strength", "10"]
+        runs = {
+            "vae": (args.steps, ddim + ["--guide-decoder", "vae"]),
+            "taesd": (args.steps, ddim + ["--guide-decoder", taesd]),
+            # The heatmap's region (threshold 0: the whole image, so the cost is
+            # the method's, not the fixture heatmap's extent).
+            "region_taesd": (args.steps, ddim + ["--guide-decoder", taesd, "--region", "implausibility",
+                                                 "--mask-threshold", "0"]),
+        }
+        # Noise optimisation on a few-step setting (SD-Turbo's: Euler ancestral,
+        # 2 steps, no CFG), and unguided sampling of that setting for its ratio.
+        turbo = ["--scheduler", "euler-a", "--guidance-scale", "0"]
+        runs["turbo_unguided"] = (2, turbo + ["--guidance-strength", "0"])
+        runs["noise_taesd"] = (2, turbo + ["--method", "noise", "--iterations", "5", "--guide-decoder", taesd])
+        results = {}
+        for name, (steps, extra) in runs.items():
+            f, mib = guide(name, args.size, steps, extra)
+            f = f["figures"]
+            results[name] = (f["guided_seconds_per_image"], f["unguided_seconds_per_image"], mib)
+        unguided = sum(results[k][1] for k in ["vae", "taesd"]) / 2
+        turbo_unguided = results["turbo_unguided"][1]
+        report.update({
             "config": f"SD 1.5 layout, random weights, {args.size}x{args.size}, {args.steps} DDIM steps, CFG 7.5, "
                       f"guided every step through the UNet, tiny RAHF scorer, {args.images} image(s) per batch, "
-                      f"{args.device}, torch threads {torch.get_num_threads()}",
+                      f"{args.device}, torch threads {torch.get_num_threads()}; noise optimisation: 2 Euler-a steps, "
+                      f"no CFG, 5 iterations",
             "unguided_s_per_image": round(unguided, 3),
             "guided_vae_s_per_image": round(results["vae"][0], 3),
             "guided_taesd_s_per_image": round(results["taesd"][0], 3),
+            "guided_region_taesd_s_per_image": round(results["region_taesd"][0], 3),
             "ratio_guided_vae_over_unguided": round(results["vae"][0] / unguided, 3),
             "ratio_guided_taesd_over_unguided": round(results["taesd"][0] / unguided, 3),
-        }, indent=2))
+            "ratio_region_taesd_over_unguided": round(results["region_taesd"][0] / unguided, 3),
+            "turbo_unguided_s_per_image": round(turbo_unguided, 3),
+            "noise_taesd_s_per_image": round(results["noise_taesd"][0], 3),
+            "ratio_noise_taesd_over_turbo_unguided": round(results["noise_taesd"][0] / turbo_unguided, 3),
+            "peak_rss_mib": {k: round(v[2]) for k, v in results.items()},
+        })
+        if args.memory:
+            mem = {}
+            for name, extra in [("vae", ddim + ["--guide-decoder", "vae"]), ("taesd", ddim + ["--guide-decoder", taesd]),
+                                ("unguided", ddim[:2] + ["--guidance-strength", "0", "--compare", "none"])]:
+                _, mib = guide(f"mem-{name}", 512, 2, extra)
+                mem[name] = round(mib)
+            report["peak_rss_mib_512"] = mem
+        if args.methods:
+            report["methods_tiny"] = compare_methods(args, tmp, guide)
+    print(json.dumps(report, indent=2))
+
+
+def compare_methods(args, tmp, guide):
+    """Each method against best-of-N at its own measured time, on the tiny
+    fixture pipeline and RAHF (the quickstart's size), 8 prompts."""
+    words = ["cat", "dog", "house", "car", "tree", "bird", "boat", "horse"]
+    prompts = tmp / "prompts8.txt"
+    prompts.write_text("".join(f"a photo of a {w}\n" for w in words))
+    model = FIX / "diffusion/sd-tiny"
+    rahf = tmp / "rahf"
+    out = {}
+    for name, steps, extra in [
+        ("gradient", 10, ["--scheduler", "ddim", "--guidance-strength", "10"]),
+        ("gradient_region", 10, ["--scheduler", "ddim", "--guidance-strength", "10", "--region", "implausibility",
+                                 "--mask-threshold", "0.48"]),
+        ("noise", 2, ["--scheduler", "euler-a", "--guidance-scale", "0", "--method", "noise"]),
+    ]:
+        f, _ = guide(f"methods-{name}", 32, steps, extra + ["--compare", "best-of-n"], model=model,
+                     prompts_file=prompts, rahf_dir=rahf)
+        f = f["figures"]
+        b = f["best_of_n"]
+        out[name] = {
+            "mean_unguided": round(f["mean_unguided"], 4),
+            "mean_guided": round(f["mean_guided"], 4),
+            "mean_best_of_n": round(b["mean"], 4),
+            "best_of_n_candidates": round(b["mean_candidates"], 1),
+            "guided_higher_than_best_of_n": f"{b['guided_higher']}/{b['compared']}",
+            "best_of_n_seconds_over_budget": round(b["seconds"] / b["budget_seconds"], 3),
+        }
+    return out
 
 
 if __name__ == "__main__":
