@@ -372,6 +372,9 @@ impl Recipe {
             *spec = spec.take().map(|s| resolve_model_spec(&dir, &s));
         }
         common.models.rahf = common.models.rahf.map(|r| PathBuf::from(resolve_model_spec(&dir, &r.to_string_lossy())));
+        for lora in &mut common.models.loras {
+            lora.path = resolve(&dir, &lora.path);
+        }
         for spec in common.models.scorers.values_mut() {
             // A scorer checkpoint may name several files: `MLP.pth,CLIP_DIR`.
             *spec = spec.split(',').map(|part| resolve_model_spec(&dir, part)).collect::<Vec<_>>().join(",");
