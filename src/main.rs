@@ -525,6 +525,10 @@ struct FilterArgs {
     /// best (the prompt's best image, if it reaches the threshold) or all-above (every image that does).
     #[arg(long, default_value = "best")]
     keep: String,
+    /// Also write pairs.jsonl: per prompt, its best and worst image by the score spec (chosen, rejected, both
+    /// scores), the input of Diffusion-DPO trainers.
+    #[arg(long)]
+    pairs: bool,
     /// Benchmark baseline: a plain generate -> score -> save loop per prompt, no overlap.
     #[arg(long, hide = true)]
     sequential: bool,
@@ -541,6 +545,7 @@ fn filter(a: FilterArgs) -> Result<()> {
         threshold: a.threshold,
         keep: a.keep.parse()?,
         verify: verify_list(&a.job.verify)?,
+        pairs: a.pairs,
     };
     let (common, ctx) = a.job.into_options()?;
     let json = ctx.json;

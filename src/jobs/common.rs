@@ -475,7 +475,13 @@ impl CommonOptions {
             crate::diffusion::model_dir::check_variant(v).map_err(|e| Error::field("models.variant", e.to_string()))?;
         }
         let field = if Some(generator) == m.inpaint_generator.as_deref() { "models.inpaint_generator" } else { "models.generator" };
-        let info = check_generator_source(&m.source(generator)).map_err(|e| Error::field(field, e.to_string()))?;
+        // The generator on its own first, so its errors and its LoRAs' name their fields.
+        let source = m.source(generator);
+        let plain = PipelineSource { loras: Vec::new(), ..source.clone() };
+        let info = check_generator_source(&plain).map_err(|e| Error::field(field, e.to_string()))?;
+        if !source.loras.is_empty() {
+            check_generator_source(&source).map_err(|e| Error::field("models.loras", e.to_string()))?;
+        }
         if let Some(k) = self.sampling.clip_skip {
             if k > info.max_clip_skip {
                 return Err(Error::field(
