@@ -153,3 +153,163 @@ fn loras_that_do_not_fit_are_refused_naming_the_key() {
     let e = load_error(dir.path().join("nope.safetensors"));
     assert!(e.contains("nope.safetensors") && e.contains("LoRA file"), "{e}");
 }
+
+// ------------------------------------------------------------ commands and jobs
+
+fn run_bin<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(AsRef::as_ref).collect();
+    common::run_bin_limited(&args, std::time::Duration::from_secs(600))
+}
+
+fn run_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
+    let o = run_bin(args);
+    assert!(o.status.success(), "{args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn run_err<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
+    let o = run_bin(args);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `generate --lora` makes the fixture's diffusers image (the CLI's own
+/// seeding and PNGs), and records the LoRA in images.jsonl.
+#[test]
+fn generate_with_a_lora_gives_diffusers_image() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("gen");
+    let kohya = format!("{}:0.5", lora_dir().join("kohya.safetensors").display());
+    let peft = lora_dir().join("peft.safetensors");
+    let run = &fx.runs["both"];
+    let prompts: Vec<String> = serde_json::from_value(run["prompts"].clone()).unwrap();
+    let model = sd_tiny();
+    let mut args = vec!["generate", "--model", &model, "--lora", peft.to_str().unwrap(), "--lora", &kohya];
+    for p in &prompts {
+        args.extend(["--prompt", p.as_str()]);
+    }
+    let out_s = out.to_str().unwrap().to_string();
+    args.extend([
+        "--negative-prompt", "blurry, low quality", "--seed", "1234", "--steps", "4", "--guidance-scale", "7.5",
+        "--height", "32", "--width", "32", "--scheduler", "ddim", "--device", "cpu", "--out", &out_s,
+    ]);
+    run_ok(&args);
+    let want = &fx.tensors["image.both"];
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("images.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (k, line) in lines.iter().enumerate() {
+        let png = image::open(out.join(line["file"].as_str().unwrap())).unwrap().to_rgb8();
+        let got = Tensor::from_slice(png.as_raw()).view([32, 32, 3]);
+        let d = max_abs_diff(&got, &want.get(k as i64));
+        eprintln!("generate --lora, image {k}: {d}/255");
+        assert!(d <= 1.0, "image {k} differs from diffusers' by {d}/255");
+        let loras = line["loras"].as_array().unwrap();
+        assert_eq!((loras.len(), loras[1]["scale"].as_f64()), (2, Some(0.5)));
+        assert_eq!(loras[0]["sha256"].as_str().unwrap().len(), 64);
+    }
+}
+
+fn tiny_rahf(dir: &Path) -> PathBuf {
+    let rahf = dir.join("rahf");
+    common::import_tiny_rahf(&rahf);
+    rahf
+}
+
+/// A LoRA is a setting of a job's run: another LoRA, scale, or the same
+/// file changed since, is refused on resume, naming `loras`.
+#[test]
+fn filter_with_a_lora_refuses_to_resume_with_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let rahf = tiny_rahf(dir.path());
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "a red cube\n").unwrap();
+    let lora = dir.path().join("mine.safetensors");
+    std::fs::copy(lora_dir().join("peft.safetensors"), &lora).unwrap();
+    let out = dir.path().join("out");
+    let (rahf_s, prompts_s, out_s) = (rahf.to_str().unwrap(), prompts.to_str().unwrap(), out.to_str().unwrap());
+    let model = sd_tiny();
+    let filter = |lora: &str| -> Vec<String> {
+        [
+            "filter", "--model", &model, "--rahf", rahf_s, "--prompts", prompts_s, "--samples", "2", "--steps", "2",
+            "--height", "32", "--width", "32", "--scheduler", "ddim", "--device", "cpu", "--threshold", "0", "--out", out_s,
+            "--lora", lora,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let args = filter(&format!("{}:0.5", lora.display()));
+    run_ok(&args);
+    let settings: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("settings.json")).unwrap()).unwrap();
+    let recorded = &settings["loras"][0];
+    assert_eq!(recorded["scale"], 0.5);
+    assert_eq!(recorded["path"], std::fs::canonicalize(&lora).unwrap().to_str().unwrap());
+    let (size, sha) = orchestrate::io::file_digest(&lora).unwrap();
+    assert_eq!((recorded["size"].as_u64(), recorded["sha256"].as_str()), (Some(size), Some(sha.as_str())));
+    // The same LoRA resumes (nothing to do).
+    run_ok(&args);
+    // Another scale, another file, or the same file changed: refused, naming `loras`.
+    for other in [format!("{}:1.0", lora.display()), lora_dir().join("kohya.safetensors").display().to_string()] {
+        let e = run_err(&filter(&other));
+        assert!(e.contains("settings.json") && e.contains("loras"), "{e}");
+    }
+    let mut tensors = orchestrate::weights::read_safetensors(&lora).unwrap();
+    tensors[0].1 = &tensors[0].1 * 2.0;
+    orchestrate::weights::write_safetensors(&lora, &tensors).unwrap();
+    let e = run_err(&args);
+    assert!(e.contains("settings.json") && e.contains("sha256"), "{e}");
+}
+
+/// `models.loras` in a recipe: paths relative to the recipe, strings or
+/// `{path, scale}`; a bad entry is refused at its line.
+#[test]
+fn recipe_loras_resolve_against_the_recipe_and_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let rahf = tiny_rahf(dir.path());
+    let sub = dir.path().join("recipes");
+    std::fs::create_dir_all(sub.join("loras")).unwrap();
+    std::fs::copy(lora_dir().join("peft.safetensors"), sub.join("loras/a.safetensors")).unwrap();
+    std::fs::copy(lora_dir().join("kohya.safetensors"), sub.join("loras/b.safetensors")).unwrap();
+    std::fs::write(sub.join("prompts.txt"), "a red cube\n").unwrap();
+    let recipe = |loras: &str| {
+        format!(
+            "models:\n  generator: {}\n  rahf: {}\n  device: cpu\n  loras: {loras}\n\
+             sampling: {{steps: 2, height: 32, width: 32, scheduler: ddim}}\n\
+             output: ../out\n\
+             filter: {{prompts: prompts.txt, samples: 2, threshold: 0.0}}\n",
+            sd_tiny(),
+            rahf.display()
+        )
+    };
+    let r = sub.join("r.yaml");
+    std::fs::write(&r, recipe("[loras/a.safetensors, {path: loras/b.safetensors, scale: 0.5}]")).unwrap();
+    let parsed = orchestrate::recipe::Recipe::parse(&r).unwrap();
+    assert_eq!(
+        parsed.common.models.loras,
+        vec![LoraSpec::new(sub.join("loras/a.safetensors"), 1.0), LoraSpec::new(sub.join("loras/b.safetensors"), 0.5)]
+    );
+    run_ok(&["run", r.to_str().unwrap()]);
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/filter/settings.json")).unwrap()).unwrap();
+    assert_eq!(settings["loras"].as_array().unwrap().len(), 2);
+    // A missing LoRA, and a file that is no LoRA: refused by --dry-run at models.loras.
+    std::fs::write(&r, recipe("[loras/missing.safetensors]")).unwrap();
+    let e = run_err(&["run", r.to_str().unwrap(), "--dry-run"]);
+    assert!(e.contains("r.yaml:") && e.contains("models.loras") && e.contains("missing.safetensors"), "{e}");
+    std::fs::copy(sd_tiny_unet(), sub.join("loras/unet.safetensors")).unwrap();
+    std::fs::write(&r, recipe("[{path: loras/unet.safetensors, scale: 1}]")).unwrap();
+    let e = run_err(&["run", r.to_str().unwrap(), "--dry-run"]);
+    assert!(e.contains("models.loras") && e.contains("is this a LoRA file?"), "{e}");
+    std::fs::write(&r, recipe("[{path: loras/a.safetensors, weight: 1}]")).unwrap();
+    let e = orchestrate::recipe::Recipe::parse(&r).unwrap_err().to_string();
+    assert!(e.contains("r.yaml:") && e.contains("models.loras"), "{e}");
+}
+
+fn sd_tiny_unet() -> PathBuf {
+    repo().join("tests/fixtures/diffusion/sd-tiny/unet/diffusion_pytorch_model.safetensors")
+}

@@ -77,7 +77,8 @@ pub struct ModelOptions {
 
 impl ModelOptions {
     /// Where `generator` (this job's: `generator` or `inpaint_generator`)
-    /// loads from: its config source and the VAE override.
+    /// loads from: its config source and the VAE override (not the LoRAs,
+    /// which [`CommonOptions::check_models`] checks and the load merges).
     pub fn source(&self, generator: &str) -> PipelineSource {
         let config = if self.inpaint_generator.as_deref() == Some(generator) && self.inpaint_config.is_some() {
             self.inpaint_config.clone()
@@ -86,13 +87,7 @@ impl ModelOptions {
         } else {
             None
         };
-        PipelineSource {
-            model: generator.to_string(),
-            config,
-            vae: self.vae.clone(),
-            variant: self.variant.clone(),
-            loras: self.loras.clone(),
-        }
+        PipelineSource { model: generator.to_string(), config, vae: self.vae.clone(), variant: self.variant.clone(), loras: Vec::new() }
     }
 
     /// Where the refiner loads from, when there is one.
@@ -477,10 +472,10 @@ impl CommonOptions {
         let field = if Some(generator) == m.inpaint_generator.as_deref() { "models.inpaint_generator" } else { "models.generator" };
         // The generator on its own first, so its errors and its LoRAs' name their fields.
         let source = m.source(generator);
-        let plain = PipelineSource { loras: Vec::new(), ..source.clone() };
-        let info = check_generator_source(&plain).map_err(|e| Error::field(field, e.to_string()))?;
-        if !source.loras.is_empty() {
-            check_generator_source(&source).map_err(|e| Error::field("models.loras", e.to_string()))?;
+        let info = check_generator_source(&source).map_err(|e| Error::field(field, e.to_string()))?;
+        if !m.loras.is_empty() {
+            let with_loras = PipelineSource { loras: m.loras.clone(), ..source };
+            check_generator_source(&with_loras).map_err(|e| Error::field("models.loras", e.to_string()))?;
         }
         if let Some(k) = self.sampling.clip_skip {
             if k > info.max_clip_skip {
