@@ -266,7 +266,8 @@ fn filter_with_a_lora_refuses_to_resume_with_another() {
 }
 
 /// `models.loras` in a recipe: paths relative to the recipe, strings or
-/// `{path, scale}`; a bad entry is refused at its line.
+/// `{path, scale}`; a bad entry is refused at its line. (The recipe's
+/// filter writes its preference pairs too: `filter.pairs`.)
 #[test]
 fn recipe_loras_resolve_against_the_recipe_and_are_checked() {
     let dir = tempfile::tempdir().unwrap();
@@ -281,7 +282,7 @@ fn recipe_loras_resolve_against_the_recipe_and_are_checked() {
             "models:\n  generator: {}\n  rahf: {}\n  device: cpu\n  loras: {loras}\n\
              sampling: {{steps: 2, height: 32, width: 32, scheduler: ddim}}\n\
              output: ../out\n\
-             filter: {{prompts: prompts.txt, samples: 2, threshold: 0.0}}\n",
+             filter: {{prompts: prompts.txt, samples: 2, threshold: 0.0, pairs: true}}\n",
             sd_tiny(),
             rahf.display()
         )
@@ -297,6 +298,9 @@ fn recipe_loras_resolve_against_the_recipe_and_are_checked() {
     let settings: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/filter/settings.json")).unwrap()).unwrap();
     assert_eq!(settings["loras"].as_array().unwrap().len(), 2);
+    // (and `filter.pairs`)
+    let pairs = std::fs::read_to_string(dir.path().join("out/filter/pairs.jsonl")).unwrap();
+    assert!(pairs.lines().count() == 1 && pairs.contains("\"prompt\":\"a red cube\""), "{pairs}");
     // A missing LoRA, and a file that is no LoRA: refused by --dry-run at models.loras.
     std::fs::write(&r, recipe("[loras/missing.safetensors]")).unwrap();
     let e = run_err(&["run", r.to_str().unwrap(), "--dry-run"]);

@@ -69,11 +69,11 @@ impl std::str::FromStr for LoraSpec {
     /// unless what follows its last `:` is a number.
     fn from_str(text: &str) -> Result<Self> {
         let (path, scale) = match text.rsplit_once(':') {
-            Some((path, s)) if !path.is_empty() => match s.trim().parse::<f64>() {
+            Some((path, s)) => match s.trim().parse::<f64>() {
                 Ok(v) => (path, v),
                 Err(_) => (text, 1.0),
             },
-            _ => (text, 1.0),
+            None => (text, 1.0),
         };
         if path.is_empty() {
             return Err(Error::Invalid(format!("LoRA `{text}`: expected FILE[:SCALE]")));
