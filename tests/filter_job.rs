@@ -310,12 +310,13 @@ fn assert_close_runs(a: &Path, b: &Path) {
     assert!(max_px <= 2, "pixels differ by {max_px} levels");
 }
 
+/// Each line of a JSON-lines file.
+fn jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Vec<T> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 fn records(dir: &Path) -> Vec<PromptRecord> {
-    std::fs::read_to_string(dir.join("manifest.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    jsonl(&dir.join("manifest.jsonl"))
 }
 
 #[test]
@@ -595,11 +596,7 @@ fn bad_options_stop_before_any_sampling() {
 
 /// `pairs.jsonl`'s lines as JSON.
 fn pairs(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("pairs.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    jsonl(&dir.join("pairs.jsonl"))
 }
 
 #[test]

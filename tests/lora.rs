@@ -234,18 +234,19 @@ fn generate_with_a_lora_gives_diffusers_image() {
     }
 }
 
-fn tiny_rahf(dir: &Path) -> PathBuf {
-    let rahf = dir.join("rahf");
+/// A temporary folder holding the tiny RAHF (`rahf/`).
+fn folder_with_rahf() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let rahf = dir.path().join("rahf");
     common::import_tiny_rahf(&rahf);
-    rahf
+    (dir, rahf)
 }
 
 /// A LoRA is a setting of a job's run: another LoRA, scale, or the same
 /// file changed since, is refused on resume, naming `loras`.
 #[test]
 fn filter_with_a_lora_refuses_to_resume_with_another() {
-    let dir = tempfile::tempdir().unwrap();
-    let rahf = tiny_rahf(dir.path());
+    let (dir, rahf) = folder_with_rahf();
     let prompts = dir.path().join("prompts.txt");
     std::fs::write(&prompts, "a red cube\n").unwrap();
     let lora = dir.path().join("mine.safetensors");
@@ -290,8 +291,7 @@ fn filter_with_a_lora_refuses_to_resume_with_another() {
 /// filter writes its preference pairs too: `filter.pairs`.)
 #[test]
 fn recipe_loras_resolve_against_the_recipe_and_are_checked() {
-    let dir = tempfile::tempdir().unwrap();
-    let rahf = tiny_rahf(dir.path());
+    let (dir, rahf) = folder_with_rahf();
     let sub = dir.path().join("recipes");
     std::fs::create_dir_all(sub.join("loras")).unwrap();
     std::fs::copy(lora_dir().join("peft.safetensors"), sub.join("loras/a.safetensors")).unwrap();
