@@ -262,7 +262,8 @@ impl Lora {
             return Err(Error::Missing { path: path.to_path_buf(), what: "LoRA file (--lora / models.loras)".into() });
         }
         let err = |key: &str, reason: String| Error::Lora { path: path.to_path_buf(), key: key.to_string(), reason };
-        let header = read_safetensors_header(path)?;
+        let mut header = read_safetensors_header(path)?;
+        header.sort_by(|a, b| a.0.cmp(&b.0)); // errors name the same key every time
         if header.is_empty() {
             return Err(Error::Invalid(format!("{}: a LoRA file without tensors", path.display())));
         }
@@ -361,7 +362,7 @@ struct Index {
 }
 
 impl Index {
-    fn new(component: &str, weights: &Weights, ldm: Option<&LdmUnetNames>) -> Self {
+    fn new(component: &str, weights: &Weights, ldm: &LdmUnetNames) -> Self {
         let mut index = Index { diffusers: HashMap::new(), kohya: HashMap::new() };
         for name in weights.names() {
             let Some(module) = name.strip_suffix(".weight") else { continue };
@@ -373,15 +374,17 @@ impl Index {
             if component == "unet" {
                 index.diffusers.insert(module.to_string(), name.clone());
                 flat.push(module.replace('.', "_"));
-                if let Some(l) = ldm.and_then(|l| l.ldm_name(name)) {
+                if let Some(l) = ldm.ldm_name(name) {
                     flat.push(l.trim_end_matches(".weight").replace('.', "_"));
                 }
             } else {
                 // transformers 5 saves CLIP text models without `text_model.`;
-                // kohya's names and older diffusers files have it.
+                // kohya's names and older diffusers files have it (not
+                // `text_projection`, which is outside it).
                 let inner = module.strip_prefix("text_model.").unwrap_or(module);
                 index.diffusers.insert(inner.to_string(), name.clone());
                 flat.push(format!("text_model_{}", inner.replace('.', "_")));
+                flat.push(inner.replace('.', "_"));
             }
             for f in flat {
                 let entry = index.kohya.entry(f).or_insert_with(|| Some(name.clone()));
@@ -414,7 +417,7 @@ pub fn apply(loras: &[Lora], parts: &mut [(&str, &mut Weights)], unet: &UNetConf
         return Ok(());
     }
     let ldm = LdmUnetNames::new(unet);
-    let indexes: Vec<Index> = parts.iter().map(|(c, w)| Index::new(c, w, Some(&ldm))).collect();
+    let indexes: Vec<Index> = parts.iter().map(|(c, w)| Index::new(c, w, &ldm)).collect();
     let have: Vec<&str> = parts.iter().map(|(c, _)| *c).collect();
     let have = have.join(", ");
     for lora in loras {
