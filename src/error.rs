@@ -22,6 +22,10 @@ pub enum Error {
         expected: Vec<i64>,
         found: Vec<i64>,
     },
+    /// A LoRA file that cannot be merged: the tensor (or module) of the
+    /// file it is about, and why (the base tensor it looked for, the shapes).
+    #[error("{path}: LoRA tensor `{key}`: {reason}")]
+    Lora { path: PathBuf, key: String, reason: String },
     #[error("{file}: unsupported value for `{field}`: {value}")]
     Unsupported {
         file: String,

@@ -34,6 +34,8 @@ pub struct GenerateOptions {
     /// img2img: start from this image (at the sampling size), noised to `strength`.
     pub init_image: Option<PathBuf>,
     pub strength: f64,
+    /// LoRAs merged into the model (`--lora`), in order.
+    pub loras: Vec<crate::diffusion::lora::LoraSpec>,
 }
 
 /// One line of `images.jsonl`.
@@ -70,6 +72,9 @@ pub struct ImageRecord {
     pub init_image: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// Each LoRA's file, scale, size and SHA-256.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<serde_json::Value>,
 }
 
 /// Writes `bytes` ([H, W, 3] u8) as a PNG, via a temporary file and a rename,
@@ -111,6 +116,7 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
         refiner: opts.refiner.clone().map(|r| (r, opts.refiner_start)),
         refiner_config: opts.refiner_config.clone(),
         variant: opts.variant.clone(),
+        loras: opts.loras.clone(),
     };
     let pipe = crate::diffusion::generator::load(&opts.model, &options, device, kind)?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
@@ -132,6 +138,7 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
         .open(&jsonl_path)
         .map_err(|e| Error::io(&jsonl_path, e))?;
     let mut records = Vec::new();
+    let loras: Vec<serde_json::Value> = opts.loras.iter().map(|l| l.fingerprint()).collect();
     let started = std::time::Instant::now();
     for batch in jobs.chunks(opts.batch_size) {
         let requests: Vec<ImageRequest> = batch.iter().map(|(_, _, r)| r.clone()).collect();
@@ -167,6 +174,7 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
                 refiner_start: opts.refiner.as_ref().map(|_| opts.refiner_start),
                 init_image: opts.init_image.as_ref().map(|p| p.display().to_string()),
                 strength: opts.init_image.as_ref().map(|_| opts.strength),
+                loras: loras.clone(),
             };
             let line = serde_json::to_string(&rec).expect("records serialise");
             writeln!(jsonl, "{line}").map_err(|e| Error::io(&jsonl_path, e))?;

@@ -107,6 +107,21 @@ fn download(a: DownloadArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--lora FILE[:SCALE]`, shared by generate, filter, inpaint and guide.
+#[derive(clap::Args)]
+struct LoraArgs {
+    /// A LoRA merged into the UNet and text encoders, FILE[:SCALE] (scale 1 by default): diffusers/peft
+    /// (`save_lora_weights`) or kohya-ss (`lora_unet_*`, `lora_te_*`) safetensors; repeat to stack several.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    loras: Vec<String>,
+}
+
+impl LoraArgs {
+    fn specs(&self) -> Result<Vec<orchestrate::diffusion::lora::LoraSpec>> {
+        self.loras.iter().map(|s| s.parse().map_err(|e| anyhow::anyhow!("--lora: {e}"))).collect()
+    }
+}
+
 #[derive(clap::Args)]
 struct GenerateArgs {
     /// A diffusers pipeline folder, an HF repo id (ORG/NAME[@REV]) downloaded into the HF cache when
@@ -173,6 +188,8 @@ struct GenerateArgs {
     /// img2img: how much of the schedule to run on the noised image (0, 1].
     #[arg(long, default_value_t = 0.3)]
     strength: f64,
+    #[command(flatten)]
+    lora: LoraArgs,
 }
 
 /// The scheduler class a generator folder ships, when it is one implemented
@@ -201,8 +218,12 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(v) = &a.variant {
         orchestrate::diffusion::model_dir::check_variant(v).map_err(|e| anyhow::anyhow!("--variant: {e}"))?;
     }
-    let source =
-        PipelineSource { model: a.model.clone(), config: a.config.clone(), vae: None, variant: a.variant.clone() };
+    let source = PipelineSource {
+        model: a.model.clone(),
+        config: a.config.clone(),
+        variant: a.variant.clone(),
+        ..Default::default()
+    };
     let name = a.scheduler.clone().or_else(|| folder_scheduler(&source)).unwrap_or_else(|| "ddim".into());
     let scheduler = name.parse().map_err(|e| anyhow::anyhow!("--scheduler {name}: {e}"))?;
     let (height, width) = size_or_native(&source, a.height, a.width);
@@ -232,6 +253,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         refiner_start: a.refiner_start,
         init_image: a.init_image,
         strength: a.strength,
+        loras: a.lora.specs()?,
     };
     orchestrate::generate::run(&opts)?;
     Ok(())
@@ -503,6 +525,10 @@ struct FilterArgs {
     /// best (the prompt's best image, if it reaches the threshold) or all-above (every image that does).
     #[arg(long, default_value = "best")]
     keep: String,
+    /// Also write pairs.jsonl: per prompt, its best and worst image by the score spec (chosen, rejected, both
+    /// scores), the input of Diffusion-DPO trainers.
+    #[arg(long)]
+    pairs: bool,
     /// Benchmark baseline: a plain generate -> score -> save loop per prompt, no overlap.
     #[arg(long, hide = true)]
     sequential: bool,
@@ -519,6 +545,7 @@ fn filter(a: FilterArgs) -> Result<()> {
         threshold: a.threshold,
         keep: a.keep.parse()?,
         verify: verify_list(&a.job.verify)?,
+        pairs: a.pairs,
     };
     let (common, ctx) = a.job.into_options()?;
     let json = ctx.json;
@@ -829,6 +856,8 @@ struct JobArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    lora: LoraArgs,
 }
 
 impl JobArgs {
@@ -841,8 +870,8 @@ impl JobArgs {
         let source = PipelineSource {
             model: self.model.clone(),
             config: self.config.clone(),
-            vae: None,
             variant: self.variant.clone(),
+            ..Default::default()
         };
         // Each size left out is the generator's native one, as in recipes.
         let (height, width) = size_or_native(&source, self.height, self.width);
@@ -859,6 +888,7 @@ impl JobArgs {
                 refiner: self.refiner,
                 refiner_config: self.refiner_config,
                 refiner_start: self.refiner_start,
+                loras: self.lora.specs()?,
                 rahf: self.rahf,
                 scorers: parse_scorer_models(&self.scorer_models)?,
                 device: self.device,

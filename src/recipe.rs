@@ -5,12 +5,13 @@
 //! note: printed before the run         # optional
 //! models: {generator: ..., inpaint_generator: ..., rahf: ..., device: auto, dtype: auto, rahf_dtype: fp32,
 //!          variant: fp16,                          # optional: the weights variant
+//!          loras: [a.safetensors, {path: b.safetensors, scale: 0.5}],   # optional, see crate::diffusion::lora
 //!          scorers: {rahf.b: ..., pickscore: ...}}   # other scorer checkpoints, by instance name
 //! sampling: {steps: 30, guidance_scale: 7.5, height: 512, width: 512, scheduler: dpm++2m,
 //!            seed: 0, batch_size: 4, negative_prompt: "", clip_skip: 1}
 //! output: ../out/quickstart            # job X writes into output/X/
 //! verify: [rahf.b]                    # held-out verifiers of every job (optional)
-//! filter: {prompts: ..., samples: 8, threshold: 0.8, score: plausibility, keep: best}
+//! filter: {prompts: ..., samples: 8, threshold: 0.8, score: plausibility, keep: best, pairs: false}
 //! inpaint: {input: filter, mask_threshold: 0.5, dilate: 16, candidates: 4, strength: 1.0,
 //!           score: "0.7*rahf:plausibility+0.3*rahf.b:aesthetics", verify: []}
 //! guide: {prompts: ..., strength: 1.0, every: 1, recurrence: 1, score: aesthetics, images_per_prompt: 1,
@@ -23,8 +24,8 @@
 //!   scorer instances. A job's own `verify:` replaces the shared one.
 //!
 //! * The jobs present run in the order filter → inpaint → guide.
-//! * Relative paths (`output`, prompt lists, `inpaint.input`, `models.rahf`, and
-//!   model folders) resolve against the folder of the recipe file, so a recipe
+//! * Relative paths (`output`, prompt lists, `inpaint.input`, `models.rahf`,
+//!   `models.loras`, and model folders) resolve against the folder of the recipe file, so a recipe
 //!   means the same thing from whatever directory it is run. A model that is not
 //!   a folder there and reads `ORG/NAME[@REV]` is a Hugging Face repo id, found
 //!   in the HF cache or downloaded into it (`models.variant: fp16` fetches
@@ -374,6 +375,9 @@ impl Recipe {
             *spec = spec.take().map(|s| resolve_model_spec(&dir, &s));
         }
         common.models.rahf = common.models.rahf.map(|r| PathBuf::from(resolve_model_spec(&dir, &r.to_string_lossy())));
+        for lora in &mut common.models.loras {
+            lora.path = resolve(&dir, &lora.path);
+        }
         for spec in common.models.scorers.values_mut() {
             // A scorer checkpoint may name several files: `MLP.pth,CLIP_DIR`.
             *spec = spec.split(',').map(|part| resolve_model_spec(&dir, part)).collect::<Vec<_>>().join(",");

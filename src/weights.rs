@@ -113,6 +113,14 @@ pub fn read_safetensors_header(path: &Path) -> Result<Vec<(String, Kind, Vec<i64
         .collect())
 }
 
+/// The `__metadata__` strings of a safetensors file's header (empty when it has none).
+pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let mmap = map_safetensors(path)?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
 /// A stand-in of `shape` that holds one element (a broadcast zero): enough
 /// for every shape check a model load makes, without the data (`--dry-run`).
 /// A floating-point tensor is made in `target`, the dtype
@@ -207,6 +215,17 @@ impl Weights {
         let mut v: Vec<(String, Tensor)> = self.tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
+    }
+
+    /// The tensor `name` (its full name), if present (not marked as used).
+    pub fn tensor(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    /// Replaces the tensor `name` before any model is built from these
+    /// weights (a LoRA merged into it, `crate::diffusion::lora`).
+    pub fn replace(&mut self, name: &str, t: Tensor) {
+        self.tensors.insert(name.to_string(), t);
     }
 
     /// Tensors in the file that no model block asked for.

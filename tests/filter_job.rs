@@ -310,12 +310,13 @@ fn assert_close_runs(a: &Path, b: &Path) {
     assert!(max_px <= 2, "pixels differ by {max_px} levels");
 }
 
+/// Each line of a JSON-lines file.
+fn jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Vec<T> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 fn records(dir: &Path) -> Vec<PromptRecord> {
-    std::fs::read_to_string(dir.join("manifest.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    jsonl(&dir.join("manifest.jsonl"))
 }
 
 #[test]
@@ -591,4 +592,76 @@ fn bad_options_stop_before_any_sampling() {
     }
     let o = filter(&tmp.path().join("nope.txt"), &tmp.path().join("o2"), &[]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("nope.txt"));
+}
+
+/// `pairs.jsonl`'s lines as JSON.
+fn pairs(dir: &Path) -> Vec<serde_json::Value> {
+    jsonl(&dir.join("pairs.jsonl"))
+}
+
+#[test]
+fn preference_pairs_are_the_best_and_worst_image_of_each_prompt() {
+    use orchestrate::jobs::filter::preference_pair;
+    assert_eq!(preference_pair(&[0.2, 0.9, 0.1, 0.5]), Some((1, 2)));
+    // Ties go to the lowest index; NaN is never in a pair.
+    assert_eq!(preference_pair(&[0.3, f64::NAN, 0.9, 0.9, 0.3]), Some((2, 0)));
+    // No preference: one image with a number, or all the same.
+    assert_eq!(preference_pair(&[f64::NAN, 0.4]), None);
+    assert_eq!(preference_pair(&[0.4, 0.4]), None);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, PROMPTS).unwrap();
+    let whole = tmp.path().join("whole");
+    ok(&filter(&prompts, &whole, &["--pairs", "--threshold", "0.5"]));
+    let lines = pairs(&whole);
+    let recs = records(&whole);
+    assert_eq!(lines.len(), 5, "one pair per prompt (two images with different scores each)");
+    let mut sorted = recs.clone();
+    sorted.sort_by_key(|r| r.index);
+    for (line, r) in lines.iter().zip(&sorted) {
+        let spec: orchestrate::scorers::ScoreSpec = "plausibility".parse().unwrap();
+        let values: Vec<f64> = r.images.iter().map(|im| im.value(&spec)).collect();
+        let (c, w) = preference_pair(&values).unwrap();
+        assert_eq!(line["prompt_id"], r.id.as_str());
+        assert_eq!(line["prompt"], r.prompt.as_str());
+        assert_eq!((line["chosen"].as_str().unwrap(), line["rejected"].as_str().unwrap()), (r.images[c].file.as_str(), r.images[w].file.as_str()));
+        assert_eq!((line["chosen_score"].as_f64().unwrap(), line["rejected_score"].as_f64().unwrap()), (values[c], values[w]));
+        assert!(values[c] > values[w]);
+        assert!(whole.join(line["chosen"].as_str().unwrap()).is_file() && whole.join(line["rejected"].as_str().unwrap()).is_file());
+    }
+    let want = std::fs::read(whole.join("pairs.jsonl")).unwrap();
+
+    // Sharded and merged: the same pairs.
+    let (s0, s1, merged) = (tmp.path().join("s0"), tmp.path().join("s1"), tmp.path().join("merged"));
+    ok(&filter(&prompts, &s0, &["--pairs", "--threshold", "0.5", "--shard", "0/2"]));
+    ok(&filter(&prompts, &s1, &["--pairs", "--threshold", "0.5", "--shard", "1/2"]));
+    let o = Command::new(env!("CARGO_BIN_EXE_orchestrate"))
+        .args(["merge", "--out", merged.to_str().unwrap(), s0.to_str().unwrap(), s1.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(merged.join("pairs.jsonl")).unwrap(), want, "the merged pairs differ from the unsharded run's");
+
+    // Resumed after the prompt list grew, and after it shrank: a fresh run's pairs.
+    let resumed = tmp.path().join("resumed");
+    let fewer = tmp.path().join("fewer.txt");
+    std::fs::write(&fewer, "a cat\na red cube\n").unwrap();
+    ok(&filter(&fewer, &resumed, &["--pairs", "--threshold", "0.5"]));
+    ok(&filter(&prompts, &resumed, &["--pairs", "--threshold", "0.5"]));
+    assert_eq!(std::fs::read(resumed.join("pairs.jsonl")).unwrap(), want, "the resumed pairs differ from a fresh run's");
+    ok(&filter(&fewer, &resumed, &["--pairs", "--threshold", "0.5"]));
+    // In the order of the list now (a cat first), each line as before.
+    let by_prompt = |p: &str| lines.iter().find(|l| l["prompt"] == p).unwrap().clone();
+    assert_eq!(pairs(&resumed), vec![by_prompt("a cat"), by_prompt("a red cube")]);
+
+    // pairs is a setting of the run; a pair needs two images.
+    let o = filter(&prompts, &whole, &["--threshold", "0.5"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("settings.json") && err.contains("pairs"), "{err}");
+    let mut one = orchestrate::jobs::filter::FilterOptions::new(prompts.clone());
+    (one.samples, one.pairs) = (1, true);
+    let err = one.validate().unwrap_err().to_string();
+    assert!(err.contains("filter.pairs"), "{err}");
 }

@@ -91,6 +91,7 @@ fn common(generator_name: &str, steps: usize, batch_size: usize) -> CommonOption
             refiner_config: None,
             variant: None,
             refiner_start: 0.8,
+            loras: Vec::new(),
             rahf: Some(rahf_dir().to_path_buf()),
             scorers: Default::default(),
             device: "cpu".into(),

@@ -25,8 +25,7 @@ fn source(file: &Path, config: &Path) -> PipelineSource {
     PipelineSource {
         model: file.to_str().unwrap().into(),
         config: Some(config.to_str().unwrap().into()),
-        vae: None,
-        variant: None,
+        ..Default::default()
     }
 }
 

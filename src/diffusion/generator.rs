@@ -95,6 +95,8 @@ pub struct GeneratorOptions {
     pub refiner_config: Option<String>,
     /// The weights variant (`fp16`) of every model above, where it has one.
     pub variant: Option<String>,
+    /// LoRAs merged into the generator (not the refiner), in order (`--lora`).
+    pub loras: Vec<crate::diffusion::lora::LoraSpec>,
 }
 
 /// Loads the generator in `spec` (a diffusers folder, cached repo id or
@@ -105,11 +107,17 @@ pub fn load(spec: &str, options: &GeneratorOptions, device: Device, kind: Kind) 
         config: options.config.clone(),
         vae: options.vae.clone(),
         variant: options.variant.clone(),
+        loras: options.loras.clone(),
     };
     let mut pipe = StableDiffusion::load_source(&source, device, kind)?;
     if let Some((refiner, start)) = &options.refiner {
-        let source =
-            PipelineSource { model: refiner.clone(), config: options.refiner_config.clone(), ..source.clone() };
+        // A LoRA is trained for the base: the refiner is another UNet.
+        let source = PipelineSource {
+            model: refiner.clone(),
+            config: options.refiner_config.clone(),
+            loras: Vec::new(),
+            ..source.clone()
+        };
         let refiner = StableDiffusion::load_source(&source, device, kind)
             .map_err(|e| Error::Invalid(format!("refiner {refiner}: {e}")))?;
         pipe = pipe.with_refiner(refiner, *start)?;

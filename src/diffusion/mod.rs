@@ -5,6 +5,7 @@ pub mod clip;
 pub mod core;
 pub mod generator;
 pub mod inpaint;
+pub mod lora;
 pub mod model_dir;
 pub mod noise;
 pub mod pipeline;

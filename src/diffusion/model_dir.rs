@@ -2,6 +2,7 @@
 //! or a Hugging Face repo id in the HF cache, downloaded there when missing
 //! (`crate::io::hub`).
 use crate::diffusion::clip::ClipTextConfig;
+use crate::diffusion::lora::LoraSpec;
 use crate::diffusion::schedulers::SchedulerConfig;
 use crate::diffusion::single_file::{self, SingleFile};
 use crate::diffusion::tokenizer::ClipTokenizer;
@@ -284,7 +285,8 @@ pub enum WeightsSource {
 /// repo id, or a single-file checkpoint), the config source of a single file
 /// (`--config`: a pipeline folder or repo id; by default diffusers' default
 /// repo for the file's type), a VAE folder replacing the pipeline's (`--vae`)
-/// and the weights variant (`--variant`).
+/// the weights variant (`--variant`) and the LoRAs merged into its weights
+/// (`--lora`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PipelineSource {
     pub model: String,
@@ -292,6 +294,8 @@ pub struct PipelineSource {
     pub vae: Option<String>,
     /// The weights variant to read (`--variant fp16`), for a pipeline folder or repo id.
     pub variant: Option<String>,
+    /// LoRAs merged into the UNet and text encoders, in order (`crate::diffusion::lora`).
+    pub loras: Vec<LoraSpec>,
 }
 
 impl PipelineSource {
@@ -322,6 +326,8 @@ pub struct PipelineConfigs {
     pub scheduler: SchedulerConfig,
     /// Whether the UNet takes the inpainting input (`2 * latent + 1` channels).
     pub inpainting: bool,
+    /// The source's LoRAs, merged when the weights load.
+    pub loras: Vec<LoraSpec>,
 }
 
 impl PipelineConfigs {
@@ -391,9 +397,9 @@ pub fn load_pipeline_configs_with_vae(spec: &str, vae_override: Option<&str>) ->
 pub fn load_pipeline_configs_with(spec: &str, vae_override: Option<&str>, variant: Option<&str>) -> Result<PipelineConfigs> {
     load_pipeline(&PipelineSource {
         model: spec.to_string(),
-        config: None,
         vae: vae_override.map(str::to_string),
         variant: variant.map(str::to_string),
+        ..Default::default()
     })
 }
 
@@ -425,6 +431,7 @@ pub fn load_pipeline(source: &PipelineSource) -> Result<PipelineConfigs> {
         c.root = PathBuf::from(spec);
         single_file::check(&file, &c, vae_override.is_none())?;
         c.weights = WeightsSource::SingleFile { file: std::sync::Arc::new(file), vae: vae_override.is_none() };
+        c.loras = source.loras.clone();
         return Ok(c);
     }
     if let Some(config) = &source.config {
@@ -434,7 +441,9 @@ pub fn load_pipeline(source: &PipelineSource) -> Result<PipelineConfigs> {
     }
     let variant = source.variant.as_deref();
     let dir = ModelDir::open_variant(spec, variant)?;
-    configs_in(dir, vae_override, true, variant)
+    let mut c = configs_in(dir, vae_override, true, variant)?;
+    c.loras = source.loras.clone();
+    Ok(c)
 }
 
 /// The configs of the pipeline folder `dir`; `weights` also checks that its
@@ -625,5 +634,6 @@ fn configs_in(dir: ModelDir, vae_override: Option<&str>, weights: bool, variant:
         text_encoders,
         scheduler,
         inpainting,
+        loras: Vec::new(),
     })
 }

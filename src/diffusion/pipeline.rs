@@ -130,6 +130,7 @@ impl StableDiffusion {
             config: None,
             vae: vae.map(str::to_string),
             variant: variant.map(str::to_string),
+            loras: Vec::new(),
         };
         Self::load_source(&source, device, kind)
     }
@@ -181,6 +182,13 @@ impl StableDiffusion {
                 (w.unet, w.vae, w.text_encoders, Some(file.clone()), vae_file)
             }
         };
+        let (mut unet_w, mut text_w) = (unet_w, text_w);
+        if !c.loras.is_empty() {
+            let loras = crate::diffusion::lora::open_all(&c.loras, read)?;
+            let mut parts: Vec<(&str, &mut Weights)> = vec![("unet", &mut unet_w)];
+            parts.extend(c.text_encoders.iter().map(|t| t.component.as_str()).zip(text_w.iter_mut()));
+            crate::diffusion::lora::apply(&loras, &mut parts, &c.unet, read)?;
+        }
         let used = |vb: &Vb, what: &str, config: &str| match &file {
             Some(_) => single_file::check_all_used(vb, what, config),
             None => Ok(()),

@@ -286,6 +286,22 @@ fn rename(s: &str, table: &[(&str, &str)], reverse: bool) -> Option<String> {
     })
 }
 
+/// A UNet tensor's name in the original (LDM / sgm) layout, from its
+/// diffusers name, for a UNet of config `c`: `down_blocks.1.attentions.0.…`
+/// → `input_blocks.4.1.…` (without `model.diffusion_model.`). What kohya-ss
+/// names SDXL LoRA modules after (`crate::diffusion::lora`).
+pub struct LdmUnetNames(UnetLayout);
+
+impl LdmUnetNames {
+    pub fn new(c: &UNetConfig) -> Self {
+        LdmUnetNames(UnetLayout::new(c))
+    }
+
+    pub fn ldm_name(&self, diffusers: &str) -> Option<String> {
+        self.0.reverse(diffusers)
+    }
+}
+
 /// LDM resnet → diffusers `ResnetBlock2D`.
 const UNET_RESNET: [(&str, &str); 6] = [
     ("in_layers.0.", "norm1."),

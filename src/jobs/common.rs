@@ -1,4 +1,5 @@
 //! Settings and results every job shares.
+use crate::diffusion::lora::LoraSpec;
 use crate::diffusion::model_dir::PipelineSource;
 use crate::diffusion::pipeline::{check_image_size, SamplingSettings};
 use crate::diffusion::schedulers::SchedulerKind;
@@ -48,6 +49,11 @@ pub struct ModelOptions {
     /// The fraction of the schedule the base runs before the refiner takes over.
     #[serde(default = "default_refiner_start")]
     pub refiner_start: f64,
+    /// LoRAs merged into the generators' UNet and text encoders, in order
+    /// (`FILE`, `FILE:SCALE` or `{path, scale}`; see `crate::diffusion::lora`).
+    /// Not into the refiner.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraSpec>,
     /// An orchestrate RAHF folder (`rahf import` / `rahf init` make one) or
     /// a Hub repo id holding one: the scorer instance `rahf`. Needed by
     /// `inpaint` (its masks come from RAHF's heatmap) and by any score spec
@@ -71,7 +77,8 @@ pub struct ModelOptions {
 
 impl ModelOptions {
     /// Where `generator` (this job's: `generator` or `inpaint_generator`)
-    /// loads from: its config source and the VAE override.
+    /// loads from: its config source and the VAE override (not the LoRAs,
+    /// which [`CommonOptions::check_models`] checks and the load merges).
     pub fn source(&self, generator: &str) -> PipelineSource {
         let config = if self.inpaint_generator.as_deref() == Some(generator) && self.inpaint_config.is_some() {
             self.inpaint_config.clone()
@@ -80,7 +87,7 @@ impl ModelOptions {
         } else {
             None
         };
-        PipelineSource { model: generator.to_string(), config, vae: self.vae.clone(), variant: self.variant.clone() }
+        PipelineSource { model: generator.to_string(), config, vae: self.vae.clone(), variant: self.variant.clone(), loras: Vec::new() }
     }
 
     /// Where the refiner loads from, when there is one.
@@ -90,6 +97,7 @@ impl ModelOptions {
             config: self.refiner_config.clone(),
             vae: self.vae.clone(),
             variant: self.variant.clone(),
+            loras: Vec::new(),
         })
     }
 
@@ -317,6 +325,7 @@ impl CommonOptions {
             refiner: m.refiner.clone().map(|r| (r, m.refiner_start)),
             refiner_config: m.refiner_config.clone(),
             variant: m.variant.clone(),
+            loras: m.loras.clone(),
         };
         let pipe = crate::diffusion::generator::load(generator, &options, device, kind)?;
         let scorers = Scorers::load(scorers, &|n| m.scorer_checkpoint(n), device, scorer_kind)?;
@@ -401,6 +410,10 @@ impl CommonOptions {
             if let Some(variant) = &self.models.variant {
                 map.insert("variant".into(), variant.clone().into());
             }
+            if !self.models.loras.is_empty() {
+                let loras: Vec<serde_json::Value> = self.models.loras.iter().map(LoraSpec::fingerprint).collect();
+                map.insert("loras".into(), loras.into());
+            }
             if let Some(refiner) = &self.models.refiner {
                 map.insert("refiner".into(), canonical(refiner).into());
                 map.insert("refiner_start".into(), self.models.refiner_start.into());
@@ -457,7 +470,13 @@ impl CommonOptions {
             crate::diffusion::model_dir::check_variant(v).map_err(|e| Error::field("models.variant", e.to_string()))?;
         }
         let field = if Some(generator) == m.inpaint_generator.as_deref() { "models.inpaint_generator" } else { "models.generator" };
-        let info = check_generator_source(&m.source(generator)).map_err(|e| Error::field(field, e.to_string()))?;
+        // The generator on its own first, so its errors and its LoRAs' name their fields.
+        let source = m.source(generator);
+        let info = check_generator_source(&source).map_err(|e| Error::field(field, e.to_string()))?;
+        if !m.loras.is_empty() {
+            let with_loras = PipelineSource { loras: m.loras.clone(), ..source };
+            check_generator_source(&with_loras).map_err(|e| Error::field("models.loras", e.to_string()))?;
+        }
         if let Some(k) = self.sampling.clip_skip {
             if k > info.max_clip_skip {
                 return Err(Error::field(
@@ -564,6 +583,7 @@ pub fn check_generator_with(spec: &str, vae: Option<&str>, variant: Option<&str>
         config: None,
         vae: vae.map(str::to_string),
         variant: variant.map(str::to_string),
+        loras: Vec::new(),
     })
 }
 
@@ -574,12 +594,14 @@ pub fn check_generator_source(source: &PipelineSource) -> Result<GeneratorInfo> 
     use crate::diffusion::model_dir::{Family, WeightsSource};
     let c = crate::diffusion::model_dir::load_pipeline(source)?;
     let single_file = match &c.weights {
-        WeightsSource::SingleFile { file, .. } => {
-            crate::diffusion::pipeline::StableDiffusion::check_weights(c.clone())?;
-            Some((file.model_type.name(), c.dir.root.clone()))
-        }
+        WeightsSource::SingleFile { file, .. } => Some((file.model_type.name(), c.dir.root.clone())),
         WeightsSource::Folder => None,
     };
+    // A single file's tensors, and LoRAs, are checked against the models'
+    // shapes (from the weights' headers).
+    if single_file.is_some() || !c.loras.is_empty() {
+        crate::diffusion::pipeline::StableDiffusion::check_weights(c.clone())?;
+    }
     let native_size = c.unet.sample_size_hw().map(|_| c.default_size());
     let family = match c.family {
         Family::Sd => "SD",

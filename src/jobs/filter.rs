@@ -7,6 +7,8 @@
 //! Output folder:
 //! * `samples/<id>_<i>.png`: every image sampled (the report shows them all);
 //! * `train/<id>_<i>.png` + `train/metadata.jsonl`: the kept set;
+//! * `pairs.jsonl` (with `pairs`): per prompt, its best and worst image as a
+//!   preference pair (Diffusion-DPO's input), see [`write_pairs`];
 //! * `manifest.jsonl`: one line per finished prompt (every raw score of every
 //!   scorer, the spec value, the kept files);
 //! * `settings.json`: what the results depend on, checked when a run resumes.
@@ -86,6 +88,10 @@ pub struct FilterOptions {
     /// decide nothing; the summary compares kept with all on each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub verify: Vec<String>,
+    /// Also write `pairs.jsonl`: per prompt, its best and worst image by the
+    /// spec value (a preference pair for Diffusion-DPO trainers).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pairs: bool,
 }
 
 fn default_score() -> ScoreSpec {
@@ -108,6 +114,7 @@ impl FilterOptions {
             threshold: default_threshold(),
             keep: KeepMode::default(),
             verify: Vec::new(),
+            pairs: false,
         }
     }
 
@@ -120,6 +127,9 @@ impl FilterOptions {
         }
         if !(0.0..=1.0).contains(&self.threshold) {
             return Err(Error::field("filter.threshold", format!("{}: must be in [0, 1]", self.threshold)));
+        }
+        if self.pairs && self.samples < 2 {
+            return Err(Error::field("filter.pairs", format!("a pair needs two images of a prompt; filter.samples is {}", self.samples)));
         }
         crate::scorers::spec::check_verify("filter.verify", &self.verify, &self.score)?;
         // Parsing the list checks that it exists and names the bad line.
@@ -296,6 +306,7 @@ fn other_columns(raw: &RawScores) -> std::collections::BTreeMap<String, Option<f
 
 pub const SAMPLES_DIR: &str = "samples";
 pub const TRAIN_DIR: &str = "train";
+pub const PAIRS_FILE: &str = "pairs.jsonl";
 pub use crate::jobs::runner::SETTINGS_FILE;
 
 fn sample_name(id: &str, i: usize) -> String {
@@ -314,6 +325,11 @@ pub fn settings_fingerprint(opts: &FilterOptions, common: &CommonOptions) -> ser
             .expect("an object")
             .clone(),
     );
+    // Only when set, so the settings of runs made before it existed still
+    // match; `merge` reads it to rebuild `pairs.jsonl`.
+    if opts.pairs {
+        own.insert("pairs".into(), true.into());
+    }
     common.fingerprint("filter", serde_json::Value::Object(own))
 }
 
@@ -539,7 +555,7 @@ pub fn run_with(opts: &FilterOptions, common: &CommonOptions, ctx: &RunContext, 
     let out = &ctx.out;
     let records = typed_records(&outcome.folder.manifest, &outcome.folder.records_of(&outcome.keys))?;
     let all = typed_records(&outcome.folder.manifest, &outcome.folder.manifest.records().iter().collect::<Vec<_>>())?;
-    write_dataset(out, &opts.score, &records, &all)?;
+    write_outputs(out, &opts.score, opts.pairs, &records, &all)?;
     let sampled = outcome.done_now * opts.samples;
     let comparison = kept_vs_all(&opts.score, &opts.verify, &records);
     let summary = summary(opts, ctx, &outcome, &records, sampled, mode, &comparison);
@@ -612,6 +628,77 @@ pub fn typed_records(manifest: &Manifest, values: &[&serde_json::Value]) -> Resu
             })
         })
         .collect()
+}
+
+/// What a filter run folder holds besides its items' files, rebuilt from
+/// the manifest's `records` (this run's items; `all`: every record, gone
+/// items' included) after a run or a merge: `train/metadata.jsonl` and, with
+/// `pairs`, `pairs.jsonl`.
+pub fn write_outputs(out: &Path, spec: &ScoreSpec, pairs: bool, records: &[PromptRecord], all: &[PromptRecord]) -> Result<()> {
+    write_dataset(out, spec, records, all)?;
+    if pairs {
+        write_pairs(out, spec, records)?;
+    }
+    Ok(())
+}
+
+/// One line of `pairs.jsonl`.
+#[derive(Debug, Serialize)]
+struct PairLine<'a> {
+    prompt_id: &'a str,
+    prompt: &'a str,
+    /// Relative to the output folder: `samples/<id>_<i>.png`.
+    chosen: &'a str,
+    rejected: &'a str,
+    chosen_score: f64,
+    rejected_score: f64,
+    chosen_seed: u64,
+    rejected_seed: u64,
+}
+
+/// A prompt's preference pair: the indices of its best and worst image by
+/// spec value (ties: the lowest index, as [`select`]), or `None` when fewer
+/// than two images scored a number or all scored the same.
+pub fn preference_pair(values: &[f64]) -> Option<(usize, usize)> {
+    let scored: Vec<(usize, f64)> = values.iter().copied().enumerate().filter(|(_, v)| !v.is_nan()).collect();
+    let (mut best, mut worst) = (*scored.first()?, *scored.first()?);
+    for &(i, v) in &scored[1..] {
+        if v > best.1 {
+            best = (i, v);
+        }
+        if v < worst.1 {
+            worst = (i, v);
+        }
+    }
+    (best.1 > worst.1).then_some((best.0, worst.0))
+}
+
+/// Rebuilds `pairs.jsonl` from `records` (atomically), one line per prompt
+/// with a preference pair, in prompt-list order: `prompt_id`, `prompt`,
+/// `chosen` / `rejected` (sample paths relative to the output folder), their
+/// spec values (`chosen_score`, `rejected_score`) and seeds.
+pub fn write_pairs(out: &Path, spec: &ScoreSpec, records: &[PromptRecord]) -> Result<()> {
+    let mut sorted: Vec<&PromptRecord> = records.iter().collect();
+    sorted.sort_by_key(|r| r.index);
+    let mut text = String::new();
+    for r in sorted {
+        let values: Vec<f64> = r.images.iter().map(|im| im.value(spec)).collect();
+        let Some((c, w)) = preference_pair(&values) else { continue };
+        let (chosen, rejected) = (&r.images[c], &r.images[w]);
+        let line = PairLine {
+            prompt_id: &r.id,
+            prompt: &r.prompt,
+            chosen: &chosen.file,
+            rejected: &rejected.file,
+            chosen_score: values[c],
+            rejected_score: values[w],
+            chosen_seed: chosen.seed,
+            rejected_seed: rejected.seed,
+        };
+        text.push_str(&serde_json::to_string(&line).expect("JSON serialises"));
+        text.push('\n');
+    }
+    write_atomic(&out.join(PAIRS_FILE), text.as_bytes())
 }
 
 /// Rebuilds `train/metadata.jsonl` from `records` (atomically, so it is

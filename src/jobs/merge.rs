@@ -19,7 +19,7 @@
 //! (atomically), so a merge that was interrupted is simply run again.
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
-use crate::jobs::filter::{write_dataset, PromptRecord, SETTINGS_FILE};
+use crate::jobs::filter::{write_outputs, PromptRecord, SETTINGS_FILE};
 use crate::jobs::manifest::MANIFEST_FILE;
 use crate::jobs::runner::{shard_folder, RunFolder, PLAN_FILE};
 use crate::jobs::JobSummary;
@@ -332,7 +332,8 @@ pub fn merge(out: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<JobS
                     })
                 })
                 .collect::<Result<_>>()?;
-            write_dataset(out, &spec, &typed, &typed)?;
+            let pairs = shard_settings["pairs"].as_bool().unwrap_or(false);
+            write_outputs(out, &spec, pairs, &typed, &typed)?;
             let comparison = crate::jobs::filter::kept_vs_all(&spec, &verify, &typed);
             let kept_images: usize = typed.iter().map(|r| r.kept.len()).sum();
             let kept_prompts = typed.iter().filter(|r| !r.kept.is_empty()).count();
