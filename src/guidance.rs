@@ -136,6 +136,8 @@ pub struct GuidanceSettings {
     pub through_unet: bool,
     /// Guide only inside a predicted heatmap's region ([`region`]); `None`: everywhere.
     pub region: Option<Region>,
+    /// Decode x̂0 for the gradient one VAE segment at a time (see the module docs).
+    pub checkpoint_decoder: bool,
 }
 
 impl GuidanceSettings {
@@ -148,6 +150,7 @@ impl GuidanceSettings {
             recurrence: 1,
             through_unet: true,
             region: None,
+            checkpoint_decoder: false,
         }
     }
 
@@ -583,16 +586,67 @@ impl<'a> Guider<'a> {
             let x0 = scheduler
                 .pred_original_sample(&out, i, &leaf)
                 .to_kind(Kind::Float);
-            let pixels = self.decode_pixels(&x0);
-            let scores = guidance.score.value_from_pixels(self.scorers, &pixels, prompts)?.to_kind(Kind::Float);
+            let (values, g_x0, pixels) =
+                self.value_and_x0_gradient(&x0.detach(), prompts, &guidance.score, guidance.checkpoint_decoder)?;
             // Images are independent, so the gradient of the sum is each image's own.
-            let objective = scores.sum(Kind::Float);
+            let objective = (&x0 * g_x0).sum(Kind::Float);
             let mut grads = Tensor::f_run_backward(&[&objective], &[&leaf], false, false)
-                .map_err(|e| Error::torch("guidance: backward through the VAE and the scorers", e))?;
-            let values =
-                Vec::<f64>::try_from(scores.detach().to_kind(Kind::Double).to_device(Device::Cpu))
-                    .map_err(|e| Error::torch("guidance scores", e))?;
-            Ok((out.detach(), grads.remove(0), values, pixels.detach()))
+                .map_err(|e| Error::torch("guidance: backward through the UNet", e))?;
+            Ok((out.detach(), grads.remove(0), values, pixels))
+        })
+    }
+
+    /// For x̂0 latents [B, C, h, w]: each image's value of `spec` on the
+    /// decoded pixels, the gradient of the values with respect to the
+    /// latents (float32), and the pixels (detached). With `checkpoint` (and
+    /// the pipeline's VAE as decoder) the decode runs without gradients
+    /// keeping each segment's input ([`AutoencoderKL::decode_segments`]),
+    /// then the gradient goes back one recomputed segment at a time: memory
+    /// for one segment's activations instead of the whole decoder's, for one
+    /// more decoder forward.
+    pub fn value_and_x0_gradient(
+        &self,
+        x0: &Tensor,
+        prompts: &[String],
+        spec: &ScoreSpec,
+        checkpoint: bool,
+    ) -> Result<(Vec<f64>, Tensor, Tensor)> {
+        let score = |pixels: &Tensor| -> Result<(Tensor, Vec<f64>)> {
+            let scores = spec.value_from_pixels(self.scorers, pixels, prompts)?.to_kind(Kind::Float);
+            let values = Vec::<f64>::try_from(scores.detach().to_kind(Kind::Double).to_device(Device::Cpu))
+                .map_err(|e| Error::torch("guidance scores", e))?;
+            Ok((scores.sum(Kind::Float), values))
+        };
+        tch::with_grad(|| {
+            if !checkpoint || self.tiny.is_some() {
+                let leaf = x0.detach().to_kind(Kind::Float).set_requires_grad(true);
+                let pixels = self.decode_pixels(&leaf);
+                let (objective, values) = score(&pixels)?;
+                let mut grads = Tensor::f_run_backward(&[&objective], &[&leaf], false, false)
+                    .map_err(|e| Error::torch("guidance: backward through the decoder and the scorers", e))?;
+                return Ok((values, grads.remove(0), pixels.detach()));
+            }
+            let vae = self.vae();
+            let sf = vae.config.scaling_factor;
+            let segments = vae.decode_segments();
+            let mut inputs = Vec::new();
+            let mut h = x0.detach().to_kind(Kind::Float) / sf;
+            tch::no_grad(|| {
+                for f in &segments {
+                    let next = f(&h);
+                    inputs.push(std::mem::replace(&mut h, next));
+                }
+            });
+            let top = h.detach().set_requires_grad(true);
+            let pixels = (top.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0);
+            let (objective, values) = score(&pixels)?;
+            let mut g = Tensor::f_run_backward(&[&objective], &[&top], false, false)
+                .map_err(|e| Error::torch("guidance: backward through the scorers", e))?
+                .remove(0);
+            for (k, (f, input)) in segments.iter().zip(&inputs).enumerate().rev() {
+                g = vjp(&mut |x| f(x), input, &g, &format!("guidance: backward through VAE decoder segment {k}"))?;
+            }
+            Ok((values, g / sf, pixels.detach()))
         })
     }
 
@@ -611,6 +665,20 @@ impl<'a> Guider<'a> {
         };
         (image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0)
     }
+}
+
+/// The gradient, with respect to `input`, of ⟨f(input), `g`⟩: `f` recomputed
+/// with gradients from its saved input (one segment of a checkpointed
+/// backward pass), returned in `input`'s dtype.
+pub fn vjp(f: &mut dyn FnMut(&Tensor) -> Tensor, input: &Tensor, g: &Tensor, what: &str) -> Result<Tensor> {
+    tch::with_grad(|| {
+        let leaf = input.detach().set_requires_grad(true);
+        let out = f(&leaf);
+        let objective = (out.to_kind(Kind::Float) * g.detach().to_kind(Kind::Float)).sum(Kind::Float);
+        let mut grads =
+            Tensor::f_run_backward(&[&objective], &[&leaf], false, false).map_err(|e| Error::torch(what.to_string(), e))?;
+        Ok(grads.remove(0))
+    })
 }
 
 fn per_image_norms(grad: &Tensor) -> Vec<f64> {

@@ -963,6 +963,10 @@ struct GuideArgs {
     /// `--method noise`: weight of the noise-norm regulariser.
     #[arg(long, default_value_t = 1.0)]
     regularizer: f64,
+    /// Decode the predicted image for the gradient one VAE segment at a time: less memory (for large images),
+    /// one more decoder forward; the images are the same.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Hold the UNet output constant in the gradient (cheaper; not Universal Guidance's exact gradient).
     #[arg(long)]
     no_unet_gradient: bool,
@@ -1002,6 +1006,7 @@ fn guide(a: GuideArgs) -> Result<()> {
         lr: a.lr,
         regularizer: a.regularizer,
         best_of_n: a.compare == "best-of-n",
+        gradient_checkpointing: a.gradient_checkpointing,
     };
     let (common, ctx) = a.job.into_options()?;
     let json = ctx.json;

@@ -89,6 +89,8 @@ def main():
                     help="also measure peak memory of guidance at 512x512 (2 steps: the peak does not grow with steps)")
     ap.add_argument("--methods", action="store_true",
                     help="also compare the methods with best-of-N at equal time on the tiny fixture models")
+    ap.add_argument("--methods-only", action="store_true", help="only the --methods comparison")
+    ap.add_argument("--memory-only", action="store_true", help="only the --memory figures")
     args = ap.parse_args()
 
     generate = bench_module("generate")
@@ -123,6 +125,12 @@ def main():
                 "--device", args.device, "--out", str(tmp / f"out-{name}"), "--json", *extra,
             ])
 
+        if args.methods_only:
+            print(json.dumps({"methods_tiny": compare_methods(args, tmp, guide)}, indent=2))
+            return
+        if args.memory_only:
+            print(json.dumps({"peak_rss_mib_512": memory_512(guide, taesd)}, indent=2))
+            return
         ddim = ["--scheduler", "ddim", "--guidance-strength", "10"]
         runs = {
             "vae": (args.steps, ddim + ["--guide-decoder", "vae"]),
@@ -162,15 +170,23 @@ def main():
             "peak_rss_mib": {k: round(v[2]) for k, v in results.items()},
         })
         if args.memory:
-            mem = {}
-            for name, extra in [("vae", ddim + ["--guide-decoder", "vae"]), ("taesd", ddim + ["--guide-decoder", taesd]),
-                                ("unguided", ddim[:2] + ["--guidance-strength", "0", "--compare", "none"])]:
-                _, mib = guide(f"mem-{name}", 512, 2, extra)
-                mem[name] = round(mib)
-            report["peak_rss_mib_512"] = mem
+            report["peak_rss_mib_512"] = memory_512(guide, taesd)
         if args.methods:
             report["methods_tiny"] = compare_methods(args, tmp, guide)
     print(json.dumps(report, indent=2))
+
+
+def memory_512(guide, taesd):
+    """Peak resident memory (MiB) of guidance at 512x512, 2 DDIM steps, and of unguided sampling."""
+    ddim = ["--scheduler", "ddim", "--guidance-strength", "10"]
+    mem = {}
+    for name, extra in [("vae", ddim + ["--guide-decoder", "vae"]),
+                        ("vae_checkpointed", ddim + ["--guide-decoder", "vae", "--gradient-checkpointing"]),
+                        ("taesd", ddim + ["--guide-decoder", taesd]),
+                        ("unguided", ["--scheduler", "ddim", "--guidance-strength", "0", "--compare", "none"])]:
+        _, mib = guide(f"mem-{name}", 512, 2, extra)
+        mem[name] = round(mib)
+    return mem
 
 
 def compare_methods(args, tmp, guide):

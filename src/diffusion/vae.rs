@@ -658,6 +658,27 @@ impl AutoencoderKL {
         self.decoder.forward(&z)
     }
 
+    /// [`Self::decode`] as segments applied in order (`post_quant_conv`,
+    /// `conv_in` and the mid block; each up block; the output head), for
+    /// backward passes that keep one segment's activations at a time
+    /// (`crate::guidance`'s checkpointed decode). Applying them in turn is
+    /// `decode`, op for op.
+    pub fn decode_segments(&self) -> Vec<Box<dyn Fn(&Tensor) -> Tensor + '_>> {
+        let d = &self.decoder;
+        let mut segments: Vec<Box<dyn Fn(&Tensor) -> Tensor + '_>> = vec![Box::new(move |z: &Tensor| {
+            let mut z = z.to_kind(self.kind);
+            if let Some(conv) = &self.post_quant_conv {
+                z = conv.forward(&z);
+            }
+            d.mid_block.forward(&d.conv_in.forward(&z))
+        })];
+        for b in &d.up_blocks {
+            segments.push(Box::new(move |x: &Tensor| b.forward_up(x)));
+        }
+        segments.push(Box::new(move |x: &Tensor| d.conv_out.forward(&d.conv_norm_out.forward(x).silu())));
+        segments
+    }
+
     /// Pixels per latent along each side.
     pub fn scale_factor(&self) -> i64 {
         self.config.scale_factor()

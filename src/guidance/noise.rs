@@ -36,10 +36,10 @@
 //! arguments only ([`SchedulerKind::keeps_history`]): DDIM, Euler and Euler
 //! ancestral (whose step noise is drawn once per image, as in sampling);
 //! DPM-Solver++ is refused.
-use super::Guider;
+use super::{vjp, Guider};
 use crate::diffusion::core::{BatchNoise, Conditioning, NoiseSpec};
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings};
-use crate::diffusion::schedulers::{self, Scheduler, SchedulerKind};
+use crate::diffusion::schedulers::{self, SchedulerKind};
 use crate::error::{Error, Result};
 use crate::scorers::ScoreSpec;
 use tch::{Device, Kind, Tensor};
@@ -55,6 +55,8 @@ pub struct NoiseOptimisation {
     pub lr: f64,
     /// λ, the weight of the norm regulariser.
     pub regularizer: f64,
+    /// Checkpoint the VAE decode of the gradient ([`super::GuidanceSettings::checkpoint_decoder`]).
+    pub checkpoint_decoder: bool,
 }
 
 impl NoiseOptimisation {
@@ -158,8 +160,8 @@ impl Guider<'_> {
             if it == 0 {
                 unguided = Some(last.shallow_clone());
             }
-            let last_iteration = it == opt.iterations;
-            let (scores, g_last) = self.value_and_gradient(&last, &prompts, &opt.score, !last_iteration)?;
+            let (scores, g_last, _) = self.value_and_x0_gradient(&last, &prompts, &opt.score, opt.checkpoint_decoder)?;
+            let g_last = (it < opt.iterations).then_some(g_last);
             for (k, &v) in scores.iter().enumerate() {
                 values[k].push(v);
             }
@@ -191,7 +193,14 @@ impl Guider<'_> {
             }
             // Backward through the steps, one recomputed step at a time.
             for (i, input) in inputs.iter().enumerate().rev() {
-                g = step_vjp(&cond, pipe, scheduler.as_mut(), i, input, &noise, &g)?;
+                let step_noise = noise.step(i);
+                let mut step = |x: &Tensor| {
+                    let lat = x.to_kind(input.kind());
+                    let out = cond.model_output(&pipe.unet, scheduler.as_ref(), i, &lat, None);
+                    scheduler.step(&out, i, &lat, step_noise.as_ref())
+                };
+                let leaf_input = input.to_kind(Kind::Float);
+                g = vjp(&mut step, &leaf_input, &g, &format!("noise optimisation: backward through step {i}"))?;
                 backwards += 1;
             }
             let g = g * scheduler.init_noise_sigma();
@@ -221,52 +230,6 @@ impl Guider<'_> {
         })
     }
 
-    /// The spec's per-image values of final latents and, when `gradient`, their
-    /// gradient with respect to those latents (float32).
-    fn value_and_gradient(
-        &self,
-        latents: &Tensor,
-        prompts: &[String],
-        spec: &ScoreSpec,
-        gradient: bool,
-    ) -> Result<(Vec<f64>, Option<Tensor>)> {
-        tch::with_grad(|| {
-            let leaf = latents.detach().to_kind(Kind::Float).set_requires_grad(gradient);
-            let pixels = self.decode_pixels(&leaf);
-            let scores = spec.value_from_pixels(self.scorers, &pixels, prompts)?.to_kind(Kind::Float);
-            let values = Vec::<f64>::try_from(scores.detach().to_kind(Kind::Double).to_device(Device::Cpu))
-                .map_err(|e| Error::torch("noise optimisation scores", e))?;
-            if !gradient {
-                return Ok((values, None));
-            }
-            let mut grads = Tensor::f_run_backward(&[&scores.sum(Kind::Float)], &[&leaf], false, false)
-                .map_err(|e| Error::torch("noise optimisation: backward through the decoder and the scorers", e))?;
-            Ok((values, Some(grads.remove(0))))
-        })
-    }
-}
-
-/// The gradient with respect to step `i`'s input of ⟨step output, `g`⟩:
-/// step `i` recomputed with gradients from its saved input.
-fn step_vjp(
-    cond: &Conditioning,
-    pipe: &crate::diffusion::pipeline::StableDiffusion,
-    scheduler: &mut dyn Scheduler,
-    i: usize,
-    input: &Tensor,
-    noise: &BatchNoise,
-    g: &Tensor,
-) -> Result<Tensor> {
-    tch::with_grad(|| {
-        let leaf = input.detach().to_kind(Kind::Float).set_requires_grad(true);
-        let lat = leaf.to_kind(input.kind());
-        let out = cond.model_output(&pipe.unet, scheduler, i, &lat, None);
-        let next = scheduler.step(&out, i, &lat, noise.step(i).as_ref());
-        let objective = (next.to_kind(Kind::Float) * g.detach()).sum(Kind::Float);
-        let mut grads = Tensor::f_run_backward(&[&objective], &[&leaf], false, false)
-            .map_err(|e| Error::torch(format!("noise optimisation: backward through step {i}"), e))?;
-        Ok(grads.remove(0))
-    })
 }
 
 /// Per image, the root mean square of its elements.
@@ -281,7 +244,13 @@ mod tests {
 
     #[test]
     fn settings_are_checked() {
-        let ok = NoiseOptimisation { score: crate::rahf::ScoreKind::Aesthetics.into(), iterations: 5, lr: 0.05, regularizer: 1.0 };
+        let ok = NoiseOptimisation {
+            score: crate::rahf::ScoreKind::Aesthetics.into(),
+            iterations: 5,
+            lr: 0.05,
+            regularizer: 1.0,
+            checkpoint_decoder: false,
+        };
         assert!(ok.validate().is_ok());
         for bad in [
             NoiseOptimisation { iterations: 0, ..ok.clone() },

@@ -99,6 +99,10 @@ pub struct GuideOptions {
     /// best (`--compare best-of-n`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub best_of_n: bool,
+    /// Decode x̂0 for the gradient one VAE segment at a time: less memory,
+    /// one more decoder forward (the images are the same).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
 }
 
 /// How `guide` raises the score.
@@ -191,6 +195,7 @@ impl GuideOptions {
             lr: default_lr(),
             regularizer: default_regularizer(),
             best_of_n: false,
+            gradient_checkpointing: false,
         }
     }
 
@@ -202,6 +207,7 @@ impl GuideOptions {
             recurrence: self.recurrence,
             through_unet: self.through_unet,
             region: self.region.map(|k| Region::new(k, self.mask_threshold, self.dilate)),
+            checkpoint_decoder: self.gradient_checkpointing,
         })
     }
 
@@ -211,6 +217,7 @@ impl GuideOptions {
             iterations: self.iterations,
             lr: self.lr,
             regularizer: self.regularizer,
+            checkpoint_decoder: self.gradient_checkpointing,
         }
     }
 
