@@ -596,6 +596,12 @@ impl<'a> Guider<'a> {
         })
     }
 
+    /// Each image's value of `spec` on the decoded x̂0 latents, without gradients.
+    pub fn values(&self, x0: &Tensor, prompts: &[String], spec: &ScoreSpec) -> Result<Vec<f64>> {
+        let scores = tch::no_grad(|| spec.value_from_pixels(self.scorers, &self.decode_pixels(x0), prompts))?;
+        Vec::<f64>::try_from(scores.to_kind(Kind::Double).to_device(Device::Cpu)).map_err(|e| Error::torch("guidance scores", e))
+    }
+
     /// For x̂0 latents [B, C, h, w]: each image's value of `spec` on the
     /// decoded pixels, the gradient of the values with respect to the
     /// latents (float32), and the pixels (detached). With `checkpoint` (and

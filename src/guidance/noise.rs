@@ -160,8 +160,13 @@ impl Guider<'_> {
             if it == 0 {
                 unguided = Some(last.shallow_clone());
             }
-            let (scores, g_last, _) = self.value_and_x0_gradient(&last, &prompts, &opt.score, opt.checkpoint_decoder)?;
-            let g_last = (it < opt.iterations).then_some(g_last);
+            // The last iteration's value needs no gradient.
+            let (scores, g_last) = if it < opt.iterations {
+                let (scores, g, _) = self.value_and_x0_gradient(&last, &prompts, &opt.score, opt.checkpoint_decoder)?;
+                (scores, Some(g))
+            } else {
+                (self.values(&last, &prompts, &opt.score)?, None)
+            };
             for (k, &v) in scores.iter().enumerate() {
                 values[k].push(v);
             }
