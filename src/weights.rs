@@ -149,6 +149,34 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// [`write_safetensors`] with the header's `__metadata__` (what diffusers
+/// reads a LoRA's adapter config from).
+pub fn write_safetensors_with_metadata(path: &Path, tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> Result<()> {
+    let tmp = path.with_extension("safetensors.partial");
+    let owned: Vec<(String, Tensor)> =
+        tensors.iter().map(|(n, t)| (n.clone(), t.to_device(Device::Cpu).contiguous())).collect();
+    let mut data = Vec::with_capacity(owned.len());
+    for (name, t) in &owned {
+        let dtype = match t.kind() {
+            Kind::Float => safetensors::Dtype::F32,
+            Kind::Half => safetensors::Dtype::F16,
+            Kind::BFloat16 => safetensors::Dtype::BF16,
+            k => return Err(Error::Invalid(format!("{}: cannot write tensor {name} of dtype {k:?}", path.display()))),
+        };
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+        t.copy_data_u8(&mut bytes, t.numel());
+        data.push((name.clone(), dtype, shape, bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?)))
+        .collect::<Result<_>>()?;
+    safetensors::serialize_to_file(views, Some(metadata.clone()), &tmp).map_err(|e| Error::Invalid(format!("writing {}: {e}", tmp.display())))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
 impl Weights {
     /// Loads one or more safetensors files; floating-point tensors are cast
     /// to `kind`, every tensor is moved to `device`.

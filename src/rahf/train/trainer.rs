@@ -156,14 +156,14 @@ struct StepLog {
 
 /// Which sample fills position `p` of the endless stream of training samples:
 /// epoch `p / n`, in that epoch's own shuffled order.
-struct Order {
-    seed: u64,
-    n: usize,
-    cache: Option<(u64, Vec<usize>)>,
+pub(crate) struct Order {
+    pub(crate) seed: u64,
+    pub(crate) n: usize,
+    pub(crate) cache: Option<(u64, Vec<usize>)>,
 }
 
 impl Order {
-    fn index(&mut self, p: u64) -> usize {
+    pub(crate) fn index(&mut self, p: u64) -> usize {
         let epoch = p / self.n as u64;
         if self.cache.as_ref().map(|c| c.0) != Some(epoch) {
             let mut perm: Vec<usize> = (0..self.n).collect();
@@ -378,7 +378,7 @@ fn lock_run_folder(opts: &TrainOptions, hyper: &Hyperparameters) -> Result<(std:
 }
 
 /// Keeps `log.jsonl` consistent with a resumed run: lines after the checkpoint go.
-fn truncate_log(path: &Path, step: u64) -> Result<Vec<serde_json::Value>> {
+pub(crate) fn truncate_log(path: &Path, step: u64) -> Result<Vec<serde_json::Value>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
