@@ -127,9 +127,15 @@ impl UnetLora {
     /// peft's adapter config as diffusers' `save_lora_weights` records it in
     /// the file's `lora_adapter_metadata` (keys prefixed with `unet.`).
     pub fn adapter_metadata(&self) -> String {
+        // An integral alpha as peft's config holds it when given an int.
+        let alpha = if self.alpha.fract() == 0.0 && self.alpha.abs() < 1e15 {
+            serde_json::json!(self.alpha as i64)
+        } else {
+            serde_json::json!(self.alpha)
+        };
         let meta = serde_json::json!({
             "unet.init_lora_weights": "gaussian",
-            "unet.lora_alpha": self.alpha,
+            "unet.lora_alpha": alpha,
             "unet.r": self.rank,
             "unet.target_modules": TARGETS,
         });
