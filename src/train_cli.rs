@@ -105,6 +105,13 @@ pub struct TrainArgs {
     /// Checkpoint every N steps (0: at the end only).
     #[arg(long, default_value_t = 1000)]
     checkpoint_every: u64,
+    #[command(flatten)]
+    run: TrainRunArgs,
+}
+
+/// What both trainers (`rahf train`, `finetune`) take about their run.
+#[derive(clap::Args)]
+pub struct TrainRunArgs {
     /// Checkpoints to keep (0: all).
     #[arg(long, default_value_t = 3)]
     keep_checkpoints: usize,
@@ -120,7 +127,7 @@ pub struct TrainArgs {
 }
 
 pub fn run_train(a: TrainArgs) -> Result<()> {
-    let device = orchestrate::device::parse_device(&a.device)?;
+    let device = orchestrate::device::parse_device(&a.run.device)?;
     let hyper = Hyperparameters {
         steps: a.steps,
         batch_size: a.batch_size,
@@ -135,7 +142,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         loss: LossWeights { heatmap: a.heatmap_weight, score: a.score_weight, keyword: a.keyword_weight },
         augment: if a.no_augment { AugmentConfig::none() } else { AugmentConfig::default() },
         seed: a.seed,
-        precision: a.precision.clone(),
+        precision: a.run.precision.clone(),
     };
     let has_dev = a.data.data.join("dev.tfrecord").exists();
     if !has_dev {
@@ -156,7 +163,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         hyper,
         eval_every: a.eval_every,
         checkpoint_every: a.checkpoint_every,
-        keep_checkpoints: a.keep_checkpoints,
+        keep_checkpoints: a.run.keep_checkpoints,
         device,
         progress: true,
         data_description: format!(
@@ -166,7 +173,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         ),
     };
     let summary = train(&opts, &train_split, dev).with_context(|| format!("training into {}", a.out.display()))?;
-    if a.json {
+    if a.run.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
@@ -375,24 +382,14 @@ pub struct FinetuneArgs {
     /// Checkpoint every N steps (0: at the end only).
     #[arg(long, default_value_t = 500)]
     checkpoint_every: u64,
-    /// Checkpoints to keep (0: all).
-    #[arg(long, default_value_t = 3)]
-    keep_checkpoints: usize,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (bf16 compute on fp32 LoRA weights).
-    #[arg(long, default_value = "auto")]
-    precision: String,
-    /// Print the summary as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    run: TrainRunArgs,
 }
 
 pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
     use orchestrate::finetune::data::Transforms;
     use orchestrate::finetune::run::{run, FinetuneOptions, Hyperparameters};
-    let device = orchestrate::device::parse_device(&a.device)?;
+    let device = orchestrate::device::parse_device(&a.run.device)?;
     let prediction = a.prediction_type.as_deref().map(orchestrate::finetune::Prediction::parse).transpose()?;
     let hyper = Hyperparameters {
         steps: a.steps,
@@ -412,7 +409,7 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
             ..Default::default()
         },
         seed: a.seed,
-        precision: a.precision.clone(),
+        precision: a.run.precision.clone(),
     };
     let opts = FinetuneOptions {
         model: a.model.clone(),
@@ -421,12 +418,12 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
         resume: a.resume,
         hyper,
         checkpoint_every: a.checkpoint_every,
-        keep_checkpoints: a.keep_checkpoints,
+        keep_checkpoints: a.run.keep_checkpoints,
         device,
         progress: true,
     };
     let summary = run(&opts).with_context(|| format!("finetuning into {}", a.out.display()))?;
-    if a.json {
+    if a.run.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(

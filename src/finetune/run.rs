@@ -129,22 +129,8 @@ fn check_run_folder(opts: &FinetuneOptions, hyper: &Hyperparameters) -> Result<b
             )));
         }
         let prev: RunFile = crate::error::read_json(&run_file)?;
-        if &prev.hyperparameters != hyper {
-            let a = serde_json::to_value(&prev.hyperparameters).expect("serialises");
-            let b = serde_json::to_value(hyper).expect("serialises");
-            let diff: Vec<String> = a
-                .as_object()
-                .expect("object")
-                .iter()
-                .filter(|(k, v)| b.get(k.as_str()) != Some(v))
-                .map(|(k, v)| format!("{k}: run has {v}, now {}", b[k.as_str()]))
-                .collect();
-            return Err(Error::Invalid(format!(
-                "--resume {}: hyperparameters differ from the run's ({}); a resumed run must use the same ones",
-                opts.out.display(),
-                diff.join("; ")
-            )));
-        }
+        let (a, b) = (serde_json::to_value(&prev.hyperparameters).expect("serialises"), serde_json::to_value(hyper).expect("serialises"));
+        crate::rahf::train::trainer::check_same_hyperparameters(&opts.out, &a, &b)?;
         return Ok(true);
     }
     if opts.resume {

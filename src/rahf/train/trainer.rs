@@ -328,20 +328,7 @@ fn check_run_folder(opts: &TrainOptions, hyper: &Hyperparameters) -> Result<Star
         let mut b = serde_json::to_value(hyper).expect("serialises");
         a["steps"] = 0.into();
         b["steps"] = 0.into();
-        if a != b {
-            let diff: Vec<String> = a
-                .as_object()
-                .expect("object")
-                .iter()
-                .filter(|(k, v)| b.get(k.as_str()) != Some(v))
-                .map(|(k, v)| format!("{k}: run has {v}, now {}", b[k.as_str()]))
-                .collect();
-            return Err(Error::Invalid(format!(
-                "--resume {}: hyperparameters differ from the run's ({}); a resumed run must use the same ones",
-                opts.out.display(),
-                diff.join("; ")
-            )));
-        }
+        check_same_hyperparameters(&opts.out, &a, &b)?;
         return Ok(Start::Resume(checkpoint::latest(&opts.out)?));
     }
     if opts.out.join("latest.json").exists() || run_file.exists() {
@@ -358,6 +345,26 @@ fn check_run_folder(opts: &TrainOptions, hyper: &Hyperparameters) -> Result<Star
         )));
     }
     Ok(Start::Fresh)
+}
+
+/// A resume's hyperparameters (`now`, as JSON) must be the run's (`prev`);
+/// otherwise the error names each that differs. Shared with `finetune`.
+pub(crate) fn check_same_hyperparameters(out: &Path, prev: &serde_json::Value, now: &serde_json::Value) -> Result<()> {
+    if prev == now {
+        return Ok(());
+    }
+    let diff: Vec<String> = prev
+        .as_object()
+        .expect("object")
+        .iter()
+        .filter(|(k, v)| now.get(k.as_str()) != Some(v))
+        .map(|(k, v)| format!("{k}: run has {v}, now {}", now[k.as_str()]))
+        .collect();
+    Err(Error::Invalid(format!(
+        "--resume {}: hyperparameters differ from the run's ({}); a resumed run must use the same ones",
+        out.display(),
+        diff.join("; ")
+    )))
 }
 
 /// Takes the run folder's lock (`.orchestrate.lock`, the job runner's: held
