@@ -110,14 +110,6 @@ struct RunFile {
 /// optimizer state not), as a kill would.
 const ABORT_ENV: &str = "ORCHESTRATE_FINETUNE_ABORT_IN_CHECKPOINT";
 
-fn resolve_precision(spec: &str, device: Device) -> Result<String> {
-    match spec {
-        "auto" => Ok(if device.is_cuda() { "bf16" } else { "fp32" }.into()),
-        "fp32" | "bf16" => Ok(spec.into()),
-        s => Err(Error::Invalid(format!("--precision `{s}`: expected auto, fp32 or bf16"))),
-    }
-}
-
 /// Decides, under the lock, whether the run starts fresh or resumes.
 fn check_run_folder(opts: &FinetuneOptions, hyper: &Hyperparameters) -> Result<bool> {
     let run_file = opts.out.join("train.json");
@@ -220,7 +212,7 @@ fn plot(run: &Path, entries: &[serde_json::Value]) -> Result<()> {
 
 pub fn run(opts: &FinetuneOptions) -> Result<FinetuneSummary> {
     let mut hyper = opts.hyper.clone();
-    hyper.precision = resolve_precision(&hyper.precision, opts.device)?;
+    hyper.precision = crate::rahf::train::trainer::resolve_precision(&hyper.precision, opts.device)?;
     hyper.validate()?;
     let data = ImageFolder::open(&opts.data)?;
     if opts.out.exists() && !opts.out.is_dir() {

@@ -239,7 +239,7 @@ impl ModelSource {
     }
 }
 
-fn resolve_precision(spec: &str, device: Device) -> Result<String> {
+pub(crate) fn resolve_precision(spec: &str, device: Device) -> Result<String> {
     match spec {
         "auto" => Ok(if device.is_cuda() { "bf16" } else { "fp32" }.into()),
         "fp32" | "bf16" => Ok(spec.into()),
