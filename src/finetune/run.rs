@@ -147,6 +147,7 @@ fn micro_batch(
     data: &ImageFolder,
     order: &mut crate::rahf::train::trainer::Order,
     hyper: &Hyperparameters,
+    num_train_timesteps: i64,
     index: u64,
 ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
     let b = hyper.batch_size as u64;
@@ -165,7 +166,7 @@ fn micro_batch(
     let (vae_noise, noise, timesteps) = crate::diffusion::noise::with_seed(torch_seed, |g| {
         let vae_noise = g.randn(&dist.mean.size(), Kind::Float);
         let noise = g.randn(&dist.mean.size(), Kind::Float);
-        let timesteps = Tensor::randint(1000, [b as i64], (Kind::Int64, Device::Cpu));
+        let timesteps = g.randint(num_train_timesteps, &[b as i64]);
         (vae_noise, noise, timesteps)
     });
     let latents = tch::no_grad(|| dist.sample(&vae_noise.to_device(pipe.device)) * pipe.vae.config.scaling_factor)
@@ -286,7 +287,7 @@ pub fn run(opts: &FinetuneOptions) -> Result<FinetuneSummary> {
     for step in start_step + 1..=total {
         let t0 = std::time::Instant::now();
         let micro: Vec<(Tensor, Tensor, Tensor, Tensor)> = ((step - 1) * accum..step * accum)
-            .map(|i| micro_batch(&pipe, &data, &mut order, &hyper, i))
+            .map(|i| micro_batch(&pipe, &data, &mut order, &hyper, schedule.num_train_timesteps, i))
             .collect::<Result<_>>()?;
         let inputs: Vec<StepInputs> = micro
             .iter()
