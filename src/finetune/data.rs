@@ -84,7 +84,8 @@ impl Transforms {
         let (nw, nh) = if w <= h { (r, (r as u64 * h as u64 / w as u64) as u32) } else { ((r as u64 * w as u64 / h as u64) as u32, r) };
         let img = if (nw, nh) == (w, h) { img } else { resize_rgb(&img, nw, nh, Filter::Bilinear) };
         let (top, left) = if self.center_crop {
-            (((nh - r) as f64 / 2.0).round() as i64, ((nw - r) as f64 / 2.0).round() as i64)
+            // torchvision: int(round((h - r) / 2.0)), Python's round (half to even).
+            (((nh - r) as f64 / 2.0).round_ties_even() as i64, ((nw - r) as f64 / 2.0).round_ties_even() as i64)
         } else {
             (rng.below((nh - r + 1) as u64) as i64, rng.below((nw - r + 1) as u64) as i64)
         };
