@@ -326,3 +326,26 @@ fn rand_name() -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
     N.fetch_add(1, Ordering::SeqCst).to_string()
 }
+
+/// Center crop offsets round as torchvision's (Python's round: half to even),
+/// and the schedules are diffusers' `get_scheduler`'s.
+#[test]
+fn center_crop_and_schedules_follow_torchvision_and_diffusers() {
+    use orchestrate::finetune::data::Transforms;
+    let dir = tempfile::tempdir().unwrap();
+    let t = Transforms { resolution: 32, center_crop: true, random_flip: false };
+    let mut rng = orchestrate::rng::Rng::new(0);
+    for (h, top) in [(33u32, 0i64), (35, 2), (37, 2)] {
+        // Row y has value y, so the crop's first row tells its offset.
+        let img = image::RgbImage::from_fn(32, h, |_, y| image::Rgb([y as u8; 3]));
+        let path = dir.path().join(format!("{h}.png"));
+        img.save(&path).unwrap();
+        let out = t.apply(&path, &mut rng).unwrap();
+        assert_eq!(out.size(), vec![3, 32, 32]);
+        assert_eq!(out.int64_value(&[0, 0, 0]), top, "height {h}");
+    }
+    let m = |s: &str, w: u64, k: u64| lr_multiplier(s, w, 10, k).unwrap();
+    assert_eq!((m("constant", 3, 0), m("constant_with_warmup", 4, 1), m("constant_with_warmup", 4, 5)), (1.0, 0.25, 1.0));
+    assert_eq!((m("linear", 0, 5), m("linear", 2, 6)), (0.5, 0.5));
+    assert!((m("cosine", 0, 5) - 0.5).abs() < 1e-15 && m("cosine", 2, 0) == 0.0);
+}
