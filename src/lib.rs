@@ -3,6 +3,7 @@ pub mod device;
 pub mod diffusion;
 pub mod env_report;
 pub mod error;
+pub mod finetune;
 pub mod generate;
 pub mod guidance;
 pub mod heatmap_io;

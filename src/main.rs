@@ -29,6 +29,8 @@ enum Command {
     Inpaint(InpaintArgs),
     /// Sample N images per prompt, score them with RAHF, keep the best that reach --threshold as an HF imagefolder.
     Filter(FilterArgs),
+    /// LoRA-finetune a pipeline's UNet on an imagefolder (diffusers' train_text_to_image_lora.py); the LoRA loads in diffusers.
+    Finetune(train_cli::FinetuneArgs),
     /// Sample with a RAHF score (aesthetics by default) as classifier guidance; compare with unguided.
     Guide(GuideArgs),
     /// Join the output folders of one job's `--shard i/n` runs (filter, inpaint or guide) into the unsharded result.
@@ -65,6 +67,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Env { json } => env(json),
         Command::Run(args) => run_recipe(args),
         Command::Generate(args) => generate(args),
+        Command::Finetune(args) => train_cli::run_finetune(args),
         Command::Score(args) => score(args),
         Command::Rahf(cmd) => rahf(cmd),
         Command::Inpaint(args) => inpaint(args),

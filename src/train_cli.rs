@@ -105,6 +105,13 @@ pub struct TrainArgs {
     /// Checkpoint every N steps (0: at the end only).
     #[arg(long, default_value_t = 1000)]
     checkpoint_every: u64,
+    #[command(flatten)]
+    run: TrainRunArgs,
+}
+
+/// What both trainers (`rahf train`, `finetune`) take about their run.
+#[derive(clap::Args)]
+pub struct TrainRunArgs {
     /// Checkpoints to keep (0: all).
     #[arg(long, default_value_t = 3)]
     keep_checkpoints: usize,
@@ -120,7 +127,7 @@ pub struct TrainArgs {
 }
 
 pub fn run_train(a: TrainArgs) -> Result<()> {
-    let device = orchestrate::device::parse_device(&a.device)?;
+    let device = orchestrate::device::parse_device(&a.run.device)?;
     let hyper = Hyperparameters {
         steps: a.steps,
         batch_size: a.batch_size,
@@ -135,7 +142,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         loss: LossWeights { heatmap: a.heatmap_weight, score: a.score_weight, keyword: a.keyword_weight },
         augment: if a.no_augment { AugmentConfig::none() } else { AugmentConfig::default() },
         seed: a.seed,
-        precision: a.precision.clone(),
+        precision: a.run.precision.clone(),
     };
     let has_dev = a.data.data.join("dev.tfrecord").exists();
     if !has_dev {
@@ -156,7 +163,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         hyper,
         eval_every: a.eval_every,
         checkpoint_every: a.checkpoint_every,
-        keep_checkpoints: a.keep_checkpoints,
+        keep_checkpoints: a.run.keep_checkpoints,
         device,
         progress: true,
         data_description: format!(
@@ -166,7 +173,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         ),
     };
     let summary = train(&opts, &train_split, dev).with_context(|| format!("training into {}", a.out.display()))?;
-    if a.json {
+    if a.run.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
@@ -309,5 +316,123 @@ pub struct HeatmapsArgs {
 pub fn run_heatmaps(a: HeatmapsArgs) -> Result<()> {
     let r = orchestrate::richhf::points::convert_points_file(&a.points, &a.out)?;
     println!("{} images, {} points -> {} heatmaps in {}", r.images, r.points, r.written.len(), a.out.display());
+    Ok(())
+}
+
+/// `orchestrate finetune`: LoRA finetuning of the UNet on an imagefolder, as
+/// diffusers' `train_text_to_image_lora.py` does it.
+#[derive(clap::Args)]
+pub struct FinetuneArgs {
+    /// The pipeline to finetune (SD 1.x/2.x diffusers folder or HF repo id).
+    #[arg(long)]
+    model: String,
+    /// An HF imagefolder: DIR/train/metadata.jsonl (or DIR/metadata.jsonl) with `file_name` and `text` (what `filter` writes).
+    #[arg(long)]
+    data: PathBuf,
+    /// The run folder: checkpoints, log.jsonl, curves.html, final/pytorch_lora_weights.safetensors.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in --out from its latest checkpoint, exactly (same settings).
+    #[arg(long)]
+    resume: bool,
+    /// Optimisation steps.
+    #[arg(long, default_value_t = 1000)]
+    steps: u64,
+    /// Examples per micro-batch (the script's --train_batch_size).
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    gradient_accumulation_steps: usize,
+    /// Learning rate (the script's default).
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// constant, constant_with_warmup, linear or cosine.
+    #[arg(long, default_value = "constant")]
+    lr_scheduler: String,
+    #[arg(long, default_value_t = 0)]
+    lr_warmup_steps: u64,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 4)]
+    rank: i64,
+    /// LoRA alpha (default: the rank, as the script; scale alpha/rank).
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Min-SNR-γ loss weighting (Hang et al.; 5.0 is the usual value). Default: plain MSE.
+    #[arg(long)]
+    snr_gamma: Option<f64>,
+    /// epsilon or v_prediction (default: the scheduler config's).
+    #[arg(long)]
+    prediction_type: Option<String>,
+    /// Images are resized (shorter side) and cropped to this.
+    #[arg(long, default_value_t = 512)]
+    resolution: u32,
+    /// Center crop (default: random crop).
+    #[arg(long)]
+    center_crop: bool,
+    /// Flip images horizontally at random.
+    #[arg(long)]
+    random_flip: bool,
+    #[arg(long, default_value_t = 1e-2)]
+    weight_decay: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Checkpoint every N steps (0: at the end only).
+    #[arg(long, default_value_t = 500)]
+    checkpoint_every: u64,
+    #[command(flatten)]
+    run: TrainRunArgs,
+}
+
+pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
+    use orchestrate::finetune::data::Transforms;
+    use orchestrate::finetune::run::{run, FinetuneOptions, Hyperparameters};
+    let device = orchestrate::device::parse_device(&a.run.device)?;
+    let prediction = a.prediction_type.as_deref().map(orchestrate::finetune::Prediction::parse).transpose()?;
+    let hyper = Hyperparameters {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        gradient_accumulation_steps: a.gradient_accumulation_steps,
+        learning_rate: a.lr,
+        lr_scheduler: a.lr_scheduler.clone(),
+        lr_warmup_steps: a.lr_warmup_steps,
+        rank: a.rank,
+        alpha: a.alpha.unwrap_or(a.rank as f64),
+        snr_gamma: a.snr_gamma,
+        prediction,
+        transforms: Transforms { resolution: a.resolution, center_crop: a.center_crop, random_flip: a.random_flip },
+        adamw: AdamWConfig {
+            weight_decay: a.weight_decay,
+            max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+            ..Default::default()
+        },
+        seed: a.seed,
+        precision: a.run.precision.clone(),
+    };
+    let opts = FinetuneOptions {
+        model: a.model.clone(),
+        data: a.data.clone(),
+        out: a.out.clone(),
+        resume: a.resume,
+        hyper,
+        checkpoint_every: a.checkpoint_every,
+        keep_checkpoints: a.run.keep_checkpoints,
+        device,
+        progress: true,
+    };
+    let summary = run(&opts).with_context(|| format!("finetuning into {}", a.out.display()))?;
+    if a.run.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "trained {} steps (from step {}); last loss {}",
+            summary.steps,
+            summary.started_at_step,
+            summary.last_loss.map_or("-".into(), |l| format!("{l:.5}"))
+        );
+        println!("LoRA: {}  (curves: {})", summary.lora.display(), summary.run.join("curves.html").display());
+    }
     Ok(())
 }

@@ -149,6 +149,50 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// [`write_safetensors`] with the header's `__metadata__` (what diffusers
+/// reads a LoRA's adapter config from). The header is written here, with the
+/// metadata and the tensors in sorted order, so the same tensors give the
+/// same bytes in every process (the safetensors crate writes its metadata
+/// map in hash order).
+pub fn write_safetensors_with_metadata(path: &Path, tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> Result<()> {
+    let tmp = path.with_extension("safetensors.partial");
+    let mut owned: Vec<(String, Tensor)> =
+        tensors.iter().map(|(n, t)| (n.clone(), t.to_device(Device::Cpu).contiguous())).collect();
+    owned.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = serde_json::Map::new();
+    let meta: BTreeMap<&String, &String> = metadata.iter().collect();
+    header.insert("__metadata__".into(), serde_json::to_value(meta).expect("strings serialise"));
+    let mut data = Vec::new();
+    for (name, t) in &owned {
+        let dtype = match t.kind() {
+            Kind::Float => "F32",
+            Kind::Half => "F16",
+            Kind::BFloat16 => "BF16",
+            k => return Err(Error::Invalid(format!("{}: cannot write tensor {name} of dtype {k:?}", path.display()))),
+        };
+        let start = data.len();
+        let n = t.numel() * t.kind().elt_size_in_bytes();
+        data.resize(start + n, 0u8);
+        t.copy_data_u8(&mut data[start..], t.numel());
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": dtype, "shape": t.size(), "data_offsets": [start, start + n] }),
+        );
+    }
+    // serde_json's map keeps keys sorted (no preserve_order), so the header is canonical.
+    let mut json = serde_json::to_vec(&header).expect("serialises");
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut bytes = Vec::with_capacity(8 + json.len() + data.len());
+    bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&json);
+    bytes.extend_from_slice(&data);
+    std::fs::write(&tmp, &bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
 impl Weights {
     /// Loads one or more safetensors files; floating-point tensors are cast
     /// to `kind`, every tensor is moved to `device`.

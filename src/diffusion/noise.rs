@@ -38,6 +38,12 @@ impl GlobalGenerator {
     pub fn randn(&mut self, shape: &[i64], kind: Kind) -> Tensor {
         Tensor::randn(shape, (kind, Device::Cpu))
     }
+
+    /// `torch.randint(0, high, shape)` (int64) on the CPU, the next draw of
+    /// the stream (training's timesteps).
+    pub fn randint(&mut self, high: i64, shape: &[i64]) -> Tensor {
+        Tensor::randint(high, shape, (Kind::Int64, Device::Cpu))
+    }
 }
 
 /// Runs `draw` on the global generator freshly seeded with `seed`, holding it

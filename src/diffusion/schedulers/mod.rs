@@ -47,7 +47,7 @@ pub mod config;
 mod ddim;
 mod dpm;
 mod euler;
-mod schedule;
+pub(crate) mod schedule;
 
 pub use config::SchedulerConfig;
 

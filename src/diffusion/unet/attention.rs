@@ -6,13 +6,57 @@ use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::weights::Vb;
 use tch::Tensor;
 
+/// A trainable LoRA on a projection (peft's `LoraLayer`, dropout 0):
+/// `y = W x + scale · up(down(x))`, `scale = alpha / rank`.
+pub struct LoraDelta {
+    /// `lora_A`: [rank, in].
+    pub down: Tensor,
+    /// `lora_B`: [out, rank].
+    pub up: Tensor,
+    pub scale: f64,
+}
+
+/// An attention projection, with the LoRA that finetuning trains when the
+/// weights hold one next to it: `NAME.lora_A.weight`, `NAME.lora_B.weight`
+/// and `NAME.alpha` (a scalar; diffusers' network-alpha spelling). Inference
+/// never has one: LoRAs to sample with are merged into `W` when loading.
+pub struct Projection {
+    base: Linear,
+    lora: Option<LoraDelta>,
+}
+
+impl Projection {
+    fn load(vb: &Vb, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
+        let base = Linear::load(vb, in_dim, out_dim, bias)?;
+        let lora = if vb.contains("lora_A.weight") {
+            let down = vb.get_any("lora_A.weight")?;
+            let rank = down.size()[0];
+            let down = vb.get("lora_A.weight", &[rank, in_dim])?;
+            let up = vb.get("lora_B.weight", &[out_dim, rank])?;
+            let alpha = vb.get("alpha", &[])?.double_value(&[]);
+            Some(LoraDelta { down, up, scale: alpha / rank as f64 })
+        } else {
+            None
+        };
+        Ok(Projection { base, lora })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let y = self.base.forward(x);
+        match &self.lora {
+            None => y,
+            Some(l) => y + x.linear(&l.down, None::<Tensor>).linear(&l.up, None::<Tensor>) * l.scale,
+        }
+    }
+}
+
 /// diffusers' `Attention` with `AttnProcessor2_0`: bias-free q/k/v, biased
 /// `to_out.0`, scaled-dot-product attention over `heads` heads.
 pub struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: Projection,
+    to_k: Projection,
+    to_v: Projection,
+    to_out: Projection,
     heads: i64,
 }
 
@@ -22,10 +66,10 @@ impl Attention {
     pub fn load(vb: &Vb, query_dim: i64, kv_dim: i64, heads: i64, head_dim: i64) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Attention {
-            to_q: Linear::load(&vb.pp("to_q"), query_dim, inner, false)?,
-            to_k: Linear::load(&vb.pp("to_k"), kv_dim, inner, false)?,
-            to_v: Linear::load(&vb.pp("to_v"), kv_dim, inner, false)?,
-            to_out: Linear::load(&vb.pp("to_out").pp(0), inner, query_dim, true)?,
+            to_q: Projection::load(&vb.pp("to_q"), query_dim, inner, false)?,
+            to_k: Projection::load(&vb.pp("to_k"), kv_dim, inner, false)?,
+            to_v: Projection::load(&vb.pp("to_v"), kv_dim, inner, false)?,
+            to_out: Projection::load(&vb.pp("to_out").pp(0), inner, query_dim, true)?,
             heads,
         })
     }
@@ -116,26 +160,26 @@ impl BasicTransformerBlock {
 
 /// `proj_in`/`proj_out` are 1x1 convs on the image layout, or linears on the
 /// token layout with `use_linear_projection` (SD 2.x).
-enum Projection {
+enum ProjInOut {
     Conv(Conv2d),
     Linear(Linear),
 }
 
-impl Projection {
+impl ProjInOut {
     fn load(vb: &Vb, in_dim: i64, out_dim: i64, linear: bool) -> Result<Self> {
         Ok(if linear {
-            Projection::Linear(Linear::load(vb, in_dim, out_dim, true)?)
+            ProjInOut::Linear(Linear::load(vb, in_dim, out_dim, true)?)
         } else {
-            Projection::Conv(Conv2d::load(vb, in_dim, out_dim, 1, 1, 0, true)?)
+            ProjInOut::Conv(Conv2d::load(vb, in_dim, out_dim, 1, 1, 0, true)?)
         })
     }
 }
 
 pub struct Transformer2DModel {
     norm: GroupNorm,
-    proj_in: Projection,
+    proj_in: ProjInOut,
     transformer_blocks: Vec<BasicTransformerBlock>,
-    proj_out: Projection,
+    proj_out: ProjInOut,
 }
 
 impl Transformer2DModel {
@@ -148,9 +192,9 @@ impl Transformer2DModel {
             .collect::<Result<Vec<_>>>()?;
         Ok(Transformer2DModel {
             norm: GroupNorm::load(&vb.pp("norm"), s.groups, s.channels, GROUP_NORM_EPS)?,
-            proj_in: Projection::load(&vb.pp("proj_in"), s.channels, inner, s.use_linear_projection)?,
+            proj_in: ProjInOut::load(&vb.pp("proj_in"), s.channels, inner, s.use_linear_projection)?,
             transformer_blocks,
-            proj_out: Projection::load(&vb.pp("proj_out"), inner, s.channels, s.use_linear_projection)?,
+            proj_out: ProjInOut::load(&vb.pp("proj_out"), inner, s.channels, s.use_linear_projection)?,
         })
     }
 
@@ -167,15 +211,15 @@ impl Transformer2DModel {
         };
         let normed = self.norm.forward(x);
         let mut tokens = match &self.proj_in {
-            Projection::Conv(c) => to_tokens(&c.forward(&normed)),
-            Projection::Linear(l) => l.forward(&to_tokens(&normed)),
+            ProjInOut::Conv(c) => to_tokens(&c.forward(&normed)),
+            ProjInOut::Linear(l) => l.forward(&to_tokens(&normed)),
         };
         for block in &self.transformer_blocks {
             tokens = block.forward(&tokens, context);
         }
         let out = match &self.proj_out {
-            Projection::Conv(c) => c.forward(&to_image(&tokens)),
-            Projection::Linear(l) => to_image(&l.forward(&tokens)),
+            ProjInOut::Conv(c) => c.forward(&to_image(&tokens)),
+            ProjInOut::Linear(l) => to_image(&l.forward(&tokens)),
         };
         out + x
     }

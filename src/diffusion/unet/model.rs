@@ -24,6 +24,13 @@ pub struct UNet2DConditionModel {
     kind: Kind,
 }
 
+/// The timesteps of a UNet call: one for the whole batch (sampling), or one
+/// per sample (training).
+pub enum Timesteps {
+    Shared(f64),
+    PerSample(Tensor),
+}
+
 /// SDXL's added conditioning (diffusers' `added_cond_kwargs`), one row per
 /// UNet batch entry (both CFG halves).
 #[derive(Debug)]
@@ -179,9 +186,16 @@ impl UNet2DConditionModel {
     }
 
     /// The time embedding every resnet receives, in the model's dtype.
-    fn time_embed(&self, timestep: f64, batch: i64, device: tch::Device, added: Option<&AddedCond>) -> Tensor {
+    fn time_embed(&self, timesteps: &Timesteps, batch: i64, device: tch::Device, added: Option<&AddedCond>) -> Tensor {
         let c = &self.config;
-        let t = timestep_embedding(timestep, batch, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift, device);
+        let t = match timesteps {
+            Timesteps::Shared(t) => {
+                timestep_embedding(*t, batch, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift, device)
+            }
+            Timesteps::PerSample(t) => {
+                sinusoidal_embedding(&t.to_device(device), c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+            }
+        };
         // The sinusoids are float32 whatever the weights are; diffusers casts
         // them to the sample's dtype before the MLP, and so do we.
         let mut emb = self.time_embedding.forward(&t.to_kind(self.kind));
@@ -224,6 +238,18 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         added: Option<&AddedCond>,
     ) -> Tensor {
+        self.forward_timesteps(sample, &Timesteps::Shared(timestep), encoder_hidden_states, added)
+    }
+
+    /// [`Self::forward_added`] with the timesteps as training draws them:
+    /// one per sample (`[B]`, any dtype; embedded in float32 as diffusers does).
+    pub fn forward_timesteps(
+        &self,
+        sample: &Tensor,
+        timesteps: &Timesteps,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedCond>,
+    ) -> Tensor {
         let sample = sample.to_kind(self.kind);
         let context = encoder_hidden_states.to_kind(self.kind);
         let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample };
@@ -234,7 +260,7 @@ impl UNet2DConditionModel {
         let factor = 1i64 << (self.up_blocks.len().saturating_sub(1));
         let forward_upsample_size = h % factor != 0 || w % factor != 0;
 
-        let temb = self.time_embed(timestep, batch, sample.device(), added);
+        let temb = self.time_embed(timesteps, batch, sample.device(), added);
         let mut x = self.conv_in.forward(&sample);
 
         let mut skips = vec![x.shallow_clone()];

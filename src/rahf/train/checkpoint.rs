@@ -66,6 +66,33 @@ pub fn save(
     Ok(dir)
 }
 
+/// Writes a checkpoint whose files `fill` puts into the folder it is given (a
+/// temporary `.step-NNNNNNNN.partial-PID`, renamed to `step-NNNNNNNN/` once
+/// complete; `fill` must write `trainer_state.json`, which [`latest`] checks),
+/// then points `latest.json` at it and keeps the newest `keep` (0: all). A kill
+/// at any moment leaves the previous checkpoint named by `latest.json` and
+/// a temporary folder that [`clean_interrupted`] removes. For trainers whose
+/// checkpoints are not RAHF folders (`finetune`).
+pub fn save_with(run: &Path, step: u64, keep: usize, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let dir = step_dir(run, step);
+    let name = dir.file_name().expect("step-N").to_string_lossy().to_string();
+    let tmp = checkpoints_dir(run).join(format!(".{name}.partial-{}", std::process::id()));
+    for d in [&tmp, &dir] {
+        if d.exists() {
+            // Left by an interrupted save of this step (latest.json never named it).
+            std::fs::remove_dir_all(d).map_err(|e| Error::io(d, e))?;
+        }
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    fill(&tmp)?;
+    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+    let rel = dir.strip_prefix(run).unwrap_or(&dir).to_path_buf();
+    let latest = serde_json::to_vec_pretty(&Latest { step, path: rel }).expect("serialises");
+    write_atomic(&run.join("latest.json"), &latest)?;
+    prune(run, keep)?;
+    Ok(dir)
+}
+
 fn prune(run: &Path, keep: usize) -> Result<()> {
     if keep == 0 {
         return Ok(());

@@ -156,14 +156,14 @@ struct StepLog {
 
 /// Which sample fills position `p` of the endless stream of training samples:
 /// epoch `p / n`, in that epoch's own shuffled order.
-struct Order {
-    seed: u64,
-    n: usize,
-    cache: Option<(u64, Vec<usize>)>,
+pub(crate) struct Order {
+    pub(crate) seed: u64,
+    pub(crate) n: usize,
+    pub(crate) cache: Option<(u64, Vec<usize>)>,
 }
 
 impl Order {
-    fn index(&mut self, p: u64) -> usize {
+    pub(crate) fn index(&mut self, p: u64) -> usize {
         let epoch = p / self.n as u64;
         if self.cache.as_ref().map(|c| c.0) != Some(epoch) {
             let mut perm: Vec<usize> = (0..self.n).collect();
@@ -239,7 +239,7 @@ impl ModelSource {
     }
 }
 
-fn resolve_precision(spec: &str, device: Device) -> Result<String> {
+pub(crate) fn resolve_precision(spec: &str, device: Device) -> Result<String> {
     match spec {
         "auto" => Ok(if device.is_cuda() { "bf16" } else { "fp32" }.into()),
         "fp32" | "bf16" => Ok(spec.into()),
@@ -328,20 +328,7 @@ fn check_run_folder(opts: &TrainOptions, hyper: &Hyperparameters) -> Result<Star
         let mut b = serde_json::to_value(hyper).expect("serialises");
         a["steps"] = 0.into();
         b["steps"] = 0.into();
-        if a != b {
-            let diff: Vec<String> = a
-                .as_object()
-                .expect("object")
-                .iter()
-                .filter(|(k, v)| b.get(k.as_str()) != Some(v))
-                .map(|(k, v)| format!("{k}: run has {v}, now {}", b[k.as_str()]))
-                .collect();
-            return Err(Error::Invalid(format!(
-                "--resume {}: hyperparameters differ from the run's ({}); a resumed run must use the same ones",
-                opts.out.display(),
-                diff.join("; ")
-            )));
-        }
+        check_same_hyperparameters(&opts.out, &a, &b)?;
         return Ok(Start::Resume(checkpoint::latest(&opts.out)?));
     }
     if opts.out.join("latest.json").exists() || run_file.exists() {
@@ -358,6 +345,26 @@ fn check_run_folder(opts: &TrainOptions, hyper: &Hyperparameters) -> Result<Star
         )));
     }
     Ok(Start::Fresh)
+}
+
+/// A resume's hyperparameters (`now`, as JSON) must be the run's (`prev`);
+/// otherwise the error names each that differs. Shared with `finetune`.
+pub(crate) fn check_same_hyperparameters(out: &Path, prev: &serde_json::Value, now: &serde_json::Value) -> Result<()> {
+    if prev == now {
+        return Ok(());
+    }
+    let diff: Vec<String> = prev
+        .as_object()
+        .expect("object")
+        .iter()
+        .filter(|(k, v)| now.get(k.as_str()) != Some(v))
+        .map(|(k, v)| format!("{k}: run has {v}, now {}", now[k.as_str()]))
+        .collect();
+    Err(Error::Invalid(format!(
+        "--resume {}: hyperparameters differ from the run's ({}); a resumed run must use the same ones",
+        out.display(),
+        diff.join("; ")
+    )))
 }
 
 /// Takes the run folder's lock (`.orchestrate.lock`, the job runner's: held
@@ -378,7 +385,7 @@ fn lock_run_folder(opts: &TrainOptions, hyper: &Hyperparameters) -> Result<(std:
 }
 
 /// Keeps `log.jsonl` consistent with a resumed run: lines after the checkpoint go.
-fn truncate_log(path: &Path, step: u64) -> Result<Vec<serde_json::Value>> {
+pub(crate) fn truncate_log(path: &Path, step: u64) -> Result<Vec<serde_json::Value>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
