@@ -229,9 +229,11 @@ fn records(out: &Path) -> Vec<serde_json::Value> {
 fn best_of_n_spends_the_guided_budget() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    // Guided steps cost far more than unguided ones: three passes per step,
-    // each with a UNet and VAE backward.
-    let args = ["--steps", "3", "--recurrence", "4", "--images-per-prompt", "2", "--compare", "best-of-n", "--batch-size", "2"];
+    // Guided steps cost far more than unguided ones: eight passes per step,
+    // each with a UNet and VAE backward, so N is about 20 and half a
+    // candidate (the rule's granularity) is a few % of the budget even when
+    // other tests share the cores.
+    let args = ["--steps", "3", "--recurrence", "8", "--images-per-prompt", "2", "--compare", "best-of-n", "--batch-size", "2"];
     let (summary, o) = guide_cli(tmp.path(), &out, &args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let b = &summary["figures"]["best_of_n"];
