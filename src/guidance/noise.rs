@@ -5,7 +5,7 @@
 //!
 //! # One iteration
 //! From the noise `x` (the image's seeded initial latents, float32) the
-//! sampler runs as [`StableDiffusion::sample`] does (same conditioning, CFG,
+//! sampler runs through the one denoising loop, as [`StableDiffusion::sample`] does (same conditioning, CFG,
 //! scheduler and step noise), the final latents are decoded by the gradient
 //! path's decoder ([`Guider::decode_pixels`]) and scored by the spec; `g` is
 //! the gradient of the spec's value with respect to `x`. The noise then moves
@@ -37,7 +37,7 @@
 //! ancestral (whose step noise is drawn once per image, as in sampling);
 //! DPM-Solver++ is refused.
 use super::{vjp, Guider};
-use crate::diffusion::core::{BatchNoise, Conditioning, NoiseSpec};
+use crate::diffusion::core::{BatchNoise, Conditioning, DenoiseLoop, NoiseSpec};
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings};
 use crate::diffusion::schedulers::{self, SchedulerKind};
 use crate::error::{Error, Result};
@@ -145,16 +145,17 @@ impl Guider<'_> {
         let mut unguided = None;
         let (mut forwards, mut backwards) = (0, 0);
         for it in 0..=opt.iterations {
-            // Forward without gradients, keeping each step's input.
-            let (inputs, last) = tch::no_grad(|| {
-                let mut latents = x.to_kind(kind) * scheduler.init_noise_sigma();
-                let mut inputs = Vec::new();
-                for i in 0..scheduler.timesteps().len() {
-                    let out = cond.model_output(&pipe.unet, scheduler.as_ref(), i, &latents, None);
-                    let next = scheduler.step(&out, i, &latents, noise.step(i).as_ref());
-                    inputs.push(std::mem::replace(&mut latents, next));
+            // Forward through the one denoising loop (no gradients), keeping
+            // each step's input: the first latents, then every step's result
+            // but the last.
+            let n = scheduler.timesteps().len();
+            let first = x.to_kind(kind) * scheduler.init_noise_sigma();
+            let mut inputs = vec![first.shallow_clone()];
+            let denoise = DenoiseLoop { unet: &pipe.unet, cond: &cond, noise: &noise, start: 0, end: n, extra_channels: None };
+            let last = denoise.run(scheduler.as_mut(), first, &mut |_, _, l| l, &mut |k, l| {
+                if k + 1 < n {
+                    inputs.push(l.shallow_clone());
                 }
-                (inputs, latents)
             });
             forwards += inputs.len();
             if it == 0 {
