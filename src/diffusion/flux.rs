@@ -32,11 +32,12 @@
 use crate::diffusion::clip::{ClipTextConfig, ClipTextModel};
 use crate::diffusion::core::{BatchNoise, Conditioning, DenoiseLoop, Denoiser, ImageNoise, NoiseSpec};
 use crate::diffusion::dit::flux::{latent_image_ids, pack_latents, unpack_latents, FluxConfig, FluxTransformer2DModel};
-use crate::diffusion::inpaint::{image_tensor, mask_tensor, InpaintMode, InpaintSource};
+use crate::diffusion::inpaint::{image_tensor, mask_tensor, InpaintSource};
 use crate::diffusion::model_dir::{weights_in_variant, ModelDir};
 use crate::diffusion::noise::GlobalGenerator;
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings};
-use crate::diffusion::schedulers::{flow_match, Scheduler, SchedulerConfig, SchedulerKind};
+use crate::diffusion::schedulers::schedule::np_linspace;
+use crate::diffusion::schedulers::{self, flow_match, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::diffusion::tokenizer::ClipTokenizer;
 use crate::diffusion::vae::{AutoencoderKL, VaeConfig};
 use crate::error::{Error, Result};
@@ -316,20 +317,10 @@ impl FluxPipeline {
                 settings.scheduler
             )));
         }
-        let c = &self.scheduler_config;
-        let seq = ((h / 2) * (w / 2)) as usize;
-        let mu = flow_match::calculate_shift(
-            seq,
-            c.base_image_seq_len.unwrap_or(256),
-            c.max_image_seq_len.unwrap_or(4096),
-            c.base_shift.unwrap_or(0.5),
-            c.max_shift.unwrap_or(1.15),
-        );
+        let mu = flow_match::mu_for(&self.scheduler_config, (h / 2) * (w / 2));
         let steps = settings.steps;
-        let sigmas: Vec<f64> = (0..steps)
-            .map(|i| if steps == 1 { 1.0 } else { 1.0 + (1.0 / steps as f64 - 1.0) * i as f64 / (steps - 1) as f64 })
-            .collect();
-        flow_match::build_flow_with_sigmas(c, &sigmas, Some(mu))
+        let sigmas = np_linspace(1.0, 1.0 / steps as f64, steps);
+        schedulers::build_flow_with_sigmas(&self.scheduler_config, &sigmas, Some(mu))
     }
 
     fn noise_spec(&self, h: i64, w: i64) -> NoiseSpec {
@@ -360,13 +351,12 @@ impl FluxPipeline {
         self.decode_checked(&latents)
     }
 
-    /// FLUX's `get_timesteps`: `t_start = int(max(steps - steps * strength, 0))`.
+    /// FLUX's `get_timesteps` start for `strength` in (0, 1].
     fn start_for_strength(settings: &SamplingSettings, strength: f64, n: usize) -> Result<usize> {
         if !(strength > 0.0 && strength <= 1.0) {
             return Err(Error::field("strength", format!("{strength}: must be in (0, 1]")));
         }
-        let steps = settings.steps as f64;
-        let start = (steps - (steps * strength).min(steps)).max(0.0) as usize;
+        let start = flow_match::start_index_for_strength(settings.steps, strength);
         if start >= n {
             return Err(Error::field("strength", format!("{strength} with {} steps leaves no denoising step", settings.steps)));
         }
