@@ -17,8 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
-/// Pixel levels (of 255).
-const IMAGE_MAX: f64 = 2.0;
+/// Pixel levels (of 255): measured 0 on every image here (the transformer is
+/// bit-identical on CPU in float32); 1 leaves room for another CPU's kernels.
+const IMAGE_MAX: f64 = 1.0;
+/// Transformer output, relative to its largest value (measured 0).
+const TRANSFORMER_REL: f64 = 1e-6;
 const NAMES: [&str; 3] = ["flux-tiny-dev", "flux-tiny-schnell", "flux-tiny-unseen"];
 
 fn fixture_dir() -> PathBuf {
@@ -87,12 +90,12 @@ fn transformer_matches_diffusers() {
         let d = max_abs_diff(&out, want);
         let scale = f64::try_from(want.abs().max()).unwrap();
         eprintln!("{name}: transformer max |diff| {d:e} (output max {scale:.3})");
-        assert!(d <= 1e-5 * scale.max(1.0), "{name}: transformer differs by {d}");
+        assert!(d <= TRANSFORMER_REL * scale.max(1.0), "{name}: transformer differs by {d}");
         if model.has_guidance() {
             let g1 = Tensor::from_slice(&[1.0f32, 1.0]);
             let out1 = tch::no_grad(|| model.forward(&hs, &ehs, &pp, timestep, Some(&g1), &txt_ids, &img_ids));
             let d1 = max_abs_diff(&out1, r.t(name, "transformer.out_guidance1"));
-            assert!(d1 <= 1e-5 * scale.max(1.0), "{name}: guidance 1 differs by {d1}");
+            assert!(d1 <= TRANSFORMER_REL * scale.max(1.0), "{name}: guidance 1 differs by {d1}");
             assert!(max_abs_diff(&out1, &out) > 1e-4, "{name}: guidance has no effect");
         }
     }
@@ -143,7 +146,8 @@ fn text_encoders_match_diffusers() {
         let de = max_abs_diff(&embeds, r.t(name, "encode.prompt_embeds"));
         let dp = max_abs_diff(&pooled, r.t(name, "encode.pooled_prompt_embeds"));
         eprintln!("{name}: T5 embeds max |diff| {de:e}, CLIP pooled {dp:e}");
-        assert!(de < 1e-5 && dp < 1e-5, "{name}: text embeddings differ ({de}, {dp})");
+        // measured: T5 4.8e-7 (values ~1), CLIP pooled 0
+        assert!(de <= 2e-6 && dp <= 1e-6, "{name}: text embeddings differ ({de}, {dp})");
     }
 }
 
@@ -202,9 +206,10 @@ fn text_to_image_matches_diffusers() {
     }
 }
 
-/// The dev fixture's final latents of the first image (same seed, same prompt).
+/// The dev fixture's initial noise (four per-image draws), and one image
+/// sampled alone equals its row of diffusers' batch.
 #[test]
-fn dev_noise_and_latents_match_diffusers() {
+fn dev_noise_and_a_single_image_match_diffusers() {
     let r = refs();
     let name = "flux-tiny-dev";
     let pipe = load_pipe(name);
@@ -295,4 +300,75 @@ fn bad_transformer_configs_are_refused() {
     .unwrap();
     let e = FluxTransformer2DModel::load(w.root(), config).err().unwrap().to_string();
     assert!(e.contains("num_layers"), "{e}");
+}
+
+/// `generate` on the dev folder, through the binary: diffusers' images of
+/// the first prompt, seeds 1234 and 1235 (the scheduler and size are the
+/// folder's defaults but for the fixture's small size).
+#[test]
+fn generate_cli_gives_diffusers_images() {
+    let r = refs();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("gen");
+    let o = common::bin()
+        .arg("generate")
+        .arg("--model")
+        .arg(fixture_dir().join("flux-tiny-dev"))
+        .args(["--prompt", "a photo of a red cat", "--seed", "1234", "--images-per-prompt", "2", "--batch-size", "2"])
+        .args(["--steps", "4", "--guidance-scale", "3.5", "--height", "32", "--width", "32"])
+        .args(["--device", "cpu", "--dtype", "fp32", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<Value> = std::fs::read_to_string(out.join("images.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (k, line) in lines.iter().enumerate() {
+        let img = image::open(out.join(line["file"].as_str().unwrap())).unwrap().to_rgb8();
+        let got = Tensor::from_slice(img.as_raw()).view([1, 32, 32, 3]).to_kind(Kind::Float);
+        let want = r.t("flux-tiny-dev", "t2i.image").narrow(0, k as i64, 1).to_kind(Kind::Float);
+        let d = max_abs_diff(&got, &want);
+        assert!(d <= IMAGE_MAX, "generate image {k} differs from diffusers by {d}/255");
+    }
+}
+
+/// `filter` and `inpaint` run end to end on a FLUX folder with the tiny RAHF.
+#[test]
+fn filter_and_inpaint_jobs_run_on_flux() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rahf = tmp.path().join("rahf");
+    common::import_tiny_rahf(&rahf);
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "a photo of a red cat\n").unwrap();
+    let model = fixture_dir().join("flux-tiny-schnell");
+    let job = |name: &str, extra: &[&std::ffi::OsStr]| {
+        common::bin()
+            .arg(name)
+            .arg("--model")
+            .arg(&model)
+            .arg("--rahf")
+            .arg(&rahf)
+            .args(["--steps", "2", "--guidance-scale", "0", "--height", "32", "--width", "32", "--device", "cpu"])
+            .args(extra)
+            .arg("--out")
+            .arg(tmp.path().join(name))
+            .output()
+            .unwrap()
+    };
+    let o = job("filter", &["--prompts".as_ref(), prompts.as_os_str(), "--samples".as_ref(), "2".as_ref(), "--threshold".as_ref(), "0".as_ref()]);
+    assert!(o.status.success(), "filter: {}", String::from_utf8_lossy(&o.stderr));
+    let meta = std::fs::read_to_string(tmp.path().join("filter/train/metadata.jsonl")).unwrap();
+    assert_eq!(meta.lines().count(), 1, "{meta}");
+
+    // inpaint the images filter kept
+    let input = tmp.path().join("filter");
+    let o = job("inpaint", &["--input".as_ref(), input.as_os_str(), "--candidates".as_ref(), "2".as_ref(), "--mask-threshold".as_ref(), "0".as_ref()]);
+    assert!(o.status.success(), "inpaint: {}", String::from_utf8_lossy(&o.stderr));
+    let manifest = std::fs::read_to_string(tmp.path().join("inpaint/manifest.jsonl")).unwrap();
+    let item: Value = serde_json::from_str(manifest.lines().next().unwrap()).unwrap();
+    assert_eq!(item["candidates"].as_array().map(Vec::len), Some(2), "{manifest}");
 }
