@@ -339,6 +339,27 @@ fn generate_cli_gives_diffusers_images() {
         let d = max_abs_diff(&got, &want);
         assert!(d <= IMAGE_MAX, "generate image {k} differs from diffusers by {d}/255");
     }
+    // img2img from an init image (FluxImg2ImgPipeline, strength 0.6)
+    let init = tmp.path().join("init.png");
+    common::rgb_from_hwc(r.t("flux-tiny-dev", "inputs.image")).save(&init).unwrap();
+    let out = tmp.path().join("img2img");
+    let o = common::bin()
+        .arg("generate")
+        .arg("--model")
+        .arg(fixture_dir().join("flux-tiny-dev"))
+        .args(["--prompt", "a photo of a red cat", "--seed", "1234", "--steps", "4", "--guidance-scale", "3.5"])
+        .args(["--height", "32", "--width", "32", "--strength", "0.6", "--device", "cpu", "--dtype", "fp32"])
+        .arg("--init-image")
+        .arg(&init)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(out.join("p000_s1234.png")).unwrap().to_rgb8();
+    let got = Tensor::from_slice(img.as_raw()).view([1, 32, 32, 3]).to_kind(Kind::Float);
+    let d = max_abs_diff(&got, &r.t("flux-tiny-dev", "img2img.image").to_kind(Kind::Float));
+    assert!(d <= IMAGE_MAX, "generate --init-image differs from diffusers by {d}/255");
 }
 
 /// `filter` and `inpaint` run end to end on a FLUX folder with the tiny RAHF.

@@ -294,7 +294,18 @@ impl FluxPipeline {
 
     /// The conditioning of a batch: T5 states, CLIP pooled, and for a dev
     /// checkpoint the embedded guidance scale.
+    /// `clip_skip` is refused (FluxPipeline has none); a negative prompt is
+    /// ignored with a warning (FLUX samples without classifier-free guidance).
     pub fn conditioning(&self, requests: &[ImageRequest], settings: &SamplingSettings) -> Result<Conditioning> {
+        if let Some(k) = settings.clip_skip {
+            return Err(Error::field(
+                "clip_skip",
+                format!("{k}: {} is a FLUX pipeline, which takes no clip_skip", self.checkpoint.display()),
+            ));
+        }
+        if requests.iter().any(|r| !r.negative_prompt.is_empty()) {
+            tracing::warn!("FLUX samples without classifier-free guidance: the negative prompt is not used");
+        }
         let prompts: Vec<String> = requests.iter().map(|r| r.prompt.clone()).collect();
         let (embeds, pooled) = self.encode_prompts(&prompts)?;
         Ok(Conditioning {
