@@ -421,3 +421,16 @@ fn half_precision_matches_diffusers() {
         assert!(d <= max && mean <= mean_max, "{kind:?}: differs from diffusers by {d} (mean {mean})");
     }
 }
+
+/// A FLUX folder is recognised by `model_index.json`; other FLUX pipeline
+/// classes (Fill: a 384-channel transformer) are refused by name.
+#[test]
+fn flux_classes_are_recognised() {
+    assert!(orchestrate::diffusion::flux::is_flux(&fixture_dir().join("flux-tiny-dev")).unwrap());
+    let sd = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/diffusion/sd-tiny");
+    assert!(!orchestrate::diffusion::flux::is_flux(&sd).unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("model_index.json"), r#"{"_class_name": "FluxFillPipeline"}"#).unwrap();
+    let e = orchestrate::diffusion::flux::is_flux(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("FluxFillPipeline") && e.contains("_class_name"), "{e}");
+}

@@ -205,14 +205,27 @@ impl FluxConfigs {
     }
 }
 
-/// Whether the folder's `model_index.json` names `FluxPipeline`.
+/// The `model_index.json` classes of a FLUX.1 folder loaded here (the three
+/// share their components).
+const FLUX_CLASSES: [&str; 3] = ["FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"];
+
+/// Whether the folder's `model_index.json` names a FLUX pipeline; another
+/// `Flux*` class (FLUX Fill, Kontext, ControlNet, ...) is an error naming it.
 pub fn is_flux(root: &Path) -> Result<bool> {
     let index = root.join("model_index.json");
     if !index.is_file() {
         return Ok(false);
     }
     let v: serde_json::Value = crate::error::read_json(&index)?;
-    Ok(v.get("_class_name").and_then(|c| c.as_str()) == Some("FluxPipeline"))
+    match v.get("_class_name").and_then(|c| c.as_str()) {
+        Some(c) if FLUX_CLASSES.contains(&c) => Ok(true),
+        Some(c) if c.starts_with("Flux") => Err(Error::unsupported(
+            index.display().to_string(),
+            "_class_name",
+            format!("{c} (FLUX.1 is loaded as {}; FLUX Fill, Kontext and the control pipelines are not supported)", FLUX_CLASSES.join(", ")),
+        )),
+        _ => Ok(false),
+    }
 }
 
 impl FluxPipeline {
