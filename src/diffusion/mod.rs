@@ -3,6 +3,8 @@
 //! ([`generator::Generator`]).
 pub mod clip;
 pub mod core;
+pub mod dit;
+pub mod flux;
 pub mod generator;
 pub mod inpaint;
 pub mod lora;

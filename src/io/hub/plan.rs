@@ -31,13 +31,14 @@ pub struct Plan {
     pub notes: Vec<String>,
 }
 
-/// The components a Stable Diffusion / SDXL pipeline reads (`load_pipeline_configs`):
-/// the safety checker, feature extractor and image encoder are never loaded.
-pub const PIPELINE_COMPONENTS: [&str; 7] =
-    ["unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"];
+/// The components a Stable Diffusion / SDXL pipeline reads (`load_pipeline_configs`),
+/// and FLUX's `transformer`: the safety checker, feature extractor and image
+/// encoder are never loaded.
+pub const PIPELINE_COMPONENTS: [&str; 8] =
+    ["unet", "transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"];
 
 /// Components whose folder must hold weights.
-const WEIGHTED: [&str; 4] = ["unet", "vae", "text_encoder", "text_encoder_2"];
+const WEIGHTED: [&str; 5] = ["unet", "transformer", "vae", "text_encoder", "text_encoder_2"];
 
 /// File types that hold weights (in any framework's format).
 const WEIGHT_EXTENSIONS: [&str; 11] =

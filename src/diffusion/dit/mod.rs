@@ -1,0 +1,2 @@
+//! Diffusion transformers.
+pub mod flux;
