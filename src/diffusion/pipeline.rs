@@ -534,9 +534,7 @@ impl StableDiffusion {
     /// VAE-decodes latents into images in [0, 1], float32 on the CPU. An
     /// upcast VAE (SDXL in fp16) gets the latents cast first, as diffusers does.
     pub fn decode_latents(&self, latents: &Tensor) -> Tensor {
-        let z = latents.to_kind(self.vae.kind()) / self.vae.config.scaling_factor;
-        let image = tch::no_grad(|| self.vae.decode(&z));
-        (image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0).to_device(Device::Cpu)
+        self.vae.latents_to_images(latents)
     }
 
     /// [`Self::decode_latents`], refusing NaN/inf pixels (a VAE that
