@@ -3,6 +3,7 @@
 //! ([`generator::Generator`]).
 pub mod clip;
 pub mod core;
+pub mod dit;
 pub mod generator;
 pub mod inpaint;
 pub mod lora;
