@@ -135,7 +135,7 @@ pub(crate) fn image_tensor(image: &RgbImage) -> Tensor {
 
 /// The mask as diffusers' mask processor makes it: [1, 1, H, W] float32, 1
 /// where `u8 / 255 >= 0.5`.
-fn mask_tensor(mask: &GrayImage) -> Tensor {
+pub(crate) fn mask_tensor(mask: &GrayImage) -> Tensor {
     let (w, h) = mask.dimensions();
     let values = Tensor::from_slice(mask.as_raw())
         .view([1, 1, h as i64, w as i64])

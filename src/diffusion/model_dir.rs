@@ -171,6 +171,32 @@ impl ModelDir {
     }
 }
 
+/// `model_index.json`'s `_class_name` in the pipeline folder `root` (`None`
+/// when the folder has no `model_index.json` or it names no class): which
+/// pipeline family [`crate::diffusion::generator::load`] builds.
+pub fn pipeline_class(root: &Path) -> Result<Option<String>> {
+    let path = root.join("model_index.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let index: serde_json::Value = crate::error::read_json(&path)?;
+    match index.get("_class_name") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(Error::unsupported(path.display().to_string(), "_class_name", format!("{other} (must be a string)"))),
+    }
+}
+
+/// Whether `source` names an SD3 pipeline folder (or cached repo): its
+/// `model_index.json` says `StableDiffusion3Pipeline`. Single files are not.
+pub fn is_sd3_source(source: &PipelineSource) -> Result<bool> {
+    if single_file::is_single_file(&source.model) {
+        return Ok(false);
+    }
+    let root = resolve_model_variant(&source.model, source.variant.as_deref())?;
+    Ok(pipeline_class(&root)?.as_deref() == Some(crate::diffusion::sd3::PIPELINE_CLASS))
+}
+
 /// The safetensors file(s) in a component folder (see [`ModelDir::weights`]).
 pub fn weights_in(dir: &Path) -> Result<Vec<PathBuf>> {
     weights_in_variant(dir, None)

@@ -218,7 +218,7 @@ pub fn load_configs(source: &PipelineSource) -> Result<Sd3Configs> {
     let scheduler = SchedulerConfig::load(&dir.config("scheduler", "scheduler_config.json")?)?;
     if scheduler.class_name.as_deref() != Some(FLOW_CLASS) {
         return Err(Error::unsupported(
-            scheduler.source.clone(),
+            scheduler.path.display().to_string(),
             "_class_name",
             format!("{:?} (an SD3 pipeline samples with {FLOW_CLASS})", scheduler.class_name.as_deref().unwrap_or("none")),
         ));

@@ -547,6 +547,8 @@ impl GeneratorInfo {
     pub fn describe(&self, spec: &str) -> String {
         let kind = if self.in_channels == 2 * self.latent_channels + 1 {
             format!("{} {}-channel inpainting UNet", self.family, self.in_channels)
+        } else if self.family == "SD3" {
+            "SD3 text-to-image MMDiT".to_string()
         } else {
             format!("{} text-to-image UNet", self.family)
         };
@@ -592,6 +594,21 @@ pub fn check_generator_with(spec: &str, vae: Option<&str>, variant: Option<&str>
 /// stand-ins of the shapes, every shape (`StableDiffusion::check_weights`).
 pub fn check_generator_source(source: &PipelineSource) -> Result<GeneratorInfo> {
     use crate::diffusion::model_dir::{Family, WeightsSource};
+    if crate::diffusion::model_dir::is_sd3_source(source)? {
+        let c = crate::diffusion::sd3::load_configs(source)?;
+        return Ok(GeneratorInfo {
+            default_scheduler: Some(SchedulerKind::FlowMatchEuler),
+            max_clip_skip: c.max_clip_skip(),
+            root: c.dir.root.clone(),
+            single_file: None,
+            in_channels: c.transformer.in_channels,
+            latent_channels: c.vae.latent_channels,
+            vae_scale_factor: c.vae.scale_factor(),
+            vae_dir: c.vae_dir.clone(),
+            native_size: Some(c.default_size()),
+            family: "SD3",
+        });
+    }
     let c = crate::diffusion::model_dir::load_pipeline(source)?;
     let single_file = match &c.weights {
         WeightsSource::SingleFile { file, .. } => Some((file.model_type.name(), c.dir.root.clone())),
