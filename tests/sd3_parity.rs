@@ -126,6 +126,9 @@ fn check_images(name: &str, max_seq: usize) {
     let no_t5 = pipe(name, max_seq).without_t5();
     let mut seen = 0;
     for (run_name, run) in &fx.runs {
+        if run["dtype"] == "float16" {
+            continue; // sd3_fp16_matches_diffusers
+        }
         let p = if run["t5"].as_bool().unwrap() { &base } else { &no_t5 };
         let s = settings(run);
         let reqs = requests(run);
@@ -231,4 +234,68 @@ fn sd3_bad_config_is_an_error_naming_the_field() {
     .unwrap();
     let err = SD3Transformer2DModel::load(w.root(), c).err().unwrap().to_string();
     assert!(err.contains("num_layers"), "{err}");
+}
+
+/// Copies the folder `from` (following symlinks) to `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        let dest = to.join(e.file_name());
+        if p.is_dir() {
+            copy_dir(&p, &dest);
+        } else {
+            std::fs::copy(&p, &dest).unwrap();
+        }
+    }
+}
+
+/// The components are checked against each other before any weight is
+/// read, naming the config file and field.
+#[test]
+fn sd3_mismatched_components_are_errors_naming_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str, Value, &str); 4] = [
+        ("transformer/config.json", "pooled_projection_dim", Value::from(11), "pooled_projection_dim"),
+        ("transformer/config.json", "joint_attention_dim", Value::from(16), "joint_attention_dim"),
+        ("transformer/config.json", "in_channels", Value::from(4), "in_channels"),
+        ("scheduler/scheduler_config.json", "_class_name", Value::from("EulerDiscreteScheduler"), "_class_name"),
+    ];
+    for (i, (file, field, value, named)) in cases.into_iter().enumerate() {
+        let d = tmp.path().join(format!("case{i}"));
+        copy_dir(&dir().join("sd3-tiny"), &d);
+        let path = d.join(file);
+        let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        c[field] = value;
+        std::fs::write(&path, serde_json::to_string(&c).unwrap()).unwrap();
+        let source = PipelineSource::new(d.to_str().unwrap());
+        let err = orchestrate::diffusion::sd3::load_configs(&source).err().unwrap().to_string();
+        assert!(err.contains(named) && err.contains(file.split('/').next().unwrap()), "{field}: {err}");
+    }
+}
+
+/// float16 on the CPU, against diffusers' float16 pipeline (its float16 images
+/// differ from its float32 ones by ~38/255 on average on these random
+/// weights, so this is a check of its own).
+#[test]
+fn sd3_fp16_matches_diffusers() {
+    let name = "sd3-tiny";
+    let fx = fixture(name);
+    let source = PipelineSource::new(dir().join(name).to_str().unwrap());
+    let p = StableDiffusion3Pipeline::load(&source, Device::Cpu, Kind::Half).unwrap().with_max_sequence_length(8).unwrap();
+    let run = &fx.runs["t5_cfg_fp16"];
+    assert_eq!(run["dtype"], "float16");
+    let latents = p.sample_latents(&requests(run), &settings(run), &mut |_, _| {}).unwrap();
+    assert_eq!(latents.kind(), Kind::Half);
+    let got = to_rgb_bytes(&p.decode_checked(&latents).unwrap());
+    let d = max_abs_diff(&got, &fx.tensors["image.t5_cfg_fp16"]);
+    eprintln!("{name}/t5_cfg_fp16: image max abs diff {d}/255");
+    assert!(d <= IMAGE_MAX, "{name}: fp16 image differs by {d}/255");
+    // The unseen layout (qk norms, dual attention, T5 zeros) runs in float16 too.
+    let source = PipelineSource::new(dir().join("sd3-tiny-unseen").to_str().unwrap());
+    let p = StableDiffusion3Pipeline::load(&source, Device::Cpu, Kind::Half).unwrap().with_max_sequence_length(6).unwrap();
+    let fx = fixture("sd3-tiny-unseen");
+    let run = &fx.runs["cfg"];
+    let images = p.decode_checked(&p.sample_latents(&requests(run), &settings(run), &mut |_, _| {}).unwrap()).unwrap();
+    assert!(max_abs_diff(&images.get(0), &images.get(1)) > 0.05);
 }

@@ -489,7 +489,11 @@ impl JointBlock {
         let mut x = x + gate_msa.unsqueeze(1) * attn_out;
         if let (Some(attn2), Some(n2)) = (&self.attn2, &norm_x2) {
             let (out2, _) = attn2.forward(n2, None);
-            x = x + m[8].unsqueeze(1) * out2;
+            // Out of place, as diffusers (`+=` on a Tensor is an in-place op).
+            #[allow(clippy::assign_op_pattern)]
+            {
+                x = x + m[8].unsqueeze(1) * out2;
+            }
         }
         let ff_in = modulate(&layer_norm(&x), shift_mlp, scale_mlp);
         let x = &x + gate_mlp.unsqueeze(1) * self.ff.forward(&ff_in);
