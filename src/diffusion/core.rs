@@ -32,22 +32,6 @@ pub struct Conditioning {
     /// The CFG scale when classifier-free guidance is on (`guidance_scale > 1`,
     /// diffusers' rule), `None` otherwise.
     pub cfg_scale: Option<f64>,
-    /// Pooled text embeddings (SD3), rows as in `embeds`.
-    pub pooled: Option<Tensor>,
-    /// A distilled guidance value fed to the model (FLUX dev), if any.
-    pub guidance: Option<f64>,
-}
-
-/// The model a denoising loop calls: its prediction for `model_in` (the
-/// scheduler-scaled latents, both CFG halves) at `timestep`.
-pub trait Denoiser {
-    fn predict(&self, model_in: &Tensor, timestep: f64, cond: &Conditioning) -> Tensor;
-}
-
-impl Denoiser for UNet2DConditionModel {
-    fn predict(&self, model_in: &Tensor, timestep: f64, cond: &Conditioning) -> Tensor {
-        self.forward_added(model_in, timestep, &cond.embeds, cond.added.as_ref())
-    }
 }
 
 impl Conditioning {
@@ -65,11 +49,9 @@ impl Conditioning {
                 embeds: Tensor::cat(&[uncond.embeds, cond.embeds], 0),
                 added: uncond_added.zip(added).map(|(u, c)| AddedCond::cat(&u, &c)),
                 cfg_scale: Some(settings.guidance_scale),
-                pooled: None,
-                guidance: None,
             })
         } else {
-            Ok(Conditioning { embeds: cond.embeds, added, cfg_scale: None, pooled: None, guidance: None })
+            Ok(Conditioning { embeds: cond.embeds, added, cfg_scale: None })
         }
     }
 
@@ -85,7 +67,7 @@ impl Conditioning {
     /// mode (guidance differentiates through it).
     pub fn model_output(
         &self,
-        model: &dyn Denoiser,
+        unet: &UNet2DConditionModel,
         scheduler: &dyn Scheduler,
         step: usize,
         latents: &Tensor,
@@ -97,7 +79,7 @@ impl Conditioning {
             let extra = if self.cfg() { Tensor::cat(&[extra, extra], 0) } else { extra.shallow_clone() };
             model_in = Tensor::cat(&[&model_in, &extra], 1);
         }
-        let out = model.predict(&model_in, scheduler.timesteps()[step], self);
+        let out = unet.forward_added(&model_in, scheduler.timesteps()[step], &self.embeds, self.added.as_ref());
         match self.cfg_scale {
             Some(scale) => {
                 let halves = out.chunk(2, 0);
@@ -256,7 +238,7 @@ impl BatchNoise {
 
 /// The step loop of text-to-image and inpainting.
 pub struct DenoiseLoop<'a> {
-    pub model: &'a dyn Denoiser,
+    pub unet: &'a UNet2DConditionModel,
     pub cond: &'a Conditioning,
     pub noise: &'a BatchNoise,
     /// The first step index run (inpainting below strength 1 starts later);
@@ -283,7 +265,7 @@ impl DenoiseLoop<'_> {
     ) -> Tensor {
         tch::no_grad(|| {
             for (n, i) in (self.start..self.end.min(scheduler.timesteps().len())).enumerate() {
-                let out = self.cond.model_output(self.model, scheduler, i, &latents, self.extra_channels);
+                let out = self.cond.model_output(self.unet, scheduler, i, &latents, self.extra_channels);
                 let noise = self.noise.step(n);
                 latents = scheduler.step(&out, i, &latents, noise.as_ref());
                 latents = after_step(scheduler, i, latents);

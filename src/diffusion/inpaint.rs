@@ -310,7 +310,7 @@ impl StableDiffusion {
         };
 
         let denoise = DenoiseLoop {
-            model: &self.unet,
+            unet: &self.unet,
             cond: &cond,
             noise: &draws.candidates,
             start,

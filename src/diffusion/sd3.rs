@@ -527,6 +527,12 @@ impl StableDiffusion3Pipeline {
         Ok(denoise.run(scheduler.as_mut(), latents, &mut |_, _, l| l, on_step))
     }
 
+    /// diffusers' SD3 img2img start step: `int(max(steps - min(steps * strength, steps), 0))`.
+    pub fn start_index_for_strength(steps: usize, strength: f64) -> usize {
+        let n = steps as f64;
+        (n - (n * strength).min(n)).max(0.0) as usize
+    }
+
     /// `scaling_factor * (VAE sample - shift_factor)` of `pixels` [B, 3, H, W]
     /// in [-1, 1], with posterior noise `eps`.
     fn image_latents(&self, pixels: &Tensor, eps: &Tensor) -> Tensor {
@@ -557,7 +563,7 @@ impl StableDiffusion3Pipeline {
         }
         let mut scheduler = self.scheduler(settings)?;
         let total = scheduler.timesteps().len();
-        let first = schedulers::flow_match::start_index_for_strength(settings.steps, strength);
+        let first = Self::start_index_for_strength(settings.steps, strength);
         if first >= total {
             return Err(Error::field("strength", format!("{strength} with {} steps leaves no denoising step", settings.steps)));
         }
@@ -612,7 +618,7 @@ impl StableDiffusion3Pipeline {
         }
         let mut scheduler = self.scheduler(settings)?;
         let total = scheduler.timesteps().len();
-        let first = schedulers::flow_match::start_index_for_strength(settings.steps, strength);
+        let first = Self::start_index_for_strength(settings.steps, strength);
         if first >= total {
             return Err(Error::Invalid(format!("--strength {strength} with {} steps leaves no denoising step", settings.steps)));
         }
