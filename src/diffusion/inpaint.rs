@@ -310,7 +310,7 @@ impl StableDiffusion {
         };
 
         let denoise = DenoiseLoop {
-            unet: &self.unet,
+            model: &self.unet,
             cond: &cond,
             noise: &draws.candidates,
             start,

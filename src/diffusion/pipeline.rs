@@ -428,7 +428,7 @@ impl StableDiffusion {
         let noise = BatchNoise::draw(requests, &spec, self.device);
         let latents = noise.latents() * scheduler.init_noise_sigma();
         let denoise =
-            DenoiseLoop { unet: &self.unet, cond: &cond, noise: &noise, start: 0, end, extra_channels: None };
+            DenoiseLoop { model: &self.unet, cond: &cond, noise: &noise, start: 0, end, extra_channels: None };
         Ok(denoise.run(scheduler.as_mut(), latents, &mut |_, _, latents| latents, on_step))
     }
 
@@ -465,7 +465,7 @@ impl StableDiffusion {
         drop(generator);
         let noise = BatchNoise { images, device: self.device };
         let denoise =
-            DenoiseLoop { unet: &self.unet, cond: &cond, noise: &noise, start: first, end: total, extra_channels: None };
+            DenoiseLoop { model: &self.unet, cond: &cond, noise: &noise, start: first, end: total, extra_channels: None };
         let latents = latents.to_device(self.device).to_kind(self.kind);
         Ok(denoise.run(scheduler.as_mut(), latents, &mut |_, _, latents| latents, on_step))
     }
@@ -527,7 +527,7 @@ impl StableDiffusion {
         let image_latents = (dist.sample(&eps) * self.vae.config.scaling_factor).to_kind(self.kind);
         let latents = scheduler.add_noise(&image_latents, &noise.latents(), first);
         let denoise =
-            DenoiseLoop { unet: &self.unet, cond: &cond, noise: &noise, start: first, end: total, extra_channels: None };
+            DenoiseLoop { model: &self.unet, cond: &cond, noise: &noise, start: first, end: total, extra_channels: None };
         Ok(denoise.run(scheduler.as_mut(), latents, &mut |_, _, latents| latents, on_step))
     }
 
