@@ -193,7 +193,9 @@ pub fn is_sd3_source(source: &PipelineSource) -> Result<bool> {
     if single_file::is_single_file(&source.model) {
         return Ok(false);
     }
-    let root = resolve_model_variant(&source.model, source.variant.as_deref())?;
+    // A spec that does not resolve is not SD3: the UNet path's loader then
+    // reports why, as it always has.
+    let Ok(root) = resolve_model_variant(&source.model, source.variant.as_deref()) else { return Ok(false) };
     Ok(pipeline_class(&root)?.as_deref() == Some(crate::diffusion::sd3::PIPELINE_CLASS))
 }
 
