@@ -527,12 +527,6 @@ impl StableDiffusion3Pipeline {
         Ok(denoise.run(scheduler.as_mut(), latents, &mut |_, _, l| l, on_step))
     }
 
-    /// diffusers' SD3 img2img start step: `int(max(steps - min(steps * strength, steps), 0))`.
-    pub fn start_index_for_strength(steps: usize, strength: f64) -> usize {
-        let n = steps as f64;
-        (n - (n * strength).min(n)).max(0.0) as usize
-    }
-
     /// `scaling_factor * (VAE sample - shift_factor)` of `pixels` [B, 3, H, W]
     /// in [-1, 1], with posterior noise `eps`.
     fn image_latents(&self, pixels: &Tensor, eps: &Tensor) -> Tensor {
@@ -563,7 +557,7 @@ impl StableDiffusion3Pipeline {
         }
         let mut scheduler = self.scheduler(settings)?;
         let total = scheduler.timesteps().len();
-        let first = Self::start_index_for_strength(settings.steps, strength);
+        let first = schedulers::flow_match::start_index_for_strength(settings.steps, strength);
         if first >= total {
             return Err(Error::field("strength", format!("{strength} with {} steps leaves no denoising step", settings.steps)));
         }
@@ -589,10 +583,13 @@ impl StableDiffusion3Pipeline {
         Ok(denoise.run(scheduler.as_mut(), latents, &mut |_, _, l| l, on_step))
     }
 
-    /// Inpainting by latent blending: each candidate's generator draws its
-    /// image posterior sample, then its noise (the SD3 img2img order); after
-    /// every step the latents outside the mask are the image's, noised to the
-    /// next step's level (un-noised after the last).
+    /// Inpainting by latent blending (`StableDiffusion3InpaintPipeline` with a
+    /// 16-channel transformer): after every step the latents outside the mask
+    /// are the image's, noised to the next step's level (un-noised after the
+    /// last). Seeded as [`crate::diffusion::inpaint`] describes: generator 0 is
+    /// [`InpaintSource::seed`]'s. The latents are diffusers'; decode them with
+    /// [`Self::decode_latents`] (diffusers 0.42.1's inpainting pipeline alone
+    /// leaves out the VAE's `shift_factor` when it decodes).
     pub fn inpaint_latents(
         &self,
         source: &InpaintSource,
@@ -618,28 +615,22 @@ impl StableDiffusion3Pipeline {
         }
         let mut scheduler = self.scheduler(settings)?;
         let total = scheduler.timesteps().len();
-        let first = Self::start_index_for_strength(settings.steps, strength);
+        let first = schedulers::flow_match::start_index_for_strength(settings.steps, strength);
         if first >= total {
             return Err(Error::Invalid(format!("--strength {strength} with {} steps leaves no denoising step", settings.steps)));
         }
         let cond = self.conditioning(candidates, settings)?;
+        // `StableDiffusion3InpaintPipeline`'s draws are those of the UNet
+        // inpainting pipeline: generator 0 the image's posterior sample, its
+        // noise, the masked image's sample (drawn though a 16-channel
+        // transformer never reads it); every other candidate its noise.
         let spec = self.spec(h, w);
-        let mut eps = Vec::with_capacity(candidates.len());
-        let mut generator = GlobalGenerator::lock();
-        let images = candidates
-            .iter()
-            .map(|r| {
-                generator.reseed(r.seed);
-                eps.push(generator.randn(&spec.shape, self.vae.kind()));
-                let latents = generator.randn(&spec.shape, spec.kind);
-                core::ImageNoise { latents, steps: Vec::new(), recurrence: Vec::new() }
-            })
-            .collect();
-        drop(generator);
-        let noise = BatchNoise { images, device: self.device };
+        let draws = crate::diffusion::inpaint::draw_all(source.seed, candidates, &spec, self.vae.kind(), true, self.device);
+        let noise = draws.candidates;
         let b = candidates.len() as i64;
-        let pixels = crate::diffusion::inpaint::image_tensor(&source.image).repeat([b, 1, 1, 1]);
-        let image_latents = self.image_latents(&pixels, &Tensor::cat(&eps, 0));
+        let pixels = crate::diffusion::inpaint::image_tensor(&source.image);
+        let image_eps = draws.image_eps.as_ref().expect("drawn: the blend needs the image latents");
+        let image_latents = self.image_latents(&pixels, image_eps).repeat([b, 1, 1, 1]);
         let mask = crate::diffusion::inpaint::mask_tensor(&source.mask)
             .upsample_nearest2d([h, w], None, None)
             .to_kind(self.kind)
