@@ -316,3 +316,23 @@ fn sd3_fp16_matches_diffusers() {
     let images = p.decode_checked(&p.sample_latents(&requests(run), &settings(run), &mut |_, _| {}).unwrap()).unwrap();
     assert!(max_abs_diff(&images.get(0), &images.get(1)) > 0.05);
 }
+
+/// `generator::load` picks SD3 from `model_index.json`'s `_class_name`,
+/// including a folder saved from diffusers' SD3 img2img pipeline.
+#[test]
+fn sd3_folders_load_through_the_generator_interface() {
+    let opts = orchestrate::diffusion::generator::GeneratorOptions::default();
+    let g = orchestrate::diffusion::generator::load(dir().join("sd3-tiny").to_str().unwrap(), &opts, Device::Cpu, Kind::Float)
+        .unwrap();
+    assert_eq!(g.default_size(), (32, 32));
+    assert!(g.guidance_pipeline().is_none());
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("i2i");
+    copy_dir(&dir().join("sd3-tiny"), &d);
+    let index = d.join("model_index.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    c["_class_name"] = "StableDiffusion3Img2ImgPipeline".into();
+    std::fs::write(&index, serde_json::to_string(&c).unwrap()).unwrap();
+    let g = orchestrate::diffusion::generator::load(d.to_str().unwrap(), &opts, Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(g.root(), d.as_path());
+}

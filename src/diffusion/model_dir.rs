@@ -188,7 +188,8 @@ pub fn pipeline_class(root: &Path) -> Result<Option<String>> {
 }
 
 /// Whether `source` names an SD3 pipeline folder (or cached repo): its
-/// `model_index.json` says `StableDiffusion3Pipeline`. Single files are not.
+/// `model_index.json` says `StableDiffusion3Pipeline` (or its img2img /
+/// inpainting sibling). Single files are not.
 pub fn is_sd3_source(source: &PipelineSource) -> Result<bool> {
     if single_file::is_single_file(&source.model) {
         return Ok(false);
@@ -196,7 +197,7 @@ pub fn is_sd3_source(source: &PipelineSource) -> Result<bool> {
     // A spec that does not resolve is not SD3: the UNet path's loader then
     // reports why, as it always has.
     let Ok(root) = resolve_model_variant(&source.model, source.variant.as_deref()) else { return Ok(false) };
-    Ok(pipeline_class(&root)?.as_deref() == Some(crate::diffusion::sd3::PIPELINE_CLASS))
+    crate::diffusion::sd3::is_sd3_folder(&root)
 }
 
 /// The safetensors file(s) in a component folder (see [`ModelDir::weights`]).

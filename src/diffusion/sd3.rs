@@ -46,6 +46,11 @@ use tch::{Device, Kind, Tensor};
 
 /// The `_class_name` of `model_index.json` this module loads.
 pub const PIPELINE_CLASS: &str = "StableDiffusion3Pipeline";
+/// Every `_class_name` of a folder holding an SD3 pipeline's components (a
+/// folder saved from diffusers' img2img or inpainting pipeline has the same
+/// layout; a 33-channel inpainting transformer is refused by its `in_channels`).
+pub const PIPELINE_CLASSES: [&str; 3] =
+    [PIPELINE_CLASS, "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"];
 /// diffusers' default `max_sequence_length` for SD3's T5 prompt.
 pub const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 256;
 /// The scheduler class SD3 folders ship and the only one this pipeline runs.
@@ -54,7 +59,7 @@ const FLOW_CLASS: &str = "FlowMatchEulerDiscreteScheduler";
 /// Whether the folder at `root` is an SD3 pipeline (`model_index.json`'s
 /// `_class_name`).
 pub fn is_sd3_folder(root: &Path) -> Result<bool> {
-    Ok(model_dir::pipeline_class(root)?.as_deref() == Some(PIPELINE_CLASS))
+    Ok(model_dir::pipeline_class(root)?.is_some_and(|c| PIPELINE_CLASSES.contains(&c.as_str())))
 }
 
 /// T5's tokenizer (`tokenizer_3/tokenizer.json`), padding and truncating to a
