@@ -4,6 +4,7 @@
 pub mod clip;
 pub mod core;
 pub mod dit;
+pub mod flux;
 pub mod generator;
 pub mod inpaint;
 pub mod lora;

@@ -573,6 +573,8 @@ impl GeneratorInfo {
             format!("{} {}-channel inpainting UNet", self.family, self.in_channels)
         } else if self.family == "SD3" {
             "SD3 text-to-image MMDiT".to_string()
+        } else if self.family == "FLUX" {
+            "FLUX transformer".to_string()
         } else {
             format!("{} text-to-image UNet", self.family)
         };
@@ -618,6 +620,11 @@ pub fn check_generator_with(spec: &str, vae: Option<&str>, variant: Option<&str>
 /// stand-ins of the shapes, every shape (`StableDiffusion::check_weights`).
 pub fn check_generator_source(source: &PipelineSource) -> Result<GeneratorInfo> {
     use crate::diffusion::model_dir::{Family, WeightsSource};
+    if let Some(root) =
+        crate::diffusion::generator::flux_root(&source.model, source.variant.as_deref(), source.config.as_deref())?
+    {
+        return check_flux(source, root);
+    }
     if crate::diffusion::model_dir::is_sd3_source(source)? {
         let c = crate::diffusion::sd3::load_configs(source)?;
         return Ok(GeneratorInfo {
@@ -660,6 +667,41 @@ pub fn check_generator_source(source: &PipelineSource) -> Result<GeneratorInfo> 
         vae_dir: c.vae_dir,
         native_size,
         family,
+    })
+}
+
+/// [`check_generator_source`] for a FLUX folder: every config, the
+/// tokenizers, the weight files.
+fn check_flux(source: &PipelineSource, root: PathBuf) -> Result<GeneratorInfo> {
+    let options = crate::diffusion::generator::GeneratorOptions {
+        vae: source.vae.clone(),
+        loras: source.loras.clone(),
+        ..Default::default()
+    };
+    crate::diffusion::generator::refuse_flux_options(&root, &options)?;
+    let dir = crate::diffusion::model_dir::ModelDir::open_variant(&source.model, source.variant.as_deref())?;
+    let c = crate::diffusion::flux::FluxConfigs::load(dir)?;
+    for component in ["transformer", "vae", "text_encoder", "text_encoder_2"] {
+        let folder = c.dir.component(component)?;
+        for path in crate::diffusion::model_dir::weights_in_variant(&folder, c.dir.variant.as_deref())? {
+            if !path.is_file() {
+                return Err(Error::Missing { path, what: format!("a weights shard of `{component}`") });
+            }
+        }
+    }
+    Ok(GeneratorInfo {
+        vae_dir: c.dir.component("vae")?,
+        root: c.dir.root.clone(),
+        // The denoiser's input in latent channels: FLUX's transformer takes
+        // them 2x2-packed, a plain (not inpainting-conditioned) model.
+        in_channels: c.vae.latent_channels,
+        latent_channels: c.vae.latent_channels,
+        vae_scale_factor: c.vae.scale_factor(),
+        max_clip_skip: 0,
+        native_size: Some(c.default_size()),
+        family: "FLUX",
+        default_scheduler: Some(SchedulerKind::FlowMatchEuler),
+        single_file: None,
     })
 }
 

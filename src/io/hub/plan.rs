@@ -31,10 +31,10 @@ pub struct Plan {
     pub notes: Vec<String>,
 }
 
-/// The components a Stable Diffusion / SDXL pipeline (`load_pipeline_configs`)
-/// or an SD3 pipeline (`diffusion::sd3::load_configs`: `transformer`, T5 as
-/// `text_encoder_3`) reads: the safety checker, feature extractor and image
-/// encoder are never loaded.
+/// The components a Stable Diffusion / SDXL pipeline (`load_pipeline_configs`),
+/// FLUX (`transformer`) or SD3 (`diffusion::sd3::load_configs`: `transformer`,
+/// T5 as `text_encoder_3`) reads: the safety checker, feature extractor and
+/// image encoder are never loaded.
 pub const PIPELINE_COMPONENTS: [&str; 10] = [
     "unet",
     "transformer",
