@@ -612,6 +612,7 @@ impl Recipe {
         let mut lines = Vec::new();
         let m = self.common.models.clone();
         let gen = self.at_field("models.generator", check_generator_source(&m.source(&m.generator)))?;
+        self.at_field("sampling.scheduler", gen.check_scheduler(&self.common.sampling.scheduler))?;
         lines.push(format!("generator  {}", gen.describe(&m.generator)));
         if self.inpaint.is_some() {
             if let Some(spec) = &m.inpaint_generator {

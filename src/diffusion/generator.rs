@@ -4,8 +4,10 @@
 //! implementation; `filter`, `inpaint`, `guide` and `generate` hold a
 //! `Box<dyn Generator>` and never branch on the family.
 //!
-//! Implemented by the UNet family ([`StableDiffusion`]: SD 1.x/2.x and SDXL)
-//! and FLUX.1 ([`FluxPipeline`]).
+//! Implemented by the UNet family ([`StableDiffusion`]: SD 1.x/2.x and SDXL),
+//! FLUX.1 ([`FluxPipeline`]) and Stable Diffusion 3 / 3.5
+//! ([`crate::diffusion::sd3::StableDiffusion3Pipeline`]), each chosen by
+//! `model_index.json`'s `_class_name`.
 use crate::diffusion::flux::FluxPipeline;
 use crate::diffusion::inpaint::{InpaintMode, InpaintSource};
 use crate::diffusion::model_dir::PipelineSource;
@@ -116,6 +118,13 @@ pub fn load(spec: &str, options: &GeneratorOptions, device: Device, kind: Kind) 
         variant: options.variant.clone(),
         loras: options.loras.clone(),
     };
+    if crate::diffusion::model_dir::is_sd3_source(&source)? {
+        if let Some((refiner, _)) = &options.refiner {
+            return Err(Error::Invalid(format!("--refiner {refiner}: SD3 pipelines take no refiner")));
+        }
+        let pipe = crate::diffusion::sd3::StableDiffusion3Pipeline::load(&source, device, kind)?;
+        return Ok(Box::new(pipe));
+    }
     let mut pipe = StableDiffusion::load_source(&source, device, kind)?;
     if let Some((refiner, start)) = &options.refiner {
         // A LoRA is trained for the base: the refiner is another UNet.

@@ -78,17 +78,17 @@ pub enum InpaintMode {
 }
 
 /// Every random draw of one batch, in the order diffusers makes it.
-struct Draws {
+pub(crate) struct Draws {
     /// Per candidate: initial latent noise and (ancestral samplers) one draw
     /// per executed step.
-    candidates: BatchNoise,
-    image_eps: Option<Tensor>,
-    masked_eps: Tensor,
+    pub(crate) candidates: BatchNoise,
+    pub(crate) image_eps: Option<Tensor>,
+    pub(crate) masked_eps: Tensor,
 }
 
 /// Generator 0's stream, then each candidate's (see the module docs), all
 /// under one hold of the global generator.
-fn draw_all(
+pub(crate) fn draw_all(
     source_seed: u64,
     candidates: &[ImageRequest],
     spec: &NoiseSpec,

@@ -12,6 +12,7 @@ pub mod model_dir;
 pub mod noise;
 pub mod pipeline;
 pub mod schedulers;
+pub mod sd3;
 pub mod single_file;
 pub mod tiny_vae;
 pub mod tokenizer;

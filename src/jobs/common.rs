@@ -473,6 +473,7 @@ impl CommonOptions {
         // The generator on its own first, so its errors and its LoRAs' name their fields.
         let source = m.source(generator);
         let info = check_generator_source(&source).map_err(|e| Error::field(field, e.to_string()))?;
+        info.check_scheduler(&self.sampling.scheduler)?;
         if !m.loras.is_empty() {
             let with_loras = PipelineSource { loras: m.loras.clone(), ..source };
             check_generator_source(&with_loras).map_err(|e| Error::field("models.loras", e.to_string()))?;
@@ -544,9 +545,34 @@ pub struct GeneratorInfo {
 }
 
 impl GeneratorInfo {
+    /// Whether this generator samples with the scheduler named `name`: a
+    /// flow-matching pipeline (SD3: its folder's scheduler is flow-euler) only
+    /// with flow-euler, a UNet never with it (what loading and sampling would
+    /// refuse, checked before anything runs and for `--dry-run`).
+    pub fn check_scheduler(&self, name: &str) -> Result<()> {
+        let Ok(kind) = name.parse::<SchedulerKind>() else { return Ok(()) };
+        let flow = SchedulerKind::FlowMatchEuler;
+        let flow_model = self.default_scheduler == Some(flow);
+        if flow_model && kind != flow {
+            return Err(Error::field(
+                "sampling.scheduler",
+                format!("{name}: {} is a {} pipeline and samples with its folder's flow-matching Euler scheduler ({flow})", self.root.display(), self.family),
+            ));
+        }
+        if !flow_model && kind == flow {
+            return Err(Error::field(
+                "sampling.scheduler",
+                format!("{name}: flow matching is for flow-matching pipelines (SD3); {} is a {} UNet (ddim, euler, euler-a or dpm++2m)", self.root.display(), self.family),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn describe(&self, spec: &str) -> String {
         let kind = if self.in_channels == 2 * self.latent_channels + 1 {
             format!("{} {}-channel inpainting UNet", self.family, self.in_channels)
+        } else if self.family == "SD3" {
+            "SD3 text-to-image MMDiT".to_string()
         } else if self.family == "FLUX" {
             "FLUX transformer".to_string()
         } else {
@@ -598,6 +624,21 @@ pub fn check_generator_source(source: &PipelineSource) -> Result<GeneratorInfo> 
         crate::diffusion::generator::flux_root(&source.model, source.variant.as_deref(), source.config.as_deref())?
     {
         return check_flux(source, root);
+    }
+    if crate::diffusion::model_dir::is_sd3_source(source)? {
+        let c = crate::diffusion::sd3::load_configs(source)?;
+        return Ok(GeneratorInfo {
+            default_scheduler: Some(SchedulerKind::FlowMatchEuler),
+            max_clip_skip: c.max_clip_skip(),
+            root: c.dir.root.clone(),
+            single_file: None,
+            in_channels: c.transformer.in_channels,
+            latent_channels: c.vae.latent_channels,
+            vae_scale_factor: c.vae.scale_factor(),
+            vae_dir: c.vae_dir.clone(),
+            native_size: Some(c.default_size()),
+            family: "SD3",
+        });
     }
     let c = crate::diffusion::model_dir::load_pipeline(source)?;
     let single_file = match &c.weights {
