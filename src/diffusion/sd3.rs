@@ -666,10 +666,7 @@ impl StableDiffusion3Pipeline {
 
     /// Latents to images in [0, 1], float32 on the CPU: `z / scaling_factor + shift_factor` decoded.
     pub fn decode_latents(&self, latents: &Tensor) -> Tensor {
-        let shift = self.vae.config.shift_factor.unwrap_or(0.0);
-        let z = latents.to_kind(self.vae.kind()) / self.vae.config.scaling_factor + shift;
-        let image = tch::no_grad(|| self.vae.decode(&z));
-        (image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0).to_device(Device::Cpu)
+        self.vae.latents_to_images(latents)
     }
 
     /// [`Self::decode_latents`], refusing NaN/inf pixels.
