@@ -61,6 +61,7 @@ def mid_pipeline(folder: Path):
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
         num_attention_heads=6, max_position_embeddings=77, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
     scheduler = DDIMScheduler.from_pretrained(ROOT / "tests/fixtures/diffusion/sd-tiny/scheduler")
     pipe = StableDiffusionPipeline(
