@@ -146,6 +146,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=1, help="runs per side, alternated")
     ap.add_argument("--sequential", action="store_true", help="also time the binary's sequential loop")
     ap.add_argument("--json-out", help="rows for scripts/gpu-check")
+    ap.add_argument("--pipeline-dir", help="sd15: the random pipeline's folder, reused when there (generate.py's)")
+    ap.add_argument("--rahf-dir", help="sd15: an imported published-size RAHF of rahf.py, reused when there")
     ap.add_argument("--python-child", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--prompt-file", help=argparse.SUPPRESS)
@@ -161,13 +163,17 @@ def main():
         if a.layout == "sd15":
             gb, rb = bench_module("generate"), bench_module("rahf")
             from transformers import CLIPTokenizer
-            model = tmp / "sd15-random"
-            gb.build_pipeline(model, len(CLIPTokenizer.from_pretrained(FIX / "diffusion/sd-tiny/tokenizer")))
-            mf = rb.fixture_module()
-            _, _, ckpt, vit_dir, t5_dir = rb.build(mf, tmp)
-            orchestrate(a.bin, ["rahf", "import", "--checkpoint", str(ckpt), "--vit", str(vit_dir),
-                                "--t5", str(t5_dir), "--out", str(rahf)])
-            ckpt.unlink()
+            model = Path(a.pipeline_dir) if a.pipeline_dir else tmp / "sd15-random"
+            if not (model / "model_index.json").exists():
+                gb.build_pipeline(model, len(CLIPTokenizer.from_pretrained(FIX / "diffusion/sd-tiny/tokenizer")))
+            if a.rahf_dir and (Path(a.rahf_dir) / "model.safetensors").exists():
+                rahf = Path(a.rahf_dir)  # rahf.py's import of the same seed-0 model
+            else:
+                mf = rb.fixture_module()
+                _, _, ckpt, vit_dir, t5_dir = rb.build(mf, tmp)
+                orchestrate(a.bin, ["rahf", "import", "--checkpoint", str(ckpt), "--vit", str(vit_dir),
+                                    "--t5", str(t5_dir), "--out", str(rahf)])
+                ckpt.unlink()
             config = "SD 1.5 layout (random) + published-size RAHF (random)"
         else:
             model = FIX / "diffusion/sd-tiny"
@@ -209,9 +215,9 @@ def main():
     print(f"runner / python = {runner / python:.2f}x" +
           (f", runner / sequential = {runner / max(res['sequential']):.2f}x" if a.sequential else ""))
     rows = [
-        {"what": "filter img/s (ours/diffusers+PyTorch RAHF, target >= 1.3)",
+        {"what": f"filter ({a.layout}) img/s (ours/diffusers+PyTorch RAHF, target >= 1.3)",
          "figure": f"{runner:.3f} / {python:.3f} = {runner / python:.2f}x"},
-        {"what": "filter peak host memory GiB (ours vs Python)", "figure": f"{peaks['runner']:.2f} vs {peaks['python']:.2f}"},
+        {"what": f"filter ({a.layout}) peak host memory GiB (ours vs Python)", "figure": f"{peaks['runner']:.2f} vs {peaks['python']:.2f}"},
     ]
     write_rows(a.json_out, rows, config=config, images_per_s=res, peak_gib=peaks)
 

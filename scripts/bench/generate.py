@@ -146,7 +146,8 @@ def diffusers_child(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layout", default="sd15", choices=["sd15", "sdxl"])
+    ap.add_argument("--layout", default="sd15", choices=["sd15", "sdxl", "tiny"],
+                    help="tiny: the sd-tiny fixture (a quick run of the machinery, not a figure)")
     ap.add_argument("--width-scale", type=float, default=0.5, help="sdxl: fraction of the real widths")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
@@ -162,6 +163,7 @@ def main():
                     help="also time orchestrate's sampling with each lever on and off (alone: the generator's, "
                          "channels_last noise_on_device, and cudnn_benchmark on CUDA)")
     ap.add_argument("--json-out", help="rows for scripts/gpu-check")
+    ap.add_argument("--pipeline-dir", help="sd15: where the random pipeline is saved, and reused when already there")
     ap.add_argument("--diffusers-child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -175,19 +177,31 @@ def main():
     rows, raw = [], {}
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype, torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.layout == "sdxl":
+        if args.layout == "tiny":
+            from diffusers import DDIMScheduler, StableDiffusionPipeline
+            folder = ROOT / "tests/fixtures/diffusion/sd-tiny"
+            pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            scheduler_name, cfg = "ddim", 7.5
+        elif args.layout == "sdxl":
             folder = Path(tmp) / "sdxl-random"
             pipe = build_sdxl_pipeline(folder, args.width_scale)
             scheduler_name, cfg = "ddim", 5.0
             from diffusers import DDIMScheduler
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        elif args.pipeline_dir and (Path(args.pipeline_dir) / "model_index.json").exists():
+            from diffusers import StableDiffusionPipeline
+            folder = Path(args.pipeline_dir)  # saved by an earlier run: the same random weights (seed 0)
+            pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+            scheduler_name, cfg = "ddim", 7.5
         else:
-            folder = Path(tmp) / "sd15-random"
+            folder = Path(args.pipeline_dir or Path(tmp) / "sd15-random")
             pipe = build_pipeline(folder, vocab)
             scheduler_name, cfg = "ddim", 7.5
         pipe.set_progress_bar_config(disable=True)
         prompt, seed = "a photo of a cat", 0
-        config = ((f"SDXL layout at {args.width_scale} of its widths" if args.layout == "sdxl" else "SD 1.5 layout")
+        config = ({"sdxl": f"SDXL layout at {args.width_scale} of its widths", "sd15": "SD 1.5 layout",
+                   "tiny": "sd-tiny fixture"}[args.layout]
                   + f", random weights, {args.size}x{args.size}, {args.steps} DDIM steps, CFG {cfg}, "
                   f"{args.images} images in one batch, {args.device} {args.dtype}, torch threads {torch.get_num_threads()}")
         print(config, flush=True)
@@ -236,7 +250,7 @@ def main():
             raw["sampling"] = {"diffusers_s_per_image": a, "orchestrate_s_per_image": b}
             ratio = min(b) / min(a)
             print(f"sampling only: diffusers {min(a):.3f} s/image, orchestrate {min(b):.3f} s/image, ratio {ratio:.3f}", flush=True)
-            rows.append({"what": "generate sampling s/image (ours/diffusers, target <= 0.9)",
+            rows.append({"what": f"generate ({args.layout}) sampling s/image (ours/diffusers, target <= 0.9)",
                          "figure": f"{min(b):.3f} / {min(a):.3f} = {ratio:.3f}x"})
             pipe = pipe.to("cpu")  # the process runs below load their own copies
             if args.device.startswith("cuda"):
@@ -255,9 +269,9 @@ def main():
             ratio = min(b) / min(a)
             print(f"whole process: diffusers {min(a):.2f} s, orchestrate {min(b):.2f} s, ratio {ratio:.3f}; "
                   f"peak host memory diffusers {max(pa):.2f} GiB, orchestrate {max(pb):.2f} GiB", flush=True)
-            rows.append({"what": "generate whole process s (ours/diffusers, target <= 0.9)",
+            rows.append({"what": f"generate ({args.layout}) whole process s (ours/diffusers, target <= 0.9)",
                          "figure": f"{min(b):.2f} / {min(a):.2f} = {ratio:.3f}x"})
-            rows.append({"what": "generate peak host memory GiB (ours vs diffusers)",
+            rows.append({"what": f"generate ({args.layout}) peak host memory GiB (ours vs diffusers)",
                          "figure": f"{max(pb):.2f} vs {max(pa):.2f}"})
         for lever in levers:
             var = LEVERS[lever]
@@ -268,7 +282,7 @@ def main():
             raw[f"lever_{lever}"] = {"on_s_per_image": on, "off_s_per_image": off}
             ratio = min(on) / min(off)
             print(f"lever {lever} ({var}): on {min(on):.3f} s/image, off {min(off):.3f} s/image, on/off {ratio:.3f}", flush=True)
-            rows.append({"what": f"lever {lever} sampling s/image on/off", "figure": f"{min(on):.3f} / {min(off):.3f} = {ratio:.3f}x"})
+            rows.append({"what": f"lever {lever} generate ({args.layout}) sampling s/image on/off", "figure": f"{min(on):.3f} / {min(off):.3f} = {ratio:.3f}x"})
     print(json.dumps({"config": config, **raw}, indent=1))
     write_rows(args.json_out, rows, config=config, raw=raw)
 

@@ -59,11 +59,15 @@ T5_BASE = dict(
 PROMPT = "a woman holding a blue umbrella in the snow ."
 
 
-def fixture_module():
-    """The fixture script as a module, with the published head widths."""
+def fixture_module(tiny=False):
+    """The fixture script as a module, with the published head widths (`tiny`:
+    the fixture's own, for quick runs of this script's machinery)."""
     spec = importlib.util.spec_from_file_location("rahf_fixtures", FIXTURE_SCRIPT)
     mf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mf)
+    if tiny:
+        mf.TINY = True
+        return mf
     mf.HEATMAP_CONV = (768, 384)
     mf.HEATMAP_DECONV = (768, 384, 384, 192)
     mf.HEATMAP_LAST = 192
@@ -78,7 +82,12 @@ def build(mf, work: Path):
     from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
     torch.manual_seed(0)
-    vit_cfg, t5_cfg = ViTConfig(**VIT_L16_384), T5Config(**T5_BASE)
+    if getattr(mf, "TINY", False):  # the fixture backbones' configs
+        fx = ROOT / "tests/fixtures/rahf"
+        vit_cfg, t5_cfg = ViTConfig.from_pretrained(fx / "vit"), T5Config.from_pretrained(fx / "t5")
+    else:
+        vit_cfg, t5_cfg = ViTConfig(**VIT_L16_384), T5Config(**T5_BASE)
+    size = vit_cfg.image_size
     vit = ViTModel(vit_cfg).eval()
     t5 = T5ForConditionalGeneration(t5_cfg).eval()
     t5.generation_config.max_length = None
@@ -87,7 +96,7 @@ def build(mf, work: Path):
     tok, _ = mf.build_tokenizer()
     vit_dir, t5_dir = work / "vit", work / "t5"
     vit_cfg.save_pretrained(vit_dir)
-    ViTImageProcessorPil(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(vit_dir)
+    ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(vit_dir)
     t5_cfg.save_pretrained(t5_dir)
     tok.save_pretrained(t5_dir)
     ckpt = work / "rahf_multi_head.pt"
@@ -128,6 +137,8 @@ def main():
     ap.add_argument("--levers", nargs="*", default=None, metavar="LEVER",
                     help="also time orchestrate with each lever on and off, alternated (default with the flag: vit_sdpa)")
     ap.add_argument("--json-out", help="rows for scripts/gpu-check")
+    ap.add_argument("--size", default="published", choices=["published", "tiny"],
+                    help="tiny: the fixture RAHF's widths (a quick run of the machinery, not a figure)")
     args = ap.parse_args()
     levers = ["vit_sdpa"] if args.levers == [] else (args.levers or [])
     binary = args.bin.resolve() if args.bin else next(
@@ -138,7 +149,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
 
-    mf = fixture_module()
+    mf = fixture_module(tiny=args.size == "tiny")
     torch.set_grad_enabled(False)  # the fixture module sets it too; keep it explicit
     work = args.work
     if work.exists():
@@ -160,7 +171,8 @@ def main():
     n_max = max(args.batches) * n_batches
     imgs_dir = work / "images"
     imgs_dir.mkdir()
-    arrays = [rng.integers(0, 256, size=(384, 384, 3), dtype=np.uint8) for _ in range(n_max)]
+    side = model.vit.config.image_size
+    arrays = [rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8) for _ in range(n_max)]
     paths = []
     for i, a in enumerate(arrays):
         paths.append(imgs_dir / f"{i:03d}.png")
@@ -218,7 +230,7 @@ def main():
                   f"max diff {np.abs(ref - got).max():.2e}")
     print(json.dumps({"device": args.device, "threads": args.threads,
                       "images_per_s": [{"batch": b, "pytorch": p, "orchestrate": o, "ratio": o / p} for b, p, o, _, _ in results]}))
-    rows = [{"what": f"rahf score batch {b} img/s (ours/PyTorch, target >= 1.1)", "figure": f"{o:.3f} / {p:.3f} = {o / p:.2f}x",
+    rows = [{"what": f"rahf ({args.size}) score batch {b} img/s (ours/PyTorch, target >= 1.1)", "figure": f"{o:.3f} / {p:.3f} = {o / p:.2f}x",
              "note": f"peak host GiB: ours {mo:.2f}, PyTorch process {mp:.2f} (model build included)"}
             for b, p, o, mo, mp in results]
     write_rows(args.json_out, rows + lever_rows, device=args.device, threads=args.threads)
