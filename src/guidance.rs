@@ -720,12 +720,22 @@ mod tests {
         SchedulerConfig::load(&path).unwrap()
     }
 
+    fn build(kind: SchedulerKind, steps: usize) -> Box<dyn Scheduler> {
+        if kind.is_flow_matching() {
+            let mut c = config();
+            c.shift = Some(3.0);
+            schedulers::build_flow(&c, steps, None).unwrap()
+        } else {
+            schedulers::build(kind, &config(), steps).unwrap()
+        }
+    }
+
     /// Re-noising a sample of level i+1 gives the marginal of level i: for
     /// x0 fixed, mean a_i·x0 and std k_i, for every scheduler and every step.
     #[test]
     fn renoise_reaches_the_previous_level() {
         for kind in SchedulerKind::ALL {
-            let s = schedulers::build(kind, &config(), 6).unwrap();
+            let s = build(kind, 6);
             let n = s.timesteps().len();
             for i in 0..n {
                 let (from, to) = (level(s.as_ref(), i + 1), level(s.as_ref(), i));
@@ -763,10 +773,14 @@ mod tests {
     #[test]
     fn levels_follow_the_parameterisation() {
         for kind in SchedulerKind::ALL {
-            let s = schedulers::build(kind, &config(), 5).unwrap();
+            let s = build(kind, 5);
             let l = level(s.as_ref(), 0);
             if variance_exploding(kind) {
                 assert_eq!(l.a, 1.0, "{kind}");
+                assert!((l.k - s.sigmas().unwrap()[0] as f64).abs() < 1e-6, "{kind}");
+            } else if kind.is_flow_matching() {
+                // x_t = (1 − σ)·x0 + σ·ε.
+                assert!((l.a + l.k - 1.0).abs() < 1e-6, "{kind}: a+k = {}", l.a + l.k);
                 assert!((l.k - s.sigmas().unwrap()[0] as f64).abs() < 1e-6, "{kind}");
             } else {
                 assert!(

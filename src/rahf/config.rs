@@ -114,100 +114,8 @@ impl VitConfig {
     }
 }
 
-/// `eos_token_id` may be one id or a list; the first one ends decoding.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum TokenIds {
-    One(i64),
-    Many(Vec<i64>),
-}
+pub use crate::nn::t5::{T5Config, TokenIds};
 
-/// HF `T5Config` fields the model uses, with transformers' defaults.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct T5Config {
-    pub vocab_size: i64,
-    pub d_model: i64,
-    pub d_kv: i64,
-    pub d_ff: i64,
-    pub num_layers: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub num_decoder_layers: Option<i64>,
-    pub num_heads: i64,
-    pub relative_attention_num_buckets: i64,
-    pub relative_attention_max_distance: i64,
-    pub layer_norm_epsilon: f64,
-    pub feed_forward_proj: String,
-    /// T5 v1.0 ties `lm_head` to `shared` and rescales the decoder output by
-    /// d_model^-0.5; v1.1 sets this to false (no rescaling).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tie_word_embeddings: Option<bool>,
-    /// transformers 5 writes the rescaling flag explicitly.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub scale_decoder_outputs: Option<bool>,
-    pub pad_token_id: i64,
-    pub eos_token_id: TokenIds,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub decoder_start_token_id: Option<i64>,
-}
-
-impl Default for T5Config {
-    fn default() -> Self {
-        T5Config {
-            vocab_size: 32128,
-            d_model: 512,
-            d_kv: 64,
-            d_ff: 2048,
-            num_layers: 6,
-            num_decoder_layers: None,
-            num_heads: 8,
-            relative_attention_num_buckets: 32,
-            relative_attention_max_distance: 128,
-            layer_norm_epsilon: 1e-6,
-            feed_forward_proj: "relu".into(),
-            tie_word_embeddings: None,
-            scale_decoder_outputs: None,
-            pad_token_id: 0,
-            eos_token_id: TokenIds::One(1),
-            decoder_start_token_id: None,
-        }
-    }
-}
-
-impl T5Config {
-    pub fn decoder_layers(&self) -> i64 {
-        self.num_decoder_layers.unwrap_or(self.num_layers)
-    }
-    /// Whether the decoder output is multiplied by d_model^-0.5 before `lm_head`.
-    pub fn scales_decoder_output(&self) -> bool {
-        self.scale_decoder_outputs
-            .unwrap_or(self.tie_word_embeddings != Some(false))
-    }
-    pub fn eos_id(&self) -> i64 {
-        match &self.eos_token_id {
-            TokenIds::One(i) => *i,
-            TokenIds::Many(v) => v.first().copied().unwrap_or(1),
-        }
-    }
-    pub fn decoder_start_id(&self) -> i64 {
-        self.decoder_start_token_id.unwrap_or(self.pad_token_id)
-    }
-    /// (gated, activation name) from `feed_forward_proj` ("relu", "gated-gelu", ...).
-    pub fn feed_forward(&self) -> Result<(bool, String)> {
-        let parts: Vec<&str> = self.feed_forward_proj.split('-').collect();
-        match parts.as_slice() {
-            [act] => Ok((false, act.to_string())),
-            // transformers maps "gated-gelu" to the tanh approximation.
-            ["gated", "gelu"] => Ok((true, "gelu_new".into())),
-            ["gated", act] => Ok((true, act.to_string())),
-            _ => Err(Error::unsupported(
-                "t5 config",
-                "feed_forward_proj",
-                &self.feed_forward_proj,
-            )),
-        }
-    }
-}
 
 /// Heatmap head widths; defaults are the published model's.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -478,50 +386,7 @@ impl RahfConfig {
 
         // T5.
         let t = &self.t5;
-        size("t5.vocab_size", t.vocab_size)?;
-        size("t5.d_model", t.d_model)?;
-        size("t5.d_kv", t.d_kv)?;
-        size("t5.d_ff", t.d_ff)?;
-        size("t5.num_heads", t.num_heads)?;
-        layers("t5.num_layers", t.num_layers)?;
-        if let Some(n) = t.num_decoder_layers {
-            layers("t5.num_decoder_layers", n)?;
-        }
-        // The encoder's bidirectional buckets are halved, then half of those are exact.
-        if !(4..=MAX_SIZE).contains(&t.relative_attention_num_buckets) {
-            return bad(
-                "t5.relative_attention_num_buckets",
-                format!("{} (must be between 4 and {MAX_SIZE})", t.relative_attention_num_buckets),
-            );
-        }
-        if !(t.relative_attention_num_buckets / 2 + 1..=MAX_SIZE).contains(&t.relative_attention_max_distance) {
-            return bad(
-                "t5.relative_attention_max_distance",
-                format!(
-                    "{} (must exceed half of relative_attention_num_buckets {})",
-                    t.relative_attention_max_distance, t.relative_attention_num_buckets
-                ),
-            );
-        }
-        positive("t5.layer_norm_epsilon", t.layer_norm_epsilon)?;
-        let (_, act) = t.feed_forward().map_err(|_| Error::unsupported(file, "t5.feed_forward_proj", &t.feed_forward_proj))?;
-        known_act("t5.feed_forward_proj", &act, &t.feed_forward_proj)?;
-        let in_vocab = |field: &str, id: i64| -> Result<()> {
-            if (0..t.vocab_size).contains(&id) {
-                Ok(())
-            } else {
-                bad(field, format!("{id} (not an id of the {}-token vocabulary)", t.vocab_size))
-            }
-        };
-        in_vocab("t5.pad_token_id", t.pad_token_id)?;
-        match &t.eos_token_id {
-            TokenIds::One(i) => in_vocab("t5.eos_token_id", *i)?,
-            TokenIds::Many(ids) if ids.is_empty() => return bad("t5.eos_token_id", "[]".into()),
-            TokenIds::Many(ids) => ids.iter().try_for_each(|&i| in_vocab("t5.eos_token_id", i))?,
-        }
-        if let Some(i) = t.decoder_start_token_id {
-            in_vocab("t5.decoder_start_token_id", i)?;
-        }
+        t.validate_fields(file, "t5.")?;
 
         // Heads.
         let h = &self.heatmap_head;

@@ -11,7 +11,8 @@ pub mod keywords;
 pub mod model;
 pub mod preprocess;
 pub mod score_kind;
-pub mod t5;
+/// The one T5 lives in [`crate::nn::t5`]; RAHF names it here too.
+pub use crate::nn::t5;
 pub mod tokenizer;
 pub mod torch_pickle;
 pub mod train;

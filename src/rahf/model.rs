@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::nn::Linear;
 use crate::rahf::config::{RahfConfig, Variant, HEATMAP_TYPES, SCORE_TYPES};
 use crate::rahf::heads::{HeatmapPredictor, ScorePredictor};
-use crate::rahf::t5::T5;
+use crate::nn::t5::T5;
 use crate::rahf::vit::Vit;
 use crate::weights::Vb;
 use tch::{Kind, Tensor};

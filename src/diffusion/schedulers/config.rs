@@ -59,6 +59,16 @@ pub struct SchedulerConfig {
     pub euler_at_final: Option<bool>,
     pub lambda_min_clipped: Option<f64>,
     pub variance_type: Option<String>,
+    // FlowMatchEulerDiscreteScheduler (SD3, FLUX).
+    pub shift: Option<f64>,
+    pub base_shift: Option<f64>,
+    pub max_shift: Option<f64>,
+    pub base_image_seq_len: Option<i64>,
+    pub max_image_seq_len: Option<i64>,
+    pub invert_sigmas: Option<bool>,
+    pub shift_terminal: Option<f64>,
+    pub time_shift_type: Option<String>,
+    pub stochastic_sampling: Option<bool>,
 }
 
 impl SchedulerConfig {
@@ -136,6 +146,24 @@ impl SchedulerConfig {
             if l.is_nan() || l == f64::INFINITY {
                 return Err(self.unsupported("lambda_min_clipped", l));
             }
+        }
+        for (field, v) in [("base_shift", self.base_shift), ("max_shift", self.max_shift)] {
+            if let Some(v) = v {
+                if !v.is_finite() {
+                    return Err(self.unsupported(field, format!("{v} (must be a finite number)")));
+                }
+            }
+        }
+        match (self.base_image_seq_len, self.max_image_seq_len) {
+            (Some(lo), _) if lo < 1 => return Err(self.unsupported("base_image_seq_len", format!("{lo} (must be positive)"))),
+            (_, Some(hi)) if hi < 1 => return Err(self.unsupported("max_image_seq_len", format!("{hi} (must be positive)"))),
+            (lo, hi) if lo.unwrap_or(256) >= hi.unwrap_or(4096) => {
+                return Err(self.unsupported(
+                    "max_image_seq_len",
+                    format!("{} (must exceed base_image_seq_len {})", hi.unwrap_or(4096), lo.unwrap_or(256)),
+                ))
+            }
+            _ => {}
         }
         self.beta_schedule()?;
         self.spacing(TimestepSpacing::Leading)?;

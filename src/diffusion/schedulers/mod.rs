@@ -47,6 +47,7 @@ pub mod config;
 mod ddim;
 mod dpm;
 mod euler;
+pub mod flow_match;
 pub(crate) mod schedule;
 
 pub use config::SchedulerConfig;
@@ -60,15 +61,24 @@ pub enum SchedulerKind {
     Euler,
     EulerAncestral,
     DpmPlusPlus2M,
+    /// Flow matching (SD3, FLUX): the model predicts a velocity.
+    FlowMatchEuler,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 4] = [
+    pub const ALL: [SchedulerKind; 5] = [
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
         SchedulerKind::DpmPlusPlus2M,
+        SchedulerKind::FlowMatchEuler,
     ];
+
+    /// Whether it samples a flow-matching (velocity) model rather than a
+    /// noise-prediction one: a pipeline runs only the schedulers of its kind.
+    pub fn is_flow_matching(self) -> bool {
+        matches!(self, SchedulerKind::FlowMatchEuler)
+    }
 
     /// The CLI / recipe name.
     /// Whether its [`Scheduler::step`] reads state left by earlier steps (a
@@ -85,6 +95,7 @@ impl SchedulerKind {
             SchedulerKind::Euler => "euler",
             SchedulerKind::EulerAncestral => "euler-a",
             SchedulerKind::DpmPlusPlus2M => "dpm++2m",
+            SchedulerKind::FlowMatchEuler => "flow-euler",
         }
     }
 
@@ -100,6 +111,7 @@ impl SchedulerKind {
             SchedulerKind::Euler => "EulerDiscreteScheduler",
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::DpmPlusPlus2M => "DPMSolverMultistepScheduler",
+            SchedulerKind::FlowMatchEuler => "FlowMatchEulerDiscreteScheduler",
         }
     }
 }
@@ -115,7 +127,7 @@ impl std::str::FromStr for SchedulerKind {
     fn from_str(s: &str) -> Result<Self> {
         SchedulerKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
             Error::Invalid(format!(
-                "unknown scheduler `{s}`: expected one of ddim, euler, euler-a, dpm++2m"
+                "unknown scheduler `{s}`: expected one of ddim, euler, euler-a, dpm++2m, flow-euler"
             ))
         })
     }
@@ -153,8 +165,9 @@ pub trait Scheduler: Send {
     }
 }
 
-/// Builds `kind` for `num_inference_steps` steps; unsupported config values
-/// fail naming the config file and field.
+/// Builds `kind` for a noise-predicting (UNet) pipeline, `num_inference_steps`
+/// steps; unsupported config values fail naming the config file and field.
+/// Flow-matching pipelines build theirs with [`build_flow`].
 pub fn build(kind: SchedulerKind, config: &SchedulerConfig, num_inference_steps: usize) -> Result<Box<dyn Scheduler>> {
     if num_inference_steps == 0 {
         return Err(Error::Invalid(
@@ -167,7 +180,29 @@ pub fn build(kind: SchedulerKind, config: &SchedulerConfig, num_inference_steps:
         SchedulerKind::Euler => Box::new(euler::Euler::new(config, num_inference_steps)?),
         SchedulerKind::EulerAncestral => Box::new(euler::EulerAncestral::new(config, num_inference_steps)?),
         SchedulerKind::DpmPlusPlus2M => Box::new(dpm::DpmSolverPP::new(config, num_inference_steps)?),
+        SchedulerKind::FlowMatchEuler => {
+            return Err(Error::Invalid(format!(
+                "scheduler flow-euler samples flow-matching models (SD3, FLUX); the pipeline of {} predicts noise: \
+                 choose ddim, euler, euler-a or dpm++2m",
+                config.path.display()
+            )))
+        }
     })
+}
+
+/// The flow-match scheduler for `num_inference_steps` steps; `mu` (see
+/// [`flow_match::mu_for`]) is required when the config has
+/// `use_dynamic_shifting`.
+pub fn build_flow(config: &SchedulerConfig, num_inference_steps: usize, mu: Option<f64>) -> Result<Box<dyn Scheduler>> {
+    config.validate()?;
+    Ok(Box::new(flow_match::FlowMatchEuler::new(config, num_inference_steps, mu)?))
+}
+
+/// The flow-match scheduler on a pipeline's own sigmas (FLUX's
+/// `linspace(1, 1/steps, steps)`), shifted as the config says.
+pub fn build_flow_with_sigmas(config: &SchedulerConfig, sigmas: &[f64], mu: Option<f64>) -> Result<Box<dyn Scheduler>> {
+    config.validate()?;
+    Ok(Box::new(flow_match::FlowMatchEuler::with_sigmas(config, sigmas, mu)?))
 }
 
 /// diffusers' img2img `get_timesteps`: the first step index to run for

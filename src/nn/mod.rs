@@ -1,6 +1,8 @@
 //! The few layer types every model here is built from, loaded by name with
 //! shape checks. Forward passes are plain libtorch ops, the same kernels
 //! PyTorch runs, which is what makes parity with the Python reference exact.
+pub mod t5;
+
 use crate::error::Result;
 use crate::weights::Vb;
 use tch::Tensor;

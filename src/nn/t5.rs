@@ -1,16 +1,197 @@
-//! HF `T5ForConditionalGeneration` (keys `shared`, `encoder.block.{i}.layer.{j}.*`,
-//! `decoder.*`, `lm_head`): the encoder run from `inputs_embeds`, the decoder with
-//! cross-attention, and greedy decoding with a key/value cache.
+//! The one T5 in the crate. HF `T5ForConditionalGeneration` (keys `shared`,
+//! `encoder.block.{i}.layer.{j}.*`, `decoder.*`, `lm_head`) for RAHF: the
+//! encoder run from `inputs_embeds`, the decoder with cross-attention, and
+//! greedy decoding with a key/value cache. HF `T5EncoderModel` (`shared`,
+//! `encoder.*` only) for the generators' text encoders (SD3's
+//! `text_encoder_3`, FLUX's `text_encoder_2`): [`T5EncoderModel`] runs the
+//! same encoder stack.
 //!
 //! T5 specifics kept here: RMS layer norm without bias computed in fp32, no 1/sqrt(d)
 //! attention scaling, a learned relative position bias computed by the first block
 //! of each stack and shared by the others, and (v1.0) the d_model^-0.5 rescaling of
 //! the decoder output before the tied `lm_head`.
-use crate::error::{Error, Result};
+use crate::diffusion::unet::config::{MAX_LAYERS, MAX_SIZE};
+use crate::error::{read_json, Error, Result};
 use crate::nn::{activation, Linear};
-use crate::rahf::config::T5Config;
 use crate::weights::Vb;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
 use tch::{Kind, Tensor};
+
+/// `eos_token_id` may be one id or a list; the first one ends decoding.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(i64),
+    Many(Vec<i64>),
+}
+
+/// HF `T5Config` fields the model uses, with transformers' defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct T5Config {
+    pub vocab_size: i64,
+    pub d_model: i64,
+    pub d_kv: i64,
+    pub d_ff: i64,
+    pub num_layers: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_decoder_layers: Option<i64>,
+    pub num_heads: i64,
+    pub relative_attention_num_buckets: i64,
+    pub relative_attention_max_distance: i64,
+    pub layer_norm_epsilon: f64,
+    pub feed_forward_proj: String,
+    /// T5 v1.0 ties `lm_head` to `shared` and rescales the decoder output by
+    /// d_model^-0.5; v1.1 sets this to false (no rescaling).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tie_word_embeddings: Option<bool>,
+    /// transformers 5 writes the rescaling flag explicitly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_decoder_outputs: Option<bool>,
+    pub pad_token_id: i64,
+    pub eos_token_id: TokenIds,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoder_start_token_id: Option<i64>,
+}
+
+impl Default for T5Config {
+    fn default() -> Self {
+        T5Config {
+            vocab_size: 32128,
+            d_model: 512,
+            d_kv: 64,
+            d_ff: 2048,
+            num_layers: 6,
+            num_decoder_layers: None,
+            num_heads: 8,
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            layer_norm_epsilon: 1e-6,
+            feed_forward_proj: "relu".into(),
+            tie_word_embeddings: None,
+            scale_decoder_outputs: None,
+            pad_token_id: 0,
+            eos_token_id: TokenIds::One(1),
+            decoder_start_token_id: None,
+        }
+    }
+}
+
+impl T5Config {
+    pub fn decoder_layers(&self) -> i64 {
+        self.num_decoder_layers.unwrap_or(self.num_layers)
+    }
+    /// Whether the decoder output is multiplied by d_model^-0.5 before `lm_head`.
+    pub fn scales_decoder_output(&self) -> bool {
+        self.scale_decoder_outputs
+            .unwrap_or(self.tie_word_embeddings != Some(false))
+    }
+    pub fn eos_id(&self) -> i64 {
+        match &self.eos_token_id {
+            TokenIds::One(i) => *i,
+            TokenIds::Many(v) => v.first().copied().unwrap_or(1),
+        }
+    }
+    pub fn decoder_start_id(&self) -> i64 {
+        self.decoder_start_token_id.unwrap_or(self.pad_token_id)
+    }
+    /// (gated, activation name) from `feed_forward_proj` ("relu", "gated-gelu", ...).
+    pub fn feed_forward(&self) -> Result<(bool, String)> {
+        let parts: Vec<&str> = self.feed_forward_proj.split('-').collect();
+        match parts.as_slice() {
+            [act] => Ok((false, act.to_string())),
+            // transformers maps "gated-gelu" to the tanh approximation.
+            ["gated", "gelu"] => Ok((true, "gelu_new".into())),
+            ["gated", act] => Ok((true, act.to_string())),
+            _ => Err(Error::unsupported(
+                "t5 config",
+                "feed_forward_proj",
+                &self.feed_forward_proj,
+            )),
+        }
+    }
+}
+
+impl T5Config {
+    /// Reads and validates a T5 `config.json` (a generator's `text_encoder_3/`).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let cfg: T5Config = read_json(path)?;
+        cfg.validate_fields(&path.display().to_string(), "")?;
+        Ok(cfg)
+    }
+
+    /// Every check that needs no weights; errors name `file` and the field
+    /// as `prefix` + its name (`t5.d_model` inside a RAHF config).
+    pub fn validate_fields(&self, file: &str, prefix: &str) -> Result<()> {
+        let bad = |field: &str, value: String| Err(Error::unsupported(file, &format!("{prefix}{field}"), value));
+        let size = |field: &str, v: i64| -> Result<()> {
+            if (1..=MAX_SIZE).contains(&v) {
+                Ok(())
+            } else {
+                bad(field, format!("{v} (must be between 1 and {MAX_SIZE})"))
+            }
+        };
+        let t = self;
+        size("vocab_size", t.vocab_size)?;
+        size("d_model", t.d_model)?;
+        size("d_kv", t.d_kv)?;
+        size("d_ff", t.d_ff)?;
+        size("num_heads", t.num_heads)?;
+        let layers = |field: &str, v: i64| -> Result<()> {
+            if (1..=MAX_LAYERS).contains(&v) {
+                Ok(())
+            } else {
+                bad(field, format!("{v} (must be between 1 and {MAX_LAYERS})"))
+            }
+        };
+        layers("num_layers", t.num_layers)?;
+        if let Some(n) = t.num_decoder_layers {
+            layers("num_decoder_layers", n)?;
+        }
+        // The encoder's bidirectional buckets are halved, then half of those are exact.
+        if !(4..=MAX_SIZE).contains(&t.relative_attention_num_buckets) {
+            return bad(
+                "relative_attention_num_buckets",
+                format!("{} (must be between 4 and {MAX_SIZE})", t.relative_attention_num_buckets),
+            );
+        }
+        if !(t.relative_attention_num_buckets / 2 + 1..=MAX_SIZE).contains(&t.relative_attention_max_distance) {
+            return bad(
+                "relative_attention_max_distance",
+                format!(
+                    "{} (must exceed half of relative_attention_num_buckets {})",
+                    t.relative_attention_max_distance, t.relative_attention_num_buckets
+                ),
+            );
+        }
+        if !(t.layer_norm_epsilon.is_finite() && t.layer_norm_epsilon > 0.0) {
+            return bad("layer_norm_epsilon", format!("{} (must be a positive number)", t.layer_norm_epsilon));
+        }
+        let unknown_act = || bad("feed_forward_proj", t.feed_forward_proj.clone());
+        let Ok((_, act)) = t.feed_forward() else { return unknown_act() };
+        if activation(&act, &Tensor::zeros([1], (Kind::Float, tch::Device::Cpu))).is_none() {
+            return unknown_act();
+        }
+        let in_vocab = |field: &str, id: i64| -> Result<()> {
+            if (0..t.vocab_size).contains(&id) {
+                Ok(())
+            } else {
+                bad(field, format!("{id} (not an id of the {}-token vocabulary)", t.vocab_size))
+            }
+        };
+        in_vocab("pad_token_id", t.pad_token_id)?;
+        match &t.eos_token_id {
+            TokenIds::One(i) => in_vocab("eos_token_id", *i)?,
+            TokenIds::Many(ids) if ids.is_empty() => return bad("eos_token_id", "[]".into()),
+            TokenIds::Many(ids) => ids.iter().try_for_each(|&i| in_vocab("eos_token_id", i))?,
+        }
+        if let Some(i) = t.decoder_start_token_id {
+            in_vocab("decoder_start_token_id", i)?;
+        }
+        Ok(())
+    }
+}
 
 pub struct T5LayerNorm {
     weight: Tensor,
@@ -260,6 +441,25 @@ impl T5Stack {
     pub fn embed(&self, ids: &Tensor) -> Tensor {
         Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
     }
+
+    /// The encoder stack over `inputs_embeds` [B, n, d_model]: the last
+    /// hidden state after the final layer norm. `key_mask` [B, n] (true =
+    /// real token) keeps every position from attending to padding.
+    pub fn encode(&self, inputs_embeds: &Tensor, key_mask: Option<&Tensor>) -> Tensor {
+        let n = inputs_embeds.size()[1];
+        let mut bias = self.bias.forward(n, n, 0).to_kind(inputs_embeds.kind());
+        if let Some(m) = key_mask {
+            bias = bias + padding_bias(m, inputs_embeds.kind());
+        }
+        let mut x = inputs_embeds.shallow_clone();
+        for blk in &self.blocks {
+            let h = blk.self_norm.forward(&x);
+            let (k, v) = blk.self_attn.kv(&h);
+            x = clamp_half(&x + blk.self_attn.attend(&h, &k, &v, Some(&bias)));
+            x = clamp_half(blk.ff.forward(&x));
+        }
+        self.final_layer_norm.forward(&x)
+    }
 }
 
 /// Per decoder layer: self-attention keys/values so far, and the cross-attention
@@ -305,19 +505,7 @@ impl T5 {
     /// attends to padding, so a right-padded row gives its real positions what the
     /// unpadded row gives (the relative position bias does not depend on length).
     pub fn encode_masked(&self, inputs_embeds: &Tensor, key_mask: Option<&Tensor>) -> Tensor {
-        let n = inputs_embeds.size()[1];
-        let mut bias = self.encoder.bias.forward(n, n, 0).to_kind(inputs_embeds.kind());
-        if let Some(m) = key_mask {
-            bias = bias + padding_bias(m, inputs_embeds.kind());
-        }
-        let mut x = inputs_embeds.shallow_clone();
-        for blk in &self.encoder.blocks {
-            let h = blk.self_norm.forward(&x);
-            let (k, v) = blk.self_attn.kv(&h);
-            x = clamp_half(&x + blk.self_attn.attend(&h, &k, &v, Some(&bias)));
-            x = clamp_half(blk.ff.forward(&x));
-        }
-        self.encoder.final_layer_norm.forward(&x)
+        self.encoder.encode(inputs_embeds, key_mask)
     }
 
     fn logits(&self, h: &Tensor) -> Tensor {
@@ -432,5 +620,31 @@ impl T5 {
             ids = Tensor::from_slice(&fed).view([b, 1]).to_device(encoder_hidden.device());
         }
         out
+    }
+}
+
+/// HF `T5EncoderModel`: `shared` (or `encoder.embed_tokens`) and the encoder
+/// stack, as the generators' T5 text encoders are saved.
+pub struct T5EncoderModel {
+    pub encoder: T5Stack,
+    pub config: T5Config,
+}
+
+impl T5EncoderModel {
+    /// `vb` points at the model's root (the `text_encoder_3/` weights).
+    pub fn load(vb: &Vb, cfg: &T5Config) -> Result<Self> {
+        let shared = if vb.contains("shared.weight") {
+            vb.get("shared.weight", &[cfg.vocab_size, cfg.d_model])?
+        } else {
+            vb.get("encoder.embed_tokens.weight", &[cfg.vocab_size, cfg.d_model])?
+        };
+        Ok(T5EncoderModel { encoder: T5Stack::load(&vb.pp("encoder"), cfg, &shared, false)?, config: cfg.clone() })
+    }
+
+    /// The last hidden state [B, n, d_model] of token ids [B, n], without an
+    /// attention mask (as SD3's and FLUX's pipelines call it: padding tokens
+    /// are attended to).
+    pub fn encode(&self, ids: &Tensor) -> Tensor {
+        self.encoder.encode(&self.encoder.embed(ids), None)
     }
 }
