@@ -10,9 +10,11 @@
 //! - `ORCHESTRATE_CUDNN_BENCHMARK` ([`cudnn_benchmark`]): cuDNN's autotuner
 //!   picks each convolution's algorithm on CUDA (set when a CUDA device is
 //!   chosen, [`configure_device`]);
-//! - `ORCHESTRATE_NOISE_ON_DEVICE` ([`noise_on_device`]): the timestep
-//!   embedding's input is made on the device (a fill) instead of copied from
-//!   the host at every UNet call, a copy PyTorch follows with a stream sync;
+//! - `ORCHESTRATE_NOISE_ON_DEVICE` ([`noise_on_device`]): no host-to-device
+//!   copy inside the step loop: every step's noise goes to the device in one
+//!   copy before the first step, and the timestep embedding's input is made on
+//!   the device (a fill) instead of copied from the host at every UNet call
+//!   (PyTorch follows each such copy with a stream sync);
 //! - `ORCHESTRATE_VIT_SDPA` ([`vit_sdpa`]): RAHF's ViT attends through
 //!   `scaled_dot_product_attention` instead of matmul-softmax-matmul.
 use std::cell::Cell;
@@ -58,9 +60,9 @@ lever!(
     false
 );
 lever!(
-    /// The timestep made on the device. On by default: the values are the
-    /// same bits either way, and it removes a host-to-device copy and its sync
-    /// from every UNet call.
+    /// Step noise staged and the timestep made on the device. On by default:
+    /// the values are the same bits either way, and it removes host-to-device
+    /// copies and their syncs from every step.
     noise_on_device,
     "ORCHESTRATE_NOISE_ON_DEVICE",
     true
