@@ -68,6 +68,7 @@ def build_pipeline(folder: Path, vocab_size: int):
     text_encoder = CLIPTextModel(CLIPTextConfig(  # SD 1.5's text_encoder, with the tiny vocabulary
         vocab_size=vocab_size, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,  # the tiny tokenizer's (sd-tiny's text_encoder config)
     ))
     tokenizer = CLIPTokenizer.from_pretrained(ROOT / "tests/fixtures/diffusion/sd-tiny/tokenizer")
     scheduler = DDIMScheduler.from_pretrained(ROOT / "tests/fixtures/diffusion/sd-tiny/scheduler")
