@@ -84,6 +84,11 @@ def python_child(a):
     from PIL import Image
 
     dev = torch.device("cuda" if a.device.startswith("cuda") else "cpu")
+    if dev.type == "cpu" and not a.python_threads_as_is:
+        # What the orchestrate job does on a CPU (src/jobs/stages.rs): one core
+        # left to the CPU stage. On a busy 2-core box 2 intra-op threads make
+        # small models several times slower, so the same count on both sides.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(a.dtype, torch.float32)
     pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None, torch_dtype=dtype).to(dev)
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -148,6 +153,8 @@ def main():
     ap.add_argument("--json-out", help="rows for scripts/gpu-check")
     ap.add_argument("--pipeline-dir", help="sd15: the random pipeline's folder, reused when there (generate.py's)")
     ap.add_argument("--rahf-dir", help="sd15: an imported published-size RAHF of rahf.py, reused when there")
+    ap.add_argument("--python-threads-as-is", action="store_true",
+                    help="CPU: leave PyTorch's thread count as it is (default: the job's, cores - 1)")
     ap.add_argument("--python-child", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--prompt-file", help=argparse.SUPPRESS)
@@ -186,7 +193,7 @@ def main():
         child = [sys.executable, __file__, "--python-child", str(tmp / "python"), "--model", str(model),
                  "--prompt-file", str(prompts), "--layout", a.layout, "--samples", str(a.samples),
                  "--steps", str(a.steps), "--size", str(a.size), "--batch-size", str(a.batch_size),
-                 "--device", a.device, "--dtype", a.dtype]
+                 "--device", a.device, "--dtype", a.dtype] + (["--python-threads-as-is"] if a.python_threads_as_is else [])
 
         res = {"runner": [], "python": [], "sequential": []}
         peaks = {"runner": 0.0, "python": 0.0, "sequential": 0.0}
@@ -206,7 +213,7 @@ def main():
 
     runner, python = max(res["runner"]), max(res["python"])
     config += (f", {a.prompts} prompts x {a.samples} samples, {a.steps} euler-a steps, CFG 7.5, {a.size}x{a.size}, "
-               f"batch {a.batch_size}, {a.device} {a.dtype}, torch threads {torch.get_num_threads()}")
+               f"batch {a.batch_size}, {a.device} {a.dtype}, " + ("" if a.device.startswith("cuda") else "torch threads: " + ("PyTorch as is" if a.python_threads_as_is else "both sides the job's, cores - 1")))
     print(f"config: {config}")
     print(f"orchestrate runner (overlapped) : {runner:8.3f} images/s, peak {peaks['runner']:.2f} GiB")
     if a.sequential:
