@@ -597,7 +597,7 @@ fn merge(a: MergeArgs) -> Result<()> {
         recipe.set_output(out);
     }
     let mut summaries = Vec::new();
-    for job in recipe.selected_jobs(a.job.as_deref())? {
+    for job in recipe.selected_jobs(a.job.as_deref())?.into_iter().filter(|j| orchestrate::recipe::Recipe::shardable(j)) {
         let dir = orchestrate::recipe::job_dir(&recipe.output, job, orchestrate::jobs::Shard::default());
         let shards = shard_folders(&dir, a.shard_count)?;
         let summary = merge(&dir, &shards, a.allow_partial)?;

@@ -53,6 +53,7 @@ use crate::jobs::common::{check_generator_source, check_rahf};
 use crate::jobs::filter::{self, FilterOptions};
 use crate::jobs::guide::{self, GuideOptions};
 use crate::jobs::inpaint::{self, InpaintOptions};
+use crate::jobs::finetune::FinetuneJobOptions;
 use crate::jobs::prompts::read_prompts;
 use crate::jobs::{CommonOptions, JobSummary, ModelOptions, RunContext, SamplingOptions, Shard};
 use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
@@ -82,6 +83,8 @@ struct RawRecipe {
     inpaint: Option<InpaintOptions>,
     #[serde(default)]
     guide: Option<GuideOptions>,
+    #[serde(default)]
+    finetune: Option<FinetuneJobOptions>,
 }
 
 /// A 1-based line and column in the recipe file.
@@ -265,6 +268,10 @@ pub struct Recipe {
     /// Whether `inpaint.input` is this recipe's filter output.
     pub inpaint_from_filter: bool,
     pub guide: Option<GuideOptions>,
+    /// `data` resolved; `output/filter` when the recipe says `data: filter`.
+    pub finetune: Option<FinetuneJobOptions>,
+    /// Whether `finetune.data` is this recipe's filter output.
+    pub finetune_from_filter: bool,
     /// `sampling.height` / `sampling.width` not given: each takes the
     /// generator's native size instead of the 512 default once the model is
     /// known ([`Recipe::resolve_size`]), as diffusers defaults each on its own.
@@ -327,7 +334,7 @@ impl Recipe {
             ));
         }
         // A job's key with nothing under it would silently run nothing.
-        for section in ["models", "sampling", "filter", "inpaint", "guide"] {
+        for section in ["models", "sampling", "filter", "inpaint", "guide", "finetune"] {
             if let Some(e) = locations.get(section).filter(|e| e.null) {
                 return Err(err_at(
                     e.key.unwrap_or(e.value),
@@ -356,11 +363,11 @@ impl Recipe {
                 None => err_at(at, "", &msg),
             }
         })?;
-        if raw.filter.is_none() && raw.inpaint.is_none() && raw.guide.is_none() {
+        if raw.filter.is_none() && raw.inpaint.is_none() && raw.guide.is_none() && raw.finetune.is_none() {
             return Err(err_at(
                 Loc { line: 1, column: 1 },
                 "",
-                "nothing to run: add a `filter`, `inpaint` or `guide` section",
+                "nothing to run: add a `filter`, `inpaint`, `guide` or `finetune` section",
             ));
         }
 
@@ -424,6 +431,31 @@ impl Recipe {
             shared_verify("guide", &mut g.verify);
             g
         });
+        let mut finetune_from_filter = false;
+        let finetune = match raw.finetune {
+            None => None,
+            Some(mut t) => {
+                if t.data == Path::new(crate::jobs::finetune::FROM_FILTER) {
+                    if filter.is_none() {
+                        let at = locations.value_of("finetune.data").or_else(|| locations.of("finetune"));
+                        return Err(err_at(
+                            at.unwrap_or(Loc { line: 1, column: 1 }),
+                            "finetune.data",
+                            "`filter` (the default) means this recipe's filter output, but the recipe has no `filter` \
+                             section: add one, or give `data:` an imagefolder",
+                        ));
+                    }
+                    finetune_from_filter = true;
+                    t.data = job_dir(&output, "filter", Shard::default());
+                } else {
+                    t.data = resolve(&dir, &t.data);
+                }
+                if let Some(e) = &mut t.evaluate {
+                    e.prompts = resolve(&dir, &e.prompts);
+                }
+                Some(t)
+            }
+        };
         let height_from_model = locations.get("sampling.height").is_none();
         let width_from_model = locations.get("sampling.width").is_none();
         let scheduler_from_model = locations.get("sampling.scheduler").is_none();
@@ -436,6 +468,8 @@ impl Recipe {
             inpaint,
             inpaint_from_filter,
             guide,
+            finetune,
+            finetune_from_filter,
             height_from_model,
             width_from_model,
             scheduler_from_model,
@@ -454,6 +488,11 @@ impl Recipe {
                 i.input = job_dir(&self.output, "filter", Shard::default());
             }
         }
+        if self.finetune_from_filter {
+            if let Some(t) = &mut self.finetune {
+                t.data = job_dir(&self.output, "filter", Shard::default());
+            }
+        }
     }
 
     /// The jobs this recipe runs, in order.
@@ -468,7 +507,19 @@ impl Recipe {
         if self.guide.is_some() {
             jobs.push("guide");
         }
+        if let Some(t) = &self.finetune {
+            jobs.push("finetune");
+            if t.evaluate.is_some() {
+                jobs.push("evaluate");
+            }
+        }
         jobs
+    }
+
+    /// Whether `job` splits into shards (`finetune` and `evaluate` run as
+    /// one process; sharded runners give them one worker).
+    pub fn shardable(job: &str) -> bool {
+        !matches!(job, "finetune" | "evaluate")
     }
 
     /// Every check that needs no model: each section's `validate()`, with the
@@ -485,6 +536,12 @@ impl Recipe {
         }
         if let Some(g) = &self.guide {
             self.locate("guide", g.validate())?;
+        }
+        if let Some(t) = &self.finetune {
+            self.locate("finetune", t.validate(&self.common))?;
+            if !self.finetune_from_filter {
+                self.locate("finetune", crate::finetune::data::ImageFolder::open(&t.data).map(drop))?;
+            }
         }
         Ok(())
     }
@@ -555,6 +612,7 @@ impl Recipe {
         let mut lines = Vec::new();
         let m = self.common.models.clone();
         let gen = self.at_field("models.generator", check_generator_source(&m.source(&m.generator)))?;
+        self.at_field("sampling.scheduler", gen.check_scheduler(&self.common.sampling.scheduler))?;
         lines.push(format!("generator  {}", gen.describe(&m.generator)));
         if self.inpaint.is_some() {
             if let Some(spec) = &m.inpaint_generator {
@@ -673,6 +731,27 @@ impl Recipe {
                 job_dir(&self.output, "guide", Shard::default()).display()
             ));
         }
+        if let Some(t) = &self.finetune {
+            let from = if self.finetune_from_filter { "the images filter keeps".to_string() } else { t.data.display().to_string() };
+            lines.push(format!(
+                "finetune   LoRA rank {} on {from}: {} steps, lr {}, batch {}x{} -> {}",
+                t.rank,
+                t.steps,
+                t.lr,
+                t.batch_size,
+                t.gradient_accumulation_steps,
+                job_dir(&self.output, "finetune", Shard::default()).display()
+            ));
+            if let Some(e) = &t.evaluate {
+                let n = read_prompts(&e.prompts)?.len();
+                let samples = e.samples.or(self.filter.as_ref().map(|f| f.samples)).unwrap_or(8);
+                lines.push(format!(
+                    "evaluate   {n} held-out prompts from {} x {samples} samples, without and with the LoRA -> {}",
+                    e.prompts.display(),
+                    job_dir(&self.output, "evaluate", Shard::default()).display()
+                ));
+            }
+        }
         Ok(lines)
     }
 
@@ -683,12 +762,12 @@ impl Recipe {
             None => Ok(jobs),
             Some(j) => match jobs.iter().find(|x| **x == j) {
                 Some(x) => Ok(vec![*x]),
-                None if ["filter", "inpaint", "guide"].contains(&j) => Err(Error::Invalid(format!(
+                None if ["filter", "inpaint", "guide", "finetune", "evaluate"].contains(&j) => Err(Error::Invalid(format!(
                     "--job {j}: {} has no `{j}` section (it runs {})",
                     self.file.display(),
                     jobs.join(", ")
                 ))),
-                None => Err(Error::Invalid(format!("--job `{j}`: expected filter, inpaint or guide"))),
+                None => Err(Error::Invalid(format!("--job `{j}`: expected filter, inpaint, guide, finetune or evaluate"))),
             },
         }
     }
@@ -698,6 +777,18 @@ impl Recipe {
     /// one shard (n > 1) cannot go on from its own filter shard into inpaint;
     /// it runs one job at a time (`--job`), with a merge in between.
     pub fn check_stages(&self, shard: Shard, only: Option<&str>) -> Result<()> {
+        if shard.count > 1 {
+            let jobs = self.selected_jobs(only)?;
+            if let Some(j) = jobs.iter().find(|j| !Recipe::shardable(j)) {
+                return Err(Error::Invalid(format!(
+                    "{}: `{j}` runs as one process, so a sharded run takes one job at a time: `run --shard i/n --job \
+                     filter` on every shard, `orchestrate merge --recipe {} --job filter`, then `run --job {j}` \
+                     without --shard (scripts/slurm/submit.sh and `run --devices` do this)",
+                    self.file.display(),
+                    self.file.display()
+                )));
+            }
+        }
         if shard.count > 1 && only.is_none() && self.inpaint_from_filter {
             return Err(Error::Invalid(format!(
                 "{}: inpaint reads this recipe's filter output (`inpaint.input: filter`), so a sharded run takes one job \
@@ -738,6 +829,18 @@ impl Recipe {
     /// The summary of a job that has nothing to do: inpaint when this
     /// recipe's filter kept no image. `None` when the job is to run.
     pub fn skipped(&self, job: &str) -> Result<Option<JobSummary>> {
+        if matches!(job, "finetune" | "evaluate") && self.finetune_from_filter {
+            let filter_out = job_dir(&self.output, "filter", Shard::default());
+            finished_result(&filter_out, "filter")?;
+            if kept_nothing(&filter_out)? {
+                return Ok(Some(JobSummary {
+                    job: job.into(),
+                    out: job_dir(&self.output, job, Shard::default()),
+                    figures: serde_json::json!({"skipped": "filter kept no image"}),
+                    lines: vec![format!("skipped: filter kept no image, so there is nothing to {job}")],
+                }));
+            }
+        }
         match (&self.inpaint, job) {
             (Some(i), "inpaint") if self.inpaint_from_filter => {
                 finished_result(&i.input, "filter")?;
@@ -762,6 +865,16 @@ impl Recipe {
             ("filter", Some(f), _, _) => filter::run(f, &self.common, &ctx),
             ("inpaint", _, Some(i), _) => inpaint::run(i, &self.common, &ctx),
             ("guide", _, _, Some(g)) => guide::run(g, &self.common, &ctx),
+            ("finetune", ..) if self.finetune.is_some() => {
+                let t = self.finetune.as_ref().expect("checked");
+                crate::jobs::finetune::run(t, &t.data, &self.common, &ctx)
+            }
+            ("evaluate", ..) if self.finetune.as_ref().is_some_and(|t| t.evaluate.is_some()) => {
+                let t = self.finetune.as_ref().expect("checked");
+                let lora = crate::jobs::finetune::trained_lora(&job_dir(&self.output, "finetune", Shard::default()))?;
+                let eval = t.evaluate.as_ref().expect("checked");
+                crate::jobs::finetune::evaluate(eval, self.filter.as_ref(), &lora, &self.common, &ctx)
+            }
             _ => return Err(Error::Invalid(format!("{}: no `{job}` job in this recipe", self.file.display()))),
         };
         r.map_err(|e| self.locate_field(e))

@@ -82,20 +82,47 @@ fn tensor_kinds<'a>(
 /// Reads the tensors of a safetensors file whose names `keep` accepts onto
 /// the CPU, keeping their dtypes; the others are never read.
 pub fn read_safetensors_where(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    for_each_safetensor(path, keep, |name, t| {
+        out.push((name, t));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Hands `each` the tensors of a safetensors file whose names `keep` accepts,
+/// one at a time, each read from disk into a fresh CPU tensor of its own
+/// dtype. Only the header is read through the map: the data is read per
+/// tensor with positioned reads, so a caller that converts or moves each
+/// tensor as it comes never holds the file twice (a mapped file's touched
+/// pages count as the process's memory until it is unmapped).
+pub fn for_each_safetensor(
+    path: &Path,
+    keep: impl Fn(&str) -> bool,
+    mut each: impl FnMut(String, Tensor) -> Result<()>,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
     let mmap = map_safetensors(path)?;
     let st = safetensors::SafeTensors::deserialize(&mmap)
         .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
-    let mut out = Vec::new();
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let base = mmap.as_ptr() as usize;
     for (name, kind, view) in tensor_kinds(path, &st)? {
         if !keep(&name) {
             continue;
         }
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+        // The view's place in the file, without touching its pages.
+        let data = view.data();
+        let offset = (data.as_ptr() as usize - base) as u64;
+        let mut bytes = vec![0u8; data.len()];
+        file.read_exact_at(&mut bytes, offset).map_err(|e| Error::io(path, e))?;
+        let t = Tensor::f_from_data_size(&bytes, &shape, kind)
             .map_err(|e| Error::torch(format!("{}: tensor `{name}`", path.display()), e))?;
-        out.push((name, t));
+        drop(bytes);
+        each(name, t)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The names, dtypes and shapes of a safetensors file's tensors, from its
@@ -193,15 +220,24 @@ pub fn write_safetensors_with_metadata(path: &Path, tensors: &[(String, Tensor)]
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// A floating-point tensor in `kind`, on `device` (no copy when it already is).
+fn convert(t: Tensor, device: Device, kind: Kind) -> Tensor {
+    let t = if t.is_floating_point() && t.kind() != kind { t.to_kind(kind) } else { t };
+    t.to_device(device)
+}
+
 impl Weights {
     /// Loads one or more safetensors files; floating-point tensors are cast
     /// to `kind`, every tensor is moved to `device`.
+    /// Each tensor is converted and moved as it is read, so host memory
+    /// peaks at the converted weights plus one tensor in the file's dtype.
     pub fn load(paths: &[PathBuf], device: Device, kind: Kind) -> Result<Self> {
         let mut tensors = HashMap::new();
         for path in paths {
-            for (name, t) in read_safetensors(path)? {
-                tensors.insert(name, t);
-            }
+            for_each_safetensor(path, |_| true, |name, t| {
+                tensors.insert(name, convert(t, device, kind));
+                Ok(())
+            })?;
         }
         let source = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
         Ok(Self::from_tensors(source, tensors, device, kind))
@@ -224,10 +260,7 @@ impl Weights {
     pub fn from_tensors(source: impl Into<String>, tensors: HashMap<String, Tensor>, device: Device, kind: Kind) -> Self {
         let tensors = tensors
             .into_iter()
-            .map(|(n, t)| {
-                let t = if t.is_floating_point() { t.to_kind(kind) } else { t };
-                (n, t.to_device(device))
-            })
+            .map(|(n, t)| (n, convert(t, device, kind)))
             .collect();
         Weights { source: source.into(), tensors, used: Mutex::new(BTreeSet::new()), device, kind, origin: None }
     }

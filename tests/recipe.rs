@@ -277,7 +277,7 @@ fn every_committed_recipe_parses() {
         }
     }
     names.sort();
-    assert_eq!(names, ["ci-sdxl.yaml", "ci.yaml", "filter.yaml", "guide.yaml", "inpaint.yaml", "quickstart.yaml"]);
+    assert_eq!(names, ["ci-sdxl.yaml", "ci.yaml", "filter.yaml", "guide.yaml", "inpaint.yaml", "loop.yaml", "quickstart.yaml"]);
 }
 
 #[test]
@@ -351,4 +351,92 @@ fn guide_decoder_resolves_and_is_checked() {
     let (line, _, field, msg) = recipe_error(err);
     assert_eq!((line, field.as_str()), (10, "guide.decoder"), "{msg}");
     assert!(msg.contains("3 latent channels"), "{msg}");
+}
+
+/// `recipes/loop.yaml`: filter -> finetune on the kept set -> held-out prompts
+/// sampled without and with the LoRA, scores side by side; a rerun trains and
+/// samples nothing again.
+#[test]
+fn loop_recipe_runs_end_to_end_and_resumes() {
+    tiny_rahf();
+    let out = tempfile::tempdir().unwrap();
+    let run = || {
+        let r = Command::new(env!("CARGO_BIN_EXE_orchestrate"))
+            .args(["run", "recipes/loop.yaml", "--output"])
+            .arg(out.path())
+            .env("RUST_LOG", "warn")
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&r.stdout).into_owned();
+        assert!(r.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&r.stderr));
+        stdout
+    };
+    let first = run();
+    for job in ["filter", "finetune", "evaluate"] {
+        assert!(first.contains(&format!("{job} -> ")), "no {job} summary in:\n{first}");
+    }
+    let lora = out.path().join("finetune/final/pytorch_lora_weights.safetensors");
+    let lora_bytes = std::fs::read(&lora).unwrap();
+    let cmp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("evaluate/comparison.json")).unwrap()).unwrap();
+    let spec = &cmp["scores"][0];
+    assert_eq!(spec["role"], "optimised", "{cmp}");
+    // 2 held-out prompts x 4 samples on each side, every image scored.
+    assert_eq!((spec["before"]["n"].as_u64(), spec["after"]["n"].as_u64()), (Some(8), Some(8)), "{cmp}");
+    assert_eq!(spec["before"]["quantiles"].as_array().unwrap().len(), 5);
+    // The held-out images are sampled with the same seeds; the LoRA changes them.
+    let before = std::fs::read(out.path().join("evaluate/before/samples")
+        .join(std::fs::read_dir(out.path().join("evaluate/before/samples")).unwrap().next().unwrap().unwrap().file_name())).unwrap();
+    let name = std::fs::read_dir(out.path().join("evaluate/before/samples")).unwrap().next().unwrap().unwrap().file_name();
+    let after = std::fs::read(out.path().join("evaluate/after/samples").join(&name)).unwrap();
+    assert_ne!(before, after, "the LoRA left {name:?} unchanged");
+    assert_ne!(spec["before"]["mean"], spec["after"]["mean"], "{cmp}");
+    assert!(out.path().join("evaluate/report.html").is_file());
+    // The trained set is what filter kept.
+    let log = std::fs::read_to_string(out.path().join("finetune/log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 6, "{log}");
+
+    let second = run();
+    assert!(second.contains("already trained: nothing left to do"), "{second}");
+    assert!(second.contains("done now: 0"), "{second}");
+    assert_eq!(std::fs::read(&lora).unwrap(), lora_bytes, "a rerun changed the LoRA");
+}
+
+/// A finetune step's own errors, located in the recipe.
+#[test]
+fn finetune_step_errors_are_located() {
+    let gen = repo().join("tests/fixtures/diffusion/sd-tiny");
+    let rahf = tiny_rahf();
+    let head = format!("models:\n  generator: {}\n  rahf: {}\n  device: cpu\noutput: out\n", gen.display(), rahf.display());
+    // `data: filter` (the default) without a filter section.
+    let (_t, path) = recipe_in_tempdir("r.yaml", &format!("{head}finetune:\n  steps: 2\n"));
+    let err = Recipe::load(&path).err().expect("accepted").to_string();
+    assert!(err.contains("r.yaml:") && err.contains("finetune.data") && err.contains("no `filter` section"), "{err}");
+    // A bad range names the recipe's field, not a CLI flag.
+    let filter = "filter:\n  prompts: prompts.txt\n  samples: 1\n";
+    let (_t, path) = recipe_in_tempdir("r.yaml", &format!("{head}{filter}finetune:\n  steps: 2\n  rank: 0\n"));
+    let err = Recipe::load(&path).err().expect("accepted").to_string();
+    assert!(err.contains("r.yaml:11:") && err.contains("finetune.rank") && !err.contains("--rank"), "{err}");
+    // Held-out prompts must exist.
+    let (_t, path) =
+        recipe_in_tempdir("r.yaml", &format!("{head}{filter}finetune:\n  evaluate:\n    prompts: missing.txt\n"));
+    let err = Recipe::load(&path).err().expect("accepted").to_string();
+    assert!(err.contains("missing.txt"), "{err}");
+    // A sharded run cannot include the one-process finetune step.
+    let (_t, path) = recipe_in_tempdir("r.yaml", &format!("{head}{filter}finetune:\n  steps: 2\n"));
+    let mut r = Recipe::load(&path).unwrap();
+    let err = r.dry_run(orchestrate::jobs::Shard { index: 0, count: 2 }, None).err().expect("accepted").to_string();
+    assert!(err.contains("`finetune` runs as one process") && err.contains("--job filter"), "{err}");
+    assert!(r.dry_run(orchestrate::jobs::Shard { index: 0, count: 2 }, Some("filter")).is_ok());
+    // Evaluation before training says what to run first.
+    let (t, path) = recipe_in_tempdir(
+        "r.yaml",
+        &format!("{head}{filter}finetune:\n  steps: 2\n  evaluate:\n    prompts: prompts.txt\n"),
+    );
+    let _ = t;
+    let r = Recipe::load(&path).unwrap();
+    assert_eq!(r.jobs(), ["filter", "finetune", "evaluate"]);
+    let err = r.run_job("evaluate", orchestrate::jobs::Shard::default(), true).err().expect("ran").to_string();
+    assert!(err.contains("no trained LoRA yet") && err.contains("finetune step first"), "{err}");
 }

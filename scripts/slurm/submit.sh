@@ -11,7 +11,8 @@
 # filter). A failed task cancels everything after it (--kill-on-invalid-dep);
 # resubmitting resumes every shard where it stopped.
 #
-# Prints `stage JOB array ARRAY_ID merge MERGE_ID` per job, then `last MERGE_ID`
+# Prints `stage JOB array ARRAY_ID merge MERGE_ID` per job (`stage JOB task ID`
+# for finetune and evaluate, which run as one task), then `last MERGE_ID`
 # (wait for that one, or chain yours with --dependency=afterok:MERGE_ID).
 #
 # Environment:
@@ -56,6 +57,19 @@ prev="${AFTER:-}"
 for job in $jobs; do
     dep=()
     if [[ -n "$prev" ]]; then dep=(--dependency="afterok:$prev"); fi
+    case "$job" in
+    finetune | evaluate)
+        # One process (LoRA training, and the before/after comparison): a
+        # one-task array, nothing to merge.
+        single="$(sbatch --parsable --kill-on-invalid-dep=yes "${dep[@]}" --array=0-0 \
+            --job-name="orchestrate-$job" "${extra[@]}" "${array_extra[@]}" \
+            "$here/array.sbatch" "$recipe" "$job")"
+        single="${single%%;*}"
+        echo "stage $job task $single"
+        prev="$single"
+        continue
+        ;;
+    esac
     array="$(sbatch --parsable --kill-on-invalid-dep=yes "${dep[@]}" --array="0-$((shards - 1))" \
         --job-name="orchestrate-$job" "${extra[@]}" "${array_extra[@]}" \
         "$here/array.sbatch" "$recipe" "$job")"

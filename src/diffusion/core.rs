@@ -10,6 +10,8 @@
 //! - [`NoiseSpec`] / [`BatchNoise`]: every seeded draw of an image, in
 //!   diffusers' order, made through [`crate::diffusion::noise`]'s locked
 //!   generator, and batched per step;
+//! - [`Denoiser`]: the network a step calls (the UNet; SD3's and FLUX's
+//!   transformers), whatever its conditioning inputs;
 //! - [`DenoiseLoop`]: the step loop (model output, scheduler step with that
 //!   step's noise, an optional per-step hook such as inpainting's latent
 //!   blend, progress). Guidance runs its own loop (several passes per step,
@@ -21,6 +23,21 @@ use crate::diffusion::unet::{AddedCond, UNet2DConditionModel};
 use crate::error::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
+/// The network of a denoising step: the UNet, or a flow-matching
+/// transformer. Each reads from [`Conditioning`] what its family needs.
+pub trait Denoiser {
+    /// The model output for `model_in` (scheduler-scaled, both CFG halves
+    /// stacked when `cond.cfg()`) at the scheduler's timestep `timestep`.
+    /// Runs in the caller's grad mode.
+    fn predict(&self, model_in: &Tensor, timestep: f64, cond: &Conditioning) -> Tensor;
+}
+
+impl Denoiser for UNet2DConditionModel {
+    fn predict(&self, model_in: &Tensor, timestep: f64, cond: &Conditioning) -> Tensor {
+        self.forward_added(model_in, timestep, &cond.embeds, cond.added.as_ref())
+    }
+}
+
 /// Text conditioning of one batch.
 pub struct Conditioning {
     /// `[B, L, D]`, or under CFG `[2B, L, D]`: the negative prompts' embeddings,
@@ -29,6 +46,12 @@ pub struct Conditioning {
     /// SDXL's added conditioning (pooled embeddings and time ids), rows as
     /// in `embeds`; `None` for SD.
     pub added: Option<AddedCond>,
+    /// Pooled text embeddings `[B or 2B, P]`, rows as in `embeds` (SD3: both
+    /// CLIPs' concatenated; FLUX: CLIP-L's); `None` for the UNet family.
+    pub pooled: Option<Tensor>,
+    /// FLUX dev's distilled guidance, fed to the transformer's guidance
+    /// embedding (no CFG); `None` elsewhere.
+    pub guidance: Option<f64>,
     /// The CFG scale when classifier-free guidance is on (`guidance_scale > 1`,
     /// diffusers' rule), `None` otherwise.
     pub cfg_scale: Option<f64>,
@@ -48,10 +71,12 @@ impl Conditioning {
             Ok(Conditioning {
                 embeds: Tensor::cat(&[uncond.embeds, cond.embeds], 0),
                 added: uncond_added.zip(added).map(|(u, c)| AddedCond::cat(&u, &c)),
+                pooled: None,
+                guidance: None,
                 cfg_scale: Some(settings.guidance_scale),
             })
         } else {
-            Ok(Conditioning { embeds: cond.embeds, added, cfg_scale: None })
+            Ok(Conditioning { embeds: cond.embeds, added, pooled: None, guidance: None, cfg_scale: None })
         }
     }
 
@@ -59,15 +84,16 @@ impl Conditioning {
         self.cfg_scale.is_some()
     }
 
-    /// The model output of step `step` for `latents` [B, C, h, w]: the UNet
-    /// called once on the scheduler-scaled `[latents; latents]` under CFG (one
+    /// The model output of step `step` for `latents` [B, C, h, w] (or FLUX's
+    /// packed [B, n, c]): the model called once on the scheduler-scaled
+    /// `[latents; latents]` under CFG (one
     /// batch, both halves), then combined. `extra_channels` [B, c, h, w]
     /// (an inpainting UNet's mask and masked-image latents) are appended to the
     /// scaled input's channels, for both halves. Runs in the caller's grad
     /// mode (guidance differentiates through it).
     pub fn model_output(
         &self,
-        unet: &UNet2DConditionModel,
+        model: &dyn Denoiser,
         scheduler: &dyn Scheduler,
         step: usize,
         latents: &Tensor,
@@ -79,7 +105,7 @@ impl Conditioning {
             let extra = if self.cfg() { Tensor::cat(&[extra, extra], 0) } else { extra.shallow_clone() };
             model_in = Tensor::cat(&[&model_in, &extra], 1);
         }
-        let out = unet.forward_added(&model_in, scheduler.timesteps()[step], &self.embeds, self.added.as_ref());
+        let out = model.predict(&model_in, scheduler.timesteps()[step], self);
         match self.cfg_scale {
             Some(scale) => {
                 let halves = out.chunk(2, 0);
@@ -252,7 +278,7 @@ impl BatchNoise {
 
 /// The step loop of text-to-image and inpainting.
 pub struct DenoiseLoop<'a> {
-    pub unet: &'a UNet2DConditionModel,
+    pub model: &'a dyn Denoiser,
     pub cond: &'a Conditioning,
     pub noise: &'a BatchNoise,
     /// The first step index run (inpainting below strength 1 starts later);
@@ -283,7 +309,7 @@ impl DenoiseLoop<'_> {
             // loop itself copies nothing from the host (crate::perf).
             let staged = crate::perf::noise_on_device().then(|| self.noise.steps_on_device(steps.len()));
             for (n, i) in steps.enumerate() {
-                let out = self.cond.model_output(self.unet, scheduler, i, &latents, self.extra_channels);
+                let out = self.cond.model_output(self.model, scheduler, i, &latents, self.extra_channels);
                 let noise = match &staged {
                     Some(staged) => staged[n].as_ref().map(Tensor::shallow_clone),
                     None => self.noise.step(n),

@@ -4,7 +4,11 @@
 //! implementation; `filter`, `inpaint`, `guide` and `generate` hold a
 //! `Box<dyn Generator>` and never branch on the family.
 //!
-//! Implemented by the UNet family ([`StableDiffusion`]: SD 1.x/2.x and SDXL).
+//! Implemented by the UNet family ([`StableDiffusion`]: SD 1.x/2.x and SDXL),
+//! FLUX.1 ([`FluxPipeline`]) and Stable Diffusion 3 / 3.5
+//! ([`crate::diffusion::sd3::StableDiffusion3Pipeline`]), each chosen by
+//! `model_index.json`'s `_class_name`.
+use crate::diffusion::flux::FluxPipeline;
 use crate::diffusion::inpaint::{InpaintMode, InpaintSource};
 use crate::diffusion::model_dir::PipelineSource;
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
@@ -100,8 +104,13 @@ pub struct GeneratorOptions {
 }
 
 /// Loads the generator in `spec` (a diffusers folder, cached repo id or
-/// single-file checkpoint) with `options`, for its family.
+/// single-file checkpoint) with `options`, for its family: a folder whose
+/// `model_index.json` names `FluxPipeline` is FLUX, anything else the UNet family.
 pub fn load(spec: &str, options: &GeneratorOptions, device: Device, kind: Kind) -> Result<Box<dyn Generator>> {
+    if let Some(root) = flux_root(spec, options.variant.as_deref(), options.config.as_deref())? {
+        refuse_flux_options(&root, options)?;
+        return Ok(Box::new(FluxPipeline::load(spec, options.variant.as_deref(), device, kind)?));
+    }
     let source = PipelineSource {
         model: spec.to_string(),
         config: options.config.clone(),
@@ -109,6 +118,13 @@ pub fn load(spec: &str, options: &GeneratorOptions, device: Device, kind: Kind) 
         variant: options.variant.clone(),
         loras: options.loras.clone(),
     };
+    if crate::diffusion::model_dir::is_sd3_source(&source)? {
+        if let Some((refiner, _)) = &options.refiner {
+            return Err(Error::Invalid(format!("--refiner {refiner}: SD3 pipelines take no refiner")));
+        }
+        let pipe = crate::diffusion::sd3::StableDiffusion3Pipeline::load(&source, device, kind)?;
+        return Ok(Box::new(pipe));
+    }
     let mut pipe = StableDiffusion::load_source(&source, device, kind)?;
     if let Some((refiner, start)) = &options.refiner {
         // A LoRA is trained for the base: the refiner is another UNet.
@@ -123,4 +139,73 @@ pub fn load(spec: &str, options: &GeneratorOptions, device: Device, kind: Kind) 
         pipe = pipe.with_refiner(refiner, *start)?;
     }
     Ok(Box::new(pipe))
+}
+
+/// The folder of `spec` when it is a FLUX pipeline (`model_index.json`'s
+/// `_class_name` is `FluxPipeline`); `None` for a single file or any other pipeline.
+pub fn flux_root(spec: &str, variant: Option<&str>, config: Option<&str>) -> Result<Option<std::path::PathBuf>> {
+    if config.is_some() || crate::diffusion::single_file::is_single_file(spec) {
+        return Ok(None);
+    }
+    let root = crate::diffusion::model_dir::resolve_model_variant(spec, variant)?;
+    Ok(crate::diffusion::flux::is_flux(&root)?.then_some(root))
+}
+
+/// What FLUX does not take (yet): another VAE, LoRAs, a refiner.
+pub fn refuse_flux_options(root: &Path, options: &GeneratorOptions) -> Result<()> {
+    let refused = [
+        ("--vae", options.vae.is_some()),
+        ("--lora", !options.loras.is_empty()),
+        ("--refiner", options.refiner.is_some()),
+    ];
+    if let Some((flag, _)) = refused.iter().find(|(_, given)| *given) {
+        return Err(Error::Invalid(format!("{}: a FLUX pipeline does not take {flag}", root.display())));
+    }
+    Ok(())
+}
+
+impl Generator for FluxPipeline {
+    fn root(&self) -> &Path {
+        &self.checkpoint
+    }
+
+    fn default_size(&self) -> (i64, i64) {
+        FluxPipeline::default_size(self)
+    }
+
+    fn sample(&self, requests: &[ImageRequest], settings: &SamplingSettings) -> Result<Tensor> {
+        FluxPipeline::sample(self, requests, settings)
+    }
+
+    fn img2img(
+        &self,
+        requests: &[ImageRequest],
+        settings: &SamplingSettings,
+        image: &RgbImage,
+        strength: f64,
+    ) -> Result<Tensor> {
+        let latents = self.img2img_latents(requests, settings, image, strength)?;
+        self.decode_checked(&latents)
+    }
+
+    /// FLUX inpaints by latent blending (`FluxInpaintPipeline`); FLUX Fill's
+    /// conditioned transformer is not supported.
+    fn inpaint_mode(&self) -> Result<InpaintMode> {
+        Ok(InpaintMode::Blend)
+    }
+
+    fn inpaint(
+        &self,
+        source: &InpaintSource,
+        candidates: &[ImageRequest],
+        settings: &SamplingSettings,
+        strength: f64,
+    ) -> Result<Tensor> {
+        let latents = self.inpaint_latents(source, candidates, settings, strength)?;
+        self.decode_checked(&latents)
+    }
+
+    fn guidance_pipeline(&self) -> Option<&StableDiffusion> {
+        None
+    }
 }

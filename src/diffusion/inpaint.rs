@@ -78,17 +78,17 @@ pub enum InpaintMode {
 }
 
 /// Every random draw of one batch, in the order diffusers makes it.
-struct Draws {
+pub(crate) struct Draws {
     /// Per candidate: initial latent noise and (ancestral samplers) one draw
     /// per executed step.
-    candidates: BatchNoise,
-    image_eps: Option<Tensor>,
-    masked_eps: Tensor,
+    pub(crate) candidates: BatchNoise,
+    pub(crate) image_eps: Option<Tensor>,
+    pub(crate) masked_eps: Tensor,
 }
 
 /// Generator 0's stream, then each candidate's (see the module docs), all
 /// under one hold of the global generator.
-fn draw_all(
+pub(crate) fn draw_all(
     source_seed: u64,
     candidates: &[ImageRequest],
     spec: &NoiseSpec,
@@ -135,7 +135,7 @@ pub(crate) fn image_tensor(image: &RgbImage) -> Tensor {
 
 /// The mask as diffusers' mask processor makes it: [1, 1, H, W] float32, 1
 /// where `u8 / 255 >= 0.5`.
-fn mask_tensor(mask: &GrayImage) -> Tensor {
+pub(crate) fn mask_tensor(mask: &GrayImage) -> Tensor {
     let (w, h) = mask.dimensions();
     let values = Tensor::from_slice(mask.as_raw())
         .view([1, 1, h as i64, w as i64])
@@ -310,7 +310,7 @@ impl StableDiffusion {
         };
 
         let denoise = DenoiseLoop {
-            unet: &self.unet,
+            model: &self.unet,
             cond: &cond,
             noise: &draws.candidates,
             start,

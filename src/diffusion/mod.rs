@@ -3,6 +3,8 @@
 //! ([`generator::Generator`]).
 pub mod clip;
 pub mod core;
+pub mod dit;
+pub mod flux;
 pub mod generator;
 pub mod inpaint;
 pub mod lora;
@@ -10,6 +12,7 @@ pub mod model_dir;
 pub mod noise;
 pub mod pipeline;
 pub mod schedulers;
+pub mod sd3;
 pub mod single_file;
 pub mod tiny_vae;
 pub mod tokenizer;

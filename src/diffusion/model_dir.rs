@@ -171,6 +171,35 @@ impl ModelDir {
     }
 }
 
+/// `model_index.json`'s `_class_name` in the pipeline folder `root` (`None`
+/// when the folder has no `model_index.json` or it names no class): which
+/// pipeline family [`crate::diffusion::generator::load`] builds.
+pub fn pipeline_class(root: &Path) -> Result<Option<String>> {
+    let path = root.join("model_index.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let index: serde_json::Value = crate::error::read_json(&path)?;
+    match index.get("_class_name") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(Error::unsupported(path.display().to_string(), "_class_name", format!("{other} (must be a string)"))),
+    }
+}
+
+/// Whether `source` names an SD3 pipeline folder (or cached repo): its
+/// `model_index.json` says `StableDiffusion3Pipeline` (or its img2img /
+/// inpainting sibling). Single files are not.
+pub fn is_sd3_source(source: &PipelineSource) -> Result<bool> {
+    if single_file::is_single_file(&source.model) {
+        return Ok(false);
+    }
+    // A spec that does not resolve is not SD3: the UNet path's loader then
+    // reports why, as it always has.
+    let Ok(root) = resolve_model_variant(&source.model, source.variant.as_deref()) else { return Ok(false) };
+    crate::diffusion::sd3::is_sd3_folder(&root)
+}
+
 /// The safetensors file(s) in a component folder (see [`ModelDir::weights`]).
 pub fn weights_in(dir: &Path) -> Result<Vec<PathBuf>> {
     weights_in_variant(dir, None)

@@ -428,7 +428,7 @@ impl StableDiffusion {
         let noise = BatchNoise::draw(requests, &spec, self.device);
         let latents = noise.latents() * scheduler.init_noise_sigma();
         let denoise =
-            DenoiseLoop { unet: &self.unet, cond: &cond, noise: &noise, start: 0, end, extra_channels: None };
+            DenoiseLoop { model: &self.unet, cond: &cond, noise: &noise, start: 0, end, extra_channels: None };
         Ok(denoise.run(scheduler.as_mut(), latents, &mut |_, _, latents| latents, on_step))
     }
 
@@ -465,7 +465,7 @@ impl StableDiffusion {
         drop(generator);
         let noise = BatchNoise { images, device: self.device };
         let denoise =
-            DenoiseLoop { unet: &self.unet, cond: &cond, noise: &noise, start: first, end: total, extra_channels: None };
+            DenoiseLoop { model: &self.unet, cond: &cond, noise: &noise, start: first, end: total, extra_channels: None };
         let latents = latents.to_device(self.device).to_kind(self.kind);
         Ok(denoise.run(scheduler.as_mut(), latents, &mut |_, _, latents| latents, on_step))
     }
@@ -527,16 +527,14 @@ impl StableDiffusion {
         let image_latents = (dist.sample(&eps) * self.vae.config.scaling_factor).to_kind(self.kind);
         let latents = scheduler.add_noise(&image_latents, &noise.latents(), first);
         let denoise =
-            DenoiseLoop { unet: &self.unet, cond: &cond, noise: &noise, start: first, end: total, extra_channels: None };
+            DenoiseLoop { model: &self.unet, cond: &cond, noise: &noise, start: first, end: total, extra_channels: None };
         Ok(denoise.run(scheduler.as_mut(), latents, &mut |_, _, latents| latents, on_step))
     }
 
     /// VAE-decodes latents into images in [0, 1], float32 on the CPU. An
     /// upcast VAE (SDXL in fp16) gets the latents cast first, as diffusers does.
     pub fn decode_latents(&self, latents: &Tensor) -> Tensor {
-        let z = latents.to_kind(self.vae.kind()) / self.vae.config.scaling_factor;
-        let image = tch::no_grad(|| self.vae.decode(&z));
-        (image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0).to_device(Device::Cpu)
+        self.vae.latents_to_images(latents)
     }
 
     /// [`Self::decode_latents`], refusing NaN/inf pixels (a VAE that

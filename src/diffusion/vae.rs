@@ -659,6 +659,24 @@ impl AutoencoderKL {
         self.decoder.forward(&z)
     }
 
+    /// Latents as the denoiser sees them to what [`Self::decode`] takes:
+    /// diffusers' `latents / scaling_factor + shift_factor` (the shift of SD3's
+    /// and FLUX's VAEs; none for SD's), in the weights' dtype.
+    pub fn unscale(&self, latents: &Tensor) -> Tensor {
+        let z = latents.to_kind(self.kind) / self.config.scaling_factor;
+        match self.config.shift_factor {
+            Some(shift) if shift != 0.0 => z + shift,
+            _ => z,
+        }
+    }
+
+    /// Latents (as the denoiser sees them) to images in [0, 1], float32 on
+    /// the CPU, without gradients: what every pipeline's sampling ends with.
+    pub fn latents_to_images(&self, latents: &Tensor) -> Tensor {
+        let image = tch::no_grad(|| self.decode(&self.unscale(latents)));
+        (image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0).to_device(tch::Device::Cpu)
+    }
+
     /// [`Self::decode`] as segments applied in order (`post_quant_conv`,
     /// `conv_in` and the mid block; each up block; the output head), for
     /// backward passes that keep one segment's activations at a time

@@ -151,7 +151,7 @@ impl Guider<'_> {
             let n = scheduler.timesteps().len();
             let first = x.to_kind(kind) * scheduler.init_noise_sigma();
             let mut inputs = vec![first.shallow_clone()];
-            let denoise = DenoiseLoop { unet: &pipe.unet, cond: &cond, noise: &noise, start: 0, end: n, extra_channels: None };
+            let denoise = DenoiseLoop { model: &pipe.unet, cond: &cond, noise: &noise, start: 0, end: n, extra_channels: None };
             let last = denoise.run(scheduler.as_mut(), first, &mut |_, _, l| l, &mut |k, l| {
                 if k + 1 < n {
                     inputs.push(l.shallow_clone());

@@ -473,6 +473,7 @@ impl CommonOptions {
         // The generator on its own first, so its errors and its LoRAs' name their fields.
         let source = m.source(generator);
         let info = check_generator_source(&source).map_err(|e| Error::field(field, e.to_string()))?;
+        info.check_scheduler(&self.sampling.scheduler)?;
         if !m.loras.is_empty() {
             let with_loras = PipelineSource { loras: m.loras.clone(), ..source };
             check_generator_source(&with_loras).map_err(|e| Error::field("models.loras", e.to_string()))?;
@@ -544,9 +545,36 @@ pub struct GeneratorInfo {
 }
 
 impl GeneratorInfo {
+    /// Whether this generator samples with the scheduler named `name`: a
+    /// flow-matching pipeline (SD3: its folder's scheduler is flow-euler) only
+    /// with flow-euler, a UNet never with it (what loading and sampling would
+    /// refuse, checked before anything runs and for `--dry-run`).
+    pub fn check_scheduler(&self, name: &str) -> Result<()> {
+        let Ok(kind) = name.parse::<SchedulerKind>() else { return Ok(()) };
+        let flow = SchedulerKind::FlowMatchEuler;
+        let flow_model = self.default_scheduler == Some(flow);
+        if flow_model && kind != flow {
+            return Err(Error::field(
+                "sampling.scheduler",
+                format!("{name}: {} is a {} pipeline and samples with its folder's flow-matching Euler scheduler ({flow})", self.root.display(), self.family),
+            ));
+        }
+        if !flow_model && kind == flow {
+            return Err(Error::field(
+                "sampling.scheduler",
+                format!("{name}: flow matching is for flow-matching pipelines (SD3); {} is a {} UNet (ddim, euler, euler-a or dpm++2m)", self.root.display(), self.family),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn describe(&self, spec: &str) -> String {
         let kind = if self.in_channels == 2 * self.latent_channels + 1 {
             format!("{} {}-channel inpainting UNet", self.family, self.in_channels)
+        } else if self.family == "SD3" {
+            "SD3 text-to-image MMDiT".to_string()
+        } else if self.family == "FLUX" {
+            "FLUX transformer".to_string()
         } else {
             format!("{} text-to-image UNet", self.family)
         };
@@ -592,6 +620,26 @@ pub fn check_generator_with(spec: &str, vae: Option<&str>, variant: Option<&str>
 /// stand-ins of the shapes, every shape (`StableDiffusion::check_weights`).
 pub fn check_generator_source(source: &PipelineSource) -> Result<GeneratorInfo> {
     use crate::diffusion::model_dir::{Family, WeightsSource};
+    if let Some(root) =
+        crate::diffusion::generator::flux_root(&source.model, source.variant.as_deref(), source.config.as_deref())?
+    {
+        return check_flux(source, root);
+    }
+    if crate::diffusion::model_dir::is_sd3_source(source)? {
+        let c = crate::diffusion::sd3::load_configs(source)?;
+        return Ok(GeneratorInfo {
+            default_scheduler: Some(SchedulerKind::FlowMatchEuler),
+            max_clip_skip: c.max_clip_skip(),
+            root: c.dir.root.clone(),
+            single_file: None,
+            in_channels: c.transformer.in_channels,
+            latent_channels: c.vae.latent_channels,
+            vae_scale_factor: c.vae.scale_factor(),
+            vae_dir: c.vae_dir.clone(),
+            native_size: Some(c.default_size()),
+            family: "SD3",
+        });
+    }
     let c = crate::diffusion::model_dir::load_pipeline(source)?;
     let single_file = match &c.weights {
         WeightsSource::SingleFile { file, .. } => Some((file.model_type.name(), c.dir.root.clone())),
@@ -619,6 +667,41 @@ pub fn check_generator_source(source: &PipelineSource) -> Result<GeneratorInfo> 
         vae_dir: c.vae_dir,
         native_size,
         family,
+    })
+}
+
+/// [`check_generator_source`] for a FLUX folder: every config, the
+/// tokenizers, the weight files.
+fn check_flux(source: &PipelineSource, root: PathBuf) -> Result<GeneratorInfo> {
+    let options = crate::diffusion::generator::GeneratorOptions {
+        vae: source.vae.clone(),
+        loras: source.loras.clone(),
+        ..Default::default()
+    };
+    crate::diffusion::generator::refuse_flux_options(&root, &options)?;
+    let dir = crate::diffusion::model_dir::ModelDir::open_variant(&source.model, source.variant.as_deref())?;
+    let c = crate::diffusion::flux::FluxConfigs::load(dir)?;
+    for component in ["transformer", "vae", "text_encoder", "text_encoder_2"] {
+        let folder = c.dir.component(component)?;
+        for path in crate::diffusion::model_dir::weights_in_variant(&folder, c.dir.variant.as_deref())? {
+            if !path.is_file() {
+                return Err(Error::Missing { path, what: format!("a weights shard of `{component}`") });
+            }
+        }
+    }
+    Ok(GeneratorInfo {
+        vae_dir: c.dir.component("vae")?,
+        root: c.dir.root.clone(),
+        // The denoiser's input in latent channels: FLUX's transformer takes
+        // them 2x2-packed, a plain (not inpainting-conditioned) model.
+        in_channels: c.vae.latent_channels,
+        latent_channels: c.vae.latent_channels,
+        vae_scale_factor: c.vae.scale_factor(),
+        max_clip_skip: 0,
+        native_size: Some(c.default_size()),
+        family: "FLUX",
+        default_scheduler: Some(SchedulerKind::FlowMatchEuler),
+        single_file: None,
     })
 }
 

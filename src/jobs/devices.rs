@@ -102,8 +102,9 @@ pub fn run(
     for job in jobs {
         let s = if let Some(s) = recipe.skipped(job)? {
             s
-        } else if n == 1 {
-            // One device: no shards to merge; the job runs here.
+        } else if n == 1 || !Recipe::shardable(job) {
+            // One device, or a job that runs as one process (finetune):
+            // no shards to merge; the job runs here, on the first device.
             recipe.common.models.device = workers.devices[0].clone();
             recipe.run_job(job, Shard::default(), json)?
         } else {

@@ -15,6 +15,7 @@ pub mod common;
 pub mod devices;
 pub mod guide;
 pub mod filter;
+pub mod finetune;
 pub mod inpaint;
 pub mod manifest;
 pub mod merge;

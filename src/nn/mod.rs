@@ -98,7 +98,15 @@ impl Embedding {
 pub fn activation(name: &str, x: &Tensor) -> Option<Tensor> {
     Some(match name {
         "gelu" => x.gelu("none"),
-        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => x.gelu("tanh"),
+        // transformers' NewGELUActivation and FastGELUActivation spell the
+        // tanh approximation out op by op; torch's fused tanh GELU rounds
+        // differently (2e-7 in fp32, a bf16 ulp), so they are written the same way here.
+        "gelu_new" => {
+            let inner = (x + x.pow_tensor_scalar(3.0) * 0.044715) * (2.0f64 / std::f64::consts::PI).sqrt();
+            x * 0.5 * (inner.tanh() + 1.0)
+        }
+        "gelu_fast" => x * 0.5 * ((x * 0.7978845608 * (x * 0.044715 * x + 1.0)).tanh() + 1.0),
+        "gelu_pytorch_tanh" => x.gelu("tanh"),
         "quick_gelu" => x * (x * 1.702).sigmoid(),
         "relu" => x.relu(),
         "silu" | "swish" => x.silu(),

@@ -31,13 +31,25 @@ pub struct Plan {
     pub notes: Vec<String>,
 }
 
-/// The components a Stable Diffusion / SDXL pipeline reads (`load_pipeline_configs`):
-/// the safety checker, feature extractor and image encoder are never loaded.
-pub const PIPELINE_COMPONENTS: [&str; 7] =
-    ["unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"];
+/// The components a Stable Diffusion / SDXL pipeline (`load_pipeline_configs`),
+/// FLUX (`transformer`) or SD3 (`diffusion::sd3::load_configs`: `transformer`,
+/// T5 as `text_encoder_3`) reads: the safety checker, feature extractor and
+/// image encoder are never loaded.
+pub const PIPELINE_COMPONENTS: [&str; 10] = [
+    "unet",
+    "transformer",
+    "vae",
+    "scheduler",
+    "text_encoder",
+    "tokenizer",
+    "text_encoder_2",
+    "tokenizer_2",
+    "text_encoder_3",
+    "tokenizer_3",
+];
 
 /// Components whose folder must hold weights.
-const WEIGHTED: [&str; 4] = ["unet", "vae", "text_encoder", "text_encoder_2"];
+const WEIGHTED: [&str; 6] = ["unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"];
 
 /// File types that hold weights (in any framework's format).
 const WEIGHT_EXTENSIONS: [&str; 11] =
@@ -266,6 +278,32 @@ mod tests {
         assert!(e.contains("no file `nope.pt`"), "{e}");
         let all = run(SD_FILES, &Want { all: true, ..Default::default() }, SD).unwrap();
         assert_eq!(all.files.len(), SD_FILES.len());
+    }
+
+    /// An SD3 pipeline: its `transformer` and T5 (`text_encoder_3`, `tokenizer_3`) too.
+    #[test]
+    fn sd3_pipeline_takes_transformer_and_t5() {
+        let index = r#"{"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "text_encoder_3": ["transformers", "T5EncoderModel"], "tokenizer_3": ["transformers", "T5TokenizerFast"],
+            "image_encoder": [null, null], "feature_extractor": [null, null]}"#;
+        let files = [
+            "model_index.json", "sd3_medium.safetensors", "scheduler/scheduler_config.json",
+            "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+            "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt",
+            "text_encoder_2/config.json", "text_encoder_2/model.safetensors", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt",
+            "text_encoder_3/config.json", "text_encoder_3/model.safetensors.index.json",
+            "text_encoder_3/model-00001-of-00002.safetensors", "text_encoder_3/model-00002-of-00002.safetensors",
+            "tokenizer_3/spiece.model", "tokenizer_3/tokenizer.json", "tokenizer_3/tokenizer_config.json",
+        ];
+        let p = run(&files, &Want::default(), index).unwrap();
+        for f in ["transformer/diffusion_pytorch_model.safetensors", "text_encoder_3/model-00002-of-00002.safetensors", "tokenizer_3/tokenizer.json"] {
+            assert!(p.files.iter().any(|x| x == f), "{f} not in {:?}", p.files);
+        }
+        assert!(!p.files.iter().any(|x| x == "sd3_medium.safetensors"), "{:?}", p.files);
     }
 
     #[test]
