@@ -5,7 +5,13 @@ use tch::{Device, Kind};
 /// `--device auto|cpu|cuda|cuda:N`.
 pub fn parse_device(spec: &str) -> Result<Device> {
     match spec {
-        "auto" => Ok(if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu }),
+        "auto" => {
+            if tch::Cuda::is_available() {
+                cuda_device(0)
+            } else {
+                Ok(Device::Cpu)
+            }
+        }
         "cpu" => Ok(Device::Cpu),
         "cuda" => cuda_device(0),
         s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
@@ -26,7 +32,9 @@ fn cuda_device(index: usize) -> Result<Device> {
     if index >= count {
         return Err(Error::Device(format!("--device cuda:{index}: only {count} CUDA device(s) visible")));
     }
-    Ok(Device::Cuda(index))
+    let device = Device::Cuda(index);
+    crate::perf::configure_device(device);
+    Ok(device)
 }
 
 /// `--dtype auto|fp32|fp16|bf16`. Auto is fp32 on CPU (half precision there is

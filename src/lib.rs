@@ -13,6 +13,7 @@ pub mod json;
 pub mod mask;
 pub mod metrics;
 pub mod nn;
+pub mod perf;
 pub mod progress;
 pub mod rahf;
 pub mod recipe;

@@ -4,12 +4,26 @@ SDXL's real block layout — three levels, transformer depths 1/2/10, two text
 encoders of 12 and 32 layers, text_time conditioning — at half width), same
 random weights, same settings, same machine, one run.
 
-Prints seconds per image for both and the ratio ours/theirs (target <= 1.0:
-the same libtorch kernels run underneath). Not a test: run by hand,
+Two ratios ours/theirs (target <= 0.9: the same libtorch kernels run
+underneath, so every gain is layout, batching, copies and syncs):
+
+- sampling only (`--mode sampling`): prompt encoding, denoising, decoding, as
+  the binary's own "sampled N images in X s" line (PNG writing included) and
+  around diffusers' pipeline call (in this process, pipeline in memory);
+- whole process (`--mode process`): `orchestrate generate` against a Python
+  process that imports diffusers, loads the same saved pipeline, samples and
+  writes the PNGs; each side's peak resident memory (wait4's ru_maxrss).
+
+`--levers [NAME ...]` also times orchestrate's sampling with each lever of
+scripts/bench/common.py on and off (its environment variable 1/0), on off on
+off. Every comparison alternates its two sides (A B A B) so drift in the
+machine's load hits both alike; each figure is the minimum over the repeats.
+Not a test: run by hand,
 
     scripts/setup.sh --fixtures
     cargo build --release
-    .venv/bin/python scripts/bench/generate.py [--layout sd15|sdxl] [--size 256] [--steps 10] [--device cpu]
+    .venv/bin/python scripts/bench/generate.py [--layout sd15|sdxl] [--size 512] [--steps 20] \
+        [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--mode both] [--levers] [--json-out F]
 
 The pipeline has SD 1.5's UNet/VAE/text-encoder configs with random weights and
 the tiny fixture tokenizer (the vocabulary does not change the cost).
@@ -18,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +40,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import LEVERS, run_child, write_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,6 +68,7 @@ def build_pipeline(folder: Path, vocab_size: int):
     text_encoder = CLIPTextModel(CLIPTextConfig(  # SD 1.5's text_encoder, with the tiny vocabulary
         vocab_size=vocab_size, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,  # the tiny tokenizer's (sd-tiny's text_encoder config)
     ))
     tokenizer = CLIPTokenizer.from_pretrained(ROOT / "tests/fixtures/diffusion/sd-tiny/tokenizer")
     scheduler = DDIMScheduler.from_pretrained(ROOT / "tests/fixtures/diffusion/sd-tiny/scheduler")
@@ -108,77 +127,165 @@ def build_sdxl_pipeline(folder: Path, width_scale: float):
     return pipe
 
 
+def diffusers_child(args):
+    """The whole-process side of diffusers: import, load the saved pipeline,
+    sample, write PNGs (what `orchestrate generate` does in one process)."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    pipe = DiffusionPipeline.from_pretrained(args.diffusers_child, torch_dtype=dtype).to(args.device)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(i) for i in range(args.images)]
+    cfg = 5.0 if args.layout == "sdxl" else 7.5
+    images = pipe("a photo of a cat", num_inference_steps=args.steps, guidance_scale=cfg, height=args.size,
+                  width=args.size, num_images_per_prompt=args.images, generator=gens).images
+    out = Path(args.child_out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        im.save(out / f"{i}.png")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layout", default="sd15", choices=["sd15", "sdxl"])
+    ap.add_argument("--layout", default="sd15", choices=["sd15", "sdxl", "tiny"],
+                    help="tiny: the sd-tiny fixture (a quick run of the machinery, not a figure)")
     ap.add_argument("--width-scale", type=float, default=0.5, help="sdxl: fraction of the real widths")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--bin", default=str(ROOT / "target/release/orchestrate"))
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per side, alternated")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per side, alternated (A B A B)")
+    ap.add_argument("--warmup", type=int, default=1, choices=[0, 1], help="an untimed diffusers call first")
+    ap.add_argument("--mode", default="both", choices=["sampling", "process", "both", "none"],
+                    help="sampling: load excluded on both sides; process: whole processes, with peak memory")
+    ap.add_argument("--levers", nargs="*", default=None, metavar="LEVER",
+                    help="also time orchestrate's sampling with each lever on and off (alone: the generator's, "
+                         "channels_last noise_on_device, and cudnn_benchmark on CUDA)")
+    ap.add_argument("--json-out", help="rows for scripts/gpu-check")
+    ap.add_argument("--pipeline-dir", help="sd15: where the random pipeline is saved, and reused when already there")
+    ap.add_argument("--diffusers-child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.diffusers_child:
+        return diffusers_child(args)
+    default_levers = ["channels_last", "noise_on_device"] + (["cudnn_benchmark"] if args.device.startswith("cuda") else [])
+    levers = default_levers if args.levers == [] else (args.levers or [])
 
     from transformers import CLIPTokenizer
     vocab = len(CLIPTokenizer.from_pretrained(ROOT / "tests/fixtures/diffusion/sd-tiny/tokenizer"))
+    rows, raw = [], {}
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype, torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.layout == "sdxl":
+        if args.layout == "tiny":
+            from diffusers import DDIMScheduler, StableDiffusionPipeline
+            folder = ROOT / "tests/fixtures/diffusion/sd-tiny"
+            pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            scheduler_name, cfg = "ddim", 7.5
+        elif args.layout == "sdxl":
             folder = Path(tmp) / "sdxl-random"
             pipe = build_sdxl_pipeline(folder, args.width_scale)
             scheduler_name, cfg = "ddim", 5.0
             from diffusers import DDIMScheduler
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        elif args.pipeline_dir and (Path(args.pipeline_dir) / "model_index.json").exists():
+            from diffusers import StableDiffusionPipeline
+            folder = Path(args.pipeline_dir)  # saved by an earlier run: the same random weights (seed 0)
+            pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+            scheduler_name, cfg = "ddim", 7.5
         else:
-            folder = Path(tmp) / "sd15-random"
+            folder = Path(args.pipeline_dir or Path(tmp) / "sd15-random")
             pipe = build_pipeline(folder, vocab)
             scheduler_name, cfg = "ddim", 7.5
-        dtype = torch.float16 if args.dtype == "fp16" else torch.float32
-        pipe = pipe.to(args.device, dtype)
+        pipe.set_progress_bar_config(disable=True)
         prompt, seed = "a photo of a cat", 0
-
-        def theirs():
-            gens = [torch.Generator().manual_seed(seed + i) for i in range(args.images)]
-            pipe(prompt, num_inference_steps=args.steps, guidance_scale=cfg, height=args.size, width=args.size,
-                 num_images_per_prompt=args.images, generator=gens, output_type="np")
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
+        config = ({"sdxl": f"SDXL layout at {args.width_scale} of its widths", "sd15": "SD 1.5 layout",
+                   "tiny": "sd-tiny fixture"}[args.layout]
+                  + f", random weights, {args.size}x{args.size}, {args.steps} DDIM steps, CFG {cfg}, "
+                  f"{args.images} images in one batch, {args.device} {args.dtype}, torch threads {torch.get_num_threads()}")
+        print(config, flush=True)
 
         cmd = [args.bin, "generate", "--model", str(folder), "--prompt", prompt, "--seed", str(seed),
                "--steps", str(args.steps), "--guidance-scale", str(cfg), "--height", str(args.size),
                "--width", str(args.size), "--scheduler", scheduler_name, "--images-per-prompt", str(args.images),
-               "--batch-size", str(args.images), "--device", args.device, "--dtype", args.dtype,
-               "--out", str(Path(tmp) / "ours")]
+               "--batch-size", str(args.images), "--device", args.device, "--dtype", args.dtype]
 
-        def ours():
-            # Sampling time as the binary reports it, so both sides exclude
-            # model loading and process start-up.
-            r = subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "RUST_LOG": "info"})
-            m = re.search(r"sampled \d+ images in ([0-9.]+) s", r.stderr)
-            if not m:
-                raise SystemExit(f"no timing line in orchestrate's output:\n{r.stderr}")
-            return float(m.group(1))
+        def ours(lever_env=None, out="ours"):
+            """(sampling seconds as the binary reports it, wall seconds, peak GiB)."""
+            env = {**os.environ, "RUST_LOG": "info", "NO_COLOR": "1", **(lever_env or {})}
+            shutil.rmtree(Path(tmp) / out, ignore_errors=True)
+            rc, _, err, wall, peak = run_child(cmd + ["--out", str(Path(tmp) / out)], env=env)
+            m = re.search(r"sampled \d+ images in ([0-9.]+) s", err)
+            if rc != 0 or not m:
+                raise SystemExit(f"orchestrate generate failed or printed no timing line:\n{err}")
+            return float(m.group(1)), wall, peak
 
-        theirs()  # warm-up (allocator, thread pools)
-        results = {}
-        # A B A B: alternate so drift in machine load hits both sides alike.
-        for name, fn in [("diffusers", theirs), ("orchestrate", ours)] * args.repeats:
-            t0 = time.perf_counter()
-            reported = fn()
-            elapsed = reported if reported is not None else time.perf_counter() - t0
-            results.setdefault(name, []).append(elapsed / args.images)
-        a, b = min(results["orchestrate"]), min(results["diffusers"])
-        print(json.dumps({
-            "config": (f"SDXL layout at {args.width_scale} of its widths" if args.layout == "sdxl" else "SD 1.5 sizes")
-                      + f", random weights, {args.size}x{args.size}, {args.steps} DDIM steps, CFG {cfg}, "
-                      f"{args.images} images per batch, {args.device} {args.dtype}, torch threads {torch.get_num_threads()}",
-            "orchestrate_s_per_image": round(a, 3),
-            "diffusers_s_per_image": round(b, 3),
-            "ratio_ours_over_theirs": round(a / b, 3),
-            "note": "both exclude model loading and process start-up; min over the runs, alternated",
-        }, indent=2))
+        def theirs_sampling():
+            gens = [torch.Generator().manual_seed(seed + i) for i in range(args.images)]
+            t = time.perf_counter()
+            pipe(prompt, num_inference_steps=args.steps, guidance_scale=cfg, height=args.size, width=args.size,
+                 num_images_per_prompt=args.images, generator=gens, output_type="np")
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            return time.perf_counter() - t
+
+        def theirs_process():
+            child = [sys.executable, __file__, "--diffusers-child", str(folder), "--child-out", str(Path(tmp) / "theirs"),
+                     "--layout", args.layout, "--size", str(args.size), "--steps", str(args.steps),
+                     "--images", str(args.images), "--device", args.device, "--dtype", args.dtype]
+            rc, _, err, wall, peak = run_child(child, env=dict(os.environ))
+            if rc != 0:
+                raise SystemExit(f"diffusers child failed:\n{err}")
+            return wall, peak
+
+        if args.mode in ("sampling", "both"):
+            pipe = pipe.to(args.device, torch_dtype)
+            for _ in range(args.warmup):
+                theirs_sampling()
+            a, b = [], []
+            for _ in range(args.repeats):  # A B A B: drift in machine load hits both sides alike
+                a.append(theirs_sampling() / args.images)
+                b.append(ours()[0] / args.images)
+            raw["sampling"] = {"diffusers_s_per_image": a, "orchestrate_s_per_image": b}
+            ratio = min(b) / min(a)
+            print(f"sampling only: diffusers {min(a):.3f} s/image, orchestrate {min(b):.3f} s/image, ratio {ratio:.3f}", flush=True)
+            rows.append({"what": f"generate ({args.layout}) sampling s/image (ours/diffusers, target <= 0.9)",
+                         "figure": f"{min(b):.3f} / {min(a):.3f} = {ratio:.3f}x"})
+            pipe = pipe.to("cpu")  # the process runs below load their own copies
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        if args.mode in ("process", "both"):
+            a, b, pa, pb = [], [], [], []
+            for _ in range(args.repeats):
+                w, p = theirs_process()
+                a.append(w)
+                pa.append(p)
+                _, w, p = ours()
+                b.append(w)
+                pb.append(p)
+            raw["process"] = {"diffusers_wall_s": a, "orchestrate_wall_s": b, "diffusers_peak_gib": pa,
+                              "orchestrate_peak_gib": pb}
+            ratio = min(b) / min(a)
+            print(f"whole process: diffusers {min(a):.2f} s, orchestrate {min(b):.2f} s, ratio {ratio:.3f}; "
+                  f"peak host memory diffusers {max(pa):.2f} GiB, orchestrate {max(pb):.2f} GiB", flush=True)
+            rows.append({"what": f"generate ({args.layout}) whole process s (ours/diffusers, target <= 0.9)",
+                         "figure": f"{min(b):.2f} / {min(a):.2f} = {ratio:.3f}x"})
+            rows.append({"what": f"generate ({args.layout}) peak host memory GiB (ours vs diffusers)",
+                         "figure": f"{max(pb):.2f} vs {max(pa):.2f}"})
+        for lever in levers:
+            var = LEVERS[lever]
+            on, off = [], []
+            for _ in range(args.repeats):  # on off on off
+                on.append(ours({var: "1"})[0] / args.images)
+                off.append(ours({var: "0"})[0] / args.images)
+            raw[f"lever_{lever}"] = {"on_s_per_image": on, "off_s_per_image": off}
+            ratio = min(on) / min(off)
+            print(f"lever {lever} ({var}): on {min(on):.3f} s/image, off {min(off):.3f} s/image, on/off {ratio:.3f}", flush=True)
+            rows.append({"what": f"lever {lever} generate ({args.layout}) sampling s/image on/off", "figure": f"{min(on):.3f} / {min(off):.3f} = {ratio:.3f}x"})
+    print(json.dumps({"config": config, **raw}, indent=1))
+    write_rows(args.json_out, rows, config=config, raw=raw)
 
 
 if __name__ == "__main__":

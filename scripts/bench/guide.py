@@ -53,6 +53,7 @@ def bench_module(name):
 
 
 orchestrate = bench_module("filter").orchestrate
+run_child = bench_module("common").run_child
 
 
 def build_taesd(folder: Path):
@@ -65,17 +66,13 @@ def build_taesd(folder: Path):
 
 
 def peak_mib(bin_, args):
-    """Runs orchestrate and returns (--json output, peak RSS in MiB) from the kernel's accounting of that child."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([bin_, *args], stdout=out, stderr=err, text=True, env={**os.environ, "RUST_LOG": "warn"})
-        # wait4 gives this child's own rusage (ru_maxrss in KiB on Linux).
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if proc.returncode != 0:
-            sys.exit(f"orchestrate {args[0]} failed:\n{err.read()}")
-        return json.loads(out.read()), usage.ru_maxrss / 1024
+    """Runs orchestrate and returns (--json output, peak RSS in MiB) of that child
+    alone (its own VmHWM: wait4's ru_maxrss would carry this process's, which
+    holds the Python pipeline, over fork+exec; see common.run_child)."""
+    rc, out, err, _, peak_gib = run_child([bin_, *args], env={**os.environ, "RUST_LOG": "warn"})
+    if rc != 0:
+        sys.exit(f"orchestrate {args[0]} failed:\n{err}")
+    return json.loads(out), peak_gib * 1024
 
 
 def main():

@@ -38,6 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import LEVERS, run_child, self_peak_gib, write_rows  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_SCRIPT = ROOT / "tests/fixtures/rahf/make_fixtures.py"
 
@@ -56,11 +59,15 @@ T5_BASE = dict(
 PROMPT = "a woman holding a blue umbrella in the snow ."
 
 
-def fixture_module():
-    """The fixture script as a module, with the published head widths."""
+def fixture_module(tiny=False):
+    """The fixture script as a module, with the published head widths (`tiny`:
+    the fixture's own, for quick runs of this script's machinery)."""
     spec = importlib.util.spec_from_file_location("rahf_fixtures", FIXTURE_SCRIPT)
     mf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mf)
+    if tiny:
+        mf.TINY = True
+        return mf
     mf.HEATMAP_CONV = (768, 384)
     mf.HEATMAP_DECONV = (768, 384, 384, 192)
     mf.HEATMAP_LAST = 192
@@ -75,7 +82,12 @@ def build(mf, work: Path):
     from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
     torch.manual_seed(0)
-    vit_cfg, t5_cfg = ViTConfig(**VIT_L16_384), T5Config(**T5_BASE)
+    if getattr(mf, "TINY", False):  # the fixture backbones' configs
+        fx = ROOT / "tests/fixtures/rahf"
+        vit_cfg, t5_cfg = ViTConfig.from_pretrained(fx / "vit"), T5Config.from_pretrained(fx / "t5")
+    else:
+        vit_cfg, t5_cfg = ViTConfig(**VIT_L16_384), T5Config(**T5_BASE)
+    size = vit_cfg.image_size
     vit = ViTModel(vit_cfg).eval()
     t5 = T5ForConditionalGeneration(t5_cfg).eval()
     t5.generation_config.max_length = None
@@ -84,7 +96,7 @@ def build(mf, work: Path):
     tok, _ = mf.build_tokenizer()
     vit_dir, t5_dir = work / "vit", work / "t5"
     vit_cfg.save_pretrained(vit_dir)
-    ViTImageProcessorPil(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(vit_dir)
+    ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(vit_dir)
     t5_cfg.save_pretrained(t5_dir)
     tok.save_pretrained(t5_dir)
     ckpt = work / "rahf_multi_head.pt"
@@ -98,16 +110,17 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 BATCH_LINE = re.compile(r"batch of (\d+) images in ([0-9.]+) s")
 
 
-def run_orchestrate(binary, model_dir, images, batch, device, threads):
-    """Per-batch seconds from `orchestrate score`'s log, and the JSON records."""
-    env = dict(os.environ, RUST_LOG="orchestrate=debug", NO_COLOR="1", OMP_NUM_THREADS=str(threads))
+def run_orchestrate(binary, model_dir, images, batch, device, threads, lever_env=None):
+    """Per-batch seconds from `orchestrate score`'s log, the JSON records, and
+    the process's peak resident memory (GiB)."""
+    env = dict(os.environ, RUST_LOG="orchestrate=debug", NO_COLOR="1", OMP_NUM_THREADS=str(threads), **(lever_env or {}))
     cmd = [str(binary), "score", "--rahf", str(model_dir), "--prompt", PROMPT, "--batch-size", str(batch),
            "--device", device, "--dtype", "fp32", *map(str, images)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(f"orchestrate score failed:\n{p.stderr}")
-    times = [float(m.group(2)) for m in BATCH_LINE.finditer(ANSI.sub("", p.stderr)) if int(m.group(1)) == batch]
-    return times, [json.loads(l) for l in p.stdout.splitlines()]
+    rc, out, err, _, peak = run_child(cmd, env=env)
+    if rc != 0:
+        sys.exit(f"orchestrate score failed:\n{err}")
+    times = [float(m.group(2)) for m in BATCH_LINE.finditer(ANSI.sub("", err)) if int(m.group(1)) == batch]
+    return times, [json.loads(l) for l in out.splitlines()], peak
 
 
 def main():
@@ -121,7 +134,13 @@ def main():
     ap.add_argument("--max-seconds", type=float, default=180.0, help="skip a batch size estimated to take longer (per side)")
     ap.add_argument("--work", type=Path, default=ROOT / "target/bench-rahf", help="where the checkpoint and folders go")
     ap.add_argument("--bin", type=Path, default=None)
+    ap.add_argument("--levers", nargs="*", default=None, metavar="LEVER",
+                    help="also time orchestrate with each lever on and off, alternated (default with the flag: vit_sdpa)")
+    ap.add_argument("--json-out", help="rows for scripts/gpu-check")
+    ap.add_argument("--size", default="published", choices=["published", "tiny"],
+                    help="tiny: the fixture RAHF's widths (a quick run of the machinery, not a figure)")
     args = ap.parse_args()
+    levers = ["vit_sdpa"] if args.levers == [] else (args.levers or [])
     binary = args.bin.resolve() if args.bin else next(
         (b for b in [ROOT / "target/release/orchestrate", ROOT / "target/debug/orchestrate"] if b.exists()), None
     )
@@ -130,7 +149,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
 
-    mf = fixture_module()
+    mf = fixture_module(tiny=args.size == "tiny")
     torch.set_grad_enabled(False)  # the fixture module sets it too; keep it explicit
     work = args.work
     if work.exists():
@@ -152,7 +171,8 @@ def main():
     n_max = max(args.batches) * n_batches
     imgs_dir = work / "images"
     imgs_dir.mkdir()
-    arrays = [rng.integers(0, 256, size=(384, 384, 3), dtype=np.uint8) for _ in range(n_max)]
+    side = model.vit.config.image_size
+    arrays = [rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8) for _ in range(n_max)]
     paths = []
     for i, a in enumerate(arrays):
         paths.append(imgs_dir / f"{i:03d}.png")
@@ -171,7 +191,7 @@ def main():
     print(f"device {args.device}, {args.threads} threads, orchestrate {binary}")
     print(f"{'batch':>5} {'pytorch img/s':>14} {'orchestrate img/s':>18} {'ratio':>6}")
     per_image = None
-    results = []
+    results, lever_rows = [], []
     for batch in args.batches:
         if per_image is not None and per_image * batch * n_batches > args.max_seconds:
             print(f"{batch:>5} skipped: about {per_image * batch * n_batches:.0f} s per side > --max-seconds {args.max_seconds:.0f}")
@@ -180,14 +200,27 @@ def main():
         for _ in range(args.warmup):
             theirs(batch, 0)
         py = [theirs(batch, batch * (r + args.warmup))[0] for r in range(args.reps)]
-        times, records = run_orchestrate(binary, ours, paths[: batch * n_batches], batch, args.device, args.threads)
+        times, records, peak = run_orchestrate(binary, ours, paths[: batch * n_batches], batch, args.device, args.threads)
         if len(times) != n_batches:
             sys.exit(f"expected {n_batches} batch timings from orchestrate, got {times}")
         rs = times[args.warmup:]
         py_ips, rs_ips = batch / min(py), batch / min(rs)
         per_image = max(min(py), min(rs)) / batch
-        print(f"{batch:>5} {py_ips:>14.3f} {rs_ips:>18.3f} {rs_ips / py_ips:>6.2f}", flush=True)
-        results.append((batch, py_ips, rs_ips))
+        print(f"{batch:>5} {py_ips:>14.3f} {rs_ips:>18.3f} {rs_ips / py_ips:>6.2f}   peak GiB: orchestrate {peak:.2f}, "
+              f"this process (PyTorch, model build included) {self_peak_gib():.2f}", flush=True)
+        results.append((batch, py_ips, rs_ips, peak, self_peak_gib()))
+        for lever in levers:
+            # on off on off: one `score` process per side and repeat, the warm-up batch in each.
+            ips = {"1": [], "0": []}
+            for _ in range(max(1, args.reps)):
+                for v in ("1", "0"):
+                    t, _, _ = run_orchestrate(binary, ours, paths[: batch * n_batches], batch, args.device,
+                                              args.threads, {LEVERS[lever]: v})
+                    ips[v].append(batch / min(t[args.warmup:]))
+            on, off = max(ips["1"]), max(ips["0"])
+            print(f"      lever {lever}: on {on:.3f} img/s, off {off:.3f} img/s, on/off {on / off:.3f}", flush=True)
+            lever_rows.append({"what": f"lever {lever} rahf batch {batch} img/s on/off",
+                               "figure": f"{on:.3f} / {off:.3f} = {on / off:.3f}x"})
         if batch == args.batches[0]:
             # Same network: the first image's scores agree.
             _, out = theirs(1, 0)
@@ -196,7 +229,11 @@ def main():
             print(f"      scores of image 0: pytorch {np.round(ref, 5).tolist()}, orchestrate {np.round(got, 5).tolist()}, "
                   f"max diff {np.abs(ref - got).max():.2e}")
     print(json.dumps({"device": args.device, "threads": args.threads,
-                      "images_per_s": [{"batch": b, "pytorch": p, "orchestrate": o, "ratio": o / p} for b, p, o in results]}))
+                      "images_per_s": [{"batch": b, "pytorch": p, "orchestrate": o, "ratio": o / p} for b, p, o, _, _ in results]}))
+    rows = [{"what": f"rahf ({args.size}) score batch {b} img/s (ours/PyTorch, target >= 1.1)", "figure": f"{o:.3f} / {p:.3f} = {o / p:.2f}x",
+             "note": f"peak host GiB: ours {mo:.2f}, PyTorch process {mp:.2f} (model build included)"}
+            for b, p, o, mo, mp in results]
+    write_rows(args.json_out, rows + lever_rows, device=args.device, threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -248,6 +248,20 @@ impl BatchNoise {
         per_image.filter(|p| !p.is_empty()).map(|p| self.batch(p))
     }
 
+    /// The step noises of executed steps `0..count`, all moved to the device
+    /// in one copy before the loop (one host-to-device copy and sync instead
+    /// of one per step); `None` entries where a step has no noise.
+    pub fn steps_on_device(&self, count: usize) -> Vec<Option<Tensor>> {
+        let drawn = (0..count).take_while(|&n| self.images.iter().all(|im| im.steps.get(n).is_some())).count();
+        if drawn == 0 || self.images.is_empty() {
+            return (0..count).map(|_| None).collect();
+        }
+        let per_step: Vec<Tensor> =
+            (0..drawn).map(|n| Tensor::cat(&self.images.iter().map(|im| &im.steps[n]).collect::<Vec<_>>(), 0)).collect();
+        let all = Tensor::stack(&per_step, 0).to_device(self.device);
+        (0..count).map(|n| (n < drawn).then(|| all.get(n as i64))).collect()
+    }
+
     /// The re-noising ε' before repeat `extra` (0 = the second pass) of step
     /// `step`. Panics when not drawn.
     pub fn renoise(&self, step: usize, extra: usize) -> Tensor {
@@ -290,9 +304,16 @@ impl DenoiseLoop<'_> {
         on_step: &mut dyn FnMut(usize, &Tensor),
     ) -> Tensor {
         tch::no_grad(|| {
-            for (n, i) in (self.start..self.end.min(scheduler.timesteps().len())).enumerate() {
+            let steps = self.start..self.end.min(scheduler.timesteps().len());
+            // Every step's noise on the device before the first step, so the
+            // loop itself copies nothing from the host (crate::perf).
+            let staged = crate::perf::noise_on_device().then(|| self.noise.steps_on_device(steps.len()));
+            for (n, i) in steps.enumerate() {
                 let out = self.cond.model_output(self.model, scheduler, i, &latents, self.extra_channels);
-                let noise = self.noise.step(n);
+                let noise = match &staged {
+                    Some(staged) => staged[n].as_ref().map(Tensor::shallow_clone),
+                    None => self.noise.step(n),
+                };
                 latents = scheduler.step(&out, i, &latents, noise.as_ref());
                 latents = after_step(scheduler, i, latents);
                 on_step(n, &latents);

@@ -597,6 +597,7 @@ pub struct AutoencoderKL {
 impl AutoencoderKL {
     /// `vb` is the root of `vae/diffusion_pytorch_model.safetensors`.
     pub fn load(vb: Vb, config: VaeConfig) -> Result<Self> {
+        let _channels_last = crate::perf::ChannelsLastLoad::enter();
         let file = if config.source.is_empty() { vb.weights().source().to_string() } else { config.source.clone() };
         config.validate(&file)?;
         check_weights(&vb, &config, &file)?;

@@ -34,6 +34,13 @@ impl Conv2d {
     #[allow(clippy::too_many_arguments)]
     pub fn load(vb: &Vb, in_ch: i64, out_ch: i64, kernel: i64, stride: i64, padding: i64, bias: bool) -> Result<Self> {
         let weight = vb.get("weight", &[out_ch, in_ch, kernel, kernel])?;
+        // A frozen weight in channels-last layout makes the convolution (and
+        // what follows it) run channels-last; see `perf::channels_last`.
+        let weight = if crate::perf::ChannelsLastLoad::active() && !weight.requires_grad() {
+            crate::perf::to_channels_last(&weight)
+        } else {
+            weight
+        };
         let bias = if bias { Some(vb.get("bias", &[out_ch])?) } else { None };
         Ok(Conv2d { weight, bias, stride, padding })
     }

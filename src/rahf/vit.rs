@@ -34,10 +34,13 @@ impl VitAttention {
         let q = split(self.query.forward(x));
         let k = split(self.key.forward(x));
         let v = split(self.value.forward(x));
-        let w = (q.matmul(&k.transpose(-1, -2)) * (hd as f64).powf(-0.5))
-            .softmax(-1, Kind::Float)
-            .to_kind(x.kind());
-        let y = w.matmul(&v).transpose(1, 2).contiguous().view([b, n, c]);
+        let scale = (hd as f64).powf(-0.5);
+        let y = if crate::perf::vit_sdpa() {
+            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, scale, false)
+        } else {
+            (q.matmul(&k.transpose(-1, -2)) * scale).softmax(-1, Kind::Float).to_kind(x.kind()).matmul(&v)
+        };
+        let y = y.transpose(1, 2).contiguous().view([b, n, c]);
         self.output.forward(&y)
     }
 }

@@ -207,7 +207,9 @@ impl Transformer2DModel {
         };
         let to_image = |t: &Tensor| {
             let c = t.size()[2];
-            t.reshape([b, h, w, c]).permute([0, 3, 1, 2]).contiguous()
+            let image = t.reshape([b, h, w, c]).permute([0, 3, 1, 2]);
+            // Channels-last convs take the token layout as it is.
+            if crate::perf::channels_last() { image } else { image.contiguous() }
         };
         let normed = self.norm.forward(x);
         let mut tokens = match &self.proj_in {

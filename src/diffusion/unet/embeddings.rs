@@ -17,7 +17,13 @@ pub fn timestep_embedding(
     freq_shift: f64,
     device: Device,
 ) -> Tensor {
-    let t = Tensor::from_slice(&[timestep]).to_device(device).expand([batch], false);
+    // Made on the device (a fill, same float64 value) rather than copied from
+    // the host, a copy PyTorch follows with a stream sync at every UNet call.
+    let t = if crate::perf::noise_on_device() {
+        Tensor::full([batch], timestep, (Kind::Double, device))
+    } else {
+        Tensor::from_slice(&[timestep]).to_device(device).expand([batch], false)
+    };
     sinusoidal_embedding(&t, dim, flip_sin_to_cos, freq_shift)
 }
 

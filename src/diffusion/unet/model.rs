@@ -70,6 +70,7 @@ impl UNet2DConditionModel {
     /// Builds the model the config describes from the weights under `vb`
     /// (the root of `unet/diffusion_pytorch_model.safetensors`).
     pub fn load(vb: Vb, config: UNetConfig) -> Result<Self> {
+        let _channels_last = crate::perf::ChannelsLastLoad::enter();
         config.validate()?;
         check_weights(&vb, &config)?;
         let c = &config;
