@@ -520,15 +520,7 @@ impl FluxPipeline {
 
     /// [`Self::decode_latents`], refusing NaN/inf pixels.
     pub fn decode_checked(&self, latents: &Tensor) -> Result<Tensor> {
-        let images = self.decode_latents(latents);
-        if !bool::try_from(images.isfinite().all()).unwrap_or(false) {
-            return Err(Error::Numerical(format!(
-                "{}: the VAE decoded NaN/inf pixels ({:?}); run with --dtype fp32 or bf16",
-                self.checkpoint.display(),
-                self.vae.kind()
-            )));
-        }
-        Ok(images)
+        self.vae.latents_to_images_checked(latents, &self.checkpoint, "Its VAE overflows in this dtype: run with --dtype fp32 or bf16")
     }
 }
 

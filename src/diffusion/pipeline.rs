@@ -540,16 +540,7 @@ impl StableDiffusion {
     /// [`Self::decode_latents`], refusing NaN/inf pixels (a VAE that
     /// overflowed in fp16) with the remedy.
     pub fn decode_checked(&self, latents: &Tensor) -> Result<Tensor> {
-        let images = self.decode_latents(latents);
-        if !bool::try_from(images.isfinite().all()).unwrap_or(false) {
-            return Err(Error::Numerical(format!(
-                "{}: the VAE decoded NaN/inf pixels ({:?}, force_upcast = {}). Its VAE overflows in this dtype: run with --dtype fp32 or bf16, or swap in a VAE that is safe in fp16 with --vae DIR (for SDXL: madebyollin/sdxl-vae-fp16-fix)",
-                self.checkpoint.display(),
-                self.vae.kind(),
-                self.vae.config.force_upcast
-            )));
-        }
-        Ok(images)
+        self.vae.latents_to_images_checked(latents, &self.checkpoint, "Its VAE overflows in this dtype: run with --dtype fp32 or bf16, or swap in a VAE that is safe in fp16 with --vae DIR (for SDXL: madebyollin/sdxl-vae-fp16-fix)")
     }
 }
 

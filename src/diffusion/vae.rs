@@ -677,6 +677,22 @@ impl AutoencoderKL {
         (image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0).to_device(tch::Device::Cpu)
     }
 
+    /// [`Self::latents_to_images`], refusing NaN/inf pixels (a VAE that
+    /// overflowed in half precision): the error names `model` and ends with
+    /// `remedy`.
+    pub fn latents_to_images_checked(&self, latents: &Tensor, model: &std::path::Path, remedy: &str) -> crate::error::Result<Tensor> {
+        let images = self.latents_to_images(latents);
+        if !bool::try_from(images.isfinite().all()).unwrap_or(false) {
+            return Err(crate::error::Error::Numerical(format!(
+                "{}: the VAE decoded NaN/inf pixels ({:?}, force_upcast = {}). {remedy}",
+                model.display(),
+                self.kind,
+                self.config.force_upcast
+            )));
+        }
+        Ok(images)
+    }
+
     /// [`Self::decode`] as segments applied in order (`post_quant_conv`,
     /// `conv_in` and the mid block; each up block; the output head), for
     /// backward passes that keep one segment's activations at a time
