@@ -486,20 +486,7 @@ fn configs_in(dir: ModelDir, vae_override: Option<&str>, weights: bool, variant:
     let index: serde_json::Value = crate::error::read_json(&model_index)?;
     let index_file = model_index.display().to_string();
     let unet = UNetConfig::load(&dir.config("unet", "config.json")?)?;
-    let (vae_dir, vae) = match vae_override {
-        Some(v) => {
-            let root = resolve_model_variant(v, variant)?;
-            // A VAE repo is the component folder itself; a pipeline folder has it under vae/.
-            let folder = if root.join("config.json").is_file() { root } else { root.join("vae") };
-            let config = folder.join("config.json");
-            if !config.is_file() {
-                return Err(Error::Missing { path: config, what: "the --vae folder's config.json".into() });
-            }
-            let vae = VaeConfig::load(&config)?;
-            (folder, vae)
-        }
-        None => (dir.component("vae")?, VaeConfig::load(&dir.config("vae", "config.json")?)?),
-    };
+    let (vae_dir, vae) = vae_config(&dir, vae_override, variant)?;
     let weights_source = WeightsSource::Folder;
     let scheduler = SchedulerConfig::load(&dir.config("scheduler", "scheduler_config.json")?)?;
     let flag = |field: &str, default: bool| -> Result<bool> {
@@ -665,4 +652,23 @@ fn configs_in(dir: ModelDir, vae_override: Option<&str>, weights: bool, variant:
         inpainting,
         loras: Vec::new(),
     })
+}
+
+/// The VAE a pipeline uses: `vae_override` (`--vae`: a VAE repo is the
+/// component folder itself, a pipeline folder has it under `vae/`), else the
+/// pipeline's own `vae/`; its folder and validated config.
+pub fn vae_config(dir: &ModelDir, vae_override: Option<&str>, variant: Option<&str>) -> Result<(PathBuf, VaeConfig)> {
+    match vae_override {
+        Some(v) => {
+            let root = resolve_model_variant(v, variant)?;
+            let folder = if root.join("config.json").is_file() { root } else { root.join("vae") };
+            let config = folder.join("config.json");
+            if !config.is_file() {
+                return Err(Error::Missing { path: config, what: "the --vae folder's config.json".into() });
+            }
+            let vae = VaeConfig::load(&config)?;
+            Ok((folder, vae))
+        }
+        None => Ok((dir.component("vae")?, VaeConfig::load(&dir.config("vae", "config.json")?)?)),
+    }
 }

@@ -207,19 +207,7 @@ pub fn load_configs(source: &PipelineSource) -> Result<Sd3Configs> {
     let index_path = dir.root.join("model_index.json");
     let index: serde_json::Value = crate::error::read_json(&index_path)?;
     let transformer = Sd3TransformerConfig::load(&dir.config("transformer", "config.json")?)?;
-    let (vae_dir, vae) = match &source.vae {
-        Some(v) => {
-            let root = model_dir::resolve_model_variant(v, source.variant.as_deref())?;
-            let folder = if root.join("config.json").is_file() { root } else { root.join("vae") };
-            let config = folder.join("config.json");
-            if !config.is_file() {
-                return Err(Error::Missing { path: config, what: "the --vae folder's config.json".into() });
-            }
-            let vae = VaeConfig::load(&config)?;
-            (folder, vae)
-        }
-        None => (dir.component("vae")?, VaeConfig::load(&dir.config("vae", "config.json")?)?),
-    };
+    let (vae_dir, vae) = model_dir::vae_config(&dir, source.vae.as_deref(), source.variant.as_deref())?;
     let scheduler = SchedulerConfig::load(&dir.config("scheduler", "scheduler_config.json")?)?;
     if scheduler.class_name.as_deref() != Some(FLOW_CLASS) {
         return Err(Error::unsupported(
