@@ -402,8 +402,7 @@ impl FluxPipeline {
     fn image_latents(&self, pixels: &Tensor, eps: &Tensor) -> Tensor {
         let dist = tch::no_grad(|| self.vae.encode(&pixels.to_device(self.device).to_kind(self.vae.kind())));
         let sample = dist.sample(&eps.to_device(self.device).to_kind(self.vae.kind()));
-        let shift = self.vae.config.shift_factor.unwrap_or(0.0);
-        ((sample - shift) * self.vae.config.scaling_factor).to_kind(self.kind)
+        self.vae.scale(&sample).to_kind(self.kind)
     }
 
     /// img2img as `FluxImg2ImgPipeline` called with one image per call: each

@@ -524,8 +524,7 @@ impl StableDiffusion3Pipeline {
     /// in [-1, 1], with posterior noise `eps`.
     fn image_latents(&self, pixels: &Tensor, eps: &Tensor) -> Tensor {
         let dist = tch::no_grad(|| self.vae.encode(&pixels.to_device(self.device)));
-        let shift = self.vae.config.shift_factor.unwrap_or(0.0);
-        ((dist.sample(&eps.to_device(self.device)) - shift) * self.vae.config.scaling_factor).to_kind(self.kind)
+        self.vae.scale(&dist.sample(&eps.to_device(self.device))).to_kind(self.kind)
     }
 
     /// img2img latents (`StableDiffusion3Img2ImgPipeline`).

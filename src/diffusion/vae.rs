@@ -670,6 +670,12 @@ impl AutoencoderKL {
         }
     }
 
+    /// A posterior sample to latents as the denoiser sees them, the inverse
+    /// of [`Self::unscale`]: `(sample - shift_factor) * scaling_factor`.
+    pub fn scale(&self, sample: &Tensor) -> Tensor {
+        (sample - self.config.shift_factor.unwrap_or(0.0)) * self.config.scaling_factor
+    }
+
     /// Latents (as the denoiser sees them) to images in [0, 1], float32 on
     /// the CPU, without gradients: what every pipeline's sampling ends with.
     pub fn latents_to_images(&self, latents: &Tensor) -> Tensor {
