@@ -126,9 +126,7 @@ impl Scheduler for Ddim {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Tensor {
         // diffusers casts ᾱ_t to the sample's dtype first, then takes roots there.
-        let a = Tensor::from_slice(&[self.alphas_cumprod[self.timesteps[step] as usize]])
-            .to_kind(original.kind())
-            .to_device(original.device());
+        let a = schedule::like_sample(self.alphas_cumprod[self.timesteps[step] as usize].into(), original);
         let sqrt_a = a.pow_tensor_scalar(0.5);
         let sqrt_1ma = (a.ones_like() - &a).pow_tensor_scalar(0.5);
         sqrt_a * original + sqrt_1ma * noise

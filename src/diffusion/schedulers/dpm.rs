@@ -240,9 +240,7 @@ impl Scheduler for DpmSolverPP {
 
     /// alpha_t * x + sigma_t * noise with the scalars in the sample's dtype.
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Tensor {
-        let sigma = Tensor::from_slice(&[self.sigmas[step]])
-            .to_kind(original.kind())
-            .to_device(original.device());
+        let sigma = schedule::like_sample(self.sigmas[step].into(), original);
         let alpha_t = (sigma.pow_tensor_scalar(2) + 1.0).pow_tensor_scalar(0.5).reciprocal();
         let sigma_t = &sigma * &alpha_t;
         alpha_t * original + sigma_t * noise

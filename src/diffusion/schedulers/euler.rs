@@ -91,9 +91,7 @@ impl SigmaSchedule {
 
     /// sigmas (cast to the sample's dtype, as diffusers does) times noise.
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Tensor {
-        let sigma = Tensor::from_slice(&[self.sigmas[step]])
-            .to_kind(original.kind())
-            .to_device(original.device());
+        let sigma = schedule::like_sample(self.sigmas[step].into(), original);
         original + noise * sigma
     }
 }

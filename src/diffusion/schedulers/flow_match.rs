@@ -253,9 +253,7 @@ impl Scheduler for FlowMatchEuler {
 
     /// diffusers' `scale_noise`: σ·ε + (1 − σ)·x, σ in the sample's dtype.
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Tensor {
-        let sigma = Tensor::from_slice(&[self.sigmas[step]])
-            .to_kind(original.kind())
-            .to_device(original.device());
+        let sigma = super::schedule::like_sample(self.sigmas[step].into(), original);
         &sigma * noise + (1.0 - &sigma) * original
     }
 

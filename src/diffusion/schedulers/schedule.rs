@@ -18,6 +18,15 @@ pub(crate) fn scalar(x: f32) -> Tensor {
     Tensor::from(x)
 }
 
+/// `add_noise`'s coefficient as diffusers makes it (a float32 value cast to
+/// the sample's dtype, on the sample's device), made by a fill on that device
+/// instead of a host-to-device copy: the same value (the one rounding from the
+/// exact float to the dtype), without the copy and stream sync that CUDA pays
+/// at every call (inpainting's blend calls it every step).
+pub(crate) fn like_sample(value: f64, sample: &Tensor) -> Tensor {
+    Tensor::full([1], value, (sample.kind(), sample.device()))
+}
+
 /// float32 sqrt / log / exp through libtorch: diffusers computes its step
 /// scalars as 0-d float32 torch tensors, and libtorch's CPU kernels are not
 /// always correctly rounded (its sqrt differs from IEEE sqrt in about one
