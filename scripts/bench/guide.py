@@ -88,6 +88,9 @@ def main():
                     help="also compare the methods with best-of-N at equal time on the tiny fixture models")
     ap.add_argument("--methods-only", action="store_true", help="only the --methods comparison")
     ap.add_argument("--memory-only", action="store_true", help="only the --memory figures")
+    ap.add_argument("--memory-sdxl", action="store_true",
+                    help="only peak memory of guidance at 1024x1024 on SDXL base's real layout (random weights)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="the generator's dtype")
     args = ap.parse_args()
 
     generate = bench_module("generate")
@@ -97,14 +100,15 @@ def main():
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        generate.build_pipeline(tmp / "sd15-random", len(tokenizer))
+        if not args.memory_sdxl:
+            generate.build_pipeline(tmp / "sd15-random", len(tokenizer))
         # CLIP's special token ids as the tiny vocabulary has them (`guide`
         # checks them against the tokenizer; they do not change the cost).
-        te_config = tmp / "sd15-random/text_encoder/config.json"
-        te = json.loads(te_config.read_text())
-        te.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
-        te_config.write_text(json.dumps(te))
+        for te_config in [tmp / "sd15-random/text_encoder/config.json"] * (not args.memory_sdxl):
+            te = json.loads(te_config.read_text())
+            te.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+            te_config.write_text(json.dumps(te))
         build_taesd(tmp / "taesd-random")
         rahf = tmp / "rahf"
         orchestrate(args.bin, ["rahf", "import", "--checkpoint", str(FIX / "rahf/multi_head.pt"),
@@ -119,8 +123,12 @@ def main():
                 "--prompts", str(prompts_file or prompts),
                 "--images-per-prompt", str(args.images), "--batch-size", str(args.images),
                 "--steps", str(steps), "--height", str(size), "--width", str(size),
-                "--device", args.device, "--out", str(tmp / f"out-{name}"), "--json", *extra,
+                "--device", args.device, "--dtype", args.dtype, "--out", str(tmp / f"out-{name}"), "--json", *extra,
             ])
+
+        if args.memory_sdxl:
+            print(json.dumps({"peak_rss_mib_sdxl_1024": memory_sdxl(args, tmp, guide, taesd)}, indent=2))
+            return
 
         if args.methods_only:
             print(json.dumps({"methods_tiny": compare_methods(args, tmp, guide)}, indent=2))
@@ -183,6 +191,38 @@ def memory_512(guide, taesd):
                         ("unguided", ["--scheduler", "ddim", "--guidance-strength", "0", "--compare", "none"])]:
         _, mib = guide(f"mem-{name}", 512, 2, extra)
         mem[name] = round(mib)
+    return mem
+
+
+def memory_sdxl(args, tmp, guide, taesd):
+    """Peak resident memory (MiB) of guidance at 1024x1024 on SDXL base's real
+    layout (generate.py's random pipeline at full width; TAESD's layout is the
+    same for SDXL), 2 Euler steps with CFG, and of unguided sampling; and of
+    noise optimisation in SDXL-Turbo's setting (512x512, one step). The
+    pipeline is written in fp32 and converted to --dtype while loading."""
+    generate = bench_module("generate")
+    folder = tmp / "sdxl-random"
+    pipe = generate.build_sdxl_pipeline(folder, 1.0)
+    del pipe
+    import gc
+    gc.collect()
+    euler = ["--scheduler", "euler", "--guidance-strength", "10"]
+    # SDXL-Turbo's setting for noise optimisation: 512x512, 1 Euler-a step, no CFG.
+    turbo = ["--scheduler", "euler-a", "--guidance-scale", "0", "--method", "noise", "--iterations", "2"]
+    mem = {"dtype": args.dtype}
+    for name, size, extra in [
+        ("unguided", 1024, ["--scheduler", "euler", "--guidance-strength", "0", "--compare", "none"]),
+        ("taesd", 1024, euler + ["--guide-decoder", taesd]),
+        ("vae_checkpointed", 1024, euler + ["--guide-decoder", "vae", "--gradient-checkpointing"]),
+        ("noise_turbo_512_taesd", 512, turbo + ["--guide-decoder", taesd]),
+        ("vae", 1024, euler + ["--guide-decoder", "vae"]),
+    ]:
+        try:
+            _, mib = guide(f"mem-sdxl-{name}", size, 1 if name.startswith("noise") else 2, extra, model=folder)
+            mem[name] = round(mib)
+        except SystemExit as e:  # an out-of-memory kill is a figure too
+            mem[name] = f"failed: {str(e)[-300:]}"
+        print(name, mem[name], flush=True)
     return mem
 
 
