@@ -37,6 +37,16 @@ fn cuda_device(index: usize) -> Result<Device> {
     Ok(device)
 }
 
+/// [`parse_dtype`] for a generator: `auto` on CUDA is `cuda_auto()` (the
+/// family's half precision, [`crate::diffusion::generator::cuda_auto_dtype`]),
+/// asked only then.
+pub fn parse_generator_dtype(spec: &str, device: Device, cuda_auto: impl FnOnce() -> Result<Kind>) -> Result<Kind> {
+    if spec == "auto" && device.is_cuda() {
+        return cuda_auto();
+    }
+    parse_dtype(spec, device)
+}
+
 /// `--dtype auto|fp32|fp16|bf16`. Auto is fp32 on CPU (half precision there is
 /// slow and not what diffusers does) and fp16 on CUDA; bf16 is allowed on CPU.
 pub fn parse_dtype(spec: &str, device: Device) -> Result<Kind> {

@@ -100,7 +100,17 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
         return Err(Error::Invalid("--images-per-prompt and --batch-size must be at least 1".into()));
     }
     let device = crate::device::parse_device(&opts.device)?;
-    let kind = crate::device::parse_dtype(&opts.dtype, device)?;
+    let options = crate::diffusion::generator::GeneratorOptions {
+        config: opts.config.clone(),
+        vae: opts.vae.clone(),
+        refiner: opts.refiner.clone().map(|r| (r, opts.refiner_start)),
+        refiner_config: opts.refiner_config.clone(),
+        variant: opts.variant.clone(),
+        loras: opts.loras.clone(),
+    };
+    let kind = crate::device::parse_generator_dtype(&opts.dtype, device, || {
+        crate::diffusion::generator::cuda_auto_dtype(&opts.model, &options)
+    })?;
     // Checked before loading anything, so a bad size costs nothing.
     check_image_size(opts.settings.height, opts.settings.width)?;
     if opts.init_image.is_some() && opts.refiner.is_some() {
@@ -109,14 +119,6 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<ImageRecord>> {
     let init = match &opts.init_image {
         Some(path) => Some(crate::io::load_rgb(path)?),
         None => None,
-    };
-    let options = crate::diffusion::generator::GeneratorOptions {
-        config: opts.config.clone(),
-        vae: opts.vae.clone(),
-        refiner: opts.refiner.clone().map(|r| (r, opts.refiner_start)),
-        refiner_config: opts.refiner_config.clone(),
-        variant: opts.variant.clone(),
-        loras: opts.loras.clone(),
     };
     let pipe = crate::diffusion::generator::load(&opts.model, &options, device, kind)?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;

@@ -844,7 +844,7 @@ struct JobArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Generator dtype: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16 or bf16.
+    /// Generator dtype: auto (fp32 on CPU; on CUDA fp16, bf16 for FLUX and SD3), fp32, fp16 or bf16.
     #[arg(long, default_value = "auto")]
     dtype: String,
     /// The dtype of RAHF and every other scorer (fp32 by default: scores are compared with each other).

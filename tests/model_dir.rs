@@ -54,3 +54,31 @@ fn bin_only_weights_get_a_clear_message() {
     let err = dir.weights("unet").unwrap_err().to_string();
     assert!(err.contains(".bin") && err.contains("safetensors"), "{err}");
 }
+
+/// `--dtype auto` on CUDA: fp16 for the UNet family, bf16 for FLUX and SD3
+/// (checked on the fixture folders' families; CPU's auto never asks).
+#[test]
+fn auto_dtype_on_cuda_follows_the_family() {
+    use orchestrate::diffusion::generator::{cuda_auto_dtype, GeneratorOptions};
+    use tch::Kind;
+    let fx = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let options = GeneratorOptions::default();
+    for (dir, want) in [
+        ("diffusion/sd-tiny", Kind::Half),
+        ("diffusion/sdxl-tiny", Kind::Half),
+        ("flux/flux-tiny-dev", Kind::BFloat16),
+        ("flux/flux-tiny-schnell", Kind::BFloat16),
+        ("sd3/sd3-tiny", Kind::BFloat16),
+    ] {
+        let got = cuda_auto_dtype(&fx.join(dir).to_string_lossy(), &options).unwrap();
+        assert_eq!(got, want, "{dir}");
+    }
+    let missing = cuda_auto_dtype(&fx.join("no-such-pipeline").to_string_lossy(), &options).unwrap_err();
+    assert!(missing.to_string().contains("no-such-pipeline"), "{missing}");
+    // On the CPU, auto is fp32 and the family is never looked up.
+    let cpu = orchestrate::device::parse_generator_dtype("auto", tch::Device::Cpu, || panic!("asked on the CPU")).unwrap();
+    assert_eq!(cpu, Kind::Float);
+    let explicit =
+        orchestrate::device::parse_generator_dtype("bf16", tch::Device::Cpu, || panic!("asked for an explicit dtype")).unwrap();
+    assert_eq!(explicit, Kind::BFloat16);
+}

@@ -111,13 +111,7 @@ pub fn load(spec: &str, options: &GeneratorOptions, device: Device, kind: Kind) 
         refuse_flux_options(&root, options)?;
         return Ok(Box::new(FluxPipeline::load(spec, options.variant.as_deref(), device, kind)?));
     }
-    let source = PipelineSource {
-        model: spec.to_string(),
-        config: options.config.clone(),
-        vae: options.vae.clone(),
-        variant: options.variant.clone(),
-        loras: options.loras.clone(),
-    };
+    let source = pipeline_source(spec, options);
     if crate::diffusion::model_dir::is_sd3_source(&source)? {
         if let Some((refiner, _)) = &options.refiner {
             return Err(Error::Invalid(format!("--refiner {refiner}: SD3 pipelines take no refiner")));
@@ -139,6 +133,27 @@ pub fn load(spec: &str, options: &GeneratorOptions, device: Device, kind: Kind) 
         pipe = pipe.with_refiner(refiner, *start)?;
     }
     Ok(Box::new(pipe))
+}
+
+fn pipeline_source(spec: &str, options: &GeneratorOptions) -> PipelineSource {
+    PipelineSource {
+        model: spec.to_string(),
+        config: options.config.clone(),
+        vae: options.vae.clone(),
+        variant: options.variant.clone(),
+        loras: options.loras.clone(),
+    }
+}
+
+/// What `--dtype auto` means on CUDA for the generator in `spec`: float16 for
+/// the UNet family (what diffusers' SD and SDXL examples load), bfloat16 for
+/// FLUX.1 and SD3/3.5, which are trained and published in bfloat16 (their
+/// transformers' activations and T5-XXL overflow float16; diffusers' examples
+/// load both in bfloat16).
+pub fn cuda_auto_dtype(spec: &str, options: &GeneratorOptions) -> Result<Kind> {
+    let flow = flux_root(spec, options.variant.as_deref(), options.config.as_deref())?.is_some()
+        || crate::diffusion::model_dir::is_sd3_source(&pipeline_source(spec, options))?;
+    Ok(if flow { Kind::BFloat16 } else { Kind::Half })
 }
 
 /// The folder of `spec` when it is a FLUX pipeline (`model_index.json`'s

@@ -66,7 +66,8 @@ pub struct ModelOptions {
     pub scorers: BTreeMap<String, String>,
     #[serde(default = "default_auto")]
     pub device: String,
-    /// Generator dtype: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16, bf16.
+    /// Generator dtype: auto (fp32 on CPU; on CUDA fp16, bf16 for FLUX and
+    /// SD3), fp32, fp16, bf16.
     #[serde(default = "default_auto")]
     pub dtype: String,
     /// The dtype of RAHF and every other scorer; fp32 by default (scores are
@@ -316,7 +317,7 @@ impl CommonOptions {
     /// device and dtypes (on the CPU, leaving a core for the CPU stage; see
     /// `jobs::stages`).
     pub fn load_models(&self, generator: &str, scorers: &[String]) -> Result<Models> {
-        let (device, kind, scorer_kind) = self.models.placement()?;
+        let (device, _, scorer_kind) = self.models.placement()?;
         crate::jobs::stages::leave_a_core_for_the_cpu_stage(device);
         let m = &self.models;
         let options = crate::diffusion::generator::GeneratorOptions {
@@ -327,6 +328,10 @@ impl CommonOptions {
             variant: m.variant.clone(),
             loras: m.loras.clone(),
         };
+        // `placement` has checked the dtype itself (its errors name the field).
+        let kind = crate::device::parse_generator_dtype(&m.dtype, device, || {
+            crate::diffusion::generator::cuda_auto_dtype(generator, &options)
+        })?;
         let pipe = crate::diffusion::generator::load(generator, &options, device, kind)?;
         let scorers = Scorers::load(scorers, &|n| m.scorer_checkpoint(n), device, scorer_kind)?;
         Ok(Models { pipe, scorers })
