@@ -90,6 +90,8 @@ def main():
     ap.add_argument("--memory-only", action="store_true", help="only the --memory figures")
     ap.add_argument("--memory-sdxl", action="store_true",
                     help="only peak memory of guidance at 1024x1024 on SDXL base's real layout (random weights)")
+    ap.add_argument("--sdxl-dir", help="--memory-sdxl: where the random SDXL pipeline is saved, and reused when there")
+    ap.add_argument("--sdxl-runs", nargs="*", help="--memory-sdxl: only these runs (by name)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="the generator's dtype")
     args = ap.parse_args()
 
@@ -200,23 +202,29 @@ def memory_sdxl(args, tmp, guide, taesd):
     same for SDXL), 2 Euler steps with CFG, and of unguided sampling; and of
     noise optimisation in SDXL-Turbo's setting (512x512, one step). The
     pipeline is written in fp32 and converted to --dtype while loading."""
-    generate = bench_module("generate")
-    folder = tmp / "sdxl-random"
-    pipe = generate.build_sdxl_pipeline(folder, 1.0)
-    del pipe
-    import gc
-    gc.collect()
+    folder = Path(args.sdxl_dir) if args.sdxl_dir else tmp / "sdxl-random"
+    if not (folder / "model_index.json").exists():
+        pipe = bench_module("generate").build_sdxl_pipeline(folder, 1.0)
+        del pipe
+        import gc
+        gc.collect()
     euler = ["--scheduler", "euler", "--guidance-strength", "10"]
     # SDXL-Turbo's setting for noise optimisation: 512x512, 1 Euler-a step, no CFG.
     turbo = ["--scheduler", "euler-a", "--guidance-scale", "0", "--method", "noise", "--iterations", "2"]
     mem = {"dtype": args.dtype}
-    for name, size, extra in [
+    # The default gradient goes through the UNet; --no-unet-gradient holds
+    # the UNet's output constant (no UNet backward).
+    held = ["--no-unet-gradient"]
+    runs = [
         ("unguided", 1024, ["--scheduler", "euler", "--guidance-strength", "0", "--compare", "none"]),
         ("taesd", 1024, euler + ["--guide-decoder", taesd]),
         ("vae_checkpointed", 1024, euler + ["--guide-decoder", "vae", "--gradient-checkpointing"]),
         ("noise_turbo_512_taesd", 512, turbo + ["--guide-decoder", taesd]),
-        ("vae", 1024, euler + ["--guide-decoder", "vae"]),
-    ]:
+        ("taesd_no_unet_gradient", 1024, euler + held + ["--guide-decoder", taesd]),
+        ("vae_checkpointed_no_unet_gradient", 1024, euler + held + ["--guide-decoder", "vae", "--gradient-checkpointing"]),
+        ("vae_no_unet_gradient", 1024, euler + held + ["--guide-decoder", "vae"]),
+    ]
+    for name, size, extra in [r for r in runs if not args.sdxl_runs or r[0] in args.sdxl_runs]:
         try:
             _, mib = guide(f"mem-sdxl-{name}", size, 1 if name.startswith("noise") else 2, extra, model=folder)
             mem[name] = round(mib)
