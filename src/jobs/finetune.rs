@@ -69,6 +69,9 @@ pub struct FinetuneJobOptions {
     pub center_crop: bool,
     #[serde(default)]
     pub random_flip: bool,
+    /// Also a LoRA on the text encoder(s) (`--train-text-encoder`).
+    #[serde(default)]
+    pub train_text_encoder: bool,
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
     /// 0: no clipping.
@@ -166,6 +169,7 @@ impl FinetuneJobOptions {
             },
             seed: self.seed.unwrap_or(s.seed),
             precision: self.precision.clone(),
+            train_text_encoder: self.train_text_encoder,
         })
     }
 
