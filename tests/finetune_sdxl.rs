@@ -259,13 +259,7 @@ fn saved_sdxl_lora_has_diffusers_format_and_renders_like_diffusers() {
     eprintln!("generate --lora with orchestrate's trained SDXL LoRA: {d}/255 from diffusers' image");
     assert!(d <= 2, "orchestrate's image differs from diffusers' by {d}/255");
 
-    let python = repo().join(".venv/bin/python");
-    let has_diffusers =
-        std::process::Command::new(&python).args(["-c", "import diffusers, peft"]).output().is_ok_and(|o| o.status.success());
-    if !has_diffusers {
-        eprintln!("skipping diffusers' load_lora_weights check: {} has no diffusers/peft (scripts/setup.sh --fixtures)", python.display());
-        return;
-    }
+    let Some(python) = python_with_diffusers() else { return };
     let check = std::process::Command::new(&python)
         .arg(fixtures().join("make_finetune_sdxl_fixtures.py"))
         .args(["--check", path.to_str().unwrap()])
@@ -382,6 +376,27 @@ fn sd_train_text_encoder_saves_text_encoder_keys() {
     assert_eq!(a[0]["loss"], b[0]["loss"]);
     assert!(b[0]["grad_norm"].as_f64().unwrap() > a[0]["grad_norm"].as_f64().unwrap(), "{:?} vs {:?}", a[0], b[0]);
     assert_ne!(a[2]["loss"], b[2]["loss"], "training the text encoder changed nothing");
+    // diffusers' `StableDiffusionPipeline.load_lora_weights` puts both parts in place.
+    let Some(python) = python_with_diffusers() else { return };
+    let file = te.join("final/pytorch_lora_weights.safetensors");
+    let check = std::process::Command::new(&python)
+        .arg(fixtures().join("make_finetune_fixtures.py"))
+        .args(["--check-parts", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    eprintln!("{stdout}");
+    assert!(check.status.success(), "diffusers did not load both LoRA parts:\n{stdout}\n{}", String::from_utf8_lossy(&check.stderr));
+}
+
+/// `.venv/bin/python` when it has diffusers and peft (scripts/setup.sh --fixtures).
+fn python_with_diffusers() -> Option<PathBuf> {
+    let python = repo().join(".venv/bin/python");
+    let ok = std::process::Command::new(&python).args(["-c", "import diffusers, peft"]).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipping diffusers' load_lora_weights check: {} has no diffusers/peft (scripts/setup.sh --fixtures)", python.display());
+    }
+    ok.then_some(python)
 }
 
 /// Pipelines this trainer cannot finetune stop with one message.
