@@ -319,11 +319,12 @@ pub fn run_heatmaps(a: HeatmapsArgs) -> Result<()> {
     Ok(())
 }
 
-/// `orchestrate finetune`: LoRA finetuning of the UNet on an imagefolder, as
-/// diffusers' `train_text_to_image_lora.py` does it.
+/// `orchestrate finetune`: LoRA finetuning of the UNet (and optionally the
+/// text encoders) on an imagefolder, as diffusers' `train_text_to_image_lora.py`
+/// (SD 1.x/2.x) and `train_text_to_image_lora_sdxl.py` (SDXL) do it.
 #[derive(clap::Args)]
 pub struct FinetuneArgs {
-    /// The pipeline to finetune (SD 1.x/2.x diffusers folder or HF repo id).
+    /// The pipeline to finetune (SD 1.x/2.x or SDXL base: diffusers folder or HF repo id).
     #[arg(long)]
     model: String,
     /// An HF imagefolder: DIR/train/metadata.jsonl (or DIR/metadata.jsonl) with `file_name` and `text` (what `filter` writes).
@@ -372,6 +373,9 @@ pub struct FinetuneArgs {
     /// Flip images horizontally at random.
     #[arg(long)]
     random_flip: bool,
+    /// Also train a LoRA on the text encoder(s)' q/k/v/out projections (saved as `text_encoder.*`, `text_encoder_2.*`).
+    #[arg(long)]
+    train_text_encoder: bool,
     #[arg(long, default_value_t = 1e-2)]
     weight_decay: f64,
     /// Clip the global gradient norm to this (0: no clipping).
@@ -410,6 +414,7 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
         },
         seed: a.seed,
         precision: a.run.precision.clone(),
+        train_text_encoder: a.train_text_encoder,
     };
     let opts = FinetuneOptions {
         model: a.model.clone(),

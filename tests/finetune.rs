@@ -3,8 +3,8 @@
 //! format, the CLI's checkpoints and exact resume.
 use orchestrate::diffusion::pipeline::StableDiffusion;
 use orchestrate::finetune::{
-    lr_multiplier, save_diffusers_lora, train_step, LossSettings, NoiseSchedule, Prediction, StepInputs, TrainUnet,
-    UnetLora,
+    lr_multiplier, save_diffusers_lora, train_step, LossSettings, Loras, NoiseSchedule, Prediction, StepInputs, TrainUnet,
+    Trainee, UnetLora,
 };
 use orchestrate::rahf::train::optim::{AdamW, AdamWConfig};
 use orchestrate::weights::{read_safetensors, read_safetensors_metadata, Weights};
@@ -73,20 +73,21 @@ fn train_on_fixture(fx: &Fixture) -> (Vec<f64>, UnetLora) {
     let schedule = NoiseSchedule::new(&pipe.scheduler_config).unwrap();
     let settings = LossSettings { prediction: Prediction::Epsilon, snr_gamma: j["snr_gamma"].as_f64() };
     let steps = j["steps"].as_u64().unwrap();
+    let loras = Loras { unet: lora, text: Vec::new() };
+    let trainee = Trainee { pipe: &pipe, unet: &train, text: &[] };
     let mut losses = Vec::new();
     for k in 0..steps {
         let t = |name: &str| fx.tensors[&format!("step{k}.{name}")].shallow_clone();
         let pixel_values = (t("pixels").to_kind(Kind::Float) / 255.0 - 0.5) / 0.5;
         let latents = tch::no_grad(|| pipe.vae.encode(&pixel_values).sample(&t("vae_noise")) * pipe.vae.config.scaling_factor);
         let captions: Vec<String> = serde_json::from_value(j["per_step"][k as usize]["captions"].clone()).unwrap();
-        let states = pipe.encode_prompts(&captions, None).unwrap().embeds;
         let (noise, timesteps) = (t("noise"), t("timesteps"));
-        let inputs = StepInputs { latents: &latents, noise: &noise, timesteps: &timesteps, encoder_hidden_states: &states };
+        let inputs = StepInputs { latents: &latents, noise: &noise, timesteps: &timesteps, captions: &captions, time_ids: &[] };
         let lr = j["lr"].as_f64().unwrap() * lr_multiplier("cosine", 0, steps, k).unwrap();
-        let (loss, _) = train_step(&train, &lora, &mut opt, &schedule, &settings, &[inputs], lr).unwrap();
+        let (loss, _) = train_step(&trainee, &loras, &mut opt, &schedule, &settings, &[inputs], lr).unwrap();
         losses.push(loss);
     }
-    (losses, lora)
+    (losses, loras.unet)
 }
 
 /// Per-step loss within 1e-5 relative and the LoRA after 5 steps within 1e-5

@@ -2,7 +2,7 @@
 //! `text_encoder/` folder: token + position embeddings, pre-norm transformer
 //! layers with causal self-attention, final layer norm.
 use crate::error::{read_json, Error, Result};
-use crate::nn::{activation, multi_head_attention, Embedding, LayerNorm, Linear};
+use crate::nn::{activation, multi_head_attention, Embedding, LayerNorm, Linear, Projection};
 use crate::diffusion::unet::config::{MAX_LAYERS, MAX_SIZE};
 use crate::weights::{ConfigCheck, Vb};
 use serde::Deserialize;
@@ -171,12 +171,13 @@ pub struct EncoderDims {
     pub causal: bool,
 }
 
-/// `self_attn.{q,k,v,out}_proj` of transformers' `CLIPAttention`.
+/// `self_attn.{q,k,v,out}_proj` of transformers' `CLIPAttention` (each with
+/// the LoRA finetuning trains, when its weights hold one: [`Projection`]).
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: Projection,
+    k_proj: Projection,
+    v_proj: Projection,
+    out_proj: Projection,
     heads: i64,
     causal: bool,
 }
@@ -185,10 +186,10 @@ impl Attention {
     fn load(vb: &Vb, c: &EncoderDims) -> Result<Self> {
         let d = c.hidden_size;
         Ok(Attention {
-            q_proj: Linear::load(&vb.pp("q_proj"), d, d, true)?,
-            k_proj: Linear::load(&vb.pp("k_proj"), d, d, true)?,
-            v_proj: Linear::load(&vb.pp("v_proj"), d, d, true)?,
-            out_proj: Linear::load(&vb.pp("out_proj"), d, d, true)?,
+            q_proj: Projection::load(&vb.pp("q_proj"), d, d, true)?,
+            k_proj: Projection::load(&vb.pp("k_proj"), d, d, true)?,
+            v_proj: Projection::load(&vb.pp("v_proj"), d, d, true)?,
+            out_proj: Projection::load(&vb.pp("out_proj"), d, d, true)?,
             heads: c.num_attention_heads,
             causal: c.causal,
         })

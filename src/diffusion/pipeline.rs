@@ -313,30 +313,8 @@ impl StableDiffusion {
         if let Some(k) = clip_skip {
             self.check_clip_skip(k)?;
         }
-        let mut embeds = Vec::with_capacity(self.text_encoders.len());
-        let mut pooled = None;
-        for t in &self.text_encoders {
-            let encoded = t.tokenizer.encode_batch(prompts)?;
-            for (prompt, truncated) in prompts.iter().zip(&encoded.truncated) {
-                if *truncated {
-                    tracing::warn!(prompt = %prompt, "prompt is longer than the text encoder's {} tokens; the end was cut off", t.tokenizer.max_len);
-                }
-            }
-            let ids = encoded.input_ids.to_device(self.device);
-            match self.family {
-                Family::Sd => embeds.push(tch::no_grad(|| t.model.encode(&ids, clip_skip))),
-                Family::Xl(_) => {
-                    let (states, projected) = tch::no_grad(|| t.model.encode_xl(&ids, clip_skip.unwrap_or(0)));
-                    embeds.push(states);
-                    // diffusers keeps the first encoder's pooled output that
-                    // is projected (text_encoder_2's).
-                    if pooled.is_none() {
-                        pooled = projected;
-                    }
-                }
-            }
-        }
-        Ok(PromptEmbeds { embeds: Tensor::cat(&embeds, -1), pooled })
+        let encoders: Vec<(&ClipTokenizer, &ClipTextModel)> = self.text_encoders.iter().map(|t| (&t.tokenizer, &t.model)).collect();
+        tch::no_grad(|| encode_with(self.family, &encoders, prompts, clip_skip, self.device))
     }
 
     /// Negative prompt embeddings as diffusers makes them: encoded without
@@ -372,11 +350,10 @@ impl StableDiffusion {
         let ids: Vec<f64> = if xl.requires_aesthetics_score {
             vec![h, w, 0.0, 0.0, if negative { NEGATIVE_AESTHETIC_SCORE } else { AESTHETIC_SCORE }]
         } else {
-            vec![h, w, 0.0, 0.0, h, w]
+            add_time_ids((h, w), (0.0, 0.0), (h, w))
         };
-        let rows = pooled.size()[0];
-        let time_ids = Tensor::from_slice(&ids).to_kind(self.kind).view([1, -1]).repeat([rows, 1]).to_device(self.device);
-        Some(AddedCond { text_embeds: pooled.shallow_clone(), time_ids })
+        let rows = vec![ids; pooled.size()[0] as usize];
+        Some(added_cond_rows(pooled, &rows, self.kind, self.device))
     }
 
     /// Samples one batch. Returns images in [0, 1], [B, 3, H, W], float32 on the CPU.
@@ -542,6 +519,59 @@ impl StableDiffusion {
     pub fn decode_checked(&self, latents: &Tensor) -> Result<Tensor> {
         self.vae.latents_to_images_checked(latents, &self.checkpoint, "Its VAE overflows in this dtype: run with --dtype fp32 or bf16, or swap in a VAE that is safe in fp16 with --vae DIR (for SDXL: madebyollin/sdxl-vae-fp16-fix)")
     }
+}
+
+/// [`StableDiffusion::encode_prompts`] with the given encoders (the
+/// pipeline's, or finetuning's with their LoRA), recording gradients where
+/// the caller does. `clip_skip` must have been checked.
+pub fn encode_with(
+    family: Family,
+    encoders: &[(&ClipTokenizer, &ClipTextModel)],
+    prompts: &[String],
+    clip_skip: Option<usize>,
+    device: Device,
+) -> Result<PromptEmbeds> {
+    let mut embeds = Vec::with_capacity(encoders.len());
+    let mut pooled = None;
+    for (tokenizer, model) in encoders {
+        let encoded = tokenizer.encode_batch(prompts)?;
+        for (prompt, truncated) in prompts.iter().zip(&encoded.truncated) {
+            if *truncated {
+                tracing::warn!(prompt = %prompt, "prompt is longer than the text encoder's {} tokens; the end was cut off", tokenizer.max_len);
+            }
+        }
+        let ids = encoded.input_ids.to_device(device);
+        match family {
+            Family::Sd => embeds.push(model.encode(&ids, clip_skip)),
+            Family::Xl(_) => {
+                let (states, projected) = model.encode_xl(&ids, clip_skip.unwrap_or(0));
+                embeds.push(states);
+                // diffusers keeps the first encoder's pooled output that
+                // is projected (text_encoder_2's).
+                if pooled.is_none() {
+                    pooled = projected;
+                }
+            }
+        }
+    }
+    Ok(PromptEmbeds { embeds: Tensor::cat(&embeds, -1), pooled })
+}
+
+/// SDXL's `add_time_ids` of one image (diffusers' `_get_add_time_ids`):
+/// original size (h, w), crop top-left (top, left), target size (h, w).
+/// Sampling passes the sampling size for both sizes and no crop; finetuning
+/// each example's size before resizing and its crop.
+pub fn add_time_ids(original: (f64, f64), crop_top_left: (f64, f64), target: (f64, f64)) -> Vec<f64> {
+    vec![original.0, original.1, crop_top_left.0, crop_top_left.1, target.0, target.1]
+}
+
+/// SDXL's added conditioning: the pooled embedding [N, P] and one row of
+/// time ids per image ([N, n], in `kind`).
+pub fn added_cond_rows(pooled: &Tensor, rows: &[Vec<f64>], kind: Kind, device: Device) -> AddedCond {
+    let flat: Vec<f64> = rows.iter().flatten().copied().collect();
+    let width = rows.first().map_or(0, |r| r.len() as i64);
+    let time_ids = Tensor::from_slice(&flat).to_kind(kind).view([rows.len() as i64, width]).to_device(device);
+    AddedCond { text_embeds: pooled.shallow_clone(), time_ids }
 }
 
 /// diffusers' `denoising_end`/`denoising_start` cut-off:

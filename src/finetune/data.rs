@@ -74,24 +74,68 @@ pub struct Transforms {
     pub random_flip: bool,
 }
 
+/// Where the random flip comes: after the crop (`train_text_to_image_lora.py`)
+/// or before it (`train_text_to_image_lora_sdxl.py`, whose crop corner, in the
+/// flipped image, is what SDXL's time ids are conditioned on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlipOrder {
+    AfterCrop,
+    BeforeCrop,
+}
+
+/// One transformed example.
+pub struct Transformed {
+    /// u8 [3, R, R].
+    pub pixels: Tensor,
+    /// (height, width) before resizing (SDXL's `original_size`).
+    pub original_size: (i64, i64),
+    /// (top, left) of the crop in the resized (and, for SDXL, flipped) image.
+    pub crop_top_left: (i64, i64),
+}
+
+/// The random choices of one example: flip, and the random crop's corner
+/// (drawn from `(rows, cols)` possible offsets; unused with `center_crop`).
+pub trait Choices {
+    fn flip(&mut self) -> bool;
+    fn crop(&mut self, rows: u64, cols: u64) -> (i64, i64);
+}
+
+impl Choices for Rng {
+    fn flip(&mut self) -> bool {
+        self.chance(0.5)
+    }
+    fn crop(&mut self, rows: u64, cols: u64) -> (i64, i64) {
+        (self.below(rows) as i64, self.below(cols) as i64)
+    }
+}
+
 impl Transforms {
     /// The transformed image as u8 [3, R, R]; `rng` draws the crop and flip.
     pub fn apply(&self, path: &Path, rng: &mut Rng) -> Result<Tensor> {
+        Ok(self.transform(path, FlipOrder::AfterCrop, rng)?.pixels)
+    }
+
+    /// Resize (shorter side to R), crop and flip in `order`, the random ones
+    /// decided by `choices` (crop first with [`FlipOrder::AfterCrop`], flip
+    /// first with [`FlipOrder::BeforeCrop`], each in the order it is applied).
+    pub fn transform(&self, path: &Path, order: FlipOrder, choices: &mut dyn Choices) -> Result<Transformed> {
         let img = crate::io::images::load_rgb(path)?;
         let r = self.resolution;
         let (w, h) = (img.width(), img.height());
         // torchvision Resize(int): the shorter side to r, the other int(r * long / short).
         let (nw, nh) = if w <= h { (r, (r as u64 * h as u64 / w as u64) as u32) } else { ((r as u64 * w as u64 / h as u64) as u32, r) };
         let img = if (nw, nh) == (w, h) { img } else { resize_rgb(&img, nw, nh, Filter::Bilinear) };
+        let t = Tensor::from_slice(img.as_raw()).view([nh as i64, nw as i64, 3]).permute([2, 0, 1]);
+        let flip = |t: Tensor, choices: &mut dyn Choices| if self.random_flip && choices.flip() { t.flip([2]) } else { t };
+        let t = if order == FlipOrder::BeforeCrop { flip(t, choices) } else { t };
         let (top, left) = if self.center_crop {
             // torchvision: int(round((h - r) / 2.0)), Python's round (half to even).
             (((nh - r) as f64 / 2.0).round_ties_even() as i64, ((nw - r) as f64 / 2.0).round_ties_even() as i64)
         } else {
-            (rng.below((nh - r + 1) as u64) as i64, rng.below((nw - r + 1) as u64) as i64)
+            choices.crop((nh - r + 1) as u64, (nw - r + 1) as u64)
         };
-        let t = Tensor::from_slice(img.as_raw()).view([nh as i64, nw as i64, 3]).permute([2, 0, 1]);
         let t = t.narrow(1, top, r as i64).narrow(2, left, r as i64);
-        let t = if self.random_flip && rng.chance(0.5) { t.flip([2]) } else { t };
-        Ok(t.contiguous())
+        let t = if order == FlipOrder::AfterCrop { flip(t, choices) } else { t };
+        Ok(Transformed { pixels: t.contiguous(), original_size: (h as i64, w as i64), crop_top_left: (top, left) })
     }
 }

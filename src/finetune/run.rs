@@ -4,15 +4,18 @@
 //! Every random draw of step `s` (1-based), micro-batch `m` is a function of
 //! (`seed`, position) alone, so `--resume` continues exactly: the example at
 //! stream position `p` is epoch `p / n`'s own shuffle (the RAHF trainer's
-//! order); its crop and flip come from `Rng::derive(seed, 0xa06, p)`; the
-//! VAE's sampling noise, the noise and the timesteps are drawn, in that order,
-//! from torch's CPU generator seeded per micro-batch.
+//! order); its crop and flip come from `Rng::derive(seed, 0xa06, p)` (SD:
+//! crop then flip; SDXL: flip then crop); the VAE's sampling noise, the noise
+//! and the timesteps are drawn, in that order, from torch's CPU generator
+//! seeded per micro-batch. The UNet LoRA's A is drawn from torch's generator
+//! seeded with `seed`, text encoder `i`'s from one seeded with
+//! `Rng::derive(seed, 0x7e47, i)`.
 //!
 //! Run folder: `.orchestrate.lock`; `train.json` (the hyperparameters; a
 //! resume must use the same); `checkpoints/step-NNNNNNNN/` (`lora.safetensors`,
 //! `optimizer.safetensors`, `trainer_state.json`) and `latest.json`;
 //! `log.jsonl`, `curves.html`; `final/pytorch_lora_weights.safetensors`.
-use super::data::{ImageFolder, Transforms};
+use super::data::{FlipOrder, ImageFolder, Transforms};
 use super::*;
 use crate::diffusion::pipeline::StableDiffusion;
 use crate::rahf::train::checkpoint::{self, TrainerState};
@@ -44,6 +47,10 @@ pub struct Hyperparameters {
     pub seed: u64,
     /// fp32, or bf16 (compute in bfloat16 on fp32 LoRA weights).
     pub precision: String,
+    /// Also a LoRA on every text encoder's attention projections
+    /// (`--train-text-encoder`; absent in runs from before it: false).
+    #[serde(default)]
+    pub train_text_encoder: bool,
 }
 
 impl Hyperparameters {
@@ -141,27 +148,50 @@ fn check_run_folder(opts: &FinetuneOptions, hyper: &Hyperparameters) -> Result<b
     Ok(false)
 }
 
-/// One micro-batch's tensors, drawn as the module doc says.
+/// One micro-batch: latents, noise, timesteps, captions and (SDXL) time
+/// ids, drawn as the module doc says.
+struct Micro {
+    latents: Tensor,
+    noise: Tensor,
+    timesteps: Tensor,
+    captions: Vec<String>,
+    time_ids: Vec<Vec<f64>>,
+}
+
+/// One micro-batch's tensors, drawn as the module doc says. SDXL flips
+/// before cropping and conditions on each example's original size and crop
+/// (its script's order); `vae` is the pipeline's, or for SDXL a float32 copy.
 fn micro_batch(
     pipe: &StableDiffusion,
+    vae: &crate::diffusion::vae::AutoencoderKL,
     data: &ImageFolder,
     order: &mut crate::rahf::train::trainer::Order,
     hyper: &Hyperparameters,
     num_train_timesteps: i64,
     index: u64,
-) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+) -> Result<Micro> {
     let b = hyper.batch_size as u64;
+    let xl = matches!(pipe.family, crate::diffusion::model_dir::Family::Xl(_));
+    let flip_order = if xl { FlipOrder::BeforeCrop } else { FlipOrder::AfterCrop };
+    let r = hyper.transforms.resolution as f64;
     let mut pixels = Vec::with_capacity(b as usize);
     let mut captions = Vec::with_capacity(b as usize);
+    let mut time_ids = Vec::new();
     for p in index * b..(index + 1) * b {
         let ex = &data.examples[order.index(p)];
         let mut rng = Rng::derive(hyper.seed, 0xa06, p);
-        pixels.push(hyper.transforms.apply(&ex.image, &mut rng)?);
+        let t = hyper.transforms.transform(&ex.image, flip_order, &mut rng)?;
+        if xl {
+            let (oh, ow) = t.original_size;
+            let (top, left) = t.crop_top_left;
+            time_ids.push(crate::diffusion::pipeline::add_time_ids((oh as f64, ow as f64), (top as f64, left as f64), (r, r)));
+        }
+        pixels.push(t.pixels);
         captions.push(ex.text.clone());
     }
     let pixel_values = (Tensor::stack(&pixels, 0).to_kind(Kind::Float) / 255.0 - 0.5) / 0.5;
     let pixel_values = pixel_values.to_device(pipe.device);
-    let dist = tch::no_grad(|| pipe.vae.encode(&pixel_values));
+    let dist = tch::no_grad(|| vae.encode(&pixel_values));
     let torch_seed = Rng::derive(hyper.seed, 0x4015e, index).next_u64() >> 1;
     let (vae_noise, noise, timesteps) = crate::diffusion::noise::with_seed(torch_seed, |g| {
         let vae_noise = g.randn(&dist.mean.size(), Kind::Float);
@@ -169,20 +199,19 @@ fn micro_batch(
         let timesteps = g.randint(num_train_timesteps, &[b as i64]);
         (vae_noise, noise, timesteps)
     });
-    let latents = tch::no_grad(|| dist.sample(&vae_noise.to_device(pipe.device)) * pipe.vae.config.scaling_factor)
+    let latents = tch::no_grad(|| dist.sample(&vae_noise.to_device(pipe.device)) * vae.config.scaling_factor)
         .to_kind(Kind::Float);
-    let states = pipe.encode_prompts(&captions, None)?.embeds;
-    Ok((latents, noise.to_device(pipe.device), timesteps.to_device(pipe.device), states))
+    Ok(Micro { latents, noise: noise.to_device(pipe.device), timesteps: timesteps.to_device(pipe.device), captions, time_ids })
 }
 
-fn write_final(run: &Path, lora: &UnetLora) -> Result<PathBuf> {
+fn write_final(run: &Path, loras: &Loras) -> Result<PathBuf> {
     let final_dir = run.join("final");
     let tmp = run.join(format!(".final.partial-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    save_diffusers_lora(&tmp.join("pytorch_lora_weights.safetensors"), lora)?;
+    save_diffusers_loras(&tmp.join("pytorch_lora_weights.safetensors"), &loras.parts())?;
     let aside = run.join(format!(".final.old-{}", std::process::id()));
     if final_dir.exists() {
         std::fs::rename(&final_dir, &aside).map_err(|e| Error::io(&final_dir, e))?;
@@ -211,6 +240,29 @@ fn plot(run: &Path, entries: &[serde_json::Value]) -> Result<()> {
     write_plot_page(&run.join("curves.html"), "LoRA finetuning", &panels)
 }
 
+/// What this trainer can finetune: SD 1.x/2.x and SDXL base pipelines (not
+/// a refiner, whose time ids hold an aesthetic score, nor an inpainting
+/// UNet); `--train-text-encoder` needs a text encoder.
+fn check_trainable(pipe: &StableDiffusion, model: &str, train_text_encoder: bool) -> Result<()> {
+    if let crate::diffusion::model_dir::Family::Xl(xl) = pipe.family {
+        if xl.requires_aesthetics_score {
+            return Err(Error::Invalid(format!(
+                "--model {model}: an SDXL refiner (requires_aesthetics_score) cannot be finetuned here; finetune the base pipeline"
+            )));
+        }
+    }
+    if pipe.unet.config.in_channels != pipe.latent_channels() {
+        return Err(Error::Invalid(format!(
+            "--model {model}: an inpainting UNet ({} input channels) cannot be finetuned here; finetune a text-to-image pipeline",
+            pipe.unet.config.in_channels
+        )));
+    }
+    if train_text_encoder && pipe.text_encoders.is_empty() {
+        return Err(Error::Invalid(format!("--train-text-encoder: --model {model} has no text encoder to train")));
+    }
+    Ok(())
+}
+
 pub fn run(opts: &FinetuneOptions) -> Result<FinetuneSummary> {
     let mut hyper = opts.hyper.clone();
     hyper.precision = crate::rahf::train::trainer::resolve_precision(&hyper.precision, opts.device)?;
@@ -226,9 +278,11 @@ pub fn run(opts: &FinetuneOptions) -> Result<FinetuneSummary> {
     let kind = if hyper.precision == "bf16" { Kind::BFloat16 } else { Kind::Float };
 
     let pipe = StableDiffusion::load(&opts.model, opts.device, kind)?;
-    if !matches!(pipe.family, crate::diffusion::model_dir::Family::Sd) {
-        return Err(Error::Invalid(format!("--model {}: finetune supports SD 1.x/2.x pipelines for now", opts.model)));
-    }
+    check_trainable(&pipe, &opts.model, hyper.train_text_encoder)?;
+    let xl = matches!(pipe.family, crate::diffusion::model_dir::Family::Xl(_));
+    // The SDXL script keeps the VAE in float32 whatever the training dtype.
+    let vae_fp32 = if xl && pipe.vae.kind() != Kind::Float { Some(pipe.load_vae(Kind::Float)?) } else { None };
+    let vae = vae_fp32.as_ref().unwrap_or(&pipe.vae);
     let unet_w = Weights::load(&pipe.dir.weights("unet")?, opts.device, kind)?;
     let prediction = match hyper.prediction {
         Some(p) => p,
@@ -236,8 +290,7 @@ pub fn run(opts: &FinetuneOptions) -> Result<FinetuneSummary> {
     };
     let settings = LossSettings { prediction, snr_gamma: hyper.snr_gamma };
     let schedule = NoiseSchedule::new(&pipe.scheduler_config)?;
-    let lora = UnetLora::init(&unet_w, hyper.rank, hyper.alpha, hyper.seed, opts.device)?;
-    let mut opt = AdamW::new(lora.named_params(), hyper.adamw.clone());
+    let unet_lora = UnetLora::init(&unet_w, hyper.rank, hyper.alpha, hyper.seed, opts.device)?;
     let train = TrainUnet {
         config: pipe.unet.config.clone(),
         base: unet_w.named_tensors().into_iter().collect(),
@@ -245,6 +298,20 @@ pub fn run(opts: &FinetuneOptions) -> Result<FinetuneSummary> {
         kind,
         device: opts.device,
     };
+    drop(unet_w);
+    let mut text = Vec::new();
+    let mut text_loras = Vec::new();
+    if hyper.train_text_encoder {
+        for (i, t) in pipe.text_encoders.iter().enumerate() {
+            let tt = TrainText::load(&pipe, i)?;
+            let seed = Rng::derive(hyper.seed, 0x7e47, i as u64).next_u64() >> 1;
+            text_loras.push(PartLora::init_text_encoder(&t.component, &tt.weights(), hyper.rank, hyper.alpha, seed, opts.device)?);
+            text.push(tt);
+        }
+    }
+    let loras = Loras { unet: unet_lora, text: text_loras };
+    let mut opt = AdamW::new(loras.named_params(), hyper.adamw.clone());
+    let trainee = Trainee { pipe: &pipe, unet: &train, text: &text };
 
     let latest = if resume { checkpoint::latest(run)? } else { None };
     let start_step = match &latest {
@@ -254,7 +321,7 @@ pub fn run(opts: &FinetuneOptions) -> Result<FinetuneSummary> {
             }
             let lora_file = dir.join("lora.safetensors");
             let values = crate::weights::read_safetensors(&lora_file)?.into_iter().collect();
-            lora.load_values(&lora_file.display().to_string(), &values)?;
+            loras.load_values(&lora_file.display().to_string(), &values)?;
             let opt_file = dir.join("optimizer.safetensors");
             let state = crate::weights::read_safetensors(&opt_file)?.into_iter().collect();
             opt.load_state(&opt_file.display().to_string(), &state, *step)?;
@@ -286,15 +353,21 @@ pub fn run(opts: &FinetuneOptions) -> Result<FinetuneSummary> {
     let accum = hyper.gradient_accumulation_steps as u64;
     for step in start_step + 1..=total {
         let t0 = std::time::Instant::now();
-        let micro: Vec<(Tensor, Tensor, Tensor, Tensor)> = ((step - 1) * accum..step * accum)
-            .map(|i| micro_batch(&pipe, &data, &mut order, &hyper, schedule.num_train_timesteps, i))
+        let micro: Vec<Micro> = ((step - 1) * accum..step * accum)
+            .map(|i| micro_batch(&pipe, vae, &data, &mut order, &hyper, schedule.num_train_timesteps, i))
             .collect::<Result<_>>()?;
         let inputs: Vec<StepInputs> = micro
             .iter()
-            .map(|(l, n, t, s)| StepInputs { latents: l, noise: n, timesteps: t, encoder_hidden_states: s })
+            .map(|m| StepInputs {
+                latents: &m.latents,
+                noise: &m.noise,
+                timesteps: &m.timesteps,
+                captions: &m.captions,
+                time_ids: &m.time_ids,
+            })
             .collect();
         let lr = hyper.learning_rate * lr_multiplier(&hyper.lr_scheduler, hyper.lr_warmup_steps, total, step - 1)?;
-        let (loss, grad_norm) = train_step(&train, &lora, &mut opt, &schedule, &settings, &inputs, lr)
+        let (loss, grad_norm) = train_step(&trainee, &loras, &mut opt, &schedule, &settings, &inputs, lr)
             .map_err(|e| Error::Invalid(format!("step {step}: {e}; resume from the last checkpoint with a lower --lr")))?;
         last_loss = Some(loss);
         let entry = serde_json::json!({
@@ -315,7 +388,7 @@ pub fn run(opts: &FinetuneOptions) -> Result<FinetuneSummary> {
         }
         if (opts.checkpoint_every > 0 && step % opts.checkpoint_every == 0) || step == total {
             checkpoint::save_with(run, step, opts.keep_checkpoints, |dir| {
-                let values: Vec<(String, Tensor)> = lora.named_params().into_iter().map(|(n, t)| (n, t.detach())).collect();
+                let values: Vec<(String, Tensor)> = loras.named_params().into_iter().map(|(n, t)| (n, t.detach())).collect();
                 crate::weights::write_safetensors(&dir.join("lora.safetensors"), &values)?;
                 if abort_at == Some(step) {
                     std::process::abort();
@@ -331,6 +404,6 @@ pub fn run(opts: &FinetuneOptions) -> Result<FinetuneSummary> {
         b.finish();
     }
     plot(run, &entries)?;
-    let lora_path = write_final(run, &lora)?;
+    let lora_path = write_final(run, &loras)?;
     Ok(FinetuneSummary { run: run.clone(), lora: lora_path, started_at_step: start_step, steps: total, last_loss })
 }

@@ -69,6 +69,9 @@ pub struct FinetuneJobOptions {
     pub center_crop: bool,
     #[serde(default)]
     pub random_flip: bool,
+    /// Also a LoRA on the text encoder(s) (`--train-text-encoder`).
+    #[serde(default)]
+    pub train_text_encoder: bool,
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
     /// 0: no clipping.
@@ -166,6 +169,7 @@ impl FinetuneJobOptions {
             },
             seed: self.seed.unwrap_or(s.seed),
             precision: self.precision.clone(),
+            train_text_encoder: self.train_text_encoder,
         })
     }
 
@@ -443,5 +447,17 @@ mod tests {
         assert_eq!(d.pass_rate, Some(0.5));
         let empty = Distribution::of(&[f64::NAN], None);
         assert_eq!((empty.n, empty.mean, empty.quantiles.len(), empty.pass_rate), (0, None, 0, None));
+    }
+
+    /// `train_text_encoder` (default off) reaches the trainer's settings, so
+    /// a resume with it changed is refused like any other setting.
+    #[test]
+    fn train_text_encoder_is_a_hyperparameter() {
+        let common: CommonOptions = serde_saphyr::from_str("models: {generator: g, rahf: r}\n").unwrap();
+        let parse = |yaml: &str| -> FinetuneJobOptions { serde_saphyr::from_str(yaml).unwrap() };
+        assert!(!parse("steps: 3\n").hyperparameters(&common).unwrap().train_text_encoder);
+        let on = parse("steps: 3\ntrain_text_encoder: true\n").hyperparameters(&common).unwrap();
+        assert!(on.train_text_encoder);
+        assert_eq!(serde_json::to_value(&on).unwrap()["train_text_encoder"], true);
     }
 }

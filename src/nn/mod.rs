@@ -23,6 +23,50 @@ impl Linear {
     }
 }
 
+/// A trainable LoRA on a projection (peft's `LoraLayer`, dropout 0):
+/// `y = W x + scale · up(down(x))`, `scale = alpha / rank`.
+pub struct LoraDelta {
+    /// `lora_A`: [rank, in].
+    pub down: Tensor,
+    /// `lora_B`: [out, rank].
+    pub up: Tensor,
+    pub scale: f64,
+}
+
+/// A linear layer (the attention projections of the UNet and of CLIP), with
+/// the LoRA that finetuning trains when the weights hold one next to it: `NAME.lora_A.weight`, `NAME.lora_B.weight`
+/// and `NAME.alpha` (a scalar; diffusers' network-alpha spelling). Inference
+/// never has one: LoRAs to sample with are merged into `W` when loading.
+pub struct Projection {
+    base: Linear,
+    lora: Option<LoraDelta>,
+}
+
+impl Projection {
+    pub fn load(vb: &Vb, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
+        let base = Linear::load(vb, in_dim, out_dim, bias)?;
+        let lora = if vb.contains("lora_A.weight") {
+            let down = vb.get_any("lora_A.weight")?;
+            let rank = down.size()[0];
+            let down = vb.get("lora_A.weight", &[rank, in_dim])?;
+            let up = vb.get("lora_B.weight", &[out_dim, rank])?;
+            let alpha = vb.get("alpha", &[])?.double_value(&[]);
+            Some(LoraDelta { down, up, scale: alpha / rank as f64 })
+        } else {
+            None
+        };
+        Ok(Projection { base, lora })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let y = self.base.forward(x);
+        match &self.lora {
+            None => y,
+            Some(l) => y + x.linear(&l.down, None::<Tensor>).linear(&l.up, None::<Tensor>) * l.scale,
+        }
+    }
+}
+
 pub struct Conv2d {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
