@@ -204,6 +204,34 @@ impl GuidanceSettings {
     pub fn guides(&self, step: usize) -> bool {
         step.is_multiple_of(self.every)
     }
+
+    /// Which of `n` steps are guided: every `every`-th whose sample holds
+    /// some x0 (`guidable(i)`: not at σ = 1, see the module docs). With a
+    /// non-zero strength and no such step, an error naming `model` and the
+    /// way out (`--method noise`).
+    pub fn guided_steps(&self, n: usize, guidable: impl Fn(usize) -> bool, model: &str) -> Result<Vec<bool>> {
+        let steps: Vec<bool> = (0..n).map(|i| self.guides(i) && guidable(i)).collect();
+        if self.strength != 0.0 && !steps.contains(&true) {
+            return Err(Error::Invalid(format!(
+                "guidance on {model}: every step it would guide ({n} steps, --guide-every {}) starts from pure noise \
+                 (σ = 1), where a flow model's velocity cannot carry a score gradient; use more --steps or \
+                 --method noise (noise optimisation through the whole sampler)",
+                self.every
+            )));
+        }
+        Ok(steps)
+    }
+}
+
+/// Whether step `step` of a `kind` schedule starts from pure noise (σ = 1,
+/// a = 0), known before any model is loaded: every flow-matching schedule
+/// here starts at σ = 1 exactly (its shifts, terminal stretch and
+/// Karras/exponential spacing all keep 1 at 1) and only its first step does;
+/// a diffusion schedule never reaches ᾱ = 0. The guided loop itself reads
+/// the levels off the scheduler (`levels_follow_the_parameterisation` checks
+/// the two agree).
+pub fn starts_from_pure_noise(kind: SchedulerKind, step: usize) -> bool {
+    kind.is_flow_matching() && step == 0
 }
 
 /// What decodes x̂0 into pixels for the score's gradient (`--guide-decoder`,
@@ -506,17 +534,8 @@ impl<'a> Guider<'a> {
         let mut latents = noise.latents() * scheduler.init_noise_sigma();
 
         let levels: Vec<Level> = (0..=n).map(|i| level(scheduler.as_ref(), i)).collect();
-        // The steps guided: every `every`-th whose sample holds some x0.
-        let guided_steps: Vec<bool> = (0..n).map(|i| guidance.guides(i) && levels[i].guidable()).collect();
-        if guidance.strength != 0.0 && !guided_steps.contains(&true) {
-            return Err(Error::Invalid(format!(
-                "guidance on {}: every step it would guide ({n} steps, --guide-every {}) starts from pure noise \
-                 (σ = 1), where a flow model's velocity cannot carry a score gradient; use more --steps or \
-                 --method noise (noise optimisation through the whole sampler)",
-                pipe.model_root().display(),
-                guidance.every
-            )));
-        }
+        let guided_steps =
+            guidance.guided_steps(n, |i| levels[i].guidable(), &pipe.model_root().display().to_string())?;
         let denoiser = pipe.denoiser();
         // A region runs the unguided trajectory alongside, with its own
         // scheduler (DPM-Solver keeps a history) and the same noise.
@@ -838,6 +857,10 @@ mod tests {
             }
             let last = level(s.as_ref(), s.timesteps().len());
             assert!(last.k < l.k, "{kind}");
+            for i in 0..s.timesteps().len() {
+                let pure = starts_from_pure_noise(kind, i);
+                assert_eq!(!level(s.as_ref(), i).guidable(), pure, "{kind} step {i}: pure noise is {pure}");
+            }
         }
     }
 
