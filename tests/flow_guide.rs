@@ -438,3 +438,39 @@ fn guide_cli_runs_on_sd3_and_flux_folders() {
         assert!(!bad.join("manifest.jsonl").exists());
     }
 }
+
+/// A recipe's `guide:` step on FLUX schnell:
+/// the dry run plans noise optimisation and the run writes its images; a
+/// gradient step on one schnell step is refused by the dry run at
+/// `guide.method`.
+#[test]
+fn recipe_guide_step_on_flux_schnell() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::import_tiny_rahf(&tmp.path().join("rahf"));
+    std::fs::write(tmp.path().join("prompts.txt"), "a red cat\n").unwrap();
+    let recipe = |guide: &str, steps: usize| {
+        let path = tmp.path().join("r.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "models:\n  generator: {}\n  rahf: rahf\n  device: cpu\n\
+                 sampling: {{steps: {steps}, scheduler: flow-euler, guidance_scale: 0, height: 32, width: 32}}\noutput: rout\nguide: {guide}\n",
+                flux_dir("flux-tiny-schnell").display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let path = recipe("{prompts: prompts.txt, method: noise, iterations: 2}", 2);
+    let o = common::bin().args(["run".as_ref(), path.as_os_str(), "--dry-run".as_ref()]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success() && text.contains("noise optimisation, 2 iterations"), "{text}");
+    let o = common::bin().args(["run".as_ref(), path.as_os_str()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(tmp.path().join("rout/guide/guided").read_dir().unwrap().count() == 1);
+
+    let path = recipe("{prompts: prompts.txt}", 1);
+    let o = common::bin().args(["run".as_ref(), path.as_os_str(), "--dry-run".as_ref()]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("guide.method") && err.contains("--method noise"), "{err}");
+}

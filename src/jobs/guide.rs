@@ -434,7 +434,9 @@ pub fn prepare(opts: &GuideOptions, common: &CommonOptions, out: &Path) -> Resul
         GuideMethod::Noise => opts.noise_optimisation().check_scheduler(settings.scheduler)?,
         GuideMethod::Gradient => {
             let pure = |i| crate::guidance::starts_from_pure_noise(settings.scheduler, i);
-            opts.guidance()?.guided_steps(settings.steps, |i| !pure(i), &common.models.generator)?;
+            opts.guidance()?
+                .guided_steps(settings.steps, |i| !pure(i), &common.models.generator)
+                .map_err(|e| Error::field("guide.method", e.to_string()))?;
         }
     }
     let fingerprint = settings_fingerprint(opts, common);
