@@ -17,8 +17,9 @@
 //! Write each scheduler's sample at step `t` as `s_t = a_t·x0 + k_t·ε`, with the
 //! coefficients its own `add_noise` uses at that step: for the
 //! variance-preserving samplers (DDIM, DPM-Solver++) a = √ᾱ, k = √(1−ᾱ); for the
-//! sigma-parameterised Euler samplers (variance exploding) a = 1, k = σ. In both,
-//! σ_t = k_t / a_t. We implement
+//! sigma-parameterised Euler samplers (variance exploding) a = 1, k = σ; for
+//! flow matching (SD3, FLUX: x_t = (1−σ)·x0 + σ·ε) a = 1−σ, k = σ. In all,
+//! σ_t = k_t / a_t is the sample's noise-to-signal ratio. We implement
 //!
 //! ```text
 //! ε̂ = ε − strength · k_t · ∇_{s_t} score
@@ -32,17 +33,35 @@
 //! scheduler (the samplers still discretise differently).
 //!
 //! ε̂ − ε (sample held fixed) becomes a change of the model output according to
-//! the checkpoint's `prediction_type`: epsilon: Δm = Δε; v_prediction
-//! (v = √ᾱ·ε − √(1−ᾱ)·x0): Δm = Δε·√(1+σ²); sample (x0): Δm = −σ·Δε. The
-//! scheduler's step then runs on the changed output, so its x0 moves by
-//! strength·σ²·∇_{x_t} score: gradient ascent on the score of the predicted image.
+//! what the model predicts ([`Prediction`]): for a diffusion checkpoint's
+//! `prediction_type`, epsilon: Δm = Δε; v_prediction
+//! (v = √ᾱ·ε − √(1−ᾱ)·x0): Δm = Δε·√(1+σ²); sample (x0): Δm = −σ·Δε; for a
+//! flow model's velocity v = ε − x0 (x̂0 = x_t − σ·v, ε̂ = x_t + (1−σ)·v):
+//! Δv = Δε / a. The scheduler's step then runs on the changed output, so its
+//! x0 moves by strength·k²/a·∇_{s_t} score (strength·σ²·∇_{x_t} score in the
+//! VE sample): gradient ascent on the score of the predicted image. For flow
+//! matching that is the velocity v' = v − Δ/σ_flow of a change Δ of x̂0, and
+//! the FlowMatchEuler step x_t + (σ_next − σ)·v' carries it.
+//!
+//! A flow-matching schedule starts at σ = 1: a = 0, the sample is pure
+//! noise, ε̂ = x_t whatever the velocity, and UG's update (∝ 1/a) has no
+//! velocity to become. Such a step is sampled unguided; the steps after it
+//! are guided as usual. A run whose every guided step is at σ = 1 (one-step
+//! FLUX schnell, or `every` larger than the steps) is refused naming
+//! `--method noise`, which climbs the score through the whole sampler instead.
 //!
 //! ## Which gradient
 //! UG differentiates through the denoiser (x̂0 depends on s_t directly and
 //! through ε_θ(s_t)); its reference code backpropagates through the UNet, and so
-//! do we by default (`through_unet`, classifier-free guidance included). With
-//! `through_unet = false` the model output is held constant (no UNet backward,
-//! about a third of the cost): g = ∂x̂0/∂s_t · ∇_{x̂0} score.
+//! do we by default (`through_unet`, classifier-free guidance included; for
+//! SD3 and FLUX the transformer). With `through_unet = false` the model
+//! output is held constant (no denoiser backward, about a third of the
+//! cost): g = ∂x̂0/∂s_t · ∇_{x̂0} score.
+//!
+//! # Families
+//! Everything above reads the pipeline through [`GuidanceModel`] (its
+//! conditioning, scheduler, draws, denoiser, VAE): the UNet family, SD3 /
+//! SD3.5 and FLUX.1 sample guided through the same loop.
 //!
 //! # Guided steps and self-recurrence
 //! Steps `i` with `i % every == 0` are guided (step 0 always is). A guided step
@@ -55,8 +74,11 @@
 //! s_i = (a_i/a_{i+1})·s_{i+1} + √(k_i² − (a_i/a_{i+1})²·k_{i+1}²)·ε'
 //! ```
 //!
-//! and step i is taken again, guidance included. After the last step the level
-//! is the scheduler's final sigma ([`Scheduler::sigmas`]); DDIM does not report
+//! and step i is taken again, guidance included. The rule holds for every
+//! parameterisation above: k/a grows with the noise level, so the added
+//! variance is never negative (for flow matching, from σ' < σ:
+//! x = ((1−σ)/(1−σ'))·x' + √(σ² − ((1−σ)/(1−σ'))²·σ'²)·ε'). After the last
+//! step the level is the scheduler's final sigma ([`Scheduler::sigmas`]); DDIM does not report
 //! its final ᾱ and is taken as clean there (exact with `set_alpha_to_one`; with
 //! SD's betas otherwise a noise std of ≈0.03 left out of that last re-noising).
 //! DPM-Solver++ restarts its multistep history on a repeated step, so repeated
@@ -64,7 +86,7 @@
 //!
 //! # Noise
 //! Each image draws, from a CPU generator seeded with its own seed, first
-//! exactly what [`StableDiffusion::sample`] draws (initial latents, then one
+//! exactly what the family's sampling draws (initial latents, then one
 //! noise per step for ancestral samplers), so `recurrence = 1` uses the same
 //! noise as unguided sampling and `strength = 0` reproduces it bit for bit.
 //! With `recurrence = r > 1` the same generator then continues: for every step
@@ -90,11 +112,13 @@
 //! (`--guide-decoder tiny:DIR`) decodes it with a tiny autoencoder instead
 //! (diffusers' `AutoencoderTiny`, a TAESD trained for the model family; always
 //! float32), which makes the decode and its backward far cheaper. It sees
-//! x̂0 / its own `scaling_factor` (1.0 for every published TAESD), exactly
-//! what diffusers' pipelines hand `vae.decode` when a TAESD is their VAE:
-//! TAESD decodes the UNet's latents directly. Only the gradient sees its
+//! x̂0 / its own `scaling_factor` + its own `shift_factor`, exactly what
+//! diffusers' pipelines hand `vae.decode` when a TAESD is their VAE (SD's
+//! TAESD has 1.0 and no shift: it decodes the UNet's latents directly;
+//! taesd3 and taef1 carry their VAE's factors). Only the gradient sees its
 //! pixels; the final image is still decoded by the pipeline's VAE. Its latent
-//! channels and scale factor must be the pipeline VAE's (checked on loading).
+//! channels and scale factor must be the pipeline VAE's (checked on loading:
+//! SD3's and FLUX.1's VAEs have 16 channels, SD's 4).
 //!
 //! # A region, and the other method
 //! [`GuidanceSettings::region`] guides only inside a predicted heatmap's
@@ -102,18 +126,20 @@
 //! trajectory elsewhere ([`region`]). [`noise`] is the other way to climb a
 //! score: gradient ascent on the initial noise through the whole sampler
 //! (for one- and few-step checkpoints).
+pub mod model;
 pub mod noise;
 pub mod region;
 
 use crate::diffusion::core::{self, BatchNoise, Conditioning, NoiseSpec, RecurrenceSpec};
-use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
+use crate::diffusion::pipeline::{ImageRequest, SamplingSettings};
 use crate::diffusion::schedulers::config::PredictionType;
-use crate::diffusion::schedulers::{self, Scheduler, SchedulerKind};
+use crate::diffusion::schedulers::{Scheduler, SchedulerKind};
 use crate::diffusion::tiny_vae::AutoencoderTiny;
 use crate::diffusion::vae::AutoencoderKL;
 use crate::error::{Error, Result};
 use crate::scorers::{ScoreSpec, Scorers};
 use image::GrayImage;
+pub use model::{GuidanceModel, Prediction};
 pub use region::{Region, RegionKind};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -178,6 +204,34 @@ impl GuidanceSettings {
     pub fn guides(&self, step: usize) -> bool {
         step.is_multiple_of(self.every)
     }
+
+    /// Which of `n` steps are guided: every `every`-th whose sample holds
+    /// some x0 (`guidable(i)`: not at σ = 1, see the module docs). With a
+    /// non-zero strength and no such step, an error naming `model` and the
+    /// way out (`--method noise`).
+    pub fn guided_steps(&self, n: usize, guidable: impl Fn(usize) -> bool, model: &str) -> Result<Vec<bool>> {
+        let steps: Vec<bool> = (0..n).map(|i| self.guides(i) && guidable(i)).collect();
+        if self.strength != 0.0 && !steps.contains(&true) {
+            return Err(Error::Invalid(format!(
+                "guidance on {model}: every step it would guide ({n} steps, --guide-every {}) starts from pure noise \
+                 (σ = 1), where a flow model's velocity cannot carry a score gradient; use more --steps or \
+                 --method noise (noise optimisation through the whole sampler)",
+                self.every
+            )));
+        }
+        Ok(steps)
+    }
+}
+
+/// Whether step `step` of a `kind` schedule starts from pure noise (σ = 1,
+/// a = 0), known before any model is loaded: every flow-matching schedule
+/// here starts at σ = 1 exactly (its shifts, terminal stretch and
+/// Karras/exponential spacing all keep 1 at 1) and only its first step does;
+/// a diffusion schedule never reaches ᾱ = 0. The guided loop itself reads
+/// the levels off the scheduler (`levels_follow_the_parameterisation` checks
+/// the two agree).
+pub fn starts_from_pure_noise(kind: SchedulerKind, step: usize) -> bool {
+    kind.is_flow_matching() && step == 0
 }
 
 /// What decodes x̂0 into pixels for the score's gradient (`--guide-decoder`,
@@ -287,6 +341,15 @@ impl Level {
     fn sigma(self) -> f64 {
         self.k / self.a
     }
+
+    /// Whether the sample holds any of x0 (a > 0). A flow-matching schedule
+    /// starts at σ = 1 (a = 0, the sample is pure noise): there the model's
+    /// noise estimate is the sample itself whatever its output, so no change
+    /// of ε̂ can be written as a change of the output, and the step is not
+    /// guided (see the module docs).
+    fn guidable(self) -> bool {
+        self.a > 0.0
+    }
 }
 
 fn variance_exploding(kind: SchedulerKind) -> bool {
@@ -307,6 +370,8 @@ fn level(scheduler: &dyn Scheduler, step: usize) -> Level {
     let sigma = scheduler.sigmas().map(|s| s[n] as f64).unwrap_or(0.0);
     if variance_exploding(scheduler.kind()) {
         Level { a: 1.0, k: sigma }
+    } else if scheduler.kind().is_flow_matching() {
+        Level { a: 1.0 - sigma, k: sigma }
     } else {
         let a = 1.0 / (1.0 + sigma * sigma).sqrt();
         Level { a, k: sigma * a }
@@ -324,19 +389,21 @@ fn renoise(sample: &Tensor, from: Level, to: Level, noise: &Tensor) -> Tensor {
 }
 
 /// Δm per unit of ∇ score: −strength·k_t·(Δm/Δε for the prediction type).
-fn output_shift_factor(prediction: PredictionType, level: Level, strength: f64) -> f64 {
+/// Only for a level with a > 0 ([`Level::guidable`]).
+fn output_shift_factor(prediction: Prediction, level: Level, strength: f64) -> f64 {
     let sigma = level.sigma();
     let per_eps = match prediction {
-        PredictionType::Epsilon => 1.0,
-        PredictionType::VPrediction => (1.0 + sigma * sigma).sqrt(),
-        PredictionType::Sample => -sigma,
+        Prediction::Diffusion(PredictionType::Epsilon) => 1.0,
+        Prediction::Diffusion(PredictionType::VPrediction) => (1.0 + sigma * sigma).sqrt(),
+        Prediction::Diffusion(PredictionType::Sample) => -sigma,
+        Prediction::Velocity => 1.0 / level.a,
     };
     -strength * level.k * per_eps
 }
 
 /// A generator and the scorers of a spec held together for guided sampling.
 pub struct Guider<'a> {
-    pipe: &'a StableDiffusion,
+    pipe: &'a dyn GuidanceModel,
     scorers: &'a Scorers,
     /// A float32 copy of the VAE when the pipeline's is not float32 (and no
     /// tiny decoder replaces it).
@@ -348,24 +415,25 @@ pub struct Guider<'a> {
 impl<'a> Guider<'a> {
     /// `scorers` must hold every scorer of the spec a sampling call guides on.
     /// The gradient decodes with the pipeline's VAE.
-    pub fn new(pipe: &'a StableDiffusion, scorers: &'a Scorers) -> Result<Self> {
+    pub fn new(pipe: &'a dyn GuidanceModel, scorers: &'a Scorers) -> Result<Self> {
         Self::with_decoder(pipe, scorers, &GuideDecoder::Vae)
     }
 
     /// [`Self::new`] with `decoder` on the gradient path; a tiny decoder of
     /// another latent space than the pipeline VAE's is refused before its
     /// weights are read.
-    pub fn with_decoder(pipe: &'a StableDiffusion, scorers: &'a Scorers, decoder: &GuideDecoder) -> Result<Self> {
+    pub fn with_decoder(pipe: &'a dyn GuidanceModel, scorers: &'a Scorers, decoder: &GuideDecoder) -> Result<Self> {
+        let vae = pipe.vae();
         let (vae32, tiny) = match decoder {
             GuideDecoder::Tiny(dir) => {
                 AutoencoderTiny::check_dir(dir)?.check_latent_space(
-                    pipe.vae.config.latent_channels,
-                    pipe.vae.scale_factor(),
-                    &pipe.vae_dir.display().to_string(),
+                    vae.config.latent_channels,
+                    vae.scale_factor(),
+                    &pipe.vae_source(),
                 )?;
-                (None, Some(AutoencoderTiny::load_dir(dir, pipe.device, Kind::Float)?))
+                (None, Some(AutoencoderTiny::load_dir(dir, pipe.device(), Kind::Float)?))
             }
-            GuideDecoder::Vae if pipe.vae.kind() == Kind::Float => (None, None),
+            GuideDecoder::Vae if vae.kind() == Kind::Float => (None, None),
             GuideDecoder::Vae => (Some(pipe.load_vae(Kind::Float)?), None),
         };
         Ok(Guider {
@@ -377,7 +445,7 @@ impl<'a> Guider<'a> {
     }
 
     fn vae(&self) -> &AutoencoderKL {
-        self.vae32.as_ref().unwrap_or(&self.pipe.vae)
+        self.vae32.as_ref().unwrap_or(self.pipe.vae())
     }
 
     /// Guided images in [0, 1], [B, 3, H, W], float32 on the CPU.
@@ -403,8 +471,8 @@ impl<'a> Guider<'a> {
     ) -> Result<GuidedImages> {
         let run = self.run(requests, settings, guidance, on_step)?;
         Ok(GuidedImages {
-            guided: self.pipe.decode_latents(&run.latents),
-            unguided: run.unguided.as_ref().map(|l| self.pipe.decode_latents(l)),
+            guided: self.pipe.decode_images(&run.latents),
+            unguided: run.unguided.as_ref().map(|l| self.pipe.decode_images(l)),
             masks: run.masks,
             latents: run.latents,
             unguided_latents: run.unguided,
@@ -413,8 +481,8 @@ impl<'a> Guider<'a> {
         })
     }
 
-    /// The guided denoising loop: final latents, as
-    /// [`StableDiffusion::sample_latents`] returns them.
+    /// The guided denoising loop: final latents, as the family's
+    /// `sample_latents` returns them.
     pub fn sample_latents(
         &self,
         requests: &[ImageRequest],
@@ -440,16 +508,11 @@ impl<'a> Guider<'a> {
                 "guided sampling needs at least one image request".into(),
             ));
         }
-        let mut scheduler =
-            schedulers::build(settings.scheduler, &pipe.scheduler_config, settings.steps)?;
-        let prediction = pipe.scheduler_config.prediction(&[
-            PredictionType::Epsilon,
-            PredictionType::VPrediction,
-            PredictionType::Sample,
-        ])?;
+        let mut scheduler = pipe.scheduler(settings)?;
+        let prediction = pipe.prediction()?;
 
         // Text conditioning exactly as the pipeline builds it.
-        let cond = Conditioning::encode(pipe, requests, settings)?;
+        let cond = pipe.conditioning(requests, settings)?;
         let prompts: Vec<String> = requests.iter().map(|r| r.prompt.clone()).collect();
         for name in guidance.score.scorers() {
             self.scorers.require(&name)?;
@@ -465,17 +528,20 @@ impl<'a> Guider<'a> {
                 extra_passes: guidance.recurrence - 1,
                 ancestral,
             }),
-            ..NoiseSpec::for_sampling(pipe, settings, scheduler.as_ref())
+            ..pipe.noise_spec(settings, scheduler.as_ref())?
         };
-        let noise = BatchNoise::draw(requests, &spec, pipe.device);
+        let noise = BatchNoise::draw(requests, &spec, pipe.device());
         let mut latents = noise.latents() * scheduler.init_noise_sigma();
 
         let levels: Vec<Level> = (0..=n).map(|i| level(scheduler.as_ref(), i)).collect();
+        let guided_steps =
+            guidance.guided_steps(n, |i| levels[i].guidable(), &pipe.model_root().display().to_string())?;
+        let denoiser = pipe.denoiser();
         // A region runs the unguided trajectory alongside, with its own
         // scheduler (DPM-Solver keeps a history) and the same noise.
         let region = guidance.region.as_ref().filter(|_| guidance.strength != 0.0);
         let mut unguided = match region {
-            Some(_) => Some((schedulers::build(settings.scheduler, &pipe.scheduler_config, settings.steps)?, latents.shallow_clone())),
+            Some(_) => Some((pipe.scheduler(settings)?, latents.shallow_clone())),
             None => None,
         };
         let mut mask: Option<Tensor> = None;
@@ -485,10 +551,10 @@ impl<'a> Guider<'a> {
         for i in 0..n {
             forwards += unguided.is_some() as usize;
             let next_unguided = unguided.as_mut().map(|(s, l)| {
-                let out = cond.model_output(&pipe.unet, s.as_ref(), i, l, None);
+                let out = cond.model_output(denoiser, s.as_ref(), i, l, None);
                 s.step(&out, i, l, noise.step(i).as_ref())
             });
-            let guided = guidance.guides(i);
+            let guided = guided_steps[i];
             let passes = if guided { guidance.recurrence } else { 1 };
             for pass in 0..passes {
                 forwards += 1;
@@ -505,7 +571,7 @@ impl<'a> Guider<'a> {
                     let region_fraction = match region {
                         Some(r) => {
                             let (images, m) =
-                                region::masks(r, self.scorers, &pixels, &prompts, pipe.vae.scale_factor(), grad.device())?;
+                                region::masks(r, self.scorers, &pixels, &prompts, pipe.vae().scale_factor(), grad.device())?;
                             grad = &grad * &m;
                             masks = images;
                             let f = region::fractions(&m);
@@ -532,7 +598,7 @@ impl<'a> Guider<'a> {
                     (out.to_kind(Kind::Float) + grad.to_device(out.device()) * factor)
                         .to_kind(out.kind())
                 } else {
-                    cond.model_output(&pipe.unet, scheduler.as_ref(), i, &latents, None)
+                    cond.model_output(denoiser, scheduler.as_ref(), i, &latents, None)
                 };
                 let step_noise = match pass {
                     0 => noise.step(i),
@@ -579,9 +645,9 @@ impl<'a> Guider<'a> {
                 .set_requires_grad(true);
             let out = if guidance.through_unet {
                 let lat = leaf.to_kind(latents.kind());
-                cond.model_output(&self.pipe.unet, scheduler, i, &lat, None)
+                cond.model_output(self.pipe.denoiser(), scheduler, i, &lat, None)
             } else {
-                tch::no_grad(|| cond.model_output(&self.pipe.unet, scheduler, i, latents, None))
+                tch::no_grad(|| cond.model_output(self.pipe.denoiser(), scheduler, i, latents, None))
             };
             let x0 = scheduler
                 .pred_original_sample(&out, i, &leaf)
@@ -636,7 +702,7 @@ impl<'a> Guider<'a> {
             let sf = vae.config.scaling_factor;
             let segments = vae.decode_segments();
             let mut inputs = Vec::new();
-            let mut h = x0.detach().to_kind(Kind::Float) / sf;
+            let mut h = vae.unscale(&x0.detach().to_kind(Kind::Float));
             tch::no_grad(|| {
                 for f in &segments {
                     let next = f(&h);
@@ -656,17 +722,17 @@ impl<'a> Guider<'a> {
         })
     }
 
-    /// x̂0 latents (not yet divided by a scaling factor) to differentiable
-    /// pixels in [0, 1], float32, as the pipeline's `decode_latents` makes them,
-    /// with the pipeline's VAE or the tiny decoder (each divides by its own
-    /// config's `scaling_factor`, as diffusers' pipelines do).
+    /// x̂0 latents (as the denoiser sees them) to differentiable pixels in
+    /// [0, 1], float32, as the pipeline's `decode_latents` makes them, with
+    /// the pipeline's VAE or the tiny decoder (each undoes its own config's
+    /// `scaling_factor` and `shift_factor`, as diffusers' pipelines do).
     /// A checkpointed or tiled decode for large images replaces this body.
     pub fn decode_pixels(&self, x0: &Tensor) -> Tensor {
         let image = match &self.tiny {
-            Some(tiny) => tiny.decode(&(x0 / tiny.config.scaling_factor)),
+            Some(tiny) => tiny.decode(&tiny.unscale(x0)),
             None => {
                 let vae = self.vae();
-                vae.decode(&(x0 / vae.config.scaling_factor))
+                vae.decode(&vae.unscale(x0))
             }
         };
         (image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0)
@@ -700,7 +766,7 @@ fn per_image_norms(grad: &Tensor) -> Vec<f64> {
 
 /// Guided images in [0, 1], [B, 3, H, W], float32 on the CPU (see the module docs).
 pub fn sample_guided(
-    pipe: &StableDiffusion,
+    pipe: &dyn GuidanceModel,
     scorers: &Scorers,
     requests: &[ImageRequest],
     settings: &SamplingSettings,
@@ -712,7 +778,7 @@ pub fn sample_guided(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diffusion::schedulers::SchedulerConfig;
+    use crate::diffusion::schedulers::{self, SchedulerConfig};
 
     fn config() -> SchedulerConfig {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -791,6 +857,10 @@ mod tests {
             }
             let last = level(s.as_ref(), s.timesteps().len());
             assert!(last.k < l.k, "{kind}");
+            for i in 0..s.timesteps().len() {
+                let pure = starts_from_pure_noise(kind, i);
+                assert_eq!(!level(s.as_ref(), i).guidable(), pure, "{kind} step {i}: pure noise is {pure}");
+            }
         }
     }
 
@@ -802,7 +872,7 @@ mod tests {
         // x0 as a function of the model output m (sample s fixed) in VP terms:
         // ε: x0 = (s − k·m)/a; v: x0 = a·s − k·m; sample: x0 = m.
         let dx0 = |p: PredictionType| {
-            let dm = output_shift_factor(p, level, 2.0);
+            let dm = output_shift_factor(Prediction::Diffusion(p), level, 2.0);
             match p {
                 PredictionType::Epsilon => -level.k * dm / level.a,
                 PredictionType::VPrediction => -level.k * dm,
@@ -821,6 +891,16 @@ mod tests {
                 dx0(p)
             );
         }
+        // A flow model's velocity at x_t = (1−σ)·x0 + σ·ε: x̂0 = x_t − σ·v, so
+        // its x0 moves by the same strength·k²/a per unit ∇_s (v' = v − Δx̂0/σ).
+        let flow = Level { a: 0.3, k: 0.7 };
+        let dv = output_shift_factor(Prediction::Velocity, flow, 2.0);
+        let dx0 = -flow.k * dv;
+        let want = 2.0 * flow.k * flow.k / flow.a;
+        assert!((dx0 - want).abs() < 1e-12, "velocity: {dx0} vs {want}");
+        // ...which is UG's ε̂ − ε = −strength·k·∇: ε̂ = x_t + (1−σ)·v.
+        assert!((flow.a * dv - (-2.0 * flow.k)).abs() < 1e-12);
+        assert!(flow.guidable() && !Level { a: 0.0, k: 1.0 }.guidable());
     }
 
     #[test]

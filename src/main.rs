@@ -970,7 +970,8 @@ struct GuideArgs {
     /// one more decoder forward; the images are the same.
     #[arg(long)]
     gradient_checkpointing: bool,
-    /// Hold the UNet output constant in the gradient (cheaper; not Universal Guidance's exact gradient).
+    /// Hold the denoiser output (the UNet's, or SD3's or FLUX's transformer's) constant in the gradient (cheaper; not
+    /// Universal Guidance's exact gradient).
     #[arg(long)]
     no_unet_gradient: bool,
     /// What decodes the predicted image for the gradient: `vae` (the pipeline's) or `tiny:DIR`, a diffusers

@@ -102,7 +102,6 @@ fn config_errors_name_the_file_and_field() {
         ("upsample_fn", "bicubic".into(), "nearest"),
         ("upsampling_scaling_factor", 0.into(), "between 1"),
         ("scaling_factor", (-1.0).into(), "positive"),
-        ("shift_factor", 0.1.into(), "only 0"),
     ];
     for (field, value, hint) in cases {
         let err = config_error(|v| v[field] = value.clone());

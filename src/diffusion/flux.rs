@@ -123,6 +123,9 @@ pub struct FluxPipeline {
     pub t5: T5EncoderModel,
     pub transformer: FluxTransformer2DModel,
     pub vae: AutoencoderKL,
+    /// The weight files the VAE was loaded from (score guidance reloads it
+    /// in float32).
+    pub vae_weights: Vec<PathBuf>,
     pub scheduler_config: SchedulerConfig,
     pub max_sequence_length: usize,
     pub device: Device,
@@ -243,7 +246,8 @@ impl FluxPipeline {
         let t5_tokenizer = T5Tokenizer::load(&dir.component("tokenizer_2")?)?;
         let t5 = T5EncoderModel::load(&weights("text_encoder_2")?.root(), &c.t5)?;
         let transformer = FluxTransformer2DModel::load(weights("transformer")?.root(), c.transformer.clone())?;
-        let vae = AutoencoderKL::load(weights("vae")?.root(), c.vae.clone())?;
+        let vae_weights = weights_in_variant(&dir.component("vae")?, dir.variant.as_deref())?;
+        let vae = AutoencoderKL::load(Weights::load(&vae_weights, device, kind)?.root(), c.vae.clone())?;
         let max_sequence_length =
             t5_tokenizer.model_max_length.map_or(DEFAULT_MAX_SEQUENCE_LENGTH, |m| m.min(DEFAULT_MAX_SEQUENCE_LENGTH));
         Ok(FluxPipeline {
@@ -254,6 +258,7 @@ impl FluxPipeline {
             t5,
             transformer,
             vae,
+            vae_weights,
             scheduler_config: c.scheduler,
             max_sequence_length,
             device,
@@ -347,7 +352,8 @@ impl FluxPipeline {
         schedulers::build_flow_with_sigmas(&self.scheduler_config, &sigmas, Some(mu))
     }
 
-    fn noise_spec(&self, h: i64, w: i64) -> NoiseSpec {
+    /// One image's draws at latent size `h x w`: its initial latents.
+    pub(crate) fn noise_spec(&self, h: i64, w: i64) -> NoiseSpec {
         NoiseSpec { shape: [1, self.latent_channels(), h, w], kind: self.kind, step_noise: 0, recurrence: None }
     }
 

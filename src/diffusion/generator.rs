@@ -38,9 +38,10 @@ pub trait Generator: Send {
         settings: &SamplingSettings,
         strength: f64,
     ) -> Result<Tensor>;
-    /// The denoiser, scheduler and VAE that score guidance differentiates
-    /// through, for families that support it.
-    fn guidance_pipeline(&self) -> Option<&StableDiffusion>;
+    /// What score guidance samples through (conditioning, scheduler,
+    /// denoiser, VAE: [`crate::guidance::GuidanceModel`]), for families that
+    /// support it.
+    fn guidance_pipeline(&self) -> Option<&dyn crate::guidance::GuidanceModel>;
 }
 
 impl Generator for StableDiffusion {
@@ -81,7 +82,7 @@ impl Generator for StableDiffusion {
         StableDiffusion::inpaint(self, source, candidates, settings, strength)
     }
 
-    fn guidance_pipeline(&self) -> Option<&StableDiffusion> {
+    fn guidance_pipeline(&self) -> Option<&dyn crate::guidance::GuidanceModel> {
         Some(self)
     }
 }
@@ -220,7 +221,7 @@ impl Generator for FluxPipeline {
         self.decode_checked(&latents)
     }
 
-    fn guidance_pipeline(&self) -> Option<&StableDiffusion> {
-        None
+    fn guidance_pipeline(&self) -> Option<&dyn crate::guidance::GuidanceModel> {
+        Some(self)
     }
 }

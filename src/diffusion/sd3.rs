@@ -321,6 +321,10 @@ pub struct StableDiffusion3Pipeline {
     pub t5: Option<T5TextEncoder>,
     pub transformer: SD3Transformer2DModel,
     pub vae: AutoencoderKL,
+    /// The VAE's folder (`vae/`, or `--vae`'s) and the weight files it was
+    /// loaded from (score guidance reloads it in float32).
+    pub vae_dir: PathBuf,
+    pub vae_weights: Vec<PathBuf>,
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
     pub kind: Kind,
@@ -360,7 +364,8 @@ impl StableDiffusion3Pipeline {
         };
         let w = Weights::load(&dir.weights("transformer")?, device, kind)?;
         let transformer = SD3Transformer2DModel::load(w.root(), c.transformer)?;
-        let w = Weights::load(&model_dir::weights_in_variant(&c.vae_dir, dir.variant.as_deref())?, device, kind)?;
+        let vae_weights = model_dir::weights_in_variant(&c.vae_dir, dir.variant.as_deref())?;
+        let w = Weights::load(&vae_weights, device, kind)?;
         let default_size = {
             let (h, w) = transformer.config.default_latent_size();
             let s = c.vae.scale_factor();
@@ -373,6 +378,8 @@ impl StableDiffusion3Pipeline {
             t5,
             transformer,
             vae,
+            vae_dir: c.vae_dir,
+            vae_weights,
             scheduler_config: c.scheduler,
             device,
             kind,
@@ -470,7 +477,8 @@ impl StableDiffusion3Pipeline {
         }
     }
 
-    fn check(&self, settings: &SamplingSettings) -> Result<(i64, i64)> {
+    /// The settings' checks; the latent size.
+    pub(crate) fn check(&self, settings: &SamplingSettings) -> Result<(i64, i64)> {
         core::check_settings(settings)?;
         if settings.scheduler != SchedulerKind::FlowMatchEuler {
             return Err(Error::field(
@@ -494,11 +502,13 @@ impl StableDiffusion3Pipeline {
         Ok((h, w))
     }
 
-    fn scheduler(&self, settings: &SamplingSettings) -> Result<Box<dyn Scheduler>> {
+    /// The folder's flow-matching scheduler for `settings.steps`.
+    pub(crate) fn flow_scheduler(&self, settings: &SamplingSettings) -> Result<Box<dyn Scheduler>> {
         schedulers::build_flow(&self.scheduler_config, settings.steps, None)
     }
 
-    fn spec(&self, h: i64, w: i64) -> NoiseSpec {
+    /// One image's draws at latent size `h x w`: its initial latents.
+    pub(crate) fn spec(&self, h: i64, w: i64) -> NoiseSpec {
         NoiseSpec { shape: [1, self.latent_channels(), h, w], kind: self.kind, step_noise: 0, recurrence: None }
     }
 
@@ -511,7 +521,7 @@ impl StableDiffusion3Pipeline {
         on_step: &mut dyn FnMut(usize, &Tensor),
     ) -> Result<Tensor> {
         let (h, w) = self.check(settings)?;
-        let mut scheduler = self.scheduler(settings)?;
+        let mut scheduler = self.flow_scheduler(settings)?;
         let cond = self.conditioning(requests, settings)?;
         let noise = BatchNoise::draw(requests, &self.spec(h, w), self.device);
         let latents = noise.latents() * scheduler.init_noise_sigma();
@@ -547,7 +557,7 @@ impl StableDiffusion3Pipeline {
                 settings.width, settings.height
             )));
         }
-        let mut scheduler = self.scheduler(settings)?;
+        let mut scheduler = self.flow_scheduler(settings)?;
         let total = scheduler.timesteps().len();
         let first = schedulers::flow_match::start_index_for_strength(settings.steps, strength);
         if first >= total {
@@ -605,7 +615,7 @@ impl StableDiffusion3Pipeline {
                 )));
             }
         }
-        let mut scheduler = self.scheduler(settings)?;
+        let mut scheduler = self.flow_scheduler(settings)?;
         let total = scheduler.timesteps().len();
         let first = schedulers::flow_match::start_index_for_strength(settings.steps, strength);
         if first >= total {
@@ -701,7 +711,7 @@ impl crate::diffusion::generator::Generator for StableDiffusion3Pipeline {
         self.decode_checked(&latents)
     }
 
-    fn guidance_pipeline(&self) -> Option<&crate::diffusion::pipeline::StableDiffusion> {
-        None
+    fn guidance_pipeline(&self) -> Option<&dyn crate::guidance::GuidanceModel> {
+        Some(self)
     }
 }

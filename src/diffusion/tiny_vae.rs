@@ -10,11 +10,14 @@
 //!   returns the latents themselves (no distribution).
 //! - `decode` soft-clamps the latents with `tanh(z / 3) * 3`, decodes, and maps
 //!   TAESD's [0, 1] back to [-1, 1] (not clamped: nominally in range).
-//! - `scaling_factor` (1.0 in every published TAESD config) is what diffusers'
-//!   SD/SDXL pipelines divide latents by before `vae.decode` when a TAESD is
-//!   their VAE. TAESD for SD was distilled on the UNet's latents (the full
-//!   VAE's × 0.18215), so those latents go in as they are: the caller divides
-//!   by *this* config's `scaling_factor`, never by the full VAE's.
+//! - `scaling_factor` and `shift_factor` are what diffusers' pipelines undo
+//!   before `vae.decode` when a TAESD is their VAE (`latents / scaling_factor`
+//!   for SD/SDXL, `+ shift_factor` for SD3 and FLUX). TAESD for SD was
+//!   distilled on the UNet's latents (the full VAE's × 0.18215), so its
+//!   config has 1.0 and those latents go in as they are; taesd3 and taef1
+//!   decode the raw VAE latents and carry their VAE's factors. The caller
+//!   applies *this* config's factors ([`AutoencoderTiny::unscale`]), never
+//!   the full VAE's.
 //! - `latent_magnitude` / `latent_shift` only map latents to 8-bit and back in
 //!   diffusers' `forward` round trip; `encode`/`decode` do not use them.
 //! - `force_upcast` is always false (diffusers overrides the config); the
@@ -174,11 +177,11 @@ impl TinyVaeConfig {
         if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
             return bad("scaling_factor", format!("{} (must be a positive number)", self.scaling_factor));
         }
-        // SD and SDXL pipelines never apply a shift; only FLUX's do.
-        if let Some(s) = self.shift_factor.filter(|&s| s != 0.0) {
-            return bad("shift_factor", format!("{s} (only 0 is supported: the SD and SDXL pipelines apply no shift)"));
-        }
-        for (field, v) in [("latent_magnitude", self.latent_magnitude), ("latent_shift", self.latent_shift)] {
+        for (field, v) in [
+            ("latent_magnitude", self.latent_magnitude),
+            ("latent_shift", self.latent_shift),
+            ("shift_factor", self.shift_factor.unwrap_or(0.0)),
+        ] {
             if !v.is_finite() {
                 return bad(field, v.to_string());
             }
@@ -199,7 +202,8 @@ impl TinyVaeConfig {
             return Err(Error::Invalid(format!(
                 "{}: this tiny decoder decodes {} latent channels to {}x their size, but the pipeline's VAE ({vae}) \
                  makes {latent_channels} latent channels at 1/{scale_factor} of the image size: \
-                 use a TAESD trained for this model family (taesd for SD 1.x/2.x, taesdxl for SDXL)",
+                 use a TAESD trained for this model family (taesd for SD 1.x/2.x, taesdxl for SDXL, \
+                 taesd3 for SD3/3.5, taef1 for FLUX.1)",
                 self.source, mine.0, mine.1
             )));
         }
@@ -374,6 +378,18 @@ impl AutoencoderTiny {
     /// 2^(stages-1)), to latents.
     pub fn encode(&self, x: &Tensor) -> Tensor {
         self.encoder.forward(&x.to_kind(self.kind))
+    }
+
+    /// Latents as the denoiser sees them to what [`Self::decode`] takes:
+    /// `latents / scaling_factor + shift_factor` with this config's values
+    /// (the rule of diffusers' SD3 and FLUX pipelines; SD's and SDXL's TAESDs
+    /// have no shift), as [`crate::diffusion::vae::AutoencoderKL::unscale`].
+    pub fn unscale(&self, latents: &Tensor) -> Tensor {
+        let z = latents.to_kind(self.kind) / self.config.scaling_factor;
+        match self.config.shift_factor {
+            Some(shift) if shift != 0.0 => z + shift,
+            _ => z,
+        }
     }
 
     /// Latents, already divided by `config.scaling_factor` (as diffusers'

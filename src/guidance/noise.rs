@@ -37,9 +37,9 @@
 //! ancestral (whose step noise is drawn once per image, as in sampling);
 //! DPM-Solver++ is refused.
 use super::{vjp, Guider};
-use crate::diffusion::core::{BatchNoise, Conditioning, DenoiseLoop, NoiseSpec};
+use crate::diffusion::core::{BatchNoise, DenoiseLoop};
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings};
-use crate::diffusion::schedulers::{self, SchedulerKind};
+use crate::diffusion::schedulers::SchedulerKind;
 use crate::error::{Error, Result};
 use crate::scorers::ScoreSpec;
 use tch::{Device, Kind, Tensor};
@@ -126,13 +126,14 @@ impl Guider<'_> {
             return Err(Error::Invalid("noise optimisation needs at least one image request".into()));
         }
         opt.check_scheduler(settings.scheduler)?;
-        let mut scheduler = schedulers::build(settings.scheduler, &pipe.scheduler_config, settings.steps)?;
+        let mut scheduler = pipe.scheduler(settings)?;
         for name in opt.score.scorers() {
             self.scorers.require(&name)?;
         }
-        let cond = Conditioning::encode(pipe, requests, settings)?;
+        let cond = pipe.conditioning(requests, settings)?;
         let prompts: Vec<String> = requests.iter().map(|r| r.prompt.clone()).collect();
-        let noise = BatchNoise::draw(requests, &NoiseSpec::for_sampling(pipe, settings, scheduler.as_ref()), pipe.device);
+        let noise = BatchNoise::draw(requests, &pipe.noise_spec(settings, scheduler.as_ref())?, pipe.device());
+        let denoiser = pipe.denoiser();
         let kind = noise.latents().kind();
         let mut x = noise.latents().to_kind(Kind::Float);
         let b = requests.len();
@@ -151,7 +152,7 @@ impl Guider<'_> {
             let n = scheduler.timesteps().len();
             let first = x.to_kind(kind) * scheduler.init_noise_sigma();
             let mut inputs = vec![first.shallow_clone()];
-            let denoise = DenoiseLoop { model: &pipe.unet, cond: &cond, noise: &noise, start: 0, end: n, extra_channels: None };
+            let denoise = DenoiseLoop { model: denoiser, cond: &cond, noise: &noise, start: 0, end: n, extra_channels: None };
             let last = denoise.run(scheduler.as_mut(), first, &mut |_, _, l| l, &mut |k, l| {
                 if k + 1 < n {
                     inputs.push(l.shallow_clone());
@@ -202,7 +203,7 @@ impl Guider<'_> {
                 let step_noise = noise.step(i);
                 let mut step = |x: &Tensor| {
                     let lat = x.to_kind(input.kind());
-                    let out = cond.model_output(&pipe.unet, scheduler.as_ref(), i, &lat, None);
+                    let out = cond.model_output(denoiser, scheduler.as_ref(), i, &lat, None);
                     scheduler.step(&out, i, &lat, step_noise.as_ref())
                 };
                 let leaf_input = input.to_kind(Kind::Float);
@@ -227,8 +228,8 @@ impl Guider<'_> {
         }
         let best_latents = best_latents.expect("iteration 0 always sets the best");
         Ok(OptimisedNoise {
-            images: pipe.decode_latents(&best_latents),
-            unguided: pipe.decode_latents(&unguided.expect("iteration 0 ran")),
+            images: pipe.decode_images(&best_latents),
+            unguided: pipe.decode_images(&unguided.expect("iteration 0 ran")),
             values,
             best,
             unet_forwards: forwards * if cond.cfg() { 2 } else { 1 },

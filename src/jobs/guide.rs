@@ -429,8 +429,15 @@ pub fn prepare(opts: &GuideOptions, common: &CommonOptions, out: &Path) -> Resul
     opts.validate()?;
     common.refuse_refiner("guide")?;
     common.check_scoring("guide", &opts.score, &opts.verify, opts.region.is_some())?;
-    if opts.method == GuideMethod::Noise {
-        opts.noise_optimisation().check_scheduler(common.sampling.settings()?.scheduler)?;
+    let settings = common.sampling.settings()?;
+    match opts.method {
+        GuideMethod::Noise => opts.noise_optimisation().check_scheduler(settings.scheduler)?,
+        GuideMethod::Gradient => {
+            let pure = |i| crate::guidance::starts_from_pure_noise(settings.scheduler, i);
+            opts.guidance()?
+                .guided_steps(settings.steps, |i| !pure(i), &common.models.generator)
+                .map_err(|e| Error::field("guide.method", e.to_string()))?;
+        }
     }
     let fingerprint = settings_fingerprint(opts, common);
     let info =
