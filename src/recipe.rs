@@ -612,6 +612,8 @@ impl Recipe {
         let mut lines = Vec::new();
         let m = self.common.models.clone();
         let gen = self.at_field("models.generator", check_generator_source(&m.source(&m.generator)))?;
+        // The folder's own scheduler and size, where the recipe leaves them out, before they are checked.
+        self.resolve_size()?;
         self.at_field("sampling.scheduler", gen.check_scheduler(&self.common.sampling.scheduler))?;
         lines.push(format!("generator  {}", gen.describe(&m.generator)));
         if self.inpaint.is_some() {
@@ -628,7 +630,6 @@ impl Recipe {
         for (name, spec, about) in checked.into_iter().filter(|(n, ..)| n != "rahf") {
             lines.push(format!("scorer     {name} = {spec}: {about}"));
         }
-        self.resolve_size()?;
         let s = &self.common.sampling;
         lines.push(format!(
             "sampling   {} steps {}, guidance scale {}, {}x{} px{}, seed {}, batch {}",

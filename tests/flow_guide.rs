@@ -439,8 +439,8 @@ fn guide_cli_runs_on_sd3_and_flux_folders() {
     }
 }
 
-/// A recipe's `guide:` step on FLUX schnell:
-/// the dry run plans noise optimisation and the run writes its images; a
+/// A recipe's `guide:` step on FLUX schnell, its scheduler left to the
+/// folder (flow-euler): the dry run plans noise optimisation and the run writes its images; a
 /// gradient step on one schnell step is refused by the dry run at
 /// `guide.method`.
 #[test]
@@ -454,7 +454,7 @@ fn recipe_guide_step_on_flux_schnell() {
             &path,
             format!(
                 "models:\n  generator: {}\n  rahf: rahf\n  device: cpu\n\
-                 sampling: {{steps: {steps}, scheduler: flow-euler, guidance_scale: 0, height: 32, width: 32}}\noutput: rout\nguide: {guide}\n",
+                 sampling: {{steps: {steps}, guidance_scale: 0, height: 32, width: 32}}\noutput: rout\nguide: {guide}\n",
                 flux_dir("flux-tiny-schnell").display()
             ),
         )
@@ -465,6 +465,8 @@ fn recipe_guide_step_on_flux_schnell() {
     let o = common::bin().args(["run".as_ref(), path.as_os_str(), "--dry-run".as_ref()]).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success() && text.contains("noise optimisation, 2 iterations"), "{text}");
+    // No `sampling.scheduler`: the folder's own (flow-euler), before the scheduler check.
+    assert!(text.contains("2 steps flow-euler"), "{text}");
     let o = common::bin().args(["run".as_ref(), path.as_os_str()]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(tmp.path().join("rout/guide/guided").read_dir().unwrap().count() == 1);
