@@ -12,6 +12,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
+mod common;
+use common::bin;
+use common::finetune::{err, ok, python_with_diffusers};
+
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -160,15 +164,7 @@ fn saved_lora_has_diffusers_format_and_renders_like_diffusers() {
     assert!(d <= 2.0, "orchestrate's image differs from diffusers' by {d}/255");
 
     // diffusers loads orchestrate's file unchanged.
-    let python = repo().join(".venv/bin/python");
-    let has_diffusers = std::process::Command::new(&python)
-        .args(["-c", "import diffusers, peft"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_diffusers {
-        eprintln!("skipping diffusers' load_lora_weights check: {} has no diffusers/peft (scripts/setup.sh --fixtures)", python.display());
-        return;
-    }
+    let Some(python) = python_with_diffusers() else { return };
     let check = std::process::Command::new(&python)
         .arg(fixtures().join("make_finetune_fixtures.py"))
         .args(["--check", path.to_str().unwrap()])
@@ -179,27 +175,9 @@ fn saved_lora_has_diffusers_format_and_renders_like_diffusers() {
     assert!(check.status.success(), "diffusers could not load orchestrate's LoRA or rendered it differently:\n{stdout}\n{}", String::from_utf8_lossy(&check.stderr));
 }
 
-fn bin() -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrate"));
-    c.env("RUST_LOG", "warn");
-    c
-}
-
 /// `finetune` on the fixture's imagefolder with small settings; extra args appended.
 fn finetune(out: &Path, steps: u64, extra: &[&str]) -> std::process::Output {
     bin().args(finetune_cmd(out, steps, extra)).output().unwrap()
-}
-
-fn ok(o: std::process::Output) -> String {
-    assert!(o.status.success(), "finetune failed:\n{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn err(o: std::process::Output) -> String {
-    assert!(!o.status.success(), "finetune should have failed");
-    let e = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(!e.contains("panicked"), "a panic, not an error: {e}");
-    e
 }
 
 fn final_lora(run: &Path) -> Vec<u8> {

@@ -15,6 +15,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
+mod common;
+use common::bin;
+use common::finetune::{err, ok, python_with_diffusers};
+
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -270,12 +274,6 @@ fn saved_sdxl_lora_has_diffusers_format_and_renders_like_diffusers() {
     assert!(check.status.success(), "diffusers could not load orchestrate's SDXL LoRA or rendered it differently:\n{stdout}\n{}", String::from_utf8_lossy(&check.stderr));
 }
 
-fn bin() -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrate"));
-    c.env("RUST_LOG", "warn");
-    c
-}
-
 fn finetune_cmd(model_name: &str, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
     let data = fixtures().join("data");
     let mut v: Vec<String> = [
@@ -289,17 +287,6 @@ fn finetune_cmd(model_name: &str, out: &Path, steps: u64, extra: &[&str]) -> Vec
     .collect();
     v.extend(extra.iter().map(|s| s.to_string()));
     v
-}
-
-fn ok(o: std::process::Output) {
-    assert!(o.status.success(), "finetune failed:\n{}", String::from_utf8_lossy(&o.stderr));
-}
-
-fn err(o: std::process::Output) -> String {
-    assert!(!o.status.success(), "finetune should have failed");
-    let e = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(!e.contains("panicked"), "a panic, not an error: {e}");
-    e
 }
 
 fn log(run: &Path) -> String {
@@ -387,16 +374,6 @@ fn sd_train_text_encoder_saves_text_encoder_keys() {
     let stdout = String::from_utf8_lossy(&check.stdout);
     eprintln!("{stdout}");
     assert!(check.status.success(), "diffusers did not load both LoRA parts:\n{stdout}\n{}", String::from_utf8_lossy(&check.stderr));
-}
-
-/// `.venv/bin/python` when it has diffusers and peft (scripts/setup.sh --fixtures).
-fn python_with_diffusers() -> Option<PathBuf> {
-    let python = repo().join(".venv/bin/python");
-    let ok = std::process::Command::new(&python).args(["-c", "import diffusers, peft"]).output().is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipping diffusers' load_lora_weights check: {} has no diffusers/peft (scripts/setup.sh --fixtures)", python.display());
-    }
-    ok.then_some(python)
 }
 
 /// Pipelines this trainer cannot finetune stop with one message.

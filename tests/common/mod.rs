@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+pub mod finetune;
 pub mod single_file;
 
 /// Every file under `dir`, by relative path.
