@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 mod common;
 use common::bin;
-use common::finetune::{err, ok, python_with_diffusers};
+use common::finetune::{check_with_diffusers, err, ok, python_with_diffusers};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -165,14 +165,8 @@ fn saved_lora_has_diffusers_format_and_renders_like_diffusers() {
 
     // diffusers loads orchestrate's file unchanged.
     let Some(python) = python_with_diffusers() else { return };
-    let check = std::process::Command::new(&python)
-        .arg(fixtures().join("make_finetune_fixtures.py"))
-        .args(["--check", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&check.stdout);
-    eprintln!("{stdout}");
-    assert!(check.status.success(), "diffusers could not load orchestrate's LoRA or rendered it differently:\n{stdout}\n{}", String::from_utf8_lossy(&check.stderr));
+    let script = fixtures().join("make_finetune_fixtures.py");
+    check_with_diffusers(&python, &script, "--check", &path, "diffusers could not load orchestrate's LoRA or rendered it differently");
 }
 
 /// `finetune` on the fixture's imagefolder with small settings; extra args appended.

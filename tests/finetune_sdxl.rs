@@ -17,7 +17,7 @@ use tch::{Device, Kind, Tensor};
 
 mod common;
 use common::bin;
-use common::finetune::{err, ok, python_with_diffusers};
+use common::finetune::{check_with_diffusers, err, ok, python_with_diffusers};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -264,14 +264,8 @@ fn saved_sdxl_lora_has_diffusers_format_and_renders_like_diffusers() {
     assert!(d <= 2, "orchestrate's image differs from diffusers' by {d}/255");
 
     let Some(python) = python_with_diffusers() else { return };
-    let check = std::process::Command::new(&python)
-        .arg(fixtures().join("make_finetune_sdxl_fixtures.py"))
-        .args(["--check", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&check.stdout);
-    eprintln!("{stdout}");
-    assert!(check.status.success(), "diffusers could not load orchestrate's SDXL LoRA or rendered it differently:\n{stdout}\n{}", String::from_utf8_lossy(&check.stderr));
+    let script = fixtures().join("make_finetune_sdxl_fixtures.py");
+    check_with_diffusers(&python, &script, "--check", &path, "diffusers could not load orchestrate's SDXL LoRA or rendered it differently");
 }
 
 fn finetune_cmd(model_name: &str, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
@@ -366,14 +360,8 @@ fn sd_train_text_encoder_saves_text_encoder_keys() {
     // diffusers' `StableDiffusionPipeline.load_lora_weights` puts both parts in place.
     let Some(python) = python_with_diffusers() else { return };
     let file = te.join("final/pytorch_lora_weights.safetensors");
-    let check = std::process::Command::new(&python)
-        .arg(fixtures().join("make_finetune_fixtures.py"))
-        .args(["--check-parts", file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&check.stdout);
-    eprintln!("{stdout}");
-    assert!(check.status.success(), "diffusers did not load both LoRA parts:\n{stdout}\n{}", String::from_utf8_lossy(&check.stderr));
+    let script = fixtures().join("make_finetune_fixtures.py");
+    check_with_diffusers(&python, &script, "--check-parts", &file, "diffusers did not load both LoRA parts");
 }
 
 /// Pipelines this trainer cannot finetune stop with one message.

@@ -24,3 +24,12 @@ pub fn err(o: std::process::Output) -> String {
     assert!(!e.contains("panicked"), "a panic, not an error: {e}");
     e
 }
+
+/// Runs the fixture script `script` with `flag FILE` (diffusers loading
+/// orchestrate's LoRA) and asserts it succeeded; `what` names the check.
+pub fn check_with_diffusers(python: &Path, script: &Path, flag: &str, file: &Path, what: &str) {
+    let check = std::process::Command::new(python).arg(script).args([flag, file.to_str().unwrap()]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    eprintln!("{stdout}");
+    assert!(check.status.success(), "{what}:\n{stdout}\n{}", String::from_utf8_lossy(&check.stderr));
+}
