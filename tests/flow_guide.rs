@@ -215,18 +215,7 @@ fn region_guidance_changes_only_the_region_on_flow_models() {
         let mut partial = 0;
         for (b, mask) in r.masks.iter().enumerate() {
             let inside_px = mask.pixels().filter(|p| p.0[0] > 0).count();
-            let (mut same_outside, mut moved_inside) = (true, false);
-            for y in 0..lat.size()[2] {
-                for x in 0..lat.size()[3] {
-                    let cell = |t: &Tensor| t.get(b as i64).select(1, y).select(1, x);
-                    let equal = cell(lat).equal(&cell(lat_u));
-                    if mask.get_pixel(x as u32 * scale, y as u32 * scale).0[0] > 0 {
-                        moved_inside |= !equal;
-                    } else {
-                        same_outside &= equal;
-                    }
-                }
-            }
+            let (same_outside, moved_inside) = common::region_cells(lat, lat_u, b, mask, scale);
             assert!(same_outside, "{name} image {b}: latents outside the region moved");
             if inside_px == 0 {
                 assert!(r.guided.get(b as i64).equal(&plain.get(b as i64)), "{name} image {b}: an empty region changed the image");

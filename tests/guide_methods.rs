@@ -103,18 +103,7 @@ fn region_guidance_changes_only_the_region_and_raises_the_score() {
             continue;
         }
         // Outside the region's latent cells the latents are the unguided ones, bit for bit.
-        let (mut same_outside, mut moved_inside) = (true, false);
-        for y in 0..lat.size()[2] {
-            for x in 0..lat.size()[3] {
-                let cell = |t: &Tensor| t.get(b as i64).select(1, y).select(1, x);
-                let equal = cell(lat).equal(&cell(lat_u));
-                if mask.get_pixel(x as u32 * scale, y as u32 * scale).0[0] > 0 {
-                    moved_inside |= !equal;
-                } else {
-                    same_outside &= equal;
-                }
-            }
-        }
+        let (same_outside, moved_inside) = common::region_cells(lat, lat_u, b, mask, scale);
         assert!(same_outside, "image {b}: latents outside the region moved");
         assert!(moved_inside, "image {b}: nothing inside the region moved");
         if n < 32 * 32 {

@@ -272,3 +272,22 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Region guidance's latents against the unguided ones for image `b`: whether
+/// every latent cell outside `mask` (sampled at each cell's top-left pixel,
+/// `scale` pixels a cell) is bit-identical, and whether any cell inside moved.
+pub fn region_cells(lat: &tch::Tensor, lat_u: &tch::Tensor, b: usize, mask: &image::GrayImage, scale: u32) -> (bool, bool) {
+    let (mut same_outside, mut moved_inside) = (true, false);
+    for y in 0..lat.size()[2] {
+        for x in 0..lat.size()[3] {
+            let cell = |t: &tch::Tensor| t.get(b as i64).select(1, y).select(1, x);
+            let equal = cell(lat).equal(&cell(lat_u));
+            if mask.get_pixel(x as u32 * scale, y as u32 * scale).0[0] > 0 {
+                moved_inside |= !equal;
+            } else {
+                same_outside &= equal;
+            }
+        }
+    }
+    (same_outside, moved_inside)
+}
