@@ -104,8 +104,17 @@
 //! pipeline runs in half precision a float32 copy of the VAE decodes
 //! (diffusers' `force_upcast` decodes in float32 for the same reason). The UNet
 //! backward (with `through_unet`) runs in the UNet's dtype. All decoding for
-//! the gradient goes through [`Guider::decode_pixels`], the single place where a
-//! checkpointed or tiled decode would be swapped in for large images.
+//! the gradient goes through [`Guider::decode_pixels`], or with
+//! `checkpointing` through the VAE's segments
+//! ([`AutoencoderKL::decode_segments`]: one resnet, attention or upsampler
+//! each) run without gradients and recomputed one at a time backwards.
+//! `checkpointing` also segments the UNet's backward
+//! ([`Conditioning::differentiable_output`]: the UNet runs without
+//! gradients keeping each piece's input, and the gradient goes back one
+//! recomputed resnet-and-attention layer at a time), so a step holds one
+//! layer's activations instead of the whole UNet's, for one more UNet
+//! forward. SD3's and FLUX's transformers have no segmented backward; their
+//! gradient goes through autograd either way.
 //!
 //! # The decoder of the gradient path
 //! By default x̂0 is decoded by the pipeline's own VAE. [`GuideDecoder::Tiny`]
@@ -130,7 +139,7 @@ pub mod model;
 pub mod noise;
 pub mod region;
 
-use crate::diffusion::core::{self, BatchNoise, Conditioning, NoiseSpec, RecurrenceSpec};
+use crate::diffusion::core::{self, BatchNoise, Conditioning, DifferentiableOutput, NoiseSpec, RecurrenceSpec};
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings};
 use crate::diffusion::schedulers::config::PredictionType;
 use crate::diffusion::schedulers::{Scheduler, SchedulerKind};
@@ -141,6 +150,7 @@ use crate::scorers::{ScoreSpec, Scorers};
 use image::GrayImage;
 pub use model::{GuidanceModel, Prediction};
 pub use region::{Region, RegionKind};
+pub use crate::nn::vjp;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
@@ -162,8 +172,10 @@ pub struct GuidanceSettings {
     pub through_unet: bool,
     /// Guide only inside a predicted heatmap's region ([`region`]); `None`: everywhere.
     pub region: Option<Region>,
-    /// Decode x̂0 for the gradient one VAE segment at a time (see the module docs).
-    pub checkpoint_decoder: bool,
+    /// Gradient checkpointing (see the module docs): decode x̂0 for the
+    /// gradient one VAE segment at a time, and (with `through_unet`) take
+    /// the UNet's backward one recomputed piece at a time.
+    pub checkpointing: bool,
 }
 
 impl GuidanceSettings {
@@ -176,7 +188,7 @@ impl GuidanceSettings {
             recurrence: 1,
             through_unet: true,
             region: None,
-            checkpoint_decoder: false,
+            checkpointing: false,
         }
     }
 
@@ -643,22 +655,23 @@ impl<'a> Guider<'a> {
                 .detach()
                 .to_kind(Kind::Float)
                 .set_requires_grad(true);
-            let out = if guidance.through_unet {
+            let output = if guidance.through_unet {
                 let lat = leaf.to_kind(latents.kind());
-                cond.model_output(self.pipe.denoiser(), scheduler, i, &lat, None)
+                cond.differentiable_output(self.pipe.denoiser(), scheduler, i, &lat, guidance.checkpointing)
             } else {
-                tch::no_grad(|| cond.model_output(self.pipe.denoiser(), scheduler, i, latents, None))
+                let out = tch::no_grad(|| cond.model_output(self.pipe.denoiser(), scheduler, i, latents, None));
+                DifferentiableOutput::constant(out)
             };
+            let out = output.out.shallow_clone();
             let x0 = scheduler
                 .pred_original_sample(&out, i, &leaf)
                 .to_kind(Kind::Float);
             let (values, g_x0, pixels) =
-                self.value_and_x0_gradient(&x0.detach(), prompts, &guidance.score, guidance.checkpoint_decoder)?;
+                self.value_and_x0_gradient(&x0.detach(), prompts, &guidance.score, guidance.checkpointing)?;
             // Images are independent, so the gradient of the sum is each image's own.
             let objective = (&x0 * g_x0).sum(Kind::Float);
-            let mut grads = Tensor::f_run_backward(&[&objective], &[&leaf], false, false)
-                .map_err(|e| Error::torch("guidance: backward through the UNet", e))?;
-            Ok((out.detach(), grads.remove(0), values, pixels))
+            let grad = output.backward(&objective, &leaf, "guidance: backward through the UNet")?;
+            Ok((out.detach(), grad, values, pixels))
         })
     }
 
@@ -737,20 +750,6 @@ impl<'a> Guider<'a> {
         };
         (image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0)
     }
-}
-
-/// The gradient, with respect to `input`, of ⟨f(input), `g`⟩: `f` recomputed
-/// with gradients from its saved input (one segment of a checkpointed
-/// backward pass), returned in `input`'s dtype.
-pub fn vjp(f: &mut dyn FnMut(&Tensor) -> Tensor, input: &Tensor, g: &Tensor, what: &str) -> Result<Tensor> {
-    tch::with_grad(|| {
-        let leaf = input.detach().set_requires_grad(true);
-        let out = f(&leaf);
-        let objective = (out.to_kind(Kind::Float) * g.detach().to_kind(Kind::Float)).sum(Kind::Float);
-        let mut grads =
-            Tensor::f_run_backward(&[&objective], &[&leaf], false, false).map_err(|e| Error::torch(what.to_string(), e))?;
-        Ok(grads.remove(0))
-    })
 }
 
 fn per_image_norms(grad: &Tensor) -> Vec<f64> {

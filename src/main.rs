@@ -966,8 +966,8 @@ struct GuideArgs {
     /// `--method noise`: weight of the noise-norm regulariser.
     #[arg(long, default_value_t = 1.0)]
     regularizer: f64,
-    /// Decode the predicted image for the gradient one VAE segment at a time: less memory (for large images),
-    /// one more decoder forward; the images are the same.
+    /// Gradient checkpointing: decode the predicted image for the gradient one VAE segment at a time, and take the
+    /// UNet's backward one layer at a time: less memory (for large images), one more decoder and UNet forward.
     #[arg(long)]
     gradient_checkpointing: bool,
     /// Hold the denoiser output (the UNet's, or SD3's or FLUX's transformer's) constant in the gradient (cheaper; not

@@ -16,7 +16,11 @@
 //!   the device (a fill) instead of copied from the host at every UNet call
 //!   (PyTorch follows each such copy with a stream sync);
 //! - `ORCHESTRATE_VIT_SDPA` ([`vit_sdpa`]): RAHF's ViT attends through
-//!   `scaled_dot_product_attention` instead of matmul-softmax-matmul.
+//!   `scaled_dot_product_attention` instead of matmul-softmax-matmul;
+//! - `ORCHESTRATE_T5_SDPA` ([`t5_sdpa`]): the T5 encoder (RAHF's, SD3's and
+//!   FLUX's) attends through `scaled_dot_product_attention`, its relative
+//!   position bias (and padding mask) as the additive mask, instead of
+//!   transformers' matmul-softmax-matmul.
 use std::cell::Cell;
 use std::sync::OnceLock;
 use tch::Device;
@@ -73,6 +77,12 @@ lever!(
     /// tests' tolerance; README).
     vit_sdpa,
     "ORCHESTRATE_VIT_SDPA",
+    true
+);
+lever!(
+    /// SDPA in the T5 encoder, the position bias as the additive mask.
+    t5_sdpa,
+    "ORCHESTRATE_T5_SDPA",
     true
 );
 

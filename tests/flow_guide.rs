@@ -261,7 +261,7 @@ fn noise_optimisation_climbs_on_flux_schnell() {
     let guider = Guider::new(&pipe, &scorers).unwrap();
     for steps in [1, 2] {
         let s = settings(steps, 0.0);
-        let opt = NoiseOptimisation { score: spec.clone(), iterations: 4, lr: 0.003, regularizer: 1.0, checkpoint_decoder: false };
+        let opt = NoiseOptimisation { score: spec.clone(), iterations: 4, lr: 0.003, regularizer: 1.0, checkpointing: false };
         let mut norms = Vec::new();
         let r = guider.optimise_noise(&reqs, &s, &opt, &mut |it| norms.push(it.noise_norms.clone())).unwrap();
         let plain = FluxPipeline::sample(&pipe, &reqs, &s).unwrap();

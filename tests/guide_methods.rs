@@ -121,7 +121,7 @@ fn region_guidance_changes_only_the_region_and_raises_the_score() {
     assert!(mean(&g) > mean(&u), "region guidance must raise the mean score: {} vs {}", mean(&g), mean(&u));
 
     // Checkpointing the decode changes the memory, not the images.
-    let ck = GuidanceSettings { checkpoint_decoder: true, ..with_region(threshold) };
+    let ck = GuidanceSettings { checkpointing: true, ..with_region(threshold) };
     let again = guider.sample_detailed(&reqs, &s, &ck, &mut |_| {}).unwrap();
     let d = common::max_abs_diff(&again.guided, &r.guided);
     eprintln!("checkpointed decode: max abs pixel difference {d:e}");
@@ -146,7 +146,7 @@ fn noise_optimisation_climbs() {
     let guider = Guider::new(&pipe, &scorers).unwrap();
     for (scheduler, steps) in [(SchedulerKind::EulerAncestral, 2), (SchedulerKind::Ddim, 3)] {
         let s = settings(scheduler, steps, 0.0);
-        let opt = NoiseOptimisation { score: spec.clone(), iterations: 5, lr: 0.003, regularizer: 1.0, checkpoint_decoder: false };
+        let opt = NoiseOptimisation { score: spec.clone(), iterations: 5, lr: 0.003, regularizer: 1.0, checkpointing: false };
         let mut norms = Vec::new();
         let r = guider.optimise_noise(&reqs, &s, &opt, &mut |it| norms.push(it.noise_norms.clone())).unwrap();
         let plain = pipe.sample(&reqs, &s).unwrap();
@@ -166,7 +166,7 @@ fn noise_optimisation_climbs() {
         assert_eq!((r.unet_forwards, r.unet_backwards), (6 * steps, 5 * steps));
     }
     let s = settings(SchedulerKind::EulerAncestral, 2, 0.0);
-    let opt = NoiseOptimisation { score: spec.clone(), iterations: 8, lr: 0.05, regularizer: 1.0, checkpoint_decoder: false };
+    let opt = NoiseOptimisation { score: spec.clone(), iterations: 8, lr: 0.05, regularizer: 1.0, checkpointing: false };
     let r = guider.optimise_noise(&reqs, &s, &opt, &mut |_| {}).unwrap();
     for v in &r.values {
         let best = v.iter().cloned().fold(f64::MIN, f64::max);

@@ -46,7 +46,7 @@ fn generator_levers_leave_the_images_as_they_are() {
 }
 
 #[test]
-fn vit_sdpa_leaves_the_scores_as_they_are() {
+fn sdpa_levers_leave_the_scores_as_they_are() {
     let tmp = tempfile::tempdir().unwrap();
     let rahf = tmp.path().join("rahf");
     let fx = root().join("tests/fixtures/rahf");
@@ -69,22 +69,24 @@ fn vit_sdpa_leaves_the_scores_as_they_are() {
         .filter(|p| p.extension().is_some_and(|e| e == "png"))
         .min()
         .expect("a PNG in tests/fixtures/images");
-    let score = |value: &str| -> serde_json::Value {
+    let score = |lever: &str, value: &str| -> serde_json::Value {
         let o = Command::new(env!("CARGO_BIN_EXE_orchestrate"))
             .args(["score", "--rahf"])
             .arg(&rahf)
             .args(["--prompt", "a red cat on a sofa", "--device", "cpu"])
             .arg(&image)
-            .env("ORCHESTRATE_VIT_SDPA", value)
+            .env(lever, value)
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap()).unwrap()
     };
-    let (on, off) = (score("1"), score("0"));
-    for (k, v) in on["scores"].as_object().unwrap() {
-        let d = (v.as_f64().unwrap() - off["scores"][k].as_f64().unwrap()).abs();
-        assert!(d < 1e-5, "score {k}: SDPA on and off differ by {d}");
+    for lever in ["ORCHESTRATE_VIT_SDPA", "ORCHESTRATE_T5_SDPA"] {
+        let (on, off) = (score(lever, "1"), score(lever, "0"));
+        for (k, v) in on["scores"].as_object().unwrap() {
+            let d = (v.as_f64().unwrap() - off["scores"][k].as_f64().unwrap()).abs();
+            assert!(d < 1e-5, "{lever}, score {k}: on and off differ by {d}");
+        }
+        assert_eq!(on["misaligned_keywords"], off["misaligned_keywords"], "{lever}");
     }
-    assert_eq!(on["misaligned_keywords"], off["misaligned_keywords"]);
 }

@@ -13,6 +13,7 @@ LEVERS = {
     "cudnn_benchmark": "ORCHESTRATE_CUDNN_BENCHMARK",
     "noise_on_device": "ORCHESTRATE_NOISE_ON_DEVICE",
     "vit_sdpa": "ORCHESTRATE_VIT_SDPA",
+    "t5_sdpa": "ORCHESTRATE_T5_SDPA",
 }
 
 

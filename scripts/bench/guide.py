@@ -218,6 +218,8 @@ def memory_sdxl(args, tmp, guide, taesd):
     runs = [
         ("unguided", 1024, ["--scheduler", "euler", "--guidance-strength", "0", "--compare", "none"]),
         ("taesd", 1024, euler + ["--guide-decoder", taesd]),
+        # --gradient-checkpointing segments the UNet's backward (and the VAE's).
+        ("taesd_checkpointed", 1024, euler + ["--guide-decoder", taesd, "--gradient-checkpointing"]),
         ("vae_checkpointed", 1024, euler + ["--guide-decoder", "vae", "--gradient-checkpointing"]),
         ("noise_turbo_512_taesd", 512, turbo + ["--guide-decoder", taesd]),
         ("taesd_no_unet_gradient", 1024, euler + held + ["--guide-decoder", taesd]),

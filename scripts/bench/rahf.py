@@ -135,12 +135,12 @@ def main():
     ap.add_argument("--work", type=Path, default=ROOT / "target/bench-rahf", help="where the checkpoint and folders go")
     ap.add_argument("--bin", type=Path, default=None)
     ap.add_argument("--levers", nargs="*", default=None, metavar="LEVER",
-                    help="also time orchestrate with each lever on and off, alternated (default with the flag: vit_sdpa)")
+                    help="also time orchestrate with each lever on and off, alternated (default with the flag: vit_sdpa t5_sdpa)")
     ap.add_argument("--json-out", help="rows for scripts/gpu-check")
     ap.add_argument("--size", default="published", choices=["published", "tiny"],
                     help="tiny: the fixture RAHF's widths (a quick run of the machinery, not a figure)")
     args = ap.parse_args()
-    levers = ["vit_sdpa"] if args.levers == [] else (args.levers or [])
+    levers = ["vit_sdpa", "t5_sdpa"] if args.levers == [] else (args.levers or [])
     binary = args.bin.resolve() if args.bin else next(
         (b for b in [ROOT / "target/release/orchestrate", ROOT / "target/debug/orchestrate"] if b.exists()), None
     )

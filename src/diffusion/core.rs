@@ -19,7 +19,7 @@
 use crate::diffusion::noise::{self, GlobalGenerator};
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings, StableDiffusion};
 use crate::diffusion::schedulers::Scheduler;
-use crate::diffusion::unet::{AddedCond, UNet2DConditionModel};
+use crate::diffusion::unet::{AddedCond, SavedUNet, UNet2DConditionModel};
 use crate::error::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -30,11 +30,46 @@ pub trait Denoiser {
     /// stacked when `cond.cfg()`) at the scheduler's timestep `timestep`.
     /// Runs in the caller's grad mode.
     fn predict(&self, model_in: &Tensor, timestep: f64, cond: &Conditioning) -> Tensor;
+
+    /// [`Self::predict`] without gradients, keeping what a backward pass one
+    /// segment at a time needs ([`SegmentedBackward`]); `None` where the
+    /// model has no segmented backward (gradients then go through
+    /// [`Self::predict`] under autograd).
+    fn predict_saved(
+        &self,
+        _model_in: &Tensor,
+        _timestep: f64,
+        _cond: &Conditioning,
+    ) -> Option<(Tensor, Box<dyn SegmentedBackward + '_>)> {
+        None
+    }
+}
+
+/// A denoiser's forward pass kept for a checkpointed backward.
+pub trait SegmentedBackward {
+    /// The gradient with respect to the model input of ⟨output, `g`⟩.
+    fn vjp(self: Box<Self>, g: &Tensor) -> Result<Tensor>;
 }
 
 impl Denoiser for UNet2DConditionModel {
     fn predict(&self, model_in: &Tensor, timestep: f64, cond: &Conditioning) -> Tensor {
         self.forward_added(model_in, timestep, &cond.embeds, cond.added.as_ref())
+    }
+
+    fn predict_saved(
+        &self,
+        model_in: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+    ) -> Option<(Tensor, Box<dyn SegmentedBackward + '_>)> {
+        let (out, saved) = self.forward_saved(model_in, timestep, &cond.embeds, cond.added.as_ref());
+        Some((out, Box::new(saved)))
+    }
+}
+
+impl SegmentedBackward for SavedUNet<'_> {
+    fn vjp(self: Box<Self>, g: &Tensor) -> Result<Tensor> {
+        SavedUNet::vjp(*self, g)
     }
 }
 
@@ -99,13 +134,51 @@ impl Conditioning {
         latents: &Tensor,
         extra_channels: Option<&Tensor>,
     ) -> Tensor {
+        let model_in = self.model_input(scheduler, step, latents, extra_channels);
+        self.combine(model.predict(&model_in, scheduler.timesteps()[step], self))
+    }
+
+    /// [`Self::model_output`] for a gradient with respect to `leaf` (which
+    /// `latents` derive from), returned by [`DifferentiableOutput::backward`].
+    /// With `segmented` and a model that has a segmented backward
+    /// ([`Denoiser::predict_saved`]), the model runs without gradients and
+    /// its backward goes one recomputed segment at a time (memory for one
+    /// segment's activations, for one more forward); otherwise the model
+    /// runs under autograd. The output's value is the same either way.
+    pub fn differentiable_output<'m>(
+        &self,
+        model: &'m dyn Denoiser,
+        scheduler: &dyn Scheduler,
+        step: usize,
+        latents: &Tensor,
+        segmented: bool,
+    ) -> DifferentiableOutput<'m> {
+        let model_in = self.model_input(scheduler, step, latents, None);
+        let timestep = scheduler.timesteps()[step];
+        let saved = if segmented { model.predict_saved(&model_in.detach(), timestep, self) } else { None };
+        match saved {
+            Some((raw, saved)) => {
+                let raw = raw.detach().set_requires_grad(true);
+                DifferentiableOutput { out: self.combine(raw.shallow_clone()), segmented: Some((model_in, raw, saved)) }
+            }
+            None => DifferentiableOutput { out: self.combine(model.predict(&model_in, timestep, self)), segmented: None },
+        }
+    }
+
+    /// The model's input for `latents` at `step`: both CFG halves, scaled by
+    /// the scheduler, with `extra_channels` appended.
+    fn model_input(&self, scheduler: &dyn Scheduler, step: usize, latents: &Tensor, extra_channels: Option<&Tensor>) -> Tensor {
         let model_in = if self.cfg() { Tensor::cat(&[latents, latents], 0) } else { latents.shallow_clone() };
         let mut model_in = scheduler.scale_model_input(&model_in, step);
         if let Some(extra) = extra_channels {
             let extra = if self.cfg() { Tensor::cat(&[extra, extra], 0) } else { extra.shallow_clone() };
             model_in = Tensor::cat(&[&model_in, &extra], 1);
         }
-        let out = model.predict(&model_in, scheduler.timesteps()[step], self);
+        model_in
+    }
+
+    /// The model's output combined across the CFG halves.
+    fn combine(&self, out: Tensor) -> Tensor {
         match self.cfg_scale {
             Some(scale) => {
                 let halves = out.chunk(2, 0);
@@ -113,6 +186,44 @@ impl Conditioning {
             }
             None => out,
         }
+    }
+}
+
+/// A model output in a gradient's graph ([`Conditioning::differentiable_output`]).
+pub struct DifferentiableOutput<'m> {
+    /// The CFG-combined output, differentiable (directly, or through the
+    /// segmented backward in [`Self::backward`]).
+    pub out: Tensor,
+    /// The model input (in `leaf`'s graph), the model's raw output (a leaf)
+    /// and its saved forward.
+    segmented: Option<(Tensor, Tensor, Box<dyn SegmentedBackward + 'm>)>,
+}
+
+impl DifferentiableOutput<'_> {
+    /// An output held constant in the gradient (computed without gradients).
+    pub fn constant(out: Tensor) -> Self {
+        DifferentiableOutput { out, segmented: None }
+    }
+
+    /// The gradient of the scalar `objective` (computed from [`Self::out`]
+    /// and `leaf`) with respect to `leaf`. With a segmented model: the
+    /// objective's gradient with respect to `leaf` directly and to the raw
+    /// output, then the raw output's back through the model segment by
+    /// segment, then through the model input to `leaf`.
+    pub fn backward(self, objective: &Tensor, leaf: &Tensor, what: &str) -> Result<Tensor> {
+        let err = |e| Error::torch(what.to_string(), e);
+        tch::with_grad(|| match self.segmented {
+            None => Ok(Tensor::f_run_backward(&[objective], &[leaf], false, false).map_err(err)?.remove(0)),
+            Some((model_in, raw, saved)) => {
+                let mut grads = Tensor::f_run_backward(&[objective], &[leaf, &raw], false, false).map_err(err)?;
+                let g_raw = grads.remove(1);
+                let g_direct = grads.remove(0);
+                let g_in = saved.vjp(&g_raw)?;
+                let through = (model_in.to_kind(Kind::Float) * g_in.to_kind(Kind::Float)).sum(Kind::Float);
+                let g_model = Tensor::f_run_backward(&[&through], &[leaf], false, false).map_err(err)?.remove(0);
+                Ok(g_direct + g_model)
+            }
+        })
     }
 }
 

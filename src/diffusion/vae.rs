@@ -465,15 +465,22 @@ impl Block {
     }
 
     fn forward_up(&self, x: &Tensor) -> Tensor {
-        let mut x = self
+        let x = self
             .resnets
             .iter()
             .fold(x.shallow_clone(), |x, r| r.forward(&x));
-        if let Some(conv) = &self.resample {
-            let (_, _, h, w) = x.size4().expect("VAE feature maps are 4-D");
-            x = conv.forward(&x.upsample_nearest2d([2 * h, 2 * w], 2.0, 2.0));
+        self.upsample(&x)
+    }
+
+    /// The 2x nearest upsampling and its conv, where the block has them.
+    fn upsample(&self, x: &Tensor) -> Tensor {
+        match &self.resample {
+            Some(conv) => {
+                let (_, _, h, w) = x.size4().expect("VAE feature maps are 4-D");
+                conv.forward(&x.upsample_nearest2d([2 * h, 2 * w], 2.0, 2.0))
+            }
+            None => x.shallow_clone(),
         }
-        x
     }
 }
 
@@ -699,22 +706,36 @@ impl AutoencoderKL {
         Ok(images)
     }
 
-    /// [`Self::decode`] as segments applied in order (`post_quant_conv`,
-    /// `conv_in` and the mid block; each up block; the output head), for
+    /// [`Self::decode`] as segments applied in order (`post_quant_conv` and
+    /// `conv_in`; each of the mid block's resnets and its attention; each
+    /// resnet of each up block, and its upsampler; the output head), for
     /// backward passes that keep one segment's activations at a time
     /// (`crate::guidance`'s checkpointed decode). Applying them in turn is
-    /// `decode`, op for op.
+    /// `decode`, op for op. One resnet per segment keeps the largest
+    /// segment at one full-resolution resnet (SDXL's VAE at 1024x1024: 128
+    /// channels of 1024x1024).
     pub fn decode_segments(&self) -> Vec<Box<dyn Fn(&Tensor) -> Tensor + '_>> {
         let d = &self.decoder;
+        let mid = &d.mid_block;
         let mut segments: Vec<Box<dyn Fn(&Tensor) -> Tensor + '_>> = vec![Box::new(move |z: &Tensor| {
             let mut z = z.to_kind(self.kind);
             if let Some(conv) = &self.post_quant_conv {
                 z = conv.forward(&z);
             }
-            d.mid_block.forward(&d.conv_in.forward(&z))
+            d.conv_in.forward(&z)
         })];
+        segments.push(Box::new(move |x: &Tensor| mid.resnet0.forward(x)));
+        if let Some(attn) = &mid.attention {
+            segments.push(Box::new(move |x: &Tensor| attn.forward(x)));
+        }
+        segments.push(Box::new(move |x: &Tensor| mid.resnet1.forward(x)));
         for b in &d.up_blocks {
-            segments.push(Box::new(move |x: &Tensor| b.forward_up(x)));
+            for r in &b.resnets {
+                segments.push(Box::new(move |x: &Tensor| r.forward(x)));
+            }
+            if b.resample.is_some() {
+                segments.push(Box::new(move |x: &Tensor| b.upsample(x)));
+            }
         }
         segments.push(Box::new(move |x: &Tensor| d.conv_out.forward(&d.conv_norm_out.forward(x).silu())));
         segments

@@ -36,7 +36,7 @@
 //! arguments only ([`SchedulerKind::keeps_history`]): DDIM, Euler and Euler
 //! ancestral (whose step noise is drawn once per image, as in sampling);
 //! DPM-Solver++ is refused.
-use super::{vjp, Guider};
+use super::Guider;
 use crate::diffusion::core::{BatchNoise, DenoiseLoop};
 use crate::diffusion::pipeline::{ImageRequest, SamplingSettings};
 use crate::diffusion::schedulers::SchedulerKind;
@@ -55,8 +55,10 @@ pub struct NoiseOptimisation {
     pub lr: f64,
     /// λ, the weight of the norm regulariser.
     pub regularizer: f64,
-    /// Checkpoint the VAE decode of the gradient ([`super::GuidanceSettings::checkpoint_decoder`]).
-    pub checkpoint_decoder: bool,
+    /// Gradient checkpointing: the VAE decode of the gradient, and each
+    /// step's UNet backward, one segment at a time
+    /// ([`super::GuidanceSettings::checkpointing`]).
+    pub checkpointing: bool,
 }
 
 impl NoiseOptimisation {
@@ -164,7 +166,7 @@ impl Guider<'_> {
             }
             // The last iteration's value needs no gradient.
             let (scores, g_last) = if it < opt.iterations {
-                let (scores, g, _) = self.value_and_x0_gradient(&last, &prompts, &opt.score, opt.checkpoint_decoder)?;
+                let (scores, g, _) = self.value_and_x0_gradient(&last, &prompts, &opt.score, opt.checkpointing)?;
                 (scores, Some(g))
             } else {
                 (self.values(&last, &prompts, &opt.score)?, None)
@@ -201,13 +203,15 @@ impl Guider<'_> {
             // Backward through the steps, one recomputed step at a time.
             for (i, input) in inputs.iter().enumerate().rev() {
                 let step_noise = noise.step(i);
-                let mut step = |x: &Tensor| {
-                    let lat = x.to_kind(input.kind());
-                    let out = cond.model_output(denoiser, scheduler.as_ref(), i, &lat, None);
-                    scheduler.step(&out, i, &lat, step_noise.as_ref())
-                };
-                let leaf_input = input.to_kind(Kind::Float);
-                g = vjp(&mut step, &leaf_input, &g, &format!("noise optimisation: backward through step {i}"))?;
+                let what = format!("noise optimisation: backward through step {i}");
+                g = tch::with_grad(|| {
+                    let leaf = input.to_kind(Kind::Float).detach().set_requires_grad(true);
+                    let lat = leaf.to_kind(input.kind());
+                    let output = cond.differentiable_output(denoiser, scheduler.as_ref(), i, &lat, opt.checkpointing);
+                    let next = scheduler.step(&output.out, i, &lat, step_noise.as_ref());
+                    let objective = (next.to_kind(Kind::Float) * g.to_kind(Kind::Float)).sum(Kind::Float);
+                    output.backward(&objective, &leaf, &what)
+                })?;
                 backwards += 1;
             }
             let g = g * scheduler.init_noise_sigma();
@@ -256,7 +260,7 @@ mod tests {
             iterations: 5,
             lr: 0.05,
             regularizer: 1.0,
-            checkpoint_decoder: false,
+            checkpointing: false,
         };
         assert!(ok.validate().is_ok());
         for bad in [

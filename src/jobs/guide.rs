@@ -99,8 +99,9 @@ pub struct GuideOptions {
     /// best (`--compare best-of-n`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub best_of_n: bool,
-    /// Decode x̂0 for the gradient one VAE segment at a time: less memory,
-    /// one more decoder forward (the images are the same).
+    /// Gradient checkpointing: decode x̂0 for the gradient one VAE segment
+    /// at a time and take the UNet's backward one layer at a time: less
+    /// memory, one more decoder and UNet forward.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gradient_checkpointing: bool,
 }
@@ -207,7 +208,7 @@ impl GuideOptions {
             recurrence: self.recurrence,
             through_unet: self.through_unet,
             region: self.region.map(|k| Region::new(k, self.mask_threshold, self.dilate)),
-            checkpoint_decoder: self.gradient_checkpointing,
+            checkpointing: self.gradient_checkpointing,
         })
     }
 
@@ -217,7 +218,7 @@ impl GuideOptions {
             iterations: self.iterations,
             lr: self.lr,
             regularizer: self.regularizer,
-            checkpoint_decoder: self.gradient_checkpointing,
+            checkpointing: self.gradient_checkpointing,
         }
     }
 

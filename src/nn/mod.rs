@@ -3,9 +3,30 @@
 //! PyTorch runs, which is what makes parity with the Python reference exact.
 pub mod t5;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::weights::Vb;
-use tch::Tensor;
+use tch::{Kind, Tensor};
+
+/// The gradient, with respect to `input`, of ⟨f(input), `g`⟩: `f` recomputed
+/// with gradients from its saved input (one segment of a checkpointed
+/// backward pass), returned in `input`'s dtype. `what` names the segment in
+/// an error.
+pub fn vjp(f: &mut dyn FnMut(&Tensor) -> Tensor, input: &Tensor, g: &Tensor, what: &str) -> Result<Tensor> {
+    let mut grads = vjp_inputs(&mut |x: &[Tensor]| f(&x[0]), &[input], g, what)?;
+    Ok(grads.remove(0))
+}
+
+/// [`vjp`] of a segment with several inputs: the gradient with respect to
+/// each of `inputs` (each must reach `f`'s output), in their dtypes.
+pub fn vjp_inputs(f: &mut dyn FnMut(&[Tensor]) -> Tensor, inputs: &[&Tensor], g: &Tensor, what: &str) -> Result<Vec<Tensor>> {
+    tch::with_grad(|| {
+        let leaves: Vec<Tensor> = inputs.iter().map(|x| x.detach().set_requires_grad(true)).collect();
+        let out = f(&leaves);
+        let objective = (out.to_kind(Kind::Float) * g.detach().to_kind(Kind::Float)).sum(Kind::Float);
+        let refs: Vec<&Tensor> = leaves.iter().collect();
+        Tensor::f_run_backward(&[&objective], &refs, false, false).map_err(|e| Error::torch(what.to_string(), e))
+    })
+}
 
 pub struct Linear {
     pub weight: Tensor,

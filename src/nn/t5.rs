@@ -290,16 +290,18 @@ impl T5Attention {
     fn attend(&self, x: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Tensor {
         let (b, n, _) = x.size3().unwrap();
         let q = self.split(&self.q.forward(x));
-        let mut scores = q.matmul(&k.transpose(-1, -2));
-        if let Some(bias) = bias {
-            scores += bias;
-        }
-        let w = scores.softmax(-1, Kind::Float).to_kind(x.kind());
-        let y = w
-            .matmul(v)
-            .transpose(1, 2)
-            .contiguous()
-            .view([b, n, self.heads * self.d_kv]);
+        let y = if crate::perf::t5_sdpa() {
+            // T5 does not scale its scores; the bias is SDPA's additive mask.
+            let mask = bias.map(|m| m.to_kind(q.kind()));
+            Tensor::scaled_dot_product_attention(&q, k, v, mask, 0.0, false, 1.0, false)
+        } else {
+            let mut scores = q.matmul(&k.transpose(-1, -2));
+            if let Some(bias) = bias {
+                scores += bias;
+            }
+            scores.softmax(-1, Kind::Float).to_kind(x.kind()).matmul(v)
+        };
+        let y = y.transpose(1, 2).contiguous().view([b, n, self.heads * self.d_kv]);
         self.o.forward(&y)
     }
 }

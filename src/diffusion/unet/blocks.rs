@@ -99,18 +99,39 @@ impl DownBlock {
     /// Returns the block's output and appends its skip connections to `skips`.
     pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, skips: &mut Vec<Tensor>) -> Tensor {
         let mut x = x.shallow_clone();
-        for (i, resnet) in self.resnets.iter().enumerate() {
-            x = resnet.forward(&x, temb);
-            if let Some(attn) = self.attentions.get(i) {
-                x = attn.forward(&x, context);
-            }
+        for i in 0..self.layers() {
+            x = self.layer(i, &x, temb, context);
             skips.push(x.shallow_clone());
         }
-        if let Some(down) = &self.downsampler {
-            x = down.forward(&x);
+        if let Some(x_down) = self.downsample(&x) {
+            x = x_down;
             skips.push(x.shallow_clone());
         }
         x
+    }
+
+    /// Resnet(+attention) layers: each output is a skip connection.
+    pub fn layers(&self) -> usize {
+        self.resnets.len()
+    }
+
+    /// Layer `i`: resnet `i`, then attention `i` where the block has them.
+    pub fn layer(&self, i: usize, x: &Tensor, temb: &Tensor, context: &Tensor) -> Tensor {
+        let x = self.resnets[i].forward(x, temb);
+        match self.attentions.get(i) {
+            Some(attn) => attn.forward(&x, context),
+            None => x,
+        }
+    }
+
+    pub fn has_downsampler(&self) -> bool {
+        self.downsampler.is_some()
+    }
+
+    /// The downsampler's output (also a skip connection); `None` for the
+    /// lowest-resolution block.
+    pub fn downsample(&self, x: &Tensor) -> Option<Tensor> {
+        self.downsampler.as_ref().map(|down| down.forward(x))
     }
 }
 
@@ -192,15 +213,28 @@ impl UpBlock {
         upsample_size: Option<(i64, i64)>,
     ) -> Tensor {
         let mut x = x.shallow_clone();
-        for (i, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
-            x = resnet.forward(&Tensor::cat(&[&x, skip], 1), temb);
-            if let Some(attn) = self.attentions.get(i) {
-                x = attn.forward(&x, context);
-            }
+        for (i, skip) in skips.iter().rev().enumerate().take(self.num_skips()) {
+            x = self.layer(i, &x, skip, temb, context);
         }
-        match &self.upsampler {
-            Some(up) => up.forward(&x, upsample_size),
+        self.upsample(&x, upsample_size).unwrap_or(x)
+    }
+
+    /// Layer `i`: resnet `i` on `x` concatenated with `skip`, then attention
+    /// `i` where the block has them.
+    pub fn layer(&self, i: usize, x: &Tensor, skip: &Tensor, temb: &Tensor, context: &Tensor) -> Tensor {
+        let x = self.resnets[i].forward(&Tensor::cat(&[x, skip], 1), temb);
+        match self.attentions.get(i) {
+            Some(attn) => attn.forward(&x, context),
             None => x,
         }
+    }
+
+    pub fn has_upsampler(&self) -> bool {
+        self.upsampler.is_some()
+    }
+
+    /// The upsampler's output; `None` for the last block.
+    pub fn upsample(&self, x: &Tensor, size: Option<(i64, i64)>) -> Option<Tensor> {
+        self.upsampler.as_ref().map(|up| up.forward(x, size))
     }
 }

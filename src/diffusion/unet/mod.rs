@@ -11,4 +11,4 @@ pub mod model;
 pub mod resnet;
 
 pub use config::UNetConfig;
-pub use model::{AddedCond, Timesteps, UNet2DConditionModel};
+pub use model::{AddedCond, SavedUNet, Timesteps, UNet2DConditionModel};

@@ -251,43 +251,204 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         added: Option<&AddedCond>,
     ) -> Tensor {
-        let sample = sample.to_kind(self.kind);
         let context = encoder_hidden_states.to_kind(self.kind);
-        let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample };
-        let (batch, _, h, w) = sample.size4().expect("UNet sample is [B, C, H, W]");
+        let batch = sample.size()[0];
+        let temb = self.time_embed(timesteps, batch, sample.device(), added);
+        self.run_pieces(sample, &temb, &context, None)
+    }
 
+    /// [`Self::forward_added`] without gradients, keeping each piece's input
+    /// (a down layer's is the skip before it, so the down path costs nothing
+    /// extra) for [`SavedUNet::vjp`]: the gradient then goes back one
+    /// recomputed piece (one resnet and its attention, a resampler, the mid
+    /// block, the head) at a time, so a backward pass holds one piece's
+    /// activations instead of the whole UNet's, for one more forward.
+    pub fn forward_saved(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedCond>,
+    ) -> (Tensor, SavedUNet<'_>) {
+        tch::no_grad(|| {
+            let context = encoder_hidden_states.to_kind(self.kind);
+            let batch = sample.size()[0];
+            let temb = self.time_embed(&Timesteps::Shared(timestep), batch, sample.device(), added);
+            let mut tape = Tape::default();
+            let out = self.run_pieces(sample, &temb, &context, Some(&mut tape));
+            (out, SavedUNet { unet: self, temb, context, tape })
+        })
+    }
+
+    /// The pieces in order: conv_in, each down layer and downsampler (their
+    /// outputs are the skips), the mid block, each up layer (consuming the
+    /// newest unused skip) and upsampler, the head. With `tape`, each piece
+    /// is recorded with its input and every skip is kept; without, skips are
+    /// dropped as the up path consumes them.
+    fn run_pieces(&self, sample: &Tensor, temb: &Tensor, context: &Tensor, mut tape: Option<&mut Tape>) -> Tensor {
+        let (_, _, h, w) = sample.size4().expect("UNet sample is [B, C, H, W]");
         // Sizes not divisible by the total downscale make the down path round
         // down; the up path must then upsample to each skip's exact size.
         let factor = 1i64 << (self.up_blocks.len().saturating_sub(1));
         let forward_upsample_size = h % factor != 0 || w % factor != 0;
 
-        let temb = self.time_embed(timesteps, batch, sample.device(), added);
-        let mut x = self.conv_in.forward(&sample);
+        let mut skips: Vec<Option<Tensor>> = Vec::new();
+        let mut x = sample.shallow_clone();
+        let mut run = |piece: Piece, x: &mut Tensor, skips: &mut Vec<Option<Tensor>>, skip_in: Option<usize>| {
+            let input = std::mem::replace(x, Tensor::new());
+            let skip = skip_in.map(|k| match &tape {
+                Some(_) => skips[k].as_ref().expect("a skip is consumed once").shallow_clone(),
+                None => skips[k].take().expect("a skip is consumed once"),
+            });
+            *x = self.piece(piece, &input, skip.as_ref(), temb, context);
+            let skip_out = piece.makes_skip().then(|| {
+                skips.push(Some(x.shallow_clone()));
+                skips.len() - 1
+            });
+            if let Some(t) = tape.as_mut() {
+                t.steps.push(TapeStep { piece, input, skip_in, skip_out });
+            }
+        };
+        run(Piece::ConvIn, &mut x, &mut skips, None);
+        for (b, block) in self.down_blocks.iter().enumerate() {
+            for l in 0..block.layers() {
+                run(Piece::Down(b, l), &mut x, &mut skips, None);
+            }
+            if block.has_downsampler() {
+                run(Piece::Downsample(b), &mut x, &mut skips, None);
+            }
+        }
+        if self.mid_block.is_some() {
+            run(Piece::Mid, &mut x, &mut skips, None);
+        }
+        let mut next = skips.len();
+        for (b, block) in self.up_blocks.iter().enumerate() {
+            for l in 0..block.num_skips() {
+                next -= 1;
+                run(Piece::Up(b, l), &mut x, &mut skips, Some(next));
+            }
+            if block.has_upsampler() {
+                let is_final = b == self.up_blocks.len() - 1;
+                let size = match next.checked_sub(1).and_then(|k| skips[k].as_ref()) {
+                    Some(s) if forward_upsample_size && !is_final => {
+                        let s = s.size();
+                        Some((s[2], s[3]))
+                    }
+                    _ => None,
+                };
+                run(Piece::Upsample(b, size), &mut x, &mut skips, None);
+            }
+        }
+        run(Piece::Head, &mut x, &mut skips, None);
+        if let Some(t) = tape {
+            t.skips = skips;
+        }
+        x
+    }
 
-        let mut skips = vec![x.shallow_clone()];
-        for block in &self.down_blocks {
-            x = block.forward(&x, &temb, &context, &mut skips);
+    /// One piece of the forward pass on its input (and, for an up layer, its skip).
+    fn piece(&self, piece: Piece, x: &Tensor, skip: Option<&Tensor>, temb: &Tensor, context: &Tensor) -> Tensor {
+        match piece {
+            Piece::ConvIn => {
+                let sample = x.to_kind(self.kind);
+                let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample };
+                self.conv_in.forward(&sample)
+            }
+            Piece::Down(b, l) => self.down_blocks[b].layer(l, x, temb, context),
+            Piece::Downsample(b) => self.down_blocks[b].downsample(x).expect("planned only where the block has one"),
+            Piece::Mid => self.mid_block.as_ref().expect("planned only with a mid block").forward(x, temb, context),
+            Piece::Up(b, l) => {
+                self.up_blocks[b].layer(l, x, skip.expect("an up layer is given its skip"), temb, context)
+            }
+            Piece::Upsample(b, size) => {
+                self.up_blocks[b].upsample(x, size).expect("planned only where the block has one")
+            }
+            Piece::Head => {
+                let x = self.conv_norm_out.forward(x);
+                let x = activation(&self.config.act_fn, &x).expect("activation validated with the config");
+                self.conv_out.forward(&x)
+            }
         }
-        if let Some(mid) = &self.mid_block {
-            x = mid.forward(&x, &temb, &context);
-        }
-        for (i, block) in self.up_blocks.iter().enumerate() {
-            let rest = skips.len() - block.num_skips();
-            let mine = skips.split_off(rest);
-            let is_final = i == self.up_blocks.len() - 1;
-            let upsample_size = match skips.last() {
-                Some(next) if forward_upsample_size && !is_final => {
-                    let s = next.size();
-                    Some((s[2], s[3]))
+    }
+}
+
+/// One piece of the UNet's forward pass (see [`UNet2DConditionModel::forward_saved`]).
+#[derive(Debug, Clone, Copy)]
+enum Piece {
+    ConvIn,
+    /// Down block, layer.
+    Down(usize, usize),
+    Downsample(usize),
+    Mid,
+    /// Up block, layer.
+    Up(usize, usize),
+    /// Up block, the forced output size.
+    Upsample(usize, Option<(i64, i64)>),
+    Head,
+}
+
+impl Piece {
+    fn makes_skip(self) -> bool {
+        matches!(self, Piece::ConvIn | Piece::Down(..) | Piece::Downsample(_))
+    }
+}
+
+struct TapeStep {
+    piece: Piece,
+    input: Tensor,
+    skip_in: Option<usize>,
+    skip_out: Option<usize>,
+}
+
+#[derive(Default)]
+struct Tape {
+    steps: Vec<TapeStep>,
+    /// Every skip connection, in the order the down path made them.
+    skips: Vec<Option<Tensor>>,
+}
+
+/// A UNet forward pass kept for a backward pass one piece at a time
+/// ([`UNet2DConditionModel::forward_saved`]).
+pub struct SavedUNet<'a> {
+    unet: &'a UNet2DConditionModel,
+    temb: Tensor,
+    context: Tensor,
+    tape: Tape,
+}
+
+impl SavedUNet<'_> {
+    /// The gradient with respect to the UNet's `sample` of ⟨output, `g`⟩,
+    /// in the sample's dtype: each piece recomputed with gradients from its
+    /// saved input, last piece first; a skip's gradient (from the up layer
+    /// that consumed it) joins the gradient of the piece that made it. The
+    /// timestep embedding and the text conditioning are held constant.
+    pub fn vjp(self, g: &Tensor) -> Result<Tensor> {
+        let SavedUNet { unet, temb, context, tape } = self;
+        let Tape { mut steps, mut skips } = tape;
+        let mut g_skips: Vec<Option<Tensor>> = (0..skips.len()).map(|_| None).collect();
+        let mut g = g.shallow_clone();
+        while let Some(step) = steps.pop() {
+            if let Some(k) = step.skip_out {
+                if let Some(gs) = g_skips[k].take() {
+                    g = g + gs;
                 }
-                _ => None,
-            };
-            x = block.forward(&x, &mine, &temb, &context, upsample_size);
+            }
+            let what = format!("UNet backward through {:?}", step.piece);
+            match step.skip_in {
+                None => {
+                    let mut f = |x: &Tensor| unet.piece(step.piece, x, None, &temb, &context);
+                    g = crate::nn::vjp(&mut f, &step.input, &g, &what)?;
+                }
+                Some(k) => {
+                    let skip = skips[k].take().expect("each skip is consumed once");
+                    let mut f = |x: &[Tensor]| unet.piece(step.piece, &x[0], Some(&x[1]), &temb, &context);
+                    let mut grads = crate::nn::vjp_inputs(&mut f, &[&step.input, &skip], &g, &what)?;
+                    g_skips[k] = Some(grads.remove(1));
+                    g = grads.remove(0);
+                }
+            }
         }
-
-        let x = self.conv_norm_out.forward(&x);
-        let x = activation(&self.config.act_fn, &x).expect("activation validated with the config");
-        self.conv_out.forward(&x)
+        Ok(g)
     }
 }
 
