@@ -80,10 +80,14 @@ lever!(
     true
 );
 lever!(
-    /// SDPA in the T5 encoder, the position bias as the additive mask.
+    /// SDPA in T5 (encoder and RAHF's keyword decoder), the position bias as
+    /// the additive mask. Off by default: on the CPU it did not win (0.97x
+    /// RAHF's images/s at batch 1, within the box's noise; README), and off
+    /// is transformers' own (eager) computation; `scripts/gpu-check` times it
+    /// on CUDA.
     t5_sdpa,
     "ORCHESTRATE_T5_SDPA",
-    true
+    false
 );
 
 /// Device-wide settings, once a device is chosen.

@@ -12,6 +12,15 @@ use orchestrate::scorers::Scorers;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
+/// The tests of this file run one at a time: best-of-N's budget is wall
+/// time, measured against the guided run's, and the other tests here would
+/// load the cores unevenly between the two measurements.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
@@ -67,6 +76,7 @@ fn change_inside_outside(a: &Tensor, b: &Tensor, mask: &image::GrayImage) -> (f6
 /// that covers everything (threshold 0) is plain guidance bit for bit.
 #[test]
 fn region_guidance_changes_only_the_region_and_raises_the_score() {
+    let _serial = one_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
     let (pipe, scorers) = (pipe(), scorers(tmp.path()));
     let reqs = requests(4);
@@ -139,6 +149,7 @@ fn region_guidance_changes_only_the_region_and_raises_the_score() {
 /// scheduler is refused.
 #[test]
 fn noise_optimisation_climbs() {
+    let _serial = one_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
     let (pipe, scorers) = (pipe(), scorers(tmp.path()));
     let reqs = requests(2);
@@ -216,6 +227,7 @@ fn records(out: &Path) -> Vec<serde_json::Value> {
 /// (its first candidate); the summary, `--json` and the report show it.
 #[test]
 fn best_of_n_spends_the_guided_budget() {
+    let _serial = one_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     // Guided steps cost far more than unguided ones: eight passes per step,
@@ -268,6 +280,7 @@ fn best_of_n_spends_the_guided_budget() {
 /// multistep scheduler with the noise method are refused naming why.
 #[test]
 fn noise_and_region_methods_run_from_flags_and_recipes() {
+    let _serial = one_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
     let few = ["--steps", "2", "--scheduler", "euler-a", "--guidance-scale", "0"];
     let out = tmp.path().join("noise");

@@ -190,6 +190,7 @@ def memory_512(guide, taesd):
     for name, extra in [("vae", ddim + ["--guide-decoder", "vae"]),
                         ("vae_checkpointed", ddim + ["--guide-decoder", "vae", "--gradient-checkpointing"]),
                         ("taesd", ddim + ["--guide-decoder", taesd]),
+                        ("taesd_checkpointed", ddim + ["--guide-decoder", taesd, "--gradient-checkpointing"]),
                         ("unguided", ["--scheduler", "ddim", "--guidance-strength", "0", "--compare", "none"])]:
         _, mib = guide(f"mem-{name}", 512, 2, extra)
         mem[name] = round(mib)
