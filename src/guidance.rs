@@ -673,6 +673,32 @@ impl<'a> Guider<'a> {
             let grad = output.backward(&objective, &leaf, "guidance: backward through the UNet")?;
             Ok((out.detach(), grad, values, pixels))
         })
+        .map_err(|e| self.memory_hint(e, guidance.checkpointing, guidance.through_unet))
+    }
+
+    /// A torch error of the gradient's passes; when it is an out-of-memory
+    /// one (CUDA's "out of memory", the CPU allocator's "can't allocate
+    /// memory"), its context also says which settings lower the memory and
+    /// are not on yet.
+    pub fn memory_hint(&self, e: Error, checkpointing: bool, through_unet: bool) -> Error {
+        let out_of_memory = |m: String| m.contains("out of memory") || m.contains("can't allocate memory");
+        match e {
+            Error::Torch { context, error } if out_of_memory(error.to_string()) => {
+                let mut hints = Vec::new();
+                if !checkpointing {
+                    hints.push("--gradient-checkpointing (the UNet's backward and the VAE decode one segment at a time)");
+                }
+                if self.tiny.is_none() {
+                    hints.push("--guide-decoder tiny:DIR (a TAESD on the gradient path)");
+                }
+                if through_unet {
+                    hints.push("--no-unet-gradient");
+                }
+                hints.push("a smaller --batch-size");
+                Error::Torch { context: format!("{context} (out of memory; lower it with {})", hints.join(", ")), error }
+            }
+            e => e,
+        }
     }
 
     /// Each image's value of `spec` on the decoded x̂0 latents, without gradients.

@@ -232,3 +232,34 @@ fn checkpointed_guidance_gives_the_same_images() {
         );
     }
 }
+
+/// An out-of-memory error of the gradient's passes names the settings that
+/// lower the memory and are not on yet; other errors pass unchanged.
+#[test]
+fn out_of_memory_errors_name_what_lowers_the_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scorers = scorers(tmp.path());
+    let pipe = pipe("sd-tiny");
+    let guider = Guider::new(&pipe, &scorers).unwrap();
+    let oom = || {
+        orchestrate::Error::torch(
+            "guidance: backward through the UNet",
+            tch::TchError::Torch("CUDA out of memory. Tried to allocate 2.00 GiB".into()),
+        )
+    };
+    let msg = guider.memory_hint(oom(), false, true).to_string();
+    assert!(msg.starts_with("guidance: backward through the UNet (out of memory; lower it with"), "{msg}");
+    for hint in ["--gradient-checkpointing", "--guide-decoder tiny:DIR", "--no-unet-gradient", "--batch-size"] {
+        assert!(msg.contains(hint), "{msg}");
+    }
+    let msg = guider.memory_hint(oom(), true, false).to_string();
+    assert!(!msg.contains("--gradient-checkpointing") && !msg.contains("--no-unet-gradient"), "{msg}");
+    assert!(msg.contains("--guide-decoder tiny:DIR"), "{msg}");
+    let cpu = orchestrate::Error::torch(
+        "noise optimisation: backward through step 0",
+        tch::TchError::Torch("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory".into()),
+    );
+    assert!(guider.memory_hint(cpu, false, false).to_string().contains("--gradient-checkpointing"));
+    let other = orchestrate::Error::torch("guidance", tch::TchError::Torch("shape mismatch".into()));
+    assert_eq!(guider.memory_hint(other, false, true).to_string(), "guidance: Internal torch error: shape mismatch");
+}

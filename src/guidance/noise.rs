@@ -166,7 +166,9 @@ impl Guider<'_> {
             }
             // The last iteration's value needs no gradient.
             let (scores, g_last) = if it < opt.iterations {
-                let (scores, g, _) = self.value_and_x0_gradient(&last, &prompts, &opt.score, opt.checkpointing)?;
+                let (scores, g, _) = self
+                    .value_and_x0_gradient(&last, &prompts, &opt.score, opt.checkpointing)
+                    .map_err(|e| self.memory_hint(e, opt.checkpointing, false))?;
                 (scores, Some(g))
             } else {
                 (self.values(&last, &prompts, &opt.score)?, None)
@@ -211,7 +213,8 @@ impl Guider<'_> {
                     let next = scheduler.step(&output.out, i, &lat, step_noise.as_ref());
                     let objective = (next.to_kind(Kind::Float) * g.to_kind(Kind::Float)).sum(Kind::Float);
                     output.backward(&objective, &leaf, &what)
-                })?;
+                })
+                .map_err(|e| self.memory_hint(e, opt.checkpointing, false))?;
                 backwards += 1;
             }
             let g = g * scheduler.init_noise_sigma();
