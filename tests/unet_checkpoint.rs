@@ -56,24 +56,22 @@ fn segmented_backward_equals_autograd() {
         let unet = load(dir);
         let c = &unet.config;
         for (h, w) in [(8, 8), (7, 10)] {
-            tch::manual_seed(7);
             let batch = 2;
-            let sample = Tensor::randn([batch, c.in_channels, h, w], (Kind::Float, Device::Cpu));
-            let context = Tensor::randn(
-                [batch, 5, c.cross_attention_dim.get(0)],
-                (Kind::Float, Device::Cpu),
-            );
-            let added = c.projection_class_embeddings_input_dim.map(|p| {
-                let ids = 6;
-                let dim = c.addition_time_embed_dim.unwrap();
-                AddedCond {
-                    text_embeds: Tensor::randn([batch, p - ids * dim], (Kind::Float, Device::Cpu)),
-                    time_ids: Tensor::from_slice(&[64.0f32, 48.0, 0.0, 0.0, 64.0, 48.0])
-                        .view([1, 6])
-                        .repeat([batch, 1]),
-                }
+            // Drawn holding the crate's generator lock: guidance tests in this
+            // binary reseed the same global generator concurrently.
+            let (sample, context, text_embeds, g) = orchestrate::diffusion::noise::with_seed(7, |gen| {
+                (
+                    gen.randn(&[batch, c.in_channels, h, w], Kind::Float),
+                    gen.randn(&[batch, 5, c.cross_attention_dim.get(0)], Kind::Float),
+                    c.projection_class_embeddings_input_dim
+                        .map(|p| gen.randn(&[batch, p - 6 * c.addition_time_embed_dim.unwrap()], Kind::Float)),
+                    gen.randn(&[batch, c.out_channels, h, w], Kind::Float),
+                )
             });
-            let g = Tensor::randn([batch, c.out_channels, h, w], (Kind::Float, Device::Cpu));
+            let added = text_embeds.map(|text_embeds| AddedCond {
+                text_embeds,
+                time_ids: Tensor::from_slice(&[64.0f32, 48.0, 0.0, 0.0, 64.0, 48.0]).view([1, 6]).repeat([batch, 1]),
+            });
             let t = 601.0;
 
             let (want_out, want_grad) = tch::with_grad(|| {
