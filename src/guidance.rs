@@ -150,7 +150,7 @@ use crate::scorers::{ScoreSpec, Scorers};
 use image::GrayImage;
 pub use model::{GuidanceModel, Prediction};
 pub use region::{Region, RegionKind};
-pub use crate::nn::vjp;
+use crate::nn::vjp;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
